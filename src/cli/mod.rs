@@ -5,6 +5,7 @@ mod classify;
 mod convert;
 mod data;
 mod doctor;
+mod edpo;
 mod embed;
 mod facts;
 mod fetch;
@@ -12,6 +13,7 @@ mod generate;
 mod infer;
 mod map;
 mod plugins;
+mod score;
 mod sfe;
 
 use crate::backend::{self, DeviceChoice, Selection};
@@ -65,6 +67,8 @@ pub enum Command {
     Plugins(plugins::Args),
     /// Stage 1: fine-tune the SAGE model on an AD-PL dataset (Self-Guided Fact Enhancement).
     Sfe(sfe::Args),
+    /// Stage 2: align an SFE model with Entropy-aware DPO over judge-scored ranked answers.
+    Edpo(edpo::Args),
     /// Answer one question about one image pair with a trained checkpoint.
     Infer(infer::Args),
     /// Measure throughput (`cpu`: GEMM against numpy's BLAS, SmolLM2 decode).
@@ -73,6 +77,9 @@ pub enum Command {
     Data(data::Args),
     /// Write short fact sentences about each test image's kind of object (cached, resumable).
     Facts(facts::Args),
+    /// Judge scores (type, location, logic) for every ranked answer of an AD-PL file (cached, resumable).
+    #[command(long_about = score::LONG_ABOUT)]
+    Score(score::Args),
 }
 
 /// What every subcommand gets besides its own arguments.
@@ -108,10 +115,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Doctor(a) => doctor::run(&ctx, a),
         Command::Plugins(a) => plugins::run(&ctx, a),
         Command::Sfe(a) => sfe::run(&ctx, a),
+        Command::Edpo(a) => edpo::run(&ctx, a),
         Command::Infer(a) => infer::run(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),
         Command::Data(a) => data::run(&ctx, a),
         Command::Facts(a) => facts::run(&ctx, a),
+        Command::Score(a) => score::run(&ctx, a),
     }
 }
 

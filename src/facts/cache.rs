@@ -10,13 +10,16 @@
 //! Generations do not depend on the image (the prompt is built from the category), so the cache
 //! also indexes them by (prompt, backbone, options): a second image of the same category reuses
 //! them, and gets its own record, marked `reused`.
+//!
+//! The file handling (one write per line, torn-tail cut, bad-line skip) is
+//! [`crate::jsonl_log::AppendLog`]'s.
 
 use super::GenOptions;
+use crate::jsonl_log::AppendLog;
+pub use crate::jsonl_log::LoadReport;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// One cached generation for one image.
@@ -45,98 +48,50 @@ fn image_key(sha: &str, prompt: &str, backbone: &str, options: &GenOptions) -> S
     serde_json::to_string(&(sha, prompt, backbone, options)).expect("serialisable")
 }
 
-/// What reloading found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct LoadReport {
-    /// Complete, valid lines.
-    pub records: usize,
-    /// A torn last line was found and cut off.
-    pub torn_tail: bool,
-    /// Complete lines that did not parse, skipped.
-    pub bad_lines: usize,
-}
-
 /// The cache file, open for appending, and its indexes.
 pub struct Cache {
-    path: PathBuf,
-    file: File,
+    log: AppendLog<Record>,
     by_image: HashMap<String, usize>,
     by_generation: HashMap<String, usize>,
-    records: Vec<Record>,
     pub loaded: LoadReport,
 }
 
 impl Cache {
     /// Opens (creating if needed) and reloads the cache at `path`.
     pub fn open(path: &Path) -> Result<Cache> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = AppendLog::open(path)?;
+        let loaded = log.loaded;
+        let mut cache = Cache { log, by_image: HashMap::new(), by_generation: HashMap::new(), loaded };
+        for i in 0..cache.log.len() {
+            cache.index(i);
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .with_context(|| format!("opening the cache {}", path.display()))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).with_context(|| format!("reading the cache {}", path.display()))?;
-        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-        let mut cache = Cache {
-            path: path.to_path_buf(),
-            file,
-            by_image: HashMap::new(),
-            by_generation: HashMap::new(),
-            records: Vec::new(),
-            loaded: LoadReport::default(),
-        };
-        if complete < bytes.len() {
-            // A torn last line (the process died inside its write): drop it, so that the next
-            // record starts on a line of its own.
-            cache.loaded.torn_tail = true;
-            cache.file.set_len(complete as u64).with_context(|| format!("truncating {}", path.display()))?;
-            cache.file.seek(SeekFrom::End(0))?;
-        }
-        for line in bytes[..complete].split(|&b| b == b'\n') {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice::<Record>(line) {
-                Ok(r) => cache.index(r),
-                Err(_) => cache.loaded.bad_lines += 1,
-            }
-        }
-        cache.loaded.records = cache.records.len();
         Ok(cache)
     }
 
-    fn index(&mut self, r: Record) {
-        let i = self.records.len();
+    fn index(&mut self, i: usize) {
+        let r = &self.log.records()[i];
         self.by_image.entry(image_key(&r.image_sha256, &r.prompt, &r.backbone, &r.options)).or_insert(i);
         self.by_generation.entry(gen_key(&r.prompt, &r.backbone, &r.options)).or_insert(i);
-        self.records.push(r);
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 
     /// The record for exactly this image, prompt, backbone and options.
     pub fn for_image(&self, sha: &str, prompt: &str, backbone: &str, options: &GenOptions) -> Option<&Record> {
-        self.by_image.get(&image_key(sha, prompt, backbone, options)).map(|&i| &self.records[i])
+        self.by_image.get(&image_key(sha, prompt, backbone, options)).map(|&i| &self.log.records()[i])
     }
 
     /// Any record with this prompt, backbone and options (any image): its text can be reused.
     pub fn generation(&self, prompt: &str, backbone: &str, options: &GenOptions) -> Option<&Record> {
-        self.by_generation.get(&gen_key(prompt, backbone, options)).map(|&i| &self.records[i])
+        self.by_generation.get(&gen_key(prompt, backbone, options)).map(|&i| &self.log.records()[i])
     }
 
     /// Appends one record as one line: a single write of the line and its newline, then a flush.
     pub fn append(&mut self, r: Record) -> Result<()> {
-        let mut line = serde_json::to_vec(&r)?;
-        line.push(b'\n');
-        self.file.write_all(&line).with_context(|| format!("appending to the cache {}", self.path.display()))?;
-        self.file.flush()?;
-        self.index(r);
+        let i = self.log.append(r).context("writing the generation cache")?;
+        self.index(i);
         Ok(())
     }
 }

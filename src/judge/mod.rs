@@ -3,6 +3,7 @@
 //! plugin ABI; these are their shapes.
 
 pub mod rubric;
+pub mod scores;
 
 use serde::{Deserialize, Serialize};
 

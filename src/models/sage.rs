@@ -97,6 +97,11 @@ impl Linear {
     }
 }
 
+/// Every head parameter's name starts with this.
+pub const PARAM_PREFIX: &str = "sage.";
+/// The fusion attention's parameters (frozen in stage 2).
+pub const FUSION_PREFIX: &str = "sage.fusion.";
+
 pub struct SageHead {
     pub config: SageConfig,
     pub vision_dim: usize,

@@ -15,7 +15,7 @@
 
 use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
 use super::llama::{LlamaConfig, Sampling};
-use super::llama_train::{Finetune, TrainableLlama};
+use super::llama_train::{Activations, Finetune, TrainableLlama};
 use super::sage::{FactActs, FactsMode, ImageActs, SageConfig, SageHead, Selection};
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::gguf::Gguf;
@@ -59,6 +59,17 @@ struct Assembled {
     facts: Option<(usize, FactActs)>,
     /// (row, token id) of every text token, for the embedding gradient.
     text: Vec<(usize, u32)>,
+}
+
+/// One teacher-forced answer sequence: the final hidden states and targets of its answer rows
+/// (position `i` predicts token `i + 1`, the end-of-turn token included), and what its backward needs.
+pub struct AnswerPass {
+    a: Assembled,
+    acts: Option<Activations>,
+    rows: Vec<usize>,
+    /// `[answer tokens, d]`: the rows that predict answer tokens.
+    pub answer_hidden: Vec<f32>,
+    pub answer_targets: Vec<u32>,
 }
 
 enum Piece {
@@ -194,19 +205,66 @@ impl SageModel {
         let a = self.assemble(params, ex)?;
         let (loss, dx) = self.llm.loss(params, &a.x, a.t, &a.targets, backward)?;
         if let Some(dx) = dx {
-            let d = self.llm.hidden_size();
-            let rows = |start: usize, n: usize| &dx[start * d..(start + n) * d];
-            for (start, acts) in &a.images {
-                self.head.image_tokens_backward(params, acts, rows(*start, acts.rows()));
-            }
-            if let Some((start, acts)) = &a.facts {
-                self.head.fact_tokens_backward(params, acts, rows(*start, acts.rows()));
-            }
-            let ids: Vec<u32> = a.text.iter().map(|&(_, id)| id).collect();
-            let grads: Vec<f32> = a.text.iter().flat_map(|&(row, _)| rows(row, 1).iter().copied()).collect();
-            self.llm.embed_backward(params, &ids, &grads);
+            self.inputs_backward(params, &a, &dx);
         }
         Ok((loss, a.targets.iter().filter(|&&t| t != IGNORE).count()))
+    }
+
+    /// Carries the gradient of the input rows `dx [T, d]` into whatever produced them: the image
+    /// and fact tokens (the head) and the text tokens (the embedding, when trainable).
+    fn inputs_backward(&self, params: &mut ParamSet, a: &Assembled, dx: &[f32]) {
+        let d = self.llm.hidden_size();
+        let rows = |start: usize, n: usize| &dx[start * d..(start + n) * d];
+        for (start, acts) in &a.images {
+            self.head.image_tokens_backward(params, acts, rows(*start, acts.rows()));
+        }
+        if let Some((start, acts)) = &a.facts {
+            self.head.fact_tokens_backward(params, acts, rows(*start, acts.rows()));
+        }
+        let ids: Vec<u32> = a.text.iter().map(|&(_, id)| id).collect();
+        let grads: Vec<f32> = a.text.iter().flat_map(|&(row, _)| rows(row, 1).iter().copied()).collect();
+        self.llm.embed_backward(params, &ids, &grads);
+    }
+
+    /// A teacher-forced forward whose backward the caller drives: E-DPO needs the
+    /// log-probability of every answer of an instance before any gradient exists.
+    pub fn answer_forward(&self, params: &ParamSet, ex: &Example) -> Result<AnswerPass> {
+        ensure!(ex.answer.is_some(), "answer_forward needs an answer");
+        let a = self.assemble(params, ex)?;
+        let (hidden, acts) = self.llm.forward(params, &a.x, a.t);
+        let rows: Vec<usize> = (0..a.t).filter(|&i| a.targets[i] != IGNORE).collect();
+        let d = self.llm.hidden_size();
+        let answer_hidden = rows.iter().flat_map(|&r| hidden[r * d..(r + 1) * d].iter().copied()).collect();
+        let answer_targets = rows.iter().map(|&r| a.targets[r]).collect();
+        Ok(AnswerPass { a, acts: Some(acts), rows, answer_hidden, answer_targets })
+    }
+
+    /// [`SageModel::answer_forward`] without the activations a backward needs (the frozen
+    /// reference model of E-DPO).
+    pub fn answer_forward_no_grad(&self, params: &ParamSet, ex: &Example) -> Result<AnswerPass> {
+        ensure!(ex.answer.is_some(), "answer_forward needs an answer");
+        let a = self.assemble(params, ex)?;
+        let hidden = self.llm.forward_cached(params, &a.x, a.t, &mut self.llm.new_cache())?;
+        let rows: Vec<usize> = (0..a.t).filter(|&i| a.targets[i] != IGNORE).collect();
+        let d = self.llm.hidden_size();
+        let answer_hidden = rows.iter().flat_map(|&r| hidden[r * d..(r + 1) * d].iter().copied()).collect();
+        let answer_targets = rows.iter().map(|&r| a.targets[r]).collect();
+        Ok(AnswerPass { a, acts: None, rows, answer_hidden, answer_targets })
+    }
+
+    /// Backward of an [`AnswerPass`] from the gradient of its answer rows' final hidden states
+    /// `d_answer_hidden [answer tokens, d]`.
+    pub fn answer_backward(&self, params: &mut ParamSet, pass: &AnswerPass, d_answer_hidden: &[f32]) -> Result<()> {
+        let acts = pass.acts.as_ref().context("answer_backward on a pass made without gradients")?;
+        let d = self.llm.hidden_size();
+        ensure!(d_answer_hidden.len() == pass.rows.len() * d, "answer_backward: gradient must be [answer tokens, d]");
+        let mut d_hidden = vec![0.0; pass.a.t * d];
+        for (&r, g) in pass.rows.iter().zip(d_answer_hidden.chunks_exact(d)) {
+            d_hidden[r * d..(r + 1) * d].copy_from_slice(g);
+        }
+        let dx = self.llm.backward(params, acts, &d_hidden);
+        self.inputs_backward(params, &pass.a, &dx);
+        Ok(())
     }
 
     /// Generates an answer; also returns the patch selection when facts are fused.

@@ -27,7 +27,11 @@ pub struct State {
     pub optim: String,
     pub optim_steps: u64,
     pub accum_every: usize,
+    /// The model and stage-1 description: what `infer` and `eval` rebuild the model from.
     pub config: SfeConfig,
+    /// Stage 2: the E-DPO section and the SFE run it started from (absent for SFE runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edpo: Option<serde_json::Value>,
 }
 
 pub fn state_path(dir: &Path) -> PathBuf {
@@ -44,12 +48,21 @@ pub fn read_state(dir: &Path) -> Result<State> {
     serde_json::from_str(&text).map_err(|e| user_err!("{} is not a sage checkpoint state: {e}", p.display()))
 }
 
-pub fn save(dir: &Path, step: u64, params: &ParamSet, trainer: &Trainer, config: &SfeConfig) -> Result<()> {
+/// Saves every trainable tensor and the whole SAGE head (stage 2 freezes the fusion attention,
+/// but `infer` and `eval` rebuild the head from the checkpoint alone).
+pub fn save(
+    dir: &Path,
+    step: u64,
+    params: &ParamSet,
+    trainer: &Trainer,
+    config: &SfeConfig,
+    edpo: Option<&serde_json::Value>,
+) -> Result<()> {
     let weights_name = format!("weights-{step:06}.safetensors");
     let optim_name = format!("optim-{step:06}.safetensors");
     let mut weights = BTreeMap::new();
     let mut optim = BTreeMap::new();
-    for p in params.iter().filter(|p| p.trainable) {
+    for p in params.iter().filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX)) {
         weights.insert(p.name.clone(), Tensor::from_vec(p.value.clone(), &p.shape)?);
         if let Some(m) = trainer.opt.state.moments.get(&p.name) {
             optim.insert(format!("m.{}", p.name), Tensor::from_vec(m.m.clone(), &[m.m.len()])?);
@@ -65,6 +78,7 @@ pub fn save(dir: &Path, step: u64, params: &ParamSet, trainer: &Trainer, config:
         optim_steps: trainer.opt.step_count(),
         accum_every: trainer.accum.every,
         config: config.clone(),
+        edpo: edpo.cloned(),
     };
     crate::util::write_atomic(&state_path(dir), serde_json::to_string_pretty(&state)?.as_bytes())?;
     // Committed: older tensors can go.
@@ -78,10 +92,14 @@ pub fn save(dir: &Path, step: u64, params: &ParamSet, trainer: &Trainer, config:
     Ok(())
 }
 
-/// Loads the trainable weights of a checkpoint into `params`.
+/// Loads the trainable weights of a checkpoint into `params`, and the frozen ones it holds.
 pub fn load_weights(dir: &Path, state: &State, params: &mut ParamSet) -> Result<()> {
     let f = SafetensorsFile::open(&dir.join(&state.weights))?;
-    let names: Vec<String> = params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let names: Vec<String> = params
+        .iter()
+        .filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX))
+        .map(|p| p.name.clone())
+        .collect();
     for name in names {
         let t = f.tensor(&name).with_context(|| {
             format!("checkpoint {} lacks `{name}`: was it made with another config?", dir.display())

@@ -4,6 +4,7 @@
 use crate::data::{adpl, Sample};
 use crate::models::efficientnet::PatchTokens;
 use crate::models::sage_model::SageModel;
+use crate::train::{streams, SeedRng};
 use crate::user_err;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -47,6 +48,15 @@ impl Split {
     pub fn question(&self, e: ExampleRef) -> &crate::data::Question {
         &self.samples[e.item].questions[e.question]
     }
+}
+
+/// The index (into `0..n`) that global micro-batch `g` visits: every epoch visits each index
+/// once, in its own seeded order, so the order is a pure function of `g` (exact resume).
+pub fn epoch_pick(seed: u64, n: usize, g: u64) -> usize {
+    let epoch = g / n as u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    SeedRng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15), streams::DATA).shuffle(&mut order);
+    order[(g % n as u64) as usize]
 }
 
 /// Patch tokens per image path, computed once by the frozen encoder.

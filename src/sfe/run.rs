@@ -25,22 +25,22 @@ pub struct Run {
     pub out: PathBuf,
     pub model: SageModel,
     pub params: ParamSet,
-    train: Split,
+    pub(crate) train: Split,
     val: Split,
     facts: FactSet,
     tokens: TokenCache,
 }
 
 /// What one example feeds the model, owned (the token cache lends only one borrow at a time).
-struct Inputs {
+pub(crate) struct Inputs {
     test: PatchTokens,
     reference: Option<PatchTokens>,
     facts: Vec<String>,
-    question: Question,
+    pub question: Question,
 }
 
 impl Inputs {
-    fn example<'a>(&'a self, answer: Option<&'a str>) -> Example<'a> {
+    pub(crate) fn example<'a>(&'a self, answer: Option<&'a str>) -> Example<'a> {
         Example {
             test: &self.test,
             reference: self.reference.as_ref(),
@@ -90,12 +90,7 @@ impl Run {
     /// The example for global micro-batch index `g`: epochs visit every example once, each
     /// epoch in its own seeded order, so the order is a pure function of `g` (exact resume).
     fn example_at(&self, g: u64) -> ExampleRef {
-        let n = self.train.examples.len() as u64;
-        let epoch = g / n;
-        let mut order: Vec<usize> = (0..n as usize).collect();
-        SeedRng::new(self.cfg.train.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15), streams::DATA)
-            .shuffle(&mut order);
-        self.train.examples[order[(g % n) as usize]]
+        self.train.examples[super::data::epoch_pick(self.cfg.train.seed, self.train.examples.len(), g)]
     }
 
     fn facts_for(&self, image: &Path) -> Result<&[String]> {
@@ -108,7 +103,7 @@ impl Run {
     }
 
     /// The model inputs of one example: patch tokens (from the cache), facts and the question.
-    fn inputs(&mut self, val: bool, e: ExampleRef) -> Result<Inputs> {
+    pub(crate) fn inputs(&mut self, val: bool, e: ExampleRef) -> Result<Inputs> {
         let split = if val { &self.val } else { &self.train };
         let s = &split.samples[e.item];
         let question = split.question(e).clone();
@@ -174,7 +169,7 @@ struct StepLog {
 }
 
 /// Drops log lines of steps after `step` (written before a crash the checkpoint does not cover).
-fn truncate_log(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()
@@ -269,7 +264,7 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
             log.flush()?;
         }
         if done % run.cfg.train.checkpoint_every.max(1) == 0 || done == steps {
-            checkpoint::save(&run.out, done, &run.params, &trainer, &run.cfg)?;
+            checkpoint::save(&run.out, done, &run.params, &trainer, &run.cfg, None)?;
         }
     }
     pb.finish_and_clear();

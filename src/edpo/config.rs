@@ -1,0 +1,106 @@
+//! The E-DPO run description (`configs/edpo-*.toml`); unknown keys are refused.
+
+use super::pairs::PairChoice;
+use crate::sfe::config::TrainSection;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdpoRunConfig {
+    /// The `sage sfe` run folder: the policy starts from it and it stays frozen as π_ref. The
+    /// model, facts and validation data are that run's.
+    pub sfe: PathBuf,
+    pub data: EdpoData,
+    #[serde(default)]
+    pub edpo: EdpoSection,
+    pub train: TrainSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdpoData {
+    /// AD-PL file whose ranked answers form the pairs.
+    pub train: PathBuf,
+    /// The judge's scores of those answers (`sage score`); default `<train stem>.scores.jsonl`.
+    #[serde(default)]
+    pub scores: Option<PathBuf>,
+    /// Whose scores to use: the judge plugin's name.
+    #[serde(default = "default_judge")]
+    pub judge: String,
+    /// The judge's config, as given to `sage score --judge-config` (scores are cached per config).
+    #[serde(default)]
+    pub judge_config: Option<serde_json::Value>,
+    /// Use at most this many training items (0 = all).
+    #[serde(default)]
+    pub max_train_items: usize,
+}
+
+fn default_judge() -> String {
+    "rubric".into()
+}
+
+/// `edpo`: entropy-aware DPO; `dpo`: plain DPO (η = 0), the ablation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    Edpo,
+    Dpo,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdpoSection {
+    #[serde(default = "default_loss")]
+    pub loss: LossKind,
+    /// DPO's inverse temperature on the log-ratio difference.
+    #[serde(default = "default_beta")]
+    pub beta: f32,
+    /// Weight of the entropy gap `|H(a_w) − H(a_l)|` subtracted from the margin (ignored by `dpo`).
+    #[serde(default = "default_eta")]
+    pub eta: f32,
+    #[serde(default = "default_pairs")]
+    pub pairs: PairChoice,
+}
+
+fn default_loss() -> LossKind {
+    LossKind::Edpo
+}
+fn default_beta() -> f32 {
+    0.1
+}
+fn default_eta() -> f32 {
+    1.0
+}
+fn default_pairs() -> PairChoice {
+    PairChoice::Both
+}
+
+impl Default for EdpoSection {
+    fn default() -> Self {
+        EdpoSection { loss: default_loss(), beta: default_beta(), eta: default_eta(), pairs: default_pairs() }
+    }
+}
+
+impl EdpoSection {
+    /// The loss constants: `dpo` forces η = 0.
+    pub fn loss_config(&self) -> crate::ops::edpo::EdpoConfig {
+        let eta = match self.loss {
+            LossKind::Edpo => self.eta,
+            LossKind::Dpo => 0.0,
+        };
+        crate::ops::edpo::EdpoConfig { beta: self.beta, eta }
+    }
+}
+
+impl EdpoData {
+    pub fn scores_path(&self) -> PathBuf {
+        self.scores.clone().unwrap_or_else(|| crate::judge::scores::default_cache_path(&self.train))
+    }
+
+    /// The key the judge's scores are cached under.
+    pub fn judge_key(&self) -> String {
+        let cfg = self.judge_config.clone().unwrap_or_else(|| serde_json::json!({}));
+        crate::judge::scores::judge_key(&self.judge, &cfg)
+    }
+}

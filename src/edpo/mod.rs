@@ -1,0 +1,11 @@
+//! Stage 2, Entropy-aware DPO (DESIGN.md §1): preference alignment of an SFE model on the
+//! ranked answers of AD-PL questions, with the judge's per-answer score entropies shaping the
+//! margin. The frozen SFE model is the reference; the fusion attention is frozen, the adapter,
+//! the projection and the LLM (LoRA or full, as in the SFE run) train.
+//!
+//! [`config`] is the TOML a run is described by, [`pairs`] picks the pairs of an instance and
+//! [`run`] is the loop (checkpoints are [`crate::sfe::checkpoint`]'s, marked as stage 2).
+
+pub mod config;
+pub mod pairs;
+pub mod run;

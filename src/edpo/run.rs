@@ -1,0 +1,297 @@
+//! The E-DPO loop: instances in a seeded order, each instance's pairs scored under the policy
+//! and the frozen reference, one backward per answer, an optimizer step every `batch`
+//! instances, JSONL logs, validation and atomic checkpoints with exact resume (as `sfe`).
+//!
+//! Per instance the answers that appear in a pair are each run once through the policy (keeping
+//! activations) and once through the frozen SFE reference (no gradients; memoised, since it never
+//! changes). The sequence log-probabilities come from the answer rows' hidden states and the LM
+//! head through [`ops::edpo`](crate::ops::edpo), the CPU reference of the fused CUDA loss; its
+//! gradient with respect to those hidden states then flows back through the LLM and the head.
+
+use super::config::EdpoRunConfig;
+use super::pairs::instance_pairs;
+use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
+use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs, Pair};
+use crate::sfe::checkpoint;
+use crate::sfe::data::{epoch_pick, ExampleRef};
+use crate::sfe::run::{truncate_log, Run, ValResult};
+use crate::train::{ParamSet, Trainer};
+use crate::user_err;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One question with its ranked answers' judge entropies.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub example: ExampleRef,
+    pub entropies: Vec<f32>,
+}
+
+pub struct EdpoRun {
+    pub cfg: EdpoRunConfig,
+    pub out: PathBuf,
+    /// The policy (model, parameters, data, facts) built as the SFE run was.
+    pub base: Run,
+    reference: ParamSet,
+    pub instances: Vec<Instance>,
+    /// `(item, question, answer)` → the reference's sequence log-probability.
+    reference_memo: HashMap<(usize, usize, usize), f32>,
+}
+
+/// What one instance contributed to a step.
+struct InstanceOut {
+    loss: f32,
+    margins: Vec<f32>,
+    tokens: usize,
+}
+
+impl EdpoRun {
+    /// Loads the SFE run (policy and frozen reference), freezes the fusion attention and reads
+    /// the judge scores of every instance.
+    pub fn new(cfg: EdpoRunConfig, out: &Path) -> Result<EdpoRun> {
+        let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
+            user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
+        })?;
+        if state.edpo.is_some() {
+            return Err(user_err!(
+                "{} is an E-DPO run; the reference must be a stage-1 (`sage sfe`) run",
+                cfg.sfe.display()
+            ));
+        }
+        let mut sfe_cfg = state.config.clone();
+        sfe_cfg.data.train = cfg.data.train.clone();
+        sfe_cfg.data.max_train_items = cfg.data.max_train_items;
+        sfe_cfg.train = cfg.train.clone();
+        let mut base = Run::new(sfe_cfg, out)?;
+        checkpoint::load_weights(&cfg.sfe, &state, &mut base.params)?;
+        let mut reference = base.params.clone();
+        let ids: Vec<_> = reference.iter().map(|p| reference.id(&p.name).expect("own name")).collect();
+        for id in ids {
+            reference.set_trainable(id, false);
+        }
+        let fusion: Vec<_> = base
+            .params
+            .iter()
+            .filter(|p| p.name.starts_with(crate::models::sage::FUSION_PREFIX))
+            .map(|p| base.params.id(&p.name).expect("own name"))
+            .collect();
+        for id in fusion {
+            base.params.set_trainable(id, false);
+        }
+        let scores_path = cfg.data.scores_path();
+        if !scores_path.exists() {
+            return Err(user_err!(
+                "no judge scores at {}; run `sage score --data {} --judge {}` first",
+                scores_path.display(),
+                cfg.data.train.display(),
+                cfg.data.judge
+            ));
+        }
+        let cache = ScoreCache::open(&scores_path)?;
+        let table = load_scores(&cache, &base.train.samples, &cfg.data.judge_key())?;
+        let mut instances = Vec::new();
+        for &e in &base.train.examples {
+            let s = &base.train.samples[e.item];
+            if s.questions[e.question].ranked_answers.len() < 2 {
+                continue;
+            }
+            let sc = table.get(&s.id, e.question).context("load_scores covers every ranked answer")?;
+            instances.push(Instance { example: e, entropies: sc.iter().map(answer_entropy).collect() });
+        }
+        if instances.is_empty() {
+            return Err(user_err!("{} has no question with two or more ranked answers", cfg.data.train.display()));
+        }
+        Ok(EdpoRun { cfg, out: out.to_path_buf(), base, reference, instances, reference_memo: HashMap::new() })
+    }
+
+    fn instance_at(&self, g: u64) -> Instance {
+        self.instances[epoch_pick(self.cfg.train.seed, self.instances.len(), g)].clone()
+    }
+
+    /// Loss and gradients of one instance's pairs.
+    fn train_instance(&mut self, inst: &Instance) -> Result<InstanceOut> {
+        let pairs = instance_pairs(&inst.entropies, self.cfg.edpo.pairs);
+        let mut used: Vec<usize> = pairs.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
+        used.sort_unstable();
+        used.dedup();
+        let local = |rank: usize| used.iter().position(|&u| u == rank).expect("listed");
+        let local_pairs: Vec<Pair> = pairs
+            .iter()
+            .map(|p| Pair { chosen: local(p.chosen), rejected: local(p.rejected), delta_h: p.delta_h })
+            .collect();
+        let inputs = self.base.inputs(false, inst.example)?;
+        let model = &self.base.model;
+        let d = model.llm.hidden_size();
+        let head = model.llm.output;
+        let (mut policy, mut reference, mut passes, mut lses) = (vec![], vec![], vec![], vec![]);
+        let mut tokens = 0;
+        for &rank in &used {
+            let ex = inputs.example(Some(&inputs.question.ranked_answers[rank]));
+            let key = (inst.example.item, inst.example.question, rank);
+            let rho = match self.reference_memo.get(&key) {
+                Some(&r) => r,
+                None => {
+                    let p = model.answer_forward_no_grad(&self.reference, &ex)?;
+                    let all = vec![true; p.answer_targets.len()];
+                    let r = token_logprobs(&p.answer_hidden, &self.reference[head].value, d, &p.answer_targets, &all)
+                        .logp
+                        .iter()
+                        .sum();
+                    self.reference_memo.insert(key, r);
+                    r
+                }
+            };
+            let pass = model.answer_forward(&self.base.params, &ex)?;
+            let all = vec![true; pass.answer_targets.len()];
+            let tl = token_logprobs(&pass.answer_hidden, &self.base.params[head].value, d, &pass.answer_targets, &all);
+            tokens += pass.answer_targets.len();
+            policy.push(tl.logp.iter().sum::<f32>());
+            reference.push(rho);
+            lses.push(tl.lse);
+            passes.push(pass);
+        }
+        let loss = edpo_loss(&policy, &reference, &local_pairs, self.cfg.edpo.loss_config());
+        for (k, pass) in passes.iter().enumerate() {
+            let g = loss.grad_policy[k];
+            if g == 0.0 {
+                continue;
+            }
+            let grad_token = vec![g; pass.answer_targets.len()];
+            let (dh, dw) = logprob_backward(
+                &pass.answer_hidden,
+                &self.base.params[head].value,
+                d,
+                &pass.answer_targets,
+                &lses[k],
+                &grad_token,
+            );
+            if self.base.params[head].trainable {
+                self.base.params[head].grad.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+            }
+            drop(dw);
+            self.base.model.answer_backward(&mut self.base.params, pass, &dh)?;
+        }
+        Ok(InstanceOut { loss: loss.loss, margins: loss.margins, tokens })
+    }
+
+    pub fn validate(&mut self, limit: usize) -> Result<ValResult> {
+        self.base.validate(limit)
+    }
+
+    fn stage_json(&self) -> serde_json::Value {
+        serde_json::json!({"sfe": self.cfg.sfe, "edpo": self.cfg.edpo, "data": self.cfg.data})
+    }
+}
+
+#[derive(Serialize)]
+struct StepLog {
+    step: u64,
+    loss: f32,
+    /// Mean margin `d` over the step's pairs.
+    margin: f32,
+    /// Share of the step's pairs whose margin is positive (the policy prefers the winner by more
+    /// than the entropy term asks).
+    pair_accuracy: f32,
+    lr: f32,
+    grad_norm: f32,
+    tokens: usize,
+    seconds: f64,
+}
+
+pub struct Outcome {
+    pub steps: u64,
+    pub final_loss: f32,
+    pub val: Option<ValResult>,
+    pub step_seconds: f64,
+}
+
+/// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
+pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
+    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
+    let tcfg = run.cfg.train.trainer_config();
+    let (mut trainer, start) = if resume {
+        if !checkpoint::exists(&run.out) {
+            return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", run.out.display()));
+        }
+        let (state, trainer) = checkpoint::restore(&run.out, &mut run.base.params, tcfg)?;
+        if state.edpo.is_none() {
+            return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display()));
+        }
+        (trainer, state.step)
+    } else {
+        if checkpoint::exists(&run.out) {
+            return Err(user_err!(
+                "{} already holds a checkpoint; continue it with --resume, or choose another --out",
+                run.out.display()
+            ));
+        }
+        (Trainer::new(tcfg), 0)
+    };
+    let log_path = run.out.join("log.jsonl");
+    if resume {
+        truncate_log(&log_path, start)?;
+    } else {
+        let _ = std::fs::remove_file(&log_path);
+    }
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let steps = run.cfg.train.steps;
+    let batch = run.cfg.train.batch.max(1) as u64;
+    let stage = run.stage_json();
+    let pb = crate::util::progress_bar(steps, "edpo", quiet);
+    pb.set_position(start);
+    let (mut last_loss, mut total_secs) = (f32::NAN, 0.0);
+    for step in start..steps {
+        let t0 = Instant::now();
+        let (mut loss_sum, mut tokens, mut margins) = (0.0f32, 0usize, Vec::new());
+        let mut report = None;
+        for m in 0..batch {
+            let inst = run.instance_at(step * batch + m);
+            let o = run.train_instance(&inst)?;
+            loss_sum += o.loss;
+            tokens += o.tokens;
+            margins.extend(o.margins);
+            report = trainer.micro_step(&mut run.base.params);
+        }
+        let report = report.expect("the last micro-batch of a step steps the optimizer");
+        let secs = t0.elapsed().as_secs_f64();
+        last_loss = loss_sum / batch as f32;
+        total_secs += secs;
+        let n = margins.len().max(1) as f32;
+        let line = StepLog {
+            step: step + 1,
+            loss: last_loss,
+            margin: margins.iter().sum::<f32>() / n,
+            pair_accuracy: margins.iter().filter(|&&m| m > 0.0).count() as f32 / n,
+            lr: report.lr,
+            grad_norm: report.grad_norm,
+            tokens,
+            seconds: secs,
+        };
+        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        log.flush()?;
+        pb.set_message(format!("loss {last_loss:.3}"));
+        pb.inc(1);
+        let done = step + 1;
+        let ve = run.cfg.train.val_every;
+        if ve > 0 && done % ve == 0 && done < steps {
+            let v = run.validate(run.cfg.train.val_questions)?;
+            writeln!(
+                log,
+                "{}",
+                serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions})
+            )?;
+            log.flush()?;
+        }
+        if done % run.cfg.train.checkpoint_every.max(1) == 0 || done == steps {
+            checkpoint::save(&run.out, done, &run.base.params, &trainer, &run.base.cfg, Some(&stage))?;
+        }
+    }
+    pb.finish_and_clear();
+    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let ran = steps.saturating_sub(start).max(1) as f64;
+    Ok(Outcome { steps, final_loss: last_loss, val, step_seconds: total_secs / ran })
+}
