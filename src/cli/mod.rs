@@ -7,6 +7,7 @@ mod data;
 mod doctor;
 mod edpo;
 mod embed;
+mod eval;
 mod facts;
 mod fetch;
 mod generate;
@@ -69,6 +70,9 @@ pub enum Command {
     Sfe(sfe::Args),
     /// Stage 2: align an SFE model with Entropy-aware DPO over judge-scored ranked answers.
     Edpo(edpo::Args),
+    /// Score a model on a dataset: accuracy per level, Acc-G, SBERT, MLE; MMAD; anomaly-map AUROC.
+    #[command(long_about = eval::LONG_ABOUT)]
+    Eval(eval::Args),
     /// Answer one question about one image pair with a trained checkpoint.
     Infer(infer::Args),
     /// Measure throughput (`cpu`: GEMM against numpy's BLAS, SmolLM2 decode).
@@ -116,6 +120,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins(a) => plugins::run(&ctx, a),
         Command::Sfe(a) => sfe::run(&ctx, a),
         Command::Edpo(a) => edpo::run(&ctx, a),
+        Command::Eval(a) => eval::run(&ctx, a),
         Command::Infer(a) => infer::run(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),
         Command::Data(a) => data::run(&ctx, a),

@@ -8,6 +8,7 @@
 //! - [`maps`]: anomaly maps: image AUROC (max of the map) and pixel AUROC.
 
 pub mod adpl;
+pub mod generate;
 pub mod maps;
 pub mod mmad;
 

@@ -1,0 +1,190 @@
+//! The model side of `sage eval`: a trained (or untrained, `--baseline`) SAGE model answers
+//! every question of a dataset greedily, and the frozen encoder's patch tokens give each test
+//! image its training-free anomaly map.
+
+use super::maps::MapMetrics;
+use super::Generated;
+use crate::assets::Asset;
+use crate::data::sample::{Label, Question, Sample};
+use crate::facts::FactSet;
+use crate::models::llama::Sampling;
+use crate::models::sage::{FactsMode, SageConfig};
+use crate::models::sage_model::{Example, SageModel};
+use crate::ops::similarity::mincos_topk;
+use crate::sfe::checkpoint;
+use crate::sfe::data::TokenCache;
+use crate::train::{streams, ParamSet, SeedRng};
+use crate::user_err;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+pub struct Evaluator {
+    pub model: SageModel,
+    params: ParamSet,
+    pub head: SageConfig,
+    facts: FactSet,
+    tokens: TokenCache,
+    /// 1: the sample's reference image is shown; 0: zero-shot.
+    pub shots: u8,
+    pub max_tokens: usize,
+    /// What was loaded, for the report.
+    pub describe: String,
+}
+
+/// The text of a question as the model sees it: multiple-choice questions list their options
+/// (`A. ...`) and ask for the letter.
+pub fn prompt(q: &Question) -> String {
+    if q.options.is_empty() {
+        return q.text.clone();
+    }
+    let mut s = q.text.clone();
+    for (i, o) in q.options.iter().enumerate() {
+        s.push_str(&format!("\n{}. {o}", (b'A' + i as u8) as char));
+    }
+    s.push_str("\nAnswer with the option's letter.");
+    s
+}
+
+impl Evaluator {
+    /// The model of run folder `checkpoint` (an `sfe` or `edpo` run), or with `baseline` the same
+    /// architecture untrained (the head freshly initialised, the LLM as released). Without a
+    /// checkpoint, `baseline` uses the default head with facts = none.
+    pub fn load(checkpoint_dir: Option<&Path>, baseline: bool, facts: Option<&Path>) -> Result<Evaluator> {
+        let (head, finetune, seed, facts_path, state) = match checkpoint_dir {
+            Some(dir) => {
+                let state = checkpoint::read_state(dir)?;
+                let c = state.config.clone();
+                (c.model.clone(), c.llm.finetune()?, c.train.seed, c.data.facts.clone(), Some(state))
+            }
+            None if baseline => (
+                SageConfig { facts: FactsMode::None, ..SageConfig::default() },
+                crate::models::llama_train::Finetune::Full,
+                0,
+                None,
+                None,
+            ),
+            None => return Err(user_err!("give --checkpoint (a `sage sfe` or `sage edpo` run folder), or --baseline")),
+        };
+        let mut params = ParamSet::new();
+        let mut rng = SeedRng::new(seed, streams::INIT);
+        let model = SageModel::new(
+            &Asset::EfficientNetPth.path()?,
+            &Asset::SmolLm2Gguf.path()?,
+            head.clone(),
+            &finetune,
+            &mut params,
+            &mut rng,
+        )?;
+        let describe = match (checkpoint_dir, &state) {
+            (Some(dir), Some(st)) if !baseline => {
+                checkpoint::load_weights(dir, st, &mut params)?;
+                let stage = if st.edpo.is_some() { "edpo" } else { "sfe" };
+                format!("{} ({stage}, step {}, facts = {:?})", dir.display(), st.step, head.facts)
+            }
+            _ => format!("untrained baseline (facts = {:?})", head.facts),
+        };
+        let facts_file = facts.map(Path::to_path_buf).or(facts_path);
+        let facts = match (head.facts, facts_file) {
+            (FactsMode::None, _) => FactSet::default(),
+            (_, Some(p)) => FactSet::load(&p)?,
+            (mode, None) => {
+                return Err(user_err!("this model uses facts = {mode:?}: give a facts file from `sage facts` with --facts"))
+            }
+        };
+        Ok(Evaluator {
+            model,
+            params,
+            head,
+            facts,
+            tokens: TokenCache::default(),
+            shots: 1,
+            max_tokens: 64,
+            describe,
+        })
+    }
+
+    fn facts_for(&self, image: &Path) -> Result<Vec<String>> {
+        if self.head.facts == FactsMode::None {
+            return Ok(vec![]);
+        }
+        self.facts.get(image).map(|f| f.facts.clone()).ok_or_else(|| {
+            user_err!("no facts for {} in the facts file; run `sage facts` on this dataset", image.display())
+        })
+    }
+
+    fn reference_of<'a>(&self, s: &'a Sample) -> Option<&'a PathBuf> {
+        (self.shots > 0).then_some(s.reference_image.as_ref()).flatten()
+    }
+
+    /// Greedy answers to every question of `samples`; `each` sees each answer as it comes.
+    pub fn generate(
+        &mut self,
+        samples: &[Sample],
+        pb: &indicatif::ProgressBar,
+        each: &mut dyn FnMut(&Generated) -> Result<()>,
+    ) -> Result<Vec<Generated>> {
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let mut out = Vec::new();
+        for (item, s) in samples.iter().enumerate() {
+            let facts = self.facts_for(&s.test_image)?;
+            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
+            let reference = match self.reference_of(s).cloned() {
+                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
+                None => None,
+            };
+            for (question, q) in s.questions.iter().enumerate() {
+                let text = prompt(q);
+                let ex =
+                    Example { test: &test, reference: reference.as_ref(), facts: &facts, question: &text, answer: None };
+                let (answer, _) = self
+                    .model
+                    .answer(&self.params, &ex, self.max_tokens, greedy)
+                    .with_context(|| format!("answering item {} question {question}", s.id))?;
+                let g = Generated { item, question, answer };
+                each(&g)?;
+                out.push(g);
+                pb.inc(1);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The training-free anomaly map of every test image against its reference (zero-shot: against
+    /// itself): image AUROC where labels exist, pixel AUROC where masks exist.
+    pub fn maps(&mut self, samples: &[Sample]) -> Result<MapMetrics> {
+        let mut m = MapMetrics::new();
+        for s in samples {
+            let anomalous = s.label.map(|l| l == Label::Anomalous);
+            if anomalous.is_none() && s.mask.is_none() {
+                continue;
+            }
+            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
+            let reference = match self.reference_of(s).cloned() {
+                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
+                None => None,
+            };
+            let scores = mincos_topk(
+                &test.data,
+                reference.as_ref().map(|r| r.data.as_slice()),
+                test.dim,
+                self.head.k,
+                self.head.reduce,
+            );
+            let grid = scores.anomaly_map();
+            match &s.mask {
+                Some(mask_path) => {
+                    let mask = crate::image_io::load(mask_path)?.to_luma8();
+                    let (w, h) = (mask.width() as usize, mask.height() as usize);
+                    // Nearest-neighbour upsampling of the patch grid to the mask's pixels.
+                    let map: Vec<f32> = (0..h * w)
+                        .map(|i| grid[(i / w) * test.h / h * test.w + (i % w) * test.w / w])
+                        .collect();
+                    let on: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
+                    m.add(&map, anomalous, Some(&on))?;
+                }
+                None => m.add(&grid, anomalous, None)?,
+            }
+        }
+        Ok(m)
+    }
+}
