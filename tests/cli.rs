@@ -27,11 +27,28 @@ fn fetch_is_idempotent_once_assets_are_present() {
 fn every_subcommand_has_help() {
     for sub in [
         "fetch", "generate", "embed", "classify", "map", "convert", "doctor", "plugins", "sfe", "infer", "bench",
-        "data", "facts",
+        "data", "facts", "score", "edpo", "eval", "demo",
     ] {
         let out = sage().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help failed");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: sage"), "{sub}");
+    }
+}
+
+/// `--help` shows each subcommand's long explanation, not only its one-line summary.
+#[test]
+fn long_help_explains_the_training_and_evaluation_commands() {
+    for (sub, phrase) in [
+        ("sfe", "best-ranked answer"),
+        ("edpo", "frozen SFE model"),
+        ("eval", "Acc-G"),
+        ("demo", "ablation table"),
+        ("score", "resume"),
+        ("infer", "selected patches"),
+    ] {
+        let out = sage().args([sub, "--help"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(text.contains(phrase), "`sage {sub} --help` lacks {phrase:?}: {text}");
     }
 }
 

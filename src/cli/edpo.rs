@@ -7,15 +7,17 @@ use crate::edpo::run::train;
 use anyhow::Result;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-#[command(long_about = "Aligns an SFE model with Entropy-aware DPO. Every AD-PL question with ranked answers is an \
+pub const LONG_ABOUT: &str =
+    "Aligns an SFE model with Entropy-aware DPO. Every AD-PL question with ranked answers is an \
 instance; the judge's scores of its answers (from `sage score`, read from data.scores) give each answer an entropy \
 H (of the softmax over its type, location and logic scores). Two pairs per instance (best vs worst; the adjacent \
 pair with the smallest entropy gap) are scored by the policy and by the frozen SFE model (the reference): margin \
 d = beta*[(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))] - eta*|H(w) - H(l)|, loss -log sigmoid(d). \
 `--loss dpo` (eta = 0) is the plain-DPO ablation. The fusion attention is frozen; the adapter, the projection and the \
 LLM train. Writes log.jsonl, atomic checkpoints and final.json into --out, like `sage sfe`; --resume continues \
-exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: configs/edpo-lite-quick.toml.")]
+exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: configs/edpo-lite-quick.toml.";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// The run description (TOML).
     #[arg(long)]

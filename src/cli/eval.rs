@@ -169,8 +169,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     if questions == 0 {
         return Err(user_err!("{} has no questions to evaluate", a.data.display()));
     }
-    let judge_cfg: serde_json::Value = serde_json::from_str(&a.judge_config)
-        .map_err(|e| user_err!("--judge-config is not JSON: {e}"))?;
+    let judge_cfg: serde_json::Value =
+        serde_json::from_str(&a.judge_config).map_err(|e| user_err!("--judge-config is not JSON: {e}"))?;
     // Open the judge first: a missing plugin should fail before minutes of generation.
     let wants_judge = a.judge != "none" && format != DataFormat::Mmad;
     let mut judge = if wants_judge { Some(PluginJudge::open(&ctx.plugin_dirs, &a.judge, &judge_cfg)?) } else { None };
@@ -216,7 +216,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
                 if s.questions.get(g.question).is_some_and(|q| !q.ranked_answers.is_empty()) {
                     let mut req = request_for(s, g.question, 0);
                     req.answer = g.answer.clone();
-                    scores.push(j.score(&req).with_context(|| format!("judging item {} question {}", s.id, g.question))?);
+                    scores
+                        .push(j.score(&req).with_context(|| format!("judging item {} question {}", s.id, g.question))?);
                 }
                 pb.inc(1);
             }
@@ -224,7 +225,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         }
         let encoder = SentenceEncoder::load(&crate::assets::Asset::MiniLmDir.path()?)?;
         let mut embed = |t: &str| encoder.embed(t);
-        adpl = Some(AdplReport::compute(&samples, &generated, Some(&mut embed), judge.is_some().then_some(&scores[..]))?);
+        adpl =
+            Some(AdplReport::compute(&samples, &generated, Some(&mut embed), judge.is_some().then_some(&scores[..]))?);
     }
     let maps = match evaluator.as_mut() {
         Some(ev) if samples.iter().any(|s| s.label.is_some() || s.mask.is_some()) => Some(ev.maps(&samples)?.report()),

@@ -6,15 +6,16 @@ use crate::facts::{self, prompts, DataFormat, GenOptions, Job};
 use anyhow::Result;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-#[command(long_about = "Write short fact sentences about each distinct test image's kind of object, for the \
+pub const LONG_ABOUT: &str = "Write short fact sentences about each distinct test image's kind of object, for the \
 fusion attention's fact embedding. A backbone plugin that generates text answers questions such as \"What \
 does a normal <category> look like?\"; prompts are built from the sample's category only, never from its \
 label. Output: JSONL, one line per test image in dataset order: {image, image_sha256, category, facts, prompts, \
 backbone, generation}. Every generation goes to an append-only cache beside the output (OUT.cache) as soon as \
 it exists, and identical prompts are answered once for all images of a category: a run that is interrupted \
 (even killed) is resumed by running the same command again, and the output file is only written, atomically, \
-at the end.")]
+at the end.";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// Backbone plugin that writes the facts (it must generate text).
     #[arg(long, default_value = "lite")]

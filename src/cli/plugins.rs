@@ -4,13 +4,13 @@ use super::{print_json, Ctx};
 use crate::plugin::discover;
 use anyhow::Result;
 
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Searches --plugin-dir folders, then SAGE_PLUGIN_PATH (colon-separated), then the folder of the \
+pub const LONG_ABOUT: &str =
+    "Searches --plugin-dir folders, then SAGE_PLUGIN_PATH (colon-separated), then the folder of the \
 sage binary (where `cargo build` puts the in-tree plugins), loads every plugin library, and lists each plugin's kind, \
 name, version and file, and each refused file with the reason (wrong ABI version, not a plugin, missing symbol, \
-failed initialisation, shadowed by an earlier plugin of the same name)."
-)]
+failed initialisation, shadowed by an earlier plugin of the same name).";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {}
 
 pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {

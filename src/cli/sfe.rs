@@ -6,15 +6,15 @@ use crate::sfe::run::{train, Run};
 use anyhow::Result;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Fine-tunes the SAGE model on an AD-PL dataset: the best-ranked answer of every question is the \
+pub const LONG_ABOUT: &str =
+    "Fine-tunes the SAGE model on an AD-PL dataset: the best-ranked answer of every question is the \
 target (cross-entropy). The adapter, the fusion attention and the LLM (LoRA or full) train; the vision encoder is \
 frozen. Writes log.jsonl (one line per step, plus validation lines), atomic checkpoints (weights, optimizer state, \
 state.json) and final.json into --out. --resume continues a run exactly where its last checkpoint left it; \
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
-CPU cores), configs/sfe-lite.toml (the full run, for a GPU)."
-)]
+CPU cores), configs/sfe-lite.toml (the full run, for a GPU).";
+
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// The run description (TOML).
     #[arg(long)]

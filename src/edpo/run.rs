@@ -43,10 +43,13 @@ pub struct EdpoRun {
 }
 
 /// What one instance contributed to a step.
-struct InstanceOut {
-    loss: f32,
-    margins: Vec<f32>,
-    tokens: usize,
+pub struct InstanceOut {
+    /// Mean over the instance's pairs of `−log σ(d)`.
+    pub loss: f32,
+    /// `d` of each pair.
+    pub margins: Vec<f32>,
+    /// Answer tokens scored under the policy.
+    pub tokens: usize,
 }
 
 impl EdpoRun {
@@ -60,6 +63,26 @@ impl EdpoRun {
             return Err(user_err!(
                 "{} is an E-DPO run; the reference must be a stage-1 (`sage sfe`) run",
                 cfg.sfe.display()
+            ));
+        }
+        // Before the model loads: a missing score file is the likeliest first-run mistake. The
+        // command given writes exactly the file and judge key this run reads.
+        let scores_path = cfg.data.scores_path();
+        if !scores_path.exists() {
+            let judge_config = match &cfg.data.judge_config {
+                Some(c) => format!(" --judge-config '{c}'"),
+                None => String::new(),
+            };
+            let max_items = match cfg.data.max_train_items {
+                0 => String::new(),
+                n => format!(" --max-items {n}"),
+            };
+            return Err(user_err!(
+                "no judge scores at {}; run `sage score --data {} --judge {}{judge_config}{max_items} --out {}` first",
+                scores_path.display(),
+                cfg.data.train.display(),
+                cfg.data.judge,
+                scores_path.display()
             ));
         }
         let mut sfe_cfg = state.config.clone();
@@ -82,15 +105,6 @@ impl EdpoRun {
         for id in fusion {
             base.params.set_trainable(id, false);
         }
-        let scores_path = cfg.data.scores_path();
-        if !scores_path.exists() {
-            return Err(user_err!(
-                "no judge scores at {}; run `sage score --data {} --judge {}` first",
-                scores_path.display(),
-                cfg.data.train.display(),
-                cfg.data.judge
-            ));
-        }
         let cache = ScoreCache::open(&scores_path)?;
         let table = load_scores(&cache, &base.train.samples, &cfg.data.judge_key())?;
         let mut instances = Vec::new();
@@ -112,8 +126,19 @@ impl EdpoRun {
         self.instances[epoch_pick(self.cfg.train.seed, self.instances.len(), g)].clone()
     }
 
-    /// Loss and gradients of one instance's pairs.
-    fn train_instance(&mut self, inst: &Instance) -> Result<InstanceOut> {
+    /// Loss of one instance's pairs, accumulating its gradients into the trainable parameters
+    /// (`base.params[..].grad`).
+    pub fn train_instance(&mut self, inst: &Instance) -> Result<InstanceOut> {
+        self.instance_pass(inst, true)
+    }
+
+    /// The same loss as [`EdpoRun::train_instance`], computed by the same forward, without
+    /// touching any gradient (finite-difference checks of the gradient).
+    pub fn instance_loss(&mut self, inst: &Instance) -> Result<f32> {
+        Ok(self.instance_pass(inst, false)?.loss)
+    }
+
+    fn instance_pass(&mut self, inst: &Instance, backward: bool) -> Result<InstanceOut> {
         let pairs = instance_pairs(&inst.entropies, self.cfg.edpo.pairs);
         let mut used: Vec<usize> = pairs.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
         used.sort_unstable();
@@ -151,8 +176,10 @@ impl EdpoRun {
             tokens += pass.answer_targets.len();
             policy.push(tl.logp.iter().sum::<f32>());
             reference.push(rho);
-            lses.push(tl.lse);
-            passes.push(pass);
+            if backward {
+                lses.push(tl.lse);
+                passes.push(pass);
+            }
         }
         let loss = edpo_loss(&policy, &reference, &local_pairs, self.cfg.edpo.loss_config());
         for (k, pass) in passes.iter().enumerate() {
@@ -218,8 +245,15 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
             return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", run.out.display()));
         }
         let (state, trainer) = checkpoint::restore(&run.out, &mut run.base.params, tcfg)?;
-        if state.edpo.is_none() {
-            return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display()));
+        match &state.edpo {
+            None => return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display())),
+            Some(saved) if *saved != run.stage_json() => {
+                return Err(user_err!(
+                    "--resume: {} was trained with another sfe run, data or [edpo] section ({saved}); resume with the same config, or start a new --out",
+                    run.out.display()
+                ))
+            }
+            Some(_) => {}
         }
         (trainer, state.step)
     } else {

@@ -88,19 +88,12 @@ impl Evaluator {
             (FactsMode::None, _) => FactSet::default(),
             (_, Some(p)) => FactSet::load(&p)?,
             (mode, None) => {
-                return Err(user_err!("this model uses facts = {mode:?}: give a facts file from `sage facts` with --facts"))
+                return Err(user_err!(
+                    "this model uses facts = {mode:?}: give a facts file from `sage facts` with --facts"
+                ))
             }
         };
-        Ok(Evaluator {
-            model,
-            params,
-            head,
-            facts,
-            tokens: TokenCache::default(),
-            shots: 1,
-            max_tokens: 64,
-            describe,
-        })
+        Ok(Evaluator { model, params, head, facts, tokens: TokenCache::default(), shots: 1, max_tokens: 64, describe })
     }
 
     fn facts_for(&self, image: &Path) -> Result<Vec<String>> {
@@ -134,8 +127,13 @@ impl Evaluator {
             };
             for (question, q) in s.questions.iter().enumerate() {
                 let text = prompt(q);
-                let ex =
-                    Example { test: &test, reference: reference.as_ref(), facts: &facts, question: &text, answer: None };
+                let ex = Example {
+                    test: &test,
+                    reference: reference.as_ref(),
+                    facts: &facts,
+                    question: &text,
+                    answer: None,
+                };
                 let (answer, _) = self
                     .model
                     .answer(&self.params, &ex, self.max_tokens, greedy)
@@ -176,9 +174,8 @@ impl Evaluator {
                     let mask = crate::image_io::load(mask_path)?.to_luma8();
                     let (w, h) = (mask.width() as usize, mask.height() as usize);
                     // Nearest-neighbour upsampling of the patch grid to the mask's pixels.
-                    let map: Vec<f32> = (0..h * w)
-                        .map(|i| grid[(i / w) * test.h / h * test.w + (i % w) * test.w / w])
-                        .collect();
+                    let map: Vec<f32> =
+                        (0..h * w).map(|i| grid[(i / w) * test.h / h * test.w + (i % w) * test.w / w]).collect();
                     let on: Vec<bool> = mask.as_raw().iter().map(|&v| v > 127).collect();
                     m.add(&map, anomalous, Some(&on))?;
                 }
