@@ -144,7 +144,7 @@ fn toml_path(p: &Path) -> String {
 
 fn read_json(p: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?)
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
 fn sfe_config(p: &Profile, data: &Path, facts: &str) -> String {
