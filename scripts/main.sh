@@ -8,5 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 cargo build --release
-./target/release/sage fetch
-./target/release/sage demo --quick "$@"
+sage="${CARGO_TARGET_DIR:-target}/release/sage"
+"$sage" fetch
+"$sage" demo --quick "$@"
