@@ -308,7 +308,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     for facts in ["none", "hard", "fused"] {
         sfe_runs.insert(facts, train(facts, "sfe", sfe_config(&p, &data, facts))?);
     }
-    let mut rows = Vec::new();
+    let (mut rows, mut majority) = (Vec::new(), Value::Null);
     for row in &ROWS {
         let ckpt = match row.pref {
             None => sfe_runs[row.sfe].clone(),
@@ -337,6 +337,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         }
         let v = read_json(&report.with_extension("json"))?;
         let ad = &v["adpl"];
+        // Every row answers the same questions: their majority class is the same.
+        majority = ad["majority"].clone();
         rows.push(TableRow {
             row: row.name.to_string(),
             checkpoint: ckpt,
@@ -347,11 +349,6 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             questions: v["questions"].as_u64().unwrap_or(0) as usize,
         });
     }
-    let first_eval = read_json(&evals.join(format!(
-        "{}.json",
-        rows[0].checkpoint.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
-    )))?;
-    let majority = first_eval["adpl"]["majority"].clone();
 
     // The training-free anomaly map on every ELPV cell.
     let map_json = out.join("map-elpv.json");

@@ -11,11 +11,11 @@
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
 use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
-use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs, Pair};
+use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
-use crate::sfe::run::{truncate_log, Run, ValResult};
-use crate::train::{ParamSet, Trainer};
+use crate::sfe::run::{start_run, Run, Start, ValResult};
+use crate::train::ParamSet;
 use crate::user_err;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -92,19 +92,8 @@ impl EdpoRun {
         let mut base = Run::new(sfe_cfg, out)?;
         checkpoint::load_weights(&cfg.sfe, &state, &mut base.params)?;
         let mut reference = base.params.clone();
-        let ids: Vec<_> = reference.iter().map(|p| reference.id(&p.name).expect("own name")).collect();
-        for id in ids {
-            reference.set_trainable(id, false);
-        }
-        let fusion: Vec<_> = base
-            .params
-            .iter()
-            .filter(|p| p.name.starts_with(crate::models::sage::FUSION_PREFIX))
-            .map(|p| base.params.id(&p.name).expect("own name"))
-            .collect();
-        for id in fusion {
-            base.params.set_trainable(id, false);
-        }
+        reference.set_trainable_where(|_| true, false);
+        base.params.set_trainable_where(|name| name.starts_with(crate::models::sage::FUSION_PREFIX), false);
         let cache = ScoreCache::open(&scores_path)?;
         let table = load_scores(&cache, &base.train.samples, &cfg.data.judge_key())?;
         let mut instances = Vec::new();
@@ -160,19 +149,14 @@ impl EdpoRun {
             let rho = match self.reference_memo.get(&key) {
                 Some(&r) => r,
                 None => {
-                    let p = model.answer_forward_no_grad(&self.reference, &ex)?;
-                    let all = vec![true; p.answer_targets.len()];
-                    let r = token_logprobs(&p.answer_hidden, &self.reference[head].value, d, &p.answer_targets, &all)
-                        .logp
-                        .iter()
-                        .sum();
+                    let p = model.answer_forward(&self.reference, &ex, false)?;
+                    let r = model.answer_logprobs(&self.reference, &p).logp.iter().sum();
                     self.reference_memo.insert(key, r);
                     r
                 }
             };
-            let pass = model.answer_forward(&self.base.params, &ex)?;
-            let all = vec![true; pass.answer_targets.len()];
-            let tl = token_logprobs(&pass.answer_hidden, &self.base.params[head].value, d, &pass.answer_targets, &all);
+            let pass = model.answer_forward(&self.base.params, &ex, true)?;
+            let tl = model.answer_logprobs(&self.base.params, &pass);
             tokens += pass.answer_targets.len();
             policy.push(tl.logp.iter().sum::<f32>());
             reference.push(rho);
@@ -188,6 +172,7 @@ impl EdpoRun {
                 continue;
             }
             let grad_token = vec![g; pass.answer_targets.len()];
+            let trainable_head = self.base.params[head].trainable;
             let (dh, dw) = logprob_backward(
                 &pass.answer_hidden,
                 &self.base.params[head].value,
@@ -195,11 +180,11 @@ impl EdpoRun {
                 &pass.answer_targets,
                 &lses[k],
                 &grad_token,
+                trainable_head,
             );
-            if self.base.params[head].trainable {
+            if let Some(dw) = dw {
                 self.base.params[head].grad.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
             }
-            drop(dw);
             self.base.model.answer_backward(&mut self.base.params, pass, &dh)?;
         }
         Ok(InstanceOut { loss: loss.loss, margins: loss.margins, tokens })
@@ -238,13 +223,9 @@ pub struct Outcome {
 
 /// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
 pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
-    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let tcfg = run.cfg.train.trainer_config();
-    let (mut trainer, start) = if resume {
-        if !checkpoint::exists(&run.out) {
-            return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", run.out.display()));
-        }
-        let (state, trainer) = checkpoint::restore(&run.out, &mut run.base.params, tcfg)?;
+    let Start { mut trainer, state, step: start, mut log } = start_run(&run.out, &mut run.base.params, tcfg, resume)?;
+    if let Some(state) = state {
         match &state.edpo {
             None => return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display())),
             Some(saved) if *saved != run.stage_json() => {
@@ -255,23 +236,7 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
             }
             Some(_) => {}
         }
-        (trainer, state.step)
-    } else {
-        if checkpoint::exists(&run.out) {
-            return Err(user_err!(
-                "{} already holds a checkpoint; continue it with --resume, or choose another --out",
-                run.out.display()
-            ));
-        }
-        (Trainer::new(tcfg), 0)
-    };
-    let log_path = run.out.join("log.jsonl");
-    if resume {
-        truncate_log(&log_path, start)?;
-    } else {
-        let _ = std::fs::remove_file(&log_path);
     }
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let steps = run.cfg.train.steps;
     let batch = run.cfg.train.batch.max(1) as u64;
     let stage = run.stage_json();

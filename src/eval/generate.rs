@@ -83,6 +83,9 @@ impl Evaluator {
             }
             _ => format!("untrained baseline (facts = {:?})", head.facts),
         };
+        // Evaluation never takes a gradient: drop the buffers (a fully fine-tuned LLM's would
+        // double its memory).
+        params.set_trainable_where(|_| true, false);
         let facts_file = facts.map(Path::to_path_buf).or(facts_path);
         let facts = match (head.facts, facts_file) {
             (FactsMode::None, _) => FactSet::default(),

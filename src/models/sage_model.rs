@@ -21,6 +21,7 @@ use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::image_io;
+use crate::ops::edpo::{token_logprobs, TokenLogprobs};
 use crate::train::{ParamSet, SeedRng};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
@@ -227,29 +228,29 @@ impl SageModel {
     }
 
     /// A teacher-forced forward whose backward the caller drives: E-DPO needs the
-    /// log-probability of every answer of an instance before any gradient exists.
-    pub fn answer_forward(&self, params: &ParamSet, ex: &Example) -> Result<AnswerPass> {
+    /// log-probability of every answer of an instance before any gradient exists. Without
+    /// `with_grad` no activations are kept (the frozen reference model of E-DPO).
+    pub fn answer_forward(&self, params: &ParamSet, ex: &Example, with_grad: bool) -> Result<AnswerPass> {
         ensure!(ex.answer.is_some(), "answer_forward needs an answer");
         let a = self.assemble(params, ex)?;
-        let (hidden, acts) = self.llm.forward(params, &a.x, a.t);
+        let (hidden, acts) = if with_grad {
+            let (h, acts) = self.llm.forward(params, &a.x, a.t);
+            (h, Some(acts))
+        } else {
+            (self.llm.forward_cached(params, &a.x, a.t, &mut self.llm.new_cache())?, None)
+        };
         let rows: Vec<usize> = (0..a.t).filter(|&i| a.targets[i] != IGNORE).collect();
         let d = self.llm.hidden_size();
         let answer_hidden = rows.iter().flat_map(|&r| hidden[r * d..(r + 1) * d].iter().copied()).collect();
         let answer_targets = rows.iter().map(|&r| a.targets[r]).collect();
-        Ok(AnswerPass { a, acts: Some(acts), rows, answer_hidden, answer_targets })
+        Ok(AnswerPass { a, acts, rows, answer_hidden, answer_targets })
     }
 
-    /// [`SageModel::answer_forward`] without the activations a backward needs (the frozen
-    /// reference model of E-DPO).
-    pub fn answer_forward_no_grad(&self, params: &ParamSet, ex: &Example) -> Result<AnswerPass> {
-        ensure!(ex.answer.is_some(), "answer_forward needs an answer");
-        let a = self.assemble(params, ex)?;
-        let hidden = self.llm.forward_cached(params, &a.x, a.t, &mut self.llm.new_cache())?;
-        let rows: Vec<usize> = (0..a.t).filter(|&i| a.targets[i] != IGNORE).collect();
-        let d = self.llm.hidden_size();
-        let answer_hidden = rows.iter().flat_map(|&r| hidden[r * d..(r + 1) * d].iter().copied()).collect();
-        let answer_targets = rows.iter().map(|&r| a.targets[r]).collect();
-        Ok(AnswerPass { a, acts: None, rows, answer_hidden, answer_targets })
+    /// Per-token log-probabilities of a pass's answer under the LM head in `params`.
+    pub fn answer_logprobs(&self, params: &ParamSet, pass: &AnswerPass) -> TokenLogprobs {
+        let all = vec![true; pass.answer_targets.len()];
+        let head = &params[self.llm.output].value;
+        token_logprobs(&pass.answer_hidden, head, self.llm.hidden_size(), &pass.answer_targets, &all)
     }
 
     /// Backward of an [`AnswerPass`] from the gradient of its answer rows' final hidden states

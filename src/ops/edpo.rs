@@ -176,9 +176,10 @@ pub fn edpo_loss(policy: &[f32], reference: &[f32], pairs: &[Pair], cfg: EdpoCon
     out
 }
 
-/// Gradients of `Σ_t grad_token[t] · logp_t` with respect to `hidden [R, C]` and `weight [V, C]`,
-/// given the forward's `lse`: `∂z_v = g_t (1[v = target] − exp(z_v − lse_t))`. Rows with a zero
-/// upstream gradient are skipped.
+/// Gradients of `Σ_t grad_token[t] · logp_t` with respect to `hidden [R, C]` and, with
+/// `weight_grad`, `weight [V, C]` (skipped for a frozen LM head, a third of the work and a
+/// `[V, C]` buffer), given the forward's `lse`: `∂z_v = g_t (1[v = target] − exp(z_v − lse_t))`.
+/// Rows with a zero upstream gradient are skipped.
 pub fn logprob_backward(
     hidden: &[f32],
     weight: &[f32],
@@ -186,12 +187,13 @@ pub fn logprob_backward(
     targets: &[u32],
     lse: &[f32],
     grad_token: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+    weight_grad: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let r = targets.len();
     assert!(hidden.len() == r * c && lse.len() == r && grad_token.len() == r);
     let v = weight.len() / c;
     let mut dh = vec![0.0f32; r * c];
-    let mut dw = vec![0.0f32; v * c];
+    let mut dw = if weight_grad { vec![0.0f32; v * c] } else { Vec::new() };
     let rows: Vec<usize> = (0..r).filter(|&i| grad_token[i] != 0.0).collect();
     let chunk = VOCAB_CHUNK.min(v.max(1));
     let mut z = vec![0.0f32; ROW_BLOCK * chunk];
@@ -215,13 +217,23 @@ pub fn logprob_backward(
             });
             // dh_blk += dz · W_chunk;  dW_chunk += dzᵀ · h_blk.
             sgemm(nb, c, vc, MatRef::rows(zb, vc), MatRef::rows(w, c), &mut dhb[..nb * c], true);
-            sgemm(vc, c, nb, MatRef::transposed(zb, vc), MatRef::rows(&hb, c), &mut dw[v0 * c..(v0 + vc) * c], true);
+            if weight_grad {
+                sgemm(
+                    vc,
+                    c,
+                    nb,
+                    MatRef::transposed(zb, vc),
+                    MatRef::rows(&hb, c),
+                    &mut dw[v0 * c..(v0 + vc) * c],
+                    true,
+                );
+            }
         }
         for (k, &row) in blk.iter().enumerate() {
             dh[row * c..(row + 1) * c].copy_from_slice(&dhb[k * c..(k + 1) * c]);
         }
     }
-    (dh, dw)
+    (dh, weight_grad.then_some(dw))
 }
 
 /// Everything the fused loss needs for one step.
@@ -262,7 +274,8 @@ pub fn edpo_step(b: EdpoBatch) -> EdpoStep {
     let loss = edpo_loss(&policy, b.reference, b.pairs, b.cfg);
     let grad_token: Vec<f32> =
         (0..b.targets.len()).map(|i| if b.mask[i] { loss.grad_policy[i / b.t] } else { 0.0 }).collect();
-    let (d_hidden, d_weight) = logprob_backward(b.hidden, b.weight, b.c, b.targets, &tl.lse, &grad_token);
+    let (d_hidden, d_weight) = logprob_backward(b.hidden, b.weight, b.c, b.targets, &tl.lse, &grad_token, true);
+    let d_weight = d_weight.expect("asked for");
     EdpoStep { loss, policy, d_hidden, d_weight }
 }
 

@@ -169,7 +169,7 @@ struct StepLog {
 }
 
 /// Drops log lines of steps after `step` (written before a crash the checkpoint does not cover).
-pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<()> {
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()
@@ -192,32 +192,56 @@ pub struct Outcome {
     pub tokens_per_second: f64,
 }
 
-/// Trains from scratch or from the checkpoint in `run.out` (`resume`).
-pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
-    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
-    let tcfg = run.cfg.train.trainer_config();
-    let (mut trainer, start) = if resume {
-        if !checkpoint::exists(&run.out) {
-            return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", run.out.display()));
+/// Where a training run (`sfe` or `edpo`) begins.
+pub(crate) struct Start {
+    pub trainer: Trainer,
+    /// The restored checkpoint's state (`None` for a fresh run).
+    pub state: Option<checkpoint::State>,
+    /// Optimizer steps already done.
+    pub step: u64,
+    /// `log.jsonl`, open for appending.
+    pub log: std::fs::File,
+}
+
+/// A fresh trainer at step 0 (refusing to overwrite a checkpoint), or with `resume` the
+/// checkpoint in `out` restored into `params`, its log cut back to the checkpoint's step.
+pub(crate) fn start_run(
+    out: &Path,
+    params: &mut ParamSet,
+    tcfg: crate::train::TrainConfig,
+    resume: bool,
+) -> Result<Start> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let log_path = out.join("log.jsonl");
+    let (trainer, state) = if resume {
+        if !checkpoint::exists(out) {
+            return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", out.display()));
         }
-        let (state, trainer) = checkpoint::restore(&run.out, &mut run.params, tcfg)?;
-        (trainer, state.step)
+        let (state, trainer) = checkpoint::restore(out, params, tcfg)?;
+        truncate_log(&log_path, state.step)?;
+        (trainer, Some(state))
     } else {
-        if checkpoint::exists(&run.out) {
+        if checkpoint::exists(out) {
             return Err(user_err!(
                 "{} already holds a checkpoint; continue it with --resume, or choose another --out",
-                run.out.display()
+                out.display()
             ));
         }
-        (Trainer::new(tcfg), 0)
-    };
-    let log_path = run.out.join("log.jsonl");
-    if resume {
-        truncate_log(&log_path, start)?;
-    } else {
         let _ = std::fs::remove_file(&log_path);
-    }
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        (Trainer::new(tcfg), None)
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    Ok(Start { trainer, step: state.as_ref().map_or(0, |s| s.step), state, log })
+}
+
+/// Trains from scratch or from the checkpoint in `run.out` (`resume`).
+pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
+    let tcfg = run.cfg.train.trainer_config();
+    let Start { mut trainer, step: start, mut log, .. } = start_run(&run.out, &mut run.params, tcfg, resume)?;
     let steps = run.cfg.train.steps;
     let batch = run.cfg.train.batch.max(1) as u64;
     let pb = crate::util::progress_bar(steps, "sfe", quiet);

@@ -92,6 +92,15 @@ impl ParamSet {
         p.grad = if trainable { vec![0.0; p.value.len()] } else { Vec::new() };
     }
 
+    /// [`ParamSet::set_trainable`] for every parameter whose name `pick` accepts.
+    pub fn set_trainable_where(&mut self, pick: impl Fn(&str) -> bool, trainable: bool) {
+        for i in 0..self.params.len() {
+            if pick(&self.params[i].name) {
+                self.set_trainable(ParamId(i), trainable);
+            }
+        }
+    }
+
     pub fn id(&self, name: &str) -> Option<ParamId> {
         self.by_name.get(name).map(|&i| ParamId(i))
     }
