@@ -199,8 +199,14 @@ fn nvrtc_cache_returns_the_same_ptx_and_is_keyed_by_arch() {
     let c = nv.compile_cached(src, "k.cu", Arch::SM90, &inc, &[], cache.path()).unwrap();
     assert_ne!(a, c, "sm_90 PTX differs from sm_80 PTX");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
-    assert_ne!(nv.cache_key(src, Arch::SM80, &inc, &[]), nv.cache_key(src, Arch::SM90, &inc, &[]));
-    assert_ne!(nv.cache_key(src, Arch::SM80, &inc, &[]), nv.cache_key(&format!("{src}\n"), Arch::SM80, &inc, &[]));
+    assert_ne!(
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
+        sage::backend::nvrtc::cache_key(src, Arch::SM90, &[])
+    );
+    assert_ne!(
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
+        sage::backend::nvrtc::cache_key(&format!("{src}\n"), Arch::SM80, &[])
+    );
 }
 
 #[test]

@@ -1,27 +1,59 @@
 //! Kernel parity against the CPU references (DESIGN.md §4): every kernel at several shapes, odd
 //! sizes included, with the tolerance written down (kernels/README.md).
 //!
-//! Without a CUDA driver (no `libcuda.so.1`) each test prints why it skipped and returns; it never
-//! creates a CUDA context there (a bare context creation panics with no driver). The GPU branch is
-//! not written yet: it lands with the cudarc backend (issue 4, device part), and until then it
-//! prints what it will launch and compare and says plainly that nothing was compared.
+//! Without a working CUDA device each GPU test prints why it skipped and returns; `Gpu::open`
+//! never creates a context where there is no driver. Inputs are bf16; the CPU reference gets the
+//! same bf16 values as f32, so the tolerances measure the kernels' own arithmetic (fp32
+//! accumulation, bf16 outputs).
 
+use half::bf16;
+use sage::backend::cuda::edpo::{self as gedpo, DevicePairs, SeqShape};
+use sage::backend::cuda::gemm::{gemm, gemm_reference, GemmSpec};
+use sage::backend::cuda::mincos::{self, MincosShape, Variant};
+use sage::backend::cuda::{fusion, Gpu};
 use sage::ops::edpo::{self, EdpoConfig, Pair};
 use sage::ops::fusion_attn::{self, FusionShape};
 use sage::ops::similarity::{self, Reduce};
+use std::sync::Arc;
 
-const SKIP: &str = "skipped: no CUDA driver on this machine (parity runs on the GPU machine)";
-
-/// True when the CUDA driver library can be loaded. Loading it creates no context.
-fn cuda_driver_present() -> bool {
-    // SAFETY: dlopen of the driver library; its initialisers do not touch a device.
-    unsafe { libloading::Library::new("libcuda.so.1") }.is_ok()
+/// The device, or `None` after printing why the GPU half of a test is skipped.
+fn gpu(test: &str) -> Option<Arc<Gpu>> {
+    match Gpu::global() {
+        Ok(g) => {
+            println!("{test}: running on {} (sm_{})", g.info().name, g.info().arch);
+            Some(g)
+        }
+        Err(e) => {
+            println!("{test}: skipped, no usable CUDA device: {e:#}");
+            None
+        }
+    }
 }
 
-/// The GPU branch until the launches exist: says what it will do, and that it did not.
-fn gpu_branch_not_written(kernel: &str, plan: &str) {
-    println!("{kernel}: a CUDA driver is present, but the parity harness is not written yet — NOTHING WAS COMPARED.");
-    println!("{kernel}: plan: {plan}");
+/// Deterministic bf16 values in [−1, 1) and the same values as f32.
+fn rnd(n: usize, seed: u64) -> (Vec<bf16>, Vec<f32>) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let b: Vec<bf16> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bf16::from_f32((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
+}
+
+fn to_f32(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// max |a − b| / max(max |b|, tiny).
+fn rel_to_max(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-20);
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 // The shapes each parity run covers (bf16 inputs; the CPU reference gets the same bf16-rounded
@@ -36,59 +68,243 @@ const MINCOS_CASES: &[(usize, usize, usize, usize, usize)] =
 const FUSION_CASES: &[(usize, usize, usize, usize, usize)] =
     &[(1, 1, 1, 1, 2), (2, 5, 33, 3, 18), (3, 16, 64, 4, 64), (32, 16, 64, 16, 128), (2, 40, 70, 2, 256)];
 
-/// (pairs, T, C, V, vocabulary splits).
+/// (pairs, T, C, V, vocabulary splits). The benchmark shape (8, 1024, 896, 151 936) is left to
+/// `sage bench kernels`: its CPU reference alone is 4.5 TFLOP.
 const EDPO_CASES: &[(usize, usize, usize, usize, usize)] =
-    &[(1, 5, 8, 7, 1), (2, 67, 40, 1000, 3), (3, 130, 576, 49_152, 8), (8, 1024, 896, 151_936, 16)];
+    &[(1, 5, 8, 7, 1), (2, 67, 40, 1000, 3), (3, 130, 576, 49_152, 8)];
+
+/// (m, n, k, batch): odd sizes, and a linear layer of SmolLM2's shape.
+const GEMM_CASES: &[(usize, usize, usize, usize)] = &[(1, 1, 8, 1), (37, 53, 72, 1), (64, 576, 576, 1), (5, 24, 16, 3)];
+
+/// Tolerances (kernels/README.md): similarity and map 2e-3 absolute (fp32 accumulation of bf16
+/// products, inverse norms folded in); the rest relative to the largest reference magnitude.
+const SIM_TOL: f32 = 2e-3;
 
 #[test]
 fn kernel_parity_mincos_topk() {
-    if !cuda_driver_present() {
-        println!("{SKIP}");
-        return;
+    let Some(gpu) = gpu("mincos_topk") else { return };
+    let mut compared = 0;
+    for &(b, p, pr, c, k) in MINCOS_CASES {
+        for reduce in [Reduce::Nearest, Reduce::Min] {
+            for zero_shot in [false, true] {
+                let variants: &[Variant] = if c % 8 == 0 { &[Variant::V1, Variant::V2] } else { &[Variant::V1] };
+                for &variant in variants {
+                    for nsplit in [1usize, 3] {
+                        let s =
+                            MincosShape { batch: b, patches: p, ref_patches: pr, channels: c, k, reduce, zero_shot };
+                        let pr_eff = if zero_shot { p } else { pr };
+                        let nsplit = nsplit.min(pr_eff.div_ceil(64));
+                        let (tb, tf) = rnd(b * p * c, 11 + b as u64);
+                        let (rb, rf) = rnd(b * pr * c, 13 + c as u64);
+                        let test = gpu.upload(&tb).unwrap();
+                        let reference = gpu.upload(&rb).unwrap();
+                        let out =
+                            mincos::mincos_topk(&gpu, &test, (!zero_shot).then_some(&reference), s, variant, nsplit)
+                                .unwrap_or_else(|e| panic!("{s:?} {variant:?}: {e:#}"));
+                        let sim = gpu.download(&out.sim).unwrap();
+                        let map = gpu.download(&out.map).unwrap();
+                        let idx = gpu.download(&out.ref_index).unwrap();
+                        let topk = gpu.download(&out.topk).unwrap();
+                        let v_sel = gpu.download(&out.v_sel).unwrap();
+                        let d = gpu.download(&out.d).unwrap();
+                        for bi in 0..b {
+                            let t_b = &tf[bi * p * c..(bi + 1) * p * c];
+                            let r_b = (!zero_shot).then(|| &rf[bi * pr * c..(bi + 1) * pr * c]);
+                            let want = similarity::mincos_topk(t_b, r_b, c, k, reduce);
+                            let ctx = format!("{s:?} {variant:?} nsplit {nsplit} item {bi}");
+                            for i in 0..p {
+                                let (g, w) = (sim[bi * p + i], want.similarity[i]);
+                                assert!((g - w).abs() <= SIM_TOL, "{ctx}: sim[{i}] {g} vs {w}");
+                                assert!((map[bi * p + i] - (1.0 - w)).abs() <= SIM_TOL, "{ctx}: map[{i}]");
+                            }
+                            // ref_index must agree wherever the best cosine is clear of the rest.
+                            let rr = r_b.unwrap_or(t_b);
+                            for i in 0..p {
+                                let j = idx[bi * p + i];
+                                let w = want.ref_index[i] as i32;
+                                if j != w {
+                                    let cos = |jj: usize| cosine(&t_b[i * c..(i + 1) * c], &rr[jj * c..(jj + 1) * c]);
+                                    assert!(j >= 0 && (j as usize) < pr_eff, "{ctx}: ref_index[{i}] = {j}");
+                                    assert!(
+                                        (cos(j as usize) - cos(w as usize)).abs() <= SIM_TOL,
+                                        "{ctx}: ref_index[{i}] {j} vs {w}, cosines differ by more than {SIM_TOL}"
+                                    );
+                                }
+                            }
+                            // top-K: the same set up to near-ties at the K-th value, sim ascending.
+                            let kk = k.min(p);
+                            let got: Vec<i32> = topk[bi * k..bi * k + k].to_vec();
+                            assert!(got[kk..].iter().all(|&x| x == -1), "{ctx}: entries past P must be -1: {got:?}");
+                            let kth = want.similarity[want.topk[kk - 1] as usize];
+                            for (r, &i) in got[..kk].iter().enumerate() {
+                                assert!(i >= 0 && (i as usize) < p, "{ctx}: topk[{r}] = {i}");
+                                assert!(
+                                    want.similarity[i as usize] <= kth + SIM_TOL,
+                                    "{ctx}: topk[{r}] = {i} has sim {} above the K-th {kth}",
+                                    want.similarity[i as usize]
+                                );
+                                // gather: v_sel bit-equal to the test row, d = t − r[nn] rounded once.
+                                let row = &tb[(bi * p + i as usize) * c..(bi * p + i as usize + 1) * c];
+                                let vs = &v_sel[(bi * k + r) * c..(bi * k + r + 1) * c];
+                                assert_eq!(vs, row, "{ctx}: v_sel[{r}]");
+                                let nn = idx[bi * p + i as usize] as usize;
+                                for ch in 0..c {
+                                    let want_d = bf16::from_f32(row[ch].to_f32() - rr[nn * c + ch]);
+                                    assert_eq!(d[(bi * k + r) * c + ch], want_d, "{ctx}: d[{r}][{ch}]");
+                                }
+                            }
+                            let mut u = got[..kk].to_vec();
+                            u.sort_unstable();
+                            u.dedup();
+                            assert_eq!(u.len(), kk, "{ctx}: top-K repeats a patch: {got:?}");
+                        }
+                        compared += 1;
+                    }
+                }
+            }
+        }
     }
-    gpu_branch_not_written(
-        "mincos_topk",
-        "for each of MINCOS_CASES × reduce ∈ {nearest, min} × {one-shot, zero-shot} × {v1, v2 where C % 8 == 0} \
-         × nsplit ∈ {1, 3}: launch mincos_inv_norms (test, reference), mincos_reduce_vN grid (ceil(P/64), B, nsplit), \
-         mincos_merge_topk grid B, mincos_gather grid (K, B); compare with ops::similarity::mincos_topk per batch \
-         item on the bf16-rounded inputs: similarity and map within 2e-3 absolute, ref_index equal wherever the \
-         best and second-best cosines differ by more than 2e-3, top-K equal as sets after removing patches within \
-         2e-3 of the K-th value, v_sel bit-equal, d within one bf16 ulp.",
-    );
+    println!("mincos_topk: {compared} configurations compared with ops::similarity::mincos_topk");
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += (*x as f64) * (*y as f64);
+        aa += (*x as f64) * (*x as f64);
+        bb += (*y as f64) * (*y as f64);
+    }
+    let inv = |v: f64| if v > 0.0 { 1.0 / v.sqrt() } else { 0.0 };
+    (ab * inv(aa) * inv(bb)) as f32
 }
 
 #[test]
 fn kernel_parity_fusion_attn() {
-    if !cuda_driver_present() {
-        println!("{SKIP}");
-        return;
+    let Some(gpu) = gpu("fusion_attn") else { return };
+    for &(b, l, n, h, d) in FUSION_CASES {
+        let s = FusionShape { batch: b, queries: l, keys: n, heads: h, head_dim: d };
+        let (qb, qf) = rnd(s.q_len(), 21);
+        let (kb, kf) = rnd(s.kv_len(), 22);
+        let (vb, vf) = rnd(s.kv_len(), 23);
+        let (db, df) = rnd(s.q_len(), 24);
+        let (q, k, v, dout) =
+            (gpu.upload(&qb).unwrap(), gpu.upload(&kb).unwrap(), gpu.upload(&vb).unwrap(), gpu.upload(&db).unwrap());
+        let (out, lse) = fusion::forward(&gpu, &q, &k, &v, s).unwrap_or_else(|e| panic!("{s:?}: {e:#}"));
+        let g = fusion::backward(&gpu, &q, &k, &v, &out, &lse, &dout, s).unwrap_or_else(|e| panic!("{s:?}: {e:#}"));
+        let (mut want_out, mut want_lse) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
+        fusion_attn::fusion_attn_forward(&qf, &kf, &vf, s, &mut want_out, &mut want_lse);
+        let got_out = to_f32(&gpu.download(&out).unwrap());
+        let got_lse = gpu.download(&lse).unwrap();
+        for (i, (g, w)) in got_out.iter().zip(&want_out).enumerate() {
+            assert!((g - w).abs() <= 1e-2 + 1e-2 * w.abs(), "{s:?}: out[{i}] {g} vs {w}");
+        }
+        for (i, (g, w)) in got_lse.iter().zip(&want_lse).enumerate() {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{s:?}: lse[{i}] {g} vs {w}");
+        }
+        // The backward reference runs on the GPU's (bf16) output, as the kernel does.
+        let want = fusion_attn::fusion_attn_backward(&qf, &kf, &vf, &got_out, &got_lse, &df, s);
+        for (name, got, want) in [("dq", &g.dq, &want.dq), ("dk", &g.dk, &want.dk), ("dv", &g.dv, &want.dv)] {
+            let e = rel_to_max(&to_f32(&gpu.download(got).unwrap()), want);
+            assert!(e <= 2e-2, "{s:?}: {name} differs by {e} of its max magnitude");
+        }
     }
-    gpu_branch_not_written(
-        "fusion_attn",
-        "for each of FUSION_CASES: launch fusion_attn_fwd grid (ceil(L/4), H, B) with its dynamic shared memory, \
-         then fusion_attn_bwd_delta, fusion_attn_bwd_dq and fusion_attn_bwd_dkdv for a random dout; compare with \
-         ops::fusion_attn::{fusion_attn_forward, fusion_attn_backward} on the bf16-rounded inputs: out within \
-         1e-2 absolute + 1e-2 relative (bf16 output), lse within 1e-4 relative, dq/dk/dv within 2e-2 of the \
-         gradient's max magnitude.",
-    );
+    println!("fusion_attn: {} shapes compared with ops::fusion_attn", FUSION_CASES.len());
 }
 
 #[test]
 fn kernel_parity_edpo_loss() {
-    if !cuda_driver_present() {
-        println!("{SKIP}");
-        return;
+    let Some(gpu) = gpu("edpo_loss") else { return };
+    for &(pairs, t, c, v, nsplit) in EDPO_CASES {
+        let n = 2 * pairs;
+        let r = n * t;
+        let shape = SeqShape { n, t, c, v };
+        let (hb, hf) = rnd(r * c, 31);
+        let (wb, wf) = rnd(v * c, 32);
+        let targets: Vec<u32> = (0..r).map(|i| (i * 7919 % v) as u32).collect();
+        // The last third of each sequence is the answer.
+        let mask: Vec<bool> = (0..r).map(|i| i % t >= t - t.div_ceil(3)).collect();
+        let ps: Vec<Pair> =
+            (0..pairs).map(|p| Pair { chosen: 2 * p, rejected: 2 * p + 1, delta_h: 0.05 * p as f32 - 0.1 }).collect();
+        let reference: Vec<f32> = (0..n).map(|i| -3.0 - 0.25 * i as f32).collect();
+        let cfg = EdpoConfig { beta: 0.1, eta: 0.5 };
+        let ctx = format!("pairs {pairs} T {t} C {c} V {v} splits {nsplit}");
+
+        let h = gpu.upload(&hb).unwrap();
+        let w = gpu.upload(&wb).unwrap();
+        let tg = gpu.upload(&targets.iter().map(|&x| x as i32).collect::<Vec<_>>()).unwrap();
+        let mk = gpu.upload(&mask.iter().map(|&m| u8::from(m)).collect::<Vec<_>>()).unwrap();
+        let pol =
+            gedpo::sequence_logprobs(&gpu, &h, &w, &tg, &mk, shape, nsplit).unwrap_or_else(|e| panic!("{ctx}: {e:#}"));
+        let ref_seq = gpu.upload(&reference).unwrap();
+        let dp = DevicePairs::upload(&gpu, &ps, n).unwrap();
+        let l = gedpo::loss(&gpu, &pol.seq, &ref_seq, &dp, n, cfg.beta, cfg.eta).unwrap();
+        let spans = gedpo::answer_spans(&mask, t, 64);
+        let g = gedpo::backward(&gpu, &h, &w, &tg, &mk, &pol.lse, &l.grad_seq, shape, &spans, true).unwrap();
+
+        let tl = edpo::token_logprobs(&hf, &wf, c, &targets, &mask);
+        let want_seq = edpo::masked_sequence_sums(&tl.logp, &mask, t);
+        let want_loss = edpo::edpo_loss(&want_seq, &reference, &ps, cfg);
+        let (lse, logp, seq) =
+            (gpu.download(&pol.lse).unwrap(), gpu.download(&pol.logp).unwrap(), gpu.download(&pol.seq).unwrap());
+        for i in 0..r {
+            assert!((lse[i] - tl.lse[i]).abs() <= 1e-3, "{ctx}: lse[{i}] {} vs {}", lse[i], tl.lse[i]);
+            assert!((logp[i] - tl.logp[i]).abs() <= 1e-3, "{ctx}: logp[{i}] {} vs {}", logp[i], tl.logp[i]);
+        }
+        for i in 0..n {
+            assert!((seq[i] - want_seq[i]).abs() <= 1e-3 * want_seq[i].abs().max(1.0), "{ctx}: seq[{i}]");
+        }
+        let loss = gpu.download(&l.loss).unwrap()[0];
+        assert!((loss - want_loss.loss).abs() <= 1e-3, "{ctx}: loss {loss} vs {}", want_loss.loss);
+        let margins = gpu.download(&l.margin).unwrap();
+        for (p, (g, w)) in margins.iter().zip(&want_loss.margins).enumerate() {
+            assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "{ctx}: margin[{p}] {g} vs {w}");
+        }
+        let grad_seq = gpu.download(&l.grad_seq).unwrap();
+        for (i, (g, w)) in grad_seq.iter().zip(&want_loss.grad_policy).enumerate() {
+            assert!((g - w).abs() <= 1e-5, "{ctx}: grad_seq[{i}] {g} vs {w}");
+        }
+        // Gradients: the reference runs on the GPU's lse and grad_seq, as the kernel does.
+        let grad_token: Vec<f32> = (0..r).map(|i| if mask[i] { grad_seq[i / t] } else { 0.0 }).collect();
+        let (want_dh, want_dw) = edpo::logprob_backward(&hf, &wf, c, &targets, &lse, &grad_token, true);
+        let e = rel_to_max(&to_f32(&gpu.download(&g.d_hidden).unwrap()), &want_dh);
+        assert!(e <= 2e-2, "{ctx}: dH differs by {e} of its max magnitude");
+        let e = rel_to_max(&to_f32(&gpu.download(g.d_weight.as_ref().unwrap()).unwrap()), &want_dw.unwrap());
+        assert!(e <= 2e-2, "{ctx}: dW differs by {e} of its max magnitude");
     }
-    gpu_branch_not_written(
-        "edpo_loss",
-        "for each of EDPO_CASES (N = 2·pairs sequences, the last third of each sequence is answer): launch \
-         edpo_logits_lse_partial grid (ceil(N·T/64), splits), edpo_lse_combine_seqsum grid N for policy and \
-         reference, edpo_loss_fwd, then edpo_dlogits per answer span; compare with ops::edpo::{token_logprobs, \
-         masked_sequence_sums, edpo_loss, logprob_backward} on the bf16-rounded inputs: lse and logp within 1e-3 \
-         absolute, sequence sums within 1e-3 relative, loss and margins within 1e-3, grad_seq within 1e-5, dz \
-         rows (after the host GEMMs: dH, dW) within 2e-2 of the max magnitude; check that peak device memory \
-         stays under one chunk of rows × V × 2 bytes beyond the inputs.",
-    );
+    println!("edpo_loss: {} shapes compared with ops::edpo", EDPO_CASES.len());
+}
+
+#[test]
+fn kernel_parity_gemm_cublaslt() {
+    let Some(gpu) = gpu("gemm") else { return };
+    let blas = gpu.blas().unwrap_or_else(|e| panic!("{e:#}"));
+    for &(m, n, k, batch) in GEMM_CASES {
+        for (trans_a, trans_b, bias, gelu, accumulate) in [
+            (false, false, false, false, false),
+            (false, true, true, false, false),
+            (false, true, true, true, false),
+            (true, false, false, false, true),
+            (true, true, false, true, false),
+        ] {
+            let spec = GemmSpec { m, n, k, trans_a, trans_b, batch, broadcast_b: false, accumulate, gelu };
+            let (ab, af) = rnd(batch * m * k, 41);
+            let (bb, bf) = rnd(batch * k * n, 42);
+            let (cb, cf) = rnd(batch * m * n, 43);
+            let (biasb, biasf) = rnd(n, 44);
+            let a = gpu.upload(&ab).unwrap();
+            let b = gpu.upload(&bb).unwrap();
+            let mut c = gpu.upload(&cb).unwrap();
+            let bias_d = gpu.upload(&biasb).unwrap();
+            let bias_view = bias.then(|| bias_d.slice(..));
+            gemm(blas, &spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), bias_view.as_ref())
+                .unwrap_or_else(|e| panic!("{spec:?}: {e:#}"));
+            let mut want = cf.clone();
+            gemm_reference(&spec, &af, &bf, &mut want, bias.then_some(&biasf[..]));
+            let e = rel_to_max(&to_f32(&gpu.download(&c).unwrap()), &want);
+            assert!(e <= 1e-2, "{spec:?}: differs by {e} of the max magnitude");
+        }
+    }
+    println!("gemm: {} shapes × 5 forms compared with gemm_reference", GEMM_CASES.len());
 }
 
 /// The CPU side of every parity case runs: the references accept the shapes the GPU branch will

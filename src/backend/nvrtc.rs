@@ -133,20 +133,10 @@ impl Nvrtc {
         Nvrtc::load(&tc.nvrtc, Some(&tc.nvrtc_builtins))
     }
 
-    /// The process-wide pinned NVRTC, loaded once and never unloaded; fails unless it is 13.0.x.
+    /// The process-wide NVRTC 13.0 ([`Toolchain::find`]), loaded once and never unloaded.
     pub fn global() -> Result<&'static Nvrtc> {
-        static NVRTC: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();
-        let nv = NVRTC
-            .get_or_init(|| {
-                let nv = Nvrtc::from_assets().map_err(|e| format!("{e:#}"))?;
-                nv.require_13_0().map_err(|e| format!("{e:#}"))?;
-                Ok(nv)
-            })
-            .as_ref()
-            .map_err(|e| anyhow!("{e}"))?;
-        Ok(nv)
+        Ok(&global_toolchain()?.0)
     }
-
     /// `(major, minor)` as reported by `nvrtcVersion`.
     pub fn version(&self) -> (i32, i32) {
         self.version
@@ -255,9 +245,9 @@ impl Nvrtc {
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
-    /// Like [`Nvrtc::compile_uncached`], but first looks in `cache_dir` (normally
-    /// [`cache_dir`]) for PTX compiled from the same source, architecture, options, include
-    /// folders and NVRTC version, and stores a fresh result there atomically.
+    /// Like [`Nvrtc::compile_uncached`], but first looks in `cache_dir` (normally [`cache_dir`])
+    /// for PTX compiled from the same source, architecture and options (see [`cache_key`]), and
+    /// stores a fresh result there atomically.
     pub fn compile_cached(
         &self,
         source: &str,
@@ -267,36 +257,48 @@ impl Nvrtc {
         extra_options: &[&str],
         cache_dir: &Path,
     ) -> Result<String> {
-        let key = self.cache_key(source, arch, include_dirs, extra_options);
-        let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
-        let path = cache_dir.join(format!("{stem}-{}-{key}.ptx", arch.sm()));
-        if let Ok(ptx) = std::fs::read_to_string(&path) {
-            if !ptx.is_empty() {
-                return Ok(ptx);
-            }
+        self.require_13_0()?;
+        let path = cache_path(cache_dir, source, name, arch, extra_options);
+        if let Some(ptx) = read_cached(&path) {
+            return Ok(ptx);
         }
         let ptx = self.compile_uncached(source, name, arch, include_dirs, extra_options)?;
         crate::util::write_atomic(&path, ptx.as_bytes())
             .with_context(|| format!("caching compiled PTX at {}", path.display()))?;
         Ok(ptx)
     }
+}
 
-    /// Hex sha256 (first 32 digits) of everything that decides the PTX.
-    pub fn cache_key(&self, source: &str, arch: Arch, include_dirs: &[PathBuf], extra_options: &[&str]) -> String {
-        let mut h = Sha256::new();
-        h.update(format!("nvrtc {}.{}\n{}\n", self.version.0, self.version.1, arch.nvrtc_option()));
-        for o in DEFAULT_OPTIONS.iter().chain(extra_options) {
-            h.update(o.as_bytes());
-            h.update(b"\n");
-        }
-        for d in include_dirs {
-            h.update(d.to_string_lossy().as_bytes());
-            h.update(b"\n");
-        }
-        h.update(source.as_bytes());
-        let full = format!("{:x}", h.finalize());
-        full[..32].to_string()
+/// Hex sha256 (first 32 digits) of everything that decides the PTX: the pinned NVRTC version
+/// (always 13.0: [`Nvrtc::require_13_0`]), the architecture, the options and the source. Where
+/// NVRTC and the headers live is deliberately not part of it, so PTX compiled here can be carried
+/// to a machine with no NVRTC at all (the GPU workflow of DESIGN.md §8: `sage kernels build`).
+pub fn cache_key(source: &str, arch: Arch, extra_options: &[&str]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("nvrtc 13.0\n{}\n", arch.nvrtc_option()));
+    for o in DEFAULT_OPTIONS.iter().chain(extra_options) {
+        h.update(o.as_bytes());
+        h.update(b"\n");
     }
+    h.update(source.as_bytes());
+    let full = format!("{:x}", h.finalize());
+    full[..32].to_string()
+}
+
+/// `<cache_dir>/<stem>-sm_XX-<key>.ptx`.
+pub fn cache_path(cache_dir: &Path, source: &str, name: &str, arch: Arch, extra_options: &[&str]) -> PathBuf {
+    let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
+    cache_dir.join(format!("{stem}-{}-{}.ptx", arch.sm(), cache_key(source, arch, extra_options)))
+}
+
+fn read_cached(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().filter(|ptx| !ptx.is_empty())
+}
+
+/// The cached PTX for `source` (compiled under `name` for `arch` with the default options), if
+/// any. Needs no NVRTC.
+pub fn cached(source: &str, name: &str, arch: Arch) -> Option<String> {
+    read_cached(&cache_path(&cache_dir(), source, name, arch, &[]))
 }
 
 /// `$SAGE_HOME/kernels-cache`.
@@ -304,17 +306,83 @@ pub fn cache_dir() -> PathBuf {
     assets::sage_home().join("kernels-cache")
 }
 
-/// Compiles `source` for `arch` with the pinned NVRTC (13.0, from `sage fetch --cuda`), with the
-/// wheel's CUDA include folder and `include_dirs`, through the on-disk cache. Returns the PTX; the
-/// error carries the compile log.
+/// Where NVRTC and the CUDA headers come from.
+#[derive(Clone, Debug)]
+pub struct Toolchain {
+    pub nvrtc: PathBuf,
+    pub builtins: Option<PathBuf>,
+    pub include: PathBuf,
+}
+
+/// `SAGE_NVRTC`: the path of another NVRTC 13.0 (`libnvrtc.so.13` of a CUDA 13.0 toolkit), for a
+/// machine without the wheels, such as the GPU machine. Headers: `SAGE_CUDA_INCLUDE`, or the
+/// toolkit's `include` folder next to the library's `lib64`/`lib`.
+pub const NVRTC_ENV: &str = "SAGE_NVRTC";
+pub const INCLUDE_ENV: &str = "SAGE_CUDA_INCLUDE";
+
+impl Toolchain {
+    /// `SAGE_NVRTC` when set, else the pinned wheels; the error says how to get either.
+    pub fn find() -> Result<Toolchain> {
+        if let Some(lib) = std::env::var_os(NVRTC_ENV).filter(|v| !v.is_empty()).map(PathBuf::from) {
+            let dir = lib.parent().unwrap_or(Path::new("."));
+            let builtins = std::fs::read_dir(dir).ok().and_then(|rd| {
+                rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so.13"))
+                })
+            });
+            let include = match std::env::var_os(INCLUDE_ENV).filter(|v| !v.is_empty()) {
+                Some(i) => PathBuf::from(i),
+                None => dir.parent().unwrap_or(Path::new(".")).join("include"),
+            };
+            if !include.join("cuda_bf16.h").exists() {
+                bail!(
+                    "{NVRTC_ENV}={} but {} has no cuda_bf16.h; set {INCLUDE_ENV} to the CUDA 13.0 include folder",
+                    lib.display(),
+                    include.display()
+                );
+            }
+            return Ok(Toolchain { nvrtc: lib, builtins, include });
+        }
+        let tc = assets::cuda_toolchain().map_err(|e| {
+            anyhow!(
+                "{e:#}; or set {NVRTC_ENV} to a CUDA 13.0 libnvrtc.so.13, or precompile with `sage kernels build` \
+                 and copy $SAGE_HOME/kernels-cache to this machine"
+            )
+        })?;
+        Ok(Toolchain { nvrtc: tc.nvrtc, builtins: Some(tc.nvrtc_builtins), include: tc.include })
+    }
+}
+
+fn global_toolchain() -> Result<&'static (Nvrtc, Toolchain)> {
+    static NVRTC: OnceLock<std::result::Result<(Nvrtc, Toolchain), String>> = OnceLock::new();
+    NVRTC
+        .get_or_init(|| {
+            let go = || -> Result<(Nvrtc, Toolchain)> {
+                let tc = Toolchain::find()?;
+                let nv = Nvrtc::load(&tc.nvrtc, tc.builtins.as_deref())?;
+                nv.require_13_0()?;
+                Ok((nv, tc))
+            };
+            go().map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// Compiles `source` for `arch` with NVRTC 13.0 ([`Toolchain::find`]), with the toolkit's CUDA
+/// include folder and `include_dirs`, through the on-disk cache. Returns the PTX; the error carries
+/// the compile log.
 pub fn compile(source: &str, arch: Arch, include_dirs: &[PathBuf]) -> Result<String> {
     compile_named(source, "kernel.cu", arch, include_dirs)
 }
 
-/// [`compile`] with a file name for messages and the cache entry.
+/// [`compile`] with a file name for messages and the cache entry. A cache hit loads no NVRTC.
 pub fn compile_named(source: &str, name: &str, arch: Arch, include_dirs: &[PathBuf]) -> Result<String> {
-    let nv = Nvrtc::global()?;
-    let mut dirs = vec![assets::Asset::CudaInclude.path()?];
+    if let Some(ptx) = cached(source, name, arch) {
+        return Ok(ptx);
+    }
+    let (nv, tc) = global_toolchain()?;
+    let mut dirs = vec![tc.include.clone()];
     dirs.extend_from_slice(include_dirs);
     nv.compile_cached(source, name, arch, &dirs, &[], &cache_dir())
 }

@@ -13,6 +13,14 @@ use std::time::Instant;
 
 const NUMPY_SCRIPT: &str = include_str!("../../benches/numpy_gemm.py");
 
+pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live here, never in timed tests.\n\n\
+`sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
+decode tokens/s.\n\n\
+`sage bench kernels`: the CUDA kernels at the shapes of DESIGN.md §9 (min-cos top-K v2 and v1, fusion attention \
+forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward), medians of CUDA-event \
+timings and the device bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch \
+references and writes the report with the ratios to benches/results/.";
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(subcommand)]
@@ -34,6 +42,18 @@ enum What {
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
     },
+    /// The CUDA kernels at DESIGN.md §9's shapes (needs a GPU).
+    Kernels {
+        /// Small shapes that check the harness in seconds instead of the §9 ones.
+        #[arg(long)]
+        quick: bool,
+        /// Untimed runs before timing.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed runs per case; the median is reported.
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -45,7 +65,50 @@ struct GemmRow {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let What::Cpu { sizes, repeats, decode_tokens } = a.what;
+    match a.what {
+        What::Cpu { sizes, repeats, decode_tokens } => run_cpu(ctx, sizes, repeats, decode_tokens),
+        What::Kernels { quick, warmup, repeats } => run_kernels(ctx, quick, warmup, repeats),
+    }
+}
+
+fn run_kernels(ctx: &Ctx, quick: bool, warmup: usize, repeats: usize) -> Result<()> {
+    use super::bench_kernels::{self, Sizes};
+    if repeats == 0 {
+        return Err(user_err!("--repeats must be positive"));
+    }
+    let gpu =
+        crate::backend::cuda::Gpu::global().map_err(|e| user_err!("sage bench kernels needs a CUDA GPU: {e:#}"))?;
+    let sizes = if quick { Sizes::quick() } else { Sizes::design() };
+    let info = gpu.info().clone();
+    if !ctx.json {
+        println!(
+            "{} (sm_{}, {} SMs, driver {}); median of {repeats} after {warmup} warm-up runs",
+            info.name, info.arch, info.sm_count, info.driver_version
+        );
+    }
+    let json = ctx.json;
+    let cases = bench_kernels::run(&gpu, &sizes, warmup, repeats, |c| {
+        if !json {
+            let extra = c.tflops.map(|t| format!("  {t:.1} TFLOP/s")).unwrap_or_default();
+            println!(
+                "  {:<20} {:<9} {:>10.3} ms  {:>9.1} MiB allocated{extra}  {}",
+                c.op,
+                c.variant,
+                c.median_ms,
+                c.allocated_bytes as f64 / (1u64 << 20) as f64,
+                c.shape
+            );
+        }
+    })?;
+    if json {
+        return print_json(&serde_json::json!({
+            "device": info, "quick": quick, "warmup": warmup, "repeats": repeats, "cases": cases,
+        }));
+    }
+    Ok(())
+}
+
+fn run_cpu(ctx: &Ctx, sizes: Vec<usize>, repeats: usize, decode_tokens: usize) -> Result<()> {
     if repeats == 0 || sizes.contains(&0) {
         return Err(user_err!("--repeats and every --sizes entry must be positive"));
     }

@@ -33,6 +33,8 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         .iter()
         .map(|p| serde_json::json!({ "package": format!("{}=={}", p.name, p.version), "installed": assets::is_installed(p) }))
         .collect();
+    let cuda = crate::backend::cuda_status();
+    let kernels = kernel_cache_report();
     let report = serde_json::json!({
         "sage_version": env!("CARGO_PKG_VERSION"),
         "rustc": env!("SAGE_RUSTC_VERSION"),
@@ -40,7 +42,8 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         "profile": env!("SAGE_BUILD_PROFILE"),
         "backend": ctx.backend.backend,
         "backend_reason": ctx.backend.reason,
-        "cuda": crate::backend::cuda_unavailable_reason(),
+        "cuda": cuda,
+        "kernels_cache": kernels,
         "threads": ctx.threads,
         "cpu_features": cpu_features(),
         "sage_home": assets::sage_home(),
@@ -58,6 +61,27 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         env!("SAGE_RUSTC_VERSION")
     );
     println!("backend:  {} — {}", ctx.backend.backend, ctx.backend.reason);
+    match cuda["available"].as_bool() {
+        Some(true) => {
+            let d = &cuda["device"];
+            println!(
+                "gpu:      {} (compute capability {}.{}, {} SMs, {:.1} GiB, driver {}): the SAGE kernels and cuBLASLt GEMMs run on it",
+                d["name"].as_str().unwrap_or("?"),
+                d["compute_capability"][0],
+                d["compute_capability"][1],
+                d["sm_count"],
+                d["total_memory_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+                d["driver_version"]
+            );
+        }
+        _ => println!("gpu:      none — {}", cuda["reason"].as_str().unwrap_or("?")),
+    }
+    println!("kernels:  PTX cache {}", crate::backend::nvrtc::cache_dir().display());
+    for k in kernels.as_array().into_iter().flatten() {
+        let mark =
+            |arch: &str| if k[arch]["cached"].as_bool() == Some(true) { "cached" } else { "compiled on first use" };
+        println!("  {:<16} sm_80: {:<22} sm_90: {}", k["file"].as_str().unwrap_or("?"), mark("sm_80"), mark("sm_90"));
+    }
     println!("threads:  {} (CPU features: {})", ctx.threads, cpu_features().join(", "));
     println!("SAGE_HOME: {}", assets::sage_home().display());
     println!("assets:");
@@ -69,4 +93,21 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         println!("run `sage fetch` to download the missing assets");
     }
     Ok(())
+}
+
+/// For each kernel file and architecture: is its PTX in the on-disk cache (`sage kernels build`)?
+fn kernel_cache_report() -> serde_json::Value {
+    use crate::backend::cuda::kernels;
+    use crate::backend::nvrtc::Arch;
+    let rows: Vec<serde_json::Value> = kernels::ALL
+        .iter()
+        .map(|f| {
+            let entry = |a: Arch| {
+                let p = kernels::cache_path(f, a);
+                serde_json::json!({ "cached": p.exists(), "path": p })
+            };
+            serde_json::json!({ "file": f.name, "sm_80": entry(Arch::SM80), "sm_90": entry(Arch::SM90) })
+        })
+        .collect();
+    serde_json::Value::Array(rows)
 }

@@ -1,6 +1,7 @@
 //! The `sage` command line: global flags, one module per subcommand.
 
 mod bench;
+mod bench_kernels;
 mod classify;
 mod convert;
 mod data;
@@ -13,6 +14,7 @@ mod facts;
 mod fetch;
 mod generate;
 mod infer;
+mod kernels;
 mod map;
 mod plugins;
 mod score;
@@ -85,8 +87,13 @@ pub enum Command {
     /// Answer one question about one image pair with a trained checkpoint.
     #[command(long_about = infer::LONG_ABOUT)]
     Infer(infer::Args),
-    /// Measure throughput (`cpu`: GEMM against numpy's BLAS, SmolLM2 decode).
+    /// Measure throughput: `cpu` (GEMM against numpy's BLAS, SmolLM2 decode), `kernels` (the CUDA
+    /// kernels at DESIGN.md §9's shapes).
+    #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::Args),
+    /// Compile the CUDA kernels ahead of time into the PTX cache (no GPU needed).
+    #[command(long_about = kernels::LONG_ABOUT)]
+    Kernels(kernels::Args),
     /// Datasets: build an AD-PL preference set (ELPV, MVTec layout), check a file, count it.
     Data(data::Args),
     /// Write short fact sentences about each test image's kind of object (cached, resumable).
@@ -116,6 +123,14 @@ impl Ctx {
 pub fn run(cli: Cli) -> Result<()> {
     let threads = backend::cpu::init_threads(cli.threads);
     let selection = backend::select(cli.device)?;
+    if selection.backend == "cuda"
+        && !matches!(cli.command, Command::Bench(_) | Command::Doctor(_) | Command::Kernels(_))
+    {
+        return Err(crate::user_err!(
+            "--device cuda: this command's model ops have no CUDA path in this build (only `sage bench kernels` runs on \
+             the GPU); run it with --device cpu or auto"
+        ));
+    }
     let ctx = Ctx { json: cli.json, plugin_dirs: cli.plugin_dirs, verbose: cli.verbose, backend: selection, threads };
     if ctx.verbose > 0 {
         eprintln!("backend: {} ({}); {} threads", ctx.backend.backend, ctx.backend.reason, ctx.threads);
@@ -135,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(&ctx, a),
         Command::Infer(a) => infer::run(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),
+        Command::Kernels(a) => kernels::run(&ctx, a),
         Command::Data(a) => data::run(&ctx, a),
         Command::Facts(a) => facts::run(&ctx, a),
         Command::Score(a) => score::run(&ctx, a),

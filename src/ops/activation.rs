@@ -19,6 +19,12 @@ pub fn gelu_scalar(v: f32) -> f32 {
     0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2))
 }
 
+/// GELU with the tanh approximation (GPT-2's `gelu_new`; cuBLASLt's GELU epilogue).
+pub fn gelu_tanh(v: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * v * (1.0 + (C * (v + 0.044_715 * v * v * v)).tanh())
+}
+
 /// The error function, evaluated in f64 and rounded to f32.
 pub fn erf(x: f32) -> f32 {
     libm_erf(x as f64) as f32

@@ -1,0 +1,45 @@
+//! The kernel sources, embedded in the binary, and their PTX: from the on-disk cache when
+//! `sage kernels build` (or an earlier run) put it there, else compiled by NVRTC 13.0 now.
+
+use crate::backend::nvrtc::{self, Arch};
+use anyhow::{Context, Result};
+
+/// One `kernels/*.cu` file and the entry points the backend launches from it.
+#[derive(Debug)]
+pub struct KernelFile {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+pub static MINCOS_TOPK: KernelFile = KernelFile {
+    name: "mincos_topk.cu",
+    source: include_str!("../../../kernels/mincos_topk.cu"),
+    entries: &["mincos_inv_norms", "mincos_reduce_v1", "mincos_reduce_v2", "mincos_merge_topk", "mincos_gather"],
+};
+
+pub static FUSION_ATTN: KernelFile = KernelFile {
+    name: "fusion_attn.cu",
+    source: include_str!("../../../kernels/fusion_attn.cu"),
+    entries: &["fusion_attn_fwd", "fusion_attn_bwd_delta", "fusion_attn_bwd_dq", "fusion_attn_bwd_dkdv"],
+};
+
+pub static EDPO_LOSS: KernelFile = KernelFile {
+    name: "edpo_loss.cu",
+    source: include_str!("../../../kernels/edpo_loss.cu"),
+    entries: &["edpo_logits_lse_partial", "edpo_lse_combine_seqsum", "edpo_loss_fwd", "edpo_dlogits"],
+};
+
+/// Every kernel file the backend uses.
+pub static ALL: [&KernelFile; 3] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS];
+
+/// The PTX of `file` for `arch`: cached, or compiled now (and cached).
+pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {
+    nvrtc::compile_named(file.source, file.name, arch, &[])
+        .with_context(|| format!("compiling kernels/{} for {}", file.name, arch.sm()))
+}
+
+/// Where the PTX of `file` for `arch` is (or will be) cached.
+pub fn cache_path(file: &KernelFile, arch: Arch) -> std::path::PathBuf {
+    nvrtc::cache_path(&nvrtc::cache_dir(), file.source, file.name, arch, &[])
+}
