@@ -1,0 +1,49 @@
+//! `benches/report.py` turns the two benchmark outputs into ratios against DESIGN.md §9's targets.
+//! The inputs are synthetic fixtures (tests/fixtures/bench/, device "Synthetic test device"), not
+//! measurements: this checks the arithmetic and the verdicts, which the GPU run relies on.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fx = root.join("tests/fixtures/bench");
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("report");
+    let out = Command::new(sage::assets::python())
+        .arg(root.join("benches/report.py"))
+        .arg(fx.join("sage.json"))
+        .arg(fx.join("torch.json"))
+        .arg("--out")
+        .arg(&stem)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap()).unwrap();
+    let rows = report["comparisons"].as_array().unwrap();
+    let find = |op: &str, torch: &str, kind: &str| {
+        rows.iter()
+            .find(|r| r["op"] == op && r["torch"] == torch && r["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {op} vs {torch} ({kind}) row in {rows:#?}"))
+    };
+    let ratio = |r: &serde_json::Value| r["ratio"].as_f64().unwrap();
+    // min-cos: 8 / 2 = 4× eager (target 3: met), 2.5 / 2 = 1.25× compile (target 1.5: missed).
+    let r = find("mincos_topk", "eager", "speedup");
+    assert!((ratio(r) - 4.0).abs() < 1e-9 && r["met"] == true);
+    let r = find("mincos_topk", "compile", "speedup");
+    assert!((ratio(r) - 1.25).abs() < 1e-9 && r["met"] == false);
+    // fusion: 3 / 1 = 3× eager (target 2). No SDPA row in the fixture: no comparison made up.
+    assert!((ratio(find("fusion_attn_fwd_bwd", "eager", "speedup")) - 3.0).abs() < 1e-9);
+    assert!(!rows.iter().any(|r| r["torch"] == "sdpa"));
+    // GEMM: 90 / 100 TFLOP/s = 0.9 (target 0.95: missed).
+    let r = find("gemm_bf16", "torch.matmul", "throughput");
+    assert!((ratio(r) - 0.9).abs() < 1e-9 && r["met"] == false);
+    // E-DPO: 6 / 3 = 2× (met), memory 10 / 20 MiB = 0.5 (target ≤ 0.25: missed).
+    assert!((ratio(find("edpo_loss_fwd_bwd", "unfused", "speedup")) - 2.0).abs() < 1e-9);
+    let r = find("edpo_loss_fwd_bwd", "unfused", "memory");
+    assert!((ratio(r) - 0.5).abs() < 1e-9 && r["met"] == false);
+    let md = std::fs::read_to_string(stem.with_extension("md")).unwrap();
+    assert!(md.contains("# Kernel benchmark: Synthetic test device") && md.contains("| **no** |"), "{md}");
+}
