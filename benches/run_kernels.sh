@@ -2,15 +2,15 @@
 # The kernel benchmark on the GPU machine (DESIGN.md §8, §9): `sage bench kernels` and the PyTorch
 # references in one call on one device, merged into benches/results/kernels-<stamp>.{json,md}.
 #
-#   here:       cargo build --release && SAGE_HOME=.device-home target/release/sage kernels build --arch 90
-#   device:     bash benches/run_kernels.sh [--quick]      (carry target/release/sage and .device-home)
+#   here:       bash scripts/device_pack.sh       (stripped sage + the PTX cache in .device/)
+#   device:     bash benches/run_kernels.sh [--quick]   (or scripts/device_run.sh, which calls it)
 #
 # The PTX comes from the carried cache, so the device needs no NVRTC; cuBLASLt comes from the CUDA
 # 13 toolkit's lib64. Set OUT to write the report elsewhere (the device tool's $OUT, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SAGE=${SAGE:-target/release/sage}
-export SAGE_HOME=${SAGE_HOME:-$PWD/.device-home}
+SAGE=${SAGE:-$PWD/.device/bin/sage}
+export SAGE_HOME=${SAGE_HOME:-$PWD/.device/home}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 out=${OUT:-benches/results}
 mkdir -p "$out"
