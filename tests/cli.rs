@@ -12,6 +12,68 @@ fn doctor_json_names_the_backend_and_why() {
     assert!(v["backend_reason"].as_str().unwrap().contains("--device auto"));
     assert!(v["threads"].as_u64().unwrap() >= 1);
     assert_eq!(v["assets"].as_array().unwrap().len(), 5);
+    // No GPU in CI: the CUDA status says why, and the kernel cache lists every kernel file.
+    if v["cuda"]["available"] == false {
+        assert!(!v["cuda"]["reason"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(v["kernels_cache"].as_array().unwrap().len(), 3);
+}
+
+/// Without a working GPU, the GPU commands refuse with the reason instead of falling back.
+#[test]
+fn gpu_commands_without_a_gpu_say_why() {
+    if sage::backend::cuda::Gpu::global().is_ok() {
+        println!("skipped: this machine has a working GPU");
+        return;
+    }
+    let out = sage().args(["bench", "kernels", "--quick"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a user error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a CUDA GPU"));
+    let out = sage().args(["--device", "cuda", "doctor"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
+}
+
+#[test]
+fn kernels_build_fills_the_ptx_cache_that_doctor_reports() {
+    let _ = sage::assets::cuda_toolchain().expect("the CUDA wheels (sage fetch --cuda)");
+    let out = sage().args(["kernels", "build", "--arch", "90", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let ks = v["kernels"].as_array().unwrap();
+    assert_eq!(ks.len(), 3);
+    for k in ks {
+        let ptx = std::fs::read_to_string(k["path"].as_str().unwrap()).unwrap();
+        assert!(ptx.contains(".target sm_90") && ptx.contains(".version 9.0"), "{}", k["file"]);
+        for e in k["entries"].as_array().unwrap() {
+            assert!(ptx.contains(&format!(".entry {}(", e.as_str().unwrap())), "{} lacks {e}", k["file"]);
+        }
+    }
+    let d = stdout_json(&sage().args(["doctor", "--json"]).output().unwrap());
+    assert!(d["kernels_cache"].as_array().unwrap().iter().all(|k| k["sm_90"]["cached"] == true), "{d}");
+    let bad = sage().args(["kernels", "build", "--arch", "75"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn bench_train_reports_tokens_per_second_and_memory() {
+    let out = sage()
+        .args(["bench", "train", "--json", "--models", "smollm2-135m", "--seq", "8", "--steps", "1"])
+        .args(["--gen-prompt", "4", "--gen-tokens", "2", "--gen-batch", "1,2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let r = &v["results"][0];
+    assert_eq!(r["parameters"], 134_515_008, "SmolLM2-135M's parameter count");
+    assert!(r["train_tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Random init: the first loss is near ln(vocabulary) = 10.8.
+    let l = r["loss_first"].as_f64().unwrap();
+    assert!((9.0..12.0).contains(&l), "{l}");
+    assert_eq!(r["generation"].as_array().unwrap().len(), 2);
+    assert_eq!(r["generation"][1]["new_tokens"], 2);
+    let bad = sage().args(["bench", "train", "--models", "gpt-5"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
@@ -27,7 +89,7 @@ fn fetch_is_idempotent_once_assets_are_present() {
 fn every_subcommand_has_help() {
     for sub in [
         "fetch", "generate", "embed", "classify", "map", "convert", "doctor", "plugins", "sfe", "infer", "bench",
-        "data", "facts", "score", "edpo", "eval", "demo",
+        "data", "facts", "score", "edpo", "eval", "demo", "kernels",
     ] {
         let out = sage().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help failed");

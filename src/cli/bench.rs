@@ -42,6 +42,31 @@ enum What {
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
     },
+    /// A training step (forward, backward, AdamW) and generation at SmolLM2-135M and Qwen2-0.5B
+    /// shapes with random weights: tokens/s and peak memory.
+    Train {
+        /// Model shapes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen2-0.5b")]
+        models: Vec<String>,
+        /// Sequences per training step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed training steps (after one warm-up step); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Prompt tokens for the generation measurement.
+        #[arg(long, default_value_t = 16)]
+        gen_prompt: usize,
+        /// New tokens per generated sequence (0 skips generation).
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        /// Generation batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        gen_batch: Vec<usize>,
+    },
     /// The CUDA kernels at DESIGN.md §9's shapes (needs a GPU).
     Kernels {
         /// Small shapes that check the harness in seconds instead of the §9 ones.
@@ -68,7 +93,51 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     match a.what {
         What::Cpu { sizes, repeats, decode_tokens } => run_cpu(ctx, sizes, repeats, decode_tokens),
         What::Kernels { quick, warmup, repeats } => run_kernels(ctx, quick, warmup, repeats),
+        What::Train { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batch } => {
+            let gen_batches = if gen_tokens == 0 { Vec::new() } else { gen_batch };
+            let cfg = super::bench_train::TrainBench { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batches };
+            run_train(ctx, &cfg)
+        }
     }
+}
+
+fn run_train(ctx: &Ctx, cfg: &super::bench_train::TrainBench) -> Result<()> {
+    if cfg.batch == 0 || cfg.seq < 2 || cfg.steps == 0 || cfg.gen_prompt == 0 || cfg.gen_batches.contains(&0) {
+        return Err(user_err!("--batch, --steps, --gen-prompt and --gen-batch must be positive, and --seq at least 2"));
+    }
+    if cfg.seq + 1 > 2048 || cfg.gen_prompt + cfg.gen_tokens > 2048 {
+        return Err(user_err!("sequences are limited to 2048 positions at these shapes"));
+    }
+    let quiet = ctx.quiet();
+    let results = super::bench_train::run(cfg, |msg| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    })?;
+    if ctx.json {
+        return print_json(&serde_json::json!({
+            "engine": "sage (CPU, f32)", "threads": ctx.threads, "steps": cfg.steps, "results": results,
+        }));
+    }
+    println!("training step (full fine-tune, AdamW), CPU f32, {} threads, median of {} steps", ctx.threads, cfg.steps);
+    for r in &results {
+        let gib =
+            |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or("-".into());
+        println!(
+            "  {:<13} {:>5.0} M params  batch {} × {} tokens: {:>9.1} ms/step  {:>8.1} tokens/s  peak RSS {}",
+            r.model,
+            r.parameters as f64 / 1e6,
+            r.batch,
+            r.seq,
+            r.step_ms,
+            r.train_tokens_per_second,
+            gib(r.peak_rss_bytes)
+        );
+        for g in &r.generation {
+            println!("      generation batch {:>2}: {:>8.1} new tokens/s", g.batch, g.tokens_per_second);
+        }
+    }
+    Ok(())
 }
 
 fn run_kernels(ctx: &Ctx, quick: bool, warmup: usize, repeats: usize) -> Result<()> {

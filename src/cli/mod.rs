@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_kernels;
+mod bench_train;
 mod classify;
 mod convert;
 mod data;

@@ -6,6 +6,7 @@ pub mod efficientnet;
 pub mod imagenet;
 pub mod llama;
 pub mod llama_train;
+pub mod random_init;
 pub mod sage;
 pub mod sage_model;
 

@@ -1,0 +1,145 @@
+//! `sage bench train`: a full training step (forward, backward, AdamW) and generation at LLaMA
+//! model shapes with random weights, tokens/s and peak memory. `benches/run_train.sh` runs it
+//! beside the HF transformers counterpart (`benches/train_hf.py`, same config, batch and sequence)
+//! and writes the report with the ratios to `benches/results/`.
+//!
+//! This build trains on the CPU (f32): the numbers are the CPU engine's. The GPU path and its
+//! target (≥ 1.3× HF transformers tokens/s) are not built yet.
+
+use crate::models::llama::Sampling;
+use crate::models::llama_train::{Finetune, TrainableLlama};
+use crate::models::random_init::{preset, RandomLlama};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::param::ParamSet;
+use crate::train::rng::SeedRng;
+use crate::util::median;
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainBench {
+    pub models: Vec<String>,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub gen_prompt: usize,
+    pub gen_tokens: usize,
+    pub gen_batches: Vec<usize>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ModelResult {
+    pub model: String,
+    pub parameters: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub step_ms: f64,
+    pub train_tokens_per_second: f64,
+    /// Peak resident memory of the process while this model loaded, trained and generated
+    /// (VmHWM, reset before the model is built).
+    pub peak_rss_bytes: Option<u64>,
+    pub loss_first: f32,
+    pub loss_last: f32,
+    pub generation: Vec<GenResult>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct GenResult {
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// New tokens of all sequences per second. This engine decodes a batch one sequence after
+    /// another (no batched decode), so batch 16 is 16 batch-1 decodes.
+    pub tokens_per_second: f64,
+}
+
+/// Resets the kernel's peak-RSS counter for this process (`/proc/self/clear_refs`, value 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// VmHWM from `/proc/self/status`, in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Token ids for sequence `b` (deterministic, inside the vocabulary).
+fn tokens(b: usize, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((b * 7919 + i * 104_729 + 17) % vocab) as u32).collect()
+}
+
+pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<ModelResult>> {
+    let mut out = Vec::new();
+    for name in &cfg.models {
+        let config = preset(name)?;
+        reset_peak_rss();
+        let mut params = ParamSet::new();
+        let mut rng = SeedRng::new(0, 0);
+        let weights = RandomLlama { config: config.clone(), seed: 0 };
+        let model = TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut rng)?;
+        let parameters = params.iter().map(|p| p.numel()).sum();
+        let mut opt = AdamW::new(AdamWConfig::default());
+        let vocab = config.vocab_size;
+        let mut step = |params: &mut ParamSet| -> Result<f32> {
+            params.zero_grad();
+            let mut total = 0.0;
+            for b in 0..cfg.batch {
+                let ids = tokens(b, cfg.seq + 1, vocab);
+                let x = model.embed(params, &ids[..cfg.seq]);
+                let (loss, dx) = model.loss(params, &x, cfg.seq, &ids[1..], true)?;
+                model.embed_backward(params, &ids[..cfg.seq], &dx.expect("asked for the input gradient"));
+                total += loss;
+            }
+            params.scale_grads(1.0 / cfg.batch as f32);
+            opt.step(params, 1e-5);
+            Ok(total / cfg.batch as f32)
+        };
+        progress(&format!("{name}: {parameters} parameters, warm-up step"));
+        let loss_first = step(&mut params)?;
+        let mut times = Vec::new();
+        let mut loss_last = loss_first;
+        for i in 0..cfg.steps {
+            let t = Instant::now();
+            loss_last = step(&mut params)?;
+            times.push(t.elapsed().as_secs_f64());
+            progress(&format!("{name}: step {}/{} {:.2} s, loss {loss_last:.4}", i + 1, cfg.steps, times[i]));
+        }
+        let step_s = median(&times);
+        let mut generation = Vec::new();
+        for &gb in &cfg.gen_batches {
+            let t = Instant::now();
+            let mut new = 0;
+            for b in 0..gb {
+                let prompt = tokens(b + 1000, cfg.gen_prompt, vocab);
+                let x = model.embed(&params, &prompt);
+                let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+                new += model.generate(&params, &x, cfg.gen_prompt, cfg.gen_tokens, &[], greedy)?.len();
+            }
+            let tps = new as f64 / t.elapsed().as_secs_f64();
+            progress(&format!("{name}: generation batch {gb}: {tps:.1} tokens/s"));
+            generation.push(GenResult {
+                batch: gb,
+                prompt_tokens: cfg.gen_prompt,
+                new_tokens: new / gb.max(1),
+                tokens_per_second: tps,
+            });
+        }
+        out.push(ModelResult {
+            model: name.clone(),
+            parameters,
+            batch: cfg.batch,
+            seq: cfg.seq,
+            step_ms: step_s * 1e3,
+            train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / step_s,
+            peak_rss_bytes: peak_rss(),
+            loss_first,
+            loss_last,
+            generation,
+        });
+    }
+    Ok(out)
+}
