@@ -10,6 +10,6 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 cargo build --release --quiet
 # Models and data, plus NVRTC, CUDA headers and ptxas for the kernel compile checks.
-./target/release/sage fetch --cuda
+"${CARGO_TARGET_DIR:-target}/release/sage" fetch --cuda
 scripts/fetch-test-images.sh
 cargo nextest run --release --workspace --no-fail-fast "$@"
