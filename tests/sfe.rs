@@ -98,6 +98,13 @@ fn sigkill_then_resume_continues_the_loss_curve_exactly() {
     let out = sage().args(["sfe", "--config"]).arg(&cfg).arg("--out").arg(&b).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    // --resume with another learning rate is refused, naming the key; the checkpoint is untouched.
+    let other = dir.path().join("other-lr.toml");
+    std::fs::write(&other, std::fs::read_to_string(&cfg).unwrap().replace("lr = 1e-3", "lr = 2e-3")).unwrap();
+    let out = sage().args(["sfe", "--resume", "--config"]).arg(&other).arg("--out").arg(&b).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.lr") && err.contains("different config"), "{err}");
     let out = sage().args(["sfe", "--json", "--resume", "--config"]).arg(&cfg).arg("--out").arg(&b).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let resumed = losses(&b);

@@ -238,10 +238,56 @@ pub(crate) fn start_run(
     Ok(Start { trainer, step: state.as_ref().map_or(0, |s| s.step), state, log })
 }
 
+/// `--resume` continues the same run: the data, model, LLM and optimisation settings must be the
+/// saved ones. Only `steps` (to train longer), the validation settings and `checkpoint_every` may
+/// change.
+fn check_resume_config(out: &Path, state: &checkpoint::State, cfg: &SfeConfig) -> Result<()> {
+    if state.edpo.is_some() {
+        return Err(user_err!("{} holds an E-DPO checkpoint; resume it with `sage edpo --resume`", out.display()));
+    }
+    let comparable = |c: &SfeConfig| -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(c)?;
+        if let Some(t) = v.get_mut("train").and_then(|t| t.as_object_mut()) {
+            for free in ["steps", "val_every", "val_questions", "checkpoint_every"] {
+                t.remove(free);
+            }
+        }
+        Ok(v)
+    };
+    let (saved, now) = (comparable(&state.config)?, comparable(cfg)?);
+    if saved != now {
+        let diff = first_difference(&saved, &now, String::new()).unwrap_or_default();
+        return Err(user_err!(
+            "--resume: {} was trained with a different config ({diff}); resume with the same config (only steps, \
+             val_every, val_questions and checkpoint_every may change), or start a new --out",
+            out.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The first key path where two JSON values differ, with both values.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) -> Option<String> {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let (va, vb) = (x.get(k).unwrap_or(&serde_json::Value::Null), y.get(k).unwrap_or(&serde_json::Value::Null));
+                first_difference(va, vb, if path.is_empty() { k.clone() } else { format!("{path}.{k}") })
+            })
+        }
+        _ if a == b => None,
+        _ => Some(format!("{path}: saved {a}, now {b}")),
+    }
+}
+
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
 pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
-    let Start { mut trainer, step: start, mut log, .. } = start_run(&run.out, &mut run.params, tcfg, resume)?;
+    let Start { mut trainer, step: start, mut log, state } = start_run(&run.out, &mut run.params, tcfg, resume)?;
+    if let Some(state) = &state {
+        check_resume_config(&run.out, state, &run.cfg)?;
+    }
     let steps = run.cfg.train.steps;
     let batch = run.cfg.train.batch.max(1) as u64;
     let pb = crate::util::progress_bar(steps, "sfe", quiet);
