@@ -145,6 +145,31 @@ fn infer_answers_from_a_checkpoint_and_config_errors_are_user_errors() {
     assert_eq!(v["selected_patches"].as_array().unwrap().len(), 4);
     assert!(map.exists());
 
+    // `sage eval` answers every question of the first item (its questions decode as one batch),
+    // and a second run gives the same answers.
+    let eval = |name: &str| {
+        let answers = dir.path().join(name);
+        let out = sage()
+            .args(["eval", "--json", "--judge", "none", "--max-items", "1", "--max-tokens", "6", "--checkpoint"])
+            .arg(&run)
+            .arg("--data")
+            .arg(dir.path().join("test.json"))
+            .arg("--save-answers")
+            .arg(&answers)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(answers).unwrap()
+    };
+    let first = eval("a1.jsonl");
+    let lines: Vec<serde_json::Value> = first.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 2, "one answer per question: {first}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["question"], i, "{first}");
+        assert!(l["answer"].is_string());
+    }
+    assert_eq!(eval("a2.jsonl"), first, "eval is deterministic");
+
     std::fs::write(
         dir.path().join("bad.toml"),
         std::fs::read_to_string(&cfg).unwrap().replace("lora_rank", "lora_rnk"),

@@ -128,19 +128,23 @@ impl Evaluator {
                 Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
                 None => None,
             };
-            for (question, q) in s.questions.iter().enumerate() {
-                let text = prompt(q);
-                let ex = Example {
+            // All questions about one pair decode together: one weight read per step for all.
+            let texts: Vec<String> = s.questions.iter().map(prompt).collect();
+            let exs: Vec<Example> = texts
+                .iter()
+                .map(|text| Example {
                     test: &test,
                     reference: reference.as_ref(),
                     facts: &facts,
-                    question: &text,
+                    question: text,
                     answer: None,
-                };
-                let (answer, _) = self
-                    .model
-                    .answer(&self.params, &ex, self.max_tokens, greedy)
-                    .with_context(|| format!("answering item {} question {question}", s.id))?;
+                })
+                .collect();
+            let answers = self
+                .model
+                .answer_batch(&self.params, &exs, self.max_tokens, greedy)
+                .with_context(|| format!("answering the questions of item {}", s.id))?;
+            for (question, (answer, _)) in answers.into_iter().enumerate() {
                 let g = Generated { item, question, answer };
                 each(&g)?;
                 out.push(g);

@@ -138,6 +138,7 @@ const UP: usize = 5;
 const DOWN: usize = 6;
 
 /// Keys (after RoPE) and values `[S, H_kv·D]` of every layer for the positions seen so far.
+#[derive(Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
@@ -161,6 +162,26 @@ struct BlockActs {
     s: Vec<f32>,
     /// Each adapter's hidden `scale·x·Aᵀ`, where the layer has one.
     lora: [Option<Vec<f32>>; 7],
+}
+
+/// [`TrainableLlama::attn_in`]'s outputs.
+struct AttnIn {
+    h1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    lora: [Option<Vec<f32>>; 3],
+}
+
+/// [`TrainableLlama::attn_out_mlp`]'s outputs.
+struct MlpOut {
+    y: Vec<f32>,
+    x1: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    s: Vec<f32>,
+    lora: [Option<Vec<f32>>; 4],
 }
 
 /// Saved activations of one [`TrainableLlama::forward`].
@@ -409,35 +430,97 @@ impl TrainableLlama {
         save: bool,
     ) -> (Vec<f32>, Option<BlockActs>) {
         let c = &self.config;
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut h1 = vec![0.0; t * d];
-        rms_norm_rows(&x, &params[blk.attn_norm].value, c.rms_norm_eps, &mut h1);
-        let (mut q, mut k, mut v) = (vec![0.0; t * qd], vec![0.0; t * kvd], vec![0.0; t * kvd]);
-        let u_q = blk.attn_q.forward(params, &h1, t, &mut q);
-        let u_k = blk.attn_k.forward(params, &h1, t, &mut k);
-        let u_v = blk.attn_v.forward(params, &h1, t, &mut v);
-        self.rope_(&mut q, c.num_heads, start);
-        self.rope_(&mut k, c.num_kv_heads, start);
-        k_cache.extend_from_slice(&k);
-        v_cache.extend_from_slice(&v);
+        let qd = c.num_heads * c.head_dim;
+        let mut a = self.attn_in(params, blk, &x, t);
+        self.rope_(&mut a.q, c.num_heads, start);
+        self.rope_(&mut a.k, c.num_kv_heads, start);
+        k_cache.extend_from_slice(&a.k);
+        v_cache.extend_from_slice(&a.v);
         let mut ctx = vec![0.0; t * qd];
-        attention(&q, k_cache, v_cache, self.attn_shape(), Mask::Causal { start }, &mut ctx);
-        let mut x1 = vec![0.0; t * d];
-        let u_o = blk.attn_output.forward(params, &ctx, t, &mut x1);
-        add_(&mut x1, &x);
-        let mut h2 = vec![0.0; t * d];
-        rms_norm_rows(&x1, &params[blk.ffn_norm].value, c.rms_norm_eps, &mut h2);
-        let (mut gate, mut up, mut s) = (vec![0.0; t * f], vec![0.0; t * f], vec![0.0; t * f]);
-        let u_gate = blk.ffn_gate.forward(params, &h2, t, &mut gate);
-        let u_up = blk.ffn_up.forward(params, &h2, t, &mut up);
-        swiglu_forward(&mut s, &gate, &up);
-        let mut y = vec![0.0; t * d];
-        let u_down = blk.ffn_down.forward(params, &s, t, &mut y);
-        add_(&mut y, &x1);
+        attention(&a.q, k_cache, v_cache, self.attn_shape(), Mask::Causal { start }, &mut ctx);
+        let m = self.attn_out_mlp(params, blk, &x, &ctx, t);
+        let [u_q, u_k, u_v] = a.lora;
+        let [u_o, u_gate, u_up, u_down] = m.lora;
         let lora = [u_q, u_k, u_v, u_o, u_gate, u_up, u_down];
-        let acts = save.then_some(BlockActs { x, h1, q, ctx, x1, h2, gate, up, s, lora });
-        (y, acts)
+        let acts = save.then_some(BlockActs {
+            x,
+            h1: a.h1,
+            q: a.q,
+            ctx,
+            x1: m.x1,
+            h2: m.h2,
+            gate: m.gate,
+            up: m.up,
+            s: m.s,
+            lora,
+        });
+        (m.y, acts)
+    }
+
+    /// The attention input half of a block over `rows` independent rows: `h = rms(x)·g₁` and the
+    /// q/k/v projections (before RoPE, which depends on each row's position).
+    fn attn_in(&self, params: &ParamSet, blk: &Block, x: &[f32], rows: usize) -> AttnIn {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut h1 = vec![0.0; rows * d];
+        rms_norm_rows(x, &params[blk.attn_norm].value, c.rms_norm_eps, &mut h1);
+        let (mut q, mut k, mut v) = (vec![0.0; rows * qd], vec![0.0; rows * kvd], vec![0.0; rows * kvd]);
+        let u_q = blk.attn_q.forward(params, &h1, rows, &mut q);
+        let u_k = blk.attn_k.forward(params, &h1, rows, &mut k);
+        let u_v = blk.attn_v.forward(params, &h1, rows, &mut v);
+        AttnIn { h1, q, k, v, lora: [u_q, u_k, u_v] }
+    }
+
+    /// The rest of a block over `rows` independent rows, from the attention output `ctx`:
+    /// `x₁ = x + ctx·Woᵀ`, then the MLP and its residual.
+    fn attn_out_mlp(&self, params: &ParamSet, blk: &Block, x: &[f32], ctx: &[f32], rows: usize) -> MlpOut {
+        let c = &self.config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let mut x1 = vec![0.0; rows * d];
+        let u_o = blk.attn_output.forward(params, ctx, rows, &mut x1);
+        add_(&mut x1, x);
+        let mut h2 = vec![0.0; rows * d];
+        rms_norm_rows(&x1, &params[blk.ffn_norm].value, c.rms_norm_eps, &mut h2);
+        let (mut gate, mut up, mut s) = (vec![0.0; rows * f], vec![0.0; rows * f], vec![0.0; rows * f]);
+        let u_gate = blk.ffn_gate.forward(params, &h2, rows, &mut gate);
+        let u_up = blk.ffn_up.forward(params, &h2, rows, &mut up);
+        swiglu_forward(&mut s, &gate, &up);
+        let mut y = vec![0.0; rows * d];
+        let u_down = blk.ffn_down.forward(params, &s, rows, &mut y);
+        add_(&mut y, &x1);
+        MlpOut { y, x1, h2, gate, up, s, lora: [u_o, u_gate, u_up, u_down] }
+    }
+
+    /// One decode step for several sequences at once: row `b` of `x [B, d]` is the next token of
+    /// sequence `b`, at position `caches[b].len`. The linear layers run as one `[B, ·]` GEMM, so a
+    /// weight is read once per step rather than once per sequence; RoPE and attention run per
+    /// sequence over its own cache. Returns the hidden states after `output_norm` `[B, d]`.
+    pub fn decode_step_batch(&self, params: &ParamSet, x: &[f32], caches: &mut [KvCache]) -> Result<Vec<f32>> {
+        let (c, d, bsz) = (&self.config, self.hidden_size(), caches.len());
+        if bsz == 0 || x.len() != bsz * d {
+            user_bail!("decode_step_batch: x must be [{bsz}, {d}], got {} values", x.len());
+        }
+        if let Some(full) = caches.iter().find(|k| k.len + 1 > self.max_positions()) {
+            user_bail!("a sequence already fills all {} positions of the model", full.len);
+        }
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut x = x.to_vec();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let mut a = self.attn_in(params, blk, &x, bsz);
+            let mut ctx = vec![0.0; bsz * qd];
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let (q, k) = (&mut a.q[b * qd..(b + 1) * qd], &mut a.k[b * kvd..(b + 1) * kvd]);
+                self.rope.apply_pairs_(q, c.num_heads, cache.len);
+                self.rope.apply_pairs_(k, c.num_kv_heads, cache.len);
+                cache.k[i].extend_from_slice(k);
+                cache.v[i].extend_from_slice(&a.v[b * kvd..(b + 1) * kvd]);
+                let mask = Mask::Causal { start: cache.len };
+                attention(q, &cache.k[i], &cache.v[i], self.attn_shape(), mask, &mut ctx[b * qd..(b + 1) * qd]);
+            }
+            x = self.attn_out_mlp(params, blk, &x, &ctx, bsz).y;
+        }
+        caches.iter_mut().for_each(|k| k.len += 1);
+        Ok(self.final_norm(params, &x))
     }
 
     /// Backward of one block given `dy` (gradient of its output); returns the gradient of its input.
@@ -615,6 +698,69 @@ impl TrainableLlama {
             logits = self.logits(params, &hidden, &[0]);
         }
         Ok(out)
+    }
+
+    /// [`TrainableLlama::generate`] for several prompts at once (`(x [T, d], T)` each), with the
+    /// same stopping rules per sequence: each prompt is prefilled on its own, then every decode
+    /// step runs all unfinished sequences through [`TrainableLlama::decode_step_batch`]. Each
+    /// sequence has its own sampler seeded as `generate` seeds it, so greedy and sampled outputs
+    /// are those of `generate` (up to the summation order of a row inside a batched GEMM).
+    pub fn generate_batch(
+        &self,
+        params: &ParamSet,
+        prompts: &[(&[f32], usize)],
+        max_new: usize,
+        stop_ids: &[u32],
+        sampling: Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        let n = prompts.len();
+        let mut outs = vec![Vec::new(); n];
+        if max_new == 0 {
+            return Ok(outs);
+        }
+        let vocab = self.vocab_size();
+        let mut caches: Vec<KvCache> = (0..n).map(|_| self.new_cache()).collect();
+        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(sampling)).collect();
+        let mut next = vec![0u32; n];
+        let mut active = Vec::new();
+        // Records a sampled token; true while the sequence goes on.
+        let take = |b: usize, tok: u32, outs: &mut Vec<Vec<u32>>, cache: &KvCache| -> bool {
+            if stop_ids.contains(&tok) {
+                return false;
+            }
+            outs[b].push(tok);
+            outs[b].len() < max_new && cache.len + 1 <= self.max_positions()
+        };
+        for (b, &(x, t)) in prompts.iter().enumerate() {
+            let hidden = self.forward_cached(params, x, t, &mut caches[b])?;
+            let tok = samplers[b].sample(&self.logits(params, &hidden, &[t - 1]));
+            if take(b, tok, &mut outs, &caches[b]) {
+                next[b] = tok;
+                active.push(b);
+            }
+        }
+        while !active.is_empty() {
+            let ids: Vec<u32> = active.iter().map(|&b| next[b]).collect();
+            let x = self.embed(params, &ids);
+            let mut batch: Vec<KvCache> = active.iter().map(|&b| std::mem::take(&mut caches[b])).collect();
+            let hidden = self.decode_step_batch(params, &x, &mut batch);
+            for (&b, cache) in active.iter().zip(batch) {
+                caches[b] = cache;
+            }
+            let hidden = hidden?;
+            let rows: Vec<usize> = (0..active.len()).collect();
+            let logits = self.logits(params, &hidden, &rows);
+            let mut still = Vec::with_capacity(active.len());
+            for (j, &b) in active.iter().enumerate() {
+                let tok = samplers[b].sample(&logits[j * vocab..(j + 1) * vocab]);
+                if take(b, tok, &mut outs, &caches[b]) {
+                    next[b] = tok;
+                    still.push(b);
+                }
+            }
+            active = still;
+        }
+        Ok(outs)
     }
 
     /// The weights for saving under their GGUF names, with every adapter folded into its base
@@ -902,6 +1048,28 @@ mod tests {
             }
         }
         assert!(losses[29] < 0.5 * losses[0], "LoRA does not fit one sequence: {losses:?}");
+    }
+
+    #[test]
+    fn llama_train_batched_generation_equals_one_sequence_at_a_time() {
+        let (m, mut ps) = load(&tiny_weights(9), tiny_config(), &lora(2, &["attn_q", "ffn_down"]));
+        randomise_lora_b(&mut ps, 4);
+        // Prompts of different lengths; one stops early on a stop id, one runs into the context
+        // length (32 positions), one into max_new.
+        let prompts: Vec<Vec<u32>> = vec![vec![4, 30, 11], vec![7], (0..27).map(|i| (i * 5 % 37) as u32).collect()];
+        let xs: Vec<Vec<f32>> = prompts.iter().map(|p| m.embed(&ps, p)).collect();
+        let batch: Vec<(&[f32], usize)> = xs.iter().zip(&prompts).map(|(x, p)| (x.as_slice(), p.len())).collect();
+        for sampling in [GREEDY, Sampling { temperature: 0.9, top_p: 0.95, seed: 11 }] {
+            let one: Vec<Vec<u32>> =
+                batch.iter().map(|&(x, t)| m.generate(&ps, x, t, 9, &[], sampling).unwrap()).collect();
+            assert_eq!(m.generate_batch(&ps, &batch, 9, &[], sampling).unwrap(), one, "{sampling:?}");
+            assert_eq!(one[2].len(), 32 - 27 + 1, "the long prompt runs out of positions (the last token needs none)");
+            let stop = [one[0][1]];
+            let one: Vec<Vec<u32>> =
+                batch.iter().map(|&(x, t)| m.generate(&ps, x, t, 9, &stop, sampling).unwrap()).collect();
+            assert_eq!(m.generate_batch(&ps, &batch, 9, &stop, sampling).unwrap(), one, "{sampling:?} with a stop id");
+        }
+        assert!(m.generate_batch(&ps, &batch, 0, &[], GREEDY).unwrap().iter().all(|o| o.is_empty()));
     }
 
     #[test]

@@ -280,4 +280,26 @@ impl SageModel {
         let ids = self.llm.generate(params, &a.x, a.t, max_new, &self.tokenizer.stop_ids, sampling)?;
         Ok((self.tokenizer.decode(&ids, true)?.trim().to_string(), a.facts.map(|(_, f)| f.selection)))
     }
+
+    /// [`SageModel::answer`] for several examples at once (e.g. the questions about one image
+    /// pair): the decode steps of all of them share each weight read
+    /// ([`TrainableLlama::generate_batch`]); the answers are the ones `answer` gives.
+    pub fn answer_batch(
+        &self,
+        params: &ParamSet,
+        exs: &[Example],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<(String, Option<Selection>)>> {
+        let assembled =
+            exs.iter().map(|ex| self.assemble(params, &Example { answer: None, ..*ex })).collect::<Result<Vec<_>>>()?;
+        let prompts: Vec<(&[f32], usize)> = assembled.iter().map(|a| (a.x.as_slice(), a.t)).collect();
+        let ids = self.llm.generate_batch(params, &prompts, max_new, &self.tokenizer.stop_ids, sampling)?;
+        ids.iter()
+            .zip(assembled)
+            .map(|(ids, a)| {
+                Ok((self.tokenizer.decode(ids, true)?.trim().to_string(), a.facts.map(|(_, f)| f.selection)))
+            })
+            .collect()
+    }
 }

@@ -272,7 +272,8 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) 
         (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             keys.into_iter().find_map(|k| {
-                let (va, vb) = (x.get(k).unwrap_or(&serde_json::Value::Null), y.get(k).unwrap_or(&serde_json::Value::Null));
+                let (va, vb) =
+                    (x.get(k).unwrap_or(&serde_json::Value::Null), y.get(k).unwrap_or(&serde_json::Value::Null));
                 first_difference(va, vb, if path.is_empty() { k.clone() } else { format!("{path}.{k}") })
             })
         }
