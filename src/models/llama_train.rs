@@ -729,7 +729,7 @@ impl TrainableLlama {
                 return false;
             }
             outs[b].push(tok);
-            outs[b].len() < max_new && cache.len + 1 <= self.max_positions()
+            outs[b].len() < max_new && cache.len < self.max_positions()
         };
         for (b, &(x, t)) in prompts.iter().enumerate() {
             let hidden = self.forward_cached(params, x, t, &mut caches[b])?;
