@@ -131,3 +131,31 @@ fn map_elpv_auroc_beats_chance_on_a_subset() {
     assert!(auc > 0.6, "ELPV subset AUROC {auc}");
     assert_eq!(v["per_kind"].as_array().unwrap().len(), 2);
 }
+
+/// Batched decode on the real SmolLM2: every prompt's greedy continuation equals its
+/// one-sequence-at-a-time continuation (the batched GEMM does not flip a greedy choice here).
+#[test]
+fn smollm2_batched_generation_matches_one_sequence_at_a_time() {
+    use sage::formats::gguf::Gguf;
+    use sage::models::llama::{LlamaConfig, Sampling};
+    use sage::models::llama_train::{Finetune, TrainableLlama};
+    use sage::train::{ParamSet, SeedRng};
+    let g = Gguf::open(&smollm2_gguf()).unwrap();
+    let tok = sage::formats::tokenizer::TextTokenizer::from_gguf(&g).unwrap();
+    let mut ps = ParamSet::new();
+    let m =
+        TrainableLlama::load(&g, LlamaConfig::from_gguf(&g).unwrap(), &Finetune::Full, &mut ps, &mut SeedRng::new(0, 0))
+            .unwrap();
+    let texts = ["The capital of France is", "Solar cells crack when", "1, 2, 3, 4,", "Describe a scratch on metal:"];
+    let xs: Vec<(Vec<f32>, usize)> = texts
+        .iter()
+        .map(|t| {
+            let ids = tok.encode(t, false).unwrap();
+            (m.embed(&ps, &ids), ids.len())
+        })
+        .collect();
+    let batch: Vec<(&[f32], usize)> = xs.iter().map(|(x, t)| (x.as_slice(), *t)).collect();
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let one: Vec<Vec<u32>> = batch.iter().map(|&(x, t)| m.generate(&ps, x, t, 20, &[], greedy).unwrap()).collect();
+    assert_eq!(m.generate_batch(&ps, &batch, 20, &[], greedy).unwrap(), one);
+}
