@@ -233,6 +233,11 @@ fn kernel_edpo_loss_compiles_without_spills() {
     );
 }
 
+#[test]
+fn kernel_llm_ops_compiles_without_spills() {
+    assert_entries("llm_ops.cu", sage::backend::cuda::kernels::LLM_OPS.entries);
+}
+
 /// Any `.cu` added later is compiled and checked too, before it gets a test of its own.
 #[test]
 fn kernel_every_cu_file_compiles_without_spills() {

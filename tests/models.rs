@@ -143,9 +143,14 @@ fn smollm2_batched_generation_matches_one_sequence_at_a_time() {
     let g = Gguf::open(&smollm2_gguf()).unwrap();
     let tok = sage::formats::tokenizer::TextTokenizer::from_gguf(&g).unwrap();
     let mut ps = ParamSet::new();
-    let m =
-        TrainableLlama::load(&g, LlamaConfig::from_gguf(&g).unwrap(), &Finetune::Full, &mut ps, &mut SeedRng::new(0, 0))
-            .unwrap();
+    let m = TrainableLlama::load(
+        &g,
+        LlamaConfig::from_gguf(&g).unwrap(),
+        &Finetune::Full,
+        &mut ps,
+        &mut SeedRng::new(0, 0),
+    )
+    .unwrap();
     let texts = ["The capital of France is", "Solar cells crack when", "1, 2, 3, 4,", "Describe a scratch on metal:"];
     let xs: Vec<(Vec<f32>, usize)> = texts
         .iter()

@@ -30,8 +30,22 @@ pub static EDPO_LOSS: KernelFile = KernelFile {
     entries: &["edpo_logits_lse_partial", "edpo_lse_combine_seqsum", "edpo_loss_fwd", "edpo_dlogits"],
 };
 
+pub static LLM_OPS: KernelFile = KernelFile {
+    name: "llm_ops.cu",
+    source: include_str!("../../../kernels/llm_ops.cu"),
+    entries: &[
+        "rmsnorm_fwd",
+        "rmsnorm_bwd_dx",
+        "rmsnorm_bwd_dw_partial",
+        "sum_rows_f32",
+        "swiglu_fwd",
+        "swiglu_bwd",
+        "adamw_step",
+    ],
+};
+
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 3] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS];
+pub static ALL: [&KernelFile; 4] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {

@@ -15,6 +15,7 @@ pub mod edpo;
 pub mod fusion;
 pub mod gemm;
 pub mod kernels;
+pub mod llm;
 pub mod mincos;
 
 use crate::backend::nvrtc::Arch;

@@ -1,0 +1,98 @@
+// Emulated check of kernels/llm_ops.cu against double-precision references (run by
+// tests/kernels_emulated.rs; see emu.h for what the emulation does and does not catch).
+#include "llm_ops.emu.h"
+
+void rmsnorm_case(int rows, int C, int chunk_rows, int accumulate) {
+  const int fail0 = g_fail;
+  const float eps = 1e-5f;
+  auto x = rand_bf16((size_t)rows * C, -2, 2), w = rand_bf16(C, 0.5, 1.5), dy = rand_bf16((size_t)rows * C);
+  auto dx = rand_bf16((size_t)rows * C);
+  const auto dx0 = dx;
+  std::vector<bf16> y((size_t)rows * C);
+  std::vector<float> rstd(rows, -1.f);
+  launch({(unsigned)((rows + 7) / 8)}, 256, rmsnorm_fwd, x.data(), w.data(), rows, C, eps, y.data(), rstd.data());
+  launch({(unsigned)((rows + 7) / 8)}, 256, rmsnorm_bwd_dx, x.data(), w.data(), dy.data(), rstd.data(), rows, C, accumulate, dx.data());
+  const int chunks = (rows + chunk_rows - 1) / chunk_rows;
+  std::vector<float> part((size_t)chunks * C, 777.f), dw(C, 0.25f);
+  launch({(unsigned)((C + 255) / 256), (unsigned)chunks}, 256, rmsnorm_bwd_dw_partial, x.data(), dy.data(), rstd.data(), rows, C, chunk_rows, part.data());
+  launch({(unsigned)((C + 255) / 256)}, 256, sum_rows_f32, part.data(), chunks, C, dw.data());
+  std::vector<double> rdw(C, 0.25);
+  for (int r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int j = 0; j < C; ++j) ss += f64(x[(size_t)r * C + j]) * f64(x[(size_t)r * C + j]);
+    double rs = 1 / std::sqrt(ss / C + eps), dot = 0;
+    CHECK(std::fabs(rstd[r] - rs) < 1e-5 * rs, "rstd[%d] %f vs %f", r, rstd[r], rs);
+    for (int j = 0; j < C; ++j) {
+      size_t i = (size_t)r * C + j;
+      double want = f64(x[i]) * rs * f64(w[j]);
+      CHECK(std::fabs(f64(y[i]) - want) <= 1e-2 * std::fabs(want) + 1e-6, "y[%d,%d] %f vs %f", r, j, f64(y[i]), want);
+      dot += f64(dy[i]) * f64(w[j]) * f64(x[i]);
+      rdw[j] += f64(dy[i]) * f64(x[i]) * rs;
+    }
+    for (int j = 0; j < C; ++j) {
+      size_t i = (size_t)r * C + j;
+      double want = rs * f64(w[j]) * f64(dy[i]) - rs * rs * rs * f64(x[i]) * dot / C + (accumulate ? f64(dx0[i]) : 0);
+      CHECK(std::fabs(f64(dx[i]) - want) <= 1e-2 * std::fabs(want) + 1e-3, "dx[%d,%d] %f vs %f", r, j, f64(dx[i]), want);
+    }
+  }
+  for (int j = 0; j < C; ++j) CHECK(std::fabs(dw[j] - rdw[j]) <= 1e-4 * (1 + std::fabs(rdw[j])), "dw[%d] %f vs %f", j, dw[j], rdw[j]);
+  printf("case rmsnorm rows%d C%d chunk%d acc%d: %s\n", rows, C, chunk_rows, accumulate, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+void swiglu_case(long long n, int accumulate) {
+  const int fail0 = g_fail;
+  auto g = rand_bf16(n, -6, 6), u = rand_bf16(n, -2, 2), dy = rand_bf16(n), dg = rand_bf16(n), du = rand_bf16(n);
+  const auto dg0 = dg, du0 = du;
+  std::vector<bf16> y(n);
+  unsigned blocks = (unsigned)((n + 255) / 256);
+  launch({blocks}, 256, swiglu_fwd, g.data(), u.data(), n, y.data());
+  launch({blocks}, 256, swiglu_bwd, dy.data(), g.data(), u.data(), n, accumulate, dg.data(), du.data());
+  for (long long i = 0; i < n; ++i) {
+    double gv = f64(g[i]), s = 1 / (1 + std::exp(-gv)), silu = gv * s;
+    double wy = silu * f64(u[i]);
+    CHECK(std::fabs(f64(y[i]) - wy) <= 1e-2 * std::fabs(wy) + 1e-6, "y[%lld] %f vs %f", i, f64(y[i]), wy);
+    double wg = f64(dy[i]) * f64(u[i]) * s * (1 + gv * (1 - s)) + (accumulate ? f64(dg0[i]) : 0);
+    double wu = f64(dy[i]) * silu + (accumulate ? f64(du0[i]) : 0);
+    CHECK(std::fabs(f64(dg[i]) - wg) <= 1e-2 * std::fabs(wg) + 1e-3, "dg[%lld] %f vs %f", i, f64(dg[i]), wg);
+    CHECK(std::fabs(f64(du[i]) - wu) <= 1e-2 * std::fabs(wu) + 1e-3, "du[%lld] %f vs %f", i, f64(du[i]), wu);
+  }
+  printf("case swiglu n%lld acc%d: %s\n", n, accumulate, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+void adamw_case(long long n, int steps, float wd) {
+  const int fail0 = g_fail;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> x(n), g(n), m(n, 0), v(n, 0);
+  for (auto& e : x) e = d(rng);
+  std::vector<double> rx(x.begin(), x.end()), rm(n, 0), rv(n, 0);
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  for (int t = 1; t <= steps; ++t) {
+    for (auto& e : g) e = d(rng);
+    float step_size = (float)(lr / (1 - std::pow(b1, t))), bc2 = (float)std::sqrt(1 - std::pow(b2, t));
+    float decay = (float)(1 - lr * wd);
+    launch({(unsigned)((n + 255) / 256)}, 256, adamw_step, x.data(), g.data(), m.data(), v.data(), n, (float)b1,
+           (float)(1 - b1), (float)b2, (float)(1 - b2), step_size, bc2, (float)eps, decay);
+    for (long long i = 0; i < n; ++i) {
+      rx[i] *= 1 - lr * wd;
+      rm[i] = b1 * rm[i] + (1 - b1) * g[i];
+      rv[i] = b2 * rv[i] + (1 - b2) * (double)g[i] * g[i];
+      rx[i] -= lr / (1 - std::pow(b1, t)) * rm[i] / (std::sqrt(rv[i]) / std::sqrt(1 - std::pow(b2, t)) + eps);
+    }
+  }
+  for (long long i = 0; i < n; ++i) CHECK(std::fabs(x[i] - rx[i]) <= 1e-5, "x[%lld] %f vs %f", i, x[i], rx[i]);
+  printf("case adamw n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+int main() {
+  rmsnorm_case(1, 1, 1, 0);
+  rmsnorm_case(5, 37, 2, 1);
+  rmsnorm_case(19, 300, 7, 0);
+  rmsnorm_case(9, 576, 64, 1);
+  swiglu_case(1, 0);
+  swiglu_case(1000, 1);
+  swiglu_case(777, 0);
+  adamw_case(1, 1, 0.f);
+  adamw_case(1000, 5, 0.1f);
+  return g_fail ? 1 : 0;
+}

@@ -1,0 +1,136 @@
+// Row and elementwise ops of the LLaMA training step (DESIGN.md §4, issue 7): RMSNorm forward and
+// backward, SwiGLU forward and backward, and the AdamW update. CPU references: ops::norm
+// (rms_norm_rows, rms_norm_backward), ops::activation (swiglu_forward, swiglu_backward),
+// train::optim::AdamW::step.
+//
+// Activations and their gradients are bf16, all arithmetic fp32; AdamW keeps fp32 master weights,
+// gradients and moments. No atomics: every output element has one writer, so results are
+// deterministic (the weight gradient of RMSNorm is reduced over fixed row chunks, then summed).
+//
+//   rmsnorm_fwd        x, w [rows, C] → y, rstd [rows]          grid ceil(rows/8), block 256 (warp per row)
+//   rmsnorm_bwd_dx     dx (+)= r·w·dy − r³·x·(Σ dy·w·x)/C       grid ceil(rows/8), block 256
+//   rmsnorm_bwd_dw_partial  part[chunk, C] = Σ_{rows of chunk} dy·x·r   grid (ceil(C/256), chunks), block 256
+//   sum_rows_f32       out[C] += Σ_k part[k, C]                  grid ceil(C/256), block 256
+//   swiglu_fwd         y = silu(g)·u                             grid ceil(n/256), block 256
+//   swiglu_bwd         dg (+)= dy·u·silu'(g), du (+)= dy·silu(g)  grid ceil(n/256), block 256
+//   adamw_step         x ← x·decay; m, v updates; x −= step·m/(√v/bc2 + eps)   grid ceil(n/256), block 256
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float lo_warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float lo_silu(float g) {
+    return g / (1.f + expf(-g));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm forward: y = x · rstd · w with rstd = (Σx²/C + eps)^-½, saved for the backward.
+extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w, int rows, int C,
+                                       float eps, bf16* __restrict__ y, float* __restrict__ rstd) {
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16* xr = x + (size_t)row * C;
+    float ss = 0.f;
+    for (int j = lane; j < C; j += 32) {
+        float v = __bfloat162float(xr[j]);
+        ss += v * v;
+    }
+    ss = lo_warp_sum(ss);
+    const float r = 1.f / sqrtf(ss / (float)C + eps);
+    bf16* yr = y + (size_t)row * C;
+    for (int j = lane; j < C; j += 32) yr[j] = __float2bfloat16(__bfloat162float(xr[j]) * r * __bfloat162float(w[j]));
+    if (lane == 0) rstd[row] = r;
+}
+
+// RMSNorm backward, input gradient: dx = r·w·dy − r³·x·(Σ_i dy_i·w_i·x_i)/C, added to dx when
+// `accumulate` (the residual stream's gradient) and written otherwise.
+extern "C" __global__ void rmsnorm_bwd_dx(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ dy, const float* __restrict__ rstd, int rows,
+                                          int C, int accumulate, bf16* __restrict__ dx) {
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t base = (size_t)row * C;
+    float dot = 0.f;
+    for (int j = lane; j < C; j += 32)
+        dot += __bfloat162float(dy[base + j]) * __bfloat162float(w[j]) * __bfloat162float(x[base + j]);
+    dot = lo_warp_sum(dot);
+    const float r = rstd[row], k = r * r * r * dot / (float)C;
+    for (int j = lane; j < C; j += 32) {
+        float d = r * __bfloat162float(w[j]) * __bfloat162float(dy[base + j]) - k * __bfloat162float(x[base + j]);
+        if (accumulate) d += __bfloat162float(dx[base + j]);
+        dx[base + j] = __float2bfloat16(d);
+    }
+}
+
+// RMSNorm backward, weight gradient, step 1: part[chunk, j] = Σ_{r in chunk} dy[r, j]·x[r, j]·rstd[r],
+// chunk c covering rows [c·rows_per_chunk, (c+1)·rows_per_chunk). One thread per column.
+extern "C" __global__ void rmsnorm_bwd_dw_partial(const bf16* __restrict__ x, const bf16* __restrict__ dy,
+                                                  const float* __restrict__ rstd, int rows, int C,
+                                                  int rows_per_chunk, float* __restrict__ part) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (j >= C) return;
+    const int r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    float acc = 0.f;
+    for (int r = r0; r < r1; ++r)
+        acc += __bfloat162float(dy[(size_t)r * C + j]) * __bfloat162float(x[(size_t)r * C + j]) * rstd[r];
+    part[(size_t)chunk * C + j] = acc;
+}
+
+// Step 2 (and any column sum): out[j] += Σ_k part[k, j], in order k = 0, 1, ...
+extern "C" __global__ void sum_rows_f32(const float* __restrict__ part, int chunks, int C, float* __restrict__ out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= C) return;
+    float acc = 0.f;
+    for (int k = 0; k < chunks; ++k) acc += part[(size_t)k * C + j];
+    out[j] += acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: y = silu(g)·u.
+extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ g, const bf16* __restrict__ u, long long n,
+                                      bf16* __restrict__ y) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = __float2bfloat16(lo_silu(__bfloat162float(g[i])) * __bfloat162float(u[i]));
+}
+
+// SwiGLU backward: dg = dy·u·silu'(g), du = dy·silu(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))); added
+// to dg/du when `accumulate`.
+extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dy, const bf16* __restrict__ g,
+                                      const bf16* __restrict__ u, long long n, int accumulate,
+                                      bf16* __restrict__ dg, bf16* __restrict__ du) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float gv = __bfloat162float(g[i]), uv = __bfloat162float(u[i]), d = __bfloat162float(dy[i]);
+    const float s = 1.f / (1.f + expf(-gv));
+    float a = d * uv * s * (1.f + gv * (1.f - s)), b = d * gv * s;
+    if (accumulate) {
+        a += __bfloat162float(dg[i]);
+        b += __bfloat162float(du[i]);
+    }
+    dg[i] = __float2bfloat16(a);
+    du[i] = __float2bfloat16(b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW (decoupled weight decay), the update of train::optim::AdamW::step with its host-side
+// scalars: step_size = lr/(1 − β₁ᵗ), bc2_sqrt = √(1 − β₂ᵗ), decay = 1 − lr·wd (1 for no decay),
+// c1 = 1 − β₁, c2 = 1 − β₂.
+extern "C" __global__ void adamw_step(float* __restrict__ x, const float* __restrict__ grad, float* __restrict__ m,
+                                      float* __restrict__ v, long long n, float b1, float c1, float b2, float c2,
+                                      float step_size, float bc2_sqrt, float eps, float decay) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = grad[i];
+    float xi = x[i] * decay;
+    const float mi = b1 * m[i] + c1 * g;
+    const float vi = b2 * v[i] + c2 * g * g;
+    xi -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    m[i] = mi;
+    v[i] = vi;
+    x[i] = xi;
+}

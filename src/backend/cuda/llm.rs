@@ -1,0 +1,198 @@
+//! The LLaMA training step's row and elementwise ops on the GPU (`kernels/llm_ops.cu`): RMSNorm,
+//! SwiGLU and AdamW, each beside its CPU reference (`ops::norm`, `ops::activation`,
+//! `train::optim::AdamW`). Building blocks of the GPU training path; the step that strings them
+//! together with the GEMMs and attention is not built yet.
+
+use super::kernels::LLM_OPS;
+use super::{blocks, cfg, int, Gpu};
+use crate::train::AdamWConfig;
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+/// Rows of one weight-gradient chunk in the RMSNorm backward (fixed, so results do not depend on
+/// the device).
+pub const DW_CHUNK_ROWS: usize = 64;
+
+/// `y = x·rstd·w` over `rows` rows of `C`; returns `(y, rstd)`.
+pub fn rmsnorm_forward(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    rows: usize,
+    eps: f32,
+) -> Result<(CudaSlice<bf16>, CudaSlice<f32>)> {
+    let c = w.len();
+    if rows == 0 || c == 0 || x.len() < rows * c {
+        bail!("rmsnorm: x has {} elements, [{rows}, {c}] needs {}", x.len(), rows * c);
+    }
+    let y = gpu.zeros::<bf16>(rows * c)?;
+    let rstd = gpu.zeros::<f32>(rows)?;
+    let f = gpu.function(&LLM_OPS, "rmsnorm_fwd")?;
+    let (ri, ci) = (int("rows", rows)?, int("C", c)?);
+    // SAFETY: argument order and types as in kernels/llm_ops.cu; sizes checked above.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(x).arg(w).arg(&ri).arg(&ci).arg(&eps).arg(&y).arg(&rstd).launch(cfg(
+            (blocks(rows, 8)?, 1, 1),
+            256,
+            0,
+        ))?;
+    }
+    Ok((y, rstd))
+}
+
+/// RMSNorm backward: `dx` (added to when `accumulate`, else overwritten) and `dw += Σ_rows
+/// dy·x·rstd` (fp32).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    dy: &CudaSlice<bf16>,
+    rstd: &CudaSlice<f32>,
+    rows: usize,
+    accumulate: bool,
+    dx: &mut CudaSlice<bf16>,
+    dw: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    let c = w.len();
+    if rows == 0 || c == 0 || [x.len(), dy.len(), dx.len()].iter().any(|&n| n < rows * c) || rstd.len() < rows {
+        bail!("rmsnorm backward: buffers are smaller than [{rows}, {c}] needs");
+    }
+    let (ri, ci, acc) = (int("rows", rows)?, int("C", c)?, i32::from(accumulate));
+    let f = gpu.function(&LLM_OPS, "rmsnorm_bwd_dx")?;
+    // SAFETY: as in `rmsnorm_forward`.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(x)
+            .arg(w)
+            .arg(dy)
+            .arg(rstd)
+            .arg(&ri)
+            .arg(&ci)
+            .arg(&acc)
+            .arg(&*dx)
+            .launch(cfg((blocks(rows, 8)?, 1, 1), 256, 0))?;
+    }
+    if let Some(dw) = dw {
+        if dw.len() < c {
+            bail!("rmsnorm backward: dw has {} elements, needs {c}", dw.len());
+        }
+        let chunks = rows.div_ceil(DW_CHUNK_ROWS);
+        let part = gpu.zeros::<f32>(chunks * c)?;
+        let (partial, sum) =
+            (gpu.function(&LLM_OPS, "rmsnorm_bwd_dw_partial")?, gpu.function(&LLM_OPS, "sum_rows_f32")?);
+        let (per, nch) = (int("chunk rows", DW_CHUNK_ROWS)?, int("chunks", chunks)?);
+        // SAFETY: as above; `part` holds chunks × C values.
+        unsafe {
+            gpu.stream()
+                .launch_builder(&partial)
+                .arg(x)
+                .arg(dy)
+                .arg(rstd)
+                .arg(&ri)
+                .arg(&ci)
+                .arg(&per)
+                .arg(&part)
+                .launch(cfg((blocks(c, 256)?, chunks as u32, 1), 256, 0))?;
+            gpu.stream().launch_builder(&sum).arg(&part).arg(&nch).arg(&ci).arg(&*dw).launch(cfg(
+                (blocks(c, 256)?, 1, 1),
+                256,
+                0,
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `y = silu(g)·u`.
+pub fn swiglu_forward(gpu: &Gpu, g: &CudaSlice<bf16>, u: &CudaSlice<bf16>) -> Result<CudaSlice<bf16>> {
+    if g.len() != u.len() {
+        bail!("swiglu: gate has {} elements, up has {}", g.len(), u.len());
+    }
+    let n = g.len();
+    let y = gpu.zeros::<bf16>(n)?;
+    let f = gpu.function(&LLM_OPS, "swiglu_fwd")?;
+    let nl = n as i64;
+    // SAFETY: as in `rmsnorm_forward`.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(g).arg(u).arg(&nl).arg(&y).launch(cfg((blocks(n, 256)?, 1, 1), 256, 0))?;
+    }
+    Ok(y)
+}
+
+/// SwiGLU backward into `dg`, `du` (added to when `accumulate`).
+pub fn swiglu_backward(
+    gpu: &Gpu,
+    dy: &CudaSlice<bf16>,
+    g: &CudaSlice<bf16>,
+    u: &CudaSlice<bf16>,
+    accumulate: bool,
+    dg: &mut CudaSlice<bf16>,
+    du: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let n = g.len();
+    if [dy.len(), u.len(), dg.len(), du.len()].iter().any(|&m| m != n) {
+        bail!("swiglu backward: every buffer must hold {n} elements");
+    }
+    let f = gpu.function(&LLM_OPS, "swiglu_bwd")?;
+    let (nl, acc) = (n as i64, i32::from(accumulate));
+    // SAFETY: as in `rmsnorm_forward`.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(dy).arg(g).arg(u).arg(&nl).arg(&acc).arg(&*dg).arg(&*du).launch(cfg(
+            (blocks(n, 256)?, 1, 1),
+            256,
+            0,
+        ))?;
+    }
+    Ok(())
+}
+
+/// One AdamW update of fp32 `x` from `grad` with moments `m`, `v`, at step `t` (1-based) and
+/// learning rate `lr`: the arithmetic of `train::optim::AdamW::step`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    grad: &CudaSlice<f32>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    cfg_: AdamWConfig,
+    t: u64,
+    lr: f32,
+    decay: bool,
+) -> Result<()> {
+    let n = x.len();
+    if [grad.len(), m.len(), v.len()].iter().any(|&k| k != n) || t == 0 {
+        bail!("adamw: x, grad, m and v must all hold {n} elements, and t ≥ 1");
+    }
+    let AdamWConfig { beta1, beta2, eps, weight_decay } = cfg_;
+    let ti = i32::try_from(t)?;
+    let (b1, c1, b2, c2) = (beta1 as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+    let step_size = (lr as f64 / (1.0 - beta1.powi(ti))) as f32;
+    let bc2_sqrt = (1.0 - beta2.powi(ti)).sqrt() as f32;
+    let decay_factor = if decay { (1.0 - lr as f64 * weight_decay) as f32 } else { 1.0 };
+    let (eps, nl) = (eps as f32, n as i64);
+    let f = gpu.function(&LLM_OPS, "adamw_step")?;
+    // SAFETY: as in `rmsnorm_forward`.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(&*x)
+            .arg(grad)
+            .arg(&*m)
+            .arg(&*v)
+            .arg(&nl)
+            .arg(&b1)
+            .arg(&c1)
+            .arg(&b2)
+            .arg(&c2)
+            .arg(&step_size)
+            .arg(&bc2_sqrt)
+            .arg(&eps)
+            .arg(&decay_factor)
+            .launch(cfg((blocks(n, 256)?, 1, 1), 256, 0))?;
+    }
+    Ok(())
+}
