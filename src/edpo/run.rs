@@ -14,13 +14,12 @@ use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
 use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
-use crate::sfe::run::{start_run, Run, Start, ValResult};
+use crate::sfe::run::{finish_step, start_run, Run, Start, ValResult};
 use crate::train::ParamSet;
 use crate::user_err;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -270,24 +269,10 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
             tokens,
             seconds: secs,
         };
-        writeln!(log, "{}", serde_json::to_string(&line)?)?;
-        log.flush()?;
-        pb.set_message(format!("loss {last_loss:.3}"));
-        pb.inc(1);
-        let done = step + 1;
-        let ve = run.cfg.train.val_every;
-        if ve > 0 && done % ve == 0 && done < steps {
-            let v = run.validate(run.cfg.train.val_questions)?;
-            writeln!(
-                log,
-                "{}",
-                serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions})
-            )?;
-            log.flush()?;
-        }
-        if done % run.cfg.train.checkpoint_every.max(1) == 0 || done == steps {
-            checkpoint::save(&run.out, done, &run.base.params, &trainer, &run.base.cfg, Some(&stage))?;
-        }
+        let out = &run.out;
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, step + 1, |b| {
+            checkpoint::save(out, step + 1, &b.params, &trainer, &b.cfg, Some(&stage))
+        })?;
     }
     pb.finish_and_clear();
     let val = Some(run.validate(run.cfg.train.val_questions)?);

@@ -282,6 +282,37 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) 
     }
 }
 
+/// What every training loop (`sfe`, `edpo`) does once optimizer step `done` is taken: append its
+/// log line, advance the progress bar, validate every `train.val_every` steps (the final
+/// validation is the caller's), and checkpoint through `save` every `train.checkpoint_every`
+/// steps and at the last.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_step(
+    run: &mut Run,
+    train: &super::config::TrainSection,
+    log: &mut std::fs::File,
+    pb: &indicatif::ProgressBar,
+    line: &impl Serialize,
+    loss: f32,
+    done: u64,
+    save: impl FnOnce(&Run) -> Result<()>,
+) -> Result<()> {
+    writeln!(log, "{}", serde_json::to_string(line)?)?;
+    log.flush()?;
+    pb.set_message(format!("loss {loss:.3}"));
+    pb.inc(1);
+    if train.val_every > 0 && done % train.val_every == 0 && done < train.steps {
+        let v = run.validate(train.val_questions)?;
+        let val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
+        writeln!(log, "{val}")?;
+        log.flush()?;
+    }
+    if done % train.checkpoint_every.max(1) == 0 || done == train.steps {
+        save(run)?;
+    }
+    Ok(())
+}
+
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
 pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
@@ -319,24 +350,10 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
             tokens_per_second: tokens as f64 / secs,
             seconds: secs,
         };
-        writeln!(log, "{}", serde_json::to_string(&line)?)?;
-        log.flush()?;
-        pb.set_message(format!("loss {last_loss:.3}"));
-        pb.inc(1);
-        let done = step + 1;
-        let ve = run.cfg.train.val_every;
-        if ve > 0 && done % ve == 0 && done < steps {
-            let v = run.validate(run.cfg.train.val_questions)?;
-            writeln!(
-                log,
-                "{}",
-                serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions})
-            )?;
-            log.flush()?;
-        }
-        if done % run.cfg.train.checkpoint_every.max(1) == 0 || done == steps {
-            checkpoint::save(&run.out, done, &run.params, &trainer, &run.cfg, None)?;
-        }
+        let train = run.cfg.train.clone();
+        finish_step(run, &train, &mut log, &pb, &line, last_loss, step + 1, |r| {
+            checkpoint::save(&r.out, step + 1, &r.params, &trainer, &r.cfg, None)
+        })?;
     }
     pb.finish_and_clear();
     let val = Some(run.validate(run.cfg.train.val_questions)?);
