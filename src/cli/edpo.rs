@@ -19,15 +19,8 @@ exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: config
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The run description (TOML).
-    #[arg(long)]
-    config: PathBuf,
-    /// Output folder [default: runs/<config name>].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    resume: bool,
+    #[command(flatten)]
+    run: super::sfe::RunArgs,
     /// Override `sfe` (the stage-1 run folder to start from and to use as the reference).
     #[arg(long)]
     sfe: Option<PathBuf>,
@@ -37,13 +30,10 @@ pub struct Args {
     /// Override edpo.pairs.
     #[arg(long, value_enum)]
     pairs: Option<PairChoice>,
-    /// Override train.steps.
-    #[arg(long)]
-    steps: Option<u64>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let mut cfg: EdpoRunConfig = crate::config::load(&a.config)?;
+    let mut cfg: EdpoRunConfig = crate::config::load(&a.run.config)?;
     if let Some(s) = a.sfe {
         cfg.sfe = s;
     }
@@ -53,13 +43,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     if let Some(p) = a.pairs {
         cfg.edpo.pairs = p;
     }
-    if let Some(s) = a.steps {
+    if let Some(s) = a.run.steps {
         cfg.train.steps = s;
     }
-    let stem = a.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "edpo".into());
-    let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
+    let out = a.run.out_dir();
     let mut r = crate::edpo::run::EdpoRun::new(cfg, &out)?;
-    let o = train(&mut r, a.resume, ctx.quiet())?;
+    let o = train(&mut r, a.run.resume, ctx.quiet())?;
     let summary = serde_json::json!({
         "out": out, "sfe": r.cfg.sfe, "loss": r.cfg.edpo.loss, "beta": r.cfg.edpo.beta,
         "eta": r.cfg.edpo.loss_config().eta, "pairs": r.cfg.edpo.pairs, "instances": r.instances.len(),

@@ -32,7 +32,8 @@ use clap::{Parser, Subcommand};
     about = "Comparison-based visual anomaly reasoning: a VLM compares a test image with a normal reference and says what is wrong, where, why and how bad."
 )]
 pub struct Cli {
-    /// Compute device: `auto` uses CUDA when a working device is present, else the CPU.
+    /// Compute device. The model ops (training, inference, eval) run on the CPU in this build, so
+    /// `auto` means the CPU and says why; `cuda` is for `sage bench kernels` (and `doctor`).
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     /// Print machine-readable JSON on stdout instead of text (progress bars are hidden).

@@ -14,38 +14,54 @@ state.json) and final.json into --out. --resume continues a run exactly where it
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
 CPU cores), configs/sfe-lite.toml (the full run, for a GPU).";
 
+/// The arguments every training command (`sfe`, `edpo`) takes.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct RunArgs {
     /// The run description (TOML).
     #[arg(long)]
-    config: PathBuf,
+    pub config: PathBuf,
     /// Output folder [default: runs/<config name>].
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
-    resume: bool,
+    pub resume: bool,
+    /// Override train.steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+impl RunArgs {
+    /// --out, or `runs/<config file stem>`.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let stem = self.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+            PathBuf::from("runs").join(stem)
+        })
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    run: RunArgs,
     /// Only validate the freshly initialised model (no training, nothing written).
     #[arg(long, conflicts_with = "resume")]
     eval_only: bool,
-    /// Override train.steps.
-    #[arg(long)]
-    steps: Option<u64>,
     /// Override model.facts.
     #[arg(long, value_enum)]
     facts: Option<crate::models::sage::FactsMode>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let mut cfg: SfeConfig = crate::config::load(&a.config)?;
-    if let Some(s) = a.steps {
+    let mut cfg: SfeConfig = crate::config::load(&a.run.config)?;
+    if let Some(s) = a.run.steps {
         cfg.train.steps = s;
     }
     if let Some(f) = a.facts {
         cfg.model.facts = f;
     }
-    let stem = a.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "sfe".into());
-    let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
+    let out = a.run.out_dir();
     let mut r = Run::new(cfg, &out)?;
     if a.eval_only {
         let v = r.validate(r.cfg.train.val_questions)?;
@@ -58,7 +74,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         );
         return Ok(());
     }
-    let o = train(&mut r, a.resume, ctx.quiet())?;
+    let o = train(&mut r, a.run.resume, ctx.quiet())?;
     let summary = serde_json::json!({
         "out": out, "facts": r.cfg.model.facts, "steps": o.steps, "final_loss": o.final_loss, "val": o.val,
         "seconds_per_step": o.step_seconds, "tokens_per_second": o.tokens_per_second,
