@@ -239,7 +239,9 @@ pub fn backward(
     if max_rows == 0 {
         return Ok(Grads { d_hidden, d_weight });
     }
-    let dz = gpu.zeros::<bf16>(max_rows * s.v)?;
+    // SAFETY: each span's `edpo_dlogits` writes all `rows × V` values the GEMMs then read (fully
+    // masked tiles write zeros).
+    let dz = unsafe { gpu.uninit::<bf16>(max_rows * s.v)? };
     let f = gpu.function(&EDPO_LOSS, "edpo_dlogits")?;
     let blas = gpu.blas()?;
     let (ti, vi, ci) = (int("T", s.t)?, int("V", s.v)?, int("C", s.c)?);

@@ -40,12 +40,19 @@ pub struct DeviceInfo {
     pub driver_version: i32,
 }
 
+/// Kernel modules by file, and their functions by (file, entry point).
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: HashMap<(&'static str, String), CudaFunction>,
+}
+
 /// One device with its stream, loaded kernel modules and (lazily) a cuBLASLt handle.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    loaded: Mutex<Loaded>,
     blas: OnceLock<std::result::Result<gemm::Blas, String>>,
     /// Bytes allocated through [`Gpu::zeros`] and [`Gpu::upload`] so far (never decremented): the
     /// difference around an op bounds its peak device memory from above.
@@ -109,7 +116,7 @@ impl Gpu {
                 ctx,
                 stream,
                 info,
-                modules: Mutex::new(HashMap::new()),
+                loaded: Mutex::new(Loaded::default()),
                 blas: OnceLock::new(),
                 allocated: AtomicUsize::new(0),
             }))
@@ -149,24 +156,30 @@ impl Gpu {
         &self.ctx
     }
 
-    /// Entry point `name` of kernel file `file` (compiled on first use, then cached on disk).
+    /// Entry point `name` of kernel file `file`: the module is compiled (or read from the PTX
+    /// cache) and loaded on first use, and each function looked up once, so a launch costs no
+    /// driver lookup.
     pub fn function(&self, file: &'static kernels::KernelFile, name: &str) -> Result<CudaFunction> {
-        let module = {
-            let mut modules = self.modules.lock().map_err(|_| anyhow!("kernel module table poisoned"))?;
-            match modules.get(file.name) {
-                Some(m) => m.clone(),
-                None => {
-                    let ptx = kernels::ptx(file, self.arch())?;
-                    let m = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                        .map_err(|e| anyhow!("the driver could not load the PTX of kernels/{}: {e}", file.name))?;
-                    modules.insert(file.name, m.clone());
-                    m
-                }
+        let mut loaded = self.loaded.lock().map_err(|_| anyhow!("kernel table poisoned"))?;
+        if let Some(f) = loaded.functions.get(&(file.name, name.to_string())) {
+            return Ok(f.clone());
+        }
+        let module = match loaded.modules.get(file.name) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = kernels::ptx(file, self.arch())?;
+                let m = self
+                    .ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(|e| anyhow!("the driver could not load the PTX of kernels/{}: {e}", file.name))?;
+                loaded.modules.insert(file.name, m.clone());
+                m
             }
         };
-        module.load_function(name).map_err(|e| anyhow!("kernels/{} has no entry point {name}: {e}", file.name))
+        let f =
+            module.load_function(name).map_err(|e| anyhow!("kernels/{} has no entry point {name}: {e}", file.name))?;
+        loaded.functions.insert((file.name, name.to_string()), f.clone());
+        Ok(f)
     }
 
     /// The cuBLASLt handle (created on first use).
@@ -197,6 +210,16 @@ impl Gpu {
     /// Total bytes allocated through this handle so far (see the field).
     pub fn allocated_bytes(&self) -> usize {
         self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// A device buffer of `n` elements with unspecified contents, for outputs a kernel overwrites
+    /// in full (saves the memset of [`Gpu::zeros`]).
+    ///
+    /// # Safety
+    /// Every element must be written before it is read.
+    pub unsafe fn uninit<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.allocated.fetch_add(n.max(1) * std::mem::size_of::<T>(), Ordering::Relaxed);
+        self.stream.alloc(n.max(1)).map_err(|e| anyhow!("allocating {n} elements on the GPU: {e}"))
     }
 
     /// Waits for all queued work; surfaces asynchronous kernel errors.
