@@ -77,6 +77,7 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 using std::isfinite;
 
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }

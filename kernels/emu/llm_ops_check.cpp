@@ -84,6 +84,32 @@ void adamw_case(long long n, int steps, float wd) {
   printf("case adamw n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
 }
 
+// adamw_step_bf16 must do adamw_step's arithmetic from the bf16-rounded gradient and keep w = bf16(x).
+void adamw_bf16_case(long long n, int steps, float wd) {
+  const int fail0 = g_fail;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> x(n), m(n, 0), v(n, 0), x2, m2(n, 0), v2(n, 0), g32(n);
+  for (auto& e : x) e = d(rng);
+  x2 = x;
+  std::vector<bf16> g(n), w(n);
+  for (int t = 1; t <= steps; ++t) {
+    for (long long i = 0; i < n; ++i) { g[i] = __float2bfloat16(d(rng)); g32[i] = __bfloat162float(g[i]); }
+    float step_size = (float)(1e-2 / (1 - std::pow(0.9, t))), bc2 = (float)std::sqrt(1 - std::pow(0.999, t));
+    float decay = 1 - 1e-2f * wd;
+    unsigned blocks = (unsigned)((n + 255) / 256);
+    launch({blocks}, 256, adamw_step_bf16, x.data(), g.data(), m.data(), v.data(), w.data(), n, 0.9f, 0.1f, 0.999f,
+           0.001f, step_size, bc2, 1e-8f, decay);
+    launch({blocks}, 256, adamw_step, x2.data(), g32.data(), m2.data(), v2.data(), n, 0.9f, 0.1f, 0.999f, 0.001f,
+           step_size, bc2, 1e-8f, decay);
+  }
+  for (long long i = 0; i < n; ++i) {
+    CHECK(x[i] == x2[i] && m[i] == m2[i] && v[i] == v2[i], "x[%lld] %f vs %f", i, x[i], x2[i]);
+    CHECK(w[i].x == __float2bfloat16(x[i]).x, "w[%lld] is not bf16(x)", i);
+  }
+  printf("case adamw_bf16 n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
+}
+
 int main() {
   rmsnorm_case(1, 1, 1, 0);
   rmsnorm_case(5, 37, 2, 1);
@@ -94,5 +120,7 @@ int main() {
   swiglu_case(777, 0);
   adamw_case(1, 1, 0.f);
   adamw_case(1000, 5, 0.1f);
+  adamw_bf16_case(1, 1, 0.f);
+  adamw_bf16_case(777, 4, 0.1f);
   return g_fail ? 1 : 0;
 }

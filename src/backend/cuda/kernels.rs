@@ -41,11 +41,25 @@ pub static LLM_OPS: KernelFile = KernelFile {
         "swiglu_fwd",
         "swiglu_bwd",
         "adamw_step",
+        "adamw_step_bf16",
+    ],
+};
+
+pub static LLM_ATTN: KernelFile = KernelFile {
+    name: "llm_attn.cu",
+    source: include_str!("../../../kernels/llm_attn.cu"),
+    entries: &[
+        "rope_pairs",
+        "causal_attn_fwd",
+        "causal_attn_bwd_dq",
+        "causal_attn_bwd_dkdv",
+        "embedding_fwd",
+        "embedding_bwd",
     ],
 };
 
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 4] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS];
+pub static ALL: [&KernelFile; 5] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {
