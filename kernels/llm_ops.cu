@@ -16,6 +16,7 @@
 //   adamw_step         x ← x·decay; m, v updates; x −= step·m/(√v/bc2 + eps)   grid ceil(n/256), block 256
 //   adamw_step_bf16    the same from a bf16 gradient, also writing the bf16 working copy of x (the
 //                      GPU training step: GEMMs read bf16 weights, the optimizer keeps fp32 masters)
+//   adamw_step_bf16w   the same from an fp32 gradient, also writing the bf16 working copy
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;
@@ -137,16 +138,13 @@ extern "C" __global__ void adamw_step(float* __restrict__ x, const float* __rest
     x[i] = xi;
 }
 
-// AdamW for the mixed-precision training step: the gradient arrives in bf16 (cuBLASLt weight-gradient
-// GEMMs), the fp32 master x is updated exactly as in adamw_step, and w = bf16(x) is the copy the next
-// forward reads.
-extern "C" __global__ void adamw_step_bf16(float* __restrict__ x, const bf16* __restrict__ grad,
-                                           float* __restrict__ m, float* __restrict__ v, bf16* __restrict__ w,
-                                           long long n, float b1, float c1, float b2, float c2, float step_size,
-                                           float bc2_sqrt, float eps, float decay) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float g = __bfloat162float(grad[i]);
+// AdamW for the mixed-precision training step: the fp32 master x is updated exactly as in adamw_step
+// and w = bf16(x) is the copy the next forward reads. The gradient arrives in bf16 (the cuBLASLt
+// weight-gradient GEMMs: adamw_step_bf16) or in fp32 (the norm weights: adamw_step_bf16w).
+__device__ __forceinline__ void lo_adamw_mixed(long long i, float g, float* __restrict__ x, float* __restrict__ m,
+                                               float* __restrict__ v, bf16* __restrict__ w, float b1, float c1,
+                                               float b2, float c2, float step_size, float bc2_sqrt, float eps,
+                                               float decay) {
     float xi = x[i] * decay;
     const float mi = b1 * m[i] + c1 * g;
     const float vi = b2 * v[i] + c2 * g * g;
@@ -155,4 +153,22 @@ extern "C" __global__ void adamw_step_bf16(float* __restrict__ x, const bf16* __
     v[i] = vi;
     x[i] = xi;
     w[i] = __float2bfloat16(xi);
+}
+
+extern "C" __global__ void adamw_step_bf16(float* __restrict__ x, const bf16* __restrict__ grad,
+                                           float* __restrict__ m, float* __restrict__ v, bf16* __restrict__ w,
+                                           long long n, float b1, float c1, float b2, float c2, float step_size,
+                                           float bc2_sqrt, float eps, float decay) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    lo_adamw_mixed(i, __bfloat162float(grad[i]), x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay);
+}
+
+extern "C" __global__ void adamw_step_bf16w(float* __restrict__ x, const float* __restrict__ grad,
+                                            float* __restrict__ m, float* __restrict__ v, bf16* __restrict__ w,
+                                            long long n, float b1, float c1, float b2, float c2, float step_size,
+                                            float bc2_sqrt, float eps, float decay) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    lo_adamw_mixed(i, grad[i], x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay);
 }

@@ -84,7 +84,7 @@ void adamw_case(long long n, int steps, float wd) {
   printf("case adamw n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
 }
 
-// adamw_step_bf16 must do adamw_step's arithmetic from the bf16-rounded gradient and keep w = bf16(x).
+// adamw_step_bf16 and adamw_step_bf16w must do adamw_step's arithmetic from the bf16-rounded gradient and keep w = bf16(x).
 void adamw_bf16_case(long long n, int steps, float wd) {
   const int fail0 = g_fail;
   std::mt19937 rng(11);
@@ -92,7 +92,8 @@ void adamw_bf16_case(long long n, int steps, float wd) {
   std::vector<float> x(n), m(n, 0), v(n, 0), x2, m2(n, 0), v2(n, 0), g32(n);
   for (auto& e : x) e = d(rng);
   x2 = x;
-  std::vector<bf16> g(n), w(n);
+  std::vector<bf16> g(n), w(n), w3(n);
+  std::vector<float> x3 = x, m3(n, 0), v3(n, 0);
   for (int t = 1; t <= steps; ++t) {
     for (long long i = 0; i < n; ++i) { g[i] = __float2bfloat16(d(rng)); g32[i] = __bfloat162float(g[i]); }
     float step_size = (float)(1e-2 / (1 - std::pow(0.9, t))), bc2 = (float)std::sqrt(1 - std::pow(0.999, t));
@@ -100,12 +101,15 @@ void adamw_bf16_case(long long n, int steps, float wd) {
     unsigned blocks = (unsigned)((n + 255) / 256);
     launch({blocks}, 256, adamw_step_bf16, x.data(), g.data(), m.data(), v.data(), w.data(), n, 0.9f, 0.1f, 0.999f,
            0.001f, step_size, bc2, 1e-8f, decay);
+    launch({blocks}, 256, adamw_step_bf16w, x3.data(), g32.data(), m3.data(), v3.data(), w3.data(), n, 0.9f, 0.1f,
+           0.999f, 0.001f, step_size, bc2, 1e-8f, decay);
     launch({blocks}, 256, adamw_step, x2.data(), g32.data(), m2.data(), v2.data(), n, 0.9f, 0.1f, 0.999f, 0.001f,
            step_size, bc2, 1e-8f, decay);
   }
   for (long long i = 0; i < n; ++i) {
     CHECK(x[i] == x2[i] && m[i] == m2[i] && v[i] == v2[i], "x[%lld] %f vs %f", i, x[i], x2[i]);
     CHECK(w[i].x == __float2bfloat16(x[i]).x, "w[%lld] is not bf16(x)", i);
+    CHECK(x3[i] == x2[i] && w3[i].x == w[i].x, "adamw_step_bf16w x[%lld] %f vs %f", i, x3[i], x2[i]);
   }
   printf("case adamw_bf16 n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
 }

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod nvrtc;
+pub mod step_ops;
 
 use serde::Serialize;
 

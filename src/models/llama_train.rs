@@ -288,6 +288,11 @@ impl TrainableLlama {
         Ok(TrainableLlama { config, finetune: finetune.clone(), token_embd, blocks, output_norm, output, rope })
     }
 
+    /// The RoPE table (every position the model can take).
+    pub fn rope_table(&self) -> &RopeTable {
+        &self.rope
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod efficientnet;
 pub mod imagenet;
 pub mod llama;
+pub mod llama_step;
 pub mod llama_train;
 pub mod random_init;
 pub mod sage;

@@ -28,6 +28,11 @@ impl RopeTable {
         RopeTable { half, cos, sin }
     }
 
+    /// `(cos, sin)`, each `[max_pos, half]`: what a device copy of the table uploads.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn max_pos(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }

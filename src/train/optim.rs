@@ -29,6 +29,43 @@ impl Default for AdamWConfig {
     }
 }
 
+/// The per-step scalars of the update, formed in f64 as PyTorch forms them and rounded once: the
+/// CPU step below and the GPU kernels (`kernels/llm_ops.cu`) take the same values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    pub b1: f32,
+    /// `1 − β₁`
+    pub c1: f32,
+    pub b2: f32,
+    /// `1 − β₂`
+    pub c2: f32,
+    /// `lr / (1 − β₁ᵗ)`
+    pub step_size: f32,
+    /// `√(1 − β₂ᵗ)`
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `1 − lr·wd`, applied to decayed parameters only.
+    pub decay_factor: f32,
+}
+
+impl AdamWScalars {
+    /// For step `t` (1-based) at learning rate `lr`.
+    pub fn new(cfg: &AdamWConfig, t: u64, lr: f32) -> AdamWScalars {
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = *cfg;
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        AdamWScalars {
+            b1: beta1 as f32,
+            c1: (1.0 - beta1) as f32,
+            b2: beta2 as f32,
+            c2: (1.0 - beta2) as f32,
+            step_size: (lr as f64 / (1.0 - beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+            eps: eps as f32,
+            decay_factor: (1.0 - lr as f64 * weight_decay) as f32,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Moments {
     pub m: Vec<f32>,
@@ -66,13 +103,8 @@ impl AdamW {
     /// Gradients are left as they are (the caller zeroes them).
     pub fn step(&mut self, params: &mut ParamSet, lr: f32) {
         self.state.step += 1;
-        let t = self.state.step as i32;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let (b1, c1, b2, c2) = (beta1 as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
-        let step_size = (lr as f64 / (1.0 - beta1.powi(t))) as f32;
-        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt() as f32;
-        let eps = eps as f32;
-        let decay_factor = (1.0 - lr as f64 * weight_decay) as f32;
+        let AdamWScalars { b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay_factor } =
+            AdamWScalars::new(&self.cfg, self.state.step, lr);
         for p in params.trainable_mut() {
             assert_eq!(p.grad.len(), p.value.len(), "parameter {:?}: gradient and value differ in length", p.name);
             if !self.state.moments.contains_key(&p.name) {

@@ -42,6 +42,7 @@ pub static LLM_OPS: KernelFile = KernelFile {
         "swiglu_bwd",
         "adamw_step",
         "adamw_step_bf16",
+        "adamw_step_bf16w",
     ],
 };
 

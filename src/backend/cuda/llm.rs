@@ -5,7 +5,7 @@
 
 use super::kernels::LLM_OPS;
 use super::{blocks, cfg, int, Gpu};
-use crate::train::AdamWConfig;
+use crate::train::{AdamWConfig, AdamWScalars};
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
@@ -167,14 +167,10 @@ pub fn adamw_step(
     if [grad.len(), m.len(), v.len()].iter().any(|&k| k != n) || t == 0 {
         bail!("adamw: x, grad, m and v must all hold {n} elements, and t ≥ 1");
     }
-    let AdamWConfig { beta1, beta2, eps, weight_decay } = cfg_;
-    let ti = i32::try_from(t)?;
-    let (b1, c1, b2, c2) = (beta1 as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
-    let step_size = (lr as f64 / (1.0 - beta1.powi(ti))) as f32;
-    let bc2_sqrt = (1.0 - beta2.powi(ti)).sqrt() as f32;
-    let decay_factor = if decay { (1.0 - lr as f64 * weight_decay) as f32 } else { 1.0 };
-    let (eps, nl) = (eps as f32, n as i64);
+    let s = AdamWScalars::new(&cfg_, t, lr);
+    let decay_factor = if decay { s.decay_factor } else { 1.0 };
     let f = gpu.function(&LLM_OPS, "adamw_step")?;
+    let nl = n as i64;
     // SAFETY: as in `rmsnorm_forward`.
     unsafe {
         gpu.stream()
@@ -184,15 +180,70 @@ pub fn adamw_step(
             .arg(&*m)
             .arg(&*v)
             .arg(&nl)
-            .arg(&b1)
-            .arg(&c1)
-            .arg(&b2)
-            .arg(&c2)
-            .arg(&step_size)
-            .arg(&bc2_sqrt)
-            .arg(&eps)
+            .arg(&s.b1)
+            .arg(&s.c1)
+            .arg(&s.b2)
+            .arg(&s.c2)
+            .arg(&s.step_size)
+            .arg(&s.bc2_sqrt)
+            .arg(&s.eps)
             .arg(&decay_factor)
             .launch(cfg((blocks(n, 256)?, 1, 1), 256, 0))?;
     }
+    Ok(())
+}
+
+/// A gradient for [`adamw_step_mixed`]: bf16 (from the weight-gradient GEMMs) or fp32 (norm
+/// weights, reduced in fp32).
+pub enum MixedGrad<'a> {
+    Bf16(&'a CudaSlice<bf16>),
+    F32(&'a CudaSlice<f32>),
+}
+
+/// The mixed-precision AdamW of the GPU training step: updates the fp32 master `x` and moments as
+/// [`adamw_step`] does and writes `w = bf16(x)`, the copy the GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_mixed(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    grad: MixedGrad<'_>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    w: &mut CudaSlice<bf16>,
+    s: &AdamWScalars,
+    decay: bool,
+) -> Result<()> {
+    let n = x.len();
+    let g_len = match grad {
+        MixedGrad::Bf16(g) => g.len(),
+        MixedGrad::F32(g) => g.len(),
+    };
+    if [g_len, m.len(), v.len(), w.len()].iter().any(|&k| k != n) {
+        bail!("adamw: x, grad, m, v and w must all hold {n} elements");
+    }
+    let decay_factor = if decay { s.decay_factor } else { 1.0 };
+    let nl = n as i64;
+    let name = if matches!(grad, MixedGrad::Bf16(_)) { "adamw_step_bf16" } else { "adamw_step_bf16w" };
+    let f = gpu.function(&LLM_OPS, name)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&*x);
+    match grad {
+        MixedGrad::Bf16(g) => b.arg(g),
+        MixedGrad::F32(g) => b.arg(g),
+    };
+    b.arg(&*m)
+        .arg(&*v)
+        .arg(&*w)
+        .arg(&nl)
+        .arg(&s.b1)
+        .arg(&s.c1)
+        .arg(&s.b2)
+        .arg(&s.c2)
+        .arg(&s.step_size)
+        .arg(&s.bc2_sqrt)
+        .arg(&s.eps)
+        .arg(&decay_factor);
+    // SAFETY: as in `rmsnorm_forward`; both kernels share this argument list.
+    unsafe { b.launch(cfg((blocks(n, 256)?, 1, 1), 256, 0)) }?;
     Ok(())
 }

@@ -16,7 +16,9 @@ pub mod fusion;
 pub mod gemm;
 pub mod kernels;
 pub mod llm;
+pub mod llm_attn;
 pub mod mincos;
+pub mod step_ops;
 
 use crate::backend::nvrtc::Arch;
 use anyhow::{anyhow, bail, Context, Result};

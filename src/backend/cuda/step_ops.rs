@@ -1,0 +1,213 @@
+//! [`StepOps`] on the GPU: bf16 buffers, fp32 statistics and master weights, the kernels of
+//! `kernels/` and cuBLASLt, all queued on the device's one stream.
+
+use super::edpo::{self, SeqShape};
+use super::gemm::{gemm, GemmSpec};
+use super::llm::{self, MixedGrad};
+use super::llm_attn;
+use super::Gpu;
+use crate::backend::step_ops::{CausalShape, CrossEntropyOut, GradRef, StepOps};
+use crate::ops::loss::IGNORE;
+use crate::train::AdamWScalars;
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use std::sync::Arc;
+
+/// Rows of `∂loss/∂logits` the cross-entropy backward holds at once (`rows × V` bf16).
+const CE_CHUNK_ROWS: usize = 1024;
+
+pub struct CudaOps {
+    pub gpu: Arc<Gpu>,
+}
+
+impl CudaOps {
+    pub fn new(gpu: Arc<Gpu>) -> CudaOps {
+        CudaOps { gpu }
+    }
+}
+
+fn attn_shape(s: CausalShape) -> llm_attn::CausalShape {
+    llm_attn::CausalShape { batch: s.batch, seq: s.seq, heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim }
+}
+
+impl StepOps for CudaOps {
+    type Buf = CudaSlice<bf16>;
+    type Stat = CudaSlice<f32>;
+
+    fn describe(&self) -> String {
+        let i = self.gpu.info();
+        format!("{} (sm_{}{}, CUDA kernels + cuBLASLt, bf16)", i.name, i.compute_capability.0, i.compute_capability.1)
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Self::Buf> {
+        let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        self.gpu.upload(&h)
+    }
+
+    fn download(&self, x: &Self::Buf) -> Result<Vec<f32>> {
+        Ok(self.gpu.download(x)?.into_iter().map(f32::from).collect())
+    }
+
+    fn upload_stat(&self, x: &[f32]) -> Result<Self::Stat> {
+        self.gpu.upload(x)
+    }
+
+    fn download_stat(&self, x: &Self::Stat) -> Result<Vec<f32>> {
+        self.gpu.download(x)
+    }
+
+    fn zeros(&self, n: usize) -> Result<Self::Buf> {
+        self.gpu.zeros(n)
+    }
+
+    fn stat_zeros(&self, n: usize) -> Result<Self::Stat> {
+        self.gpu.zeros(n)
+    }
+
+    fn copy(&self, x: &Self::Buf) -> Result<Self::Buf> {
+        self.gpu.stream().clone_dtod(x).map_err(|e| anyhow!("copying {} elements on the GPU: {e}", x.len()))
+    }
+
+    fn gemm(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()> {
+        gemm(self.gpu.blas()?, spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), None)
+    }
+
+    fn gemm_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
+        // SAFETY: a GEMM with beta = 0 writes every element of c.
+        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
+        self.gemm(&GemmSpec { accumulate: false, ..*spec }, a, b, &mut c)?;
+        Ok(c)
+    }
+
+    fn embed(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<Self::Buf> {
+        llm_attn::embedding_forward(&self.gpu, table, ids, dim)
+    }
+
+    fn embed_backward(&self, ids: &[u32], dout: &Self::Buf, dim: usize, dtable: &mut Self::Buf) -> Result<()> {
+        llm_attn::embedding_backward(&self.gpu, ids, dout, dim, dtable)
+    }
+
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, eps: f32) -> Result<(Self::Buf, Self::Stat)> {
+        llm::rmsnorm_forward(&self.gpu, x, w, rows, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        rstd: &Self::Stat,
+        rows: usize,
+        _eps: f32,
+        accumulate: bool,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Stat,
+    ) -> Result<()> {
+        llm::rmsnorm_backward(&self.gpu, x, w, dy, rstd, rows, accumulate, dx, Some(dw))
+    }
+
+    fn rope_tables(&self, cos: &[f32], sin: &[f32], _half: usize) -> Result<(Self::Stat, Self::Stat)> {
+        Ok((self.gpu.upload(cos)?, self.gpu.upload(sin)?))
+    }
+
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        tables: &(Self::Stat, Self::Stat),
+        half: usize,
+        rows: usize,
+        t: usize,
+        heads: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        llm_attn::rope(&self.gpu, x, &tables.0, &tables.1, half, rows, t, heads, inverse)
+    }
+
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: CausalShape,
+    ) -> Result<(Self::Buf, Self::Stat)> {
+        llm_attn::attention_forward(&self.gpu, q, k, v, attn_shape(s))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Stat,
+        dout: &Self::Buf,
+        s: CausalShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        llm_attn::attention_backward(&self.gpu, q, k, v, out, lse, dout, attn_shape(s))
+    }
+
+    fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf> {
+        llm::swiglu_forward(&self.gpu, g, u)
+    }
+
+    fn swiglu_backward(&self, dy: &Self::Buf, g: &Self::Buf, u: &Self::Buf) -> Result<(Self::Buf, Self::Buf)> {
+        // SAFETY: swiglu_bwd without accumulate writes every element.
+        let (mut dg, mut du) = unsafe { (self.gpu.uninit::<bf16>(g.len())?, self.gpu.uninit::<bf16>(g.len())?) };
+        llm::swiglu_backward(&self.gpu, dy, g, u, false, &mut dg, &mut du)?;
+        Ok((dg, du))
+    }
+
+    /// The fused E-DPO kernels with one "sequence" per batch row and `grad_seq = −1/counted`:
+    /// `∂loss/∂z = (softmax − onehot)/counted` at counted positions, logits never stored whole.
+    fn cross_entropy(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seqs: usize,
+        counted: usize,
+    ) -> Result<CrossEntropyOut<Self>> {
+        if seqs == 0 || targets.len() % seqs != 0 {
+            bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
+        }
+        let t = targets.len() / seqs;
+        let c = hidden.len() / targets.len().max(1);
+        let s = SeqShape { n: seqs, t, c, v: w.len() / c.max(1) };
+        let mask: Vec<bool> = targets.iter().map(|&x| x != IGNORE).collect();
+        let tg: Vec<i32> = targets.iter().map(|&x| if x == IGNORE { 0 } else { x as i32 }).collect();
+        let (dev_t, dev_m) =
+            (self.gpu.upload(&tg)?, self.gpu.upload(&mask.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?);
+        let fwd = edpo::sequence_logprobs(
+            &self.gpu,
+            hidden,
+            w,
+            &dev_t,
+            &dev_m,
+            s,
+            edpo::default_splits(&s, self.gpu.info().sm_count),
+        )?;
+        let grad_seq = self.gpu.upload(&vec![-1.0f32 / counted.max(1) as f32; seqs])?;
+        let spans = edpo::answer_spans(&mask, t, CE_CHUNK_ROWS);
+        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, true)?;
+        let d_weight = g.d_weight.ok_or_else(|| anyhow!("the cross-entropy backward returned no LM-head gradient"))?;
+        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight })
+    }
+
+    fn adamw(
+        &self,
+        x: &mut Self::Stat,
+        grad: GradRef<'_, Self>,
+        m: &mut Self::Stat,
+        v: &mut Self::Stat,
+        w: &mut Self::Buf,
+        s: &AdamWScalars,
+        decay: bool,
+    ) -> Result<()> {
+        let g = match grad {
+            GradRef::Buf(g) => MixedGrad::Bf16(g),
+            GradRef::Stat(g) => MixedGrad::F32(g),
+        };
+        llm::adamw_step_mixed(&self.gpu, x, g, m, v, w, s, decay)
+    }
+}

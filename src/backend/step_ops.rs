@@ -1,0 +1,424 @@
+//! The op set of a LLaMA training step, as a trait: the step (`models::llama_step`) is written
+//! once against it, [`HostOps`] runs it on the CPU reference ops here, and
+//! `backend::cuda::step_ops::CudaOps` runs it on the kernels of `kernels/` and cuBLASLt.
+//!
+//! Holding the step to one op set is what lets a machine without a GPU test the GPU step's
+//! orchestration (which buffer feeds which op, transposes, accumulation, the residual and tied-head
+//! gradients, the optimizer) against `TrainableLlama`; the parity tests hold each CUDA op against
+//! its CPU reference on a device. Buffers: [`StepOps::Buf`] holds activations, weights and
+//! gradients (bf16 on the GPU), [`StepOps::Stat`] holds fp32 values (norm and softmax statistics,
+//! master weights, optimizer moments). Every op is queued on the device's stream: nothing in a
+//! step waits for the host, and only [`StepOps::download`] and [`StepOps::download_stat`] wait.
+
+use crate::backend::cuda::gemm::{gemm_reference, GemmSpec};
+use crate::ops::activation::{swiglu_backward, swiglu_forward};
+use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
+use crate::ops::embedding::embedding_backward;
+use crate::ops::loss::{cross_entropy_, IGNORE};
+use crate::ops::matmul::{linear_backward, linear_forward};
+use crate::ops::norm::{rms_norm_backward, rms_norm_rows};
+use crate::train::AdamWScalars;
+use anyhow::{bail, Result};
+
+/// `B` sequences of `T` positions through causal attention with `H` query heads over `H_kv`
+/// key/value heads of size `D`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CausalShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A gradient for [`StepOps::adamw`]: a [`StepOps::Buf`] (from the weight-gradient GEMMs) or a
+/// [`StepOps::Stat`] (norm weights, reduced in fp32).
+pub enum GradRef<'a, O: StepOps + ?Sized> {
+    Buf(&'a O::Buf),
+    Stat(&'a O::Stat),
+}
+
+/// The cross-entropy's results (see [`StepOps::cross_entropy`]).
+pub struct CrossEntropyOut<O: StepOps + ?Sized> {
+    /// `Σ_t log p(target_t)` per sequence, `[B]` (the loss is `−Σ / counted positions`).
+    pub seq_logp: O::Stat,
+    /// `∂loss/∂hidden` `[B·T, C]`, zero at ignored positions.
+    pub d_hidden: O::Buf,
+    /// `∂loss/∂W` of the LM head `[V, C]`.
+    pub d_weight: O::Buf,
+}
+
+pub trait StepOps {
+    type Buf;
+    type Stat;
+
+    /// What runs the ops, for logs and reports.
+    fn describe(&self) -> String;
+    fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
+    /// Waits for the queued work.
+    fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
+    fn upload_stat(&self, x: &[f32]) -> Result<Self::Stat>;
+    /// Waits for the queued work.
+    fn download_stat(&self, x: &Self::Stat) -> Result<Vec<f32>>;
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn stat_zeros(&self, n: usize) -> Result<Self::Stat>;
+    fn copy(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `c = op(a)·op(b)` (`+ c` when `spec.accumulate`), row-major as [`GemmSpec`] says.
+    fn gemm(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
+    /// A new `c = op(a)·op(b)`.
+    fn gemm_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
+        let mut c = self.zeros(spec.m * spec.n * spec.batch.max(1))?;
+        self.gemm(&GemmSpec { accumulate: false, ..*spec }, a, b, &mut c)?;
+        Ok(c)
+    }
+    /// `table[ids]`, `[ids.len(), dim]`.
+    fn embed(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<Self::Buf>;
+    /// `dtable[ids[r]] += dout[r]`.
+    fn embed_backward(&self, ids: &[u32], dout: &Self::Buf, dim: usize, dtable: &mut Self::Buf) -> Result<()>;
+    /// RMSNorm over `rows` rows of `w.len()`: `(y, rstd)`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, eps: f32) -> Result<(Self::Buf, Self::Stat)>;
+    /// RMSNorm backward: `dx` (added to when `accumulate`, else overwritten), `dw += …`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        rstd: &Self::Stat,
+        rows: usize,
+        eps: f32,
+        accumulate: bool,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Stat,
+    ) -> Result<()>;
+    /// RoPE tables `cos`, `sin` `[max_pos, half]` in the op set's form.
+    fn rope_tables(&self, cos: &[f32], sin: &[f32], half: usize) -> Result<(Self::Stat, Self::Stat)>;
+    /// RoPE in place over `x [rows, heads, 2·half]`, row `r` at position `r % t`; `inverse` is the
+    /// backward.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        tables: &(Self::Stat, Self::Stat),
+        half: usize,
+        rows: usize,
+        t: usize,
+        heads: usize,
+        inverse: bool,
+    ) -> Result<()>;
+    /// Causal attention: `(out [B, T, H, D], lse)`.
+    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, s: CausalShape)
+        -> Result<(Self::Buf, Self::Stat)>;
+    /// Its backward: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Stat,
+        dout: &Self::Buf,
+        s: CausalShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// `silu(g)·u`.
+    fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf>;
+    /// `(dg, du)`.
+    fn swiglu_backward(&self, dy: &Self::Buf, g: &Self::Buf, u: &Self::Buf) -> Result<(Self::Buf, Self::Buf)>;
+    /// Mean cross-entropy of `hidden [B·T, C]` through the LM head `w [V, C]` against `targets
+    /// [B·T]` (`IGNORE` skips a position), forward and backward, without `[B·T, V]` logits in
+    /// memory where the op set can avoid it. `counted` is the number of targets not ignored.
+    fn cross_entropy(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seqs: usize,
+        counted: usize,
+    ) -> Result<CrossEntropyOut<Self>>;
+    /// One AdamW update of the fp32 master `x` (and moments `m`, `v`) that also refreshes `w`,
+    /// the working copy the ops read.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        x: &mut Self::Stat,
+        grad: GradRef<'_, Self>,
+        m: &mut Self::Stat,
+        v: &mut Self::Stat,
+        w: &mut Self::Buf,
+        s: &AdamWScalars,
+        decay: bool,
+    ) -> Result<()>;
+}
+
+/// The op set on the CPU reference ops (f32 throughout): the step's orchestration checked against
+/// `TrainableLlama`, op for op the same arithmetic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostOps;
+
+impl StepOps for HostOps {
+    type Buf = Vec<f32>;
+    type Stat = Vec<f32>;
+
+    fn describe(&self) -> String {
+        "cpu reference ops (f32)".into()
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn upload_stat(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download_stat(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn stat_zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+        let GemmSpec { m, n, k, trans_a, trans_b, accumulate, .. } = *spec;
+        if spec.batch > 1 || spec.gelu {
+            bail!("the host op set has plain GEMMs only ({spec:?})");
+        }
+        // The linear layer's two shapes go through the blocked CPU kernels of `TrainableLlama`,
+        // so both sides sum in the same order; anything else takes the reference loop.
+        match (trans_a, trans_b) {
+            (false, true) if !accumulate => linear_forward(c, a, b, None, m, k, n),
+            (false, false) => {
+                // dx (+)= dy·W: the input-gradient half of `linear_backward`.
+                if !accumulate {
+                    c.iter_mut().for_each(|x| *x = 0.0);
+                }
+                linear_backward(Some(c.as_mut_slice()), None, None, a, &vec![0.0; m * n], b, m, n, k);
+            }
+            (true, false) => {
+                // dW (+)= dyᵀ·x: the weight-gradient half.
+                if !accumulate {
+                    c.iter_mut().for_each(|x| *x = 0.0);
+                }
+                linear_backward(None, Some(c.as_mut_slice()), None, a, b, &vec![0.0; m * n], k, n, m);
+            }
+            _ => gemm_reference(spec, a, b, c, None),
+        }
+        Ok(())
+    }
+
+    fn embed(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        let vocab = table.len() / dim.max(1);
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            if id as usize >= vocab {
+                bail!("token id {id} is outside the vocabulary of {vocab}");
+            }
+            out.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+        }
+        Ok(out)
+    }
+
+    fn embed_backward(&self, ids: &[u32], dout: &Vec<f32>, dim: usize, dtable: &mut Vec<f32>) -> Result<()> {
+        embedding_backward(dtable, dout, ids, dim);
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = vec![0.0; rows * w.len()];
+        rms_norm_rows(&x[..rows * w.len()], w, eps, &mut y);
+        Ok((y, Vec::new()))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        _rstd: &Vec<f32>,
+        _rows: usize,
+        eps: f32,
+        accumulate: bool,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+    ) -> Result<()> {
+        if !accumulate {
+            dx.iter_mut().for_each(|v| *v = 0.0);
+        }
+        rms_norm_backward(dx, Some(dw), dy, x, w, eps);
+        Ok(())
+    }
+
+    fn rope_tables(&self, cos: &[f32], sin: &[f32], _half: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((cos.to_vec(), sin.to_vec()))
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        half: usize,
+        rows: usize,
+        t: usize,
+        heads: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        // The rotation of `ops::rope::RopeTable::apply_pairs_` (and its backward), from the tables.
+        let d = 2 * half;
+        for (r, row) in x[..rows * heads * d].chunks_mut(heads * d).enumerate() {
+            let base = (r % t) * half;
+            let (c, s) = (&cos[base..base + half], &sin[base..base + half]);
+            for head in row.chunks_mut(d) {
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    if inverse {
+                        head[2 * i] = a * c[i] + b * s[i];
+                        head[2 * i + 1] = -a * s[i] + b * c[i];
+                    } else {
+                        head[2 * i] = a * c[i] - b * s[i];
+                        head[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: CausalShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let (qn, kn) = (s.seq * s.heads * s.head_dim, s.seq * s.kv_heads * s.head_dim);
+        let mut out = vec![0.0; s.batch * qn];
+        for b in 0..s.batch {
+            let (kb, vb) = (&k[b * kn..(b + 1) * kn], &v[b * kn..(b + 1) * kn]);
+            attention(
+                &q[b * qn..(b + 1) * qn],
+                kb,
+                vb,
+                shape,
+                Mask::Causal { start: 0 },
+                &mut out[b * qn..(b + 1) * qn],
+            );
+        }
+        // The CPU backward recomputes the softmax statistics, so none are kept.
+        Ok((out, Vec::new()))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        _out: &Vec<f32>,
+        _lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        s: CausalShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let (qn, kn) = (s.seq * s.heads * s.head_dim, s.seq * s.kv_heads * s.head_dim);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; s.batch * qn], vec![0.0; s.batch * kn], vec![0.0; s.batch * kn]);
+        for b in 0..s.batch {
+            let (qs, ks) = (b * qn..(b + 1) * qn, b * kn..(b + 1) * kn);
+            attention_backward(
+                &mut dq[qs.clone()],
+                &mut dk[ks.clone()],
+                &mut dv[ks.clone()],
+                &dout[qs.clone()],
+                &q[qs],
+                &k[ks.clone()],
+                &v[ks],
+                shape,
+                Mask::Causal { start: 0 },
+            );
+        }
+        Ok((dq, dk, dv))
+    }
+
+    fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; g.len()];
+        swiglu_forward(&mut y, g, u);
+        Ok(y)
+    }
+
+    fn swiglu_backward(&self, dy: &Vec<f32>, g: &Vec<f32>, u: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        swiglu_backward(&mut dg, &mut du, dy, g, u);
+        Ok((dg, du))
+    }
+
+    fn cross_entropy(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        seqs: usize,
+        counted: usize,
+    ) -> Result<CrossEntropyOut<Self>> {
+        let t = targets.len() / seqs.max(1);
+        let c = hidden.len() / targets.len().max(1);
+        let vocab = w.len() / c.max(1);
+        let mut seq_logp = vec![0.0; seqs];
+        let mut d_hidden = vec![0.0; hidden.len()];
+        let mut d_weight = vec![0.0; w.len()];
+        for (n, lp) in seq_logp.iter_mut().enumerate() {
+            // Per sequence, as `TrainableLlama::loss` computes it: logits only at counted rows.
+            let rows: Vec<usize> = (n * t..(n + 1) * t).filter(|&r| targets[r] != IGNORE).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
+            let mut logits = vec![0.0; rows.len() * vocab];
+            linear_forward(&mut logits, &h, w, None, rows.len(), c, vocab);
+            let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+            let ce = cross_entropy_(&mut logits, &row_targets, vocab);
+            *lp = -ce.loss * ce.tokens as f32;
+            // cross_entropy_ scaled the gradient by 1/(this sequence's count); the batch mean
+            // divides by every counted position.
+            let rescale = ce.tokens as f32 / counted.max(1) as f32;
+            logits.iter_mut().for_each(|x| *x *= rescale);
+            let mut dh = vec![0.0; rows.len() * c];
+            linear_backward(Some(&mut dh), Some(&mut d_weight), None, &logits, &h, w, rows.len(), c, vocab);
+            for (i, &r) in rows.iter().enumerate() {
+                d_hidden[r * c..(r + 1) * c].copy_from_slice(&dh[i * c..(i + 1) * c]);
+            }
+        }
+        Ok(CrossEntropyOut { seq_logp, d_hidden, d_weight })
+    }
+
+    fn adamw(
+        &self,
+        x: &mut Vec<f32>,
+        grad: GradRef<'_, Self>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        w: &mut Vec<f32>,
+        s: &AdamWScalars,
+        decay: bool,
+    ) -> Result<()> {
+        let g = match grad {
+            GradRef::Buf(g) | GradRef::Stat(g) => g,
+        };
+        let decay = if decay { s.decay_factor } else { 1.0 };
+        // `train::AdamW::step`'s arithmetic, in its order.
+        for i in 0..x.len() {
+            x[i] *= decay;
+            m[i] = s.b1 * m[i] + s.c1 * g[i];
+            v[i] = s.b2 * v[i] + s.c2 * g[i] * g[i];
+            x[i] -= s.step_size * m[i] / (v[i].sqrt() / s.bc2_sqrt + s.eps);
+        }
+        w.copy_from_slice(x);
+        Ok(())
+    }
+}
