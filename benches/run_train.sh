@@ -5,7 +5,8 @@
 #   bash benches/run_train.sh [--batch 1 --seq 128 --steps 3 --gen-tokens 32 --gen-batch 1,16 ...]
 #
 # The same arguments go to both sides. PYTHON picks the interpreter (it needs torch and
-# transformers); SAGE the binary; OUT the folder.
+# transformers); SAGE the binary; SAGE_DEVICE its --device (auto: the GPU when one works, as
+# PyTorch does); OUT the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAGE=${SAGE:-target/release/sage}
@@ -17,7 +18,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 tmp=$(mktemp -d)
 { (nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true)
   echo "$(nproc) CPU cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"; } | paste -sd';' > "$tmp/env.txt"
-"$SAGE" --threads "$threads" --json bench train "$@" > "$tmp/sage.json"
+"$SAGE" --device "${SAGE_DEVICE:-auto}" --threads "$threads" --json bench train "$@" > "$tmp/sage.json"
 "$PYTHON" benches/train_hf.py --threads "$threads" "$@" > "$tmp/hf.json"
 cp "$tmp/sage.json" "$out/train-$stamp.sage.json"
 cp "$tmp/hf.json" "$out/train-$stamp.hf.json"

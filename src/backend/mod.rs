@@ -26,7 +26,8 @@ pub struct Selection {
 }
 
 /// Picks the backend for the model ops. The CUDA backend ([`cuda`]) runs the SAGE kernels and
-/// GEMMs (`sage bench kernels`, the parity tests); the model ops (the lite backbone, SFE, E-DPO,
+/// GEMMs (`sage bench kernels`, the parity tests) and the LLaMA training step (`sage bench train`,
+/// which decides `auto` itself); the pipeline's model ops (the lite backbone, SFE, E-DPO,
 /// inference) have no CUDA path in this build, so they run on the CPU under `auto`, and an
 /// explicit `cuda` is accepted only by the commands that can use it (checked in `cli::run`).
 pub fn select(choice: DeviceChoice) -> anyhow::Result<Selection> {
@@ -50,7 +51,9 @@ pub fn select(choice: DeviceChoice) -> anyhow::Result<Selection> {
 fn auto_reason() -> String {
     // SAFETY: dlopen of the driver library by name; nothing in it is called.
     if unsafe { cudarc::driver::sys::is_culib_present() } {
-        "a CUDA driver is present; the SAGE kernels use it (`sage bench kernels`), but the model ops have no CUDA path in this build".into()
+        "a CUDA driver is present; the kernels and the LLaMA training step use it (`sage bench kernels`, `sage bench train`), \
+         but the pipeline's model ops (sfe, edpo, infer, eval) have no CUDA path in this build"
+            .into()
     } else {
         "no CUDA driver (libcuda.so) found on this machine".into()
     }

@@ -3,6 +3,7 @@
 use super::{print_json, Ctx};
 use crate::assets::{self, Asset};
 use crate::backend::cpu::{sgemm, MatRef};
+use crate::backend::DeviceChoice;
 use crate::models::llama::{argmax, ChatModel};
 use crate::user_err;
 use crate::util::median;
@@ -109,15 +110,53 @@ fn run_train(ctx: &Ctx, cfg: &super::bench_train::TrainBench) -> Result<()> {
         return Err(user_err!("sequences are limited to 2048 positions at these shapes"));
     }
     let quiet = ctx.quiet();
-    let results = super::bench_train::run(cfg, |msg| {
+    let report = |msg: &str| {
         if !quiet {
             eprintln!("{msg}");
         }
-    })?;
+    };
+    // `--device cuda` insists on the GPU; `auto` takes it when one works, else the CPU.
+    let gpu = match ctx.device {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda => Some(
+            crate::backend::cuda::Gpu::global()
+                .map_err(|e| user_err!("--device cuda: {e:#}; run with --device cpu"))?,
+        ),
+        DeviceChoice::Auto => crate::backend::cuda::Gpu::global().ok(),
+    };
+    let (engine, results) = match &gpu {
+        Some(g) => {
+            let i = g.info();
+            let engine = format!("sage (GPU: {}, bf16 with fp32 master weights)", i.name);
+            (engine, super::bench_train::run_gpu(cfg, g.clone(), report)?)
+        }
+        None => ("sage (CPU, f32)".to_string(), super::bench_train::run(cfg, report)?),
+    };
     if ctx.json {
         return print_json(&serde_json::json!({
-            "engine": "sage (CPU, f32)", "threads": ctx.threads, "steps": cfg.steps, "results": results,
+            "engine": engine, "threads": ctx.threads, "steps": cfg.steps, "results": results,
         }));
+    }
+    if gpu.is_some() {
+        println!("training step (full fine-tune, AdamW), {engine}, median of {} steps", cfg.steps);
+        for r in &results {
+            let gib =
+                |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or("-".into());
+            println!(
+                "  {:<13} {:>5.0} M params  batch {} × {} tokens: {:>9.2} ms/step  {:>9.1} tokens/s  peak device memory {}",
+                r.model,
+                r.parameters as f64 / 1e6,
+                r.batch,
+                r.seq,
+                r.step_ms,
+                r.train_tokens_per_second,
+                gib(r.peak_device_bytes)
+            );
+        }
+        println!(
+            "  (generation on the GPU is not built: run with --device cpu for the CPU engine's generation figures)"
+        );
+        return Ok(());
     }
     println!("training step (full fine-tune, AdamW), CPU f32, {} threads, median of {} steps", ctx.threads, cfg.steps);
     for r in &results {

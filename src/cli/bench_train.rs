@@ -3,8 +3,10 @@
 //! beside the HF transformers counterpart (`benches/train_hf.py`, same config, batch and sequence)
 //! and writes the report with the ratios to `benches/results/`.
 //!
-//! This build trains on the CPU (f32): the numbers are the CPU engine's. The GPU path and its
-//! target (≥ 1.3× HF transformers tokens/s) are not built yet.
+//! Two engines: [`run`] is the CPU step (`TrainableLlama`, f32) with generation; [`run_gpu`] is
+//! the GPU step (`DeviceLlama` on `CudaOps`: bf16 weights and activations, fp32 masters and
+//! moments), whose target is ≥ 1.3× HF transformers tokens/s (DESIGN.md §9). Generation on the GPU
+//! (a KV-cached decode on the device) is not built, so the GPU engine reports training only.
 
 use crate::models::llama::Sampling;
 use crate::models::llama_train::{Finetune, TrainableLlama};
@@ -39,6 +41,10 @@ pub struct ModelResult {
     /// Peak resident memory of the process while this model loaded, trained and generated
     /// (VmHWM, reset before the model is built).
     pub peak_rss_bytes: Option<u64>,
+    /// GPU engine: peak device memory in use from loading the weights to the last step (the
+    /// allocator pool's high-water mark).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_bytes: Option<u64>,
     pub loss_first: f32,
     pub loss_last: f32,
     pub generation: Vec<GenResult>,
@@ -135,9 +141,66 @@ pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<Model
             step_ms: step_s * 1e3,
             train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / step_s,
             peak_rss_bytes: peak_rss(),
+            peak_device_bytes: None,
             loss_first,
             loss_last,
             generation,
+        });
+    }
+    Ok(out)
+}
+
+/// The GPU engine: the same models, batch, sequences and optimizer as [`run`], each step the
+/// device step of `models::llama_step` (timed from launch to the loss read back, which waits for
+/// the whole step). Weights are drawn on the host as in [`run`] and copied once.
+pub fn run_gpu(
+    cfg: &TrainBench,
+    gpu: std::sync::Arc<crate::backend::cuda::Gpu>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<ModelResult>> {
+    use crate::backend::cuda::step_ops::CudaOps;
+    use crate::backend::step_ops::StepOps;
+    use crate::models::llama_step::DeviceLlama;
+    let mut out = Vec::new();
+    for name in &cfg.models {
+        let config = preset(name)?;
+        reset_peak_rss();
+        let mut params = ParamSet::new();
+        let weights = RandomLlama { config: config.clone(), seed: 0 };
+        let model =
+            TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))?;
+        let parameters = params.iter().map(|p| p.numel()).sum();
+        gpu.sync()?;
+        gpu.reset_peak_memory();
+        let mut dev = DeviceLlama::new(CudaOps::new(gpu.clone()), &model, &params, AdamWConfig::default())?;
+        drop(params);
+        let vocab = config.vocab_size;
+        let seqs: Vec<Vec<u32>> = (0..cfg.batch).map(|b| tokens(b, cfg.seq + 1, vocab)).collect();
+        let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..cfg.seq].iter().copied()).collect();
+        let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+        progress(&format!("{name}: {parameters} parameters on {}, warm-up step", dev.ops.describe()));
+        let loss_first = dev.train_step(&inputs, &targets, cfg.batch, 1e-5)?;
+        let mut times = Vec::new();
+        let mut loss_last = loss_first;
+        for i in 0..cfg.steps {
+            let t = Instant::now();
+            loss_last = dev.train_step(&inputs, &targets, cfg.batch, 1e-5)?;
+            times.push(t.elapsed().as_secs_f64());
+            progress(&format!("{name}: step {}/{} {:.1} ms, loss {loss_last:.4}", i + 1, cfg.steps, times[i] * 1e3));
+        }
+        let step_s = median(&times);
+        out.push(ModelResult {
+            model: name.clone(),
+            parameters,
+            batch: cfg.batch,
+            seq: cfg.seq,
+            step_ms: step_s * 1e3,
+            train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / step_s,
+            peak_rss_bytes: peak_rss(),
+            peak_device_bytes: gpu.peak_memory_bytes(),
+            loss_first,
+            loss_last,
+            generation: Vec::new(),
         });
     }
     Ok(out)

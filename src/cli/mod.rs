@@ -32,8 +32,9 @@ use clap::{Parser, Subcommand};
     about = "Comparison-based visual anomaly reasoning: a VLM compares a test image with a normal reference and says what is wrong, where, why and how bad."
 )]
 pub struct Cli {
-    /// Compute device. The model ops (training, inference, eval) run on the CPU in this build, so
-    /// `auto` means the CPU and says why; `cuda` is for `sage bench kernels` (and `doctor`).
+    /// Compute device. `sage bench kernels` and `sage bench train` run on the GPU (`auto` takes
+    /// one when it works); the pipeline's model ops (sfe, edpo, infer, eval) run on the CPU in
+    /// this build, so for them `auto` means the CPU and says why, and `cuda` is refused.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     /// Print machine-readable JSON on stdout instead of text (progress bars are hidden).
@@ -112,6 +113,8 @@ pub struct Ctx {
     pub plugin_dirs: Vec<std::path::PathBuf>,
     pub verbose: u8,
     pub backend: Selection,
+    /// What `--device` asked for (commands with a GPU path decide with it).
+    pub device: DeviceChoice,
     pub threads: usize,
 }
 
@@ -129,11 +132,18 @@ pub fn run(cli: Cli) -> Result<()> {
         && !matches!(cli.command, Command::Bench(_) | Command::Doctor(_) | Command::Kernels(_))
     {
         return Err(crate::user_err!(
-            "--device cuda: this command's model ops have no CUDA path in this build (only `sage bench kernels` runs on \
-             the GPU); run it with --device cpu or auto"
+            "--device cuda: this command's model ops have no CUDA path in this build (`sage bench kernels` and `sage \
+             bench train` run on the GPU); run it with --device cpu or auto"
         ));
     }
-    let ctx = Ctx { json: cli.json, plugin_dirs: cli.plugin_dirs, verbose: cli.verbose, backend: selection, threads };
+    let ctx = Ctx {
+        json: cli.json,
+        plugin_dirs: cli.plugin_dirs,
+        verbose: cli.verbose,
+        backend: selection,
+        device: cli.device,
+        threads,
+    };
     if ctx.verbose > 0 {
         eprintln!("backend: {} ({}); {} threads", ctx.backend.backend, ctx.backend.reason, ctx.threads);
     }

@@ -224,6 +224,52 @@ impl Gpu {
         self.stream.alloc(n.max(1)).map_err(|e| anyhow!("allocating {n} elements on the GPU: {e}"))
     }
 
+    /// The device's default memory pool, which cudarc's stream-ordered allocations draw from;
+    /// `None` where the device has no stream-ordered allocator.
+    fn default_pool(&self) -> Option<cudarc::driver::sys::CUmemoryPool> {
+        use cudarc::driver::sys;
+        if !self.ctx.has_async_alloc() || self.ctx.bind_to_thread().is_err() {
+            return None;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: the context is current; the driver writes one pool handle.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+    }
+
+    /// Peak device memory in use through the allocator since [`Gpu::reset_peak_memory`]
+    /// (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`): the training benchmark's peak memory.
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys;
+        let pool = self.default_pool()?;
+        let mut v: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut v as *mut u64).cast(),
+            )
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+
+    /// Restarts [`Gpu::peak_memory_bytes`] from the memory in use now.
+    pub fn reset_peak_memory(&self) {
+        use cudarc::driver::sys;
+        if let Some(pool) = self.default_pool() {
+            let mut zero: u64 = 0;
+            // SAFETY: as above; setting the high-water mark to 0 resets it.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            };
+        }
+    }
+
     /// Waits for all queued work; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("a GPU kernel failed: {e}"))
