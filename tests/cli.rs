@@ -16,7 +16,7 @@ fn doctor_json_names_the_backend_and_why() {
     if v["cuda"]["available"] == false {
         assert!(!v["cuda"]["reason"].as_str().unwrap().is_empty());
     }
-    assert_eq!(v["kernels_cache"].as_array().unwrap().len(), 4);
+    assert_eq!(v["kernels_cache"].as_array().unwrap().len(), sage::backend::cuda::kernels::ALL.len());
 }
 
 /// Without a working GPU, the GPU commands refuse with the reason instead of falling back.
@@ -32,6 +32,10 @@ fn gpu_commands_without_a_gpu_say_why() {
     let out = sage().args(["--device", "cuda", "doctor"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
+    // The GPU training benchmark refuses too, naming the way back to the CPU engine.
+    let out = sage().args(["--device", "cuda", "bench", "train", "--models", "smollm2-135m"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a user error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device cpu"));
 }
 
 #[test]
@@ -41,7 +45,7 @@ fn kernels_build_fills_the_ptx_cache_that_doctor_reports() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = stdout_json(&out);
     let ks = v["kernels"].as_array().unwrap();
-    assert_eq!(ks.len(), 4);
+    assert_eq!(ks.len(), sage::backend::cuda::kernels::ALL.len());
     for k in ks {
         let ptx = std::fs::read_to_string(k["path"].as_str().unwrap()).unwrap();
         assert!(ptx.contains(".target sm_90") && ptx.contains(".version 9.0"), "{}", k["file"]);
