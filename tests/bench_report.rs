@@ -5,23 +5,28 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
+/// Runs `benches/<script>` on two fixtures; returns the JSON report and the markdown.
+fn report(script: &str, sage_fixture: &str, other_fixture: &str) -> (serde_json::Value, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fx = root.join("tests/fixtures/bench");
     let dir = tempfile::tempdir().unwrap();
     let stem = dir.path().join("report");
     let out = Command::new(sage::assets::python())
-        .arg(root.join("benches/report.py"))
-        .arg(fx.join("sage.json"))
-        .arg(fx.join("torch.json"))
+        .arg(root.join("benches").join(script))
+        .arg(fx.join(sage_fixture))
+        .arg(fx.join(other_fixture))
         .arg("--out")
         .arg(&stem)
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap()).unwrap();
+    let json = serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap()).unwrap();
+    (json, std::fs::read_to_string(stem.with_extension("md")).unwrap())
+}
+
+#[test]
+fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
+    let (report, md) = report("report.py", "sage.json", "torch.json");
     let rows = report["comparisons"].as_array().unwrap();
     let find = |op: &str, torch: &str, kind: &str| {
         rows.iter()
@@ -44,7 +49,6 @@ fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
     assert!((ratio(find("edpo_loss_fwd_bwd", "unfused", "speedup")) - 2.0).abs() < 1e-9);
     let r = find("edpo_loss_fwd_bwd", "unfused", "memory");
     assert!((ratio(r) - 0.5).abs() < 1e-9 && r["met"] == false);
-    let md = std::fs::read_to_string(stem.with_extension("md")).unwrap();
     assert!(md.contains("# Kernel benchmark: Synthetic test device") && md.contains("| **no** |"), "{md}");
 }
 
@@ -52,28 +56,13 @@ fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
 /// peak memory taken over the process RSS, and the note that sage's generation was not measured.
 #[test]
 fn bench_train_report_takes_device_peaks_and_counts_the_gpu_target() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fx = root.join("tests/fixtures/bench");
-    let dir = tempfile::tempdir().unwrap();
-    let stem = dir.path().join("train");
-    let out = Command::new(sage::assets::python())
-        .arg(root.join("benches/report_train.py"))
-        .arg(fx.join("train_sage_gpu.json"))
-        .arg(fx.join("train_hf_gpu.json"))
-        .arg("--out")
-        .arg(&stem)
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap()).unwrap();
+    let (report, md) = report("report_train.py", "train_sage_gpu.json", "train_hf_gpu.json");
     let rows = report["comparisons"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     // 81920 / 51200 = 1.6 (met); 20480 / 20480 = 1.0 (missed).
     assert!((rows[0]["train_ratio"].as_f64().unwrap() - 1.6).abs() < 1e-9);
     assert!((rows[1]["train_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     assert_eq!(rows[0]["sage_peak_bytes"].as_u64(), Some(6 << 30), "device peak, not the process RSS");
-    let md = std::fs::read_to_string(stem.with_extension("md")).unwrap();
     assert!(md.contains("(GPU)") && md.contains("met in 1 of 2 comparisons"), "{md}");
     assert!(md.contains("| smollm2-135m | sdpa | 8 × 1024 | 81920.0 | 51200.0 | 1.60 | 6.00 | 8.00 |"), "{md}");
     assert!(md.contains("generation was not measured"), "{md}");

@@ -10,26 +10,19 @@
 //! master weights, optimizer moments). Every op is queued on the device's stream: nothing in a
 //! step waits for the host, and only [`StepOps::download`] and [`StepOps::download_stat`] wait.
 
-use crate::backend::cuda::gemm::{gemm_reference, GemmSpec};
+use crate::backend::cpu::{sgemm, MatRef};
+use crate::backend::cuda::gemm::GemmSpec;
 use crate::ops::activation::{swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
 use crate::ops::embedding::embedding_backward;
 use crate::ops::loss::{cross_entropy_, IGNORE};
 use crate::ops::matmul::{linear_backward, linear_forward};
 use crate::ops::norm::{rms_norm_backward, rms_norm_rows};
+use crate::ops::rope::rotate_pairs_;
 use crate::train::AdamWScalars;
 use anyhow::{bail, Result};
 
-/// `B` sequences of `T` positions through causal attention with `H` query heads over `H_kv`
-/// key/value heads of size `D`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CausalShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
+pub use crate::backend::cuda::llm_attn::CausalShape;
 
 /// A gradient for [`StepOps::adamw`]: a [`StepOps::Buf`] (from the weight-gradient GEMMs) or a
 /// [`StepOps::Stat`] (norm weights, reduced in fp32).
@@ -197,26 +190,11 @@ impl StepOps for HostOps {
         if spec.batch > 1 || spec.gelu {
             bail!("the host op set has plain GEMMs only ({spec:?})");
         }
-        // The linear layer's two shapes go through the blocked CPU kernels of `TrainableLlama`,
-        // so both sides sum in the same order; anything else takes the reference loop.
-        match (trans_a, trans_b) {
-            (false, true) if !accumulate => linear_forward(c, a, b, None, m, k, n),
-            (false, false) => {
-                // dx (+)= dy·W: the input-gradient half of `linear_backward`.
-                if !accumulate {
-                    c.iter_mut().for_each(|x| *x = 0.0);
-                }
-                linear_backward(Some(c.as_mut_slice()), None, None, a, &vec![0.0; m * n], b, m, n, k);
-            }
-            (true, false) => {
-                // dW (+)= dyᵀ·x: the weight-gradient half.
-                if !accumulate {
-                    c.iter_mut().for_each(|x| *x = 0.0);
-                }
-                linear_backward(None, Some(c.as_mut_slice()), None, a, b, &vec![0.0; m * n], k, n, m);
-            }
-            _ => gemm_reference(spec, a, b, c, None),
-        }
+        // The operand views `ops::matmul`'s linear forward and backward pass to the same kernel,
+        // so the host step sums in `TrainableLlama`'s order.
+        let a = if trans_a { MatRef::transposed(a, m) } else { MatRef::rows(a, k) };
+        let b = if trans_b { MatRef::transposed(b, k) } else { MatRef::rows(b, n) };
+        sgemm(m, n, k, a, b, c, accumulate);
         Ok(())
     }
 
@@ -276,23 +254,8 @@ impl StepOps for HostOps {
         heads: usize,
         inverse: bool,
     ) -> Result<()> {
-        // The rotation of `ops::rope::RopeTable::apply_pairs_` (and its backward), from the tables.
-        let d = 2 * half;
-        for (r, row) in x[..rows * heads * d].chunks_mut(heads * d).enumerate() {
-            let base = (r % t) * half;
-            let (c, s) = (&cos[base..base + half], &sin[base..base + half]);
-            for head in row.chunks_mut(d) {
-                for i in 0..half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    if inverse {
-                        head[2 * i] = a * c[i] + b * s[i];
-                        head[2 * i + 1] = -a * s[i] + b * c[i];
-                    } else {
-                        head[2 * i] = a * c[i] - b * s[i];
-                        head[2 * i + 1] = a * s[i] + b * c[i];
-                    }
-                }
-            }
+        for seq in x[..rows * heads * 2 * half].chunks_mut(t * heads * 2 * half) {
+            rotate_pairs_(seq, cos, sin, half, heads, 0, inverse);
         }
         Ok(())
     }

@@ -137,44 +137,33 @@ fn run_train(ctx: &Ctx, cfg: &super::bench_train::TrainBench) -> Result<()> {
             "engine": engine, "threads": ctx.threads, "steps": cfg.steps, "results": results,
         }));
     }
-    if gpu.is_some() {
-        println!("training step (full fine-tune, AdamW), {engine}, median of {} steps", cfg.steps);
-        for r in &results {
-            let gib =
-                |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or("-".into());
-            println!(
-                "  {:<13} {:>5.0} M params  batch {} × {} tokens: {:>9.2} ms/step  {:>9.1} tokens/s  peak device memory {}",
-                r.model,
-                r.parameters as f64 / 1e6,
-                r.batch,
-                r.seq,
-                r.step_ms,
-                r.train_tokens_per_second,
-                gib(r.peak_device_bytes)
-            );
-        }
-        println!(
-            "  (generation on the GPU is not built: run with --device cpu for the CPU engine's generation figures)"
-        );
-        return Ok(());
-    }
-    println!("training step (full fine-tune, AdamW), CPU f32, {} threads, median of {} steps", ctx.threads, cfg.steps);
+    let on_gpu = gpu.is_some();
+    let threads = if on_gpu { String::new() } else { format!(", {} threads", ctx.threads) };
+    println!("training step (full fine-tune, AdamW), {engine}{threads}, median of {} steps", cfg.steps);
+    let gib = |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or("-".into());
     for r in &results {
-        let gib =
-            |b: Option<u64>| b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or("-".into());
+        let peak = if on_gpu {
+            format!("peak device memory {}", gib(r.peak_device_bytes))
+        } else {
+            format!("peak RSS {}", gib(r.peak_rss_bytes))
+        };
         println!(
-            "  {:<13} {:>5.0} M params  batch {} × {} tokens: {:>9.1} ms/step  {:>8.1} tokens/s  peak RSS {}",
+            "  {:<13} {:>5.0} M params  batch {} × {} tokens: {:>9.2} ms/step  {:>9.1} tokens/s  {peak}",
             r.model,
             r.parameters as f64 / 1e6,
             r.batch,
             r.seq,
             r.step_ms,
             r.train_tokens_per_second,
-            gib(r.peak_rss_bytes)
         );
         for g in &r.generation {
             println!("      generation batch {:>2}: {:>8.1} new tokens/s", g.batch, g.tokens_per_second);
         }
+    }
+    if on_gpu {
+        println!(
+            "  (generation on the GPU is not built: run with --device cpu for the CPU engine's generation figures)"
+        );
     }
     Ok(())
 }

@@ -78,43 +78,82 @@ fn tokens(b: usize, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((b * 7919 + i * 104_729 + 17) % vocab) as u32).collect()
 }
 
+/// A model at `name`'s shape with random weights, its parameters and their count (the peak-RSS
+/// counter reset first, so it covers loading).
+fn load_random(name: &str) -> Result<(TrainableLlama, ParamSet, usize)> {
+    let config = preset(name)?;
+    reset_peak_rss();
+    let mut params = ParamSet::new();
+    let weights = RandomLlama { config: config.clone(), seed: 0 };
+    let model = TrainableLlama::load(&weights, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))?;
+    let parameters = params.iter().map(|p| p.numel()).sum();
+    Ok((model, params, parameters))
+}
+
+/// Losses and step time of one model, the same for both engines.
+struct Timed {
+    loss_first: f32,
+    loss_last: f32,
+    step_s: f64,
+}
+
+/// One warm-up step, then `steps` timed ones; the median time.
+fn timed_steps(
+    name: &str,
+    steps: usize,
+    progress: &mut impl FnMut(&str),
+    mut step: impl FnMut() -> Result<f32>,
+) -> Result<Timed> {
+    let loss_first = step()?;
+    let (mut times, mut loss_last) = (Vec::new(), loss_first);
+    for i in 0..steps {
+        let t = Instant::now();
+        loss_last = step()?;
+        times.push(t.elapsed().as_secs_f64());
+        progress(&format!("{name}: step {}/{steps} {:.1} ms, loss {loss_last:.4}", i + 1, times[i] * 1e3));
+    }
+    Ok(Timed { loss_first, loss_last, step_s: median(&times) })
+}
+
+impl ModelResult {
+    fn new(name: &str, parameters: usize, cfg: &TrainBench, t: &Timed) -> ModelResult {
+        ModelResult {
+            model: name.to_string(),
+            parameters,
+            batch: cfg.batch,
+            seq: cfg.seq,
+            step_ms: t.step_s * 1e3,
+            train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / t.step_s,
+            peak_rss_bytes: peak_rss(),
+            peak_device_bytes: None,
+            loss_first: t.loss_first,
+            loss_last: t.loss_last,
+            generation: Vec::new(),
+        }
+    }
+}
+
 pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<ModelResult>> {
     let mut out = Vec::new();
     for name in &cfg.models {
-        let config = preset(name)?;
-        reset_peak_rss();
-        let mut params = ParamSet::new();
-        let mut rng = SeedRng::new(0, 0);
-        let weights = RandomLlama { config: config.clone(), seed: 0 };
-        let model = TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut rng)?;
-        let parameters = params.iter().map(|p| p.numel()).sum();
+        let (model, mut params, parameters) = load_random(name)?;
         let mut opt = AdamW::new(AdamWConfig::default());
-        let vocab = config.vocab_size;
-        let mut step = |params: &mut ParamSet| -> Result<f32> {
+        let vocab = model.vocab_size();
+        progress(&format!("{name}: {parameters} parameters, warm-up step"));
+        let timed = timed_steps(name, cfg.steps, &mut progress, || {
             params.zero_grad();
             let mut total = 0.0;
             for b in 0..cfg.batch {
                 let ids = tokens(b, cfg.seq + 1, vocab);
-                let x = model.embed(params, &ids[..cfg.seq]);
-                let (loss, dx) = model.loss(params, &x, cfg.seq, &ids[1..], true)?;
-                model.embed_backward(params, &ids[..cfg.seq], &dx.expect("asked for the input gradient"));
+                let x = model.embed(&params, &ids[..cfg.seq]);
+                let (loss, dx) = model.loss(&mut params, &x, cfg.seq, &ids[1..], true)?;
+                model.embed_backward(&mut params, &ids[..cfg.seq], &dx.expect("asked for the input gradient"));
                 total += loss;
             }
             params.scale_grads(1.0 / cfg.batch as f32);
-            opt.step(params, 1e-5);
+            opt.step(&mut params, 1e-5);
             Ok(total / cfg.batch as f32)
-        };
-        progress(&format!("{name}: {parameters} parameters, warm-up step"));
-        let loss_first = step(&mut params)?;
-        let mut times = Vec::new();
-        let mut loss_last = loss_first;
-        for i in 0..cfg.steps {
-            let t = Instant::now();
-            loss_last = step(&mut params)?;
-            times.push(t.elapsed().as_secs_f64());
-            progress(&format!("{name}: step {}/{} {:.2} s, loss {loss_last:.4}", i + 1, cfg.steps, times[i]));
-        }
-        let step_s = median(&times);
+        })?;
         let mut generation = Vec::new();
         for &gb in &cfg.gen_batches {
             let prompts: Vec<Vec<f32>> =
@@ -133,19 +172,7 @@ pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<Model
                 tokens_per_second: tps,
             });
         }
-        out.push(ModelResult {
-            model: name.clone(),
-            parameters,
-            batch: cfg.batch,
-            seq: cfg.seq,
-            step_ms: step_s * 1e3,
-            train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / step_s,
-            peak_rss_bytes: peak_rss(),
-            peak_device_bytes: None,
-            loss_first,
-            loss_last,
-            generation,
-        });
+        out.push(ModelResult { generation, ..ModelResult::new(name, parameters, cfg, &timed) });
     }
     Ok(out)
 }
@@ -163,44 +190,19 @@ pub fn run_gpu(
     use crate::models::llama_step::DeviceLlama;
     let mut out = Vec::new();
     for name in &cfg.models {
-        let config = preset(name)?;
-        reset_peak_rss();
-        let mut params = ParamSet::new();
-        let weights = RandomLlama { config: config.clone(), seed: 0 };
-        let model =
-            TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))?;
-        let parameters = params.iter().map(|p| p.numel()).sum();
+        let (model, params, parameters) = load_random(name)?;
         gpu.sync()?;
         gpu.reset_peak_memory();
         let mut dev = DeviceLlama::new(CudaOps::new(gpu.clone()), &model, &params, AdamWConfig::default())?;
         drop(params);
-        let vocab = config.vocab_size;
-        let seqs: Vec<Vec<u32>> = (0..cfg.batch).map(|b| tokens(b, cfg.seq + 1, vocab)).collect();
+        let seqs: Vec<Vec<u32>> = (0..cfg.batch).map(|b| tokens(b, cfg.seq + 1, model.vocab_size())).collect();
         let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..cfg.seq].iter().copied()).collect();
         let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
         progress(&format!("{name}: {parameters} parameters on {}, warm-up step", dev.ops.describe()));
-        let loss_first = dev.train_step(&inputs, &targets, cfg.batch, 1e-5)?;
-        let mut times = Vec::new();
-        let mut loss_last = loss_first;
-        for i in 0..cfg.steps {
-            let t = Instant::now();
-            loss_last = dev.train_step(&inputs, &targets, cfg.batch, 1e-5)?;
-            times.push(t.elapsed().as_secs_f64());
-            progress(&format!("{name}: step {}/{} {:.1} ms, loss {loss_last:.4}", i + 1, cfg.steps, times[i] * 1e3));
-        }
-        let step_s = median(&times);
+        let timed = timed_steps(name, cfg.steps, &mut progress, || dev.train_step(&inputs, &targets, cfg.batch, 1e-5))?;
         out.push(ModelResult {
-            model: name.clone(),
-            parameters,
-            batch: cfg.batch,
-            seq: cfg.seq,
-            step_ms: step_s * 1e3,
-            train_tokens_per_second: (cfg.batch * cfg.seq) as f64 / step_s,
-            peak_rss_bytes: peak_rss(),
             peak_device_bytes: gpu.peak_memory_bytes(),
-            loss_first,
-            loss_last,
-            generation: Vec::new(),
+            ..ModelResult::new(name, parameters, cfg, &timed)
         });
     }
     Ok(out)

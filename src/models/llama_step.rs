@@ -175,7 +175,7 @@ impl<O: StepOps> DeviceLlama<O> {
             );
         }
         let t = rows / batch;
-        let max_pos = self.ops_max_positions();
+        let max_pos = self.config.context_length;
         if t > max_pos {
             user_bail!("sequences of {t} positions exceed the model's {max_pos}");
         }
@@ -233,10 +233,6 @@ impl<O: StepOps> DeviceLlama<O> {
         o.embed_backward(inputs, &dx, d, &mut dtable)?;
         grads[self.token_embd] = Some(Grad::Buf(dtable));
         Ok(StepGrads { seq_logp: ce.seq_logp, counted, grads })
-    }
-
-    fn ops_max_positions(&self) -> usize {
-        self.config.context_length
     }
 
     /// Backward of one block given `dy`, the gradient of its output; returns its input's.
@@ -314,9 +310,9 @@ impl<O: StepOps> DeviceLlama<O> {
     /// A full step: forward, backward, AdamW at `lr`; returns the loss (read after the optimizer
     /// is queued, the step's only wait).
     pub fn train_step(&mut self, inputs: &[u32], targets: &[u32], batch: usize, lr: f32) -> Result<f32> {
-        let StepGrads { seq_logp, counted, grads } = self.forward_backward(inputs, targets, batch)?;
-        self.apply(grads, lr)?;
-        self.loss(&StepGrads { seq_logp, counted, grads: Vec::new() })
+        let mut g = self.forward_backward(inputs, targets, batch)?;
+        self.apply(std::mem::take(&mut g.grads), lr)?;
+        self.loss(&g)
     }
 
     /// Copies the fp32 master weights back into `params` (by name), e.g. for a checkpoint.

@@ -39,36 +39,40 @@ impl RopeTable {
 
     /// Rotates `x[tokens, heads, head_dim]` in place; token `t` is at position `start + t`.
     pub fn apply_pairs_(&self, x: &mut [f32], heads: usize, start: usize) {
-        let hd = self.half * 2;
-        for (t, tok) in x.chunks_mut(heads * hd).enumerate() {
-            let base = (start + t) * self.half;
-            let (c, s) = (&self.cos[base..base + self.half], &self.sin[base..base + self.half]);
-            for head in tok.chunks_mut(hd) {
-                for i in 0..self.half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * c[i] - b * s[i];
-                    head[2 * i + 1] = a * s[i] + b * c[i];
-                }
-            }
-        }
+        rotate_pairs_(x, &self.cos, &self.sin, self.half, heads, start, false);
     }
 
     /// Backward of [`RopeTable::apply_pairs_`], in place on the gradient: a rotation's
     /// Jacobian is the rotation itself, so the gradient with respect to the input is the
     /// gradient rotated back by the same angle (the transpose, `−θ`).
     pub fn apply_pairs_backward_(&self, dx: &mut [f32], heads: usize, start: usize) {
-        let hd = self.half * 2;
-        dx.par_chunks_mut(heads * hd).enumerate().for_each(|(t, tok)| {
-            let base = (start + t) * self.half;
-            let (c, s) = (&self.cos[base..base + self.half], &self.sin[base..base + self.half]);
-            for head in tok.chunks_mut(hd) {
-                for i in 0..self.half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+        let row = heads * self.half * 2;
+        dx.par_chunks_mut(row).enumerate().for_each(|(t, tok)| {
+            rotate_pairs_(tok, &self.cos, &self.sin, self.half, heads, start + t, true);
+        });
+    }
+}
+
+/// The rotation itself, from tables `cos`, `sin` `[max_pos, half]`: each token of
+/// `x[tokens, heads, 2·half]` (token `t` at position `start + t`) turns by its angles, or back by
+/// them with `inverse`. [`RopeTable`] and the host op set of the device step both call it.
+pub fn rotate_pairs_(x: &mut [f32], cos: &[f32], sin: &[f32], half: usize, heads: usize, start: usize, inverse: bool) {
+    let hd = half * 2;
+    for (t, tok) in x.chunks_mut(heads * hd).enumerate() {
+        let base = (start + t) * half;
+        let (c, s) = (&cos[base..base + half], &sin[base..base + half]);
+        for head in tok.chunks_mut(hd) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                if inverse {
                     head[2 * i] = a * c[i] + b * s[i];
                     head[2 * i + 1] = -a * s[i] + b * c[i];
+                } else {
+                    head[2 * i] = a * c[i] - b * s[i];
+                    head[2 * i + 1] = a * s[i] + b * c[i];
                 }
             }
-        });
+        }
     }
 }
 

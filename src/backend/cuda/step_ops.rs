@@ -27,10 +27,6 @@ impl CudaOps {
     }
 }
 
-fn attn_shape(s: CausalShape) -> llm_attn::CausalShape {
-    llm_attn::CausalShape { batch: s.batch, seq: s.seq, heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim }
-}
-
 impl StepOps for CudaOps {
     type Buf = CudaSlice<bf16>;
     type Stat = CudaSlice<f32>;
@@ -131,7 +127,7 @@ impl StepOps for CudaOps {
         v: &Self::Buf,
         s: CausalShape,
     ) -> Result<(Self::Buf, Self::Stat)> {
-        llm_attn::attention_forward(&self.gpu, q, k, v, attn_shape(s))
+        llm_attn::attention_forward(&self.gpu, q, k, v, s)
     }
 
     fn attention_backward(
@@ -144,7 +140,7 @@ impl StepOps for CudaOps {
         dout: &Self::Buf,
         s: CausalShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
-        llm_attn::attention_backward(&self.gpu, q, k, v, out, lse, dout, attn_shape(s))
+        llm_attn::attention_backward(&self.gpu, q, k, v, out, lse, dout, s)
     }
 
     fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf> {
