@@ -20,7 +20,12 @@ decode tokens/s.\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of DESIGN.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward), medians of CUDA-event \
 timings and the device bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch \
-references and writes the report with the ratios to benches/results/.";
+references and writes the report with the ratios to benches/results/.\n\n\
+`sage bench train`: a full fine-tuning step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with \
+random weights, tokens/s and peak memory. On a GPU (taken by --device auto when one works, required by --device \
+cuda) it runs the device step in bf16 and reports peak device memory; generation on the GPU is not built. On the CPU \
+(--device cpu, or auto without a GPU) it runs in f32, reports peak RSS, and also times greedy generation at each \
+--gen-batch. `bash benches/run_train.sh` runs HF transformers beside it and writes the report to benches/results/.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,8 +48,9 @@ enum What {
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
     },
-    /// A training step (forward, backward, AdamW) and generation at SmolLM2-135M and Qwen2-0.5B
-    /// shapes with random weights: tokens/s and peak memory.
+    /// A training step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with
+    /// random weights: tokens/s and peak memory, on the GPU when one works (else the CPU, with
+    /// generation tokens/s too).
     Train {
         /// Model shapes to measure.
         #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen2-0.5b")]
@@ -61,7 +67,7 @@ enum What {
         /// Prompt tokens for the generation measurement.
         #[arg(long, default_value_t = 16)]
         gen_prompt: usize,
-        /// New tokens per generated sequence (0 skips generation).
+        /// New tokens per generated sequence (0 skips generation; CPU engine only).
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
         /// Generation batch sizes.
