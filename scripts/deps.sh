@@ -8,7 +8,9 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v dpkg >/dev/null || need_apt+=(dpkg)
 { command -v cc && command -v c++; } >/dev/null || need_apt+=(build-essential)
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# libclang itself (libclang.so, libclang-NN.so.*), not libclang-cpp, which some images ship alone.
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so* \
+  >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
