@@ -17,6 +17,10 @@
 //   adamw_step_bf16    the same from a bf16 gradient, also writing the bf16 working copy of x (the
 //                      GPU training step: GEMMs read bf16 weights, the optimizer keeps fp32 masters)
 //   adamw_step_bf16w   the same from an fp32 gradient, also writing the bf16 working copy
+//                      (both scale the gradient by clip[0] and skip the update when clip[1] ≠ 0)
+//   sumsq_partial_bf16 part[block] = Σ x² over a grid-stride share of x   grid SUMSQ_BLOCKS, block 256
+//   sumsq_partial_f32  the same for fp32 x (then sum_rows_f32 over the SUMSQ_BLOCKS partials)
+//   clip_factor        [factor, skip, norm] from Σg² (train::clip_grad_norm)  grid 1, block 32
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;
@@ -140,7 +144,9 @@ extern "C" __global__ void adamw_step(float* __restrict__ x, const float* __rest
 
 // AdamW for the mixed-precision training step: the fp32 master x is updated exactly as in adamw_step
 // and w = bf16(x) is the copy the next forward reads. The gradient arrives in bf16 (the cuBLASLt
-// weight-gradient GEMMs: adamw_step_bf16) or in fp32 (the norm weights: adamw_step_bf16w).
+// weight-gradient GEMMs: adamw_step_bf16) or in fp32 (the norm weights: adamw_step_bf16w), and is
+// scaled by clip[0], the clipping factor clip_factor computed on the device (so the host never waits
+// for the gradient norm); clip[1] ≠ 0 (a non-finite norm) skips the update, as train::Trainer does.
 __device__ __forceinline__ void lo_adamw_mixed(long long i, float g, float* __restrict__ x, float* __restrict__ m,
                                                float* __restrict__ v, bf16* __restrict__ w, float b1, float c1,
                                                float b2, float c2, float step_size, float bc2_sqrt, float eps,
@@ -158,17 +164,62 @@ __device__ __forceinline__ void lo_adamw_mixed(long long i, float g, float* __re
 extern "C" __global__ void adamw_step_bf16(float* __restrict__ x, const bf16* __restrict__ grad,
                                            float* __restrict__ m, float* __restrict__ v, bf16* __restrict__ w,
                                            long long n, float b1, float c1, float b2, float c2, float step_size,
-                                           float bc2_sqrt, float eps, float decay) {
+                                           float bc2_sqrt, float eps, float decay, const float* __restrict__ clip) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    lo_adamw_mixed(i, __bfloat162float(grad[i]), x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay);
+    if (i >= n || clip[1] != 0.f) return;
+    lo_adamw_mixed(i, __bfloat162float(grad[i]) * clip[0], x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps,
+                   decay);
 }
 
 extern "C" __global__ void adamw_step_bf16w(float* __restrict__ x, const float* __restrict__ grad,
                                             float* __restrict__ m, float* __restrict__ v, bf16* __restrict__ w,
                                             long long n, float b1, float c1, float b2, float c2, float step_size,
-                                            float bc2_sqrt, float eps, float decay) {
+                                            float bc2_sqrt, float eps, float decay, const float* __restrict__ clip) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    lo_adamw_mixed(i, grad[i], x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay);
+    if (i >= n || clip[1] != 0.f) return;
+    lo_adamw_mixed(i, grad[i] * clip[0], x, m, v, w, b1, c1, b2, c2, step_size, bc2_sqrt, eps, decay);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global gradient norm, on the device: each gradient's Σg² in SUMSQ_BLOCKS fixed partials (block
+// b sums the elements i ≡ t (mod 256·SUMSQ_BLOCKS) of its threads t, then a tree in shared memory),
+// which sum_rows_f32 (C = 1) adds in order into the running total: deterministic.
+#define SUMSQ_BLOCKS 256
+
+__device__ __forceinline__ void lo_block_sum_store(float acc, float* __restrict__ part) {
+    __shared__ float red[256];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) part[blockIdx.x] = red[0];
+}
+
+extern "C" __global__ void sumsq_partial_bf16(const bf16* __restrict__ x, long long n, float* __restrict__ part) {
+    float acc = 0.f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = __bfloat162float(x[i]);
+        acc += v * v;
+    }
+    lo_block_sum_store(acc, part);
+}
+
+extern "C" __global__ void sumsq_partial_f32(const float* __restrict__ x, long long n, float* __restrict__ part) {
+    float acc = 0.f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        acc += x[i] * x[i];
+    lo_block_sum_store(acc, part);
+}
+
+// train::clip_grad_norm's rule: norm = √Σg²; factor = max_norm/(norm + 1e-6) when norm > max_norm
+// (max_norm ≤ 0: never), else 1; skip = 1 when the norm is not finite.
+extern "C" __global__ void clip_factor(const float* __restrict__ sumsq, float max_norm, float* __restrict__ out) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const float norm = sqrtf(sumsq[0]);
+    const int finite = isfinite(norm);
+    out[0] = (finite && max_norm > 0.f && norm > max_norm) ? max_norm / (norm + 1e-6f) : 1.f;
+    out[1] = finite ? 0.f : 1.f;
+    out[2] = norm;
 }

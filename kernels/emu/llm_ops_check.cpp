@@ -94,15 +94,16 @@ void adamw_bf16_case(long long n, int steps, float wd) {
   x2 = x;
   std::vector<bf16> g(n), w(n), w3(n);
   std::vector<float> x3 = x, m3(n, 0), v3(n, 0);
+  const float clip[2] = {1.f, 0.f};
   for (int t = 1; t <= steps; ++t) {
     for (long long i = 0; i < n; ++i) { g[i] = __float2bfloat16(d(rng)); g32[i] = __bfloat162float(g[i]); }
     float step_size = (float)(1e-2 / (1 - std::pow(0.9, t))), bc2 = (float)std::sqrt(1 - std::pow(0.999, t));
     float decay = 1 - 1e-2f * wd;
     unsigned blocks = (unsigned)((n + 255) / 256);
     launch({blocks}, 256, adamw_step_bf16, x.data(), g.data(), m.data(), v.data(), w.data(), n, 0.9f, 0.1f, 0.999f,
-           0.001f, step_size, bc2, 1e-8f, decay);
+           0.001f, step_size, bc2, 1e-8f, decay, clip);
     launch({blocks}, 256, adamw_step_bf16w, x3.data(), g32.data(), m3.data(), v3.data(), w3.data(), n, 0.9f, 0.1f,
-           0.999f, 0.001f, step_size, bc2, 1e-8f, decay);
+           0.999f, 0.001f, step_size, bc2, 1e-8f, decay, clip);
     launch({blocks}, 256, adamw_step, x2.data(), g32.data(), m2.data(), v2.data(), n, 0.9f, 0.1f, 0.999f, 0.001f,
            step_size, bc2, 1e-8f, decay);
   }
@@ -112,6 +113,67 @@ void adamw_bf16_case(long long n, int steps, float wd) {
     CHECK(x3[i] == x2[i] && w3[i].x == w[i].x, "adamw_step_bf16w x[%lld] %f vs %f", i, x3[i], x2[i]);
   }
   printf("case adamw_bf16 n%lld steps%d wd%g: %s\n", n, steps, wd, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+// The clipped update: the gradient times clip[0] (against adamw_step on the pre-scaled gradient), and
+// clip[1] ≠ 0 leaves x, m, v and w untouched.
+void adamw_clip_case(long long n, float factor) {
+  const int fail0 = g_fail;
+  std::mt19937 rng(13);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> x(n), m(n, 0.1f), v(n, 0.2f), g32(n), gs(n);
+  std::vector<bf16> g(n), w(n);
+  for (long long i = 0; i < n; ++i) {
+    x[i] = d(rng);
+    g[i] = __float2bfloat16(d(rng));
+    g32[i] = __bfloat162float(g[i]);
+    gs[i] = g32[i] * factor;
+  }
+  auto x0 = x, x2 = x, m2 = m, v2 = v, x3 = x, m3 = m, v3 = v;
+  std::vector<bf16> w3(n);
+  const float clip[2] = {factor, 0.f}, skip[2] = {factor, 1.f};
+  unsigned blocks = (unsigned)((n + 255) / 256);
+  launch({blocks}, 256, adamw_step_bf16, x.data(), g.data(), m.data(), v.data(), w.data(), n, 0.9f, 0.1f, 0.999f,
+         0.001f, 0.01f, 0.04f, 1e-8f, 0.999f, clip);
+  launch({blocks}, 256, adamw_step, x2.data(), gs.data(), m2.data(), v2.data(), n, 0.9f, 0.1f, 0.999f, 0.001f, 0.01f,
+         0.04f, 1e-8f, 0.999f);
+  for (long long i = 0; i < n; ++i) w3[i] = __float2bfloat16(123.f);
+  launch({blocks}, 256, adamw_step_bf16w, x3.data(), g32.data(), m3.data(), v3.data(), w3.data(), n, 0.9f, 0.1f,
+         0.999f, 0.001f, 0.01f, 0.04f, 1e-8f, 0.999f, skip);
+  for (long long i = 0; i < n; ++i) {
+    CHECK(x[i] == x2[i] && m[i] == m2[i] && v[i] == v2[i], "clipped x[%lld] %f vs %f", i, x[i], x2[i]);
+    CHECK(x3[i] == x0[i] && m3[i] == 0.1f && v3[i] == 0.2f && w3[i].x == __float2bfloat16(123.f).x,
+          "a skipped step changed element %lld", i);
+  }
+  printf("case adamw_clip n%lld factor%g: %s\n", n, factor, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+// Σx² in SUMSQ_BLOCKS partials, summed by sum_rows_f32 into a running total, then clip_factor.
+void sumsq_clip_case(long long n, float max_norm, bool poison) {
+  const int fail0 = g_fail;
+  auto xb = rand_bf16(n, -2, 2);
+  std::vector<float> xf(n);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> d(-1, 1);
+  for (auto& e : xf) e = d(rng);
+  if (poison) xf[n / 2] = INFINITY;
+  std::vector<float> part(SUMSQ_BLOCKS, 777.f), total(1, 0.5f), out(3, -1.f);
+  launch({SUMSQ_BLOCKS}, 256, sumsq_partial_bf16, xb.data(), n, part.data());
+  launch({1}, 256, sum_rows_f32, part.data(), SUMSQ_BLOCKS, 1, total.data());
+  launch({SUMSQ_BLOCKS}, 256, sumsq_partial_f32, xf.data(), n, part.data());
+  launch({1}, 256, sum_rows_f32, part.data(), SUMSQ_BLOCKS, 1, total.data());
+  launch({1}, 32, clip_factor, total.data(), max_norm, out.data());
+  double want = 0.5;
+  for (long long i = 0; i < n; ++i) want += f64(xb[i]) * f64(xb[i]) + (double)xf[i] * xf[i];
+  if (poison) {
+    CHECK(out[1] == 1.f && out[0] == 1.f, "a non-finite norm must skip: [%f %f %f]", out[0], out[1], out[2]);
+  } else {
+    CHECK(std::fabs(total[0] - want) <= 1e-5 * want, "sumsq %f vs %f", total[0], want);
+    double norm = std::sqrt(want), f = (max_norm > 0 && norm > max_norm) ? max_norm / (norm + 1e-6) : 1.0;
+    CHECK(std::fabs(out[2] - norm) <= 1e-5 * norm && std::fabs(out[0] - f) <= 1e-5 * f && out[1] == 0.f,
+          "clip [%f %f %f] vs factor %f norm %f", out[0], out[1], out[2], f, norm);
+  }
+  printf("case sumsq_clip n%lld max%g poison%d: %s\n", n, max_norm, (int)poison, g_fail > fail0 ? "FAIL" : "ok");
 }
 
 int main() {
@@ -126,5 +188,11 @@ int main() {
   adamw_case(1000, 5, 0.1f);
   adamw_bf16_case(1, 1, 0.f);
   adamw_bf16_case(777, 4, 0.1f);
+  adamw_clip_case(300, 0.25f);
+  sumsq_clip_case(1, 1.f, false);
+  sumsq_clip_case(70001, 10.f, false);
+  sumsq_clip_case(5000, 1e6f, false);
+  sumsq_clip_case(5000, 0.f, false);
+  sumsq_clip_case(999, 1.f, true);
   return g_fail ? 1 : 0;
 }

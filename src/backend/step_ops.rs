@@ -12,12 +12,13 @@
 
 use crate::backend::cpu::{sgemm, MatRef};
 use crate::backend::cuda::gemm::GemmSpec;
-use crate::ops::activation::{swiglu_backward, swiglu_forward};
+use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
 use crate::ops::embedding::embedding_backward;
+use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward, FusionShape};
 use crate::ops::loss::{cross_entropy_, IGNORE};
 use crate::ops::matmul::{linear_backward, linear_forward};
-use crate::ops::norm::{rms_norm_backward, rms_norm_rows};
+use crate::ops::norm::{layer_norm_backward, layer_norm_rows, rms_norm_backward, rms_norm_rows};
 use crate::ops::rope::rotate_pairs_;
 use crate::train::AdamWScalars;
 use anyhow::{bail, Result};
@@ -33,12 +34,12 @@ pub enum GradRef<'a, O: StepOps + ?Sized> {
 
 /// The cross-entropy's results (see [`StepOps::cross_entropy`]).
 pub struct CrossEntropyOut<O: StepOps + ?Sized> {
-    /// `Σ_t log p(target_t)` per sequence, `[B]` (the loss is `−Σ / counted positions`).
+    /// `Σ_t log p(target_t)` per sequence, `[B]` (the loss is `−Σ_n seq_weights[n]·seq_logp[n]`).
     pub seq_logp: O::Stat,
     /// `∂loss/∂hidden` `[B·T, C]`, zero at ignored positions.
     pub d_hidden: O::Buf,
-    /// `∂loss/∂W` of the LM head `[V, C]`.
-    pub d_weight: O::Buf,
+    /// `∂loss/∂W` of the LM head `[V, C]`, when asked for (a frozen head has none).
+    pub d_weight: Option<O::Buf>,
 }
 
 pub trait StepOps {
@@ -70,7 +71,8 @@ pub trait StepOps {
     fn embed_backward(&self, ids: &[u32], dout: &Self::Buf, dim: usize, dtable: &mut Self::Buf) -> Result<()>;
     /// RMSNorm over `rows` rows of `w.len()`: `(y, rstd)`.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, eps: f32) -> Result<(Self::Buf, Self::Stat)>;
-    /// RMSNorm backward: `dx` (added to when `accumulate`, else overwritten), `dw += …`.
+    /// RMSNorm backward: `dx` (added to when `accumulate`, else overwritten), `dw += …` unless
+    /// the weight is frozen (`None`).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
@@ -82,7 +84,7 @@ pub trait StepOps {
         eps: f32,
         accumulate: bool,
         dx: &mut Self::Buf,
-        dw: &mut Self::Stat,
+        dw: Option<&mut Self::Stat>,
     ) -> Result<()>;
     /// RoPE tables `cos`, `sin` `[max_pos, half]` in the op set's form.
     fn rope_tables(&self, cos: &[f32], sin: &[f32], half: usize) -> Result<(Self::Stat, Self::Stat)>;
@@ -118,19 +120,23 @@ pub trait StepOps {
     fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf>;
     /// `(dg, du)`.
     fn swiglu_backward(&self, dy: &Self::Buf, g: &Self::Buf, u: &Self::Buf) -> Result<(Self::Buf, Self::Buf)>;
-    /// Mean cross-entropy of `hidden [B·T, C]` through the LM head `w [V, C]` against `targets
-    /// [B·T]` (`IGNORE` skips a position), forward and backward, without `[B·T, V]` logits in
-    /// memory where the op set can avoid it. `counted` is the number of targets not ignored.
+    /// The weighted cross-entropy `−Σ_n seq_weights[n]·Σ_t log p(target)` of `hidden [B·T, C]`
+    /// through the LM head `w [V, C]` against `targets [B·T]` (`IGNORE` skips a position),
+    /// forward and backward, without `[B·T, V]` logits in memory where the op set can avoid it.
+    /// A weight of `1/counted` everywhere is the batch's mean token loss; `1/(B·counted_n)` the
+    /// mean of the sequences' means. `weight_grad` asks for the LM head's gradient.
     fn cross_entropy(
         &self,
         hidden: &Self::Buf,
         w: &Self::Buf,
         targets: &[u32],
-        seqs: usize,
-        counted: usize,
+        seq_weights: &[f32],
+        weight_grad: bool,
     ) -> Result<CrossEntropyOut<Self>>;
     /// One AdamW update of the fp32 master `x` (and moments `m`, `v`) that also refreshes `w`,
-    /// the working copy the ops read.
+    /// the working copy the ops read, from the gradient times `clip[0]`; nothing changes when
+    /// `clip[1]` is non-zero (a non-finite gradient norm: the step is skipped). `clip` is what
+    /// [`StepOps::clip_factor`] makes.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
@@ -141,7 +147,93 @@ pub trait StepOps {
         w: &mut Self::Buf,
         s: &AdamWScalars,
         decay: bool,
+        clip: &Self::Stat,
     ) -> Result<()>;
+
+    // The ops of the SAGE head (`models::sage_step`) and of gradient clipping.
+
+    /// A linear layer with bias: `op(a)·op(b) + bias` (one bias value per output column), new.
+    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf) -> Result<Self::Buf>;
+    /// Column sums `out[j] += Σ_r x[r, j]` over `rows` rows of `out.len()` (a bias gradient).
+    fn col_sum(&self, x: &Self::Buf, rows: usize, out: &mut Self::Stat) -> Result<()>;
+    /// GELU, exact erf form (`ops::activation::gelu_forward`).
+    fn gelu(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `dx = dy·gelu'(x)`.
+    fn gelu_backward(&self, dy: &Self::Buf, x: &Self::Buf) -> Result<Self::Buf>;
+    /// LayerNorm over `rows` rows of `w.len()`: `(y, stats)`, the statistics the backward reads.
+    fn layernorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Stat)>;
+    /// Its backward: returns `dx`; `dw += Σ dy·x̂`, `db += Σ dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        stats: &Self::Stat,
+        rows: usize,
+        eps: f32,
+        dw: &mut Self::Stat,
+        db: &mut Self::Stat,
+    ) -> Result<Self::Buf>;
+    /// Multi-head fusion attention (`ops::fusion_attn`): `(out [B, L, H, D], lse)`.
+    fn fusion_attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: FusionShape,
+    ) -> Result<(Self::Buf, Self::Stat)>;
+    /// Its backward: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn fusion_attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Stat,
+        dout: &Self::Buf,
+        s: FusionShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// Copies `rows` rows of `dim` from `src` (from row `src_row`) into `dst` (from row `dst_row`).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_row: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()>;
+    /// `acc[0] += Σ g²` over a gradient.
+    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Self::Stat) -> Result<()>;
+    /// From `sumsq[0] = Σ g²` over every gradient, the clipping of `train::clip_grad_norm`:
+    /// `[factor, skip, norm]` with `factor = max/(norm + 1e-6)` when `norm > max` (else 1) and
+    /// `skip = 1` when the norm is not finite. `None` never clips.
+    fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat>;
+}
+
+/// `train::clip_grad_norm`'s rule on a computed `Σ g²`: `[factor, skip, norm]`.
+pub fn clip_rule(sumsq: f64, max_norm: Option<f32>) -> [f32; 3] {
+    let norm = sumsq.sqrt() as f32;
+    if !norm.is_finite() {
+        return [1.0, 1.0, norm];
+    }
+    let factor = match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    };
+    [factor, 0.0, norm]
 }
 
 /// The op set on the CPU reference ops (f32 throughout): the step's orchestration checked against
@@ -231,12 +323,12 @@ impl StepOps for HostOps {
         eps: f32,
         accumulate: bool,
         dx: &mut Vec<f32>,
-        dw: &mut Vec<f32>,
+        dw: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         if !accumulate {
             dx.iter_mut().for_each(|v| *v = 0.0);
         }
-        rms_norm_backward(dx, Some(dw), dy, x, w, eps);
+        rms_norm_backward(dx, dw.map(|d| d.as_mut_slice()), dy, x, w, eps);
         Ok(())
     }
 
@@ -326,15 +418,19 @@ impl StepOps for HostOps {
         hidden: &Vec<f32>,
         w: &Vec<f32>,
         targets: &[u32],
-        seqs: usize,
-        counted: usize,
+        seq_weights: &[f32],
+        weight_grad: bool,
     ) -> Result<CrossEntropyOut<Self>> {
-        let t = targets.len() / seqs.max(1);
+        let seqs = seq_weights.len();
+        if seqs == 0 || targets.len() % seqs != 0 {
+            bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
+        }
+        let t = targets.len() / seqs;
         let c = hidden.len() / targets.len().max(1);
         let vocab = w.len() / c.max(1);
         let mut seq_logp = vec![0.0; seqs];
         let mut d_hidden = vec![0.0; hidden.len()];
-        let mut d_weight = vec![0.0; w.len()];
+        let mut d_weight = weight_grad.then(|| vec![0.0; w.len()]);
         for (n, lp) in seq_logp.iter_mut().enumerate() {
             // Per sequence, as `TrainableLlama::loss` computes it: logits only at counted rows.
             let rows: Vec<usize> = (n * t..(n + 1) * t).filter(|&r| targets[r] != IGNORE).collect();
@@ -347,12 +443,13 @@ impl StepOps for HostOps {
             let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
             let ce = cross_entropy_(&mut logits, &row_targets, vocab);
             *lp = -ce.loss * ce.tokens as f32;
-            // cross_entropy_ scaled the gradient by 1/(this sequence's count); the batch mean
-            // divides by every counted position.
-            let rescale = ce.tokens as f32 / counted.max(1) as f32;
+            // cross_entropy_ scaled the gradient by 1/(this sequence's count); the sequence's
+            // weight replaces that.
+            let rescale = ce.tokens as f32 * seq_weights[n];
             logits.iter_mut().for_each(|x| *x *= rescale);
             let mut dh = vec![0.0; rows.len() * c];
-            linear_backward(Some(&mut dh), Some(&mut d_weight), None, &logits, &h, w, rows.len(), c, vocab);
+            let dw = d_weight.as_deref_mut();
+            linear_backward(Some(&mut dh), dw, None, &logits, &h, w, rows.len(), c, vocab);
             for (i, &r) in rows.iter().enumerate() {
                 d_hidden[r * c..(r + 1) * c].copy_from_slice(&dh[i * c..(i + 1) * c]);
             }
@@ -369,19 +466,146 @@ impl StepOps for HostOps {
         w: &mut Vec<f32>,
         s: &AdamWScalars,
         decay: bool,
+        clip: &Vec<f32>,
     ) -> Result<()> {
         let g = match grad {
             GradRef::Buf(g) | GradRef::Stat(g) => g,
         };
+        if clip[1] != 0.0 {
+            return Ok(());
+        }
         let decay = if decay { s.decay_factor } else { 1.0 };
+        // `train::clip_grad_norm` scales the gradients (skipped at factor 1, as there), then
         // `train::AdamW::step`'s arithmetic, in its order.
+        let factor = clip[0];
         for i in 0..x.len() {
+            let gi = if factor == 1.0 { g[i] } else { g[i] * factor };
             x[i] *= decay;
-            m[i] = s.b1 * m[i] + s.c1 * g[i];
-            v[i] = s.b2 * v[i] + s.c2 * g[i] * g[i];
+            m[i] = s.b1 * m[i] + s.c1 * gi;
+            v[i] = s.b2 * v[i] + s.c2 * gi * gi;
             x[i] -= s.step_size * m[i] / (v[i].sqrt() / s.bc2_sqrt + s.eps);
         }
         w.copy_from_slice(x);
         Ok(())
+    }
+
+    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, bias: &Vec<f32>) -> Result<Vec<f32>> {
+        // `ops::matmul::linear_forward`'s order: the bias first, the product added to it.
+        let mut c: Vec<f32> = (0..spec.m).flat_map(|_| bias[..spec.n].iter().copied()).collect();
+        self.gemm(&GemmSpec { accumulate: true, ..*spec }, a, b, &mut c)?;
+        Ok(c)
+    }
+
+    fn col_sum(&self, x: &Vec<f32>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let n = out.len();
+        for r in x[..rows * n].chunks_exact(n) {
+            out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+        }
+        Ok(())
+    }
+
+    fn gelu(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; x.len()];
+        gelu_forward(&mut y, x);
+        Ok(y)
+    }
+
+    fn gelu_backward(&self, dy: &Vec<f32>, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut dx = vec![0.0; x.len()];
+        gelu_backward(&mut dx, dy, x);
+        Ok(dx)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = vec![0.0; rows * w.len()];
+        layer_norm_rows(&x[..rows * w.len()], w, b, eps, &mut y);
+        // The CPU backward recomputes the statistics.
+        Ok((y, Vec::new()))
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        _stats: &Vec<f32>,
+        rows: usize,
+        eps: f32,
+        dw: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let n = rows * w.len();
+        let mut dx = vec![0.0; n];
+        layer_norm_backward(&mut dx, Some(dw), Some(db), &dy[..n], &x[..n], w, eps);
+        Ok(dx)
+    }
+
+    fn fusion_attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: FusionShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
+        fusion_attn_forward(q, k, v, s, &mut out, &mut lse);
+        Ok((out, lse))
+    }
+
+    fn fusion_attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        s: FusionShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let g = fusion_attn_backward(q, k, v, out, lse, dout, s);
+        Ok((g.dq, g.dk, g.dv))
+    }
+
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        src_row: usize,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (s, d) = (src_row * dim, dst_row * dim);
+        if s + rows * dim > src.len() || d + rows * dim > dst.len() {
+            bail!("copy_rows: rows {src_row}+{rows} of {} or {dst_row}+{rows} of {} (dim {dim})", src.len(), dst.len());
+        }
+        dst[d..d + rows * dim].copy_from_slice(&src[s..s + rows * dim]);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        x.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Vec<f32>) -> Result<()> {
+        let g = match g {
+            GradRef::Buf(g) | GradRef::Stat(g) => g,
+        };
+        // `train::grad_norm`'s sum: f64 over fixed chunks, in order.
+        let s: f64 = g.chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum();
+        acc[0] = (acc[0] as f64 + s) as f32;
+        Ok(())
+    }
+
+    fn clip_factor(&self, sumsq: &Vec<f32>, max_norm: Option<f32>) -> Result<Vec<f32>> {
+        Ok(clip_rule(sumsq[0] as f64, max_norm).to_vec())
     }
 }

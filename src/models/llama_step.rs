@@ -1,36 +1,52 @@
-//! The LLaMA full fine-tuning step on a device op set ([`StepOps`]): the forward, cross-entropy,
+//! The LLaMA fine-tuning step on a device op set ([`StepOps`]): the forward, cross-entropy,
 //! backward and AdamW of [`TrainableLlama`], over a batch of equal-length sequences at once, with
-//! every buffer on the device and no wait for the host inside the step (the loss is read after the
-//! optimizer's launches are queued).
+//! every buffer on the device and no wait for the host inside the step (the loss and gradient
+//! norm are read after the optimizer's launches are queued).
 //!
 //! It mirrors `llama_train.rs` op for op (same names, same order, the residual stream's gradient
-//! passed the same way), so that [`HostOps`](crate::backend::step_ops::HostOps) reproduces
-//! `TrainableLlama`'s loss and gradients (tested below) and the CUDA op set differs from it only by
-//! its bf16 rounding. On the GPU: weights, activations and gradients bf16 (cuBLASLt writes the
-//! weight gradients in bf16), norm-weight gradients, master weights and AdamW moments fp32.
+//! passed the same way, LoRA adapters as `y = x·Wᵀ + (scale·x·Aᵀ)·Bᵀ`), so that
+//! [`HostOps`](crate::backend::step_ops::HostOps) reproduces `TrainableLlama`'s loss and gradients
+//! (tested below) and the CUDA op set differs from it only by its bf16 rounding. On the GPU:
+//! weights, activations and gradients bf16 (cuBLASLt writes the weight gradients in bf16),
+//! norm-weight and bias gradients, master weights and AdamW moments fp32. Frozen tensors (LoRA's
+//! base weights) get neither a gradient nor optimizer state.
 //!
-//! Not here yet: LoRA adapters (the step trains every tensor) and the SAGE model around the
-//! decoder (vision features, fusion attention, adapter); `sage sfe` and `sage edpo` still train on
-//! the CPU.
+//! The step takes token ids ([`DeviceLlama::forward_backward`]) or input rows that the caller
+//! built ([`DeviceLlama::forward_backward_rows`], the SAGE model's image, fact and text tokens,
+//! `models::sage_step`), and the optimizer ([`DeviceLlama::apply`]) clips the global gradient
+//! norm on the device as `train::Trainer` does on the host. Extra tensors (the SAGE head) join
+//! the same parameter list through [`DeviceLlama::add_param`].
 
 use super::llama::LlamaConfig;
-use super::llama_train::{Finetune, TrainableLlama};
+use super::llama_train::{Linear, TrainableLlama};
 use crate::backend::cuda::gemm::GemmSpec;
 use crate::backend::step_ops::{CausalShape, GradRef, StepOps};
 use crate::ops::loss::IGNORE;
-use crate::train::{AdamWConfig, AdamWScalars, ParamSet};
+use crate::train::{AdamWConfig, AdamWScalars, AdamWState, Moments, Param, ParamId, ParamSet};
 use crate::user_bail;
 use anyhow::{bail, Result};
 
-/// One tensor on the device: the working copy the ops read, the fp32 master and the moments.
+/// The optimizer's view of a trainable tensor: fp32 master and moments.
+struct OptState<O: StepOps> {
+    master: O::Stat,
+    m: O::Stat,
+    v: O::Stat,
+}
+
+/// One tensor on the device: the working copy the ops read and, when trainable, its optimizer
+/// state.
 pub struct DeviceParam<O: StepOps> {
     pub name: String,
     pub numel: usize,
     w: O::Buf,
-    master: O::Stat,
-    m: O::Stat,
-    v: O::Stat,
+    opt: Option<OptState<O>>,
     decay: bool,
+}
+
+impl<O: StepOps> DeviceParam<O> {
+    pub fn trainable(&self) -> bool {
+        self.opt.is_some()
+    }
 }
 
 /// A gradient as the backward produced it.
@@ -39,17 +55,35 @@ pub enum Grad<O: StepOps> {
     Stat(O::Stat),
 }
 
-/// `blk.N`: indices into [`DeviceLlama::params`].
+impl<O: StepOps> Grad<O> {
+    pub fn as_ref(&self) -> GradRef<'_, O> {
+        match self {
+            Grad::Buf(b) => GradRef::Buf(b),
+            Grad::Stat(x) => GradRef::Stat(x),
+        }
+    }
+}
+
+/// A linear layer: indices into [`DeviceLlama::params`], and its adapter.
+struct LinearIds {
+    w: usize,
+    in_f: usize,
+    out_f: usize,
+    /// `(lora_a, lora_b, rank, scale)`
+    lora: Option<(usize, usize, usize, f32)>,
+}
+
+/// `blk.N`.
 struct BlockIds {
     attn_norm: usize,
-    attn_q: usize,
-    attn_k: usize,
-    attn_v: usize,
-    attn_output: usize,
+    attn_q: LinearIds,
+    attn_k: LinearIds,
+    attn_v: LinearIds,
+    attn_output: LinearIds,
     ffn_norm: usize,
-    ffn_gate: usize,
-    ffn_up: usize,
-    ffn_down: usize,
+    ffn_gate: LinearIds,
+    ffn_up: LinearIds,
+    ffn_down: LinearIds,
 }
 
 /// What one block's backward needs from its forward.
@@ -70,13 +104,21 @@ struct BlockActs<O: StepOps> {
     gate: O::Buf,
     up: O::Buf,
     s: O::Buf,
+    /// Each adapter's hidden `scale·x·Aᵀ` (q, k, v, output, gate, up, down).
+    lora: [Option<O::Buf>; 7],
 }
 
 /// The loss of a step, still on the device, and the gradients by parameter index.
 pub struct StepGrads<O: StepOps> {
     seq_logp: O::Stat,
-    counted: usize,
+    seq_weights: Vec<f32>,
     pub grads: Vec<Option<Grad<O>>>,
+}
+
+/// What [`DeviceLlama::apply`] queued: the clipping it applied, read back by
+/// [`DeviceLlama::finish`].
+pub struct Applied<O: StepOps> {
+    clip: O::Stat,
 }
 
 pub struct DeviceLlama<O: StepOps> {
@@ -89,72 +131,104 @@ pub struct DeviceLlama<O: StepOps> {
     output: usize,
     rope: (O::Stat, O::Stat),
     adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (`None`: never).
+    pub max_grad_norm: Option<f32>,
     step: u64,
 }
 
 impl<O: StepOps> DeviceLlama<O> {
-    /// Copies `model`'s weights (from `params`) to the device. Full fine-tuning only.
+    /// Copies `model`'s weights (from `params`) to the device: trainable tensors with fp32
+    /// masters and zero moments, frozen ones (LoRA's base weights) as working copies only.
     pub fn new(ops: O, model: &TrainableLlama, params: &ParamSet, adamw: AdamWConfig) -> Result<DeviceLlama<O>> {
-        if model.finetune != Finetune::Full {
-            user_bail!("the device training step trains every tensor; LoRA adapters on the device are not built yet");
-        }
-        let mut out = Vec::new();
+        let rope = {
+            let (cos, sin) = model.rope_table().tables();
+            ops.rope_tables(cos, sin, model.config.head_dim / 2)?
+        };
+        let mut dev = DeviceLlama {
+            ops,
+            config: model.config.clone(),
+            params: Vec::new(),
+            token_embd: 0,
+            blocks: Vec::new(),
+            output_norm: 0,
+            output: 0,
+            rope,
+            adamw,
+            max_grad_norm: None,
+            step: 0,
+        };
         let mut index = std::collections::HashMap::new();
         for id in model.param_ids() {
-            let p = &params[id];
-            if !p.trainable {
-                user_bail!("parameter `{}` is frozen; the device training step trains every tensor", p.name);
-            }
-            index.insert(id, out.len());
-            out.push(DeviceParam {
-                name: p.name.clone(),
-                numel: p.value.len(),
-                w: ops.upload(&p.value)?,
-                master: ops.upload_stat(&p.value)?,
-                m: ops.stat_zeros(p.value.len())?,
-                v: ops.stat_zeros(p.value.len())?,
-                decay: p.decay,
-            });
+            index.insert(id, dev.add_param(&params[id])?);
         }
-        let ix = |id| index[&id];
-        let blocks = model
+        let ix = |id: ParamId| index[&id];
+        let lin = |l: &Linear| LinearIds {
+            w: ix(l.weight),
+            in_f: l.in_features,
+            out_f: l.out_features,
+            lora: l.lora.map(|a| (ix(a.lora_a), ix(a.lora_b), a.rank, a.scale)),
+        };
+        dev.blocks = model
             .blocks
             .iter()
             .map(|b| BlockIds {
                 attn_norm: ix(b.attn_norm),
-                attn_q: ix(b.attn_q.weight),
-                attn_k: ix(b.attn_k.weight),
-                attn_v: ix(b.attn_v.weight),
-                attn_output: ix(b.attn_output.weight),
+                attn_q: lin(&b.attn_q),
+                attn_k: lin(&b.attn_k),
+                attn_v: lin(&b.attn_v),
+                attn_output: lin(&b.attn_output),
                 ffn_norm: ix(b.ffn_norm),
-                ffn_gate: ix(b.ffn_gate.weight),
-                ffn_up: ix(b.ffn_up.weight),
-                ffn_down: ix(b.ffn_down.weight),
+                ffn_gate: lin(&b.ffn_gate),
+                ffn_up: lin(&b.ffn_up),
+                ffn_down: lin(&b.ffn_down),
             })
             .collect();
-        let (cos, sin) = model.rope_table().tables();
-        let rope = ops.rope_tables(cos, sin, model.config.head_dim / 2)?;
-        Ok(DeviceLlama {
-            config: model.config.clone(),
-            token_embd: ix(model.token_embd),
-            blocks,
-            output_norm: ix(model.output_norm),
-            output: ix(model.output),
-            params: out,
-            rope,
-            adamw,
-            step: 0,
-            ops,
-        })
+        dev.token_embd = ix(model.token_embd);
+        dev.output_norm = ix(model.output_norm);
+        dev.output = ix(model.output);
+        Ok(dev)
     }
 
-    /// Optimizer steps taken.
+    /// Uploads one more tensor (e.g. the SAGE head's) into the parameter list the optimizer,
+    /// clipping and [`DeviceLlama::download_into`] walk; returns its index.
+    pub fn add_param(&mut self, p: &Param) -> Result<usize> {
+        let o = &self.ops;
+        let opt = if p.trainable {
+            Some(OptState {
+                master: o.upload_stat(&p.value)?,
+                m: o.stat_zeros(p.numel())?,
+                v: o.stat_zeros(p.numel())?,
+            })
+        } else {
+            None
+        };
+        self.params.push(DeviceParam {
+            name: p.name.clone(),
+            numel: p.numel(),
+            w: o.upload(&p.value)?,
+            opt,
+            decay: p.decay,
+        });
+        Ok(self.params.len() - 1)
+    }
+
+    /// Optimizer steps taken (skipped ones not counted, as in `train::AdamW`).
     pub fn steps(&self) -> u64 {
         self.step
     }
 
-    fn w(&self, i: usize) -> &O::Buf {
+    /// The working copy of parameter `i`, as the ops read it.
+    pub fn w(&self, i: usize) -> &O::Buf {
         &self.params[i].w
+    }
+
+    fn trainable(&self, i: usize) -> bool {
+        self.params[i].trainable()
+    }
+
+    /// The token embedding table's index (the SAGE step embeds its text tokens with it).
+    pub fn token_embd(&self) -> usize {
+        self.token_embd
     }
 
     fn shape(&self, batch: usize, seq: usize) -> CausalShape {
@@ -163,16 +237,49 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 
     /// Forward, cross-entropy and backward over `batch` sequences: `inputs` and `targets` are
-    /// `[batch·T]` token ids (targets already shifted; `IGNORE` skips a position). Queues the work
-    /// and returns the gradients; nothing waits for the device.
+    /// `[batch·T]` token ids (targets already shifted; `IGNORE` skips a position); the loss is the
+    /// mean over every counted position. Queues the work and returns the gradients; nothing waits
+    /// for the device.
     pub fn forward_backward(&self, inputs: &[u32], targets: &[u32], batch: usize) -> Result<StepGrads<O>> {
+        let d = self.config.hidden_size;
+        let counted = targets.iter().filter(|&&x| x != IGNORE).count();
+        let x = self.ops.embed(self.w(self.token_embd), inputs, d)?;
+        let (mut g, dx) = self.forward_backward_rows(x, targets, &vec![1.0 / counted.max(1) as f32; batch])?;
+        self.embed_backward(inputs, &dx, &mut g.grads)?;
+        Ok(g)
+    }
+
+    /// Adds the gradient of embedded rows `dx [ids.len(), d]` to the token table's (which, with
+    /// tied embeddings, already holds the LM head's). Nothing when the table is frozen.
+    pub fn embed_backward(&self, ids: &[u32], dx: &O::Buf, grads: &mut [Option<Grad<O>>]) -> Result<()> {
+        if !self.trainable(self.token_embd) || ids.is_empty() {
+            return Ok(());
+        }
+        let o = &self.ops;
+        let d = self.config.hidden_size;
+        let mut dtable = match grads[self.token_embd].take() {
+            Some(Grad::Buf(g)) => g,
+            _ => o.zeros(self.config.vocab_size * d)?,
+        };
+        o.embed_backward(ids, dx, d, &mut dtable)?;
+        grads[self.token_embd] = Some(Grad::Buf(dtable));
+        Ok(())
+    }
+
+    /// [`DeviceLlama::forward_backward`] from input rows `x [batch·T, d]`: the loss is
+    /// `−Σ_n seq_weights[n]·Σ_t log p(target)` over the `seq_weights.len()` sequences. Returns
+    /// the gradients and `∂loss/∂x`.
+    pub fn forward_backward_rows(
+        &self,
+        mut x: O::Buf,
+        targets: &[u32],
+        seq_weights: &[f32],
+    ) -> Result<(StepGrads<O>, O::Buf)> {
         let c = &self.config;
-        let rows = inputs.len();
-        if batch == 0 || rows == 0 || rows % batch != 0 || targets.len() != rows {
-            bail!(
-                "a step needs batch·T input and target ids (got {rows} inputs, {} targets, batch {batch})",
-                targets.len()
-            );
+        let rows = targets.len();
+        let batch = seq_weights.len();
+        if batch == 0 || rows == 0 || rows % batch != 0 {
+            bail!("a step needs batch·T targets (got {rows} targets, batch {batch})");
         }
         let t = rows / batch;
         let max_pos = self.config.context_length;
@@ -183,56 +290,111 @@ impl<O: StepOps> DeviceLlama<O> {
             user_bail!("target token {bad} is outside the vocabulary of {}", c.vocab_size);
         }
         let o = &self.ops;
-        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-        let (qd, kvd, half) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim / 2);
+        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
+        let (qd, half) = (c.num_heads * c.head_dim, c.head_dim / 2);
         let shape = self.shape(batch, t);
-        let linear = |out_f, in_f| GemmSpec::linear(rows, out_f, in_f);
-        let residual = |out_f, in_f| GemmSpec { accumulate: true, ..GemmSpec::linear(rows, out_f, in_f) };
 
-        let mut x = o.embed(self.w(self.token_embd), inputs, d)?;
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let (h1, rstd1) = o.rmsnorm(&x, self.w(b.attn_norm), rows, eps)?;
-            let mut q = o.gemm_new(&linear(qd, d), &h1, self.w(b.attn_q))?;
-            let mut k = o.gemm_new(&linear(kvd, d), &h1, self.w(b.attn_k))?;
-            let v = o.gemm_new(&linear(kvd, d), &h1, self.w(b.attn_v))?;
+            let (mut q, lq) = self.linear(&b.attn_q, &h1, rows, None)?;
+            let (mut k, lk) = self.linear(&b.attn_k, &h1, rows, None)?;
+            let (v, lv) = self.linear(&b.attn_v, &h1, rows, None)?;
             o.rope(&mut q, &self.rope, half, rows, t, c.num_heads, false)?;
             o.rope(&mut k, &self.rope, half, rows, t, c.num_kv_heads, false)?;
             let (ctx, lse) = o.attention(&q, &k, &v, shape)?;
-            let mut x1 = o.copy(&x)?;
-            o.gemm(&residual(d, qd), &ctx, self.w(b.attn_output), &mut x1)?;
+            let (x1, lo) = self.linear(&b.attn_output, &ctx, rows, Some(o.copy(&x)?))?;
             let (h2, rstd2) = o.rmsnorm(&x1, self.w(b.ffn_norm), rows, eps)?;
-            let gate = o.gemm_new(&linear(f, d), &h2, self.w(b.ffn_gate))?;
-            let up = o.gemm_new(&linear(f, d), &h2, self.w(b.ffn_up))?;
+            let (gate, lg) = self.linear(&b.ffn_gate, &h2, rows, None)?;
+            let (up, lu) = self.linear(&b.ffn_up, &h2, rows, None)?;
             let s = o.swiglu(&gate, &up)?;
-            let mut y = o.copy(&x1)?;
-            o.gemm(&residual(d, f), &s, self.w(b.ffn_down), &mut y)?;
-            acts.push(BlockActs { x, h1, rstd1, q, k, v, ctx, lse, x1, h2, rstd2, gate, up, s });
+            let (y, ld) = self.linear(&b.ffn_down, &s, rows, Some(o.copy(&x1)?))?;
+            let lora = [lq, lk, lv, lo, lg, lu, ld];
+            acts.push(BlockActs { x, h1, rstd1, q, k, v, ctx, lse, x1, h2, rstd2, gate, up, s, lora });
             x = y;
         }
+        debug_assert_eq!(qd, self.blocks.first().map_or(qd, |b| b.attn_output.in_f));
         let (hidden, rstd_f) = o.rmsnorm(&x, self.w(self.output_norm), rows, eps)?;
-        let counted = targets.iter().filter(|&&x| x != IGNORE).count();
-        let ce = o.cross_entropy(&hidden, self.w(self.output), targets, batch, counted)?;
+        let ce = o.cross_entropy(&hidden, self.w(self.output), targets, seq_weights, self.trainable(self.output))?;
         drop(hidden);
 
         let mut grads: Vec<Option<Grad<O>>> = (0..self.params.len()).map(|_| None).collect();
-        let mut dg = o.stat_zeros(d)?;
         let mut dx = o.zeros(rows * d)?;
-        o.rmsnorm_backward(&x, self.w(self.output_norm), &ce.d_hidden, &rstd_f, rows, eps, false, &mut dx, &mut dg)?;
-        grads[self.output_norm] = Some(Grad::Stat(dg));
+        let mut dg = self.norm_grad(self.output_norm, d)?;
+        let dh = &ce.d_hidden;
+        o.rmsnorm_backward(&x, self.w(self.output_norm), dh, &rstd_f, rows, eps, false, &mut dx, dg.as_mut())?;
+        grads[self.output_norm] = dg.map(Grad::Stat);
         // The LM head; with tied embeddings this is also token_embd's, which the embedding
-        // backward adds to below.
-        grads[self.output] = Some(Grad::Buf(ce.d_weight));
+        // backward adds to.
+        grads[self.output] = ce.d_weight.map(Grad::Buf);
         for (b, a) in self.blocks.iter().zip(acts).rev() {
             dx = self.block_backward(b, a, &dx, rows, shape, &mut grads)?;
         }
-        let mut dtable = match grads[self.token_embd].take() {
-            Some(Grad::Buf(g)) => g,
-            _ => o.zeros(c.vocab_size * d)?,
+        Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
+    }
+
+    /// A zero fp32 gradient for a norm weight, or `None` when it is frozen.
+    fn norm_grad(&self, i: usize, n: usize) -> Result<Option<O::Stat>> {
+        if self.trainable(i) {
+            Ok(Some(self.ops.stat_zeros(n)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// `y = x·Wᵀ (+ scale·(x·Aᵀ)·Bᵀ)`, added to `acc` when given (the residual stream). Returns
+    /// `y` and the adapter's hidden `scale·x·Aᵀ`, which the backward needs.
+    fn linear(&self, l: &LinearIds, x: &O::Buf, rows: usize, acc: Option<O::Buf>) -> Result<(O::Buf, Option<O::Buf>)> {
+        let o = &self.ops;
+        let spec = GemmSpec::linear(rows, l.out_f, l.in_f);
+        let mut y = match acc {
+            Some(mut y) => {
+                o.gemm(&GemmSpec { accumulate: true, ..spec }, x, self.w(l.w), &mut y)?;
+                y
+            }
+            None => o.gemm_new(&spec, x, self.w(l.w))?,
         };
-        o.embed_backward(inputs, &dx, d, &mut dtable)?;
-        grads[self.token_embd] = Some(Grad::Buf(dtable));
-        Ok(StepGrads { seq_logp: ce.seq_logp, counted, grads })
+        let Some((a, b, rank, scale)) = l.lora else { return Ok((y, None)) };
+        let mut u = o.gemm_new(&GemmSpec::linear(rows, rank, l.in_f), x, self.w(a))?;
+        o.scale(&mut u, scale)?;
+        o.gemm(&GemmSpec { accumulate: true, ..GemmSpec::linear(rows, l.out_f, rank) }, &u, self.w(b), &mut y)?;
+        Ok((y, Some(u)))
+    }
+
+    /// Backward of [`DeviceLlama::linear`] from `dy`: `dx` (new, or added to `acc`), and the
+    /// weight and adapter gradients of whatever is trainable.
+    fn linear_backward(
+        &self,
+        l: &LinearIds,
+        x: &O::Buf,
+        u: Option<&O::Buf>,
+        dy: &O::Buf,
+        rows: usize,
+        acc: Option<O::Buf>,
+        grads: &mut [Option<Grad<O>>],
+    ) -> Result<O::Buf> {
+        let o = &self.ops;
+        // dx (+)= dy·W and dW = dyᵀ·x for a linear layer W [out, in].
+        let input_grad = GemmSpec::nn(rows, l.in_f, l.out_f);
+        let mut dx = match acc {
+            Some(mut dx) => {
+                o.gemm(&GemmSpec { accumulate: true, ..input_grad }, dy, self.w(l.w), &mut dx)?;
+                dx
+            }
+            None => o.gemm_new(&input_grad, dy, self.w(l.w))?,
+        };
+        if self.trainable(l.w) {
+            grads[l.w] = Some(Grad::Buf(o.gemm_new(&weight_grad(l.out_f, l.in_f, rows), dy, x)?));
+        }
+        if let Some((a, b, rank, scale)) = l.lora {
+            let u = u.ok_or_else(|| anyhow::anyhow!("an adapter's forward keeps its hidden"))?;
+            grads[b] = Some(Grad::Buf(o.gemm_new(&weight_grad(l.out_f, rank, rows), dy, u)?));
+            let mut du = o.gemm_new(&GemmSpec::nn(rows, rank, l.out_f), dy, self.w(b))?;
+            o.scale(&mut du, scale)?;
+            grads[a] = Some(Grad::Buf(o.gemm_new(&weight_grad(rank, l.in_f, rows), &du, x)?));
+            o.gemm(&GemmSpec { accumulate: true, ..GemmSpec::nn(rows, l.in_f, rank) }, &du, self.w(a), &mut dx)?;
+        }
+        Ok(dx)
     }
 
     /// Backward of one block given `dy`, the gradient of its output; returns its input's.
@@ -247,80 +409,86 @@ impl<O: StepOps> DeviceLlama<O> {
     ) -> Result<O::Buf> {
         let c = &self.config;
         let o = &self.ops;
-        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-        let (qd, kvd, half) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim / 2);
-        // dx (+)= dy·W and dW = dyᵀ·x for a linear layer W [out, in].
-        let input_grad = |out_f, in_f, acc| GemmSpec { accumulate: acc, ..GemmSpec::nn(rows, in_f, out_f) };
-        let weight_grad = |out_f, in_f| GemmSpec { trans_a: true, ..GemmSpec::nn(out_f, in_f, rows) };
+        let (d, eps, half) = (c.hidden_size, c.rms_norm_eps, c.head_dim / 2);
+        let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // MLP branch; the residual passes dy straight to x₁.
         let mut dx1 = o.copy(dy)?;
-        let ds = o.gemm_new(&input_grad(d, f, false), dy, self.w(b.ffn_down))?;
-        grads[b.ffn_down] = Some(Grad::Buf(o.gemm_new(&weight_grad(d, f), dy, &a.s)?));
-        drop(a.s);
+        let ds = self.linear_backward(&b.ffn_down, &a.s, ld.as_ref(), dy, rows, None, grads)?;
         let (dgate, dup) = o.swiglu_backward(&ds, &a.gate, &a.up)?;
         drop(ds);
-        let mut dh2 = o.gemm_new(&input_grad(f, d, false), &dgate, self.w(b.ffn_gate))?;
-        o.gemm(&input_grad(f, d, true), &dup, self.w(b.ffn_up), &mut dh2)?;
-        grads[b.ffn_gate] = Some(Grad::Buf(o.gemm_new(&weight_grad(f, d), &dgate, &a.h2)?));
-        grads[b.ffn_up] = Some(Grad::Buf(o.gemm_new(&weight_grad(f, d), &dup, &a.h2)?));
-        let mut dg2 = o.stat_zeros(d)?;
-        o.rmsnorm_backward(&a.x1, self.w(b.ffn_norm), &dh2, &a.rstd2, rows, eps, true, &mut dx1, &mut dg2)?;
-        grads[b.ffn_norm] = Some(Grad::Stat(dg2));
+        let dh2 = self.linear_backward(&b.ffn_gate, &a.h2, lg.as_ref(), &dgate, rows, None, grads)?;
+        let dh2 = self.linear_backward(&b.ffn_up, &a.h2, lu.as_ref(), &dup, rows, Some(dh2), grads)?;
+        let mut dg2 = self.norm_grad(b.ffn_norm, d)?;
+        o.rmsnorm_backward(&a.x1, self.w(b.ffn_norm), &dh2, &a.rstd2, rows, eps, true, &mut dx1, dg2.as_mut())?;
+        grads[b.ffn_norm] = dg2.map(Grad::Stat);
         // Attention branch; the residual passes dx₁ to x.
         let mut dx = o.copy(&dx1)?;
-        let dctx = o.gemm_new(&input_grad(d, qd, false), &dx1, self.w(b.attn_output))?;
-        grads[b.attn_output] = Some(Grad::Buf(o.gemm_new(&weight_grad(d, qd), &dx1, &a.ctx)?));
+        let dctx = self.linear_backward(&b.attn_output, &a.ctx, lo.as_ref(), &dx1, rows, None, grads)?;
         let (mut dq, mut dk, dv) = o.attention_backward(&a.q, &a.k, &a.v, &a.ctx, &a.lse, &dctx, shape)?;
         o.rope(&mut dq, &self.rope, half, rows, shape.seq, c.num_heads, true)?;
         o.rope(&mut dk, &self.rope, half, rows, shape.seq, c.num_kv_heads, true)?;
-        let mut dh1 = o.gemm_new(&input_grad(qd, d, false), &dq, self.w(b.attn_q))?;
-        o.gemm(&input_grad(kvd, d, true), &dk, self.w(b.attn_k), &mut dh1)?;
-        o.gemm(&input_grad(kvd, d, true), &dv, self.w(b.attn_v), &mut dh1)?;
-        grads[b.attn_q] = Some(Grad::Buf(o.gemm_new(&weight_grad(qd, d), &dq, &a.h1)?));
-        grads[b.attn_k] = Some(Grad::Buf(o.gemm_new(&weight_grad(kvd, d), &dk, &a.h1)?));
-        grads[b.attn_v] = Some(Grad::Buf(o.gemm_new(&weight_grad(kvd, d), &dv, &a.h1)?));
-        let mut dg1 = o.stat_zeros(d)?;
-        o.rmsnorm_backward(&a.x, self.w(b.attn_norm), &dh1, &a.rstd1, rows, eps, true, &mut dx, &mut dg1)?;
-        grads[b.attn_norm] = Some(Grad::Stat(dg1));
+        let dh1 = self.linear_backward(&b.attn_q, &a.h1, lq.as_ref(), &dq, rows, None, grads)?;
+        let dh1 = self.linear_backward(&b.attn_k, &a.h1, lk.as_ref(), &dk, rows, Some(dh1), grads)?;
+        let dh1 = self.linear_backward(&b.attn_v, &a.h1, lv.as_ref(), &dv, rows, Some(dh1), grads)?;
+        let mut dg1 = self.norm_grad(b.attn_norm, d)?;
+        o.rmsnorm_backward(&a.x, self.w(b.attn_norm), &dh1, &a.rstd1, rows, eps, true, &mut dx, dg1.as_mut())?;
+        grads[b.attn_norm] = dg1.map(Grad::Stat);
         Ok(dx)
     }
 
-    /// One AdamW step over every parameter with a gradient.
-    pub fn apply(&mut self, grads: Vec<Option<Grad<O>>>, lr: f32) -> Result<()> {
+    /// One optimizer step over every parameter with a gradient: the global gradient norm and the
+    /// clipping factor are computed on the device, then AdamW at `lr` (skipped on a non-finite
+    /// norm). Queues the work; [`DeviceLlama::finish`] reads the norm back.
+    pub fn apply(&mut self, grads: Vec<Option<Grad<O>>>, lr: f32) -> Result<Applied<O>> {
+        let mut sumsq = self.ops.stat_zeros(1)?;
+        for g in grads.iter().flatten() {
+            self.ops.sum_squares(g.as_ref(), &mut sumsq)?;
+        }
+        let clip = self.ops.clip_factor(&sumsq, self.max_grad_norm)?;
         self.step += 1;
         let s = AdamWScalars::new(&self.adamw, self.step, lr);
         let DeviceLlama { ops, params, .. } = self;
-        for (p, g) in params.iter_mut().zip(grads) {
-            let g = match &g {
-                Some(Grad::Buf(b)) => GradRef::Buf(b),
-                Some(Grad::Stat(x)) => GradRef::Stat(x),
-                None => continue,
-            };
-            ops.adamw(&mut p.master, g, &mut p.m, &mut p.v, &mut p.w, &s, p.decay)?;
+        for (p, g) in params.iter_mut().zip(&grads) {
+            let (Some(g), Some(st)) = (g, p.opt.as_mut()) else { continue };
+            ops.adamw(&mut st.master, g.as_ref(), &mut st.m, &mut st.v, &mut p.w, &s, p.decay, &clip)?;
         }
-        Ok(())
+        Ok(Applied { clip })
     }
 
-    /// The mean cross-entropy of a [`DeviceLlama::forward_backward`] (waits for the device).
+    /// Waits for an [`DeviceLlama::apply`] and returns the gradient norm before clipping; a
+    /// non-finite norm means the step was skipped (and is not counted).
+    pub fn finish(&mut self, a: &Applied<O>) -> Result<f32> {
+        let c = self.ops.download_stat(&a.clip)?;
+        if c[1] != 0.0 {
+            self.step -= 1;
+        }
+        Ok(c[2])
+    }
+
+    /// The loss of a [`DeviceLlama::forward_backward`] (waits for the device).
     pub fn loss(&self, g: &StepGrads<O>) -> Result<f32> {
         let seq = self.ops.download_stat(&g.seq_logp)?;
-        Ok((-seq.iter().map(|&x| x as f64).sum::<f64>() / g.counted.max(1) as f64) as f32)
+        Ok(-seq.iter().zip(&g.seq_weights).map(|(&x, &w)| x as f64 * w as f64).sum::<f64>() as f32)
     }
 
     /// A full step: forward, backward, AdamW at `lr`; returns the loss (read after the optimizer
     /// is queued, the step's only wait).
     pub fn train_step(&mut self, inputs: &[u32], targets: &[u32], batch: usize, lr: f32) -> Result<f32> {
         let mut g = self.forward_backward(inputs, targets, batch)?;
-        self.apply(std::mem::take(&mut g.grads), lr)?;
-        self.loss(&g)
+        let applied = self.apply(std::mem::take(&mut g.grads), lr)?;
+        let loss = self.loss(&g)?;
+        self.finish(&applied)?;
+        Ok(loss)
     }
 
-    /// Copies the fp32 master weights back into `params` (by name), e.g. for a checkpoint.
+    /// Copies the fp32 master weights of the trainable tensors back into `params` (by name), e.g.
+    /// for a checkpoint or for generating on the host.
     pub fn download_into(&self, params: &mut ParamSet) -> Result<()> {
         for p in &self.params {
+            let Some(st) = &p.opt else { continue };
             let id =
                 params.id(&p.name).ok_or_else(|| anyhow::anyhow!("no parameter `{}` to copy back into", p.name))?;
-            let v = self.ops.download_stat(&p.master)?;
+            let v = self.ops.download_stat(&st.master)?;
             if v.len() != params[id].value.len() {
                 bail!(
                     "parameter `{}` has {} values on the device and {} on the host",
@@ -334,6 +502,34 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(())
     }
 
+    /// The optimizer state (step count and moments by name), as `train::AdamW` keeps it: what a
+    /// checkpoint saves.
+    pub fn optimizer_state(&self) -> Result<AdamWState> {
+        let mut moments = std::collections::BTreeMap::new();
+        for p in &self.params {
+            if let Some(st) = &p.opt {
+                let (m, v) = (self.ops.download_stat(&st.m)?, self.ops.download_stat(&st.v)?);
+                moments.insert(p.name.clone(), Moments { m, v });
+            }
+        }
+        Ok(AdamWState { step: self.step, moments })
+    }
+
+    /// Restores [`DeviceLlama::optimizer_state`] (a resumed run; the weights come through
+    /// `params` at construction). A trainable tensor without saved moments starts from zero.
+    pub fn restore_optimizer(&mut self, state: &AdamWState) -> Result<()> {
+        for p in &mut self.params {
+            let (Some(st), Some(saved)) = (p.opt.as_mut(), state.moments.get(&p.name)) else { continue };
+            if saved.m.len() != p.numel || saved.v.len() != p.numel {
+                bail!("optimizer state of `{}` has {} values, the tensor {}", p.name, saved.m.len(), p.numel);
+            }
+            st.m = self.ops.upload_stat(&saved.m)?;
+            st.v = self.ops.upload_stat(&saved.v)?;
+        }
+        self.step = state.step;
+        Ok(())
+    }
+
     /// A gradient as host floats.
     pub fn download_grad(&self, g: &Grad<O>) -> Result<Vec<f32>> {
         match g {
@@ -343,10 +539,16 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 }
 
+/// `dW [out, in] = dyᵀ·x` over `rows` rows.
+pub fn weight_grad(out_f: usize, in_f: usize, rows: usize) -> GemmSpec {
+    GemmSpec { trans_a: true, ..GemmSpec::nn(out_f, in_f, rows) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::step_ops::HostOps;
+    use crate::models::llama_train::Finetune;
     use crate::models::random_init::RandomLlama;
     use crate::models::WeightSource;
     use crate::tensor::Tensor;
@@ -394,14 +596,20 @@ mod tests {
     }
 
     /// The device step on the host op set against `TrainableLlama` one sequence at a time (the
-    /// CPU path of `sage bench train`): the same loss, gradients and updated weights.
-    fn host_step_matches_trainable(weights: &dyn WeightSource, ignore_some: bool) {
+    /// CPU path of `sage bench train`): the same loss, gradients and updated weights. With LoRA,
+    /// the adapters' `B` is made non-zero first so that every gradient is exercised.
+    fn host_step_matches_trainable(weights: &dyn WeightSource, ignore_some: bool, finetune: Finetune) {
         let config = tiny();
         let (batch, t) = (3, 9);
         let mut params = ParamSet::new();
         let model =
-            TrainableLlama::load(weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
-                .unwrap();
+            TrainableLlama::load(weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+        let names: Vec<String> = params.iter().filter(|p| p.name.ends_with("lora_b")).map(|p| p.name.clone()).collect();
+        for (i, n) in names.iter().enumerate() {
+            let id = params.id(n).unwrap();
+            let len = params[id].value.len();
+            params[id].value = SeedRng::new(40 + i as u64, 0).uniform(len, -0.3, 0.3);
+        }
         let seqs = ids(batch, t + 1, config.vocab_size);
         let mut targets: Vec<Vec<u32>> = seqs.iter().map(|s| s[1..].to_vec()).collect();
         if ignore_some {
@@ -426,16 +634,24 @@ mod tests {
         params.scale_grads(1.0 / batch as f32);
         assert!((loss - cpu_loss).abs() < 1e-5, "loss {loss} vs {cpu_loss}");
         for (p, grad) in dev.params.iter().zip(&g.grads) {
-            let got = dev.download_grad(grad.as_ref().expect("every parameter gets a gradient")).unwrap();
-            let want = &params[params.id(&p.name).unwrap()].grad;
+            let host = &params[params.id(&p.name).unwrap()];
+            assert_eq!(grad.is_some(), host.trainable, "{}: a gradient exactly when trainable", p.name);
+            let Some(grad) = grad else { continue };
+            let got = dev.download_grad(grad).unwrap();
+            let want = &host.grad;
             let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
             let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-4 * scale, "{}: max |Δ| {err} at gradient scale {scale}", p.name);
         }
 
-        // One AdamW step on each side.
+        // One clipped AdamW step on each side (max norm below the gradient norm, so it clips).
         let mut dev = dev;
-        dev.apply(g.grads, 1e-2).unwrap();
+        let norm = crate::train::grad_norm(&params);
+        dev.max_grad_norm = Some(0.5 * norm);
+        let applied = dev.apply(g.grads, 1e-2).unwrap();
+        let dev_norm = dev.finish(&applied).unwrap();
+        assert!((dev_norm - norm).abs() <= 1e-5 * norm, "gradient norm {dev_norm} vs {norm}");
+        crate::train::clip_grad_norm(&mut params, 0.5 * norm);
         let mut opt = AdamW::new(AdamWConfig::default());
         opt.step(&mut params, 1e-2);
         let mut stepped = params.clone();
@@ -445,16 +661,32 @@ mod tests {
             let err = got.iter().zip(&p.value).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-5, "{} after one step: max |Δ| {err}", p.name);
         }
+        let state = dev.optimizer_state().unwrap();
+        assert_eq!(state.step, 1);
+        for (name, m) in &opt.state.moments {
+            let got = &state.moments[name];
+            let err =
+                got.m.iter().zip(&m.m).chain(got.v.iter().zip(&m.v)).fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err <= 1e-6, "{name}: moments differ by {err}");
+        }
+        assert_eq!(state.moments.len(), opt.state.moments.len(), "moments for exactly the trainable tensors");
+    }
+
+    #[test]
+    fn device_step_on_host_ops_matches_trainable_llama_with_lora() {
+        let lora =
+            Finetune::Lora { rank: 2, alpha: 4.0, targets: vec!["attn_q".into(), "attn_v".into(), "ffn_down".into()] };
+        host_step_matches_trainable(&Untied(RandomLlama { config: tiny(), seed: 7 }), true, lora);
     }
 
     #[test]
     fn device_step_on_host_ops_matches_trainable_llama_tied() {
-        host_step_matches_trainable(&RandomLlama { config: tiny(), seed: 3 }, false);
+        host_step_matches_trainable(&RandomLlama { config: tiny(), seed: 3 }, false, Finetune::Full);
     }
 
     #[test]
     fn device_step_on_host_ops_matches_trainable_llama_untied_with_ignored_targets() {
-        host_step_matches_trainable(&Untied(RandomLlama { config: tiny(), seed: 5 }), true);
+        host_step_matches_trainable(&Untied(RandomLlama { config: tiny(), seed: 5 }), true, Finetune::Full);
     }
 
     /// Ten steps on one batch: the loss falls, and every step's loss equals the CPU path's.
@@ -491,15 +723,9 @@ mod tests {
     }
 
     #[test]
-    fn device_step_refuses_lora_and_bad_batches() {
+    fn device_step_refuses_bad_batches() {
         let config = tiny();
         let weights = RandomLlama { config: config.clone(), seed: 1 };
-        let mut params = ParamSet::new();
-        let lora = Finetune::Lora { rank: 2, alpha: 4.0, targets: vec!["attn_q".into()] };
-        let model =
-            TrainableLlama::load(&weights, config.clone(), &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-        let err = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).err().unwrap();
-        assert!(format!("{err}").contains("LoRA"), "{err}");
         let mut params = ParamSet::new();
         let model =
             TrainableLlama::load(&weights, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();

@@ -123,7 +123,7 @@ pub struct Block {
 
 impl Block {
     /// The linear layers, in [`LINEAR_NAMES`] order.
-    fn linears(&self) -> [&Linear; 7] {
+    pub fn linears(&self) -> [&Linear; 7] {
         [&self.attn_q, &self.attn_k, &self.attn_v, &self.attn_output, &self.ffn_gate, &self.ffn_up, &self.ffn_down]
     }
 }

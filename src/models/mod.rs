@@ -10,6 +10,7 @@ pub mod llama_train;
 pub mod random_init;
 pub mod sage;
 pub mod sage_model;
+pub mod sage_step;
 
 use crate::tensor::Tensor;
 use anyhow::Result;

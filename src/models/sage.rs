@@ -116,6 +116,46 @@ pub struct SageHead {
     proj_norm_b: ParamId,
 }
 
+/// One image's adapter input: its patch tokens average-pooled to the image-token grid. Frozen
+/// encoder output, so it depends on no trained parameter.
+#[derive(Clone, Debug)]
+pub struct ImageInput {
+    pub rows: usize,
+    /// `[rows, vision_dim]`
+    pub pooled: Vec<f32>,
+}
+
+/// The fusion attention's inputs for one test image: the selected patches and their difference
+/// vectors. A function of the frozen encoder's output only.
+#[derive(Clone, Debug)]
+pub struct FusionInput {
+    /// Selected patches (K, or fewer on a small grid).
+    pub s: usize,
+    /// `d_i = v_t[i] − v_r[nn(i)]` at the selected `i`, `[s, vision_dim]`.
+    pub diff: Vec<f32>,
+    /// `v_t[i]` at the selected `i`, `[s, vision_dim]`.
+    pub v_sel: Vec<f32>,
+    pub selection: Selection,
+}
+
+/// A head layer's parameters: `(weight [out, in], bias [out], in, out)`.
+pub type LinearParams = (ParamId, ParamId, usize, usize);
+
+/// Every parameter of the head, for an op set that runs it elsewhere (`models::sage_step`).
+pub struct HeadParams {
+    pub adapter_fc1: LinearParams,
+    pub adapter_fc2: LinearParams,
+    pub fusion_q: LinearParams,
+    pub fusion_k: LinearParams,
+    pub fusion_v: LinearParams,
+    pub fusion_out: LinearParams,
+    pub proj_norm_w: ParamId,
+    pub proj_norm_b: ParamId,
+}
+
+/// LayerNorm epsilon of the projection norm.
+pub const LN_EPS: f32 = 1e-5;
+
 /// What the adapter's backward needs.
 pub struct ImageActs {
     rows: usize,
@@ -164,8 +204,6 @@ pub struct FactActs {
     pub selection: Selection,
 }
 
-const LN_EPS: f32 = 1e-5;
-
 impl SageHead {
     /// Registers the head's parameters (all trainable) under `sage.*`.
     pub fn new(
@@ -202,8 +240,8 @@ impl SageHead {
         grid.0.div_ceil(p) * grid.1.div_ceil(p)
     }
 
-    /// Patch tokens → image tokens `[P', llm_dim]`.
-    pub fn image_tokens(&self, params: &ParamSet, v: &PatchTokens) -> (Vec<f32>, ImageActs) {
+    /// Patch tokens → the adapter's input: `pool × pool` average pooling of the patch grid.
+    pub fn pool(&self, v: &PatchTokens) -> ImageInput {
         let p = self.config.image_pool;
         let (oh, ow) = (v.h.div_ceil(p), v.w.div_ceil(p));
         // [P, C] → [C, h, w] for pooling, then back to rows.
@@ -221,6 +259,17 @@ impl SageHead {
                 pooled[i * v.dim + c] = pooled_chw[c * rows + i];
             }
         }
+        ImageInput { rows, pooled }
+    }
+
+    /// Patch tokens → image tokens `[P', llm_dim]`.
+    pub fn image_tokens(&self, params: &ParamSet, v: &PatchTokens) -> (Vec<f32>, ImageActs) {
+        self.adapter(params, self.pool(v))
+    }
+
+    /// The adapter MLP over pooled patch tokens.
+    pub fn adapter(&self, params: &ParamSet, input: ImageInput) -> (Vec<f32>, ImageActs) {
+        let ImageInput { rows, pooled } = input;
         let h_pre = self.adapter_fc1.forward(params, &pooled, rows);
         let mut h = vec![0.0; h_pre.len()];
         gelu_forward(&mut h, &h_pre);
@@ -244,10 +293,14 @@ impl SageHead {
         test: &PatchTokens,
         reference: Option<&PatchTokens>,
     ) -> Result<(Vec<f32>, FactActs)> {
-        let (c, dm) = (self.vision_dim, self.llm_dim);
+        self.fuse(params, t_g, self.fusion_inputs(test, reference)?)
+    }
+
+    /// The patch selection (fused min-cosine top-K) and the fusion attention's keys' and values'
+    /// inputs.
+    pub fn fusion_inputs(&self, test: &PatchTokens, reference: Option<&PatchTokens>) -> Result<FusionInput> {
+        let c = self.vision_dim;
         ensure!(test.dim == c, "patch width {} differs from the head's {c}", test.dim);
-        ensure!(t_g.len() % dm == 0 && !t_g.is_empty(), "fact embeddings must be [L, {dm}]");
-        let l = t_g.len() / dm;
         let scores =
             mincos_topk(&test.data, reference.map(|r| r.data.as_slice()), c, self.config.k, self.config.reduce);
         let s = scores.topk.len();
@@ -260,6 +313,17 @@ impl SageHead {
             diff.extend(t.iter().zip(r).map(|(a, b)| a - b));
             v_sel.extend_from_slice(t);
         }
+        let selection =
+            Selection { patches: scores.topk.clone(), anomaly_map: scores.anomaly_map(), grid: (test.h, test.w) };
+        Ok(FusionInput { s, diff, v_sel, selection })
+    }
+
+    /// The fusion attention and the projection norm: fact tokens from `t_g [L, llm_dim]`.
+    pub fn fuse(&self, params: &ParamSet, t_g: &[f32], input: FusionInput) -> Result<(Vec<f32>, FactActs)> {
+        let dm = self.llm_dim;
+        ensure!(t_g.len() % dm == 0 && !t_g.is_empty(), "fact embeddings must be [L, {dm}]");
+        let l = t_g.len() / dm;
+        let FusionInput { s, diff, v_sel, selection } = input;
         let q = self.fusion_q.forward(params, t_g, l);
         let k = self.fusion_k.forward(params, &diff, s);
         let v = self.fusion_v.forward(params, &v_sel, s);
@@ -270,12 +334,26 @@ impl SageHead {
         let pre_norm = self.fusion_out.forward(params, &attn, l);
         let mut out = vec![0.0; pre_norm.len()];
         layer_norm_rows(&pre_norm, &params[self.proj_norm_w].value, &params[self.proj_norm_b].value, LN_EPS, &mut out);
-        let selection =
-            Selection { patches: scores.topk.clone(), anomaly_map: scores.anomaly_map(), grid: (test.h, test.w) };
         Ok((out, FactActs { l, s, t_g: t_g.to_vec(), diff, v_sel, q, k, v, attn, lse, pre_norm, selection }))
     }
 
-    fn fusion_shape(&self, l: usize, s: usize) -> FusionShape {
+    /// The head's parameters and layer sizes.
+    pub fn params(&self) -> HeadParams {
+        let lin = |l: &Linear| (l.w, l.b, l.in_f, l.out_f);
+        HeadParams {
+            adapter_fc1: lin(&self.adapter_fc1),
+            adapter_fc2: lin(&self.adapter_fc2),
+            fusion_q: lin(&self.fusion_q),
+            fusion_k: lin(&self.fusion_k),
+            fusion_v: lin(&self.fusion_v),
+            fusion_out: lin(&self.fusion_out),
+            proj_norm_w: self.proj_norm_w,
+            proj_norm_b: self.proj_norm_b,
+        }
+    }
+
+    /// The fusion attention's shape for `l` facts and `s` selected patches.
+    pub fn fusion_shape(&self, l: usize, s: usize) -> FusionShape {
         let h = self.config.fusion_heads;
         FusionShape { batch: 1, queries: l, keys: s, heads: h, head_dim: self.config.fusion_dim / h }
     }

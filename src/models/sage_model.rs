@@ -16,7 +16,7 @@
 use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
 use super::llama::{LlamaConfig, Sampling};
 use super::llama_train::{Activations, Finetune, TrainableLlama};
-use super::sage::{FactActs, FactsMode, ImageActs, SageConfig, SageHead, Selection};
+use super::sage::{FactActs, FactsMode, FusionInput, ImageActs, ImageInput, SageConfig, SageHead, Selection};
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
@@ -50,6 +50,30 @@ pub struct SageModel {
     pub vision: EfficientNetLite,
 }
 
+/// One example's input sequence before any trained parameter is read: where each text run, image
+/// and the fact tokens sit, and the answer targets. The CPU model realises it with its parameters
+/// ([`SageModel::loss`] and friends); the device step (`models::sage_step`) realises the same plan
+/// on a device op set.
+pub struct SeqPlan {
+    /// Positions.
+    pub t: usize,
+    /// `[t]`: position `i` predicts token `i + 1`; `IGNORE` outside the answer.
+    pub targets: Vec<u32>,
+    /// (first row, token ids) of each text run, the answer's included, in order.
+    pub text: Vec<(usize, Vec<u32>)>,
+    /// (first row, adapter input) of each image: the test image, then the reference.
+    pub images: Vec<(usize, ImageInput)>,
+    /// (first row, token ids of each fact sentence, the fusion input) when facts are fused.
+    pub facts: Option<(usize, Vec<Vec<u32>>, FusionInput)>,
+}
+
+impl SeqPlan {
+    /// Targets that are not ignored.
+    pub fn counted(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+}
+
 /// Where each kind of row sits in an assembled sequence, and what backward needs.
 struct Assembled {
     x: Vec<f32>,
@@ -75,7 +99,8 @@ pub struct AnswerPass {
 
 enum Piece {
     Text(String),
-    Rows(Vec<f32>),
+    Image(ImageInput),
+    Facts(Vec<Vec<u32>>, FusionInput),
 }
 
 impl SageModel {
@@ -107,31 +132,21 @@ impl SageModel {
     }
 
     /// Mean-pooled token embeddings of each fact sentence: `t_g [L, d]`.
-    fn fact_embeddings(&self, params: &ParamSet, facts: &[String]) -> Result<Vec<f32>> {
+    fn fact_embeddings(&self, params: &ParamSet, facts: &[Vec<u32>]) -> Vec<f32> {
         let d = self.llm.hidden_size();
-        let mut out = Vec::with_capacity(facts.len() * d);
-        for f in facts {
-            let ids = self.tokenizer.encode(f, false)?;
-            ensure!(!ids.is_empty(), "a fact sentence is empty");
-            out.extend(crate::ops::pool::mean_rows(&self.llm.embed(params, &ids), d));
-        }
-        Ok(out)
+        facts.iter().flat_map(|ids| crate::ops::pool::mean_rows(&self.llm.embed(params, ids), d)).collect()
     }
 
-    fn assemble(&self, params: &ParamSet, ex: &Example) -> Result<Assembled> {
-        let d = self.llm.hidden_size();
+    /// The layout of one example's sequence: the chat template around the user turn, the image,
+    /// fact and question pieces tokenized or prepared, the answer and its targets.
+    pub fn plan(&self, ex: &Example) -> Result<SeqPlan> {
         let mode = self.head.config.facts;
         let mut user_pieces: Vec<Piece> = vec![Piece::Text("Test image: ".into())];
-        let (test_rows, test_acts) = self.head.image_tokens(params, ex.test);
-        user_pieces.push(Piece::Rows(test_rows));
-        let mut image_acts = vec![test_acts];
+        user_pieces.push(Piece::Image(self.head.pool(ex.test)));
         if let Some(r) = ex.reference {
             user_pieces.push(Piece::Text("\nReference image: ".into()));
-            let (rows, acts) = self.head.image_tokens(params, r);
-            user_pieces.push(Piece::Rows(rows));
-            image_acts.push(acts);
+            user_pieces.push(Piece::Image(self.head.pool(r)));
         }
-        let mut fact_acts = None;
         match mode {
             FactsMode::None => {}
             FactsMode::Hard => {
@@ -140,11 +155,15 @@ impl SageModel {
             }
             FactsMode::Fused => {
                 ensure!(!ex.facts.is_empty(), "facts = fused needs fact sentences for every image (run `sage facts`)");
-                let t_g = self.fact_embeddings(params, ex.facts)?;
-                let (rows, acts) = self.head.fact_tokens(params, &t_g, ex.test, ex.reference)?;
+                let mut ids = Vec::with_capacity(ex.facts.len());
+                for f in ex.facts {
+                    let t = self.tokenizer.encode(f, false)?;
+                    ensure!(!t.is_empty(), "a fact sentence is empty");
+                    ids.push(t);
+                }
+                let input = self.head.fusion_inputs(ex.test, ex.reference)?;
                 user_pieces.push(Piece::Text("\nFacts: ".into()));
-                user_pieces.push(Piece::Rows(rows));
-                fact_acts = Some(acts);
+                user_pieces.push(Piece::Facts(ids, input));
             }
         }
         user_pieces.push(Piece::Text(format!("\n{}", ex.question)));
@@ -167,36 +186,65 @@ impl SageModel {
             None => vec![],
         };
 
-        let mut x = Vec::new();
-        let mut text = Vec::new();
-        let mut row_starts = Vec::new();
+        let (mut at, mut text, mut images, mut facts) = (0usize, Vec::new(), Vec::new(), None);
         for p in pieces {
-            let at = x.len() / d;
             match p {
                 Piece::Text(s) => {
                     let ids = self.tokenizer.encode(&s, false)?;
-                    text.extend(ids.iter().enumerate().map(|(i, &id)| (at + i, id)));
-                    x.extend(self.llm.embed(params, &ids));
+                    let n = ids.len();
+                    text.push((at, ids));
+                    at += n;
                 }
-                Piece::Rows(r) => {
-                    row_starts.push(at);
-                    x.extend(r);
+                Piece::Image(input) => {
+                    let n = input.rows;
+                    images.push((at, input));
+                    at += n;
+                }
+                Piece::Facts(ids, input) => {
+                    let n = ids.len();
+                    facts = Some((at, ids, input));
+                    at += n;
                 }
             }
         }
-        let prompt_len = x.len() / d;
-        text.extend(answer_ids.iter().enumerate().map(|(i, &id)| (prompt_len + i, id)));
-        x.extend(self.llm.embed(params, &answer_ids));
-        let t = x.len() / d;
+        let prompt_len = at;
+        let t = prompt_len + answer_ids.len();
         // Position i predicts token i + 1: the last prompt position predicts the first answer token.
         let mut targets = vec![IGNORE; t];
         for (i, &id) in answer_ids.iter().enumerate() {
             targets[prompt_len + i - 1] = id;
         }
-        let n_images = image_acts.len();
-        let images = row_starts[..n_images].iter().copied().zip(image_acts).collect();
-        let facts = fact_acts.map(|a| (row_starts[n_images], a));
-        Ok(Assembled { x, t, targets, images, facts, text })
+        text.push((prompt_len, answer_ids));
+        Ok(SeqPlan { t, targets, text, images, facts })
+    }
+
+    /// The plan realised with the CPU model's parameters: the input rows and what backward needs.
+    fn assemble(&self, params: &ParamSet, ex: &Example) -> Result<Assembled> {
+        let d = self.llm.hidden_size();
+        let plan = self.plan(ex)?;
+        let mut x = vec![0.0; plan.t * d];
+        let mut put = |at: usize, rows: &[f32]| x[at * d..at * d + rows.len()].copy_from_slice(rows);
+        let mut text = Vec::new();
+        for (at, ids) in &plan.text {
+            put(*at, &self.llm.embed(params, ids));
+            text.extend(ids.iter().enumerate().map(|(i, &id)| (at + i, id)));
+        }
+        let mut images = Vec::with_capacity(plan.images.len());
+        for (at, input) in plan.images {
+            let (rows, acts) = self.head.adapter(params, input);
+            put(at, &rows);
+            images.push((at, acts));
+        }
+        let facts = match plan.facts {
+            Some((at, ids, input)) => {
+                let t_g = self.fact_embeddings(params, &ids);
+                let (rows, acts) = self.head.fuse(params, &t_g, input)?;
+                put(at, &rows);
+                Some((at, acts))
+            }
+            None => None,
+        };
+        Ok(Assembled { x, t: plan.t, targets: plan.targets, images, facts, text })
     }
 
     /// Teacher-forced answer loss; with `backward`, gradients flow into the head, the LLM and

@@ -11,7 +11,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use clip::{clip_grad_norm, grad_norm};
-pub use optim::{AdamW, AdamWConfig, AdamWScalars, AdamWState};
+pub use optim::{AdamW, AdamWConfig, AdamWScalars, AdamWState, Moments};
 pub use param::{GradAccum, Param, ParamId, ParamSet};
 pub use rng::{streams, RngState, SeedRng};
 pub use schedule::CosineSchedule;

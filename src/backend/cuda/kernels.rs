@@ -43,6 +43,23 @@ pub static LLM_OPS: KernelFile = KernelFile {
         "adamw_step",
         "adamw_step_bf16",
         "adamw_step_bf16w",
+        "sumsq_partial_bf16",
+        "sumsq_partial_f32",
+        "clip_factor",
+    ],
+};
+
+pub static HEAD_OPS: KernelFile = KernelFile {
+    name: "head_ops.cu",
+    source: include_str!("../../../kernels/head_ops.cu"),
+    entries: &[
+        "layernorm_fwd",
+        "layernorm_bwd_dx",
+        "layernorm_bwd_dwdb_partial",
+        "colsum_partial",
+        "gelu_fwd",
+        "gelu_bwd",
+        "scale_bf16",
     ],
 };
 
@@ -60,7 +77,7 @@ pub static LLM_ATTN: KernelFile = KernelFile {
 };
 
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 5] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN];
+pub static ALL: [&KernelFile; 6] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {

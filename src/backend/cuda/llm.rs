@@ -201,7 +201,8 @@ pub enum MixedGrad<'a> {
 }
 
 /// The mixed-precision AdamW of the GPU training step: updates the fp32 master `x` and moments as
-/// [`adamw_step`] does and writes `w = bf16(x)`, the copy the GEMMs read.
+/// [`adamw_step`] does from the gradient times `clip[0]` and writes `w = bf16(x)`, the copy the
+/// GEMMs read; `clip[1] ≠ 0` skips the update ([`clip_factor`] makes `clip`).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step_mixed(
     gpu: &Gpu,
@@ -212,6 +213,7 @@ pub fn adamw_step_mixed(
     w: &mut CudaSlice<bf16>,
     s: &AdamWScalars,
     decay: bool,
+    clip: &CudaSlice<f32>,
 ) -> Result<()> {
     let n = x.len();
     let g_len = match grad {
@@ -220,6 +222,9 @@ pub fn adamw_step_mixed(
     };
     if [g_len, m.len(), v.len(), w.len()].iter().any(|&k| k != n) {
         bail!("adamw: x, grad, m, v and w must all hold {n} elements");
+    }
+    if clip.len() < 2 {
+        bail!("adamw: the clip buffer holds {} values, needs [factor, skip]", clip.len());
     }
     let decay_factor = if decay { s.decay_factor } else { 1.0 };
     let nl = n as i64;
@@ -242,8 +247,54 @@ pub fn adamw_step_mixed(
         .arg(&s.step_size)
         .arg(&s.bc2_sqrt)
         .arg(&s.eps)
-        .arg(&decay_factor);
+        .arg(&decay_factor)
+        .arg(clip);
     // SAFETY: as in `rmsnorm_forward`; both kernels share this argument list.
     unsafe { b.launch(cfg((blocks(n, 256)?, 1, 1), 256, 0)) }?;
     Ok(())
+}
+
+/// Blocks of the gradient-norm partial sums: `SUMSQ_BLOCKS` of kernels/llm_ops.cu.
+pub const SUMSQ_BLOCKS: usize = 256;
+
+/// `acc[0] += Σ g²` over a gradient (bf16 or fp32), in fixed partials summed in order.
+pub fn sum_squares(gpu: &Gpu, g: MixedGrad<'_>, acc: &mut CudaSlice<f32>) -> Result<()> {
+    let (name, n) = match g {
+        MixedGrad::Bf16(x) => ("sumsq_partial_bf16", x.len()),
+        MixedGrad::F32(x) => ("sumsq_partial_f32", x.len()),
+    };
+    if acc.is_empty() {
+        bail!("sum_squares: the accumulator is empty");
+    }
+    // SAFETY: every block writes its partial.
+    let part = unsafe { gpu.uninit::<f32>(SUMSQ_BLOCKS)? };
+    let (f, sum) = (gpu.function(&LLM_OPS, name)?, gpu.function(&LLM_OPS, "sum_rows_f32")?);
+    let (nl, chunks, one) = (n as i64, int("blocks", SUMSQ_BLOCKS)?, 1i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    match g {
+        MixedGrad::Bf16(x) => b.arg(x),
+        MixedGrad::F32(x) => b.arg(x),
+    };
+    b.arg(&nl).arg(&part);
+    // SAFETY: argument order and types as in kernels/llm_ops.cu; the kernels grid-stride over n.
+    unsafe {
+        b.launch(cfg((SUMSQ_BLOCKS as u32, 1, 1), 256, 0))?;
+        gpu.stream().launch_builder(&sum).arg(&part).arg(&chunks).arg(&one).arg(&*acc).launch(cfg(
+            (1, 1, 1),
+            256,
+            0,
+        ))?;
+    }
+    Ok(())
+}
+
+/// `[factor, skip, norm]` from `sumsq[0]` (`train::clip_grad_norm`'s rule; `None` never clips).
+pub fn clip_factor(gpu: &Gpu, sumsq: &CudaSlice<f32>, max_norm: Option<f32>) -> Result<CudaSlice<f32>> {
+    // SAFETY: clip_factor writes all three values.
+    let out = unsafe { gpu.uninit::<f32>(3)? };
+    let f = gpu.function(&LLM_OPS, "clip_factor")?;
+    let max = max_norm.unwrap_or(0.0);
+    // SAFETY: as in `rmsnorm_forward`.
+    unsafe { gpu.stream().launch_builder(&f).arg(sumsq).arg(&max).arg(&out).launch(cfg((1, 1, 1), 32, 0))? };
+    Ok(out)
 }

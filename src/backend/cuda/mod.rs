@@ -14,6 +14,7 @@
 pub mod edpo;
 pub mod fusion;
 pub mod gemm;
+pub mod head;
 pub mod kernels;
 pub mod llm;
 pub mod llm_attn;

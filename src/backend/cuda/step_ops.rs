@@ -4,9 +4,10 @@
 use super::edpo::{self, SeqShape};
 use super::gemm::{gemm, GemmSpec};
 use super::llm::{self, MixedGrad};
-use super::llm_attn;
 use super::Gpu;
+use super::{fusion, head, llm_attn};
 use crate::backend::step_ops::{CausalShape, CrossEntropyOut, GradRef, StepOps};
+use crate::ops::fusion_attn::FusionShape;
 use crate::ops::loss::IGNORE;
 use crate::train::AdamWScalars;
 use anyhow::{anyhow, bail, Result};
@@ -98,9 +99,9 @@ impl StepOps for CudaOps {
         _eps: f32,
         accumulate: bool,
         dx: &mut Self::Buf,
-        dw: &mut Self::Stat,
+        dw: Option<&mut Self::Stat>,
     ) -> Result<()> {
-        llm::rmsnorm_backward(&self.gpu, x, w, dy, rstd, rows, accumulate, dx, Some(dw))
+        llm::rmsnorm_backward(&self.gpu, x, w, dy, rstd, rows, accumulate, dx, dw)
     }
 
     fn rope_tables(&self, cos: &[f32], sin: &[f32], _half: usize) -> Result<(Self::Stat, Self::Stat)> {
@@ -154,16 +155,17 @@ impl StepOps for CudaOps {
         Ok((dg, du))
     }
 
-    /// The fused E-DPO kernels with one "sequence" per batch row and `grad_seq = −1/counted`:
-    /// `∂loss/∂z = (softmax − onehot)/counted` at counted positions, logits never stored whole.
+    /// The fused E-DPO kernels with one "sequence" per batch row and `grad_seq = −seq_weights`:
+    /// `∂loss/∂z = w_n·(softmax − onehot)` at counted positions, logits never stored whole.
     fn cross_entropy(
         &self,
         hidden: &Self::Buf,
         w: &Self::Buf,
         targets: &[u32],
-        seqs: usize,
-        counted: usize,
+        seq_weights: &[f32],
+        weight_grad: bool,
     ) -> Result<CrossEntropyOut<Self>> {
+        let seqs = seq_weights.len();
         if seqs == 0 || targets.len() % seqs != 0 {
             bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
         }
@@ -183,11 +185,13 @@ impl StepOps for CudaOps {
             s,
             edpo::default_splits(&s, self.gpu.info().sm_count),
         )?;
-        let grad_seq = self.gpu.upload(&vec![-1.0f32 / counted.max(1) as f32; seqs])?;
+        let grad_seq = self.gpu.upload(&seq_weights.iter().map(|w| -w).collect::<Vec<f32>>())?;
         let spans = edpo::answer_spans(&mask, t, CE_CHUNK_ROWS);
-        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, true)?;
-        let d_weight = g.d_weight.ok_or_else(|| anyhow!("the cross-entropy backward returned no LM-head gradient"))?;
-        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight })
+        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, weight_grad)?;
+        if weight_grad && g.d_weight.is_none() {
+            bail!("the cross-entropy backward returned no LM-head gradient");
+        }
+        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight: g.d_weight })
     }
 
     fn adamw(
@@ -199,11 +203,118 @@ impl StepOps for CudaOps {
         w: &mut Self::Buf,
         s: &AdamWScalars,
         decay: bool,
+        clip: &Self::Stat,
     ) -> Result<()> {
-        let g = match grad {
-            GradRef::Buf(g) => MixedGrad::Bf16(g),
-            GradRef::Stat(g) => MixedGrad::F32(g),
-        };
-        llm::adamw_step_mixed(&self.gpu, x, g, m, v, w, s, decay)
+        llm::adamw_step_mixed(&self.gpu, x, mixed(grad), m, v, w, s, decay, clip)
+    }
+
+    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf) -> Result<Self::Buf> {
+        // SAFETY: a GEMM with beta = 0 writes every element of c.
+        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
+        let spec = GemmSpec { accumulate: false, ..*spec };
+        gemm(self.gpu.blas()?, &spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), Some(&bias.slice(..)))?;
+        Ok(c)
+    }
+
+    fn col_sum(&self, x: &Self::Buf, rows: usize, out: &mut Self::Stat) -> Result<()> {
+        head::col_sum(&self.gpu, x, rows, out)
+    }
+
+    fn gelu(&self, x: &Self::Buf) -> Result<Self::Buf> {
+        head::gelu_forward(&self.gpu, x)
+    }
+
+    fn gelu_backward(&self, dy: &Self::Buf, x: &Self::Buf) -> Result<Self::Buf> {
+        head::gelu_backward(&self.gpu, dy, x)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Stat)> {
+        head::layernorm_forward(&self.gpu, x, w, b, rows, eps)
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        stats: &Self::Stat,
+        rows: usize,
+        _eps: f32,
+        dw: &mut Self::Stat,
+        db: &mut Self::Stat,
+    ) -> Result<Self::Buf> {
+        head::layernorm_backward(&self.gpu, x, w, dy, stats, rows, dw, db)
+    }
+
+    fn fusion_attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: FusionShape,
+    ) -> Result<(Self::Buf, Self::Stat)> {
+        fusion::forward(&self.gpu, q, k, v, s)
+    }
+
+    fn fusion_attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Stat,
+        dout: &Self::Buf,
+        s: FusionShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        let g = fusion::backward(&self.gpu, q, k, v, out, lse, dout, s)?;
+        Ok((g.dq, g.dk, g.dv))
+    }
+
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_row: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (s, d, n) = (src_row * dim, dst_row * dim, rows * dim);
+        if s + n > src.len() || d + n > dst.len() {
+            bail!("copy_rows: rows {src_row}+{rows} of {} or {dst_row}+{rows} of {} (dim {dim})", src.len(), dst.len());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.gpu
+            .stream()
+            .memcpy_dtod(&src.slice(s..s + n), &mut dst.slice_mut(d..d + n))
+            .map_err(|e| anyhow!("copying {n} elements on the GPU: {e}"))
+    }
+
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
+        head::scale(&self.gpu, x, s)
+    }
+
+    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Self::Stat) -> Result<()> {
+        llm::sum_squares(&self.gpu, mixed(g), acc)
+    }
+
+    fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat> {
+        llm::clip_factor(&self.gpu, sumsq, max_norm)
+    }
+}
+
+fn mixed(g: GradRef<'_, CudaOps>) -> MixedGrad<'_> {
+    match g {
+        GradRef::Buf(g) => MixedGrad::Bf16(g),
+        GradRef::Stat(g) => MixedGrad::F32(g),
     }
 }

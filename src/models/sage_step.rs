@@ -1,0 +1,327 @@
+//! The SAGE model's SFE training step on a device op set ([`StepOps`]): the adapter, the fusion
+//! attention and its LayerNorm projection, the sequence assembly (text, image and fact rows) and
+//! the LLM ([`DeviceLlama`], full or LoRA), forward and backward, and the clipped AdamW update,
+//! with no wait for the host inside the step.
+//!
+//! A step takes the [`SeqPlan`]s of its examples (built once on the host by
+//! [`SageModel::plan`]: tokenization, pooled patches, the min-cosine patch selection, all of which
+//! depend on no trained parameter), right-pads them to one length (a padded row sees only earlier
+//! rows under the causal mask and has no target, so its gradient is exactly zero), and weighs
+//! each sequence `1/(B·answer tokens)`: the loss is the mean of the examples' mean token losses,
+//! `sage sfe`'s CPU loss ([`SageModel::loss`] per example, averaged by the trainer). On
+//! [`HostOps`](crate::backend::step_ops::HostOps) the step reproduces that path's loss,
+//! gradients and update (tested below); on the GPU it differs by bf16 rounding.
+//!
+//! Not here: E-DPO's step (two policies' log-probabilities), generation, and the frozen vision
+//! encoder, which stays on the host (its patch tokens are cached per image anyway).
+
+use super::llama_step::{weight_grad, DeviceLlama, Grad, StepGrads};
+use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
+use super::sage_model::{SageModel, SeqPlan};
+use crate::backend::cuda::gemm::GemmSpec;
+use crate::backend::step_ops::StepOps;
+use crate::ops::loss::IGNORE;
+use crate::train::{AdamWConfig, ParamSet};
+use anyhow::{bail, Result};
+
+/// A head layer on the device: indices into [`DeviceLlama::params`].
+#[derive(Clone, Copy)]
+struct Lin {
+    w: usize,
+    b: usize,
+    in_f: usize,
+    out_f: usize,
+}
+
+struct HeadIx {
+    fc1: Lin,
+    fc2: Lin,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
+    norm_w: usize,
+    norm_b: usize,
+}
+
+/// What one image's adapter backward needs.
+struct ImageActs<O: StepOps> {
+    row: usize,
+    rows: usize,
+    pooled: O::Buf,
+    h_pre: O::Buf,
+    h: O::Buf,
+}
+
+/// What one example's fusion backward needs.
+struct FactActs<O: StepOps> {
+    row: usize,
+    l: usize,
+    s: usize,
+    t_g: O::Buf,
+    diff: O::Buf,
+    v_sel: O::Buf,
+    q: O::Buf,
+    k: O::Buf,
+    v: O::Buf,
+    attn: O::Buf,
+    lse: O::Stat,
+    pre: O::Buf,
+    stats: O::Stat,
+}
+
+/// The head's gradients, accumulated over a step's examples.
+struct HeadGrads<O: StepOps> {
+    w: Vec<(usize, O::Buf)>,
+    b: Vec<(usize, O::Stat)>,
+}
+
+pub struct DeviceSage<O: StepOps> {
+    pub llm: DeviceLlama<O>,
+    head: HeadIx,
+    config: SageConfig,
+    llm_dim: usize,
+}
+
+impl<O: StepOps> DeviceSage<O> {
+    /// Copies the model (LLM and head) from `params` to the device op set.
+    pub fn new(
+        ops: O,
+        model: &SageModel,
+        params: &ParamSet,
+        adamw: AdamWConfig,
+        max_grad_norm: Option<f32>,
+    ) -> Result<Self> {
+        let mut llm = DeviceLlama::new(ops, &model.llm, params, adamw)?;
+        llm.max_grad_norm = max_grad_norm;
+        let HeadParams { adapter_fc1, adapter_fc2, fusion_q, fusion_k, fusion_v, fusion_out, proj_norm_w, proj_norm_b } =
+            model.head.params();
+        let mut lin = |(w, b, in_f, out_f): LinearParams| -> Result<Lin> {
+            Ok(Lin { w: llm.add_param(&params[w])?, b: llm.add_param(&params[b])?, in_f, out_f })
+        };
+        let (fc1, fc2) = (lin(adapter_fc1)?, lin(adapter_fc2)?);
+        let (q, k, v, out) = (lin(fusion_q)?, lin(fusion_k)?, lin(fusion_v)?, lin(fusion_out)?);
+        let norm_w = llm.add_param(&params[proj_norm_w])?;
+        let norm_b = llm.add_param(&params[proj_norm_b])?;
+        Ok(DeviceSage {
+            llm,
+            head: HeadIx { fc1, fc2, q, k, v, out, norm_w, norm_b },
+            config: model.head.config.clone(),
+            llm_dim: model.llm.hidden_size(),
+        })
+    }
+
+    fn ops(&self) -> &O {
+        &self.llm.ops
+    }
+
+    /// `x·Wᵀ + b` for a head layer.
+    fn linear(&self, l: Lin, x: &O::Buf, rows: usize) -> Result<O::Buf> {
+        self.ops().gemm_bias_new(&GemmSpec::linear(rows, l.out_f, l.in_f), x, self.llm.w(l.w), self.llm.w(l.b))
+    }
+
+    /// Backward of [`DeviceSage::linear`]: accumulates the weight and bias gradients (when
+    /// trainable) and returns `dx` when asked.
+    fn linear_backward(
+        &self,
+        l: Lin,
+        x: &O::Buf,
+        dy: &O::Buf,
+        rows: usize,
+        want_dx: bool,
+        g: &mut HeadGrads<O>,
+    ) -> Result<Option<O::Buf>> {
+        let o = self.ops();
+        if let Some((_, dw)) = g.w.iter_mut().find(|(i, _)| *i == l.w) {
+            o.gemm(&GemmSpec { accumulate: true, ..weight_grad(l.out_f, l.in_f, rows) }, dy, x, dw)?;
+        }
+        if let Some((_, db)) = g.b.iter_mut().find(|(i, _)| *i == l.b) {
+            o.col_sum(dy, rows, db)?;
+        }
+        if !want_dx {
+            return Ok(None);
+        }
+        Ok(Some(o.gemm_new(&GemmSpec::nn(rows, l.in_f, l.out_f), dy, self.llm.w(l.w))?))
+    }
+
+    /// Zero gradients for the head's trainable tensors.
+    fn head_grads(&self) -> Result<HeadGrads<O>> {
+        let o = self.ops();
+        let h = &self.head;
+        let mut g = HeadGrads { w: Vec::new(), b: Vec::new() };
+        for l in [h.fc1, h.fc2, h.q, h.k, h.v, h.out] {
+            if self.llm.params[l.w].trainable() {
+                g.w.push((l.w, o.zeros(l.in_f * l.out_f)?));
+            }
+            if self.llm.params[l.b].trainable() {
+                g.b.push((l.b, o.stat_zeros(l.out_f)?));
+            }
+        }
+        for i in [h.norm_w, h.norm_b] {
+            if self.llm.params[i].trainable() {
+                g.b.push((i, o.stat_zeros(self.llm_dim)?));
+            }
+        }
+        Ok(g)
+    }
+
+    /// Forward, cross-entropy and backward of one batch of examples; queues the work and returns
+    /// the gradients of every trainable tensor (the LLM's and the head's).
+    pub fn forward_backward(&self, plans: &[SeqPlan]) -> Result<StepGrads<O>> {
+        let o = self.ops();
+        let d = self.llm_dim;
+        let batch = plans.len();
+        let t = plans.iter().map(|p| p.t).max().unwrap_or(0);
+        if batch == 0 || t == 0 {
+            bail!("a SAGE step needs at least one non-empty example");
+        }
+        let mut targets = vec![IGNORE; batch * t];
+        let mut weights = Vec::with_capacity(batch);
+        for (n, p) in plans.iter().enumerate() {
+            targets[n * t..n * t + p.t].copy_from_slice(&p.targets);
+            weights.push(1.0 / (batch * p.counted().max(1)) as f32);
+        }
+
+        // Text rows: every run of every example embedded at once, then copied into place.
+        let mut x = o.zeros(batch * t * d)?;
+        let text_ids: Vec<u32> =
+            plans.iter().flat_map(|p| p.text.iter().flat_map(|(_, ids)| ids.iter().copied())).collect();
+        let mut text_rows = Vec::with_capacity(text_ids.len());
+        if !text_ids.is_empty() {
+            let emb = o.embed(self.llm.w(self.llm.token_embd()), &text_ids, d)?;
+            let mut from = 0;
+            for (n, p) in plans.iter().enumerate() {
+                for (at, ids) in &p.text {
+                    o.copy_rows(&emb, from, &mut x, n * t + at, ids.len(), d)?;
+                    text_rows.extend((0..ids.len()).map(|i| (n * t + at + i) as u32));
+                    from += ids.len();
+                }
+            }
+        }
+        let (mut images, mut facts) = (Vec::new(), Vec::new());
+        for (n, p) in plans.iter().enumerate() {
+            for (at, input) in &p.images {
+                let a = self.adapter_forward(n * t + at, input.rows, &input.pooled)?;
+                let out = self.linear(self.head.fc2, &a.h, a.rows)?;
+                o.copy_rows(&out, 0, &mut x, a.row, a.rows, d)?;
+                images.push(a);
+            }
+            if let Some((at, ids, input)) = &p.facts {
+                let (rows, a) = self.facts_forward(n * t + at, ids, input.s, &input.diff, &input.v_sel)?;
+                o.copy_rows(&rows, 0, &mut x, a.row, a.l, d)?;
+                facts.push(a);
+            }
+        }
+
+        let (mut g, dx) = self.llm.forward_backward_rows(x, &targets, &weights)?;
+        let mut hg = self.head_grads()?;
+        for a in &images {
+            let mut d_out = o.zeros(a.rows * d)?;
+            o.copy_rows(&dx, a.row, &mut d_out, 0, a.rows, d)?;
+            let dh = self.linear_backward(self.head.fc2, &a.h, &d_out, a.rows, true, &mut hg)?.expect("asked for dx");
+            let dh_pre = o.gelu_backward(&dh, &a.h_pre)?;
+            self.linear_backward(self.head.fc1, &a.pooled, &dh_pre, a.rows, false, &mut hg)?;
+        }
+        for a in &facts {
+            self.facts_backward(a, &dx, &mut hg)?;
+        }
+        // The text rows' gradient reaches the token table when it trains (full fine-tuning).
+        // Gathering rows of dx is an embedding lookup with dx as the table.
+        if !text_rows.is_empty() && self.llm.params[self.llm.token_embd()].trainable() {
+            let d_text = o.embed(&dx, &text_rows, d)?;
+            self.llm.embed_backward(&text_ids, &d_text, &mut g.grads)?;
+        }
+        for (i, w) in hg.w {
+            g.grads[i] = Some(Grad::Buf(w));
+        }
+        for (i, b) in hg.b {
+            g.grads[i] = Some(Grad::Stat(b));
+        }
+        Ok(g)
+    }
+
+    /// `fc1` and GELU of the adapter (the caller runs `fc2`).
+    fn adapter_forward(&self, row: usize, rows: usize, pooled: &[f32]) -> Result<ImageActs<O>> {
+        let pooled = self.ops().upload(pooled)?;
+        let h_pre = self.linear(self.head.fc1, &pooled, rows)?;
+        let h = self.ops().gelu(&h_pre)?;
+        Ok(ImageActs { row, rows, pooled, h_pre, h })
+    }
+
+    /// The fact tokens of one example: `t_g` (mean-pooled token embeddings of each sentence, as a
+    /// GEMM with an averaging matrix), the fusion attention over the selected patches, the output
+    /// projection and the LayerNorm.
+    fn facts_forward(
+        &self,
+        row: usize,
+        ids: &[Vec<u32>],
+        s: usize,
+        diff: &[f32],
+        v_sel: &[f32],
+    ) -> Result<(O::Buf, FactActs<O>)> {
+        let o = self.ops();
+        let (d, l) = (self.llm_dim, ids.len());
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let emb = o.embed(self.llm.w(self.llm.token_embd()), &flat, d)?;
+        let mut avg = vec![0.0f32; l * flat.len()];
+        let mut from = 0;
+        for (i, sent) in ids.iter().enumerate() {
+            avg[i * flat.len() + from..i * flat.len() + from + sent.len()].fill(1.0 / sent.len() as f32);
+            from += sent.len();
+        }
+        let t_g = o.gemm_new(&GemmSpec::nn(l, d, flat.len()), &o.upload(&avg)?, &emb)?;
+        let (diff, v_sel) = (o.upload(diff)?, o.upload(v_sel)?);
+        let h = &self.head;
+        let q = self.linear(h.q, &t_g, l)?;
+        let k = self.linear(h.k, &diff, s)?;
+        let v = self.linear(h.v, &v_sel, s)?;
+        let (attn, lse) = o.fusion_attention(&q, &k, &v, self.shape(l, s))?;
+        let pre = self.linear(h.out, &attn, l)?;
+        let (rows, stats) = o.layernorm(&pre, self.llm.w(h.norm_w), self.llm.w(h.norm_b), l, LN_EPS)?;
+        Ok((rows, FactActs { row, l, s, t_g, diff, v_sel, q, k, v, attn, lse, pre, stats }))
+    }
+
+    fn facts_backward(&self, a: &FactActs<O>, dx: &O::Buf, hg: &mut HeadGrads<O>) -> Result<()> {
+        let o = self.ops();
+        let (d, h) = (self.llm_dim, &self.head);
+        let mut d_out = o.zeros(a.l * d)?;
+        o.copy_rows(dx, a.row, &mut d_out, 0, a.l, d)?;
+        // The norm's gradients accumulate straight into the step's (scratch ones when frozen).
+        let mut take = |i: usize| match hg.b.iter().position(|(j, _)| *j == i) {
+            Some(at) => Ok((Some(i), hg.b.swap_remove(at).1)),
+            None => o.stat_zeros(d).map(|z| (None, z)),
+        };
+        let ((wi, mut dw), (bi, mut db)) = (take(h.norm_w)?, take(h.norm_b)?);
+        let d_pre =
+            o.layernorm_backward(&a.pre, self.llm.w(h.norm_w), &d_out, &a.stats, a.l, LN_EPS, &mut dw, &mut db)?;
+        hg.b.extend(wi.map(|i| (i, dw)).into_iter().chain(bi.map(|i| (i, db))));
+        let d_attn = self.linear_backward(h.out, &a.attn, &d_pre, a.l, true, hg)?.expect("asked for dx");
+        let (dq, dk, dv) =
+            o.fusion_attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &d_attn, self.shape(a.l, a.s))?;
+        self.linear_backward(h.q, &a.t_g, &dq, a.l, false, hg)?;
+        self.linear_backward(h.k, &a.diff, &dk, a.s, false, hg)?;
+        self.linear_backward(h.v, &a.v_sel, &dv, a.s, false, hg)?;
+        Ok(())
+    }
+
+    fn shape(&self, l: usize, s: usize) -> crate::ops::fusion_attn::FusionShape {
+        let heads = self.config.fusion_heads;
+        crate::ops::fusion_attn::FusionShape {
+            batch: 1,
+            queries: l,
+            keys: s,
+            heads,
+            head_dim: self.config.fusion_dim / heads,
+        }
+    }
+
+    /// A full step: forward, backward, the clipped AdamW at `lr`. Returns `(loss, gradient norm
+    /// before clipping)`, read after the optimizer is queued (the step's only wait).
+    pub fn train_step(&mut self, plans: &[SeqPlan], lr: f32) -> Result<(f32, f32)> {
+        let mut g = self.forward_backward(plans)?;
+        let applied = self.llm.apply(std::mem::take(&mut g.grads), lr)?;
+        let loss = self.llm.loss(&g)?;
+        let norm = self.llm.finish(&applied)?;
+        Ok((loss, norm))
+    }
+}

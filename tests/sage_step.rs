@@ -1,0 +1,153 @@
+//! The SAGE model's device training step (`models::sage_step`) on the CPU reference op set,
+//! against `sage sfe`'s CPU path on the real SmolLM2-135M and EfficientNet-Lite0: the same loss,
+//! the same gradient for every trainable tensor (LoRA adapters, or every LLM tensor, and the whole
+//! head), and the same weights after clipped AdamW steps. This holds the GPU step's orchestration
+//! (padding, sequence weights, row assembly, the head's backward, clipping) to the CPU model; the
+//! CUDA ops are held to their CPU references by tests/kernels_parity.rs on a device.
+
+mod common;
+use common::*;
+use sage::backend::step_ops::HostOps;
+use sage::models::efficientnet::PatchTokens;
+use sage::models::llama_train::Finetune;
+use sage::models::sage::{FactsMode, SageConfig};
+use sage::models::sage_model::{Example, SageModel};
+use sage::models::sage_step::DeviceSage;
+use sage::ops::similarity::Reduce;
+use sage::train::{AdamWConfig, ParamSet, SeedRng, Trainer};
+
+struct Pair {
+    test: PatchTokens,
+    reference: PatchTokens,
+}
+
+fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
+    let cfg = SageConfig {
+        facts: FactsMode::Fused,
+        k: 5,
+        reduce: Reduce::Nearest,
+        fusion_dim: 32,
+        fusion_heads: 2,
+        image_pool: 5,
+    };
+    SageModel::new(&efficientnet_pth(), &smollm2_gguf(), cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
+}
+
+const FACTS: [&str; 2] = ["The cell shows a dark crack across its lower half.", "The busbars are intact."];
+const QA: [(&str, &str); 3] = [
+    ("Is there any defect in the test image?", "Yes. A crack runs across the lower half of the cell."),
+    ("Is the test cell normal?", "No."),
+    ("Does the reference image show a defect?", "No, the reference cell is a normal monocrystalline cell."),
+];
+
+fn examples<'a>(pairs: &'a [Pair], facts: &'a [String]) -> Vec<Example<'a>> {
+    QA.iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let p = &pairs[i % pairs.len()];
+            Example { test: &p.test, reference: Some(&p.reference), facts, question: q, answer: Some(a) }
+        })
+        .collect()
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+    (a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())), scale)
+}
+
+/// Loss and every gradient of one batch, then three clipped AdamW steps, device step vs CPU path.
+fn device_step_matches_cpu(finetune: Finetune) {
+    let mut params = ParamSet::new();
+    let m = model(&finetune, &mut params);
+    // Non-zero LoRA B (it starts at zero) so that the adapters' input gradients are exercised.
+    let names: Vec<String> = params.iter().filter(|p| p.name.ends_with("lora_b")).map(|p| p.name.clone()).collect();
+    for (i, n) in names.iter().enumerate() {
+        let id = params.id(n).unwrap();
+        let len = params[id].value.len();
+        params[id].value = SeedRng::new(100 + i as u64, 0).uniform(len, -0.02, 0.02);
+    }
+    let pairs: Vec<Pair> = [("cell0001.png", "cell0002.png"), ("cell0003.png", "cell0004.png")]
+        .iter()
+        .map(|(t, r)| Pair {
+            test: m.patch_tokens(&elpv_image(t)).unwrap(),
+            reference: m.patch_tokens(&elpv_image(r)).unwrap(),
+        })
+        .collect();
+    let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
+    let exs = examples(&pairs, &facts);
+    let plans: Vec<_> = exs.iter().map(|e| m.plan(e).unwrap()).collect();
+    assert!(plans.iter().map(|p| p.t).min() < plans.iter().map(|p| p.t).max(), "the batch needs padding");
+
+    let max_norm = 0.05;
+    let dev = DeviceSage::new(HostOps, &m, &params, AdamWConfig::default(), Some(max_norm)).unwrap();
+    let g = dev.forward_backward(&plans).unwrap();
+    let loss = dev.llm.loss(&g).unwrap();
+
+    // The CPU path: one backward per example, averaged, as `sage sfe` does it.
+    params.zero_grad();
+    let mut cpu_loss = 0.0;
+    for e in &exs {
+        cpu_loss += m.loss(&mut params, e, true).unwrap().0 / exs.len() as f32;
+    }
+    params.scale_grads(1.0 / exs.len() as f32);
+    assert!((loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs(), "loss {loss} vs {cpu_loss}");
+    let mut checked = 0;
+    for (p, grad) in dev.llm.params.iter().zip(&g.grads) {
+        let host = &params[params.id(&p.name).unwrap()];
+        assert_eq!(grad.is_some(), host.trainable, "{}: a gradient exactly when trainable", p.name);
+        let Some(grad) = grad else { continue };
+        let (err, scale) = max_err(&dev.llm.download_grad(grad).unwrap(), &host.grad);
+        assert!(err <= 2e-3 * scale, "{}: max |Δ| {err} at gradient scale {scale}", p.name);
+        checked += 1;
+    }
+    assert!(checked >= 14, "head and LLM gradients checked: {checked}");
+    println!("device step on host ops: loss {loss} (cpu {cpu_loss}), {checked} gradients equal");
+
+    // Three steps on each side from the same start: the device step's clipping and AdamW against
+    // the trainer's.
+    let tcfg = sage::train::TrainConfig {
+        adamw: AdamWConfig::default(),
+        schedule: sage::train::CosineSchedule { peak_lr: 1e-3, warmup_steps: 0, total_steps: 3, min_ratio: 0.1 },
+        max_grad_norm: Some(max_norm),
+        accum_steps: exs.len(),
+    };
+    let mut dev = DeviceSage::new(HostOps, &m, &params, tcfg.adamw, Some(max_norm)).unwrap();
+    let mut trainer = Trainer::new(tcfg);
+    params.zero_grad();
+    for step in 0..3u64 {
+        let lr = tcfg.schedule.lr(step);
+        let (dl, dn) = dev.train_step(&plans, lr).unwrap();
+        let mut cl = 0.0;
+        let mut report = None;
+        for e in &exs {
+            cl += m.loss(&mut params, e, true).unwrap().0 / exs.len() as f32;
+            report = trainer.micro_step(&mut params);
+        }
+        let report = report.unwrap();
+        assert!((dl - cl).abs() <= 1e-4 * cl.abs(), "step {step}: loss {dl} vs {cl}");
+        assert!(
+            (dn - report.grad_norm).abs() <= 1e-3 * report.grad_norm,
+            "step {step}: norm {dn} vs {}",
+            report.grad_norm
+        );
+        assert!(report.grad_norm > max_norm, "the test should clip: norm {}", report.grad_norm);
+    }
+    // Adam moves an element by up to lr per step whatever its gradient's size, so where the two
+    // paths' rounding differs on a near-zero gradient the update can differ by a part of a step:
+    // the weights must agree to 5% of the three steps' largest possible movement (3·lr).
+    let mut stepped = params.clone();
+    dev.llm.download_into(&mut stepped).unwrap();
+    let mut worst = 0.0f32;
+    for p in params.iter().filter(|p| p.trainable) {
+        let (err, _) = max_err(&stepped[stepped.id(&p.name).unwrap()].value, &p.value);
+        assert!(err <= 0.05 * 3e-3, "{} after three steps: max |Δ| {err}", p.name);
+        worst = worst.max(err);
+    }
+    println!("three clipped steps: losses and norms equal, weights within {worst:.2e}");
+    assert_eq!(dev.llm.steps(), 3);
+}
+
+#[test]
+fn sage_device_step_on_host_ops_matches_the_cpu_path_with_lora() {
+    device_step_matches_cpu(Finetune::Lora { rank: 4, alpha: 8.0, targets: vec!["attn_q".into(), "attn_v".into()] });
+}
