@@ -179,3 +179,44 @@ fn infer_answers_from_a_checkpoint_and_config_errors_are_user_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lora_rnk"));
 }
+
+/// The SFE loop on a device op set (`sfe::run::train_on`, what `--device cuda` runs) on the CPU
+/// reference ops, against the CPU loop on the same config: the same examples, losses and gradient
+/// norms step by step, the same checkpoint files, and a validation at the end.
+#[test]
+fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    build_data(dir.path());
+    let cfg_path = config(dir.path(), 3);
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("batch = 1", "batch = 2");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
+    let (cpu_out, dev_out) = (dir.path().join("cpu"), dir.path().join("dev"));
+    let mut run = sage::sfe::run::Run::new(cfg.clone(), &cpu_out).unwrap();
+    sage::sfe::run::train(&mut run, false, true).unwrap();
+    let mut run = sage::sfe::run::Run::new(cfg, &dev_out).unwrap();
+    let o = sage::sfe::run::train_on(&mut run, sage::backend::step_ops::HostOps, false, true).unwrap();
+    assert!(o.val.is_some());
+    let log = |p: &Path| -> Vec<(f64, f64)> {
+        std::fs::read_to_string(p.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["loss"].as_f64()?, v["grad_norm"].as_f64()?)))
+            .collect()
+    };
+    let (a, b) = (log(&cpu_out), log(&dev_out));
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (i, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate() {
+        assert!((la - lb).abs() <= 1e-3 * la.abs(), "step {}: loss cpu {la} vs device step {lb}", i + 1);
+        assert!((na - nb).abs() <= 1e-2 * na.abs(), "step {}: grad norm cpu {na} vs device step {nb}", i + 1);
+    }
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&cpu_out), names(&dev_out), "the same checkpoint files");
+}

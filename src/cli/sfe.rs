@@ -2,7 +2,7 @@
 
 use super::{print_json, Ctx};
 use crate::sfe::config::SfeConfig;
-use crate::sfe::run::{train, Run};
+use crate::sfe::run::{train, train_on, Run};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -12,7 +12,9 @@ target (cross-entropy). The adapter, the fusion attention and the LLM (LoRA or f
 frozen. Writes log.jsonl (one line per step, plus validation lines), atomic checkpoints (weights, optimizer state, \
 state.json) and final.json into --out. --resume continues a run exactly where its last checkpoint left it; \
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
-CPU cores), configs/sfe-lite.toml (the full run, for a GPU).";
+CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage_step: \
+bf16 CUDA kernels and cuBLASLt, the same loss, schedule, clipping, logs and checkpoints; validation still generates \
+on the CPU); --device auto and cpu train on the CPU.";
 
 /// The arguments every training command (`sfe`, `edpo`) takes.
 #[derive(clap::Args, Debug)]
@@ -74,7 +76,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         );
         return Ok(());
     }
-    let o = train(&mut r, a.run.resume, ctx.quiet())?;
+    let o = if ctx.backend.backend == "cuda" {
+        let gpu = crate::backend::cuda::Gpu::global()?;
+        train_on(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
+    } else {
+        train(&mut r, a.run.resume, ctx.quiet())?
+    };
     let summary = serde_json::json!({
         "out": out, "facts": r.cfg.model.facts, "steps": o.steps, "final_loss": o.final_loss, "val": o.val,
         "seconds_per_step": o.step_seconds, "tokens_per_second": o.tokens_per_second,

@@ -5,6 +5,7 @@ use super::checkpoint;
 use super::config::SfeConfig;
 use super::data::{ExampleRef, Split, TokenCache};
 use crate::assets::Asset;
+use crate::backend::step_ops::StepOps;
 use crate::data::sample::conclusion;
 use crate::data::Question;
 use crate::facts::FactSet;
@@ -12,6 +13,7 @@ use crate::models::efficientnet::PatchTokens;
 use crate::models::llama::Sampling;
 use crate::models::sage::FactsMode;
 use crate::models::sage_model::{Example, SageModel};
+use crate::models::sage_step::DeviceSage;
 use crate::train::{streams, ParamSet, SeedRng, Trainer};
 use crate::user_err;
 use anyhow::{Context, Result};
@@ -311,6 +313,69 @@ pub(crate) fn finish_step(
         save(run)?;
     }
     Ok(())
+}
+
+/// [`train`] with every step on a device op set ([`DeviceSage`]: `CudaOps` for the GPU; the CPU
+/// reference ops in the tests): the same example order, loss, schedule, clipping, logs and
+/// checkpoints (the weights and optimizer state are copied back to the host whenever a
+/// validation or checkpoint is due), so a run may be resumed on either engine.
+pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+    let tcfg = run.cfg.train.trainer_config();
+    let Start { mut trainer, step: start, mut log, state } = start_run(&run.out, &mut run.params, tcfg, resume)?;
+    if let Some(state) = &state {
+        check_resume_config(&run.out, state, &run.cfg)?;
+    }
+    let mut dev = DeviceSage::new(ops, &run.model, &run.params, tcfg.adamw, tcfg.max_grad_norm)?;
+    dev.llm.restore_optimizer(&trainer.opt.state)?;
+    if !quiet {
+        eprintln!("sfe: training on {}", dev.llm.ops.describe());
+    }
+    let steps = run.cfg.train.steps;
+    let batch = run.cfg.train.batch.max(1) as u64;
+    let pb = crate::util::progress_bar(steps, "sfe", quiet);
+    pb.set_position(start);
+    let (mut last_loss, mut total_secs, mut total_tokens) = (f32::NAN, 0.0, 0usize);
+    for step in start..steps {
+        let t0 = Instant::now();
+        let mut plans = Vec::with_capacity(batch as usize);
+        for m in 0..batch {
+            let e = run.example_at(step * batch + m);
+            let i = run.inputs(false, e)?;
+            plans.push(run.model.plan(&i.example(Some(&i.question.ranked_answers[0])))?);
+        }
+        let tokens: usize = plans.iter().map(|p| p.counted()).sum();
+        let lr = tcfg.schedule.lr(dev.llm.steps());
+        let (loss, grad_norm) = dev.train_step(&plans, lr)?;
+        let secs = t0.elapsed().as_secs_f64();
+        last_loss = loss;
+        total_secs += secs;
+        total_tokens += tokens;
+        let done = step + 1;
+        let t = &run.cfg.train;
+        let due = (t.val_every > 0 && done % t.val_every == 0 && done < steps)
+            || done % t.checkpoint_every.max(1) == 0
+            || done == steps;
+        if due {
+            dev.llm.download_into(&mut run.params)?;
+            trainer.opt.state = dev.llm.optimizer_state()?;
+        }
+        let line =
+            StepLog { step: done, loss, lr, grad_norm, tokens, tokens_per_second: tokens as f64 / secs, seconds: secs };
+        let train = run.cfg.train.clone();
+        finish_step(run, &train, &mut log, &pb, &line, loss, done, |r| {
+            checkpoint::save(&r.out, done, &r.params, &trainer, &r.cfg, None)
+        })?;
+    }
+    pb.finish_and_clear();
+    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let ran = steps.saturating_sub(start).max(1) as f64;
+    Ok(Outcome {
+        steps,
+        final_loss: last_loss,
+        val,
+        step_seconds: total_secs / ran,
+        tokens_per_second: total_tokens as f64 / total_secs.max(1e-9),
+    })
 }
 
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
