@@ -594,3 +594,78 @@ fn kernel_parity_llama_train_step_ten_steps() {
     assert!(losses[9].1 < losses[0].1, "the GPU loss should fall over ten steps: {losses:?}");
     println!("llama train step: ten steps, (cpu, gpu) losses {losses:?}");
 }
+
+/// The SAGE head's ops and gradient clipping of the device step (`kernels/head_ops.cu`,
+/// `sumsq`/`clip_factor` and the clipped AdamW of `kernels/llm_ops.cu`, the cuBLASLt bias GEMM,
+/// `copy_rows`), through the op set, against `HostOps` on the same bf16 inputs. Tolerances:
+/// outputs within 2% of the largest magnitude (bf16 rounding of the outputs), reductions in fp32
+/// within 1e-3 relative.
+#[test]
+fn kernel_parity_sage_head_ops_through_the_op_set() {
+    let Some(gpu) = gpu("sage head ops") else { return };
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::backend::step_ops::{GradRef, HostOps, StepOps};
+    let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
+    let close = |what: &str, got: Vec<f32>, want: &[f32], tol: f32| {
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(got.len() == want.len() && err <= tol * scale, "{what}: max |Δ| {err} at scale {scale}");
+    };
+    for &(rows, cols) in &[(1usize, 1usize), (7, 37), (65, 576), (130, 300)] {
+        let ((_, x), (_, w), (_, b), (_, dy)) = (rnd(rows * cols, 1), rnd(cols, 2), rnd(cols, 3), rnd(rows * cols, 4));
+        let w: Vec<f32> = w.iter().map(|v| 1.0 + 0.5 * v).collect();
+        let up = |v: &[f32]| c.upload(v).unwrap();
+        let (gx, gw, gb, gdy) = (up(&x), up(&w), up(&b), up(&dy));
+        // LayerNorm forward and backward.
+        let (gy, gst) = c.layernorm(&gx, &gw, &gb, rows, 1e-5).unwrap();
+        let (hy, hst) = h.layernorm(&x, &w, &b, rows, 1e-5).unwrap();
+        close("layernorm y", c.download(&gy).unwrap(), &hy, 2e-2);
+        let (mut gdw, mut gdb) = (c.stat_zeros(cols).unwrap(), c.stat_zeros(cols).unwrap());
+        let (mut hdw, mut hdb) = (vec![0.0; cols], vec![0.0; cols]);
+        let gdx = c.layernorm_backward(&gx, &gw, &gdy, &gst, rows, 1e-5, &mut gdw, &mut gdb).unwrap();
+        let hdx = h.layernorm_backward(&x, &w, &dy, &hst, rows, 1e-5, &mut hdw, &mut hdb).unwrap();
+        close("layernorm dx", c.download(&gdx).unwrap(), &hdx, 2e-2);
+        close("layernorm dw", c.download_stat(&gdw).unwrap(), &hdw, 1e-3);
+        close("layernorm db", c.download_stat(&gdb).unwrap(), &hdb, 1e-3);
+        // GELU, column sums, scale, bias GEMM, copy_rows.
+        let xs: Vec<f32> = x.iter().map(|v| 4.0 * v).collect();
+        close("gelu", c.download(&c.gelu(&up(&xs)).unwrap()).unwrap(), &h.gelu(&xs).unwrap(), 2e-2);
+        let gg = c.gelu_backward(&gdy, &up(&xs)).unwrap();
+        close("gelu backward", c.download(&gg).unwrap(), &h.gelu_backward(&dy, &xs).unwrap(), 2e-2);
+        let (mut gs, mut hs) = (c.upload_stat(&b).unwrap(), b.clone());
+        c.col_sum(&gx, rows, &mut gs).unwrap();
+        h.col_sum(&x, rows, &mut hs).unwrap();
+        close("col_sum", c.download_stat(&gs).unwrap(), &hs, 1e-3);
+        let (mut gsc, mut hsc) = (up(&x), x.clone());
+        c.scale(&mut gsc, 0.37).unwrap();
+        h.scale(&mut hsc, 0.37).unwrap();
+        close("scale", c.download(&gsc).unwrap(), &hsc, 1e-2);
+        let spec = GemmSpec::linear(rows, cols, cols);
+        let wm: Vec<f32> = rnd(cols * cols, 5).1;
+        let gl = c.gemm_bias_new(&spec, &gx, &up(&wm), &gb).unwrap();
+        close("linear + bias", c.download(&gl).unwrap(), &h.gemm_bias_new(&spec, &x, &wm, &b).unwrap(), 2e-2);
+        let (mut gdst, mut hdst) = (c.zeros((rows + 2) * cols).unwrap(), vec![0.0; (rows + 2) * cols]);
+        c.copy_rows(&gx, rows / 2, &mut gdst, 2, rows - rows / 2, cols).unwrap();
+        h.copy_rows(&x, rows / 2, &mut hdst, 2, rows - rows / 2, cols).unwrap();
+        close("copy_rows", c.download(&gdst).unwrap(), &hdst, 0.0);
+        // Σg² over a bf16 and an fp32 gradient, the clip factor, and one clipped AdamW step.
+        let (mut gsq, mut hsq) = (c.stat_zeros(1).unwrap(), vec![0.0f32]);
+        let gstat = c.upload_stat(&dy).unwrap();
+        c.sum_squares(GradRef::Buf(&gx), &mut gsq).unwrap();
+        c.sum_squares(GradRef::Stat(&gstat), &mut gsq).unwrap();
+        h.sum_squares(GradRef::Buf(&x), &mut hsq).unwrap();
+        h.sum_squares(GradRef::Stat(&dy), &mut hsq).unwrap();
+        close("sum of squares", c.download_stat(&gsq).unwrap(), &hsq, 1e-4);
+        let max = Some(0.5 * hsq[0].sqrt());
+        let (gclip, hclip) = (c.clip_factor(&gsq, max).unwrap(), h.clip_factor(&hsq, max).unwrap());
+        close("clip factor", c.download_stat(&gclip).unwrap(), &hclip, 1e-4);
+        let s = sage::train::AdamWScalars::new(&sage::train::AdamWConfig::default(), 1, 1e-2);
+        let (mut gm, mut gv, mut gmaster, mut gwork) =
+            (c.stat_zeros(cols).unwrap(), c.stat_zeros(cols).unwrap(), c.upload_stat(&w).unwrap(), up(&w));
+        let (mut hm, mut hv, mut hmaster, mut hwork) = (vec![0.0; cols], vec![0.0; cols], w.clone(), w.clone());
+        c.adamw(&mut gmaster, GradRef::Buf(&gb), &mut gm, &mut gv, &mut gwork, &s, true, &gclip).unwrap();
+        h.adamw(&mut hmaster, GradRef::Buf(&b), &mut hm, &mut hv, &mut hwork, &s, true, &hclip).unwrap();
+        close("clipped adamw", c.download_stat(&gmaster).unwrap(), &hmaster, 1e-5);
+    }
+    println!("sage head ops: layernorm, gelu, col_sum, scale, bias GEMM, copy_rows, clipping compared with HostOps");
+}
