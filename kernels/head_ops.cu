@@ -15,6 +15,7 @@
 //   gelu_fwd           y = x·Φ(x)                                                grid ceil(n/256), block 256
 //   gelu_bwd           dx = dy·(Φ(x) + x·φ(x))                                   grid ceil(n/256), block 256
 //   scale_bf16         x ← s·x                                                   grid ceil(n/256), block 256
+//   mul_f32            x ← x·f elementwise (fp32; E-DPO's per-instance weights)   grid ceil(n/256), block 256
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;
@@ -128,4 +129,11 @@ extern "C" __global__ void scale_bf16(bf16* __restrict__ x, long long n, float s
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     x[i] = __float2bfloat16(s * __bfloat162float(x[i]));
+}
+
+// x ← x·f elementwise, fp32 (the E-DPO step weighs each sequence's ∂loss/∂π by its instance).
+extern "C" __global__ void mul_f32(float* __restrict__ x, const float* __restrict__ f, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    x[i] *= f[i];
 }

@@ -452,3 +452,48 @@ fn edpo_gradient_matches_central_differences() {
     let id = run.base.params.id(&picks[0].0).unwrap();
     assert_eq!(run.base.params[id].grad[picks[0].1], picks[0].2);
 }
+
+/// The E-DPO loop on a device op set (`edpo::run::train_on`, what `--device cuda` runs) on the
+/// CPU reference ops, against the CPU loop on the same config with two instances a step: the
+/// same losses, margins, pair accuracies and gradient norms step by step, and the same files.
+#[test]
+fn edpo_loop_on_the_device_step_matches_the_cpu_loop() {
+    let s = setup();
+    let cfg_path = edpo_config(&s, "edpo.toml", &s.scores, 3);
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("batch = 1", "batch = 2");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
+    let (cpu, dev) = (s.path("cpu"), s.path("dev"));
+    let mut run = EdpoRun::new(cfg.clone(), &cpu).unwrap();
+    sage::edpo::run::train(&mut run, false, true).unwrap();
+    let mut run = EdpoRun::new(cfg, &dev).unwrap();
+    let o = sage::edpo::run::train_on(&mut run, sage::backend::step_ops::HostOps, false, true).unwrap();
+    assert!(o.val.is_some());
+    let log = |p: &Path| -> Vec<Value> {
+        std::fs::read_to_string(p.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["loss"].is_number())
+            .collect()
+    };
+    let (a, b) = (log(&cpu), log(&dev));
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for (key, tol) in [("loss", 1e-3), ("margin", 1e-3), ("grad_norm", 1e-2)] {
+            let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((u - v).abs() <= tol * u.abs().max(2e-2), "step {}: {key} cpu {u} vs device step {v}", x["step"]);
+        }
+        assert_eq!(x["pair_accuracy"], y["pair_accuracy"], "step {}", x["step"]);
+        assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
+    }
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&cpu), names(&dev), "the same checkpoint files");
+    println!("edpo loop: cpu {a:?}\ndevice step {b:?}");
+}

@@ -84,6 +84,13 @@ void gelu_scale_case(long long n, float s) {
   launch({blocks}, 256, gelu_bwd, dy.data(), x.data(), n, dx.data());
   auto z = x;
   launch({blocks}, 256, scale_bf16, z.data(), n, s);
+  std::vector<float> xf(n), ff(n);
+  for (long long i = 0; i < n; ++i) {
+    xf[i] = f64(x[i]);
+    ff[i] = f64(dy[i]);
+  }
+  launch({blocks}, 256, mul_f32, xf.data(), ff.data(), n);
+  for (long long i = 0; i < n; ++i) CHECK(xf[i] == (float)(f64(x[i]) * f64(dy[i])), "mul_f32[%lld]", i);
   for (long long i = 0; i < n; ++i) {
     const double v = f64(x[i]), cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
     const double pdf = std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI);

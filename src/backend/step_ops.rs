@@ -14,6 +14,7 @@ use crate::backend::cpu::{sgemm, MatRef};
 use crate::backend::cuda::gemm::GemmSpec;
 use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
+use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs, EdpoConfig, Pair};
 use crate::ops::embedding::embedding_backward;
 use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward, FusionShape};
 use crate::ops::loss::{cross_entropy_, IGNORE};
@@ -221,6 +222,43 @@ pub trait StepOps {
     /// `[factor, skip, norm]` with `factor = max/(norm + 1e-6)` when `norm > max` (else 1) and
     /// `skip = 1` when the norm is not finite. `None` never clips.
     fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat>;
+
+    // The E-DPO step (`ops::edpo`, kernels/edpo_loss.cu).
+
+    /// Sequence log-probabilities `Σ_t log p(target_t)` of `seqs` sequences of `hidden [N·T, C]`
+    /// through the LM head `w [V, C]` (`IGNORE` targets skipped), and the per-row log-sum-exp
+    /// the backward reads: `(seq [N], lse [N·T])`.
+    fn seq_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Self::Stat, Self::Stat)>;
+    /// The E-DPO loss (mean over `pairs` of `−log σ(d)`) of policy and reference sequence
+    /// log-probabilities: `(margins d [P], ∂loss/∂policy [N])`.
+    fn edpo_loss(
+        &self,
+        policy: &Self::Stat,
+        reference: &Self::Stat,
+        pairs: &[Pair],
+        cfg: EdpoConfig,
+    ) -> Result<(Self::Stat, Self::Stat)>;
+    /// `x[i] *= f[i]`.
+    fn mul_stat(&self, x: &mut Self::Stat, f: &[f32]) -> Result<()>;
+    /// The gradients of `Σ_n grad_seq[n]·seq[n]` ([`StepOps::seq_logprobs`]) with respect to
+    /// `hidden` and, with `weight_grad`, `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn logprob_backward(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        lse: &Self::Stat,
+        grad_seq: &Self::Stat,
+        seqs: usize,
+        weight_grad: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
 }
 
 /// `train::clip_grad_norm`'s rule on a computed `Σ g²`: `[factor, skip, norm]`.
@@ -608,4 +646,78 @@ impl StepOps for HostOps {
     fn clip_factor(&self, sumsq: &Vec<f32>, max_norm: Option<f32>) -> Result<Vec<f32>> {
         Ok(clip_rule(sumsq[0] as f64, max_norm).to_vec())
     }
+
+    fn seq_logprobs(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let t = seq_len(targets.len(), seqs)?;
+        let c = hidden.len() / targets.len();
+        // Only the counted rows, gathered, as `SageModel::answer_logprobs` scores an answer.
+        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE).collect();
+        let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
+        let tg: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+        let tl = token_logprobs(&h, w, c, &tg, &vec![true; rows.len()]);
+        let (mut seq, mut lse) = (vec![0.0f32; seqs], vec![0.0f32; targets.len()]);
+        for (n, s) in seq.iter_mut().enumerate() {
+            *s = rows.iter().zip(&tl.logp).filter(|(&r, _)| r / t == n).map(|(_, &l)| l).sum();
+        }
+        for (&r, &l) in rows.iter().zip(&tl.lse) {
+            lse[r] = l;
+        }
+        Ok((seq, lse))
+    }
+
+    fn edpo_loss(
+        &self,
+        policy: &Vec<f32>,
+        reference: &Vec<f32>,
+        pairs: &[Pair],
+        cfg: EdpoConfig,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if policy.len() != reference.len()
+            || pairs.iter().any(|p| p.chosen >= policy.len() || p.rejected >= policy.len())
+        {
+            bail!("E-DPO loss: {} policy and {} reference values for pairs {pairs:?}", policy.len(), reference.len());
+        }
+        let l = edpo_loss(policy, reference, pairs, cfg);
+        Ok((l.margins, l.grad_policy))
+    }
+
+    fn mul_stat(&self, x: &mut Vec<f32>, f: &[f32]) -> Result<()> {
+        if x.len() != f.len() {
+            bail!("mul_stat: {} values and {} factors", x.len(), f.len());
+        }
+        x.iter_mut().zip(f).for_each(|(v, k)| *v *= k);
+        Ok(())
+    }
+
+    fn logprob_backward(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        lse: &Vec<f32>,
+        grad_seq: &Vec<f32>,
+        seqs: usize,
+        weight_grad: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let t = seq_len(targets.len(), seqs)?;
+        let c = hidden.len() / targets.len();
+        let grad_token: Vec<f32> =
+            targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
+        let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
+        Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, weight_grad))
+    }
+}
+
+/// Positions per sequence of `rows` targets over `seqs` sequences.
+fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
+    if seqs == 0 || rows == 0 || rows % seqs != 0 {
+        bail!("{rows} targets do not split into {seqs} sequences");
+    }
+    Ok(rows / seqs)
 }

@@ -3,7 +3,7 @@
 use super::{print_json, Ctx};
 use crate::edpo::config::{EdpoRunConfig, LossKind};
 use crate::edpo::pairs::PairChoice;
-use crate::edpo::run::train;
+use crate::edpo::run::{train, train_on};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -15,7 +15,9 @@ pair with the smallest entropy gap) are scored by the policy and by the frozen S
 d = beta*[(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))] - eta*|H(w) - H(l)|, loss -log sigmoid(d). \
 `--loss dpo` (eta = 0) is the plain-DPO ablation. The fusion attention is frozen; the adapter, the projection and the \
 LLM train. Writes log.jsonl, atomic checkpoints and final.json into --out, like `sage sfe`; --resume continues \
-exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: configs/edpo-lite-quick.toml.";
+exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: configs/edpo-lite-quick.toml. \
+--device cuda trains on the GPU (policy and frozen reference on the device, the fused log-probability kernels; \
+validation still generates on the CPU); --device auto and cpu train on the CPU.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -48,7 +50,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     let out = a.run.out_dir();
     let mut r = crate::edpo::run::EdpoRun::new(cfg, &out)?;
-    let o = train(&mut r, a.run.resume, ctx.quiet())?;
+    let o = if ctx.backend.backend == "cuda" {
+        let gpu = crate::backend::cuda::Gpu::global()?;
+        train_on(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
+    } else {
+        train(&mut r, a.run.resume, ctx.quiet())?
+    };
     let summary = serde_json::json!({
         "out": out, "sfe": r.cfg.sfe, "loss": r.cfg.edpo.loss, "beta": r.cfg.edpo.beta,
         "eta": r.cfg.edpo.loss_config().eta, "pairs": r.cfg.edpo.pairs, "instances": r.instances.len(),

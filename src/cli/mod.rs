@@ -33,9 +33,9 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Compute device. `sage bench kernels` and `sage bench train` run on the GPU (`auto` takes
-    /// one when it works); `sage sfe --device cuda` trains on the GPU (`auto` trains on the CPU);
-    /// edpo, infer and eval run on the CPU in this build, so for them `auto` means the CPU and
-    /// says why, and `cuda` is refused.
+    /// one when it works); `sage sfe` and `sage edpo` train on the GPU with `--device cuda`
+    /// (`auto` trains on the CPU); infer and eval run on the CPU in this build, so for them
+    /// `auto` means the CPU and says why, and `cuda` is refused.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     /// Print machine-readable JSON on stdout instead of text (progress bars are hidden).
@@ -130,11 +130,14 @@ pub fn run(cli: Cli) -> Result<()> {
     let threads = backend::cpu::init_threads(cli.threads);
     let selection = backend::select(cli.device)?;
     if selection.backend == "cuda"
-        && !matches!(cli.command, Command::Bench(_) | Command::Doctor(_) | Command::Kernels(_) | Command::Sfe(_))
+        && !matches!(
+            cli.command,
+            Command::Bench(_) | Command::Doctor(_) | Command::Kernels(_) | Command::Sfe(_) | Command::Edpo(_)
+        )
     {
         return Err(crate::user_err!(
-            "--device cuda: this command's model ops have no CUDA path in this build (`sage sfe`, `sage bench \
-             kernels` and `sage bench train` run on the GPU); run it with --device cpu or auto"
+            "--device cuda: this command's model ops have no CUDA path in this build (`sage sfe`, `sage edpo`, `sage \
+             bench kernels` and `sage bench train` run on the GPU); run it with --device cpu or auto"
         ));
     }
     let ctx = Ctx {

@@ -10,7 +10,9 @@
 
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
+use crate::backend::step_ops::StepOps;
 use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
+use crate::models::sage_step::DeviceSage;
 use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
@@ -220,11 +222,11 @@ pub struct Outcome {
     pub step_seconds: f64,
 }
 
-/// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
-pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
+/// Where a run starts: [`start_run`] and the check that a resumed checkpoint is this stage's.
+fn start_edpo(run: &mut EdpoRun, resume: bool) -> Result<Start> {
     let tcfg = run.cfg.train.trainer_config();
-    let Start { mut trainer, state, step: start, mut log } = start_run(&run.out, &mut run.base.params, tcfg, resume)?;
-    if let Some(state) = state {
+    let start = start_run(&run.out, &mut run.base.params, tcfg, resume)?;
+    if let Some(state) = &start.state {
         match &state.edpo {
             None => return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display())),
             Some(saved) if *saved != run.stage_json() => {
@@ -236,6 +238,127 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
             Some(_) => {}
         }
     }
+    Ok(start)
+}
+
+/// `−log σ(d)`, stable for any `d`.
+fn neg_log_sigmoid(d: f64) -> f64 {
+    (-d).max(0.0) + (-d.abs()).exp().ln_1p()
+}
+
+/// [`train`] with every step on a device op set (`CudaOps` for `--device cuda`; the CPU reference
+/// ops in the tests): the policy and a frozen copy of the SFE model as the reference live on the
+/// device; each step runs all answers of its `batch` instances as one padded batch
+/// ([`DeviceSage::edpo_step`]), each instance weighted as the CPU loop's mean of instance means.
+/// The reference log-probability of an answer is computed once and memoised on the host, as on
+/// the CPU (the only read-back before the optimizer, and only for answers not seen before). Same
+/// order, logs, validation and checkpoints as [`train`].
+pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+    let tcfg = run.cfg.train.trainer_config();
+    let Start { mut trainer, step: start, mut log, .. } = start_edpo(run, resume)?;
+    let model = &run.base.model;
+    let mut policy = DeviceSage::new(ops.clone(), model, &run.base.params, tcfg.adamw, tcfg.max_grad_norm)?;
+    policy.llm.restore_optimizer(&trainer.opt.state)?;
+    let reference = DeviceSage::new(ops, model, &run.reference, tcfg.adamw, None)?;
+    if !quiet {
+        eprintln!("edpo: training on {}", policy.llm.ops.describe());
+    }
+    let steps = run.cfg.train.steps;
+    let batch = run.cfg.train.batch.max(1) as u64;
+    let stage = run.stage_json();
+    let loss_cfg = run.cfg.edpo.loss_config();
+    let pb = crate::util::progress_bar(steps, "edpo", quiet);
+    pb.set_position(start);
+    let (mut last_loss, mut total_secs) = (f32::NAN, 0.0);
+    for step in start..steps {
+        let t0 = Instant::now();
+        let (mut plans, mut refs, mut keys, mut pairs, mut groups) = (vec![], vec![], vec![], vec![], vec![]);
+        for m in 0..batch {
+            let inst = run.instance_at(step * batch + m);
+            let chosen = instance_pairs(&inst.entropies, run.cfg.edpo.pairs);
+            let mut used: Vec<usize> = chosen.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
+            used.sort_unstable();
+            used.dedup();
+            let first = plans.len();
+            let local = |rank: usize| first + used.iter().position(|&u| u == rank).expect("listed");
+            let inputs = run.base.inputs(false, inst.example)?;
+            for &rank in &used {
+                plans.push(run.base.model.plan(&inputs.example(Some(&inputs.question.ranked_answers[rank])))?);
+                let key = (inst.example.item, inst.example.question, rank);
+                refs.push(run.reference_memo.get(&key).copied());
+                keys.push(key);
+            }
+            pairs.extend(chosen.iter().map(|p| Pair {
+                chosen: local(p.chosen),
+                rejected: local(p.rejected),
+                delta_h: p.delta_h,
+            }));
+            groups.push((first, used.len(), chosen.len()));
+        }
+        // Reference log-probabilities of the answers not seen before, on the frozen copy.
+        let missing: Vec<usize> = (0..plans.len()).filter(|&i| refs[i].is_none()).collect();
+        if !missing.is_empty() {
+            let todo: Vec<_> = missing.iter().map(|&i| plans[i].clone()).collect();
+            let got = reference.ops().download_stat(&reference.answer_logprobs(&todo)?)?;
+            for (&i, &r) in missing.iter().zip(&got) {
+                refs[i] = Some(r);
+                run.reference_memo.insert(keys[i], r);
+            }
+        }
+        let refs: Vec<f32> = refs.into_iter().map(|r| r.expect("filled above")).collect();
+        // The CPU loop averages each instance's pair mean over the batch; the loss op averages over
+        // all pairs: weigh each instance's answers by P / (P_i · batch).
+        let total_pairs = pairs.len() as f32;
+        let mut scale = vec![0.0f32; plans.len()];
+        for &(first, n, p) in &groups {
+            scale[first..first + n].fill(total_pairs / (p.max(1) as f32 * batch as f32));
+        }
+        let tokens: usize = plans.iter().map(|p| p.counted()).sum();
+        let lr = tcfg.schedule.lr(policy.llm.steps());
+        let (margins, grad_norm) = policy.edpo_step(&plans, &refs, &pairs, &scale, loss_cfg, lr)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut at = 0;
+        let mut loss_sum = 0.0f64;
+        for &(_, _, p) in &groups {
+            let l: f64 = margins[at..at + p].iter().map(|&d| neg_log_sigmoid(d as f64)).sum();
+            loss_sum += l / p.max(1) as f64;
+            at += p;
+        }
+        last_loss = (loss_sum / batch as f64) as f32;
+        total_secs += secs;
+        let n = margins.len().max(1) as f32;
+        let line = StepLog {
+            step: step + 1,
+            loss: last_loss,
+            margin: margins.iter().sum::<f32>() / n,
+            pair_accuracy: margins.iter().filter(|&&m| m > 0.0).count() as f32 / n,
+            lr,
+            grad_norm,
+            tokens,
+            seconds: secs,
+        };
+        let (done, t) = (step + 1, &run.cfg.train);
+        if (t.val_every > 0 && done % t.val_every == 0 && done < steps)
+            || done % t.checkpoint_every.max(1) == 0
+            || done == steps
+        {
+            policy.llm.download_into(&mut run.base.params)?;
+            trainer.opt.state = policy.llm.optimizer_state()?;
+        }
+        let out = &run.out;
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, done, |b| {
+            checkpoint::save(out, done, &b.params, &trainer, &b.cfg, Some(&stage))
+        })?;
+    }
+    pb.finish_and_clear();
+    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let ran = steps.saturating_sub(start).max(1) as f64;
+    Ok(Outcome { steps, final_loss: last_loss, val, step_seconds: total_secs / ran })
+}
+
+/// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
+pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
+    let Start { mut trainer, step: start, mut log, .. } = start_edpo(run, resume)?;
     let steps = run.cfg.train.steps;
     let batch = run.cfg.train.batch.max(1) as u64;
     let stage = run.stage_json();

@@ -108,11 +108,30 @@ struct BlockActs<O: StepOps> {
     lora: [Option<O::Buf>; 7],
 }
 
+/// A [`DeviceLlama::forward_rows`]: the final hidden states `[batch·T, d]` and what the backward
+/// needs.
+pub struct RowsForward<O: StepOps> {
+    acts: Vec<BlockActs<O>>,
+    /// The residual stream after the last block, and `output_norm`'s statistics.
+    x_out: O::Buf,
+    rstd_f: O::Stat,
+    pub hidden: O::Buf,
+    rows: usize,
+    shape: CausalShape,
+}
+
 /// The loss of a step, still on the device, and the gradients by parameter index.
 pub struct StepGrads<O: StepOps> {
     seq_logp: O::Stat,
     seq_weights: Vec<f32>,
     pub grads: Vec<Option<Grad<O>>>,
+}
+
+impl<O: StepOps> StepGrads<O> {
+    /// Gradients and the (device) sequence log-probabilities of a loss `−Σ_n seq_weights[n]·seq_logp[n]`.
+    pub fn new(seq_logp: O::Stat, seq_weights: Vec<f32>, grads: Vec<Option<Grad<O>>>) -> Self {
+        StepGrads { seq_logp, seq_weights, grads }
+    }
 }
 
 /// What [`DeviceLlama::apply`] queued: the clipping it applied, read back by
@@ -271,13 +290,31 @@ impl<O: StepOps> DeviceLlama<O> {
     /// the gradients and `∂loss/∂x`.
     pub fn forward_backward_rows(
         &self,
-        mut x: O::Buf,
+        x: O::Buf,
         targets: &[u32],
         seq_weights: &[f32],
     ) -> Result<(StepGrads<O>, O::Buf)> {
+        let fwd = self.forward_rows(x, targets, seq_weights.len())?;
+        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head(), targets, seq_weights, self.lm_head_trains())?;
+        let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, ce.d_weight)?;
+        Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
+    }
+
+    /// The LM head's working copy (`output.weight`, or the tied token table).
+    pub fn lm_head(&self) -> &O::Buf {
+        self.w(self.output)
+    }
+
+    /// Whether the LM head gets a gradient.
+    pub fn lm_head_trains(&self) -> bool {
+        self.trainable(self.output)
+    }
+
+    /// The decoder over input rows `x [batch·T, d]` (`targets` only checked here): the final
+    /// hidden states, and what [`DeviceLlama::backward_rows`] needs.
+    pub fn forward_rows(&self, mut x: O::Buf, targets: &[u32], batch: usize) -> Result<RowsForward<O>> {
         let c = &self.config;
         let rows = targets.len();
-        let batch = seq_weights.len();
         if batch == 0 || rows == 0 || rows % batch != 0 {
             bail!("a step needs batch·T targets (got {rows} targets, batch {batch})");
         }
@@ -290,10 +327,9 @@ impl<O: StepOps> DeviceLlama<O> {
             user_bail!("target token {bad} is outside the vocabulary of {}", c.vocab_size);
         }
         let o = &self.ops;
-        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
-        let (qd, half) = (c.num_heads * c.head_dim, c.head_dim / 2);
+        let eps = c.rms_norm_eps;
+        let half = c.head_dim / 2;
         let shape = self.shape(batch, t);
-
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let (h1, rstd1) = o.rmsnorm(&x, self.w(b.attn_norm), rows, eps)?;
@@ -313,24 +349,44 @@ impl<O: StepOps> DeviceLlama<O> {
             acts.push(BlockActs { x, h1, rstd1, q, k, v, ctx, lse, x1, h2, rstd2, gate, up, s, lora });
             x = y;
         }
-        debug_assert_eq!(qd, self.blocks.first().map_or(qd, |b| b.attn_output.in_f));
         let (hidden, rstd_f) = o.rmsnorm(&x, self.w(self.output_norm), rows, eps)?;
-        let ce = o.cross_entropy(&hidden, self.w(self.output), targets, seq_weights, self.trainable(self.output))?;
-        drop(hidden);
+        Ok(RowsForward { acts, x_out: x, rstd_f, hidden, rows, shape })
+    }
 
+    /// The backward of [`DeviceLlama::forward_rows`] from `∂loss/∂hidden` (and the LM head's
+    /// gradient, which the loss op computes): the gradients by parameter index and `∂loss/∂x`.
+    pub fn backward_rows(
+        &self,
+        fwd: RowsForward<O>,
+        d_hidden: &O::Buf,
+        d_head: Option<O::Buf>,
+    ) -> Result<(Vec<Option<Grad<O>>>, O::Buf)> {
+        let o = &self.ops;
+        let RowsForward { acts, x_out, rstd_f, hidden, rows, shape } = fwd;
+        drop(hidden);
+        let (d, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
         let mut grads: Vec<Option<Grad<O>>> = (0..self.params.len()).map(|_| None).collect();
         let mut dx = o.zeros(rows * d)?;
         let mut dg = self.norm_grad(self.output_norm, d)?;
-        let dh = &ce.d_hidden;
-        o.rmsnorm_backward(&x, self.w(self.output_norm), dh, &rstd_f, rows, eps, false, &mut dx, dg.as_mut())?;
+        o.rmsnorm_backward(
+            &x_out,
+            self.w(self.output_norm),
+            d_hidden,
+            &rstd_f,
+            rows,
+            eps,
+            false,
+            &mut dx,
+            dg.as_mut(),
+        )?;
         grads[self.output_norm] = dg.map(Grad::Stat);
         // The LM head; with tied embeddings this is also token_embd's, which the embedding
         // backward adds to.
-        grads[self.output] = ce.d_weight.map(Grad::Buf);
+        grads[self.output] = d_head.map(Grad::Buf);
         for (b, a) in self.blocks.iter().zip(acts).rev() {
             dx = self.block_backward(b, a, &dx, rows, shape, &mut grads)?;
         }
-        Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
+        Ok((grads, dx))
     }
 
     /// A zero fp32 gradient for a norm weight, or `None` when it is frozen.

@@ -54,6 +54,7 @@ pub struct SageModel {
 /// and the fact tokens sit, and the answer targets. The CPU model realises it with its parameters
 /// ([`SageModel::loss`] and friends); the device step (`models::sage_step`) realises the same plan
 /// on a device op set.
+#[derive(Clone)]
 pub struct SeqPlan {
     /// Positions.
     pub t: usize,

@@ -12,14 +12,17 @@
 //! [`HostOps`](crate::backend::step_ops::HostOps) the step reproduces that path's loss,
 //! gradients and update (tested below); on the GPU it differs by bf16 rounding.
 //!
-//! Not here: E-DPO's step (two policies' log-probabilities), generation, and the frozen vision
-//! encoder, which stays on the host (its patch tokens are cached per image anyway).
+//! E-DPO's step ([`DeviceSage::edpo_step`]) reuses the same forward and backward around the
+//! fused sequence log-probability kernels; a frozen copy ([`DeviceSage::answer_logprobs`]) is its
+//! reference. Not here: generation, and the frozen vision encoder, which stays on the host (its
+//! patch tokens are cached per image anyway).
 
-use super::llama_step::{weight_grad, DeviceLlama, Grad, StepGrads};
+use super::llama_step::{weight_grad, DeviceLlama, Grad, RowsForward, StepGrads};
 use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
 use super::sage_model::{SageModel, SeqPlan};
 use crate::backend::cuda::gemm::GemmSpec;
 use crate::backend::step_ops::StepOps;
+use crate::ops::edpo::{EdpoConfig, Pair};
 use crate::ops::loss::IGNORE;
 use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
@@ -70,6 +73,17 @@ struct FactActs<O: StepOps> {
     stats: O::Stat,
 }
 
+/// A [`DeviceSage::forward`]: the LLM's forward (final hidden states in `llm.hidden`), the padded
+/// targets `[B·T]`, and what the head's and the embedding's backward need.
+pub struct SageForward<O: StepOps> {
+    pub llm: RowsForward<O>,
+    pub targets: Vec<u32>,
+    images: Vec<ImageActs<O>>,
+    facts: Vec<FactActs<O>>,
+    text_ids: Vec<u32>,
+    text_rows: Vec<u32>,
+}
+
 /// The head's gradients, accumulated over a step's examples.
 struct HeadGrads<O: StepOps> {
     w: Vec<(usize, O::Buf)>,
@@ -111,7 +125,7 @@ impl<O: StepOps> DeviceSage<O> {
         })
     }
 
-    fn ops(&self) -> &O {
+    pub fn ops(&self) -> &O {
         &self.llm.ops
     }
 
@@ -168,6 +182,22 @@ impl<O: StepOps> DeviceSage<O> {
     /// Forward, cross-entropy and backward of one batch of examples; queues the work and returns
     /// the gradients of every trainable tensor (the LLM's and the head's).
     pub fn forward_backward(&self, plans: &[SeqPlan]) -> Result<StepGrads<O>> {
+        let weights: Vec<f32> = plans.iter().map(|p| 1.0 / (plans.len() * p.counted().max(1)) as f32).collect();
+        let fwd = self.forward(plans)?;
+        let ce = self.ops().cross_entropy(
+            &fwd.llm.hidden,
+            self.llm.lm_head(),
+            &fwd.targets,
+            &weights,
+            self.llm.lm_head_trains(),
+        )?;
+        let grads = self.backward(fwd, &ce.d_hidden, ce.d_weight)?;
+        Ok(StepGrads::new(ce.seq_logp, weights, grads))
+    }
+
+    /// The forward of one batch of examples, right-padded to the longest: the final hidden states
+    /// `[B·T, d]` (in `.llm.hidden`), the padded targets, and what the backward needs.
+    pub fn forward(&self, plans: &[SeqPlan]) -> Result<SageForward<O>> {
         let o = self.ops();
         let d = self.llm_dim;
         let batch = plans.len();
@@ -176,10 +206,8 @@ impl<O: StepOps> DeviceSage<O> {
             bail!("a SAGE step needs at least one non-empty example");
         }
         let mut targets = vec![IGNORE; batch * t];
-        let mut weights = Vec::with_capacity(batch);
         for (n, p) in plans.iter().enumerate() {
             targets[n * t..n * t + p.t].copy_from_slice(&p.targets);
-            weights.push(1.0 / (batch * p.counted().max(1)) as f32);
         }
 
         // Text rows: every run of every example embedded at once, then copied into place.
@@ -212,8 +240,22 @@ impl<O: StepOps> DeviceSage<O> {
                 facts.push(a);
             }
         }
+        let llm = self.llm.forward_rows(x, &targets, batch)?;
+        Ok(SageForward { llm, targets, images, facts, text_ids, text_rows })
+    }
 
-        let (mut g, dx) = self.llm.forward_backward_rows(x, &targets, &weights)?;
+    /// The backward of a [`DeviceSage::forward`] from `∂loss/∂hidden` and the LM head's gradient:
+    /// the gradients by parameter index.
+    pub fn backward(
+        &self,
+        fwd: SageForward<O>,
+        d_hidden: &O::Buf,
+        d_head: Option<O::Buf>,
+    ) -> Result<Vec<Option<Grad<O>>>> {
+        let o = self.ops();
+        let d = self.llm_dim;
+        let SageForward { llm, images, facts, text_ids, text_rows, .. } = fwd;
+        let (mut grads, dx) = self.llm.backward_rows(llm, d_hidden, d_head)?;
         let mut hg = self.head_grads()?;
         for a in &images {
             let mut d_out = o.zeros(a.rows * d)?;
@@ -229,15 +271,54 @@ impl<O: StepOps> DeviceSage<O> {
         // Gathering rows of dx is an embedding lookup with dx as the table.
         if !text_rows.is_empty() && self.llm.params[self.llm.token_embd()].trainable() {
             let d_text = o.embed(&dx, &text_rows, d)?;
-            self.llm.embed_backward(&text_ids, &d_text, &mut g.grads)?;
+            self.llm.embed_backward(&text_ids, &d_text, &mut grads)?;
         }
         for (i, w) in hg.w {
-            g.grads[i] = Some(Grad::Buf(w));
+            grads[i] = Some(Grad::Buf(w));
         }
         for (i, b) in hg.b {
-            g.grads[i] = Some(Grad::Stat(b));
+            grads[i] = Some(Grad::Stat(b));
         }
-        Ok(g)
+        Ok(grads)
+    }
+
+    /// The answers' sequence log-probabilities `Σ log p(answer token)`, `[plans.len()]`, without
+    /// a backward (E-DPO's frozen reference model).
+    pub fn answer_logprobs(&self, plans: &[SeqPlan]) -> Result<O::Stat> {
+        let fwd = self.forward(plans)?;
+        Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?.0)
+    }
+
+    /// One E-DPO step (DESIGN.md §1) over the answers `plans` of a batch of instances: their
+    /// sequence log-probabilities under this policy, the margins of `pairs` against the reference
+    /// log-probabilities `reference`, `∂loss/∂π` times `seq_scale` (each instance's weight in the
+    /// step's mean), the fused log-probability backward, the model's backward and the clipped
+    /// AdamW at `lr`. Returns the margins and the gradient norm, read after the optimizer is queued.
+    pub fn edpo_step(
+        &mut self,
+        plans: &[SeqPlan],
+        reference: &[f32],
+        pairs: &[Pair],
+        seq_scale: &[f32],
+        cfg: EdpoConfig,
+        lr: f32,
+    ) -> Result<(Vec<f32>, f32)> {
+        let n = plans.len();
+        if reference.len() != n || seq_scale.len() != n {
+            bail!("E-DPO step: {n} answers, {} reference values, {} weights", reference.len(), seq_scale.len());
+        }
+        let fwd = self.forward(plans)?;
+        let o = self.ops();
+        let (head, head_trains) = (self.llm.lm_head(), self.llm.lm_head_trains());
+        let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
+        let (margins, mut grad) = o.edpo_loss(&policy, &o.upload_stat(reference)?, pairs, cfg)?;
+        o.mul_stat(&mut grad, seq_scale)?;
+        let (dh, dw) = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, head_trains)?;
+        let grads = self.backward(fwd, &dh, dw)?;
+        let applied = self.llm.apply(grads, lr)?;
+        let margins = self.ops().download_stat(&margins)?;
+        let norm = self.llm.finish(&applied)?;
+        Ok((margins, norm))
     }
 
     /// `fc1` and GELU of the adapter (the caller runs `fc2`).

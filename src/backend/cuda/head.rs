@@ -175,3 +175,16 @@ pub fn scale(gpu: &Gpu, x: &mut CudaSlice<bf16>, s: f32) -> Result<()> {
     unsafe { gpu.stream().launch_builder(&f).arg(&*x).arg(&nl).arg(&s).launch(cfg((blocks(n, 256)?, 1, 1), 256, 0))? };
     Ok(())
 }
+
+/// `x[i] *= f[i]` (fp32).
+pub fn mul(gpu: &Gpu, x: &mut CudaSlice<f32>, f: &CudaSlice<f32>) -> Result<()> {
+    let n = x.len();
+    if f.len() != n {
+        bail!("mul: {n} values and {} factors", f.len());
+    }
+    let k = gpu.function(&HEAD_OPS, "mul_f32")?;
+    let nl = n as i64;
+    // SAFETY: as in `layernorm_forward`.
+    unsafe { gpu.stream().launch_builder(&k).arg(&*x).arg(f).arg(&nl).launch(cfg((blocks(n, 256)?, 1, 1), 256, 0))? };
+    Ok(())
+}

@@ -60,6 +60,7 @@ pub static HEAD_OPS: KernelFile = KernelFile {
         "gelu_fwd",
         "gelu_bwd",
         "scale_bf16",
+        "mul_f32",
     ],
 };
 

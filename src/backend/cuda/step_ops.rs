@@ -7,6 +7,7 @@ use super::llm::{self, MixedGrad};
 use super::Gpu;
 use super::{fusion, head, llm_attn};
 use crate::backend::step_ops::{CausalShape, CrossEntropyOut, GradRef, StepOps};
+use crate::ops::edpo::{EdpoConfig, Pair};
 use crate::ops::fusion_attn::FusionShape;
 use crate::ops::loss::IGNORE;
 use crate::train::AdamWScalars;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 /// Rows of `∂loss/∂logits` the cross-entropy backward holds at once (`rows × V` bf16).
 const CE_CHUNK_ROWS: usize = 1024;
 
+#[derive(Clone)]
 pub struct CudaOps {
     pub gpu: Arc<Gpu>,
 }
@@ -309,6 +311,80 @@ impl StepOps for CudaOps {
 
     fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat> {
         llm::clip_factor(&self.gpu, sumsq, max_norm)
+    }
+
+    fn seq_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Self::Stat, Self::Stat)> {
+        let (s, dev_t, dev_m, _) = self.seq_inputs(hidden, w, targets, seqs)?;
+        let f = edpo::sequence_logprobs(
+            &self.gpu,
+            hidden,
+            w,
+            &dev_t,
+            &dev_m,
+            s,
+            edpo::default_splits(&s, self.gpu.info().sm_count),
+        )?;
+        Ok((f.seq, f.lse))
+    }
+
+    fn edpo_loss(
+        &self,
+        policy: &Self::Stat,
+        reference: &Self::Stat,
+        pairs: &[Pair],
+        cfg: EdpoConfig,
+    ) -> Result<(Self::Stat, Self::Stat)> {
+        let n = policy.len();
+        let dev_pairs = edpo::DevicePairs::upload(&self.gpu, pairs, n)?;
+        let out = edpo::loss(&self.gpu, policy, reference, &dev_pairs, n, cfg.beta, cfg.eta)?;
+        Ok((out.margin, out.grad_seq))
+    }
+
+    fn mul_stat(&self, x: &mut Self::Stat, f: &[f32]) -> Result<()> {
+        head::mul(&self.gpu, x, &self.gpu.upload(f)?)
+    }
+
+    fn logprob_backward(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        lse: &Self::Stat,
+        grad_seq: &Self::Stat,
+        seqs: usize,
+        weight_grad: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)> {
+        let (s, dev_t, dev_m, mask) = self.seq_inputs(hidden, w, targets, seqs)?;
+        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
+        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
+        Ok((g.d_hidden, g.d_weight))
+    }
+}
+
+impl CudaOps {
+    /// The shape, device targets (`IGNORE` → 0) and mask of `seqs` sequences of `targets`.
+    fn seq_inputs(
+        &self,
+        hidden: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(SeqShape, CudaSlice<i32>, CudaSlice<u8>, Vec<bool>)> {
+        if seqs == 0 || targets.is_empty() || targets.len() % seqs != 0 {
+            bail!("{} targets do not split into {seqs} sequences", targets.len());
+        }
+        let c = hidden.len() / targets.len();
+        let s = SeqShape { n: seqs, t: targets.len() / seqs, c, v: w.len() / c.max(1) };
+        let mask: Vec<bool> = targets.iter().map(|&x| x != IGNORE).collect();
+        let tg: Vec<i32> = targets.iter().map(|&x| if x == IGNORE { 0 } else { x as i32 }).collect();
+        let dev_m = self.gpu.upload(&mask.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?;
+        Ok((s, self.gpu.upload(&tg)?, dev_m, mask))
     }
 }
 
