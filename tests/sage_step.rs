@@ -151,3 +151,38 @@ fn device_step_matches_cpu(finetune: Finetune) {
 fn sage_device_step_on_host_ops_matches_the_cpu_path_with_lora() {
     device_step_matches_cpu(Finetune::Lora { rank: 4, alpha: 8.0, targets: vec!["attn_q".into(), "attn_v".into()] });
 }
+
+/// Generation on the device step's forward (`DeviceSage::generate`, what `sage eval` and `sage
+/// infer` run with `--device cuda`) on the CPU reference ops equals the CPU model's batched greedy
+/// answers, token for token, and stops at `max_new`.
+#[test]
+fn sage_device_generation_on_host_ops_matches_the_cpu_answers() {
+    let mut params = ParamSet::new();
+    let m = model(&Finetune::Lora { rank: 2, alpha: 4.0, targets: vec!["attn_q".into()] }, &mut params);
+    let pair = Pair {
+        test: m.patch_tokens(&elpv_image("cell0001.png")).unwrap(),
+        reference: m.patch_tokens(&elpv_image("cell0002.png")).unwrap(),
+    };
+    let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
+    let exs: Vec<Example> = QA
+        .iter()
+        .map(|(q, _)| Example {
+            test: &pair.test,
+            reference: Some(&pair.reference),
+            facts: &facts,
+            question: q,
+            answer: None,
+        })
+        .collect();
+    let greedy = sage::models::llama::Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let cpu = m.answer_batch(&params, &exs, 10, greedy).unwrap();
+    let dev = DeviceSage::new(HostOps, &m, &params, AdamWConfig::default(), None).unwrap();
+    let plans: Vec<_> = exs.iter().map(|e| m.plan(e).unwrap()).collect();
+    let ids = dev.generate(&plans, 10, &m.tokenizer.stop_ids, greedy).unwrap();
+    for ((text, _), ids) in cpu.iter().zip(&ids) {
+        assert!(ids.len() <= 10);
+        let got = m.tokenizer.decode(ids, true).unwrap().trim().to_string();
+        assert_eq!(&got, text);
+    }
+    println!("device generation on host ops: {:?}", cpu.iter().map(|c| &c.0).collect::<Vec<_>>());
+}

@@ -24,7 +24,8 @@ and MLE (the judge's type, location and logic scores, 1-5). MMAD data (mmad.json
 and source dataset, Anomaly Detection balanced. Data with labels or masks: image and pixel AUROC of the \
 training-free anomaly map. --baseline evaluates the same architecture untrained (the zero-shot rows). --answers \
 scores answers made elsewhere (JSONL lines {\"id\", \"question\", \"answer\"}) without running a model; \
---save-answers writes this run's answers in that shape.";
+--save-answers writes this run's answers in that shape. --device cuda answers on the GPU (models::sage_step, bf16, \
+no KV cache yet); the anomaly maps and the image encoder stay on the CPU.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -182,6 +183,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             let mut ev = Evaluator::load(a.checkpoint.as_deref(), a.baseline, a.facts.as_deref())?;
             ev.shots = a.shots;
             ev.max_tokens = a.max_tokens;
+            if ctx.backend.backend == "cuda" {
+                ev.use_gpu(crate::backend::cuda::Gpu::global()?)?;
+            }
             let mut save = match &a.save_answers {
                 Some(p) => {
                     let _ = std::fs::remove_file(p);

@@ -2,11 +2,13 @@
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
+use crate::backend::cuda::step_ops::CudaOps;
 use crate::facts::FactSet;
 use crate::image_io;
 use crate::models::llama::Sampling;
 use crate::models::sage::FactsMode;
 use crate::models::sage_model::{Example, SageModel};
+use crate::models::sage_step::DeviceSage;
 use crate::sfe::checkpoint;
 use crate::train::{streams, ParamSet, SeedRng};
 use crate::user_err;
@@ -18,7 +20,8 @@ pub const LONG_ABOUT: &str =
 pinned EfficientNet-Lite0 and SmolLM2 assets), encodes the test and reference images, and answers the question \
 greedily; the answer starts with its conclusion (Yes/No). Prints the selected patches (the K test patches least \
 similar to the reference, which feed the fusion attention) and, with --map, writes the anomaly map. A checkpoint \
-trained with facts = hard or fused needs fact sentences: --facts (a `sage facts` file) or --fact.";
+trained with facts = hard or fused needs fact sentences: --facts (a `sage facts` file) or --fact. --device cuda \
+answers on the GPU (models::sage_step, bf16).";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -84,7 +87,14 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     };
     let ex = Example { test: &test, reference: reference.as_ref(), facts: &facts, question: &a.question, answer: None };
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-    let (answer, selection) = model.answer(&params, &ex, a.max_tokens, greedy)?;
+    let (answer, selection) = if ctx.backend.backend == "cuda" {
+        params.set_trainable_where(|_| true, false);
+        let gpu = crate::backend::cuda::Gpu::global()?;
+        let dev = DeviceSage::new(CudaOps::new(gpu), &model, &params, Default::default(), None)?;
+        dev.answer_batch(&model, &[ex], a.max_tokens, greedy)?.remove(0)
+    } else {
+        model.answer(&params, &ex, a.max_tokens, greedy)?
+    };
     let scores = crate::ops::similarity::mincos_topk(
         &test.data,
         reference.as_ref().map(|r| r.data.as_slice()),

@@ -5,11 +5,14 @@
 use super::maps::MapMetrics;
 use super::Generated;
 use crate::assets::Asset;
+use crate::backend::cuda::step_ops::CudaOps;
+use crate::backend::step_ops::StepOps;
 use crate::data::sample::{Label, Question, Sample};
 use crate::facts::FactSet;
 use crate::models::llama::Sampling;
 use crate::models::sage::{FactsMode, SageConfig};
 use crate::models::sage_model::{Example, SageModel};
+use crate::models::sage_step::DeviceSage;
 use crate::ops::similarity::mincos_topk;
 use crate::sfe::checkpoint;
 use crate::sfe::data::TokenCache;
@@ -29,6 +32,8 @@ pub struct Evaluator {
     pub max_tokens: usize,
     /// What was loaded, for the report.
     pub describe: String,
+    /// The model on the GPU (`--device cuda`), which then answers instead of the CPU model.
+    device: Option<DeviceSage<CudaOps>>,
 }
 
 /// The text of a question as the model sees it: multiple-choice questions list their options
@@ -96,7 +101,26 @@ impl Evaluator {
                 ))
             }
         };
-        Ok(Evaluator { model, params, head, facts, tokens: TokenCache::default(), shots: 1, max_tokens: 64, describe })
+        Ok(Evaluator {
+            model,
+            params,
+            head,
+            facts,
+            tokens: TokenCache::default(),
+            shots: 1,
+            max_tokens: 64,
+            describe,
+            device: None,
+        })
+    }
+
+    /// Answers on `gpu` from now on (the weights are copied there, frozen); the anomaly maps and
+    /// the encoder stay on the CPU.
+    pub fn use_gpu(&mut self, gpu: std::sync::Arc<crate::backend::cuda::Gpu>) -> Result<()> {
+        let dev = DeviceSage::new(CudaOps::new(gpu), &self.model, &self.params, Default::default(), None)?;
+        self.describe = format!("{} on {}", self.describe, dev.llm.ops.describe());
+        self.device = Some(dev);
+        Ok(())
     }
 
     fn facts_for(&self, image: &Path) -> Result<Vec<String>> {
@@ -140,10 +164,11 @@ impl Evaluator {
                     answer: None,
                 })
                 .collect();
-            let answers = self
-                .model
-                .answer_batch(&self.params, &exs, self.max_tokens, greedy)
-                .with_context(|| format!("answering the questions of item {}", s.id))?;
+            let answers = match &self.device {
+                Some(dev) => dev.answer_batch(&self.model, &exs, self.max_tokens, greedy),
+                None => self.model.answer_batch(&self.params, &exs, self.max_tokens, greedy),
+            }
+            .with_context(|| format!("answering the questions of item {}", s.id))?;
             for (question, (answer, _)) in answers.into_iter().enumerate() {
                 let g = Generated { item, question, answer };
                 each(&g)?;

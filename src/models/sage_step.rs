@@ -17,9 +17,11 @@
 //! reference. Not here: generation, and the frozen vision encoder, which stays on the host (its
 //! patch tokens are cached per image anyway).
 
+use super::llama::{Sampler, Sampling};
 use super::llama_step::{weight_grad, DeviceLlama, Grad, RowsForward, StepGrads};
+use super::sage::Selection;
 use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
-use super::sage_model::{SageModel, SeqPlan};
+use super::sage_model::{Example, SageModel, SeqPlan};
 use crate::backend::cuda::gemm::GemmSpec;
 use crate::backend::step_ops::StepOps;
 use crate::ops::edpo::{EdpoConfig, Pair};
@@ -280,6 +282,82 @@ impl<O: StepOps> DeviceSage<O> {
             grads[i] = Some(Grad::Stat(b));
         }
         Ok(grads)
+    }
+
+    /// Generates an answer to each plan's prompt (plans made without an answer), with
+    /// `TrainableLlama::generate_batch`'s stopping rules: a stop id ends a sequence, as do
+    /// `max_new` tokens or the context limit. Each decode step runs the whole (right-padded)
+    /// sequences again (no KV cache on the device yet: O(T²) per token, fine for the short answers
+    /// of validation and evaluation) and samples on the host from the last position's logits,
+    /// which the GEMM rounds to bf16 (a greedy choice between logits closer than that may differ
+    /// from the CPU's).
+    pub fn generate(
+        &self,
+        plans: &[SeqPlan],
+        max_new: usize,
+        stop_ids: &[u32],
+        sampling: Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        let o = self.ops();
+        let (d, vocab) = (self.llm_dim, self.llm.config.vocab_size);
+        let max_pos = self.llm.config.context_length;
+        let n = plans.len();
+        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(sampling)).collect();
+        let mut active: Vec<usize> = if max_new == 0 { vec![] } else { (0..n).collect() };
+        while !active.is_empty() {
+            // Each active prompt with what it has generated so far appended as text.
+            let cur: Vec<SeqPlan> = active
+                .iter()
+                .map(|&b| {
+                    let mut p = plans[b].clone();
+                    if !outs[b].is_empty() {
+                        p.text.push((p.t, outs[b].clone()));
+                        p.t += outs[b].len();
+                    }
+                    p.targets = vec![IGNORE; p.t];
+                    p
+                })
+                .collect();
+            let fwd = self.forward(&cur)?;
+            let t = fwd.targets.len() / cur.len();
+            let last: Vec<u32> = cur.iter().enumerate().map(|(i, p)| (i * t + p.t - 1) as u32).collect();
+            let h = o.embed(&fwd.llm.hidden, &last, d)?;
+            let logits = o.download(&o.gemm_new(&GemmSpec::linear(cur.len(), vocab, d), &h, self.llm.lm_head())?)?;
+            let mut still = Vec::with_capacity(active.len());
+            for ((&b, p), row) in active.iter().zip(&cur).zip(logits.chunks_exact(vocab)) {
+                let tok = samplers[b].sample(row);
+                if stop_ids.contains(&tok) {
+                    continue;
+                }
+                outs[b].push(tok);
+                // `p.t` positions are in the sequence; the new token makes p.t + 1.
+                if outs[b].len() < max_new && p.t < max_pos {
+                    still.push(b);
+                }
+            }
+            active = still;
+        }
+        Ok(outs)
+    }
+
+    /// [`SageModel::answer_batch`] on the device: the answers (decoded, trimmed) and the patch
+    /// selection of each example (when facts are fused).
+    pub fn answer_batch(
+        &self,
+        model: &SageModel,
+        exs: &[Example],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<(String, Option<Selection>)>> {
+        let plans = exs.iter().map(|e| model.plan(&Example { answer: None, ..*e })).collect::<Result<Vec<_>>>()?;
+        let ids = self.generate(&plans, max_new, &model.tokenizer.stop_ids, sampling)?;
+        ids.iter()
+            .zip(plans)
+            .map(|(ids, p)| {
+                Ok((model.tokenizer.decode(ids, true)?.trim().to_string(), p.facts.map(|(_, _, f)| f.selection)))
+            })
+            .collect()
     }
 
     /// The answers' sequence log-probabilities `Σ log p(answer token)`, `[plans.len()]`, without
