@@ -669,3 +669,58 @@ fn kernel_parity_sage_head_ops_through_the_op_set() {
     }
     println!("sage head ops: layernorm, gelu, col_sum, scale, bias GEMM, copy_rows, clipping compared with HostOps");
 }
+
+/// The E-DPO step's ops through the op set (`seq_logprobs`, `edpo_loss`, `mul_stat`,
+/// `logprob_backward`: the fused kernels of `kernels/edpo_loss.cu` and `mul_f32`) against
+/// `HostOps` on the same bf16 inputs, with padded sequences (ignored targets). Tolerances as the
+/// E-DPO kernels' own (kernels/README.md): log-probabilities 1e-3 relative, margins and
+/// `∂loss/∂π` 1e-3, the hidden and head gradients 2e-2 × their largest magnitude.
+#[test]
+fn kernel_parity_edpo_step_ops_through_the_op_set() {
+    let Some(gpu) = gpu("edpo step ops") else { return };
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::backend::step_ops::{HostOps, StepOps};
+    use sage::ops::loss::IGNORE;
+    let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
+    let close = |what: &str, got: Vec<f32>, want: &[f32], tol: f32| {
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(got.len() == want.len() && err <= tol * scale, "{what}: max |Δ| {err} at scale {scale}");
+    };
+    for &(n, t, dim, vocab) in &[(2usize, 5usize, 16usize, 37usize), (4, 33, 64, 1000), (6, 70, 96, 5003)] {
+        let (_, hidden) = rnd(n * t * dim, 11);
+        let (_, w) = rnd(vocab * dim, 12);
+        // Answers at the end of each sequence, padding after the shorter ones.
+        let mut targets = vec![IGNORE; n * t];
+        for s in 0..n {
+            let (start, end) = (t / 3, t - s % 3);
+            for r in start..end {
+                targets[s * t + r] = ((s * 31 + r * 7) % vocab) as u32;
+            }
+        }
+        let (gh, gw) = (c.upload(&hidden).unwrap(), c.upload(&w).unwrap());
+        let (gseq, glse) = c.seq_logprobs(&gh, &gw, &targets, n).unwrap();
+        let (hseq, hlse) = h.seq_logprobs(&hidden, &w, &targets, n).unwrap();
+        close("sequence log-probabilities", c.download_stat(&gseq).unwrap(), &hseq, 1e-3);
+        let lse_counted = |l: Vec<f32>| -> Vec<f32> {
+            l.iter().zip(&targets).filter(|(_, &y)| y != IGNORE).map(|(&v, _)| v).collect()
+        };
+        close("lse", lse_counted(c.download_stat(&glse).unwrap()), &lse_counted(hlse.clone()), 1e-3);
+        let reference: Vec<f32> = hseq.iter().enumerate().map(|(i, v)| v + 0.3 * (i as f32 - 1.0)).collect();
+        let pairs: Vec<Pair> =
+            (0..n / 2).map(|i| Pair { chosen: 2 * i, rejected: 2 * i + 1, delta_h: 0.1 * i as f32 }).collect();
+        let cfg = EdpoConfig { beta: 0.1, eta: 0.5 };
+        let (gm, mut gg) = c.edpo_loss(&gseq, &c.upload_stat(&reference).unwrap(), &pairs, cfg).unwrap();
+        let (hm, mut hg) = h.edpo_loss(&hseq, &reference, &pairs, cfg).unwrap();
+        close("margins", c.download_stat(&gm).unwrap(), &hm, 1e-3);
+        let scale: Vec<f32> = (0..n).map(|i| 0.5 + i as f32).collect();
+        c.mul_stat(&mut gg, &scale).unwrap();
+        h.mul_stat(&mut hg, &scale).unwrap();
+        close("grad_seq", c.download_stat(&gg).unwrap(), &hg, 1e-3);
+        let (gdh, gdw) = c.logprob_backward(&gh, &gw, &targets, &glse, &gg, n, true).unwrap();
+        let (hdh, hdw) = h.logprob_backward(&hidden, &w, &targets, &hlse, &hg, n, true).unwrap();
+        close("d_hidden", c.download(&gdh).unwrap(), &hdh, 2e-2);
+        close("d_head", c.download(&gdw.unwrap()).unwrap(), &hdw.unwrap(), 2e-2);
+    }
+    println!("edpo step ops: seq_logprobs, edpo_loss, mul_stat, logprob_backward compared with HostOps");
+}
