@@ -20,8 +20,8 @@ the baseline, DPO and E-DPO from the fused SFE run) -> `eval` x6 -> `map --eval-
 (Baseline; +Fact[Hard]; +Fact[FE]; +DPO; SFE+DPO; Full with E-DPO) with accuracy, Acc-G, SBERT and MLE, plus the \
 training-free anomaly-map AUROC. --quick is sized for two CPU cores (about 20 minutes: a small slice of the data, \
 tens of steps; its numbers are a smoke test of the pipeline, not of the method); without it the full profile trains \
-on every item and is meant for a GPU. Everything goes under --out, with each stage's config, log and report; \
-rerunning resumes.";
+on every item and is meant for a GPU: with --device cuda the sfe, edpo and eval stages run on it (the other stages \
+on the CPU). Everything goes under --out, with each stage's config, log and report; rerunning resumes.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -117,6 +117,13 @@ impl Runner<'_> {
         }
         if self.ctx.json {
             cmd.arg("--json");
+        }
+        // The model stages follow --device cuda; the others (fetch, data, facts, score, map) run
+        // on the CPU.
+        if self.ctx.backend.backend == "cuda"
+            && matches!(args.first().map(String::as_str), Some("sfe" | "edpo" | "eval"))
+        {
+            cmd.args(["--device", "cuda"]);
         }
         cmd.args(args);
         let log = self.logs.join(format!("{name}.txt"));

@@ -34,8 +34,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     /// Compute device. `sage bench kernels` and `sage bench train` run on the GPU (`auto` takes
     /// one when it works); `sage sfe`, `edpo`, `infer` and `eval` run their model on the GPU with
-    /// `--device cuda` (`auto` keeps them on the CPU: their GPU path has not yet run on a device);
-    /// the other commands (facts, demo, map, ...) run on the CPU and refuse `cuda`.
+    /// `--device cuda` (`auto` keeps them on the CPU: their GPU path has not yet run on a device),
+    /// and `sage demo --device cuda` runs those stages on it; the other commands (facts, map,
+    /// ...) run on the CPU and refuse `cuda`.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     /// Print machine-readable JSON on stdout instead of text (progress bars are hidden).
@@ -136,8 +137,8 @@ pub fn run(cli: Cli) -> Result<()> {
         )
     {
         return Err(crate::user_err!(
-            "--device cuda: this command's model ops have no CUDA path in this build (sfe, edpo, infer, eval and \
-             bench run on the GPU); run it with --device cpu or auto"
+            "--device cuda: this command's model ops have no CUDA path in this build (sfe, edpo, infer, eval, demo \
+             and bench run on the GPU); run it with --device cpu or auto"
         ));
     }
     let ctx = Ctx {
