@@ -10,12 +10,12 @@
 //! each sequence `1/(B·answer tokens)`: the loss is the mean of the examples' mean token losses,
 //! `sage sfe`'s CPU loss ([`SageModel::loss`] per example, averaged by the trainer). On
 //! [`HostOps`](crate::backend::step_ops::HostOps) the step reproduces that path's loss,
-//! gradients and update (tested below); on the GPU it differs by bf16 rounding.
+//! gradients and update (tests/sage_step.rs); on the GPU it differs by bf16 rounding.
 //!
 //! E-DPO's step ([`DeviceSage::edpo_step`]) reuses the same forward and backward around the
 //! fused sequence log-probability kernels; a frozen copy ([`DeviceSage::answer_logprobs`]) is its
-//! reference. Not here: generation, and the frozen vision encoder, which stays on the host (its
-//! patch tokens are cached per image anyway).
+//! reference. [`DeviceSage::generate`] decodes on the same forward (no KV cache yet). Not here:
+//! the frozen vision encoder, which stays on the host (its patch tokens are cached per image).
 
 use super::llama::{Sampler, Sampling};
 use super::llama_step::{weight_grad, DeviceLlama, Grad, RowsForward, StepGrads};
