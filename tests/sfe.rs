@@ -219,4 +219,27 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
         v
     };
     assert_eq!(names(&cpu_out), names(&dev_out), "the same checkpoint files");
+
+    // A CPU checkpoint resumes on the device loop as on the CPU loop: two steps on the CPU, then
+    // a third on each (the schedule follows `steps`, so both continuations share it).
+    let mut short = cfg_path.clone();
+    short.set_file_name("sfe-2.toml");
+    std::fs::write(&short, std::fs::read_to_string(&cfg_path).unwrap().replace("steps = 3", "steps = 2")).unwrap();
+    let mut third = Vec::new();
+    for (name, on_device) in [("resume-cpu", false), ("resume-dev", true)] {
+        let out = dir.path().join(name);
+        let cfg2: sage::sfe::config::SfeConfig = sage::config::load(&short).unwrap();
+        sage::sfe::run::train(&mut sage::sfe::run::Run::new(cfg2, &out).unwrap(), false, true).unwrap();
+        let cfg3: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
+        let mut run = sage::sfe::run::Run::new(cfg3, &out).unwrap();
+        if on_device {
+            sage::sfe::run::train_on(&mut run, sage::backend::step_ops::HostOps, true, true).unwrap();
+        } else {
+            sage::sfe::run::train(&mut run, true, true).unwrap();
+        }
+        let l = log(&out);
+        assert_eq!(l.len(), 3, "{name}: {l:?}");
+        third.push(l[2].0);
+    }
+    assert!((third[0] - third[1]).abs() <= 1e-3 * third[0].abs(), "step 3 resumed on cpu / device loop: {third:?}");
 }

@@ -112,6 +112,7 @@ struct BlockActs<O: StepOps> {
 /// needs.
 pub struct RowsForward<O: StepOps> {
     acts: Vec<BlockActs<O>>,
+    kept: bool,
     /// The residual stream after the last block, and `output_norm`'s statistics.
     x_out: O::Buf,
     rstd_f: O::Stat,
@@ -294,7 +295,7 @@ impl<O: StepOps> DeviceLlama<O> {
         targets: &[u32],
         seq_weights: &[f32],
     ) -> Result<(StepGrads<O>, O::Buf)> {
-        let fwd = self.forward_rows(x, targets, seq_weights.len())?;
+        let fwd = self.forward_rows(x, targets, seq_weights.len(), true)?;
         let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head(), targets, seq_weights, self.lm_head_trains())?;
         let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, ce.d_weight)?;
         Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
@@ -311,8 +312,9 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 
     /// The decoder over input rows `x [batch·T, d]` (`targets` only checked here): the final
-    /// hidden states, and what [`DeviceLlama::backward_rows`] needs.
-    pub fn forward_rows(&self, mut x: O::Buf, targets: &[u32], batch: usize) -> Result<RowsForward<O>> {
+    /// hidden states, and, with `keep`, what [`DeviceLlama::backward_rows`] needs (inference
+    /// drops each block's activations as it goes).
+    pub fn forward_rows(&self, mut x: O::Buf, targets: &[u32], batch: usize, keep: bool) -> Result<RowsForward<O>> {
         let c = &self.config;
         let rows = targets.len();
         if batch == 0 || rows == 0 || rows % batch != 0 {
@@ -345,12 +347,14 @@ impl<O: StepOps> DeviceLlama<O> {
             let (up, lu) = self.linear(&b.ffn_up, &h2, rows, None)?;
             let s = o.swiglu(&gate, &up)?;
             let (y, ld) = self.linear(&b.ffn_down, &s, rows, Some(o.copy(&x1)?))?;
-            let lora = [lq, lk, lv, lo, lg, lu, ld];
-            acts.push(BlockActs { x, h1, rstd1, q, k, v, ctx, lse, x1, h2, rstd2, gate, up, s, lora });
+            if keep {
+                let lora = [lq, lk, lv, lo, lg, lu, ld];
+                acts.push(BlockActs { x, h1, rstd1, q, k, v, ctx, lse, x1, h2, rstd2, gate, up, s, lora });
+            }
             x = y;
         }
         let (hidden, rstd_f) = o.rmsnorm(&x, self.w(self.output_norm), rows, eps)?;
-        Ok(RowsForward { acts, x_out: x, rstd_f, hidden, rows, shape })
+        Ok(RowsForward { acts, kept: keep, x_out: x, rstd_f, hidden, rows, shape })
     }
 
     /// The backward of [`DeviceLlama::forward_rows`] from `∂loss/∂hidden` (and the LM head's
@@ -362,7 +366,10 @@ impl<O: StepOps> DeviceLlama<O> {
         d_head: Option<O::Buf>,
     ) -> Result<(Vec<Option<Grad<O>>>, O::Buf)> {
         let o = &self.ops;
-        let RowsForward { acts, x_out, rstd_f, hidden, rows, shape } = fwd;
+        let RowsForward { acts, kept, x_out, rstd_f, hidden, rows, shape } = fwd;
+        if !kept {
+            bail!("backward of a forward that kept no activations");
+        }
         drop(hidden);
         let (d, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
         let mut grads: Vec<Option<Grad<O>>> = (0..self.params.len()).map(|_| None).collect();

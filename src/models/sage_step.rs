@@ -185,7 +185,7 @@ impl<O: StepOps> DeviceSage<O> {
     /// the gradients of every trainable tensor (the LLM's and the head's).
     pub fn forward_backward(&self, plans: &[SeqPlan]) -> Result<StepGrads<O>> {
         let weights: Vec<f32> = plans.iter().map(|p| 1.0 / (plans.len() * p.counted().max(1)) as f32).collect();
-        let fwd = self.forward(plans)?;
+        let fwd = self.forward(plans, true)?;
         let ce = self.ops().cross_entropy(
             &fwd.llm.hidden,
             self.llm.lm_head(),
@@ -198,8 +198,9 @@ impl<O: StepOps> DeviceSage<O> {
     }
 
     /// The forward of one batch of examples, right-padded to the longest: the final hidden states
-    /// `[B·T, d]` (in `.llm.hidden`), the padded targets, and what the backward needs.
-    pub fn forward(&self, plans: &[SeqPlan]) -> Result<SageForward<O>> {
+    /// `[B·T, d]` (in `.llm.hidden`), the padded targets, and, with `keep`, what the backward
+    /// needs.
+    pub fn forward(&self, plans: &[SeqPlan], keep: bool) -> Result<SageForward<O>> {
         let o = self.ops();
         let d = self.llm_dim;
         let batch = plans.len();
@@ -242,7 +243,7 @@ impl<O: StepOps> DeviceSage<O> {
                 facts.push(a);
             }
         }
-        let llm = self.llm.forward_rows(x, &targets, batch)?;
+        let llm = self.llm.forward_rows(x, &targets, batch, keep)?;
         Ok(SageForward { llm, targets, images, facts, text_ids, text_rows })
     }
 
@@ -319,7 +320,7 @@ impl<O: StepOps> DeviceSage<O> {
                     p
                 })
                 .collect();
-            let fwd = self.forward(&cur)?;
+            let fwd = self.forward(&cur, false)?;
             let t = fwd.targets.len() / cur.len();
             let last: Vec<u32> = cur.iter().enumerate().map(|(i, p)| (i * t + p.t - 1) as u32).collect();
             let h = o.embed(&fwd.llm.hidden, &last, d)?;
@@ -363,7 +364,7 @@ impl<O: StepOps> DeviceSage<O> {
     /// The answers' sequence log-probabilities `Σ log p(answer token)`, `[plans.len()]`, without
     /// a backward (E-DPO's frozen reference model).
     pub fn answer_logprobs(&self, plans: &[SeqPlan]) -> Result<O::Stat> {
-        let fwd = self.forward(plans)?;
+        let fwd = self.forward(plans, false)?;
         Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?.0)
     }
 
@@ -385,7 +386,7 @@ impl<O: StepOps> DeviceSage<O> {
         if reference.len() != n || seq_scale.len() != n {
             bail!("E-DPO step: {n} answers, {} reference values, {} weights", reference.len(), seq_scale.len());
         }
-        let fwd = self.forward(plans)?;
+        let fwd = self.forward(plans, true)?;
         let o = self.ops();
         let (head, head_trains) = (self.llm.lm_head(), self.llm.lm_head_trains());
         let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
