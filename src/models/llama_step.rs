@@ -49,6 +49,9 @@ impl<O: StepOps> DeviceParam<O> {
     }
 }
 
+/// Gradients by parameter index (`None`: frozen, or not reached).
+pub type Grads<O> = Vec<Option<Grad<O>>>;
+
 /// A gradient as the backward produced it.
 pub enum Grad<O: StepOps> {
     Buf(O::Buf),
@@ -364,7 +367,7 @@ impl<O: StepOps> DeviceLlama<O> {
         fwd: RowsForward<O>,
         d_hidden: &O::Buf,
         d_head: Option<O::Buf>,
-    ) -> Result<(Vec<Option<Grad<O>>>, O::Buf)> {
+    ) -> Result<(Grads<O>, O::Buf)> {
         let o = &self.ops;
         let RowsForward { acts, kept, x_out, rstd_f, hidden, rows, shape } = fwd;
         if !kept {
@@ -426,6 +429,7 @@ impl<O: StepOps> DeviceLlama<O> {
 
     /// Backward of [`DeviceLlama::linear`] from `dy`: `dx` (new, or added to `acc`), and the
     /// weight and adapter gradients of whatever is trainable.
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         l: &LinearIds,

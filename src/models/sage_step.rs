@@ -18,7 +18,7 @@
 //! the frozen vision encoder, which stays on the host (its patch tokens are cached per image).
 
 use super::llama::{Sampler, Sampling};
-use super::llama_step::{weight_grad, DeviceLlama, Grad, RowsForward, StepGrads};
+use super::llama_step::{weight_grad, DeviceLlama, Grad, Grads, RowsForward, StepGrads};
 use super::sage::Selection;
 use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
 use super::sage_model::{Example, SageModel, SeqPlan};
@@ -249,12 +249,7 @@ impl<O: StepOps> DeviceSage<O> {
 
     /// The backward of a [`DeviceSage::forward`] from `∂loss/∂hidden` and the LM head's gradient:
     /// the gradients by parameter index.
-    pub fn backward(
-        &self,
-        fwd: SageForward<O>,
-        d_hidden: &O::Buf,
-        d_head: Option<O::Buf>,
-    ) -> Result<Vec<Option<Grad<O>>>> {
+    pub fn backward(&self, fwd: SageForward<O>, d_hidden: &O::Buf, d_head: Option<O::Buf>) -> Result<Grads<O>> {
         let o = self.ops();
         let d = self.llm_dim;
         let SageForward { llm, images, facts, text_ids, text_rows, .. } = fwd;

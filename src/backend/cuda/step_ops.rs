@@ -320,16 +320,9 @@ impl StepOps for CudaOps {
         targets: &[u32],
         seqs: usize,
     ) -> Result<(Self::Stat, Self::Stat)> {
-        let (s, dev_t, dev_m, _) = self.seq_inputs(hidden, w, targets, seqs)?;
-        let f = edpo::sequence_logprobs(
-            &self.gpu,
-            hidden,
-            w,
-            &dev_t,
-            &dev_m,
-            s,
-            edpo::default_splits(&s, self.gpu.info().sm_count),
-        )?;
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, .. } = self.seq_inputs(hidden, w, targets, seqs)?;
+        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
+        let f = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
         Ok((f.seq, f.lse))
     }
 
@@ -360,22 +353,32 @@ impl StepOps for CudaOps {
         seqs: usize,
         weight_grad: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)> {
-        let (s, dev_t, dev_m, mask) = self.seq_inputs(hidden, w, targets, seqs)?;
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
+            self.seq_inputs(hidden, w, targets, seqs)?;
         let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
         let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
         Ok((g.d_hidden, g.d_weight))
     }
 }
 
+/// What the E-DPO kernels take for `seqs` sequences of targets.
+struct SeqInputs {
+    shape: SeqShape,
+    /// `IGNORE` → 0 (masked).
+    targets: CudaSlice<i32>,
+    mask: CudaSlice<u8>,
+    host_mask: Vec<bool>,
+}
+
 impl CudaOps {
-    /// The shape, device targets (`IGNORE` → 0) and mask of `seqs` sequences of `targets`.
+    /// The shape, device targets and mask of `seqs` sequences of `targets`.
     fn seq_inputs(
         &self,
         hidden: &CudaSlice<bf16>,
         w: &CudaSlice<bf16>,
         targets: &[u32],
         seqs: usize,
-    ) -> Result<(SeqShape, CudaSlice<i32>, CudaSlice<u8>, Vec<bool>)> {
+    ) -> Result<SeqInputs> {
         if seqs == 0 || targets.is_empty() || targets.len() % seqs != 0 {
             bail!("{} targets do not split into {seqs} sequences", targets.len());
         }
@@ -384,7 +387,7 @@ impl CudaOps {
         let mask: Vec<bool> = targets.iter().map(|&x| x != IGNORE).collect();
         let tg: Vec<i32> = targets.iter().map(|&x| if x == IGNORE { 0 } else { x as i32 }).collect();
         let dev_m = self.gpu.upload(&mask.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?;
-        Ok((s, self.gpu.upload(&tg)?, dev_m, mask))
+        Ok(SeqInputs { shape: s, targets: self.gpu.upload(&tg)?, mask: dev_m, host_mask: mask })
     }
 }
 
