@@ -595,6 +595,13 @@ fn kernel_parity_llama_train_step_ten_steps() {
     println!("llama train step: ten steps, (cpu, gpu) losses {losses:?}");
 }
 
+/// `got` within `tol` × the largest magnitude of `want`, element by element.
+fn close(what: &str, got: Vec<f32>, want: &[f32], tol: f32) {
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(got.len() == want.len() && err <= tol * scale, "{what}: max |Δ| {err} at scale {scale}");
+}
+
 /// The SAGE head's ops and gradient clipping of the device step (`kernels/head_ops.cu`,
 /// `sumsq`/`clip_factor` and the clipped AdamW of `kernels/llm_ops.cu`, the cuBLASLt bias GEMM,
 /// `copy_rows`), through the op set, against `HostOps` on the same bf16 inputs. Tolerances:
@@ -606,11 +613,6 @@ fn kernel_parity_sage_head_ops_through_the_op_set() {
     use sage::backend::cuda::step_ops::CudaOps;
     use sage::backend::step_ops::{GradRef, HostOps, StepOps};
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
-    let close = |what: &str, got: Vec<f32>, want: &[f32], tol: f32| {
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(got.len() == want.len() && err <= tol * scale, "{what}: max |Δ| {err} at scale {scale}");
-    };
     for &(rows, cols) in &[(1usize, 1usize), (7, 37), (65, 576), (130, 300)] {
         let ((_, x), (_, w), (_, b), (_, dy)) = (rnd(rows * cols, 1), rnd(cols, 2), rnd(cols, 3), rnd(rows * cols, 4));
         let w: Vec<f32> = w.iter().map(|v| 1.0 + 0.5 * v).collect();
@@ -682,11 +684,6 @@ fn kernel_parity_edpo_step_ops_through_the_op_set() {
     use sage::backend::step_ops::{HostOps, StepOps};
     use sage::ops::loss::IGNORE;
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
-    let close = |what: &str, got: Vec<f32>, want: &[f32], tol: f32| {
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(got.len() == want.len() && err <= tol * scale, "{what}: max |Δ| {err} at scale {scale}");
-    };
     for &(n, t, dim, vocab) in &[(2usize, 5usize, 16usize, 37usize), (4, 33, 64, 1000), (6, 70, 96, 5003)] {
         let (_, hidden) = rnd(n * t * dim, 11);
         let (_, w) = rnd(vocab * dim, 12);

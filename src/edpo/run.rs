@@ -16,7 +16,7 @@ use crate::models::sage_step::DeviceSage;
 use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
-use crate::sfe::run::{finish_step, start_run, Run, Start, ValResult};
+use crate::sfe::run::{finish_step, host_copy_due, start_run, Run, Start, ValResult};
 use crate::train::ParamSet;
 use crate::user_err;
 use anyhow::{Context, Result};
@@ -215,6 +215,22 @@ struct StepLog {
     seconds: f64,
 }
 
+impl StepLog {
+    fn new(step: u64, loss: f32, margins: &[f32], lr: f32, grad_norm: f32, tokens: usize, seconds: f64) -> StepLog {
+        let n = margins.len().max(1) as f32;
+        StepLog {
+            step,
+            loss,
+            margin: margins.iter().sum::<f32>() / n,
+            pair_accuracy: margins.iter().filter(|&&m| m > 0.0).count() as f32 / n,
+            lr,
+            grad_norm,
+            tokens,
+            seconds,
+        }
+    }
+}
+
 pub struct Outcome {
     pub steps: u64,
     pub final_loss: f32,
@@ -326,22 +342,9 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
         }
         last_loss = (loss_sum / batch as f64) as f32;
         total_secs += secs;
-        let n = margins.len().max(1) as f32;
-        let line = StepLog {
-            step: step + 1,
-            loss: last_loss,
-            margin: margins.iter().sum::<f32>() / n,
-            pair_accuracy: margins.iter().filter(|&&m| m > 0.0).count() as f32 / n,
-            lr,
-            grad_norm,
-            tokens,
-            seconds: secs,
-        };
-        let (done, t) = (step + 1, &run.cfg.train);
-        if (t.val_every > 0 && done % t.val_every == 0 && done < steps)
-            || done % t.checkpoint_every.max(1) == 0
-            || done == steps
-        {
+        let line = StepLog::new(step + 1, last_loss, &margins, lr, grad_norm, tokens, secs);
+        let done = step + 1;
+        if host_copy_due(&run.cfg.train, done) {
             policy.llm.download_into(&mut run.base.params)?;
             trainer.opt.state = policy.llm.optimizer_state()?;
         }
@@ -381,17 +384,7 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
         let secs = t0.elapsed().as_secs_f64();
         last_loss = loss_sum / batch as f32;
         total_secs += secs;
-        let n = margins.len().max(1) as f32;
-        let line = StepLog {
-            step: step + 1,
-            loss: last_loss,
-            margin: margins.iter().sum::<f32>() / n,
-            pair_accuracy: margins.iter().filter(|&&m| m > 0.0).count() as f32 / n,
-            lr: report.lr,
-            grad_norm: report.grad_norm,
-            tokens,
-            seconds: secs,
-        };
+        let line = StepLog::new(step + 1, last_loss, &margins, report.lr, report.grad_norm, tokens, secs);
         let out = &run.out;
         finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, step + 1, |b| {
             checkpoint::save(out, step + 1, &b.params, &trainer, &b.cfg, Some(&stage))

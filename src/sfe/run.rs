@@ -315,6 +315,29 @@ pub(crate) fn finish_step(
     Ok(())
 }
 
+/// The final validation and the run's summary, after the last step (`start`: the first step this
+/// process ran).
+fn finish_training(run: &mut Run, start: u64, last_loss: f32, total_secs: f64, total_tokens: usize) -> Result<Outcome> {
+    let steps = run.cfg.train.steps;
+    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let ran = steps.saturating_sub(start).max(1) as f64;
+    Ok(Outcome {
+        steps,
+        final_loss: last_loss,
+        val,
+        step_seconds: total_secs / ran,
+        tokens_per_second: total_tokens as f64 / total_secs.max(1e-9),
+    })
+}
+
+/// Whether [`finish_step`] will validate or checkpoint after step `done`: a loop that trains on a
+/// device copies the weights back to the host first.
+pub(crate) fn host_copy_due(train: &super::config::TrainSection, done: u64) -> bool {
+    (train.val_every > 0 && done % train.val_every == 0 && done < train.steps)
+        || done % train.checkpoint_every.max(1) == 0
+        || done == train.steps
+}
+
 /// [`train`] with every step on a device op set ([`DeviceSage`]: `CudaOps` for the GPU; the CPU
 /// reference ops in the tests): the same example order, loss, schedule, clipping, logs and
 /// checkpoints (the weights and optimizer state are copied back to the host whenever a
@@ -351,11 +374,7 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         total_secs += secs;
         total_tokens += tokens;
         let done = step + 1;
-        let t = &run.cfg.train;
-        let due = (t.val_every > 0 && done % t.val_every == 0 && done < steps)
-            || done % t.checkpoint_every.max(1) == 0
-            || done == steps;
-        if due {
+        if host_copy_due(&run.cfg.train, done) {
             dev.llm.download_into(&mut run.params)?;
             trainer.opt.state = dev.llm.optimizer_state()?;
         }
@@ -367,15 +386,7 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         })?;
     }
     pb.finish_and_clear();
-    let val = Some(run.validate(run.cfg.train.val_questions)?);
-    let ran = steps.saturating_sub(start).max(1) as f64;
-    Ok(Outcome {
-        steps,
-        final_loss: last_loss,
-        val,
-        step_seconds: total_secs / ran,
-        tokens_per_second: total_tokens as f64 / total_secs.max(1e-9),
-    })
+    finish_training(run, start, last_loss, total_secs, total_tokens)
 }
 
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
@@ -421,13 +432,5 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
         })?;
     }
     pb.finish_and_clear();
-    let val = Some(run.validate(run.cfg.train.val_questions)?);
-    let ran = steps.saturating_sub(start).max(1) as f64;
-    Ok(Outcome {
-        steps,
-        final_loss: last_loss,
-        val,
-        step_seconds: total_secs / ran,
-        tokens_per_second: total_tokens as f64 / total_secs.max(1e-9),
-    })
+    finish_training(run, start, last_loss, total_secs, total_tokens)
 }
