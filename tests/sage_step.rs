@@ -186,3 +186,9 @@ fn sage_device_generation_on_host_ops_matches_the_cpu_answers() {
     }
     println!("device generation on host ops: {:?}", cpu.iter().map(|c| &c.0).collect::<Vec<_>>());
 }
+
+/// Full fine-tuning: the token table trains through the text rows (and, tied, as the LM head).
+#[test]
+fn sage_device_step_on_host_ops_matches_the_cpu_path_full_finetune() {
+    device_step_matches_cpu(Finetune::Full);
+}
