@@ -193,10 +193,13 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
     let cfg: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
     let (cpu_out, dev_out) = (dir.path().join("cpu"), dir.path().join("dev"));
     let mut run = sage::sfe::run::Run::new(cfg.clone(), &cpu_out).unwrap();
-    sage::sfe::run::train(&mut run, false, true).unwrap();
+    let cpu_val = sage::sfe::run::train(&mut run, false, true).unwrap().val.unwrap();
     let mut run = sage::sfe::run::Run::new(cfg, &dev_out).unwrap();
     let o = sage::sfe::run::train_on(&mut run, sage::backend::step_ops::HostOps, false, true).unwrap();
-    assert!(o.val.is_some());
+    // Validation answers on the device (batched) as the CPU model does.
+    let dev_val = o.val.unwrap();
+    assert_eq!((dev_val.questions, dev_val.unparsed), (cpu_val.questions, cpu_val.unparsed));
+    assert_eq!(dev_val.accuracy, cpu_val.accuracy);
     let log = |p: &Path| -> Vec<(f64, f64)> {
         std::fs::read_to_string(p.join("log.jsonl"))
             .unwrap()

@@ -16,7 +16,7 @@ use crate::models::sage_step::DeviceSage;
 use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
-use crate::sfe::run::{finish_step, host_copy_due, start_run, Run, Start, ValResult};
+use crate::sfe::run::{checkpoint_due, finish_step, start_run, Run, Start, ValResult};
 use crate::train::ParamSet;
 use crate::user_err;
 use anyhow::{Context, Result};
@@ -344,17 +344,18 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
         total_secs += secs;
         let line = StepLog::new(step + 1, last_loss, &margins, lr, grad_norm, tokens, secs);
         let done = step + 1;
-        if host_copy_due(&run.cfg.train, done) {
+        if checkpoint_due(&run.cfg.train, done) {
             policy.llm.download_into(&mut run.base.params)?;
             trainer.opt.state = policy.llm.optimizer_state()?;
         }
         let out = &run.out;
-        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, done, |b| {
+        let validate = |b: &mut Run, n| b.validate_on(n, Some(&policy));
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, done, validate, |b| {
             checkpoint::save(out, done, &b.params, &trainer, &b.cfg, Some(&stage))
         })?;
     }
     pb.finish_and_clear();
-    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let val = Some(run.base.validate_on(run.cfg.train.val_questions, Some(&policy))?);
     let ran = steps.saturating_sub(start).max(1) as f64;
     Ok(Outcome { steps, final_loss: last_loss, val, step_seconds: total_secs / ran })
 }
@@ -386,7 +387,7 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
         total_secs += secs;
         let line = StepLog::new(step + 1, last_loss, &margins, report.lr, report.grad_norm, tokens, secs);
         let out = &run.out;
-        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, step + 1, |b| {
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, step + 1, Run::validate, |b| {
             checkpoint::save(out, step + 1, &b.params, &trainer, &b.cfg, Some(&stage))
         })?;
     }

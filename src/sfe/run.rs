@@ -5,7 +5,7 @@ use super::checkpoint;
 use super::config::SfeConfig;
 use super::data::{ExampleRef, Split, TokenCache};
 use crate::assets::Asset;
-use crate::backend::step_ops::StepOps;
+use crate::backend::step_ops::{HostOps, StepOps};
 use crate::data::sample::conclusion;
 use crate::data::Question;
 use crate::facts::FactSet;
@@ -129,24 +129,41 @@ impl Run {
 
     /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding.
     pub fn validate(&mut self, limit: usize) -> Result<ValResult> {
+        self.validate_on::<HostOps>(limit, None)
+    }
+
+    /// [`Run::validate`], answered by `device` (a copy of the model on a device op set, 16
+    /// questions a batch) when given, else by the CPU model one question at a time.
+    pub fn validate_on<O: StepOps>(&mut self, limit: usize, device: Option<&DeviceSage<O>>) -> Result<ValResult> {
         let mut picks: Vec<ExampleRef> = self.val.examples.clone();
         SeedRng::new(self.cfg.train.seed, streams::SAMPLING).shuffle(&mut picks);
         if limit > 0 {
             picks.truncate(limit);
         }
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let (mut right, mut unparsed, mut yes) = (0usize, 0usize, 0usize);
-        for e in &picks {
-            let i = self.inputs(true, *e)?;
-            let q = &i.question;
-            let truth = q.answer.as_deref().and_then(conclusion).or_else(|| conclusion(&q.ranked_answers[0]));
-            let truth = truth.with_context(|| format!("validation question without a Yes/No truth: {}", q.text))?;
-            yes += truth as usize;
-            let ex = i.example(None);
-            let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-            let (text, _) = self.model.answer(&self.params, &ex, 3, greedy)?;
-            match conclusion(&text) {
-                Some(c) => right += (c == truth) as usize,
-                None => unparsed += 1,
+        for chunk in picks.chunks(if device.is_some() { 16 } else { 1 }) {
+            let mut inputs = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let i = self.inputs(true, *e)?;
+                let q = &i.question;
+                let truth = q.answer.as_deref().and_then(conclusion).or_else(|| conclusion(&q.ranked_answers[0]));
+                let truth = truth.with_context(|| format!("validation question without a Yes/No truth: {}", q.text))?;
+                yes += truth as usize;
+                inputs.push((i, truth));
+            }
+            let exs: Vec<Example> = inputs.iter().map(|(i, _)| i.example(None)).collect();
+            let texts: Vec<String> = match device {
+                Some(dev) => dev.answer_batch(&self.model, &exs, 3, greedy)?.into_iter().map(|(t, _)| t).collect(),
+                None => {
+                    exs.iter().map(|ex| Ok(self.model.answer(&self.params, ex, 3, greedy)?.0)).collect::<Result<_>>()?
+                }
+            };
+            for (text, (_, truth)) in texts.iter().zip(&inputs) {
+                match conclusion(text) {
+                    Some(c) => right += (c == *truth) as usize,
+                    None => unparsed += 1,
+                }
             }
         }
         let n = picks.len().max(1) as f64;
@@ -285,9 +302,9 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) 
 }
 
 /// What every training loop (`sfe`, `edpo`) does once optimizer step `done` is taken: append its
-/// log line, advance the progress bar, validate every `train.val_every` steps (the final
-/// validation is the caller's), and checkpoint through `save` every `train.checkpoint_every`
-/// steps and at the last.
+/// log line, advance the progress bar, validate through `validate` every `train.val_every` steps
+/// (the final validation is the caller's), and checkpoint through `save` every
+/// `train.checkpoint_every` steps and at the last ([`checkpoint_due`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_step(
     run: &mut Run,
@@ -297,6 +314,7 @@ pub(crate) fn finish_step(
     line: &impl Serialize,
     loss: f32,
     done: u64,
+    validate: impl FnOnce(&mut Run, usize) -> Result<ValResult>,
     save: impl FnOnce(&Run) -> Result<()>,
 ) -> Result<()> {
     writeln!(log, "{}", serde_json::to_string(line)?)?;
@@ -304,22 +322,29 @@ pub(crate) fn finish_step(
     pb.set_message(format!("loss {loss:.3}"));
     pb.inc(1);
     if train.val_every > 0 && done % train.val_every == 0 && done < train.steps {
-        let v = run.validate(train.val_questions)?;
+        let v = validate(run, train.val_questions)?;
         let val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
         writeln!(log, "{val}")?;
         log.flush()?;
     }
-    if done % train.checkpoint_every.max(1) == 0 || done == train.steps {
+    if checkpoint_due(train, done) {
         save(run)?;
     }
     Ok(())
 }
 
-/// The final validation and the run's summary, after the last step (`start`: the first step this
-/// process ran).
-fn finish_training(run: &mut Run, start: u64, last_loss: f32, total_secs: f64, total_tokens: usize) -> Result<Outcome> {
+/// The final validation (`val`) and the run's summary, after the last step (`start`: the first
+/// step this process ran).
+fn finish_training(
+    run: &mut Run,
+    start: u64,
+    last_loss: f32,
+    total_secs: f64,
+    total_tokens: usize,
+    val: ValResult,
+) -> Result<Outcome> {
     let steps = run.cfg.train.steps;
-    let val = Some(run.validate(run.cfg.train.val_questions)?);
+    let val = Some(val);
     let ran = steps.saturating_sub(start).max(1) as f64;
     Ok(Outcome {
         steps,
@@ -330,18 +355,16 @@ fn finish_training(run: &mut Run, start: u64, last_loss: f32, total_secs: f64, t
     })
 }
 
-/// Whether [`finish_step`] will validate or checkpoint after step `done`: a loop that trains on a
-/// device copies the weights back to the host first.
-pub(crate) fn host_copy_due(train: &super::config::TrainSection, done: u64) -> bool {
-    (train.val_every > 0 && done % train.val_every == 0 && done < train.steps)
-        || done % train.checkpoint_every.max(1) == 0
-        || done == train.steps
+/// Whether [`finish_step`] checkpoints after step `done` (a loop that trains on a device copies
+/// the weights and optimizer state back to the host first).
+pub(crate) fn checkpoint_due(train: &super::config::TrainSection, done: u64) -> bool {
+    done % train.checkpoint_every.max(1) == 0 || done == train.steps
 }
 
 /// [`train`] with every step on a device op set ([`DeviceSage`]: `CudaOps` for the GPU; the CPU
 /// reference ops in the tests): the same example order, loss, schedule, clipping, logs and
-/// checkpoints (the weights and optimizer state are copied back to the host whenever a
-/// validation or checkpoint is due), so a run may be resumed on either engine.
+/// checkpoints (the weights and optimizer state are copied back to the host when a checkpoint is
+/// due), and validation answered on the device, so a run may be resumed on either engine.
 pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
     let Start { mut trainer, step: start, mut log, state } = start_run(&run.out, &mut run.params, tcfg, resume)?;
@@ -374,19 +397,21 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         total_secs += secs;
         total_tokens += tokens;
         let done = step + 1;
-        if host_copy_due(&run.cfg.train, done) {
+        if checkpoint_due(&run.cfg.train, done) {
             dev.llm.download_into(&mut run.params)?;
             trainer.opt.state = dev.llm.optimizer_state()?;
         }
         let line =
             StepLog { step: done, loss, lr, grad_norm, tokens, tokens_per_second: tokens as f64 / secs, seconds: secs };
         let train = run.cfg.train.clone();
-        finish_step(run, &train, &mut log, &pb, &line, loss, done, |r| {
+        let validate = |r: &mut Run, n| r.validate_on(n, Some(&dev));
+        finish_step(run, &train, &mut log, &pb, &line, loss, done, validate, |r| {
             checkpoint::save(&r.out, done, &r.params, &trainer, &r.cfg, None)
         })?;
     }
     pb.finish_and_clear();
-    finish_training(run, start, last_loss, total_secs, total_tokens)
+    let val = run.validate_on(run.cfg.train.val_questions, Some(&dev))?;
+    finish_training(run, start, last_loss, total_secs, total_tokens, val)
 }
 
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
@@ -427,10 +452,11 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
             seconds: secs,
         };
         let train = run.cfg.train.clone();
-        finish_step(run, &train, &mut log, &pb, &line, last_loss, step + 1, |r| {
+        finish_step(run, &train, &mut log, &pb, &line, last_loss, step + 1, Run::validate, |r| {
             checkpoint::save(&r.out, step + 1, &r.params, &trainer, &r.cfg, None)
         })?;
     }
     pb.finish_and_clear();
-    finish_training(run, start, last_loss, total_secs, total_tokens)
+    let val = run.validate(run.cfg.train.val_questions)?;
+    finish_training(run, start, last_loss, total_secs, total_tokens, val)
 }
