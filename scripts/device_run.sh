@@ -3,10 +3,13 @@
 # (the ten-step CUDA-vs-CPU training-step test among them), compute-sanitizer memcheck and
 # racecheck over the parity tests at their small shapes, the kernel benchmark against PyTorch
 # (benches/run_kernels.sh) and the training-step benchmark against HF transformers
-# (benches/run_train.sh). Everything lands in $OUT (default ./device-out): copy the reports into
-# benches/results/ and commit them.
+# (benches/run_train.sh), and, with the real assets carried (scripts/device_pack_assets.sh), the
+# SAGE step's tests (tests/sage_step.rs: ten quick-config SFE steps on the GPU against the CPU
+# ops). Everything lands in $OUT (default ./device-out): copy the reports into benches/results/
+# and commit them.
 #
 #   STAGES="doctor parity sanitizer kernels train" bash scripts/device_run.sh
+#   STAGES="assets sage" bash scripts/device_run.sh     (after carrying .device/assets/part-*)
 # STAGES picks a subset (one device call each, when the 10-minute limit per call is tight);
 # TRAIN_ARGS overrides the training benchmark's arguments.
 set -uo pipefail
@@ -29,6 +32,10 @@ if has sanitizer; then
     tail -3 "$out/sanitizer-$tool.txt"
   done
 fi
+if has assets; then
+  cat .device/assets/part-* | tar -C "$SAGE_HOME" -xf - || status=1
+fi
+if has sage; then "$bin/sage_step" --nocapture --test-threads 1 2>&1 | tee "$out/sage_step.txt" || status=1; fi
 if has kernels; then SAGE="$bin/sage" OUT="$out" bash benches/run_kernels.sh || status=1; fi
 if has train; then
   # shellcheck disable=SC2086
