@@ -552,12 +552,23 @@ fn kernel_parity_llm_attn() {
 /// each step's loss within 2% (bf16 weights and activations against f32).
 #[test]
 fn kernel_parity_llama_train_step_ten_steps() {
+    llama_train_step_ten_steps(sage::models::llama_train::Finetune::Full);
+}
+
+/// The same with LoRA adapters on every linear layer (frozen base weights, no gradient for them).
+#[test]
+fn kernel_parity_llama_train_step_ten_steps_lora() {
+    let targets = sage::models::llama_train::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
+    llama_train_step_ten_steps(sage::models::llama_train::Finetune::Lora { rank: 4, alpha: 8.0, targets });
+}
+
+fn llama_train_step_ten_steps(finetune: sage::models::llama_train::Finetune) {
     let Some(gpu) = gpu("llama train step") else { return };
     use sage::backend::cuda::step_ops::CudaOps;
     use sage::backend::step_ops::HostOps;
     use sage::models::llama::LlamaConfig;
     use sage::models::llama_step::DeviceLlama;
-    use sage::models::llama_train::{Finetune, TrainableLlama};
+    use sage::models::llama_train::TrainableLlama;
     use sage::models::random_init::RandomLlama;
     use sage::train::{AdamWConfig, ParamSet, SeedRng};
     let config = LlamaConfig {
@@ -575,7 +586,7 @@ fn kernel_parity_llama_train_step_ten_steps() {
     let weights = RandomLlama { config: config.clone(), seed: 9 };
     let mut params = ParamSet::new();
     let model =
-        TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+        TrainableLlama::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
     let mut host = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
     let mut dev = DeviceLlama::new(CudaOps::new(gpu.clone()), &model, &params, AdamWConfig::default()).unwrap();
     let (batch, t) = (2, 33);
@@ -592,7 +603,7 @@ fn kernel_parity_llama_train_step_ten_steps() {
         losses.push((a, b));
     }
     assert!(losses[9].1 < losses[0].1, "the GPU loss should fall over ten steps: {losses:?}");
-    println!("llama train step: ten steps, (cpu, gpu) losses {losses:?}");
+    println!("llama train step ({finetune:?}): ten steps, (cpu, gpu) losses {losses:?}");
 }
 
 /// `got` within `tol` × the largest magnitude of `want`, element by element.

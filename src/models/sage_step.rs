@@ -424,6 +424,8 @@ impl<O: StepOps> DeviceSage<O> {
             avg[i * flat.len() + from..i * flat.len() + from + sent.len()].fill(1.0 / sent.len() as f32);
             from += sent.len();
         }
+        // The averaging matrix is bf16 on the GPU: 1/n rounds by at most 2⁻⁹ relative, the
+        // rounding t_g gets stored with anyway.
         let t_g = o.gemm_new(&GemmSpec::nn(l, d, flat.len()), &o.upload(&avg)?, &emb)?;
         let (diff, v_sel) = (o.upload(diff)?, o.upload(v_sel)?);
         let h = &self.head;
