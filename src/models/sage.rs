@@ -51,6 +51,14 @@ pub struct SageConfig {
     pub image_pool: usize,
 }
 
+impl SageConfig {
+    /// The fusion attention's shape for `l` facts and `s` selected patches (one sample).
+    pub fn fusion_shape(&self, l: usize, s: usize) -> FusionShape {
+        let h = self.fusion_heads;
+        FusionShape { batch: 1, queries: l, keys: s, heads: h, head_dim: self.fusion_dim / h }
+    }
+}
+
 impl Default for SageConfig {
     fn default() -> Self {
         SageConfig {
@@ -352,10 +360,8 @@ impl SageHead {
         }
     }
 
-    /// The fusion attention's shape for `l` facts and `s` selected patches.
-    pub fn fusion_shape(&self, l: usize, s: usize) -> FusionShape {
-        let h = self.config.fusion_heads;
-        FusionShape { batch: 1, queries: l, keys: s, heads: h, head_dim: self.config.fusion_dim / h }
+    fn fusion_shape(&self, l: usize, s: usize) -> FusionShape {
+        self.config.fusion_shape(l, s)
     }
 
     /// Backward of [`SageHead::fact_tokens`]; the fact embeddings and patches are inputs, not

@@ -92,6 +92,13 @@ struct HeadGrads<O: StepOps> {
     b: Vec<(usize, O::Stat)>,
 }
 
+impl<O: StepOps> HeadGrads<O> {
+    /// Whether parameter `i` gets a gradient (is trainable).
+    fn has(&self, i: usize) -> bool {
+        self.w.iter().any(|(j, _)| *j == i) || self.b.iter().any(|(j, _)| *j == i)
+    }
+}
+
 pub struct DeviceSage<O: StepOps> {
     pub llm: DeviceLlama<O>,
     head: HeadIx,
@@ -432,7 +439,7 @@ impl<O: StepOps> DeviceSage<O> {
         let q = self.linear(h.q, &t_g, l)?;
         let k = self.linear(h.k, &diff, s)?;
         let v = self.linear(h.v, &v_sel, s)?;
-        let (attn, lse) = o.fusion_attention(&q, &k, &v, self.shape(l, s))?;
+        let (attn, lse) = o.fusion_attention(&q, &k, &v, self.config.fusion_shape(l, s))?;
         let pre = self.linear(h.out, &attn, l)?;
         let (rows, stats) = o.layernorm(&pre, self.llm.w(h.norm_w), self.llm.w(h.norm_b), l, LN_EPS)?;
         Ok((rows, FactActs { row, l, s, t_g, diff, v_sel, q, k, v, attn, lse, pre, stats }))
@@ -452,24 +459,24 @@ impl<O: StepOps> DeviceSage<O> {
         let d_pre =
             o.layernorm_backward(&a.pre, self.llm.w(h.norm_w), &d_out, &a.stats, a.l, LN_EPS, &mut dw, &mut db)?;
         hg.b.extend(wi.map(|i| (i, dw)).into_iter().chain(bi.map(|i| (i, db))));
-        let d_attn = self.linear_backward(h.out, &a.attn, &d_pre, a.l, true, hg)?.expect("asked for dx");
-        let (dq, dk, dv) =
-            o.fusion_attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &d_attn, self.shape(a.l, a.s))?;
+        // Below the out projection only the q/k/v projections train (their inputs are frozen
+        // features and embeddings): with them frozen (E-DPO) the attention's backward is skipped.
+        let inner = [h.q, h.k, h.v].iter().any(|l| hg.has(l.w) || hg.has(l.b));
+        let d_attn = self.linear_backward(h.out, &a.attn, &d_pre, a.l, inner, hg)?;
+        let Some(d_attn) = d_attn else { return Ok(()) };
+        let (dq, dk, dv) = o.fusion_attention_backward(
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.attn,
+            &a.lse,
+            &d_attn,
+            self.config.fusion_shape(a.l, a.s),
+        )?;
         self.linear_backward(h.q, &a.t_g, &dq, a.l, false, hg)?;
         self.linear_backward(h.k, &a.diff, &dk, a.s, false, hg)?;
         self.linear_backward(h.v, &a.v_sel, &dv, a.s, false, hg)?;
         Ok(())
-    }
-
-    fn shape(&self, l: usize, s: usize) -> crate::ops::fusion_attn::FusionShape {
-        let heads = self.config.fusion_heads;
-        crate::ops::fusion_attn::FusionShape {
-            batch: 1,
-            queries: l,
-            keys: s,
-            heads,
-            head_dim: self.config.fusion_dim / heads,
-        }
     }
 
     /// A full step: forward, backward, the clipped AdamW at `lr`. Returns `(loss, gradient norm
