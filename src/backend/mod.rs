@@ -26,9 +26,10 @@ pub struct Selection {
 }
 
 /// Picks the backend for the model ops. The CUDA backend ([`cuda`]) runs the SAGE kernels and
-/// GEMMs (`sage bench kernels`, the parity tests) and the LLaMA training step (`sage bench train`,
-/// which decides `auto` itself); the pipeline's model ops (the lite backbone, SFE, E-DPO,
-/// inference) have no CUDA path in this build, so they run on the CPU under `auto`, and an
+/// GEMMs (`sage bench kernels`, the parity tests), the LLaMA training step (`sage bench train`,
+/// which decides `auto` itself) and the SAGE model's steps and generation (`models::sage_step`:
+/// sfe, edpo, infer, eval and demo with an explicit `cuda`). Under `auto` the pipeline stays on
+/// the CPU until its GPU path has run on a device; the frozen image encoder always does. An
 /// explicit `cuda` is accepted only by the commands that can use it (checked in `cli::run`).
 pub fn select(choice: DeviceChoice) -> anyhow::Result<Selection> {
     match choice {
@@ -51,8 +52,8 @@ pub fn select(choice: DeviceChoice) -> anyhow::Result<Selection> {
 fn auto_reason() -> String {
     // SAFETY: dlopen of the driver library by name; nothing in it is called.
     if unsafe { cudarc::driver::sys::is_culib_present() } {
-        "a CUDA driver is present; the kernels and the LLaMA training step use it (`sage bench kernels`, `sage bench train`), \
-         but the pipeline's model ops (sfe, edpo, infer, eval) have no CUDA path in this build"
+        "a CUDA driver is present; `sage bench` uses it under auto, and sfe, edpo, infer, eval and demo with --device cuda \
+         (their GPU path has not yet run on a device, so auto keeps them on the CPU)"
             .into()
     } else {
         "no CUDA driver (libcuda.so) found on this machine".into()
