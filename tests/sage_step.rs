@@ -50,6 +50,17 @@ fn examples<'a>(pairs: &'a [Pair], facts: &'a [String]) -> Vec<Example<'a>> {
         .collect()
 }
 
+/// Two real ELPV test/reference pairs, encoded.
+fn elpv_pairs(m: &SageModel) -> Vec<Pair> {
+    [("cell0001.png", "cell0002.png"), ("cell0003.png", "cell0004.png")]
+        .iter()
+        .map(|(t, r)| Pair {
+            test: m.patch_tokens(&elpv_image(t)).unwrap(),
+            reference: m.patch_tokens(&elpv_image(r)).unwrap(),
+        })
+        .collect()
+}
+
 fn max_err(a: &[f32], b: &[f32]) -> (f32, f32) {
     let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
     (a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())), scale)
@@ -66,13 +77,7 @@ fn device_step_matches_cpu(finetune: Finetune) {
         let len = params[id].value.len();
         params[id].value = SeedRng::new(100 + i as u64, 0).uniform(len, -0.02, 0.02);
     }
-    let pairs: Vec<Pair> = [("cell0001.png", "cell0002.png"), ("cell0003.png", "cell0004.png")]
-        .iter()
-        .map(|(t, r)| Pair {
-            test: m.patch_tokens(&elpv_image(t)).unwrap(),
-            reference: m.patch_tokens(&elpv_image(r)).unwrap(),
-        })
-        .collect();
+    let pairs = elpv_pairs(&m);
     let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
     let exs = examples(&pairs, &facts);
     let plans: Vec<_> = exs.iter().map(|e| m.plan(e).unwrap()).collect();
@@ -220,13 +225,7 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
     let lora = Finetune::Lora { rank: 8, alpha: 16.0, targets: vec!["attn_q".into(), "attn_v".into()] };
     let m =
         SageModel::new(&efficientnet_pth(), &smollm2_gguf(), cfg, &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-    let pairs: Vec<Pair> = [("cell0001.png", "cell0002.png"), ("cell0003.png", "cell0004.png")]
-        .iter()
-        .map(|(t, r)| Pair {
-            test: m.patch_tokens(&elpv_image(t)).unwrap(),
-            reference: m.patch_tokens(&elpv_image(r)).unwrap(),
-        })
-        .collect();
+    let pairs = elpv_pairs(&m);
     let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
     let mut exs = examples(&pairs, &facts);
     exs.push(Example { test: &pairs[1].test, reference: Some(&pairs[1].reference), ..exs[0] });

@@ -167,28 +167,12 @@ impl StepOps for CudaOps {
         seq_weights: &[f32],
         weight_grad: bool,
     ) -> Result<CrossEntropyOut<Self>> {
-        let seqs = seq_weights.len();
-        if seqs == 0 || targets.len() % seqs != 0 {
-            bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
-        }
-        let t = targets.len() / seqs;
-        let c = hidden.len() / targets.len().max(1);
-        let s = SeqShape { n: seqs, t, c, v: w.len() / c.max(1) };
-        let mask: Vec<bool> = targets.iter().map(|&x| x != IGNORE).collect();
-        let tg: Vec<i32> = targets.iter().map(|&x| if x == IGNORE { 0 } else { x as i32 }).collect();
-        let (dev_t, dev_m) =
-            (self.gpu.upload(&tg)?, self.gpu.upload(&mask.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?);
-        let fwd = edpo::sequence_logprobs(
-            &self.gpu,
-            hidden,
-            w,
-            &dev_t,
-            &dev_m,
-            s,
-            edpo::default_splits(&s, self.gpu.info().sm_count),
-        )?;
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
+            self.seq_inputs(hidden, w, targets, seq_weights.len())?;
+        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
+        let fwd = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
         let grad_seq = self.gpu.upload(&seq_weights.iter().map(|w| -w).collect::<Vec<f32>>())?;
-        let spans = edpo::answer_spans(&mask, t, CE_CHUNK_ROWS);
+        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
         let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, weight_grad)?;
         if weight_grad && g.d_weight.is_none() {
             bail!("the cross-entropy backward returned no LM-head gradient");
