@@ -17,7 +17,7 @@ d = beta*[(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))] - eta*|H(w) - H(l
 LLM train. Writes log.jsonl, atomic checkpoints and final.json into --out, like `sage sfe`; --resume continues \
 exactly. The checkpoint is read by `sage infer` and `sage eval`. Configs: configs/edpo-lite-quick.toml. \
 --device cuda trains on the GPU (policy and frozen reference on the device, the fused log-probability kernels; \
-validation still generates on the CPU); --device auto and cpu train on the CPU.";
+validation answers on the GPU too); --device auto and cpu train on the CPU.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

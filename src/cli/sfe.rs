@@ -13,8 +13,8 @@ frozen. Writes log.jsonl (one line per step, plus validation lines), atomic chec
 state.json) and final.json into --out. --resume continues a run exactly where its last checkpoint left it; \
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
 CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage_step: \
-bf16 CUDA kernels and cuBLASLt, the same loss, schedule, clipping, logs and checkpoints; validation still generates \
-on the CPU); --device auto and cpu train on the CPU.";
+bf16 CUDA kernels and cuBLASLt, the same loss, schedule, clipping, logs and checkpoints; validation answers on the GPU \
+too); --device auto and cpu train on the CPU.";
 
 /// The arguments every training command (`sfe`, `edpo`) takes.
 #[derive(clap::Args, Debug)]
