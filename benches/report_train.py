@@ -32,7 +32,8 @@ def main():
                 hg = next((x for x in h["generation"] if x["batch"] == g["batch"]), None)
                 if hg:
                     gen.append(dict(batch=g["batch"], sage=g["tokens_per_second"], hf=hg["tokens_per_second"],
-                                    ratio=g["tokens_per_second"] / hg["tokens_per_second"]))
+                                    ratio=g["tokens_per_second"] / hg["tokens_per_second"],
+                                    sage_peak_bytes=g.get("peak_device_bytes"), hf_peak_bytes=hg.get("peak_bytes")))
             rows.append(dict(model=s["model"], attn=h["attn"], batch=s["batch"], seq=s["seq"],
                              sage_tokens_per_second=s["train_tokens_per_second"],
                              hf_tokens_per_second=h["train_tokens_per_second"],
@@ -59,8 +60,8 @@ def main():
         md.append("- Peak memory: device memory (sage: the allocator pool's high-water mark, fp32 master weights and "
                   "moments included; HF: torch.cuda.max_memory_allocated, bf16 parameters and optimizer state).")
     if not any(s["generation"] for s in sage["results"]):
-        md.append("- sage's generation was not measured in this run (the GPU engine has no device decode yet); "
-                  "HF generate figures are in the raw JSON.")
+        md.append("- sage's generation was not measured in this run (--gen-tokens 0); HF generate figures are in the "
+                  "raw JSON.")
     md += ["", "Random weights at the model's shapes, full fine-tune, AdamW (lr 1e-5), the same token ids on both sides.", "",
            "| model | HF attention | batch × seq | sage tokens/s | HF tokens/s | sage / HF | sage peak GiB | HF peak GiB |",
            "|---|---|---|---|---|---|---|---|"]
@@ -68,10 +69,12 @@ def main():
         md.append(f"| {r['model']} | {r['attn']} | {r['batch']} × {r['seq']} | {r['sage_tokens_per_second']:.1f} | "
                   f"{r['hf_tokens_per_second']:.1f} | {r['train_ratio']:.2f} | {gib(r['sage_peak_bytes'])} | {gib(r['hf_peak_bytes'])} |")
     md += ["", "Generation (greedy, new tokens of all sequences per second, prefill included):", "",
-           "| model | HF attention | batch | sage tokens/s | HF tokens/s | sage / HF |", "|---|---|---|---|---|---|"]
+           "| model | HF attention | batch | sage tokens/s | HF tokens/s | sage / HF | sage peak GiB | HF peak GiB |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for g in r["generation"]:
-            md.append(f"| {r['model']} | {r['attn']} | {g['batch']} | {g['sage']:.1f} | {g['hf']:.1f} | {g['ratio']:.2f} |")
+            md.append(f"| {r['model']} | {r['attn']} | {g['batch']} | {g['sage']:.1f} | {g['hf']:.1f} | {g['ratio']:.2f} | "
+                      f"{gib(g.get('sage_peak_bytes'))} | {gib(g.get('hf_peak_bytes'))} |")
     md.append("")
     text = "\n".join(md)
     with open(a.out + ".json", "w") as f:

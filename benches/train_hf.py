@@ -99,13 +99,15 @@ def bench_model(name, attn, a, device, dtype):
         prompt = torch.tensor([tokens(b + 1000, a.gen_prompt, cfg.vocab_size) for b in range(gb)], device=device)
         with torch.no_grad():
             sync(device)
+            peak_reset(device)
             t = time.perf_counter()
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=a.gen_tokens,
                                  min_new_tokens=a.gen_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
             sync(device)
             dt = time.perf_counter() - t
         new = (out.shape[1] - a.gen_prompt) * gb
-        gen.append(dict(batch=gb, prompt_tokens=a.gen_prompt, new_tokens=new // gb, tokens_per_second=new / dt))
+        gen.append(dict(batch=gb, prompt_tokens=a.gen_prompt, new_tokens=new // gb, tokens_per_second=new / dt,
+                        peak_bytes=peak_bytes(device)))
         print(f"{name} ({attn}): generation batch {gb}: {new / dt:.1f} tokens/s", file=sys.stderr)
     result = dict(model=name, attn=attn, parameters=params, batch=a.batch, seq=a.seq, step_ms=step_s * 1e3,
                   train_tokens_per_second=a.batch * a.seq / step_s, peak_bytes=peak_bytes(device),

@@ -53,7 +53,8 @@ fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
 }
 
 /// `benches/report_train.py` on synthetic GPU outputs: ratios, the ≥ 1.3× verdict count, device
-/// peak memory taken over the process RSS, and the note that sage's generation was not measured.
+/// peak memory taken over the process RSS, and generation tokens/s and peak memory side by side
+/// (only where both sides measured the batch).
 #[test]
 fn bench_train_report_takes_device_peaks_and_counts_the_gpu_target() {
     let (report, md) = report("report_train.py", "train_sage_gpu.json", "train_hf_gpu.json");
@@ -65,5 +66,10 @@ fn bench_train_report_takes_device_peaks_and_counts_the_gpu_target() {
     assert_eq!(rows[0]["sage_peak_bytes"].as_u64(), Some(6 << 30), "device peak, not the process RSS");
     assert!(md.contains("(GPU)") && md.contains("met in 1 of 2 comparisons"), "{md}");
     assert!(md.contains("| smollm2-135m | sdpa | 8 × 1024 | 81920.0 | 51200.0 | 1.60 | 6.00 | 8.00 |"), "{md}");
-    assert!(md.contains("generation was not measured"), "{md}");
+    // Generation: 180 / 90 = 2.0 at batch 1, peaks 1 GiB (sage) and 2 GiB (HF); qwen2 has none.
+    assert_eq!(rows[0]["generation"].as_array().unwrap().len(), 1);
+    assert!((rows[0]["generation"][0]["ratio"].as_f64().unwrap() - 2.0).abs() < 1e-9);
+    assert!(rows[1]["generation"].as_array().unwrap().is_empty());
+    assert!(md.contains("| smollm2-135m | sdpa | 1 | 180.0 | 90.0 | 2.00 | 1.00 | 2.00 |"), "{md}");
+    assert!(!md.contains("generation was not measured"), "{md}");
 }

@@ -248,6 +248,11 @@ fn kernel_head_ops_compiles_without_spills() {
     assert_entries("head_ops.cu", sage::backend::cuda::kernels::HEAD_OPS.entries);
 }
 
+#[test]
+fn kernel_llm_decode_compiles_without_spills() {
+    assert_entries("llm_decode.cu", sage::backend::cuda::kernels::LLM_DECODE.entries);
+}
+
 /// Any `.cu` added later is compiled and checked too, before it gets a test of its own.
 #[test]
 fn kernel_every_cu_file_compiles_without_spills() {
@@ -258,7 +263,15 @@ fn kernel_every_cu_file_compiles_without_spills() {
         .collect();
     files.sort();
     assert!(files.len() >= 3, "expected at least the three kernels in kernels/, found {files:?}");
-    let known = ["mincos_topk.cu", "fusion_attn.cu", "edpo_loss.cu", "llm_ops.cu", "llm_attn.cu", "head_ops.cu"];
+    let known = [
+        "mincos_topk.cu",
+        "fusion_attn.cu",
+        "edpo_loss.cu",
+        "llm_ops.cu",
+        "llm_attn.cu",
+        "head_ops.cu",
+        "llm_decode.cu",
+    ];
     for f in files.iter().filter(|f| !known.iter().any(|k| f.ends_with(k))) {
         check_kernel_file(f);
     }

@@ -135,6 +135,11 @@ fn kernel_emulated_head_ops() {
 }
 
 #[test]
+fn kernel_emulated_llm_decode() {
+    run_check("llm_decode");
+}
+
+#[test]
 fn kernel_every_cu_file_has_an_emulated_check() {
     for e in std::fs::read_dir(root().join("kernels")).unwrap() {
         let p = e.unwrap().path();

@@ -732,3 +732,127 @@ fn kernel_parity_edpo_step_ops_through_the_op_set() {
     }
     println!("edpo step ops: seq_logprobs, edpo_loss, mul_stat, logprob_backward compared with HostOps");
 }
+
+/// KV-cached decoding (`kernels/llm_decode.cu`): `rope_at`, `kv_append` and `decode_attention`
+/// through the op set against `HostOps` on the same bf16 inputs (outputs within 2% of the largest
+/// magnitude, the append exact), then a LLaMA's cached decode on the GPU (prefill of two prompts
+/// of different lengths, then teacher-forced decode steps) against the uncached forward of the
+/// whole sequences on the CPU reference ops: every decoded position's hidden state within 3% of
+/// the largest magnitude.
+#[test]
+fn kernel_parity_llm_decode_through_the_op_set() {
+    let Some(gpu) = gpu("llm decode") else { return };
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::backend::step_ops::{DecodeShape, HostOps, StepOps};
+    use sage::ops::rope::RopeTable;
+    let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
+    for &(seqs, slots, heads, kv_heads, d) in
+        &[(1usize, 1usize, 1usize, 1usize, 2usize), (2, 40, 4, 2, 8), (3, 300, 9, 3, 64), (2, 129, 14, 2, 128)]
+    {
+        let s = DecodeShape { seqs, slots, heads, kv_heads, head_dim: d };
+        // One query per sequence at the last slot, one at a tile edge, one at position 0.
+        let mut rows: Vec<(u32, u32)> = (0..seqs as u32).map(|b| (b, slots as u32 - 1)).collect();
+        rows.push((0, (slots as u32 - 1).min(32)));
+        rows.push((seqs as u32 - 1, 0));
+        let (seq, pos): (Vec<u32>, Vec<u32>) = rows.iter().copied().unzip();
+        let n = seq.len();
+        let (_, kc) = rnd(s.cache_len(), 21);
+        let (_, vc) = rnd(s.cache_len(), 22);
+        let (_, q) = rnd(n * heads * d, 23);
+        let (gseq, gpos) = (c.upload_ids(&seq).unwrap(), c.upload_ids(&pos).unwrap());
+        let (gk, gv, gq) = (c.upload(&kc).unwrap(), c.upload(&vc).unwrap(), c.upload(&q).unwrap());
+        let got = c.decode_attention(&gq, &gk, &gv, s, &gseq, &gpos, n).unwrap();
+        let want = h.decode_attention(&q, &kc, &vc, s, &seq, &pos, n).unwrap();
+        close(&format!("decode attention {s:?}"), c.download(&got).unwrap(), &want, 2e-2);
+        // RoPE at the rows' positions.
+        let table = RopeTable::new(d, 10_000.0, slots);
+        let (cos, sin) = table.tables();
+        let (gt, ht) = (c.rope_tables(cos, sin, d / 2).unwrap(), h.rope_tables(cos, sin, d / 2).unwrap());
+        let (mut gx, mut hx) = (c.upload(&q).unwrap(), q.clone());
+        c.rope_at(&mut gx, &gt, d / 2, heads, &gpos, n).unwrap();
+        h.rope_at(&mut hx, &ht, d / 2, heads, &pos, n).unwrap();
+        close("rope_at", c.download(&gx).unwrap(), &hx, 2e-2);
+        // The append, into distinct slots (the first row per sequence and the position-0 row).
+        let width = kv_heads * d;
+        let (_, src) = rnd(n * width, 24);
+        let (mut gcache, mut hcache) = (c.upload(&kc).unwrap(), kc.clone());
+        c.kv_append(&c.upload(&src).unwrap(), &gseq, &gpos, seqs, width, slots, &mut gcache).unwrap();
+        h.kv_append(&src, &seq, &pos, seqs, width, slots, &mut hcache).unwrap();
+        close("kv_append", c.download(&gcache).unwrap(), &hcache, 0.0);
+    }
+
+    cached_decode_matches_uncached_forward(c, 3e-2);
+    println!("llm decode: rope_at, kv_append, decode_attention and nine cached decode steps match the CPU ops");
+}
+
+/// A LLaMA's cached decode on `ops` (prefill of two prompts of different lengths, then
+/// teacher-forced decode steps) against the uncached forward of the whole sequences on the CPU
+/// reference ops: every position's hidden state within `tol` × the largest magnitude.
+fn cached_decode_matches_uncached_forward<O: sage::backend::step_ops::StepOps>(ops: O, tol: f32) {
+    use sage::backend::step_ops::{HostOps, StepOps};
+    let h = HostOps;
+    use sage::models::llama::LlamaConfig;
+    use sage::models::llama_step::DeviceLlama;
+    use sage::models::llama_train::{Finetune, TrainableLlama};
+    use sage::models::random_init::RandomLlama;
+    use sage::train::{AdamWConfig, ParamSet, SeedRng};
+    let config = LlamaConfig {
+        vocab_size: 515,
+        hidden_size: 128,
+        intermediate_size: 192,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 32,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        context_length: 128,
+    };
+    let weights = RandomLlama { config: config.clone(), seed: 4 };
+    let mut params = ParamSet::new();
+    let model =
+        TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let host = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
+    let dev = DeviceLlama::new(ops, &model, &params, AdamWConfig::default()).unwrap();
+    let (t, lens, steps, dim) = (70usize, [70usize, 45], 9usize, config.hidden_size);
+    let seqs: Vec<Vec<u32>> =
+        (0..2).map(|b| (0..t + steps).map(|i| ((b * 131 + i * 29 + 3) % 515) as u32).collect()).collect();
+    // The CPU reference: each whole sequence (prompt and the teacher-forced tokens) uncached.
+    let mut want = Vec::new();
+    for (b, s) in seqs.iter().enumerate() {
+        let n = lens[b] + steps;
+        let x = h.embed(host.w(host.token_embd()), &s[..n], dim).unwrap();
+        let fwd = host.forward_rows(x, &vec![sage::ops::loss::IGNORE; n], 1, false).unwrap();
+        want.push(fwd.hidden);
+    }
+    let ids: Vec<u32> =
+        seqs.iter().enumerate().flat_map(|(b, s)| (0..t).map(move |i| if i < lens[b] { s[i] } else { 0 })).collect();
+    let mut cache = dev.new_cache(2, t + steps).unwrap();
+    let x = dev.ops.embed(dev.w(dev.token_embd()), &ids, dim).unwrap();
+    let hidden = dev.ops.download(&dev.prefill(x, t, &lens, &mut cache).unwrap()).unwrap();
+    for b in 0..2 {
+        let got = hidden[b * t * dim..(b * t + lens[b]) * dim].to_vec();
+        close(&format!("prefill hidden, sequence {b}"), got, &want[b][..lens[b] * dim], tol);
+    }
+    for k in 0..steps {
+        let toks: Vec<u32> = (0..2).map(|b| seqs[b][lens[b] + k]).collect();
+        let x = dev.ops.embed(dev.w(dev.token_embd()), &toks, dim).unwrap();
+        let got = dev.ops.download(&dev.decode(x, &[0, 1], &mut cache).unwrap()).unwrap();
+        for b in 0..2 {
+            let p = lens[b] + k;
+            close(
+                &format!("decode step {k}, sequence {b}"),
+                got[b * dim..(b + 1) * dim].to_vec(),
+                &want[b][p * dim..(p + 1) * dim],
+                tol,
+            );
+        }
+    }
+}
+
+/// The harness of the GPU decode check, on the CPU reference ops (where cached and uncached
+/// attention differ only by summation order).
+#[test]
+fn cached_decode_on_host_ops_matches_the_uncached_forward() {
+    cached_decode_matches_uncached_forward(sage::backend::step_ops::HostOps, 1e-5);
+}

@@ -157,9 +157,10 @@ fn sage_device_step_on_host_ops_matches_the_cpu_path_with_lora() {
     device_step_matches_cpu(Finetune::Lora { rank: 4, alpha: 8.0, targets: vec!["attn_q".into(), "attn_v".into()] });
 }
 
-/// Generation on the device step's forward (`DeviceSage::generate`, what `sage eval` and `sage
-/// infer` run with `--device cuda`) on the CPU reference ops equals the CPU model's batched greedy
-/// answers, token for token, and stops at `max_new`.
+/// Generation on the device op set (`DeviceSage::generate`: the assembled prompts prefilled into a
+/// KV cache, then cached decode steps; what `sage eval` and `sage infer` run with `--device cuda`)
+/// on the CPU reference ops equals the CPU model's batched greedy answers, token for token, and
+/// stops at `max_new`.
 #[test]
 fn sage_device_generation_on_host_ops_matches_the_cpu_answers() {
     let mut params = ParamSet::new();

@@ -25,6 +25,7 @@ use crate::train::AdamWScalars;
 use anyhow::{bail, Result};
 
 pub use crate::backend::cuda::llm_attn::CausalShape;
+pub use crate::backend::cuda::llm_decode::DecodeShape;
 
 /// A gradient for [`StepOps::adamw`]: a [`StepOps::Buf`] (from the weight-gradient GEMMs) or a
 /// [`StepOps::Stat`] (norm weights, reduced in fp32).
@@ -46,6 +47,8 @@ pub struct CrossEntropyOut<O: StepOps + ?Sized> {
 pub trait StepOps {
     type Buf;
     type Stat;
+    /// Row indices (sequence numbers, positions) in the op set's form, for the decode ops.
+    type Ids;
 
     /// What runs the ops, for logs and reports.
     fn describe(&self) -> String;
@@ -259,6 +262,46 @@ pub trait StepOps {
         seqs: usize,
         weight_grad: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+
+    // KV-cached decoding (`kernels/llm_decode.cu`); the caller checks every (sequence, position)
+    // pair against the cache with `DecodeShape::check` before uploading it.
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    /// RoPE over `x [rows, heads, 2·half]`, row `r` at position `pos[r]`.
+    fn rope_at(
+        &self,
+        x: &mut Self::Buf,
+        tables: &(Self::Stat, Self::Stat),
+        half: usize,
+        heads: usize,
+        pos: &Self::Ids,
+        rows: usize,
+    ) -> Result<()>;
+    /// `cache[seq[r], pos[r], :] = src[r, :]` for rows of `width` into `[seqs, slots, width]`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(
+        &self,
+        src: &Self::Buf,
+        seq: &Self::Ids,
+        pos: &Self::Ids,
+        rows: usize,
+        width: usize,
+        slots: usize,
+        cache: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Single-query attention `out [rows, H, D]`: query `n` (of sequence `seq[n]`) over that
+    /// sequence's cached keys and values `0..=pos[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        s: DecodeShape,
+        seq: &Self::Ids,
+        pos: &Self::Ids,
+        rows: usize,
+    ) -> Result<Self::Buf>;
 }
 
 /// `train::clip_grad_norm`'s rule on a computed `Σ g²`: `[factor, skip, norm]`.
@@ -282,6 +325,7 @@ pub struct HostOps;
 impl StepOps for HostOps {
     type Buf = Vec<f32>;
     type Stat = Vec<f32>;
+    type Ids = Vec<u32>;
 
     fn describe(&self) -> String {
         "cpu reference ops (f32)".into()
@@ -711,6 +755,83 @@ impl StepOps for HostOps {
             targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
         let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
         Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, weight_grad))
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+
+    fn rope_at(
+        &self,
+        x: &mut Vec<f32>,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        half: usize,
+        heads: usize,
+        pos: &Vec<u32>,
+        rows: usize,
+    ) -> Result<()> {
+        let width = heads * 2 * half;
+        if x.len() < rows * width || pos.len() < rows || pos.iter().any(|&p| (p as usize + 1) * half > cos.len()) {
+            bail!("rope_at: [{rows}, {heads}, {}] rows or positions outside the table", 2 * half);
+        }
+        for (row, &p) in x[..rows * width].chunks_exact_mut(width).zip(pos) {
+            rotate_pairs_(row, cos, sin, half, heads, p as usize, false);
+        }
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        src: &Vec<f32>,
+        seq: &Vec<u32>,
+        pos: &Vec<u32>,
+        rows: usize,
+        width: usize,
+        slots: usize,
+        cache: &mut Vec<f32>,
+    ) -> Result<()> {
+        let seqs = cache.len() / (slots * width).max(1);
+        for r in 0..rows {
+            let (b, p) = (seq[r] as usize, pos[r] as usize);
+            if b >= seqs || p >= slots || (r + 1) * width > src.len() {
+                bail!("kv_append row {r}: sequence {b} position {p} outside the cache ({seqs} × {slots})");
+            }
+            let at = (b * slots + p) * width;
+            cache[at..at + width].copy_from_slice(&src[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn decode_attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        s: DecodeShape,
+        seq: &Vec<u32>,
+        pos: &Vec<u32>,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        s.check(&seq[..rows.min(seq.len())], &pos[..rows.min(pos.len())])?;
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let (qw, kw) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        if rows > seq.len() || q.len() < rows * qw || k_cache.len() < s.cache_len() || v_cache.len() < s.cache_len() {
+            bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
+        }
+        let mut out = vec![0.0; rows * qw];
+        for n in 0..rows {
+            let (b, p) = (seq[n] as usize, pos[n] as usize);
+            let keys = (b * s.slots) * kw..(b * s.slots + p + 1) * kw;
+            attention(
+                &q[n * qw..(n + 1) * qw],
+                &k_cache[keys.clone()],
+                &v_cache[keys],
+                shape,
+                Mask::Causal { start: p },
+                &mut out[n * qw..(n + 1) * qw],
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -22,10 +22,10 @@ forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss 
 timings and the device bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch \
 references and writes the report with the ratios to benches/results/.\n\n\
 `sage bench train`: a full fine-tuning step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with \
-random weights, tokens/s and peak memory. On a GPU (taken by --device auto when one works, required by --device \
-cuda) it runs the device step in bf16 and reports peak device memory; generation on the GPU is not built. On the CPU \
-(--device cpu, or auto without a GPU) it runs in f32, reports peak RSS, and also times greedy generation at each \
---gen-batch. `bash benches/run_train.sh` runs HF transformers beside it and writes the report to benches/results/.";
+random weights, tokens/s and peak memory, then greedy generation tokens/s at each --gen-batch. On a GPU (taken by \
+--device auto when one works, required by --device cuda) it runs the device step in bf16 and generates with the \
+KV-cached device decode (one batched prefill, one decode step per token for the whole batch), reporting peak device \
+memory for each; on the CPU (--device cpu, or auto without a GPU) it runs in f32 and reports peak RSS. `bash benches/run_train.sh` runs HF transformers beside it and writes the report to benches/results/.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

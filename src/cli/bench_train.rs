@@ -3,10 +3,12 @@
 //! beside the HF transformers counterpart (`benches/train_hf.py`, same config, batch and sequence)
 //! and writes the report with the ratios to `benches/results/`.
 //!
-//! Two engines: [`run`] is the CPU step (`TrainableLlama`, f32) with generation; [`run_gpu`] is
-//! the GPU step (`DeviceLlama` on `CudaOps`: bf16 weights and activations, fp32 masters and
-//! moments), whose target is ≥ 1.3× HF transformers tokens/s (DESIGN.md §9). Generation on the GPU
-//! (a KV-cached decode on the device) is not built, so the GPU engine reports training only.
+//! Two engines: [`run`] is the CPU step (`TrainableLlama`, f32); [`run_gpu`] is the GPU step
+//! (`DeviceLlama` on `CudaOps`: bf16 weights and activations, fp32 masters and moments), whose
+//! target is ≥ 1.3× HF transformers tokens/s (DESIGN.md §9). Both then generate greedily at each
+//! `--gen-batch`: the CPU with `TrainableLlama::generate_batch` (prompts prefilled one at a time),
+//! the GPU with the KV-cached device decode (`llama_step::decode`: one batched prefill, then one
+//! decode step for the whole batch per token).
 
 use crate::models::llama::Sampling;
 use crate::models::llama_train::{Finetune, TrainableLlama};
@@ -55,9 +57,13 @@ pub struct GenResult {
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
-    /// New tokens of all sequences per second (prefill included; prompts are prefilled one at a
-    /// time, then the decode steps run the whole batch through each layer at once).
+    /// New tokens of all sequences per second (prefill included; the decode steps run the whole
+    /// batch through each layer at once).
     pub tokens_per_second: f64,
+    /// GPU engine: peak device memory during this generation (weights, optimizer state still held,
+    /// KV cache and activations), the pool's high-water mark reset before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// Resets the kernel's peak-RSS counter for this process (`/proc/self/clear_refs`, value 5).
@@ -170,6 +176,7 @@ pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<Model
                 prompt_tokens: cfg.gen_prompt,
                 new_tokens: new / gb.max(1),
                 tokens_per_second: tps,
+                peak_device_bytes: None,
             });
         }
         out.push(ModelResult { generation, ..ModelResult::new(name, parameters, cfg, &timed) });
@@ -200,10 +207,33 @@ pub fn run_gpu(
         let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
         progress(&format!("{name}: {parameters} parameters on {}, warm-up step", dev.ops.describe()));
         let timed = timed_steps(name, cfg.steps, &mut progress, || dev.train_step(&inputs, &targets, cfg.batch, 1e-5))?;
-        out.push(ModelResult {
+        let result = ModelResult {
             peak_device_bytes: gpu.peak_memory_bytes(),
             ..ModelResult::new(name, parameters, cfg, &timed)
-        });
+        };
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let mut generation = Vec::new();
+        for &gb in &cfg.gen_batches {
+            let prompts: Vec<Vec<u32>> =
+                (0..gb).map(|b| tokens(b + 1000, cfg.gen_prompt, model.vocab_size())).collect();
+            // Warm-up: loads the decode kernels and sizes the allocator's pool.
+            dev.generate(&prompts, 2, &[], greedy)?;
+            gpu.sync()?;
+            gpu.reset_peak_memory();
+            let t = Instant::now();
+            // Each step reads its logits back, so the clock stops after the last kernel.
+            let new: usize = dev.generate(&prompts, cfg.gen_tokens, &[], greedy)?.iter().map(Vec::len).sum();
+            let tps = new as f64 / t.elapsed().as_secs_f64();
+            progress(&format!("{name}: generation batch {gb}: {tps:.1} tokens/s"));
+            generation.push(GenResult {
+                batch: gb,
+                prompt_tokens: cfg.gen_prompt,
+                new_tokens: new / gb.max(1),
+                tokens_per_second: tps,
+                peak_device_bytes: gpu.peak_memory_bytes(),
+            });
+        }
+        out.push(ModelResult { generation, ..result });
     }
     Ok(out)
 }

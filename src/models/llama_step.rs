@@ -25,6 +25,10 @@ use crate::ops::loss::IGNORE;
 use crate::train::{AdamWConfig, AdamWScalars, AdamWState, Moments, Param, ParamId, ParamSet};
 use crate::user_bail;
 use anyhow::{bail, Result};
+use decode::CacheFill;
+
+mod decode;
+pub use decode::KvCache;
 
 /// The optimizer's view of a trainable tensor: fp32 master and moments.
 struct OptState<O: StepOps> {
@@ -317,7 +321,20 @@ impl<O: StepOps> DeviceLlama<O> {
     /// The decoder over input rows `x [batch·T, d]` (`targets` only checked here): the final
     /// hidden states, and, with `keep`, what [`DeviceLlama::backward_rows`] needs (inference
     /// drops each block's activations as it goes).
-    pub fn forward_rows(&self, mut x: O::Buf, targets: &[u32], batch: usize, keep: bool) -> Result<RowsForward<O>> {
+    pub fn forward_rows(&self, x: O::Buf, targets: &[u32], batch: usize, keep: bool) -> Result<RowsForward<O>> {
+        self.forward_rows_filling(x, targets, batch, keep, None)
+    }
+
+    /// [`DeviceLlama::forward_rows`], appending each block's rotated keys and values to a cache
+    /// when given one (the prefill of `decode`).
+    fn forward_rows_filling(
+        &self,
+        mut x: O::Buf,
+        targets: &[u32],
+        batch: usize,
+        keep: bool,
+        mut fill: Option<CacheFill<'_, O>>,
+    ) -> Result<RowsForward<O>> {
         let c = &self.config;
         let rows = targets.len();
         if batch == 0 || rows == 0 || rows % batch != 0 {
@@ -336,13 +353,19 @@ impl<O: StepOps> DeviceLlama<O> {
         let half = c.head_dim / 2;
         let shape = self.shape(batch, t);
         let mut acts = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
+        let kvd = c.num_kv_heads * c.head_dim;
+        for (i, b) in self.blocks.iter().enumerate() {
             let (h1, rstd1) = o.rmsnorm(&x, self.w(b.attn_norm), rows, eps)?;
             let (mut q, lq) = self.linear(&b.attn_q, &h1, rows, None)?;
             let (mut k, lk) = self.linear(&b.attn_k, &h1, rows, None)?;
             let (v, lv) = self.linear(&b.attn_v, &h1, rows, None)?;
             o.rope(&mut q, &self.rope, half, rows, t, c.num_heads, false)?;
             o.rope(&mut k, &self.rope, half, rows, t, c.num_kv_heads, false)?;
+            if let Some(f) = fill.as_mut() {
+                let slots = f.cache.shape().slots;
+                o.kv_append(&k, &f.seq, &f.pos, rows, kvd, slots, &mut f.cache.k[i])?;
+                o.kv_append(&v, &f.seq, &f.pos, rows, kvd, slots, &mut f.cache.v[i])?;
+            }
             let (ctx, lse) = o.attention(&q, &k, &v, shape)?;
             let (x1, lo) = self.linear(&b.attn_output, &ctx, rows, Some(o.copy(&x)?))?;
             let (h2, rstd2) = o.rmsnorm(&x1, self.w(b.ffn_norm), rows, eps)?;

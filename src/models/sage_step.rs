@@ -14,10 +14,11 @@
 //!
 //! E-DPO's step ([`DeviceSage::edpo_step`]) reuses the same forward and backward around the
 //! fused sequence log-probability kernels; a frozen copy ([`DeviceSage::answer_logprobs`]) is its
-//! reference. [`DeviceSage::generate`] decodes on the same forward (no KV cache yet). Not here:
+//! reference. [`DeviceSage::generate`] prefills the assembled rows into a KV cache and decodes
+//! token by token (`llama_step::decode`). Not here:
 //! the frozen vision encoder, which stays on the host (its patch tokens are cached per image).
 
-use super::llama::{Sampler, Sampling};
+use super::llama::Sampling;
 use super::llama_step::{weight_grad, DeviceLlama, Grad, Grads, RowsForward, StepGrads};
 use super::sage::Selection;
 use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
@@ -80,6 +81,17 @@ struct FactActs<O: StepOps> {
 pub struct SageForward<O: StepOps> {
     pub llm: RowsForward<O>,
     pub targets: Vec<u32>,
+    images: Vec<ImageActs<O>>,
+    facts: Vec<FactActs<O>>,
+    text_ids: Vec<u32>,
+    text_rows: Vec<u32>,
+}
+
+/// A batch's input rows `x [B·T, d]` before the LLM, and what the head's backward needs.
+struct Assembled<O: StepOps> {
+    x: O::Buf,
+    targets: Vec<u32>,
+    t: usize,
     images: Vec<ImageActs<O>>,
     facts: Vec<FactActs<O>>,
     text_ids: Vec<u32>,
@@ -208,6 +220,14 @@ impl<O: StepOps> DeviceSage<O> {
     /// `[B·T, d]` (in `.llm.hidden`), the padded targets, and, with `keep`, what the backward
     /// needs.
     pub fn forward(&self, plans: &[SeqPlan], keep: bool) -> Result<SageForward<O>> {
+        let Assembled { x, targets, images, facts, text_ids, text_rows, .. } = self.assemble(plans)?;
+        let llm = self.llm.forward_rows(x, &targets, plans.len(), keep)?;
+        Ok(SageForward { llm, targets, images, facts, text_ids, text_rows })
+    }
+
+    /// The LLM's input rows of a batch of examples, right-padded to the longest: text rows from
+    /// the token table, image rows from the adapter, fact rows from the fusion attention.
+    fn assemble(&self, plans: &[SeqPlan]) -> Result<Assembled<O>> {
         let o = self.ops();
         let d = self.llm_dim;
         let batch = plans.len();
@@ -219,7 +239,6 @@ impl<O: StepOps> DeviceSage<O> {
         for (n, p) in plans.iter().enumerate() {
             targets[n * t..n * t + p.t].copy_from_slice(&p.targets);
         }
-
         // Text rows: every run of every example embedded at once, then copied into place.
         let mut x = o.zeros(batch * t * d)?;
         let text_ids: Vec<u32> =
@@ -250,8 +269,7 @@ impl<O: StepOps> DeviceSage<O> {
                 facts.push(a);
             }
         }
-        let llm = self.llm.forward_rows(x, &targets, batch, keep)?;
-        Ok(SageForward { llm, targets, images, facts, text_ids, text_rows })
+        Ok(Assembled { x, targets, t, images, facts, text_ids, text_rows })
     }
 
     /// The backward of a [`DeviceSage::forward`] from `∂loss/∂hidden` and the LM head's gradient:
@@ -289,11 +307,10 @@ impl<O: StepOps> DeviceSage<O> {
 
     /// Generates an answer to each plan's prompt (plans made without an answer), with
     /// `TrainableLlama::generate_batch`'s stopping rules: a stop id ends a sequence, as do
-    /// `max_new` tokens or the context limit. Each decode step runs the whole (right-padded)
-    /// sequences again (no KV cache on the device yet: O(T²) per token, fine for the short answers
-    /// of validation and evaluation) and samples on the host from the last position's logits,
-    /// which the GEMM rounds to bf16 (a greedy choice between logits closer than that may differ
-    /// from the CPU's).
+    /// `max_new` tokens or the context limit. The prompts' rows are assembled once, prefilled
+    /// into a KV cache, and decoded with [`DeviceLlama::generate_rows`] (on the GPU the logits are
+    /// bf16 GEMM outputs, so a greedy choice between logits closer than that may differ from the
+    /// CPU's).
     pub fn generate(
         &self,
         plans: &[SeqPlan],
@@ -301,47 +318,12 @@ impl<O: StepOps> DeviceSage<O> {
         stop_ids: &[u32],
         sampling: Sampling,
     ) -> Result<Vec<Vec<u32>>> {
-        let o = self.ops();
-        let (d, vocab) = (self.llm_dim, self.llm.config.vocab_size);
-        let max_pos = self.llm.config.context_length;
-        let n = plans.len();
-        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(sampling)).collect();
-        let mut active: Vec<usize> = if max_new == 0 { vec![] } else { (0..n).collect() };
-        while !active.is_empty() {
-            // Each active prompt with what it has generated so far appended as text.
-            let cur: Vec<SeqPlan> = active
-                .iter()
-                .map(|&b| {
-                    let mut p = plans[b].clone();
-                    if !outs[b].is_empty() {
-                        p.text.push((p.t, outs[b].clone()));
-                        p.t += outs[b].len();
-                    }
-                    p.targets = vec![IGNORE; p.t];
-                    p
-                })
-                .collect();
-            let fwd = self.forward(&cur, false)?;
-            let t = fwd.targets.len() / cur.len();
-            let last: Vec<u32> = cur.iter().enumerate().map(|(i, p)| (i * t + p.t - 1) as u32).collect();
-            let h = o.embed(&fwd.llm.hidden, &last, d)?;
-            let logits = o.download(&o.gemm_new(&GemmSpec::linear(cur.len(), vocab, d), &h, self.llm.lm_head())?)?;
-            let mut still = Vec::with_capacity(active.len());
-            for ((&b, p), row) in active.iter().zip(&cur).zip(logits.chunks_exact(vocab)) {
-                let tok = samplers[b].sample(row);
-                if stop_ids.contains(&tok) {
-                    continue;
-                }
-                outs[b].push(tok);
-                // `p.t` positions are in the sequence; the new token makes p.t + 1.
-                if outs[b].len() < max_new && p.t < max_pos {
-                    still.push(b);
-                }
-            }
-            active = still;
+        if plans.is_empty() || max_new == 0 {
+            return Ok(vec![Vec::new(); plans.len()]);
         }
-        Ok(outs)
+        let a = self.assemble(plans)?;
+        let lens: Vec<usize> = plans.iter().map(|p| p.t).collect();
+        self.llm.generate_rows(a.x, a.t, &lens, max_new, stop_ids, sampling)
     }
 
     /// [`SageModel::answer_batch`] on the device: the answers (decoded, trimmed) and the patch

@@ -77,8 +77,15 @@ pub static LLM_ATTN: KernelFile = KernelFile {
     ],
 };
 
+pub static LLM_DECODE: KernelFile = KernelFile {
+    name: "llm_decode.cu",
+    source: include_str!("../../../kernels/llm_decode.cu"),
+    entries: &["rope_pairs_at", "kv_append", "decode_attn"],
+};
+
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 6] = [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS];
+pub static ALL: [&KernelFile; 7] =
+    [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {

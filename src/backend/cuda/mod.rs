@@ -18,6 +18,7 @@ pub mod head;
 pub mod kernels;
 pub mod llm;
 pub mod llm_attn;
+pub mod llm_decode;
 pub mod mincos;
 pub mod step_ops;
 

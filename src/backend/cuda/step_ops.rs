@@ -5,8 +5,8 @@ use super::edpo::{self, SeqShape};
 use super::gemm::{gemm, GemmSpec};
 use super::llm::{self, MixedGrad};
 use super::Gpu;
-use super::{fusion, head, llm_attn};
-use crate::backend::step_ops::{CausalShape, CrossEntropyOut, GradRef, StepOps};
+use super::{fusion, head, llm_attn, llm_decode};
+use crate::backend::step_ops::{CausalShape, CrossEntropyOut, DecodeShape, GradRef, StepOps};
 use crate::ops::edpo::{EdpoConfig, Pair};
 use crate::ops::fusion_attn::FusionShape;
 use crate::ops::loss::IGNORE;
@@ -33,6 +33,7 @@ impl CudaOps {
 impl StepOps for CudaOps {
     type Buf = CudaSlice<bf16>;
     type Stat = CudaSlice<f32>;
+    type Ids = CudaSlice<i32>;
 
     fn describe(&self) -> String {
         let i = self.gpu.info();
@@ -342,6 +343,49 @@ impl StepOps for CudaOps {
         let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
         let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
         Ok((g.d_hidden, g.d_weight))
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
+        llm_decode::upload_ids(&self.gpu, ids)
+    }
+
+    fn rope_at(
+        &self,
+        x: &mut Self::Buf,
+        tables: &(Self::Stat, Self::Stat),
+        half: usize,
+        heads: usize,
+        pos: &Self::Ids,
+        rows: usize,
+    ) -> Result<()> {
+        let max_pos = tables.0.len() / half.max(1);
+        llm_decode::rope_at(&self.gpu, x, &tables.0, &tables.1, half, heads, pos, rows, max_pos)
+    }
+
+    fn kv_append(
+        &self,
+        src: &Self::Buf,
+        seq: &Self::Ids,
+        pos: &Self::Ids,
+        rows: usize,
+        width: usize,
+        slots: usize,
+        cache: &mut Self::Buf,
+    ) -> Result<()> {
+        llm_decode::kv_append(&self.gpu, src, seq, pos, rows, width, slots, cache)
+    }
+
+    fn decode_attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        s: DecodeShape,
+        seq: &Self::Ids,
+        pos: &Self::Ids,
+        rows: usize,
+    ) -> Result<Self::Buf> {
+        llm_decode::decode_attention(&self.gpu, q, k_cache, v_cache, s, seq, pos, rows)
     }
 }
 

@@ -1,0 +1,185 @@
+//! KV-cached decoding on the GPU (`kernels/llm_decode.cu`): RoPE at explicit positions, the cache
+//! append, and single-query attention over the cache. CPU references: `ops::rope::rotate_pairs_`
+//! and `ops::attention` with `Mask::Causal { start: pos }` (see `backend::step_ops::HostOps`).
+
+use super::kernels::LLM_DECODE;
+use super::{blocks, cfg, int, Gpu};
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+/// A key/value cache of `seqs` sequences of `slots` positions, `kv_heads` heads of `head_dim`,
+/// read by `heads` query heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub seqs: usize,
+    pub slots: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl DecodeShape {
+    /// Elements of one cache tensor, `[seqs, slots, kv_heads, head_dim]`.
+    pub fn cache_len(&self) -> usize {
+        self.seqs * self.slots * self.kv_heads * self.head_dim
+    }
+
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Checks the shape and the rows' (sequence, position) pairs against it.
+    pub fn check(&self, seq: &[u32], pos: &[u32]) -> Result<()> {
+        let s = self;
+        if s.seqs == 0 || s.slots == 0 || s.heads == 0 || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+            bail!("decode attention: bad shape {s:?} (positive sizes, heads a multiple of kv_heads)");
+        }
+        if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+            bail!("the decode kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
+        }
+        if seq.len() != pos.len() {
+            bail!("decode: {} sequence indices for {} positions", seq.len(), pos.len());
+        }
+        if let Some((r, (&b, &p))) =
+            seq.iter().zip(pos).enumerate().find(|(_, (&b, &p))| b as usize >= s.seqs || p as usize >= s.slots)
+        {
+            bail!("decode row {r}: sequence {b} position {p} is outside the cache ({} × {})", s.seqs, s.slots);
+        }
+        Ok(())
+    }
+}
+
+/// Row indices for the kernels (`int32`).
+pub fn upload_ids(gpu: &Gpu, ids: &[u32]) -> Result<CudaSlice<i32>> {
+    let v = ids.iter().map(|&i| int("index", i as usize)).collect::<Result<Vec<i32>>>()?;
+    // A zero-length upload is refused by the driver; an empty step never launches anyway.
+    gpu.upload(if v.is_empty() { &[0] } else { &v })
+}
+
+/// Rotates row `r` of `x [rows, heads, 2·half]` by its position `pos[r]` (the tables as in
+/// [`super::llm_attn::rope`]).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_at(
+    gpu: &Gpu,
+    x: &mut CudaSlice<bf16>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    half: usize,
+    heads: usize,
+    pos: &CudaSlice<i32>,
+    rows: usize,
+    max_pos: usize,
+) -> Result<()> {
+    let d = 2 * half;
+    if half == 0
+        || sin.len() != cos.len()
+        || cos.len() < max_pos * half
+        || x.len() < rows * heads * d
+        || pos.len() < rows
+    {
+        bail!("rope_at: x has {} elements for [{rows}, {heads}, {d}] ({} positions)", x.len(), pos.len());
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&LLM_DECODE, "rope_pairs_at")?;
+    let (ri, hi, di) = (int("rows", rows)?, int("heads", heads)?, int("D", d)?);
+    // SAFETY: argument order and types as in kernels/llm_decode.cu; the caller checked every
+    // position against the table (`DecodeShape::check`, slots ≤ max_pos).
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(&*x).arg(cos).arg(sin).arg(pos).arg(&ri).arg(&hi).arg(&di).launch(cfg(
+            (blocks(rows * heads * half, 256)?, 1, 1),
+            256,
+            0,
+        ))?;
+    }
+    Ok(())
+}
+
+/// `dst[seq[r], pos[r], :] = src[r, :]` for the `rows` rows of `src [rows, width]`, into a cache
+/// `dst [seqs, slots, width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_append(
+    gpu: &Gpu,
+    src: &CudaSlice<bf16>,
+    seq: &CudaSlice<i32>,
+    pos: &CudaSlice<i32>,
+    rows: usize,
+    width: usize,
+    slots: usize,
+    dst: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    if src.len() < rows * width || seq.len() < rows || pos.len() < rows || dst.len() % (slots * width).max(1) != 0 {
+        bail!("kv_append: {} source elements, {} rows of {width} into a cache of {}", src.len(), rows, dst.len());
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&LLM_DECODE, "kv_append")?;
+    let (ri, wi, si) = (int("rows", rows)?, int("width", width)?, int("slots", slots)?);
+    // SAFETY: as in `rope_at`; the caller checked (seq, pos) against the cache.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(src)
+            .arg(seq)
+            .arg(pos)
+            .arg(&ri)
+            .arg(&wi)
+            .arg(&si)
+            .arg(&*dst)
+            .launch(cfg((rows as u32, 1, 1), 128, 0))?;
+    }
+    Ok(())
+}
+
+/// Single-query attention for `rows` queries `q [rows, H, D]`: query `n` of sequence `seq[n]`
+/// sees its keys `0..=pos[n]` in the caches `kc`, `vc`. Returns `out [rows, H, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    gpu: &Gpu,
+    q: &CudaSlice<bf16>,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+    s: DecodeShape,
+    seq: &CudaSlice<i32>,
+    pos: &CudaSlice<i32>,
+    rows: usize,
+) -> Result<CudaSlice<bf16>> {
+    let q_len = rows * s.heads * s.head_dim;
+    if q.len() < q_len || kc.len() < s.cache_len() || vc.len() < s.cache_len() || seq.len() < rows || pos.len() < rows {
+        bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
+    }
+    // SAFETY: every (query, head) block writes its whole output row.
+    let out = unsafe { gpu.uninit::<bf16>(q_len)? };
+    if rows == 0 {
+        return Ok(out);
+    }
+    if rows > 65535 {
+        bail!("decode attention: {rows} queries in one step exceed the grid's 65535 (decode in smaller batches)");
+    }
+    let f = gpu.function(&LLM_DECODE, "decode_attn")?;
+    let (ni, si) = (int("rows", rows)?, int("slots", s.slots)?);
+    let (hi, hkvi, di) = (int("H", s.heads)?, int("H_kv", s.kv_heads)?, int("D", s.head_dim)?);
+    let scale = s.scale();
+    // SAFETY: as in `rope_at`; grid and block as the kernel file documents (static shared memory).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(q)
+            .arg(kc)
+            .arg(vc)
+            .arg(seq)
+            .arg(pos)
+            .arg(&ni)
+            .arg(&si)
+            .arg(&hi)
+            .arg(&hkvi)
+            .arg(&di)
+            .arg(&scale)
+            .arg(&out)
+            .launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?;
+    }
+    Ok(out)
+}

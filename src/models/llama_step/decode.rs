@@ -1,0 +1,316 @@
+//! KV-cached generation on the device op set. A right-padded batch of prompts is prefilled by the
+//! step's forward ([`DeviceLlama::prefill`]: each layer's rotated keys and values go into the
+//! cache as they are made), then every decode step ([`DeviceLlama::decode`]) runs the new tokens
+//! of the unfinished sequences through the blocks at once, with single-query attention over the
+//! cache (`kernels/llm_decode.cu`). Padding slots past a prompt are never read: a sequence's next
+//! token overwrites the first of them before any query can see it.
+//!
+//! [`DeviceLlama::generate_rows`] mirrors `TrainableLlama::generate_batch`: the same stopping rules
+//! and one sampler per sequence seeded alike, so on `HostOps` it picks the CPU's tokens (tested
+//! below); on the GPU the logits are bf16 GEMM outputs, so a greedy choice between logits closer
+//! than that may differ. The host waits once per generated token, for the logits it samples from.
+
+use super::DeviceLlama;
+use crate::backend::cuda::gemm::GemmSpec;
+use crate::backend::step_ops::{DecodeShape, StepOps};
+use crate::models::llama::{Sampler, Sampling};
+use crate::ops::loss::IGNORE;
+use crate::user_bail;
+use anyhow::{bail, Result};
+
+/// Every layer's keys and values for `shape.seqs` sequences of `shape.slots` positions, and how
+/// many positions of each sequence are filled.
+pub struct KvCache<O: StepOps> {
+    pub(super) k: Vec<O::Buf>,
+    pub(super) v: Vec<O::Buf>,
+    shape: DecodeShape,
+    len: Vec<usize>,
+}
+
+impl<O: StepOps> KvCache<O> {
+    pub fn shape(&self) -> DecodeShape {
+        self.shape
+    }
+
+    /// Positions filled in sequence `seq`.
+    pub fn len(&self, seq: usize) -> usize {
+        self.len[seq]
+    }
+}
+
+/// What the forward's blocks need to fill a cache: the cache and each row's (sequence, position).
+pub(super) struct CacheFill<'a, O: StepOps> {
+    pub cache: &'a mut KvCache<O>,
+    pub seq: O::Ids,
+    pub pos: O::Ids,
+}
+
+impl<O: StepOps> DeviceLlama<O> {
+    /// An empty cache of `seqs` sequences of `slots` positions (at most the model's context).
+    pub fn new_cache(&self, seqs: usize, slots: usize) -> Result<KvCache<O>> {
+        let c = &self.config;
+        if slots > c.context_length {
+            user_bail!("a cache of {slots} positions exceeds the model's context of {}", c.context_length);
+        }
+        let shape = DecodeShape { seqs, slots, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let layer = |_| self.ops.zeros(shape.cache_len());
+        Ok(KvCache {
+            k: (0..self.blocks.len()).map(layer).collect::<Result<_>>()?,
+            v: (0..self.blocks.len()).map(layer).collect::<Result<_>>()?,
+            shape,
+            len: vec![0; seqs],
+        })
+    }
+
+    /// Runs the prompts `x [B·T, d]` (right-padded to `T`, `lens[b]` real positions each) through
+    /// the decoder, filling sequences `0..B` of `cache`; returns the final hidden states
+    /// `[B·T, d]` (rows past a prompt's length are padding).
+    pub fn prefill(&self, x: O::Buf, t: usize, lens: &[usize], cache: &mut KvCache<O>) -> Result<O::Buf> {
+        let batch = lens.len();
+        let s = cache.shape;
+        if batch == 0 || batch > s.seqs || t == 0 || t > s.slots {
+            bail!("prefill of {batch} prompts of {t} positions into a cache of {} × {}", s.seqs, s.slots);
+        }
+        if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
+            bail!("prefill: a prompt of {bad} positions in a batch padded to {t}");
+        }
+        let rows = batch * t;
+        let seq: Vec<u32> = (0..rows).map(|r| (r / t) as u32).collect();
+        let pos: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
+        s.check(&seq, &pos)?;
+        let fill = CacheFill { seq: self.ops.upload_ids(&seq)?, pos: self.ops.upload_ids(&pos)?, cache: &mut *cache };
+        let fwd = self.forward_rows_filling(x, &vec![IGNORE; rows], batch, false, Some(fill))?;
+        cache.len[..batch].copy_from_slice(lens);
+        Ok(fwd.hidden)
+    }
+
+    /// One decode step: row `n` of `x [N, d]` is the next input of cache sequence `seqs[n]`, at
+    /// the position after its filled ones. Appends each layer's keys and values and returns the
+    /// final hidden states `[N, d]`.
+    pub fn decode(&self, mut x: O::Buf, seqs: &[usize], cache: &mut KvCache<O>) -> Result<O::Buf> {
+        let (c, o) = (&self.config, &self.ops);
+        let n = seqs.len();
+        let s = cache.shape;
+        if let Some(&bad) = seqs.iter().find(|&&b| b >= s.seqs) {
+            bail!("decode: sequence {bad} is not in a cache of {}", s.seqs);
+        }
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if n == 0 || sorted.len() != n {
+            bail!("decode: a step needs distinct sequences (got {seqs:?})");
+        }
+        if let Some(&full) = seqs.iter().find(|&&b| cache.len[b] >= s.slots) {
+            user_bail!("sequence {full} already fills all {} positions of its cache", s.slots);
+        }
+        let seq: Vec<u32> = seqs.iter().map(|&b| b as u32).collect();
+        let pos: Vec<u32> = seqs.iter().map(|&b| cache.len[b] as u32).collect();
+        s.check(&seq, &pos)?;
+        let (seq_d, pos_d) = (o.upload_ids(&seq)?, o.upload_ids(&pos)?);
+        let (eps, half, kvd) = (c.rms_norm_eps, c.head_dim / 2, c.num_kv_heads * c.head_dim);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (h1, _) = o.rmsnorm(&x, self.w(b.attn_norm), n, eps)?;
+            let (mut q, _) = self.linear(&b.attn_q, &h1, n, None)?;
+            let (mut k, _) = self.linear(&b.attn_k, &h1, n, None)?;
+            let (v, _) = self.linear(&b.attn_v, &h1, n, None)?;
+            o.rope_at(&mut q, &self.rope, half, c.num_heads, &pos_d, n)?;
+            o.rope_at(&mut k, &self.rope, half, c.num_kv_heads, &pos_d, n)?;
+            o.kv_append(&k, &seq_d, &pos_d, n, kvd, s.slots, &mut cache.k[i])?;
+            o.kv_append(&v, &seq_d, &pos_d, n, kvd, s.slots, &mut cache.v[i])?;
+            let ctx = o.decode_attention(&q, &cache.k[i], &cache.v[i], s, &seq_d, &pos_d, n)?;
+            let (x1, _) = self.linear(&b.attn_output, &ctx, n, Some(x))?;
+            let (h2, _) = o.rmsnorm(&x1, self.w(b.ffn_norm), n, eps)?;
+            let (gate, _) = self.linear(&b.ffn_gate, &h2, n, None)?;
+            let (up, _) = self.linear(&b.ffn_up, &h2, n, None)?;
+            let act = o.swiglu(&gate, &up)?;
+            x = self.linear(&b.ffn_down, &act, n, Some(x1))?.0;
+        }
+        for &b in seqs {
+            cache.len[b] += 1;
+        }
+        Ok(o.rmsnorm(&x, self.w(self.output_norm), n, eps)?.0)
+    }
+
+    /// The logits of rows `rows` of `hidden [*, d]`, read back to the host `[rows.len(), V]`.
+    fn logits_of_rows(&self, hidden: &O::Buf, rows: &[u32]) -> Result<Vec<f32>> {
+        let (o, d) = (&self.ops, self.config.hidden_size);
+        // Gathering rows is an embedding lookup with `hidden` as the table.
+        let h = o.embed(hidden, rows, d)?;
+        o.download(&o.gemm_new(&GemmSpec::linear(rows.len(), self.config.vocab_size, d), &h, self.lm_head())?)
+    }
+
+    /// Generates after each prompt of `x [B·T, d]` (right-padded to `T`, `lens[b]` positions each):
+    /// up to `max_new` tokens per sequence, stopping before the first token in `stop_ids` (not
+    /// returned) or when the model's positions run out, as `TrainableLlama::generate_batch` does.
+    pub fn generate_rows(
+        &self,
+        x: O::Buf,
+        t: usize,
+        lens: &[usize],
+        max_new: usize,
+        stop_ids: &[u32],
+        sampling: Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        let n = lens.len();
+        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+        if max_new == 0 || n == 0 {
+            return Ok(outs);
+        }
+        let max_pos = self.config.context_length;
+        if t > max_pos {
+            user_bail!("prompts of {t} positions exceed the model's {max_pos}");
+        }
+        // The last token decoded sits at position ≤ T + max_new − 2.
+        let mut cache = self.new_cache(n, (t + max_new).min(max_pos))?;
+        let hidden = self.prefill(x, t, lens, &mut cache)?;
+        let last: Vec<u32> = lens.iter().enumerate().map(|(b, &l)| (b * t + l - 1) as u32).collect();
+        let mut logits = self.logits_of_rows(&hidden, &last)?;
+        drop(hidden);
+        let vocab = self.config.vocab_size;
+        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(sampling)).collect();
+        let mut next = vec![0u32; n];
+        let mut active: Vec<usize> = (0..n).collect();
+        loop {
+            let mut still = Vec::with_capacity(active.len());
+            for (j, &b) in active.iter().enumerate() {
+                let tok = samplers[b].sample(&logits[j * vocab..(j + 1) * vocab]);
+                if stop_ids.contains(&tok) {
+                    continue;
+                }
+                outs[b].push(tok);
+                if outs[b].len() < max_new && cache.len(b) < max_pos {
+                    next[b] = tok;
+                    still.push(b);
+                }
+            }
+            active = still;
+            if active.is_empty() {
+                return Ok(outs);
+            }
+            let ids: Vec<u32> = active.iter().map(|&b| next[b]).collect();
+            let x = self.ops.embed(self.w(self.token_embd), &ids, self.config.hidden_size)?;
+            let hidden = self.decode(x, &active, &mut cache)?;
+            let rows: Vec<u32> = (0..active.len() as u32).collect();
+            logits = self.logits_of_rows(&hidden, &rows)?;
+        }
+    }
+
+    /// [`DeviceLlama::generate_rows`] from token prompts (right-padded and embedded here).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop_ids: &[u32],
+        sampling: Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            user_bail!("generation needs a non-empty prompt for every sequence");
+        }
+        let ids: Vec<u32> =
+            prompts.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, t - p.len()))).collect();
+        let x = self.ops.embed(self.w(self.token_embd), &ids, self.config.hidden_size)?;
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.generate_rows(x, t, &lens, max_new, stop_ids, sampling)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::step_ops::HostOps;
+    use crate::models::llama::LlamaConfig;
+    use crate::models::llama_train::{Finetune, TrainableLlama};
+    use crate::models::random_init::RandomLlama;
+    use crate::train::rng::SeedRng;
+    use crate::train::{AdamWConfig, ParamSet};
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 61,
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 6,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            context_length: 40,
+        }
+    }
+
+    fn model(finetune: Finetune) -> (TrainableLlama, ParamSet) {
+        let config = tiny();
+        let weights = RandomLlama { config: config.clone(), seed: 3 };
+        let mut params = ParamSet::new();
+        let m = TrainableLlama::load(&weights, config, &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+        (m, params)
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        vec![vec![5, 9, 13], vec![1, 2, 3, 4, 5, 6, 7, 8, 9], vec![44], vec![7, 7, 30, 2, 18]]
+    }
+
+    /// The host reference of the batch: `TrainableLlama::generate_batch` on the same prompts.
+    fn cpu(m: &TrainableLlama, params: &ParamSet, max_new: usize, stop: &[u32], s: Sampling) -> Vec<Vec<u32>> {
+        let xs: Vec<Vec<f32>> = prompts().iter().map(|p| m.embed(params, p)).collect();
+        let batch: Vec<(&[f32], usize)> = xs.iter().zip(prompts()).map(|(x, p)| (x.as_slice(), p.len())).collect();
+        m.generate_batch(params, &batch, max_new, stop, s).unwrap()
+    }
+
+    #[test]
+    fn cached_decode_on_host_ops_picks_the_cpu_tokens() {
+        let (m, params) = model(Finetune::Full);
+        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let sampled = Sampling { temperature: 0.9, top_p: 0.95, seed: 11 };
+        for (max_new, stop, s) in [(12, vec![], greedy), (9, vec![], sampled), (20, vec![3, 17], greedy)] {
+            let want = cpu(&m, &params, max_new, &stop, s);
+            let got = dev.generate(&prompts(), max_new, &stop, s).unwrap();
+            assert_eq!(got, want, "max_new {max_new}, stop {stop:?}");
+            assert!(want.iter().any(|o| o.len() > 1), "a sequence should decode past its first token: {want:?}");
+        }
+        // Running into the context: the 9-token prompt has 31 positions left of 40.
+        let want = cpu(&m, &params, 60, &[], greedy);
+        assert_eq!(dev.generate(&prompts(), 60, &[], greedy).unwrap(), want);
+        assert_eq!(want[1].len(), 40 - 9 + 1, "the CPU decodes until the cache holds every position");
+    }
+
+    #[test]
+    fn cached_decode_with_lora_adapters_matches_the_cpu() {
+        let (m, mut params) = model(Finetune::Lora {
+            rank: 4,
+            alpha: 8.0,
+            targets: ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"].map(String::from).to_vec(),
+        });
+        // Non-zero B, so the adapters change the tokens.
+        for p in params.iter_mut().filter(|p| p.name.ends_with("lora_b")) {
+            p.value.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.05);
+        }
+        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        assert_eq!(dev.generate(&prompts(), 10, &[], greedy).unwrap(), cpu(&m, &params, 10, &[], greedy));
+    }
+
+    #[test]
+    fn decode_refuses_bad_steps() {
+        let (m, params) = model(Finetune::Full);
+        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
+        let d = tiny().hidden_size;
+        assert!(dev.new_cache(2, 41).is_err(), "more slots than the context");
+        let mut cache = dev.new_cache(2, 4).unwrap();
+        let x = vec![0.1; 2 * 3 * d];
+        assert!(dev.prefill(x.clone(), 3, &[3, 4], &mut cache).is_err(), "a prompt longer than its padding");
+        dev.prefill(x, 3, &[3, 2], &mut cache).unwrap();
+        assert!(dev.decode(vec![0.1; 2 * d], &[0, 0], &mut cache).is_err(), "the same sequence twice");
+        assert!(dev.decode(vec![0.1; d], &[2], &mut cache).is_err(), "a sequence outside the cache");
+        dev.decode(vec![0.1; d], &[0], &mut cache).unwrap();
+        let full = dev.decode(vec![0.1; d], &[0], &mut cache).unwrap_err();
+        assert!(full.to_string().contains("fills all 4 positions"), "{full}");
+        assert_eq!((cache.len(0), cache.len(1)), (4, 2));
+    }
+}
