@@ -253,6 +253,11 @@ fn kernel_llm_decode_compiles_without_spills() {
     assert_entries("llm_decode.cu", sage::backend::cuda::kernels::LLM_DECODE.entries);
 }
 
+#[test]
+fn kernel_dwconv_compiles_without_spills() {
+    assert_entries("dwconv.cu", sage::backend::cuda::kernels::DWCONV.entries);
+}
+
 /// Any `.cu` added later is compiled and checked too, before it gets a test of its own.
 #[test]
 fn kernel_every_cu_file_compiles_without_spills() {
@@ -271,6 +276,7 @@ fn kernel_every_cu_file_compiles_without_spills() {
         "llm_attn.cu",
         "head_ops.cu",
         "llm_decode.cu",
+        "dwconv.cu",
     ];
     for f in files.iter().filter(|f| !known.iter().any(|k| f.ends_with(k))) {
         check_kernel_file(f);

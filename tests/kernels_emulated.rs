@@ -140,6 +140,11 @@ fn kernel_emulated_llm_decode() {
 }
 
 #[test]
+fn kernel_emulated_dwconv() {
+    run_check("dwconv");
+}
+
+#[test]
 fn kernel_every_cu_file_has_an_emulated_check() {
     for e in std::fs::read_dir(root().join("kernels")).unwrap() {
         let p = e.unwrap().path();

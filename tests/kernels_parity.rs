@@ -856,3 +856,81 @@ fn cached_decode_matches_uncached_forward<O: sage::backend::step_ops::StepOps>(o
 fn cached_decode_on_host_ops_matches_the_uncached_forward() {
     cached_decode_matches_uncached_forward(sage::backend::step_ops::HostOps, 1e-5);
 }
+
+/// Depthwise convolution (`kernels/dwconv.cu`) against `ops::conv::{depthwise_conv2d,
+/// depthwise_conv2d_backward}` at EfficientNet-Lite0's depthwise shapes (TF "SAME" padding,
+/// asymmetric at stride 2) and odd ones: y and dx (bf16) within 1e-2 relative + 1e-2, dw and db
+/// (fp32 sums) within 1e-3 × their largest magnitude, the ReLU6 mask exact.
+#[test]
+fn kernel_parity_dwconv() {
+    let Some(gpu) = gpu("dwconv") else { return };
+    use sage::backend::cuda::dwconv::{self, DwShape};
+    use sage::ops::conv::{depthwise_conv2d, depthwise_conv2d_backward, Padding};
+    for &(n, c, h, k, stride) in &[
+        (1usize, 1usize, 1usize, 3usize, 1usize),
+        (2, 3, 7, 3, 2),
+        (2, 32, 112, 3, 1),
+        (1, 96, 112, 3, 2),
+        (2, 144, 56, 5, 2),
+        (1, 672, 14, 5, 1),
+        (3, 5, 13, 5, 2),
+    ] {
+        let s = DwShape { n, c, h, w: h + 1, k, stride, pad: Padding::tf_same(h, h + 1, k, stride) };
+        let (ho, wo) = s.out_hw();
+        let (xb, xf) = rnd(s.in_len(), 61);
+        let (wb, wf) = rnd(c * k * k, 62);
+        let (dyb, dyf) = rnd(s.out_len(), 63);
+        let bias: Vec<f32> = (0..c).map(|i| 0.1 * (i % 7) as f32 - 0.3).collect();
+        let (x, w, b) = (gpu.upload(&xb).unwrap(), gpu.upload(&wb).unwrap(), gpu.upload(&bias).unwrap());
+        for relu6 in [false, true] {
+            let y = to_f32(&gpu.download(&dwconv::forward(&gpu, &x, &w, &b, s, relu6).unwrap()).unwrap());
+            let (cin, cout) = (h * s.w, ho * wo);
+            for img in 0..n {
+                let (mut want, _, _) =
+                    depthwise_conv2d(&xf[img * c * cin..(img + 1) * c * cin], c, h, s.w, &wf, k, stride, s.pad, &bias);
+                if relu6 {
+                    sage::ops::relu6_(&mut want);
+                }
+                for (i, (g, wv)) in y[img * c * cout..(img + 1) * c * cout].iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - wv).abs() <= 1e-2 * wv.abs() + 1e-2,
+                        "dwconv y {s:?} relu6 {relu6} [{i}]: {g} vs {wv}"
+                    );
+                }
+            }
+        }
+        // Backward: the ReLU6 mask, then dx, dw, db against the CPU summed over the images.
+        let y = dwconv::forward(&gpu, &x, &w, &b, s, true).unwrap();
+        let mut dy = gpu.upload(&dyb).unwrap();
+        dwconv::relu6_backward(&gpu, &mut dy, &y).unwrap();
+        let (y_h, dy_h) = (to_f32(&gpu.download(&y).unwrap()), to_f32(&gpu.download(&dy).unwrap()));
+        for (i, ((&g, &v), &orig)) in dy_h.iter().zip(&y_h).zip(&dyf).enumerate() {
+            assert_eq!(g, if v > 0.0 && v < 6.0 { orig } else { 0.0 }, "relu6 mask [{i}]");
+        }
+        let (dx, dw, db) = dwconv::backward(&gpu, &x, &w, &dy, s).unwrap();
+        let dx = to_f32(&gpu.download(&dx).unwrap());
+        let (cin, cout) = (h * s.w, ho * wo);
+        let (mut wdw, mut wdb) = (vec![0.0f32; c * k * k], vec![0.0f32; c]);
+        for img in 0..n {
+            let (rdx, rdw, rdb) = depthwise_conv2d_backward(
+                &xf[img * c * cin..(img + 1) * c * cin],
+                &dy_h[img * c * cout..(img + 1) * c * cout],
+                c,
+                h,
+                s.w,
+                &wf,
+                k,
+                stride,
+                s.pad,
+            );
+            for (i, (g, wv)) in dx[img * c * cin..(img + 1) * c * cin].iter().zip(&rdx).enumerate() {
+                assert!((g - wv).abs() <= 1e-2 * wv.abs() + 1e-2, "dwconv dx {s:?} [{i}]: {g} vs {wv}");
+            }
+            wdw.iter_mut().zip(&rdw).for_each(|(a, b)| *a += b);
+            wdb.iter_mut().zip(&rdb).for_each(|(a, b)| *a += b);
+        }
+        close(&format!("dwconv dw {s:?}"), gpu.download(&dw).unwrap(), &wdw, 1e-3);
+        close(&format!("dwconv db {s:?}"), gpu.download(&db).unwrap(), &wdb, 1e-3);
+    }
+    println!("dwconv: forward (bias, ReLU6), ReLU6 mask, dx, dw, db match ops::conv");
+}

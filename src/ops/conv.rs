@@ -131,6 +131,72 @@ pub fn depthwise_conv2d(
     (out, oh, ow)
 }
 
+/// The gradients of [`depthwise_conv2d`] from `dy [c, oh, ow]`: `(dx [c, h, w], dw [c, k, k],
+/// db [c])`. Each `dx` element gathers the outputs its pixel fed (no scatter), the form the CUDA
+/// kernel takes (`kernels/dwconv.cu`).
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv2d_backward(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    weight: &[f32],
+    k: usize,
+    stride: usize,
+    pad: Padding,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (oh, ow) = pad.output_hw(h, w, k, stride);
+    let mut dx = vec![0.0f32; c * h * w];
+    let mut dw = vec![0.0f32; c * k * k];
+    let mut db = vec![0.0f32; c];
+    // Output index along one axis that input `i` reaches through tap `t`, if any.
+    let out_of = |i: usize, t: usize, p: usize, n_out: usize| -> Option<usize> {
+        let num = (i + p).checked_sub(t)?;
+        (num % stride == 0 && num / stride < n_out).then_some(num / stride)
+    };
+    dx.par_chunks_mut(h * w).zip(dw.par_chunks_mut(k * k)).zip(db.par_iter_mut()).enumerate().for_each(
+        |(ch, ((dxc, dwc), dbc))| {
+            let (src, g) = (&x[ch * h * w..(ch + 1) * h * w], &dy[ch * oh * ow..(ch + 1) * oh * ow]);
+            let f = &weight[ch * k * k..(ch + 1) * k * k];
+            for iy in 0..h {
+                for ix in 0..w {
+                    let mut acc = 0.0;
+                    for ky in 0..k {
+                        let Some(oy) = out_of(iy, ky, pad.top, oh) else { continue };
+                        for kx in 0..k {
+                            if let Some(ox) = out_of(ix, kx, pad.left, ow) {
+                                acc += g[oy * ow + ox] * f[ky * k + kx];
+                            }
+                        }
+                    }
+                    dxc[iy * w + ix] = acc;
+                }
+            }
+            for ky in 0..k {
+                for kx in 0..k {
+                    let mut acc = 0.0;
+                    for oy in 0..oh {
+                        let iy = (oy * stride + ky) as isize - pad.top as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        for ox in 0..ow {
+                            let ix = (ox * stride + kx) as isize - pad.left as isize;
+                            if ix >= 0 && ix < w as isize {
+                                acc += g[oy * ow + ox] * src[iy as usize * w + ix as usize];
+                            }
+                        }
+                    }
+                    dwc[ky * k + kx] = acc;
+                }
+            }
+            *dbc = g.iter().sum();
+        },
+    );
+    (dx, dw, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +271,27 @@ mod tests {
         let want = conv_direct(&x, ci, h, w, &dense, ci, k, s, p);
         for (a, b) in y.iter().zip(&want) {
             assert!((a - b).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn depthwise_backward_matches_finite_differences_grad() {
+        use crate::ops::gradcheck::{assert_grad, numeric_grad, project, rng, uniform, Tol};
+        let mut r = rng(17);
+        let (c, h, w) = (3, 7, 6);
+        for &(k, s) in &[(3, 1), (3, 2), (5, 2), (5, 1)] {
+            let p = Padding::tf_same(h, w, k, s);
+            let (oh, ow) = p.output_hw(h, w, k, s);
+            let x = uniform(&mut r, c * h * w, -1.0, 1.0);
+            let wt = uniform(&mut r, c * k * k, -1.0, 1.0);
+            let b = uniform(&mut r, c, -1.0, 1.0);
+            let up = uniform(&mut r, c * oh * ow, -1.0, 1.0);
+            let (dx, dw, db) = depthwise_conv2d_backward(&x, &up, c, h, w, &wt, k, s, p);
+            let tol = Tol { atol: 2e-3, rtol: 1e-2 };
+            let f = |x: &[f32], wt: &[f32], b: &[f32]| project(&depthwise_conv2d(x, c, h, w, wt, k, s, p, b).0, &up);
+            assert_grad(&format!("dx k{k} s{s}"), &dx, &numeric_grad(&x, 1e-2, |x| f(x, &wt, &b)), tol);
+            assert_grad(&format!("dw k{k} s{s}"), &dw, &numeric_grad(&wt, 1e-2, |wt| f(&x, wt, &b)), tol);
+            assert_grad(&format!("db k{k} s{s}"), &db, &numeric_grad(&b, 1e-2, |b| f(&x, &wt, b)), tol);
         }
     }
 }

@@ -83,9 +83,15 @@ pub static LLM_DECODE: KernelFile = KernelFile {
     entries: &["rope_pairs_at", "kv_append", "decode_attn"],
 };
 
+pub static DWCONV: KernelFile = KernelFile {
+    name: "dwconv.cu",
+    source: include_str!("../../../kernels/dwconv.cu"),
+    entries: &["dwconv_fwd", "relu6_bwd", "dwconv_bwd_dx", "dwconv_bwd_dw"],
+};
+
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 7] =
-    [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE];
+pub static ALL: [&KernelFile; 8] =
+    [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE, &DWCONV];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {

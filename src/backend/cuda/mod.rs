@@ -11,6 +11,7 @@
 //! (`fusion_attn.cu`), [`edpo`] (`edpo_loss.cu`), [`gemm`] (cuBLASLt). Each takes device buffers;
 //! the parity tests and `sage bench kernels` upload host data with [`Gpu::upload`].
 
+pub mod dwconv;
 pub mod edpo;
 pub mod fusion;
 pub mod gemm;

@@ -1,0 +1,155 @@
+//! Depthwise convolution on the GPU (`kernels/dwconv.cu`), forward (bias and optional fused
+//! ReLU6) and backward (input, weight and bias gradients; the ReLU6 mask). CPU references:
+//! `ops::conv::{depthwise_conv2d, depthwise_conv2d_backward}` and `ops::relu6_`.
+
+use super::kernels::DWCONV;
+use super::{blocks, cfg, int, Gpu};
+use crate::ops::conv::Padding;
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+/// `n` images of `c` channels, `h × w`, each channel filtered by its own `k × k` kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DwShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: Padding,
+}
+
+impl DwShape {
+    /// The output's `(Ho, Wo)`.
+    pub fn out_hw(&self) -> (usize, usize) {
+        self.pad.output_hw(self.h, self.w, self.k, self.stride)
+    }
+
+    pub fn in_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+
+    pub fn out_len(&self) -> usize {
+        let (ho, wo) = self.out_hw();
+        self.n * self.c * ho * wo
+    }
+
+    fn check(&self) -> Result<()> {
+        let s = self;
+        if s.n == 0 || s.c == 0 || s.h == 0 || s.w == 0 || s.k == 0 || s.stride == 0 {
+            bail!("depthwise convolution: every size must be positive ({s:?})");
+        }
+        if s.h + s.pad.top + s.pad.bottom < s.k || s.w + s.pad.left + s.pad.right < s.k {
+            bail!("depthwise convolution: a {0}×{0} kernel does not fit the padded input ({s:?})", s.k);
+        }
+        Ok(())
+    }
+
+    /// `N, C, H, W, k, stride, pad_t, pad_l, Ho, Wo` as kernel arguments.
+    fn args(&self) -> Result<[i32; 10]> {
+        let (ho, wo) = self.out_hw();
+        Ok([
+            int("N", self.n)?,
+            int("C", self.c)?,
+            int("H", self.h)?,
+            int("W", self.w)?,
+            int("k", self.k)?,
+            int("stride", self.stride)?,
+            int("pad_top", self.pad.top)?,
+            int("pad_left", self.pad.left)?,
+            int("Ho", ho)?,
+            int("Wo", wo)?,
+        ])
+    }
+}
+
+/// `y [N, C, Ho, Wo] = act(dwconv(x, w) + bias)`, `act` ReLU6 when `relu6`.
+pub fn forward(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    bias: &CudaSlice<f32>,
+    s: DwShape,
+    relu6: bool,
+) -> Result<CudaSlice<bf16>> {
+    s.check()?;
+    if x.len() < s.in_len() || w.len() < s.c * s.k * s.k || bias.len() < s.c {
+        bail!("depthwise convolution: x, w or bias is smaller than {s:?} needs");
+    }
+    // SAFETY: a thread per output element writes it.
+    let y = unsafe { gpu.uninit::<bf16>(s.out_len())? };
+    let f = gpu.function(&DWCONV, "dwconv_fwd")?;
+    let a = s.args()?;
+    let act = i32::from(relu6);
+    // SAFETY: argument order and types as in kernels/dwconv.cu; sizes checked above.
+    unsafe {
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(x).arg(w).arg(bias);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&act).arg(&y).launch(cfg((blocks(s.out_len(), 256)?, 1, 1), 256, 0))?;
+    }
+    Ok(y)
+}
+
+/// The fused ReLU6's backward: `dy ← dy·[0 < y < 6]` in place.
+pub fn relu6_backward(gpu: &Gpu, dy: &mut CudaSlice<bf16>, y: &CudaSlice<bf16>) -> Result<()> {
+    if dy.len() != y.len() {
+        bail!("relu6 backward: dy has {} elements, y {}", dy.len(), y.len());
+    }
+    let f = gpu.function(&DWCONV, "relu6_bwd")?;
+    let n = dy.len() as i64;
+    // SAFETY: as in `forward`.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(&*dy).arg(y).arg(&n).launch(cfg((blocks(dy.len(), 256)?, 1, 1), 256, 0))?;
+    }
+    Ok(())
+}
+
+/// The gradients from `dy [N, C, Ho, Wo]` (already through the activation's backward):
+/// `(dx [N, C, H, W] bf16, dw [C, k, k] fp32, db [C] fp32)`.
+pub fn backward(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    dy: &CudaSlice<bf16>,
+    s: DwShape,
+) -> Result<(CudaSlice<bf16>, CudaSlice<f32>, CudaSlice<f32>)> {
+    s.check()?;
+    if x.len() < s.in_len() || w.len() < s.c * s.k * s.k || dy.len() < s.out_len() {
+        bail!("depthwise convolution backward: x, w or dy is smaller than {s:?} needs");
+    }
+    // SAFETY: a thread per input element writes dx; a block per (tap, channel) writes dw / db.
+    let (dx, dw, db) =
+        unsafe { (gpu.uninit::<bf16>(s.in_len())?, gpu.uninit::<f32>(s.c * s.k * s.k)?, gpu.uninit::<f32>(s.c)?) };
+    let a = s.args()?;
+    let f = gpu.function(&DWCONV, "dwconv_bwd_dx")?;
+    // SAFETY: as in `forward`.
+    unsafe {
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(dy).arg(w);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&dx).launch(cfg((blocks(s.in_len(), 256)?, 1, 1), 256, 0))?;
+    }
+    let f = gpu.function(&DWCONV, "dwconv_bwd_dw")?;
+    let taps = u32::try_from(s.k * s.k + 1)?;
+    let channels = u32::try_from(s.c)?;
+    if channels > 65535 {
+        bail!("depthwise convolution backward: {} channels exceed the grid's 65535", s.c);
+    }
+    // SAFETY: as in `forward`; block 256 (the kernel's shared tree is 256 wide).
+    unsafe {
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(x).arg(dy);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&dw).arg(&db).launch(cfg((taps, channels, 1), 256, 0))?;
+    }
+    Ok((dx, dw, db))
+}
