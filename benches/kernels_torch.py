@@ -27,12 +27,16 @@ def shapes(quick):
             "fusion": dict(B=2, L=16, S=64, H=4, D=64),
             "gemm": [512],
             "edpo": dict(pairs=2, T=128, C=256, V=4096),
+            "decode": dict(B=2, T=128, H=4, H_kv=2, D=64),
+            "dwconv": dict(N=2, C=16, H=28, W=28, k=3, stride=1),
         }
     return {
         "mincos": dict(B=32, P=1024, P_ref=1024, C=1024, K=32),
         "fusion": dict(B=32, L=16, S=64, H=16, D=128),
         "gemm": [4096, 8192],
         "edpo": dict(pairs=8, T=1024, C=896, V=151936),
+        "decode": dict(B=16, T=1024, H=14, H_kv=2, D=64),
+        "dwconv": dict(N=32, C=144, H=56, W=56, k=5, stride=2),
     }
 
 
@@ -118,6 +122,27 @@ def edpo_unfused(h, w, targets, mask, ref_seq, chosen, rejected, delta_h, beta=0
     lr = seq - ref_seq
     margin = beta * (lr[chosen] - lr[rejected]) - eta * delta_h.abs()
     return -F.logsigmoid(margin).mean()
+
+
+def decode_sdpa(q, k, v):
+    """One query per sequence over its whole cache, grouped heads expanded as HF's eager does."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def tf_same_pad(n, k, s):
+    out = (n + s - 1) // s
+    pad = max((out - 1) * s + k - n, 0)
+    return pad // 2, pad - pad // 2
+
+
+def dwconv_relu6(x, w, b, k, stride):
+    """TensorFlow "SAME" padding (asymmetric at stride 2), depthwise conv, bias, ReLU6."""
+    top, bottom = tf_same_pad(x.shape[2], k, stride)
+    left, right = tf_same_pad(x.shape[3], k, stride)
+    y = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride=stride, groups=x.shape[1])
+    return F.relu6(y)
 
 
 def main():
@@ -221,6 +246,33 @@ def main():
             add("edpo_loss_fwd_bwd", "unfused+compile", shape, edpo_compiled)
         except Exception as ex:  # noqa: BLE001 - e.g. out of memory under compile
             print(f"edpo under torch.compile failed: {ex}", file=sys.stderr)
+
+    # decode attention: B queries at the last of T cached positions (SDPA, as HF's sdpa generate)
+    d = sz["decode"]
+    q = rand((d["B"], d["H"], 1, d["D"]), device)
+    kc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
+    vc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
+    add("decode_attn", "sdpa", d, lambda: decode_sdpa(q, kc, vc))
+    del q, kc, vc
+
+    # depthwise convolution, forward (bias, ReLU6) + backward to x, w and b
+    c = sz["dwconv"]
+    x = rand((c["N"], c["C"], c["H"], c["W"]), device, requires_grad=True)
+    wd = rand((c["C"], 1, c["k"], c["k"]), device, requires_grad=True)
+    bd = torch.full((c["C"],), 0.1, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = rand((c["N"], c["C"], -(-c["H"] // c["stride"]), -(-c["W"] // c["stride"])), device)
+
+    def conv_step(impl):
+        def go():
+            x.grad = wd.grad = bd.grad = None
+            impl(x, wd, bd, c["k"], c["stride"]).backward(dy)
+        return go
+
+    add("dwconv_fwd_bwd", "eager", c, conv_step(dwconv_relu6))
+    fn = compiled(dwconv_relu6)
+    if fn is not None:
+        add("dwconv_fwd_bwd", "compile", c, conv_step(fn))
+    del x, wd, bd, dy
 
     info = dict(torch=torch.__version__, device=str(device))
     if device.type == "cuda":

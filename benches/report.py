@@ -22,6 +22,9 @@ TARGETS = [
     ("edpo_loss_fwd_bwd", "fused", "unfused", "speedup", 1.5, "≥ 1.5× the unfused reference"),
     ("edpo_loss_fwd_bwd", "fused", "unfused", "memory", 0.25, "peak memory ≤ ¼ of the unfused reference"),
     ("edpo_loss_fwd_bwd", "fused", "unfused+compile", "speedup", None, "(information: unfused + torch.compile)"),
+    ("decode_attn", "v1", "sdpa", "speedup", None, "(information: SDPA over the cache)"),
+    ("dwconv_fwd_bwd", "v1", "eager", "speedup", None, "(information: cuDNN depthwise conv)"),
+    ("dwconv_fwd_bwd", "v1", "compile", "speedup", None, "(information: torch.compile)"),
 ]
 
 

@@ -18,9 +18,10 @@ pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live h
 `sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
 decode tokens/s.\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of DESIGN.md §9 (min-cos top-K v2 and v1, fusion attention \
-forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward), medians of CUDA-event \
-timings and the device bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch \
-references and writes the report with the ratios to benches/results/.\n\n\
+forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
+KV-cached decode attention and depthwise convolution forward+backward), medians of CUDA-event timings and the device \
+bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch references and writes \
+the report with the ratios to benches/results/.\n\n\
 `sage bench train`: a full fine-tuning step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with \
 random weights, tokens/s and peak memory, then greedy generation tokens/s at each --gen-batch. On a GPU (taken by \
 --device auto when one works, required by --device cuda) it runs the device step in bf16 and generates with the \

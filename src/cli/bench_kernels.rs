@@ -2,11 +2,14 @@
 //! `benches/run_kernels.sh` runs this and the PyTorch references (`benches/kernels_torch.py`) in
 //! one call on the GPU machine and writes the report with the ratios to `benches/results/`.
 
+use crate::backend::cuda::dwconv::{self, DwShape};
 use crate::backend::cuda::edpo::{self as gedpo, DevicePairs, SeqShape};
 use crate::backend::cuda::fusion;
 use crate::backend::cuda::gemm::{gemm, GemmSpec};
+use crate::backend::cuda::llm_decode::{self, DecodeShape};
 use crate::backend::cuda::mincos::{self, MincosShape, Variant};
 use crate::backend::cuda::Gpu;
+use crate::ops::conv::Padding;
 use crate::ops::edpo::Pair;
 use crate::ops::fusion_attn::FusionShape;
 use crate::ops::similarity::Reduce;
@@ -17,7 +20,8 @@ use serde::Serialize;
 /// One timed case.
 #[derive(Serialize, Debug)]
 pub struct Case {
-    /// `mincos_topk`, `fusion_attn_fwd_bwd`, `gemm_bf16`, `edpo_loss_fwd_bwd`.
+    /// `mincos_topk`, `fusion_attn_fwd_bwd`, `gemm_bf16`, `edpo_loss_fwd_bwd`, `decode_attn`,
+    /// `dwconv_fwd_bwd`.
     pub op: &'static str,
     /// Which implementation (`v2`, `v1`, `cublaslt`, `fused`).
     pub variant: String,
@@ -49,6 +53,10 @@ pub struct Sizes {
     pub fusion: FusionShape,
     pub gemm: Vec<usize>,
     pub edpo: (usize, usize, usize, usize), // pairs, T, C, V
+    /// Decode attention: queries (one per sequence) at the last of `slots` cached positions.
+    pub decode: DecodeShape,
+    /// Depthwise convolution, forward (ReLU6) and backward.
+    pub dwconv: DwShape,
 }
 
 impl Sizes {
@@ -68,6 +76,12 @@ impl Sizes {
             gemm: vec![4096, 8192],
             // Qwen2-0.5B's hidden size and vocabulary.
             edpo: (8, 1024, 896, 151_936),
+            // Qwen2-0.5B's attention (14 query heads over 2 key/value heads of 64), batch 16 at
+            // position 1023: `sage bench train`'s generation at its longest.
+            decode: DecodeShape { seqs: 16, slots: 1024, heads: 14, kv_heads: 2, head_dim: 64 },
+            // EfficientNet-Lite0's stage-3 depthwise layer (144 channels, 5×5, stride 2, 56² → 28²)
+            // over a batch of 32 images.
+            dwconv: DwShape { n: 32, c: 144, h: 56, w: 56, k: 5, stride: 2, pad: Padding::tf_same(56, 56, 5, 2) },
         }
     }
 
@@ -84,6 +98,8 @@ impl Sizes {
             fusion: FusionShape { batch: 2, queries: 16, keys: 64, heads: 4, head_dim: 64 },
             gemm: vec![512],
             edpo: (2, 128, 256, 4096),
+            decode: DecodeShape { seqs: 2, slots: 128, heads: 4, kv_heads: 2, head_dim: 64 },
+            dwconv: DwShape { n: 2, c: 16, h: 28, w: 28, k: 3, stride: 1, pad: Padding::tf_same(28, 28, 3, 1) },
         }
     }
 }
@@ -202,6 +218,56 @@ pub fn run(
         op: "edpo_loss_fwd_bwd",
         variant: "fused".into(),
         shape: serde_json::json!({ "pairs": pairs, "N": 2 * pairs, "T": t, "C": c, "V": vocab, "answer_tokens": t / 4, "nsplit": nsplit }),
+        median_ms: ms,
+        tflops: None,
+        allocated_bytes: allocated,
+    });
+    drop((hidden, weight, targets, mask, reference_seq, dpairs));
+
+    // Decode attention over a full cache: every sequence's query at the last slot.
+    let d = sizes.decode;
+    let kc = gpu.upload(&random_bf16(d.cache_len(), 11))?;
+    let vc = gpu.upload(&random_bf16(d.cache_len(), 12))?;
+    let q = gpu.upload(&random_bf16(d.seqs * d.heads * d.head_dim, 13))?;
+    let seq_host: Vec<u32> = (0..d.seqs as u32).collect();
+    let pos_host = vec![d.slots as u32 - 1; d.seqs];
+    d.check(&seq_host, &pos_host)?;
+    let (seq, pos) = (llm_decode::upload_ids(gpu, &seq_host)?, llm_decode::upload_ids(gpu, &pos_host)?);
+    let attend = || llm_decode::decode_attention(gpu, &q, &kc, &vc, d, &seq, &pos, d.seqs).map(drop);
+    let ms = gpu.time_ms(warmup, repeats, attend)?;
+    push(Case {
+        op: "decode_attn",
+        variant: "v1".into(),
+        shape: serde_json::json!({ "B": d.seqs, "T": d.slots, "H": d.heads, "H_kv": d.kv_heads, "D": d.head_dim }),
+        median_ms: ms,
+        tflops: None,
+        allocated_bytes: d.seqs * d.heads * d.head_dim * 2,
+    });
+    drop((kc, vc, q));
+
+    // Depthwise convolution: forward with ReLU6, the mask, dx, dw and db.
+    let s = sizes.dwconv;
+    let x = gpu.upload(&random_bf16(s.in_len(), 14))?;
+    let w = gpu.upload(&random_bf16(s.c * s.k * s.k, 15))?;
+    let b = gpu.upload(&vec![0.1f32; s.c])?;
+    // Masking an already masked gradient costs the same, so one buffer serves every repeat.
+    let mut dy = gpu.upload(&random_bf16(s.out_len(), 16))?;
+    let mut conv = || -> Result<()> {
+        let y = dwconv::forward(gpu, &x, &w, &b, s, true)?;
+        dwconv::relu6_backward(gpu, &mut dy, &y)?;
+        dwconv::backward(gpu, &x, &w, &dy, s)?;
+        Ok(())
+    };
+    let before = gpu.allocated_bytes();
+    conv()?;
+    gpu.sync()?;
+    let allocated = gpu.allocated_bytes() - before;
+    let ms = gpu.time_ms(warmup, repeats, &mut conv)?;
+    let (ho, wo) = s.out_hw();
+    push(Case {
+        op: "dwconv_fwd_bwd",
+        variant: "v1".into(),
+        shape: serde_json::json!({ "N": s.n, "C": s.c, "H": s.h, "W": s.w, "k": s.k, "stride": s.stride, "Ho": ho, "Wo": wo }),
         median_ms: ms,
         tflops: None,
         allocated_bytes: allocated,

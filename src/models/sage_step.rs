@@ -321,9 +321,10 @@ impl<O: StepOps> DeviceSage<O> {
         if plans.is_empty() || max_new == 0 {
             return Ok(vec![Vec::new(); plans.len()]);
         }
-        let a = self.assemble(plans)?;
+        // The head's activations are not needed past the assembly: only the rows are kept.
+        let Assembled { x, t, .. } = self.assemble(plans)?;
         let lens: Vec<usize> = plans.iter().map(|p| p.t).collect();
-        self.llm.generate_rows(a.x, a.t, &lens, max_new, stop_ids, sampling)
+        self.llm.generate_rows(x, t, &lens, max_new, stop_ids, sampling)
     }
 
     /// [`SageModel::answer_batch`] on the device: the answers (decoded, trimmed) and the patch
