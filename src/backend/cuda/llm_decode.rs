@@ -147,6 +147,8 @@ pub fn decode_attention(
     pos: &CudaSlice<i32>,
     rows: usize,
 ) -> Result<CudaSlice<bf16>> {
+    // The shape alone (the caller checked the rows' (sequence, position) pairs).
+    s.check(&[], &[])?;
     let q_len = rows * s.heads * s.head_dim;
     if q.len() < q_len || kc.len() < s.cache_len() || vc.len() < s.cache_len() || seq.len() < rows || pos.len() < rows {
         bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
