@@ -1,7 +1,8 @@
 // Depthwise 2-D convolution, forward and backward (DESIGN.md §4, issue 7: the EfficientNet-Lite
 // encoder's MBConv blocks): one k×k filter per channel, any stride, explicit (TensorFlow "SAME",
-// asymmetric) padding, bias and an optional fused ReLU6. CPU references: ops::conv
-// (depthwise_conv2d, depthwise_conv2d_backward) and ops::activation::relu6_.
+// asymmetric) padding, bias and an optional fused ReLU6; and the epilogue of the blocks' dense
+// (1×1 and stem) convolutions, which are cuBLASLt GEMMs. CPU references: ops::conv
+// (depthwise_conv2d, depthwise_conv2d_backward, conv2d) and ops::activation::relu6_.
 //
 // Layouts (bf16 unless noted): x [N, C, H, W], w [C, k, k], bias [C] (fp32), y [N, C, Ho, Wo]
 // with Ho = (H + pad_t + pad_b − k)/stride + 1 (the host passes Ho, Wo).
@@ -12,6 +13,8 @@
 //                     a gather (no atomics)                  thread per input, grid ceil(N·C·H·W / 256)
 //   dwconv_bwd_dw   dw[c,tap] = Σ_{n,oy,ox} dy·x (tap < k²), db[c] = Σ dy (tap = k²), fp32:
 //                     block per (tap, c), a fixed-order tree  grid (k² + 1, C), block 256
+//   channel_bias_act  y[c, p] = act(y[c, p] + bias[c] (+ res[c, p])) over a channel-major [C, P]
+//                     GEMM output (a dense convolution's bias, residual and ReLU6)  grid ceil(C·P / 256)
 // No atomics: results are deterministic.
 
 #include <cuda_bf16.h>
@@ -119,4 +122,18 @@ extern "C" __global__ void dwconv_bwd_dw(const bf16* __restrict__ x, const bf16*
         else
             dw[(size_t)c * kk + tap] = part[0];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dense convolutions' epilogue, in place on y [C, P] (P = H·W of one image): bias per channel,
+// the block's residual when has_res (res [C, P]), then ReLU6 when relu6.
+extern "C" __global__ void channel_bias_act(bf16* __restrict__ y, const float* __restrict__ bias,
+                                            const bf16* __restrict__ res, int C, int P, int has_res, int relu6) {
+    const long long n = (long long)C * P;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = __bfloat162float(y[i]) + bias[i / P];
+    if (has_res) v += __bfloat162float(res[i]);
+    if (relu6) v = fminf(fmaxf(v, 0.f), 6.f);
+    y[i] = __float2bfloat16(v);
 }

@@ -5,7 +5,7 @@
 # (benches/run_kernels.sh) and the training-step benchmark against HF transformers
 # (benches/run_train.sh), and, with the real assets carried (scripts/device_pack_assets.sh), the
 # SAGE step's tests (tests/sage_step.rs: ten quick-config SFE steps on the GPU against the CPU
-# ops). Everything lands in $OUT (default ./device-out): copy the reports into benches/results/
+# ops, and the EfficientNet encoder on the GPU against the CPU encoder). Everything lands in $OUT (default ./device-out): copy the reports into benches/results/
 # and commit them.
 #
 #   STAGES="doctor parity sanitizer kernels train" bash scripts/device_run.sh

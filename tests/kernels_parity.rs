@@ -860,7 +860,8 @@ fn cached_decode_on_host_ops_matches_the_uncached_forward() {
 /// Depthwise convolution (`kernels/dwconv.cu`) against `ops::conv::{depthwise_conv2d,
 /// depthwise_conv2d_backward}` at EfficientNet-Lite0's depthwise shapes (TF "SAME" padding,
 /// asymmetric at stride 2) and odd ones: y and dx (bf16) within 1e-2 relative + 1e-2, dw and db
-/// (fp32 sums) within 1e-3 × their largest magnitude, the ReLU6 mask exact.
+/// (fp32 sums) within 1e-3 × their largest magnitude, the ReLU6 mask exact; the dense
+/// convolutions' epilogue (`channel_bias_act`) against `HostOps` within 1e-2 of the largest magnitude.
 #[test]
 fn kernel_parity_dwconv() {
     let Some(gpu) = gpu("dwconv") else { return };
@@ -932,5 +933,29 @@ fn kernel_parity_dwconv() {
         close(&format!("dwconv dw {s:?}"), gpu.download(&dw).unwrap(), &wdw, 1e-3);
         close(&format!("dwconv db {s:?}"), gpu.download(&db).unwrap(), &wdb, 1e-3);
     }
-    println!("dwconv: forward (bias, ReLU6), ReLU6 mask, dx, dw, db match ops::conv");
+    // The dense convolutions' epilogue through the op set: bias, residual, ReLU6.
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::backend::step_ops::{HostOps, StepOps};
+    let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
+    for &(channels, p) in &[(1usize, 1usize), (7, 49), (144, 784)] {
+        let (_, y) = rnd(channels * p, 71);
+        let (_, res) = rnd(channels * p, 72);
+        let y: Vec<f32> = y.iter().map(|v| 8.0 * v).collect();
+        let bias: Vec<f32> = (0..channels).map(|i| 0.5 * (i % 5) as f32 - 1.0).collect();
+        for (with_res, relu6) in [(false, true), (true, false), (true, true)] {
+            let (mut gy, mut hy) = (c.upload(&y).unwrap(), y.clone());
+            let (gres, gbias) = (c.upload(&res).unwrap(), c.upload_stat(&bias).unwrap());
+            c.channel_bias_act(&mut gy, &gbias, channels, with_res.then_some(&gres), relu6).unwrap();
+            h.channel_bias_act(&mut hy, &bias, channels, with_res.then_some(&res), relu6).unwrap();
+            close(
+                &format!("channel epilogue C{channels} P{p} res {with_res} relu6 {relu6}"),
+                c.download(&gy).unwrap(),
+                &hy,
+                1e-2,
+            );
+        }
+    }
+    println!(
+        "dwconv: forward (bias, ReLU6), ReLU6 mask, dx, dw, db match ops::conv; the channel epilogue matches HostOps"
+    );
 }

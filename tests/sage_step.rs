@@ -244,3 +244,59 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
     assert!(losses[9].1 < losses[0].1, "the GPU loss should fall over ten steps: {losses:?}");
     println!("sage sfe ten steps, (cpu loss, gpu loss, cpu norm, gpu norm): {losses:?}");
 }
+
+/// The EfficientNet-Lite0 encoder's forward on an op set (`models::efficientnet::DeviceEfficientNet`)
+/// against the CPU encoder on two real ELPV cells: the largest difference of the tapped maps
+/// relative to their largest magnitude, and the lowest cosine between matching patch tokens.
+fn encoder_on<O: sage::backend::step_ops::StepOps>(ops: O) -> (f32, f32) {
+    use sage::image_io;
+    use sage::models::efficientnet::{DeviceEfficientNet, EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
+    let net = EfficientNetLite::load(&efficientnet_pth()).unwrap();
+    let dev = DeviceEfficientNet::new(ops, &net).unwrap();
+    let size = PREPROCESS_FULL.crop as usize;
+    let (mut map_err, mut min_cos) = (0.0f32, 1.0f32);
+    for name in ["cell0001.png", "cell0002.png"] {
+        let chw = image_io::to_chw(&image_io::load(&elpv_image(name)).unwrap(), &PREPROCESS_FULL);
+        let want = net.features(&chw, size, &PATCH_TAPS);
+        let got = dev.features(&chw, size, &PATCH_TAPS).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.c, g.h, g.w), (w.c, w.h, w.w));
+            let scale = w.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let err = g.data.iter().zip(&w.data).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            map_err = map_err.max(err / scale);
+        }
+        let (tg, tw) = (dev.patch_tokens(&net, &chw, size).unwrap(), net.patch_tokens(&chw, size));
+        assert_eq!((tg.h, tg.w, tg.dim), (tw.h, tw.w, tw.dim));
+        for (a, b) in tg.data.chunks(tg.dim).zip(tw.data.chunks(tw.dim)) {
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            min_cos = min_cos.min(dot / (norm(a) * norm(b)).max(1e-12));
+        }
+    }
+    (map_err, min_cos)
+}
+
+/// On the CPU reference ops the device encoder is the CPU encoder (the stem as an im2col GEMM,
+/// the 1×1 convolutions as GEMMs plus the channel epilogue, the depthwise op).
+#[test]
+fn efficientnet_on_host_ops_matches_the_cpu_encoder() {
+    let (map_err, min_cos) = encoder_on(HostOps);
+    assert!(map_err <= 1e-5, "tapped maps differ by {map_err} of their largest magnitude");
+    assert!(min_cos >= 0.999_999, "a patch token's cosine to the CPU's is {min_cos}");
+}
+
+/// On the GPU (bf16 maps through eleven blocks): tapped maps within 5% of their largest magnitude
+/// and every patch token at cosine ≥ 0.99 to the CPU's. Skips where no CUDA device works.
+#[test]
+fn efficientnet_on_the_gpu_matches_the_cpu_encoder() {
+    let gpu = match sage::backend::cuda::Gpu::global() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("efficientnet on the gpu: skipped, no usable CUDA device: {e:#}");
+            return;
+        }
+    };
+    let (map_err, min_cos) = encoder_on(sage::backend::cuda::step_ops::CudaOps::new(gpu));
+    println!("efficientnet on the gpu: tapped maps within {map_err} of their max, lowest token cosine {min_cos}");
+    assert!(map_err <= 5e-2 && min_cos >= 0.99, "maps {map_err}, cosine {min_cos}");
+}

@@ -75,7 +75,30 @@ void dwconv_case(int N, int C, int H, int W, int k, int stride, int relu6) {
   printf("case dwconv N%d C%d %dx%d k%d s%d relu6 %d: %s\n", N, C, H, W, k, stride, relu6, g_fail > fail0 ? "FAIL" : "ok");
 }
 
+// The dense convolutions' epilogue: bias, residual, ReLU6, against the same arithmetic in double.
+void epilogue_case(int C, int P, int has_res, int relu6) {
+  const int fail0 = g_fail;
+  auto y = rand_bf16((size_t)C * P, -4, 8), res = rand_bf16((size_t)C * P, -2, 2);
+  const auto y0 = y;
+  std::vector<float> bias(C);
+  for (int c = 0; c < C; ++c) bias[c] = 0.5f * (c % 3) - 0.5f;
+  launch({(unsigned)(((size_t)C * P + 255) / 256)}, 256, channel_bias_act, y.data(), bias.data(), res.data(), C, P, has_res,
+         relu6);
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < P; ++p) {
+      size_t i = (size_t)c * P + p;
+      double want = f64(y0[i]) + bias[c] + (has_res ? f64(res[i]) : 0.0);
+      if (relu6) want = std::min(std::max(want, 0.0), 6.0);
+      CHECK(std::fabs(f64(y[i]) - want) <= 1e-2 * std::fabs(want) + 1e-3, "epilogue c%d p%d %f vs %f", c, p, f64(y[i]), want);
+    }
+  printf("case channel_bias_act C%d P%d res %d relu6 %d: %s\n", C, P, has_res, relu6, g_fail > fail0 ? "FAIL" : "ok");
+}
+
 int main() {
+  epilogue_case(1, 1, 0, 0);
+  epilogue_case(5, 49, 1, 0);
+  epilogue_case(7, 300, 0, 1);
+  epilogue_case(3, 17, 1, 1);
   dwconv_case(1, 1, 1, 1, 3, 1, 0);
   dwconv_case(2, 3, 7, 6, 3, 1, 1);
   dwconv_case(1, 4, 9, 8, 3, 2, 0);

@@ -14,16 +14,19 @@ use crate::backend::cpu::{sgemm, MatRef};
 use crate::backend::cuda::gemm::GemmSpec;
 use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
+use crate::ops::conv::depthwise_conv2d;
 use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs, EdpoConfig, Pair};
 use crate::ops::embedding::embedding_backward;
 use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward, FusionShape};
 use crate::ops::loss::{cross_entropy_, IGNORE};
 use crate::ops::matmul::{linear_backward, linear_forward};
 use crate::ops::norm::{layer_norm_backward, layer_norm_rows, rms_norm_backward, rms_norm_rows};
+use crate::ops::relu6_;
 use crate::ops::rope::rotate_pairs_;
 use crate::train::AdamWScalars;
 use anyhow::{bail, Result};
 
+pub use crate::backend::cuda::dwconv::DwShape;
 pub use crate::backend::cuda::llm_attn::CausalShape;
 pub use crate::backend::cuda::llm_decode::DecodeShape;
 
@@ -262,6 +265,22 @@ pub trait StepOps {
         seqs: usize,
         weight_grad: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+
+    // The EfficientNet-Lite encoder's forward (`kernels/dwconv.cu`); its dense convolutions are
+    // `gemm`s over channel-major maps.
+
+    /// Depthwise convolution `[N, C, H, W] → [N, C, Ho, Wo]` with `w [C, k, k]`, an fp32 bias and
+    /// an optional fused ReLU6.
+    fn dwconv(&self, x: &Self::Buf, w: &Self::Buf, bias: &Self::Stat, s: DwShape, relu6: bool) -> Result<Self::Buf>;
+    /// `y[c, p] = act(y[c, p] + bias[c] (+ residual[c, p]))` over `y [channels, P]`.
+    fn channel_bias_act(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Stat,
+        channels: usize,
+        residual: Option<&Self::Buf>,
+        relu6: bool,
+    ) -> Result<()>;
 
     // KV-cached decoding (`kernels/llm_decode.cu`); the caller checks every (sequence, position)
     // pair against the cache with `DecodeShape::check` before uploading it.
@@ -755,6 +774,50 @@ impl StepOps for HostOps {
             targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
         let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
         Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, weight_grad))
+    }
+
+    fn dwconv(&self, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, s: DwShape, relu6: bool) -> Result<Vec<f32>> {
+        if x.len() < s.in_len() || w.len() < s.c * s.k * s.k || bias.len() < s.c {
+            bail!("depthwise convolution: x, w or bias is smaller than {s:?} needs");
+        }
+        let plane = s.c * s.h * s.w;
+        let mut out = Vec::with_capacity(s.out_len());
+        for img in x[..s.in_len()].chunks_exact(plane) {
+            let (y, _, _) = depthwise_conv2d(img, s.c, s.h, s.w, w, s.k, s.stride, s.pad, bias);
+            out.extend(y);
+        }
+        if relu6 {
+            relu6_(&mut out);
+        }
+        Ok(out)
+    }
+
+    fn channel_bias_act(
+        &self,
+        y: &mut Vec<f32>,
+        bias: &Vec<f32>,
+        channels: usize,
+        residual: Option<&Vec<f32>>,
+        relu6: bool,
+    ) -> Result<()> {
+        if channels == 0
+            || bias.len() < channels
+            || y.len() % channels != 0
+            || residual.is_some_and(|r| r.len() < y.len())
+        {
+            bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
+        }
+        let p = y.len() / channels;
+        for (c, row) in y.chunks_exact_mut(p).enumerate() {
+            row.iter_mut().for_each(|v| *v += bias[c]);
+            if let Some(r) = residual {
+                row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v += x);
+            }
+        }
+        if relu6 {
+            relu6_(y);
+        }
+        Ok(())
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {

@@ -18,6 +18,9 @@ use crate::ops::{pool, relu6_};
 use anyhow::{bail, Result};
 use std::path::Path;
 
+mod step;
+pub use step::DeviceEfficientNet;
+
 const BN_EPS: f32 = 1e-3;
 /// (repeats, stride of the first block) per stage, from the EfficientNet-B0/Lite0 table.
 const STAGES: [(usize, usize); 7] = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)];
@@ -198,7 +201,12 @@ impl EfficientNetLite {
 
     /// Patch tokens for anomaly maps and the SAGE adapter (see the module docs).
     pub fn patch_tokens(&self, chw: &[f32], size: usize) -> PatchTokens {
-        let maps = self.features(chw, size, &PATCH_TAPS);
+        self.tokens_from_taps(&self.features(chw, size, &PATCH_TAPS))
+    }
+
+    /// The patch tokens from the outputs of the [`PATCH_TAPS`] blocks (on whichever engine ran
+    /// them): smoothing, pooling to the coarse grid, per-part L2 normalisation.
+    pub fn tokens_from_taps(&self, maps: &[FeatureMap]) -> PatchTokens {
         let (fine, coarse) = (&maps[0], &maps[1]);
         let (h, w) = (coarse.h, coarse.w);
         let fine_s = pool::avg_pool_same(&fine.data, fine.c, fine.h, fine.w, 3);

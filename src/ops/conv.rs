@@ -59,8 +59,10 @@ pub fn conv2d(
     (out, oh, ow)
 }
 
+/// The columns of a dense convolution: `[ci·k·k, oh·ow]`, row `(c, ky, kx)` (the weight's order),
+/// zero where the window falls in the padding.
 #[allow(clippy::too_many_arguments)]
-fn im2col(
+pub fn im2col(
     x: &[f32],
     ci: usize,
     h: usize,

@@ -153,3 +153,38 @@ pub fn backward(
     }
     Ok((dx, dw, db))
 }
+
+/// The dense convolutions' epilogue in place on a channel-major GEMM output `y [C, P]`:
+/// `y = act(y + bias[c] (+ residual))`, `act` ReLU6 when `relu6`.
+pub fn channel_bias_act(
+    gpu: &Gpu,
+    y: &mut CudaSlice<bf16>,
+    bias: &CudaSlice<f32>,
+    channels: usize,
+    residual: Option<&CudaSlice<bf16>>,
+    relu6: bool,
+) -> Result<()> {
+    if channels == 0 || bias.len() < channels || y.len() % channels != 0 || residual.is_some_and(|r| r.len() < y.len())
+    {
+        bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
+    }
+    let f = gpu.function(&DWCONV, "channel_bias_act")?;
+    let (c, p) = (int("C", channels)?, int("P", y.len() / channels)?);
+    let (has_res, act) = (i32::from(residual.is_some()), i32::from(relu6));
+    // Without a residual the kernel never reads `res`; `y` stands in for the pointer.
+    let res: &CudaSlice<bf16> = residual.unwrap_or(&*y);
+    // SAFETY: as in `forward`.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(&*y)
+            .arg(bias)
+            .arg(res)
+            .arg(&c)
+            .arg(&p)
+            .arg(&has_res)
+            .arg(&act)
+            .launch(cfg((blocks(y.len(), 256)?, 1, 1), 256, 0))?;
+    }
+    Ok(())
+}

@@ -86,7 +86,7 @@ pub static LLM_DECODE: KernelFile = KernelFile {
 pub static DWCONV: KernelFile = KernelFile {
     name: "dwconv.cu",
     source: include_str!("../../../kernels/dwconv.cu"),
-    entries: &["dwconv_fwd", "relu6_bwd", "dwconv_bwd_dx", "dwconv_bwd_dw"],
+    entries: &["dwconv_fwd", "relu6_bwd", "dwconv_bwd_dx", "dwconv_bwd_dw", "channel_bias_act"],
 };
 
 /// Every kernel file the backend uses.

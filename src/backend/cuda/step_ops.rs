@@ -5,8 +5,8 @@ use super::edpo::{self, SeqShape};
 use super::gemm::{gemm, GemmSpec};
 use super::llm::{self, MixedGrad};
 use super::Gpu;
-use super::{fusion, head, llm_attn, llm_decode};
-use crate::backend::step_ops::{CausalShape, CrossEntropyOut, DecodeShape, GradRef, StepOps};
+use super::{dwconv, fusion, head, llm_attn, llm_decode};
+use crate::backend::step_ops::{CausalShape, CrossEntropyOut, DecodeShape, DwShape, GradRef, StepOps};
 use crate::ops::edpo::{EdpoConfig, Pair};
 use crate::ops::fusion_attn::FusionShape;
 use crate::ops::loss::IGNORE;
@@ -343,6 +343,21 @@ impl StepOps for CudaOps {
         let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
         let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
         Ok((g.d_hidden, g.d_weight))
+    }
+
+    fn dwconv(&self, x: &Self::Buf, w: &Self::Buf, bias: &Self::Stat, s: DwShape, relu6: bool) -> Result<Self::Buf> {
+        dwconv::forward(&self.gpu, x, w, bias, s, relu6)
+    }
+
+    fn channel_bias_act(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Stat,
+        channels: usize,
+        residual: Option<&Self::Buf>,
+        relu6: bool,
+    ) -> Result<()> {
+        dwconv::channel_bias_act(&self.gpu, y, bias, channels, residual, relu6)
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
