@@ -164,13 +164,10 @@ fn run_train(ctx: &Ctx, cfg: &super::bench_train::TrainBench) -> Result<()> {
             r.train_tokens_per_second,
         );
         for g in &r.generation {
-            println!("      generation batch {:>2}: {:>8.1} new tokens/s", g.batch, g.tokens_per_second);
+            let peak =
+                g.peak_device_bytes.map(|b| format!("  peak device memory {}", gib(Some(b)))).unwrap_or_default();
+            println!("      generation batch {:>2}: {:>8.1} new tokens/s{peak}", g.batch, g.tokens_per_second);
         }
-    }
-    if on_gpu {
-        println!(
-            "  (generation on the GPU is not built: run with --device cpu for the CPU engine's generation figures)"
-        );
     }
     Ok(())
 }

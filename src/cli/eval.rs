@@ -25,7 +25,7 @@ and source dataset, Anomaly Detection balanced. Data with labels or masks: image
 training-free anomaly map. --baseline evaluates the same architecture untrained (the zero-shot rows). --answers \
 scores answers made elsewhere (JSONL lines {\"id\", \"question\", \"answer\"}) without running a model; \
 --save-answers writes this run's answers in that shape. --device cuda answers on the GPU (models::sage_step, bf16, \
-no KV cache yet); the anomaly maps and the image encoder stay on the CPU.";
+KV-cached decoding); the anomaly maps and the image encoder (run once per image, cached) stay on the CPU.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
