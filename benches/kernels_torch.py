@@ -247,13 +247,14 @@ def main():
         except Exception as ex:  # noqa: BLE001 - e.g. out of memory under compile
             print(f"edpo under torch.compile failed: {ex}", file=sys.stderr)
 
-    # decode attention: B queries at the last of T cached positions (SDPA, as HF's sdpa generate)
-    d = sz["decode"]
-    q = rand((d["B"], d["H"], 1, d["D"]), device)
-    kc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
-    vc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
-    add("decode_attn", "sdpa", d, lambda: decode_sdpa(q, kc, vc))
-    del q, kc, vc
+    # decode attention: B queries at the last of T cached positions (SDPA, as HF's sdpa generate), at
+    # the benchmark's batch and at batch 1
+    for d in (sz["decode"], dict(sz["decode"], B=1)):
+        q = rand((d["B"], d["H"], 1, d["D"]), device)
+        kc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
+        vc = rand((d["B"], d["H_kv"], d["T"], d["D"]), device)
+        add("decode_attn", "sdpa", d, lambda: decode_sdpa(q, kc, vc))
+        del q, kc, vc
 
     # depthwise convolution, forward (bias, ReLU6) + backward to x, w and b
     c = sz["dwconv"]

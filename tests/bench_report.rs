@@ -41,7 +41,7 @@ fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
     assert!((ratio(r) - 1.25).abs() < 1e-9 && r["met"] == false);
     // fusion: 3 / 1 = 3× eager (target 2). No SDPA row in the fixture: no comparison made up.
     assert!((ratio(find("fusion_attn_fwd_bwd", "eager", "speedup")) - 3.0).abs() < 1e-9);
-    assert!(!rows.iter().any(|r| r["torch"] == "sdpa"));
+    assert!(!rows.iter().any(|r| r["op"] == "fusion_attn_fwd_bwd" && r["torch"] == "sdpa"));
     // GEMM: 90 / 100 TFLOP/s = 0.9 (target 0.95: missed).
     let r = find("gemm_bf16", "torch.matmul", "throughput");
     assert!((ratio(r) - 0.9).abs() < 1e-9 && r["met"] == false);
@@ -49,6 +49,14 @@ fn bench_report_computes_ratios_and_verdicts_against_the_targets() {
     assert!((ratio(find("edpo_loss_fwd_bwd", "unfused", "speedup")) - 2.0).abs() < 1e-9);
     let r = find("edpo_loss_fwd_bwd", "unfused", "memory");
     assert!((ratio(r) - 0.5).abs() < 1e-9 && r["met"] == false);
+    // Decode attention: each variant against SDPA at its own batch only (0.04 / 0.02 = 2× and
+    // 0.02 / 0.004 = 5×), never across batches; information rows, no verdict.
+    let decode: Vec<_> = rows.iter().filter(|r| r["op"] == "decode_attn").collect();
+    assert_eq!(decode.len(), 4, "{decode:#?}");
+    let at =
+        |v: &str, b: u64| decode.iter().find(|r| r["sage"] == v && r["shape"]["B"] == b).map(|r| ratio(r)).unwrap();
+    assert!((at("v1", 16) - 2.0).abs() < 1e-9 && (at("v2", 1) - 5.0).abs() < 1e-9);
+    assert!(decode.iter().all(|r| r["met"].is_null()));
     assert!(md.contains("# Kernel benchmark: Synthetic test device") && md.contains("| **no** |"), "{md}");
 }
 

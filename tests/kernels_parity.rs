@@ -764,6 +764,13 @@ fn kernel_parity_llm_decode_through_the_op_set() {
         let got = c.decode_attention(&gq, &gk, &gv, s, &gseq, &gpos, n).unwrap();
         let want = h.decode_attention(&q, &kc, &vc, s, &seq, &pos, n).unwrap();
         close(&format!("decode attention {s:?}"), c.download(&got).unwrap(), &want, 2e-2);
+        // Variant 2 (flash-decoding) at chunks of 128 positions, and the device's own choice.
+        use sage::backend::cuda::llm_decode::{decode_attention_variant, DecodeVariant};
+        let choice = DecodeVariant::for_device(&s, n, gpu.info().sm_count);
+        for v in [DecodeVariant::V2 { chunk: 128 }, choice] {
+            let got = decode_attention_variant(&gpu, &gq, &gk, &gv, s, &gseq, &gpos, n, v).unwrap();
+            close(&format!("decode attention {v:?} {s:?}"), c.download(&got).unwrap(), &want, 2e-2);
+        }
         // RoPE at the rows' positions.
         let table = RopeTable::new(d, 10_000.0, slots);
         let (cos, sin) = table.tables();

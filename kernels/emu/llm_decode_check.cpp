@@ -64,11 +64,15 @@ void append_case(int S, int slots, int W, int rows) {
   printf("case kv_append S%d slots%d W%d rows%d: %s\n", S, slots, W, rows, g_fail > fail0 ? "FAIL" : "ok");
 }
 
+void check_decode(const std::vector<bf16>& q, const std::vector<bf16>& kc, const std::vector<bf16>& vc,
+                  const std::vector<int>& seq, const std::vector<int>& pos, int slots, int H, int Hkv, int D,
+                  const std::vector<bf16>& out, const char* variant);
+
 // Decode attention: N queries of random sequences at chosen positions (tile edges included)
 // against the softmax in double over keys 0..=pos.
 void decode_case(int S, int slots, int H, int Hkv, int D, std::vector<int> pos) {
   const int fail0 = g_fail;
-  const int N = (int)pos.size(), group = H / Hkv;
+  const int N = (int)pos.size();
   auto seq = rand_ints(N, S);
   auto q = rand_bf16((size_t)N * H * D, -2, 2);
   auto kc = rand_bf16((size_t)S * slots * Hkv * D, -2, 2), vc = rand_bf16((size_t)S * slots * Hkv * D);
@@ -76,6 +80,27 @@ void decode_case(int S, int slots, int H, int Hkv, int D, std::vector<int> pos) 
   const float scale = 1.0f / std::sqrt((float)D);
   launch({(unsigned)H, (unsigned)N}, 128, decode_attn, q.data(), kc.data(), vc.data(), seq.data(), pos.data(), N, slots, H,
          Hkv, D, scale, out.data());
+  check_decode(q, kc, vc, seq, pos, slots, H, Hkv, D, out, "v1");
+  // Variant 2 at chunks of 128 and 256 positions (one chunk, or several with empty ones past a
+  // short query's length).
+  for (int chunk : {128, 256}) {
+    const int splits = (slots + chunk - 1) / chunk;
+    std::vector<float> part_o((size_t)N * H * splits * D, -9.f), part_ml((size_t)N * H * splits * 2, -9.f);
+    std::vector<bf16> out2((size_t)N * H * D);
+    launch({(unsigned)H, (unsigned)N, (unsigned)splits}, 128, decode_attn_split, q.data(), kc.data(), vc.data(), seq.data(),
+           pos.data(), N, slots, H, Hkv, D, scale, chunk, part_o.data(), part_ml.data());
+    launch({(unsigned)H, (unsigned)N}, 128, decode_attn_combine, part_o.data(), part_ml.data(), N, H, D, splits, out2.data());
+    check_decode(q, kc, vc, seq, pos, slots, H, Hkv, D, out2, chunk == 128 ? "v2/128" : "v2/256");
+  }
+  printf("case decode S%d slots%d H%d Hkv%d D%d N%d: %s\n", S, slots, H, Hkv, D, N, g_fail > fail0 ? "FAIL" : "ok");
+}
+
+// The softmax over keys 0..=pos in double against `out`.
+void check_decode(const std::vector<bf16>& q, const std::vector<bf16>& kc, const std::vector<bf16>& vc,
+                  const std::vector<int>& seq, const std::vector<int>& pos, int slots, int H, int Hkv, int D,
+                  const std::vector<bf16>& out, const char* variant) {
+  const int N = (int)pos.size(), group = H / Hkv;
+  const float scale = 1.0f / std::sqrt((float)D);
   for (int n = 0; n < N; ++n)
     for (int h = 0; h < H; ++h) {
       const int g = h / group, len = pos[n] + 1;
@@ -93,11 +118,10 @@ void decode_case(int S, int slots, int H, int Hkv, int D, std::vector<int> pos) 
         double want = 0;
         for (int j = 0; j < len; ++j) want += s[j] / l * f64(vc[key(j) + d]);
         double got = f64(out[((size_t)n * H + h) * D + d]);
-        CHECK(std::fabs(got - want) < 1e-2 * std::fabs(want) + 2e-3, "decode n%d (seq %d pos %d) h%d d%d %f vs %f", n,
-              seq[n], pos[n], h, d, got, want);
+        CHECK(std::fabs(got - want) < 1e-2 * std::fabs(want) + 2e-3, "decode %s n%d (seq %d pos %d) h%d d%d %f vs %f",
+              variant, n, seq[n], pos[n], h, d, got, want);
       }
     }
-  printf("case decode S%d slots%d H%d Hkv%d D%d N%d: %s\n", S, slots, H, Hkv, D, N, g_fail > fail0 ? "FAIL" : "ok");
 }
 
 int main() {
@@ -112,5 +136,6 @@ int main() {
   decode_case(3, 300, 3, 1, 64, {127, 128, 129, 255, 299});
   decode_case(1, 20, 2, 2, 256, {19, 5});
   decode_case(2, 70, 6, 3, 6, {64, 33, 0});
+  decode_case(1, 600, 2, 1, 16, {5, 599, 300});
   return g_fail ? 1 : 0;
 }

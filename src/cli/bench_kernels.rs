@@ -6,7 +6,7 @@ use crate::backend::cuda::dwconv::{self, DwShape};
 use crate::backend::cuda::edpo::{self as gedpo, DevicePairs, SeqShape};
 use crate::backend::cuda::fusion;
 use crate::backend::cuda::gemm::{gemm, GemmSpec};
-use crate::backend::cuda::llm_decode::{self, DecodeShape};
+use crate::backend::cuda::llm_decode::{self, DecodeShape, DecodeVariant};
 use crate::backend::cuda::mincos::{self, MincosShape, Variant};
 use crate::backend::cuda::Gpu;
 use crate::ops::conv::Padding;
@@ -224,26 +224,43 @@ pub fn run(
     });
     drop((hidden, weight, targets, mask, reference_seq, dpairs));
 
-    // Decode attention over a full cache: every sequence's query at the last slot.
+    // Decode attention over a full cache, every sequence's query at the last slot: at the
+    // benchmark's batch and at batch 1, variant 1 and variant 2 (chunks for about two blocks per SM).
     let d = sizes.decode;
-    let kc = gpu.upload(&random_bf16(d.cache_len(), 11))?;
-    let vc = gpu.upload(&random_bf16(d.cache_len(), 12))?;
-    let q = gpu.upload(&random_bf16(d.seqs * d.heads * d.head_dim, 13))?;
-    let seq_host: Vec<u32> = (0..d.seqs as u32).collect();
-    let pos_host = vec![d.slots as u32 - 1; d.seqs];
-    d.check(&seq_host, &pos_host)?;
-    let (seq, pos) = (llm_decode::upload_ids(gpu, &seq_host)?, llm_decode::upload_ids(gpu, &pos_host)?);
-    let attend = || llm_decode::decode_attention(gpu, &q, &kc, &vc, d, &seq, &pos, d.seqs).map(drop);
-    let ms = gpu.time_ms(warmup, repeats, attend)?;
-    push(Case {
-        op: "decode_attn",
-        variant: "v1".into(),
-        shape: serde_json::json!({ "B": d.seqs, "T": d.slots, "H": d.heads, "H_kv": d.kv_heads, "D": d.head_dim }),
-        median_ms: ms,
-        tflops: None,
-        allocated_bytes: d.seqs * d.heads * d.head_dim * 2,
-    });
-    drop((kc, vc, q));
+    for d in [d, DecodeShape { seqs: 1, ..d }] {
+        let kc = gpu.upload(&random_bf16(d.cache_len(), 11))?;
+        let vc = gpu.upload(&random_bf16(d.cache_len(), 12))?;
+        let q = gpu.upload(&random_bf16(d.seqs * d.heads * d.head_dim, 13))?;
+        let seq_host: Vec<u32> = (0..d.seqs as u32).collect();
+        let pos_host = vec![d.slots as u32 - 1; d.seqs];
+        d.check(&seq_host, &pos_host)?;
+        let (seq, pos) = (llm_decode::upload_ids(gpu, &seq_host)?, llm_decode::upload_ids(gpu, &pos_host)?);
+        let split = match DecodeVariant::for_device(&d, d.seqs, gpu.info().sm_count) {
+            DecodeVariant::V1 => DecodeVariant::V2 { chunk: 128 * d.slots.div_ceil(256).max(1) },
+            v2 => v2,
+        };
+        for variant in [DecodeVariant::V1, split] {
+            let attend =
+                || llm_decode::decode_attention_variant(gpu, &q, &kc, &vc, d, &seq, &pos, d.seqs, variant).map(drop);
+            let before = gpu.allocated_bytes();
+            attend()?;
+            gpu.sync()?;
+            let allocated = gpu.allocated_bytes() - before;
+            let ms = gpu.time_ms(warmup, repeats, attend)?;
+            let (name, chunk) = match variant {
+                DecodeVariant::V1 => ("v1", None),
+                DecodeVariant::V2 { chunk } => ("v2", Some(chunk)),
+            };
+            push(Case {
+                op: "decode_attn",
+                variant: name.into(),
+                shape: serde_json::json!({ "B": d.seqs, "T": d.slots, "H": d.heads, "H_kv": d.kv_heads, "D": d.head_dim, "chunk": chunk }),
+                median_ms: ms,
+                tflops: None,
+                allocated_bytes: allocated,
+            });
+        }
+    }
 
     // Depthwise convolution: forward with ReLU6, the mask, dx, dw and db.
     let s = sizes.dwconv;

@@ -80,7 +80,7 @@ pub static LLM_ATTN: KernelFile = KernelFile {
 pub static LLM_DECODE: KernelFile = KernelFile {
     name: "llm_decode.cu",
     source: include_str!("../../../kernels/llm_decode.cu"),
-    entries: &["rope_pairs_at", "kv_append", "decode_attn"],
+    entries: &["rope_pairs_at", "kv_append", "decode_attn", "decode_attn_split", "decode_attn_combine"],
 };
 
 pub static DWCONV: KernelFile = KernelFile {

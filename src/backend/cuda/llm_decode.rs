@@ -134,8 +134,30 @@ pub fn kv_append(
     Ok(())
 }
 
+/// Which decode-attention kernel: variant 1 (a block per head and query, the op set's) or variant
+/// 2 (flash-decoding: each query's keys in chunks of `chunk` positions, a multiple of 128, over
+/// several blocks, then a combine kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeVariant {
+    V1,
+    V2 { chunk: usize },
+}
+
+impl DecodeVariant {
+    /// Variant 2 with enough chunks for about two blocks per SM (at most one chunk per 128
+    /// positions), or variant 1 when the batch already fills the device.
+    pub fn for_device(s: &DecodeShape, queries: usize, sm_count: usize) -> DecodeVariant {
+        let blocks = (queries * s.heads).max(1);
+        let splits = (2 * sm_count).div_ceil(blocks).clamp(1, s.slots.div_ceil(128).max(1));
+        if splits == 1 {
+            return DecodeVariant::V1;
+        }
+        DecodeVariant::V2 { chunk: s.slots.div_ceil(splits).div_ceil(128) * 128 }
+    }
+}
+
 /// Single-query attention for `rows` queries `q [rows, H, D]`: query `n` of sequence `seq[n]`
-/// sees its keys `0..=pos[n]` in the caches `kc`, `vc`. Returns `out [rows, H, D]`.
+/// sees its keys `0..=pos[n]` in the caches `kc`, `vc`. Returns `out [rows, H, D]`. Variant 1.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     gpu: &Gpu,
@@ -146,6 +168,23 @@ pub fn decode_attention(
     seq: &CudaSlice<i32>,
     pos: &CudaSlice<i32>,
     rows: usize,
+) -> Result<CudaSlice<bf16>> {
+    decode_attention_variant(gpu, q, kc, vc, s, seq, pos, rows, DecodeVariant::V1)
+}
+
+/// [`decode_attention`] with the kernel variant chosen by the caller (`sage bench kernels` times
+/// both).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_variant(
+    gpu: &Gpu,
+    q: &CudaSlice<bf16>,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+    s: DecodeShape,
+    seq: &CudaSlice<i32>,
+    pos: &CudaSlice<i32>,
+    rows: usize,
+    variant: DecodeVariant,
 ) -> Result<CudaSlice<bf16>> {
     // The shape alone (the caller checked the rows' (sequence, position) pairs).
     s.check(&[], &[])?;
@@ -161,10 +200,56 @@ pub fn decode_attention(
     if rows > 65535 {
         bail!("decode attention: {rows} queries in one step exceed the grid's 65535 (decode in smaller batches)");
     }
-    let f = gpu.function(&LLM_DECODE, "decode_attn")?;
     let (ni, si) = (int("rows", rows)?, int("slots", s.slots)?);
     let (hi, hkvi, di) = (int("H", s.heads)?, int("H_kv", s.kv_heads)?, int("D", s.head_dim)?);
     let scale = s.scale();
+    if let DecodeVariant::V2 { chunk } = variant {
+        if chunk == 0 || chunk % 128 != 0 {
+            bail!("decode attention v2: the chunk ({chunk}) must be a positive multiple of 128");
+        }
+        let splits = s.slots.div_ceil(chunk);
+        let parts = rows * s.heads * splits;
+        // SAFETY: every (head, query, chunk) block writes its accumulator and statistics.
+        let (part_o, part_ml) = unsafe { (gpu.uninit::<f32>(parts * s.head_dim)?, gpu.uninit::<f32>(parts * 2)?) };
+        let (ci, spi) = (int("chunk", chunk)?, int("splits", splits)?);
+        let f = gpu.function(&LLM_DECODE, "decode_attn_split")?;
+        // SAFETY: as in `rope_at`; grid (H, N, splits), block 128, static shared memory.
+        unsafe {
+            gpu.stream()
+                .launch_builder(&f)
+                .arg(q)
+                .arg(kc)
+                .arg(vc)
+                .arg(seq)
+                .arg(pos)
+                .arg(&ni)
+                .arg(&si)
+                .arg(&hi)
+                .arg(&hkvi)
+                .arg(&di)
+                .arg(&scale)
+                .arg(&ci)
+                .arg(&part_o)
+                .arg(&part_ml)
+                .launch(cfg((s.heads as u32, rows as u32, splits as u32), 128, 0))?;
+        }
+        let f = gpu.function(&LLM_DECODE, "decode_attn_combine")?;
+        // SAFETY: as above; grid (H, N), block 128.
+        unsafe {
+            gpu.stream()
+                .launch_builder(&f)
+                .arg(&part_o)
+                .arg(&part_ml)
+                .arg(&ni)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&spi)
+                .arg(&out)
+                .launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?;
+        }
+        return Ok(out);
+    }
+    let f = gpu.function(&LLM_DECODE, "decode_attn")?;
     // SAFETY: as in `rope_at`; grid and block as the kernel file documents (static shared memory).
     unsafe {
         gpu.stream()
@@ -184,4 +269,23 @@ pub fn decode_attention(
             .launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_two_splits_small_batches_over_the_device() {
+        let s = DecodeShape { seqs: 64, slots: 1024, heads: 14, kv_heads: 2, head_dim: 64 };
+        // 14 blocks for 132 SMs: eight chunks of 128 (one per 128 positions at most).
+        assert_eq!(DecodeVariant::for_device(&s, 1, 132), DecodeVariant::V2 { chunk: 128 });
+        // 224 blocks: two chunks of 512.
+        assert_eq!(DecodeVariant::for_device(&s, 16, 132), DecodeVariant::V2 { chunk: 512 });
+        // 896 blocks already fill the device.
+        assert_eq!(DecodeVariant::for_device(&s, 64, 132), DecodeVariant::V1);
+        // A short cache: never a chunk past it.
+        let short = DecodeShape { slots: 100, ..s };
+        assert_eq!(DecodeVariant::for_device(&short, 1, 132), DecodeVariant::V1);
+    }
 }
