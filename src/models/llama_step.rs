@@ -16,6 +16,9 @@
 //! `models::sage_step`), and the optimizer ([`DeviceLlama::apply`]) clips the global gradient
 //! norm on the device as `train::Trainer` does on the host. Extra tensors (the SAGE head) join
 //! the same parameter list through [`DeviceLlama::add_param`].
+//!
+//! Generation with a KV cache (prefill through this forward, then single-query decode steps) is
+//! the child module `decode` ([`DeviceLlama::generate_rows`], [`KvCache`]).
 
 use super::llama::LlamaConfig;
 use super::llama_train::{Linear, TrainableLlama};

@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 pub enum FactsMode {
     /// No facts: the Baseline row.
     None,
-    /// Fact sentences pasted into the prompt: +Fact[Hard].
+    /// Fact sentences pasted into the prompt: +Fact\[Hard\].
     Hard,
-    /// Fact embeddings fused with the selected patches: +Fact[FE], SAGE.
+    /// Fact embeddings fused with the selected patches: +Fact\[FE\], SAGE.
     Fused,
 }
 

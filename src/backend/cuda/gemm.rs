@@ -129,7 +129,7 @@ pub fn gemm(
     unsafe { blas.lt.matmul(cfg, b, a, c, bias, act.as_ref()) }.map_err(|e| anyhow!("cublasLtMatmul ({spec:?}): {e:?}"))
 }
 
-/// The CPU reference of [`gemm`] (f32 math on the same bf16 inputs), for the parity tests.
+/// The CPU reference of [`gemm()`] (f32 math on the same bf16 inputs), for the parity tests.
 pub fn gemm_reference(spec: &GemmSpec, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
     let GemmSpec { m, n, k, trans_a, trans_b, .. } = *spec;
     for bt in 0..spec.batch.max(1) {
