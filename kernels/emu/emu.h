@@ -195,6 +195,18 @@ inline std::vector<bf16> rand_bf16(size_t n, float lo = -1, float hi = 1) {
     return v;
 }
 inline double f64(bf16 b) { return __bfloat162float(b); }
+// RoPE tables cos, sin [max_pos, D/2] (θ = 10000), as ops::rope builds them.
+inline void rope_tables(int max_pos, int D, std::vector<float>& cs, std::vector<float>& sn) {
+    const int half = D / 2;
+    cs.assign((size_t)max_pos * half, 0.f);
+    sn.assign((size_t)max_pos * half, 0.f);
+    for (int p = 0; p < max_pos; ++p)
+        for (int i = 0; i < half; ++i) {
+            double a = p * std::pow(10000.0, -2.0 * i / D);
+            cs[(size_t)p * half + i] = (float)std::cos(a);
+            sn[(size_t)p * half + i] = (float)std::sin(a);
+        }
+}
 inline int g_fail = 0;
 #define CHECK(cond, ...)                                       \
     do {                                                       \

@@ -6,13 +6,8 @@
 void rope_case(int rows, int T, int heads, int D, int start) {
   const int fail0 = g_fail;
   const int half = D / 2, max_pos = T + start;
-  std::vector<float> cs((size_t)max_pos * half), sn((size_t)max_pos * half);
-  for (int p = 0; p < max_pos; ++p)
-    for (int i = 0; i < half; ++i) {
-      double a = p * std::pow(10000.0, -2.0 * i / D);
-      cs[(size_t)p * half + i] = (float)std::cos(a);
-      sn[(size_t)p * half + i] = (float)std::sin(a);
-    }
+  std::vector<float> cs, sn;
+  rope_tables(max_pos, D, cs, sn);
   auto x = rand_bf16((size_t)rows * heads * D, -2, 2);
   const auto x0 = x;
   unsigned blocks = (unsigned)(((long long)rows * heads * half + 255) / 256);

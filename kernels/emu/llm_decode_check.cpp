@@ -13,13 +13,8 @@ static std::vector<int> rand_ints(size_t n, int below) {
 void rope_at_case(int rows, int heads, int D, int max_pos) {
   const int fail0 = g_fail;
   const int half = D / 2;
-  std::vector<float> cs((size_t)max_pos * half), sn((size_t)max_pos * half);
-  for (int p = 0; p < max_pos; ++p)
-    for (int i = 0; i < half; ++i) {
-      double a = p * std::pow(10000.0, -2.0 * i / D);
-      cs[(size_t)p * half + i] = (float)std::cos(a);
-      sn[(size_t)p * half + i] = (float)std::sin(a);
-    }
+  std::vector<float> cs, sn;
+  rope_tables(max_pos, D, cs, sn);
   auto pos = rand_ints(rows, max_pos);
   auto x = rand_bf16((size_t)rows * heads * D, -2, 2);
   const auto x0 = x;

@@ -875,12 +875,16 @@ impl StepOps for HostOps {
         pos: &Vec<u32>,
         rows: usize,
     ) -> Result<Vec<f32>> {
-        s.check(&seq[..rows.min(seq.len())], &pos[..rows.min(pos.len())])?;
-        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
         let (qw, kw) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-        if rows > seq.len() || q.len() < rows * qw || k_cache.len() < s.cache_len() || v_cache.len() < s.cache_len() {
+        if rows > seq.len().min(pos.len())
+            || q.len() < rows * qw
+            || k_cache.len() < s.cache_len()
+            || v_cache.len() < s.cache_len()
+        {
             bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
         }
+        s.check(&seq[..rows], &pos[..rows])?;
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
         let mut out = vec![0.0; rows * qw];
         for n in 0..rows {
             let (b, p) = (seq[n] as usize, pos[n] as usize);

@@ -235,6 +235,8 @@ pub fn run(
         let pos_host = vec![d.slots as u32 - 1; d.seqs];
         d.check(&seq_host, &pos_host)?;
         let (seq, pos) = (llm_decode::upload_ids(gpu, &seq_host)?, llm_decode::upload_ids(gpu, &pos_host)?);
+        // The device's choice of chunks, or two chunks where it would keep variant 1 (so both
+        // variants are always timed).
         let split = match DecodeVariant::for_device(&d, d.seqs, gpu.info().sm_count) {
             DecodeVariant::V1 => DecodeVariant::V2 { chunk: 128 * d.slots.div_ceil(256).max(1) },
             v2 => v2,

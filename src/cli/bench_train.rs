@@ -139,6 +139,40 @@ impl ModelResult {
     }
 }
 
+const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+
+/// Greedy generation of `--gen-tokens` after `--gen-prompt` tokens at each `--gen-batch`, the same
+/// prompts for both engines: `prepare` runs untimed before each batch, `generate(prompts,
+/// max_new)` is timed, and `peak` reads the engine's memory high-water mark after it.
+#[allow(clippy::too_many_arguments)]
+fn timed_generation(
+    name: &str,
+    cfg: &TrainBench,
+    vocab: usize,
+    progress: &mut impl FnMut(&str),
+    mut prepare: impl FnMut(&[Vec<u32>]) -> Result<()>,
+    mut generate: impl FnMut(&[Vec<u32>], usize) -> Result<Vec<Vec<u32>>>,
+    peak: impl Fn() -> Option<u64>,
+) -> Result<Vec<GenResult>> {
+    let mut out = Vec::new();
+    for &gb in &cfg.gen_batches {
+        let prompts: Vec<Vec<u32>> = (0..gb).map(|b| tokens(b + 1000, cfg.gen_prompt, vocab)).collect();
+        prepare(&prompts)?;
+        let t = Instant::now();
+        let new: usize = generate(&prompts, cfg.gen_tokens)?.iter().map(Vec::len).sum();
+        let tps = new as f64 / t.elapsed().as_secs_f64();
+        progress(&format!("{name}: generation batch {gb}: {tps:.1} tokens/s"));
+        out.push(GenResult {
+            batch: gb,
+            prompt_tokens: cfg.gen_prompt,
+            new_tokens: new / gb.max(1),
+            tokens_per_second: tps,
+            peak_device_bytes: peak(),
+        });
+    }
+    Ok(out)
+}
+
 pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<ModelResult>> {
     let mut out = Vec::new();
     for name in &cfg.models {
@@ -160,25 +194,20 @@ pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<Model
             opt.step(&mut params, 1e-5);
             Ok(total / cfg.batch as f32)
         })?;
-        let mut generation = Vec::new();
-        for &gb in &cfg.gen_batches {
-            let prompts: Vec<Vec<f32>> =
-                (0..gb).map(|b| model.embed(&params, &tokens(b + 1000, cfg.gen_prompt, vocab))).collect();
-            let batch: Vec<(&[f32], usize)> = prompts.iter().map(|x| (x.as_slice(), cfg.gen_prompt)).collect();
-            let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-            let t = Instant::now();
-            let new: usize =
-                model.generate_batch(&params, &batch, cfg.gen_tokens, &[], greedy)?.iter().map(Vec::len).sum();
-            let tps = new as f64 / t.elapsed().as_secs_f64();
-            progress(&format!("{name}: generation batch {gb}: {tps:.1} tokens/s"));
-            generation.push(GenResult {
-                batch: gb,
-                prompt_tokens: cfg.gen_prompt,
-                new_tokens: new / gb.max(1),
-                tokens_per_second: tps,
-                peak_device_bytes: None,
-            });
-        }
+        let generation = timed_generation(
+            name,
+            cfg,
+            vocab,
+            &mut progress,
+            |_| Ok(()),
+            |prompts, max_new| {
+                let xs: Vec<Vec<f32>> = prompts.iter().map(|p| model.embed(&params, p)).collect();
+                let batch: Vec<(&[f32], usize)> =
+                    xs.iter().zip(prompts).map(|(x, p)| (x.as_slice(), p.len())).collect();
+                model.generate_batch(&params, &batch, max_new, &[], GREEDY)
+            },
+            || None,
+        )?;
         out.push(ModelResult { generation, ..ModelResult::new(name, parameters, cfg, &timed) });
     }
     Ok(out)
@@ -211,28 +240,22 @@ pub fn run_gpu(
             peak_device_bytes: gpu.peak_memory_bytes(),
             ..ModelResult::new(name, parameters, cfg, &timed)
         };
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-        let mut generation = Vec::new();
-        for &gb in &cfg.gen_batches {
-            let prompts: Vec<Vec<u32>> =
-                (0..gb).map(|b| tokens(b + 1000, cfg.gen_prompt, model.vocab_size())).collect();
-            // Warm-up: loads the decode kernels and sizes the allocator's pool.
-            dev.generate(&prompts, 2, &[], greedy)?;
-            gpu.sync()?;
-            gpu.reset_peak_memory();
-            let t = Instant::now();
+        let generation = timed_generation(
+            name,
+            cfg,
+            model.vocab_size(),
+            &mut progress,
+            |prompts| {
+                // Warm-up: loads the decode kernels and sizes the allocator's pool.
+                dev.generate(prompts, 2, &[], GREEDY)?;
+                gpu.sync()?;
+                gpu.reset_peak_memory();
+                Ok(())
+            },
             // Each step reads its logits back, so the clock stops after the last kernel.
-            let new: usize = dev.generate(&prompts, cfg.gen_tokens, &[], greedy)?.iter().map(Vec::len).sum();
-            let tps = new as f64 / t.elapsed().as_secs_f64();
-            progress(&format!("{name}: generation batch {gb}: {tps:.1} tokens/s"));
-            generation.push(GenResult {
-                batch: gb,
-                prompt_tokens: cfg.gen_prompt,
-                new_tokens: new / gb.max(1),
-                tokens_per_second: tps,
-                peak_device_bytes: gpu.peak_memory_bytes(),
-            });
-        }
+            |prompts, max_new| dev.generate(prompts, max_new, &[], GREEDY),
+            || gpu.peak_memory_bytes(),
+        )?;
         out.push(ModelResult { generation, ..result });
     }
     Ok(out)

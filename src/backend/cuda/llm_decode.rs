@@ -29,8 +29,8 @@ impl DecodeShape {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
-    /// Checks the shape and the rows' (sequence, position) pairs against it.
-    pub fn check(&self, seq: &[u32], pos: &[u32]) -> Result<()> {
+    /// Checks the shape: positive sizes, grouped heads, a head size the kernels take.
+    pub fn check_shape(&self) -> Result<()> {
         let s = self;
         if s.seqs == 0 || s.slots == 0 || s.heads == 0 || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
             bail!("decode attention: bad shape {s:?} (positive sizes, heads a multiple of kv_heads)");
@@ -38,6 +38,13 @@ impl DecodeShape {
         if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
             bail!("the decode kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
         }
+        Ok(())
+    }
+
+    /// Checks the shape and the rows' (sequence, position) pairs against it.
+    pub fn check(&self, seq: &[u32], pos: &[u32]) -> Result<()> {
+        let s = self;
+        s.check_shape()?;
         if seq.len() != pos.len() {
             bail!("decode: {} sequence indices for {} positions", seq.len(), pos.len());
         }
@@ -187,7 +194,7 @@ pub fn decode_attention_variant(
     variant: DecodeVariant,
 ) -> Result<CudaSlice<bf16>> {
     // The shape alone (the caller checked the rows' (sequence, position) pairs).
-    s.check(&[], &[])?;
+    s.check_shape()?;
     let q_len = rows * s.heads * s.head_dim;
     if q.len() < q_len || kc.len() < s.cache_len() || vc.len() < s.cache_len() || seq.len() < rows || pos.len() < rows {
         bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
@@ -203,70 +210,49 @@ pub fn decode_attention_variant(
     let (ni, si) = (int("rows", rows)?, int("slots", s.slots)?);
     let (hi, hkvi, di) = (int("H", s.heads)?, int("H_kv", s.kv_heads)?, int("D", s.head_dim)?);
     let scale = s.scale();
-    if let DecodeVariant::V2 { chunk } = variant {
-        if chunk == 0 || chunk % 128 != 0 {
-            bail!("decode attention v2: the chunk ({chunk}) must be a positive multiple of 128");
+    // Variant 2's chunking and its fp32 partials: (chunk, splits, part_o, part_ml).
+    let split = match variant {
+        DecodeVariant::V1 => None,
+        DecodeVariant::V2 { chunk } => {
+            if chunk == 0 || chunk % 128 != 0 {
+                bail!("decode attention v2: the chunk ({chunk}) must be a positive multiple of 128");
+            }
+            let splits = s.slots.div_ceil(chunk);
+            let parts = rows * s.heads * splits;
+            // SAFETY: every (head, query, chunk) block writes its accumulator and statistics.
+            let (part_o, part_ml) = unsafe { (gpu.uninit::<f32>(parts * s.head_dim)?, gpu.uninit::<f32>(parts * 2)?) };
+            Some((int("chunk", chunk)?, int("splits", splits)?, part_o, part_ml))
         }
-        let splits = s.slots.div_ceil(chunk);
-        let parts = rows * s.heads * splits;
-        // SAFETY: every (head, query, chunk) block writes its accumulator and statistics.
-        let (part_o, part_ml) = unsafe { (gpu.uninit::<f32>(parts * s.head_dim)?, gpu.uninit::<f32>(parts * 2)?) };
-        let (ci, spi) = (int("chunk", chunk)?, int("splits", splits)?);
-        let f = gpu.function(&LLM_DECODE, "decode_attn_split")?;
-        // SAFETY: as in `rope_at`; grid (H, N, splits), block 128, static shared memory.
-        unsafe {
-            gpu.stream()
-                .launch_builder(&f)
-                .arg(q)
-                .arg(kc)
-                .arg(vc)
-                .arg(seq)
-                .arg(pos)
-                .arg(&ni)
-                .arg(&si)
-                .arg(&hi)
-                .arg(&hkvi)
-                .arg(&di)
-                .arg(&scale)
-                .arg(&ci)
-                .arg(&part_o)
-                .arg(&part_ml)
-                .launch(cfg((s.heads as u32, rows as u32, splits as u32), 128, 0))?;
-        }
+    };
+    let name = if split.is_some() { "decode_attn_split" } else { "decode_attn" };
+    let f = gpu.function(&LLM_DECODE, name)?;
+    // SAFETY: as in `rope_at`; grid (H, N) for v1, (H, N, splits) for v2, block 128, static
+    // shared memory; both kernels take the same leading arguments.
+    unsafe {
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(q).arg(kc).arg(vc).arg(seq).arg(pos).arg(&ni).arg(&si).arg(&hi).arg(&hkvi).arg(&di).arg(&scale);
+        match &split {
+            None => b.arg(&out).launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?,
+            Some((ci, spi, part_o, part_ml)) => {
+                b.arg(ci).arg(part_o).arg(part_ml).launch(cfg((s.heads as u32, rows as u32, *spi as u32), 128, 0))?
+            }
+        };
+    }
+    if let Some((_, spi, part_o, part_ml)) = &split {
         let f = gpu.function(&LLM_DECODE, "decode_attn_combine")?;
         // SAFETY: as above; grid (H, N), block 128.
         unsafe {
             gpu.stream()
                 .launch_builder(&f)
-                .arg(&part_o)
-                .arg(&part_ml)
+                .arg(part_o)
+                .arg(part_ml)
                 .arg(&ni)
                 .arg(&hi)
                 .arg(&di)
-                .arg(&spi)
+                .arg(spi)
                 .arg(&out)
                 .launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?;
         }
-        return Ok(out);
-    }
-    let f = gpu.function(&LLM_DECODE, "decode_attn")?;
-    // SAFETY: as in `rope_at`; grid and block as the kernel file documents (static shared memory).
-    unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(q)
-            .arg(kc)
-            .arg(vc)
-            .arg(seq)
-            .arg(pos)
-            .arg(&ni)
-            .arg(&si)
-            .arg(&hi)
-            .arg(&hkvi)
-            .arg(&di)
-            .arg(&scale)
-            .arg(&out)
-            .launch(cfg((s.heads as u32, rows as u32, 1), 128, 0))?;
     }
     Ok(out)
 }

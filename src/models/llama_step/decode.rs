@@ -53,6 +53,7 @@ impl<O: StepOps> DeviceLlama<O> {
             user_bail!("a cache of {slots} positions exceeds the model's context of {}", c.context_length);
         }
         let shape = DecodeShape { seqs, slots, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        shape.check_shape()?;
         let layer = |_| self.ops.zeros(shape.cache_len());
         Ok(KvCache {
             k: (0..self.blocks.len()).map(layer).collect::<Result<_>>()?,
@@ -75,9 +76,9 @@ impl<O: StepOps> DeviceLlama<O> {
             bail!("prefill: a prompt of {bad} positions in a batch padded to {t}");
         }
         let rows = batch * t;
+        // In bounds: batch ≤ seqs and T ≤ slots (checked above).
         let seq: Vec<u32> = (0..rows).map(|r| (r / t) as u32).collect();
         let pos: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
-        s.check(&seq, &pos)?;
         let fill = CacheFill { seq: self.ops.upload_ids(&seq)?, pos: self.ops.upload_ids(&pos)?, cache: &mut *cache };
         let fwd = self.forward_rows_filling(x, &vec![IGNORE; rows], batch, false, Some(fill))?;
         cache.len[..batch].copy_from_slice(lens);
@@ -104,8 +105,8 @@ impl<O: StepOps> DeviceLlama<O> {
             user_bail!("sequence {full} already fills all {} positions of its cache", s.slots);
         }
         let seq: Vec<u32> = seqs.iter().map(|&b| b as u32).collect();
+        // In bounds: every sequence is in the cache and has a free slot (checked above).
         let pos: Vec<u32> = seqs.iter().map(|&b| cache.len[b] as u32).collect();
-        s.check(&seq, &pos)?;
         let (seq_d, pos_d) = (o.upload_ids(&seq)?, o.upload_ids(&pos)?);
         let (eps, half, kvd) = (c.rms_norm_eps, c.head_dim / 2, c.num_kv_heads * c.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
