@@ -50,8 +50,8 @@ enum What {
         decode_tokens: usize,
     },
     /// A training step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with
-    /// random weights: tokens/s and peak memory, on the GPU when one works (else the CPU, with
-    /// generation tokens/s too).
+    /// random weights, then greedy generation: tokens/s and peak memory, on the GPU when one works
+    /// (else the CPU).
     Train {
         /// Model shapes to measure.
         #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen2-0.5b")]
@@ -68,7 +68,7 @@ enum What {
         /// Prompt tokens for the generation measurement.
         #[arg(long, default_value_t = 16)]
         gen_prompt: usize,
-        /// New tokens per generated sequence (0 skips generation; CPU engine only).
+        /// New tokens per generated sequence (0 skips generation).
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
         /// Generation batch sizes.
