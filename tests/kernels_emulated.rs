@@ -1,73 +1,17 @@
 //! Kernel logic checked on the CPU, no GPU needed: each `kernels/*.cu` is rewritten for the small
-//! CUDA emulation in `kernels/emu/emu.h` (one host thread per CUDA thread, barriers for
-//! `__syncthreads` and shuffles, `mma.sync` rebuilt from the PTX fragment layout), compiled with the
-//! host C++ compiler (C++20; `CXX` or `c++`) together with `kernels/emu/<kernel>_check.cpp`, and
+//! CUDA emulation in `kernels/emu/emu.h` (each CUDA thread a fiber on one host thread, exact
+//! barriers for `__syncthreads` and shuffles, `mma.sync` rebuilt from the PTX fragment layout),
+//! compiled with the host C++ compiler (C++20; `CXX` or `c++`) together with `kernels/emu/<kernel>_check.cpp`, and
 //! run: every launch the host will make, at odd shapes, against double-precision references.
 //!
 //! This catches indexing, tiling, masking, split/merge and reduction mistakes; it does not replace
 //! parity on a device (`tests/kernels_parity.rs`): see `kernels/emu/emu.h` for what it cannot see.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::emu::{cxx, emulated_source, root};
+use std::path::Path;
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The inline-PTX helpers the emulation header replaces. A kernel that adds another `asm` helper
-/// must add its emulation to `kernels/emu/emu.h` and its name here.
-const EMULATED_HELPERS: [&str; 4] = ["cp_async16", "cp_async_commit", "cp_async_wait", "mma_16816"];
-
-/// Removes the definition of `__device__ __forceinline__ void NAME(...) { ... }` (with a
-/// `template <...>` line just before it), if present.
-fn strip_definition(src: &str, name: &str) -> String {
-    let needle = format!("__device__ __forceinline__ void {name}(");
-    let Some(at) = src.find(&needle) else { return src.to_string() };
-    let mut start = src[..at].rfind('\n').map_or(0, |i| i + 1);
-    // A `template <...>` on the line before belongs to the definition.
-    if start > 0 {
-        let prev = src[..start - 1].rfind('\n').map_or(0, |i| i + 1);
-        if src[prev..start].trim_start().starts_with("template") {
-            start = prev;
-        }
-    }
-    let open = at + src[at..].find('{').expect("a definition has a body");
-    let mut depth = 0usize;
-    let mut end = open;
-    for (i, ch) in src[open..].char_indices() {
-        match ch {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    end = open + i + 1;
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    format!("{}{}", &src[..start], &src[end..])
-}
-
-/// The kernel source rewritten for the emulation header.
-fn emulated_source(cu: &str) -> String {
-    let mut s = cu.replace("#include <cuda_bf16.h>", "#include \"emu.h\"");
-    // `extern __shared__ __align__(16) unsigned char NAME[];` → a pointer into g_dyn_smem.
-    while let Some(i) = s.find("extern __shared__") {
-        let end = i + s[i..].find(';').expect("declaration ends with ;");
-        let name = s[i..end].split_whitespace().last().unwrap().trim_end_matches("[]").to_string();
-        s.replace_range(i..=end, &format!("unsigned char* {name} = g_dyn_smem;"));
-    }
-    for h in EMULATED_HELPERS {
-        s = strip_definition(&s, h);
-    }
-    s
-}
-
-fn cxx() -> String {
-    std::env::var("CXX").unwrap_or_else(|_| "c++".into())
-}
 
 fn run_check(kernel: &str) {
     let cu = root().join("kernels").join(format!("{kernel}.cu"));
@@ -94,7 +38,7 @@ fn run_check(kernel: &str) {
         .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{}` ({e}); install g++ ≥ 11 or set CXX", cxx()));
     assert!(
         out.status.success(),
-        "compiling the emulated {kernel} failed (needs C++20 <barrier>: g++ ≥ 11 or clang ≥ 14):\n{}",
+        "compiling the emulated {kernel} failed (needs C++20 and x86-64: g++ ≥ 10 or clang ≥ 10):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let run = Command::new(&exe).output().unwrap();

@@ -285,8 +285,13 @@ fn efficientnet_on_host_ops_matches_the_cpu_encoder() {
     assert!(min_cos >= 0.999_999, "a patch token's cosine to the CPU's is {min_cos}");
 }
 
-/// On the GPU (bf16 maps through eleven blocks): tapped maps within 5% of their largest magnitude
-/// and every patch token at cosine ≥ 0.99 to the CPU's. Skips where no CUDA device works.
+/// On the GPU (bf16 weights and maps through eleven blocks): tapped maps within 25% of their
+/// largest magnitude and every patch token at cosine ≥ 0.97 to the CPU's. The bound is loose
+/// because the folded BatchNorm makes the convolution weights large and their bias cancels most
+/// of the product: bf16 weights and inputs move the stem's output by ~0.1 where the ReLU6 output is
+/// ~2.5, and the error grows through the blocks. On the emulated device (kernels/emu, the same
+/// bf16 rounding) the measured figures are 17% and 0.986; a wrong index or padding gives errors
+/// of the order of the maps themselves. Skips where no CUDA device works.
 #[test]
 fn efficientnet_on_the_gpu_matches_the_cpu_encoder() {
     let gpu = match sage::backend::cuda::Gpu::global() {
@@ -298,5 +303,19 @@ fn efficientnet_on_the_gpu_matches_the_cpu_encoder() {
     };
     let (map_err, min_cos) = encoder_on(sage::backend::cuda::step_ops::CudaOps::new(gpu));
     println!("efficientnet on the gpu: tapped maps within {map_err} of their max, lowest token cosine {min_cos}");
-    assert!(map_err <= 5e-2 && min_cos >= 0.99, "maps {map_err}, cosine {min_cos}");
+    assert!(map_err <= 0.25 && min_cos >= 0.97, "maps {map_err}, cosine {min_cos}");
+}
+
+/// The encoder's GPU test again on the emulated device (kernels/emu/fake_cuda.cpp): on a machine
+/// without a GPU this runs `DeviceEfficientNet` through cudarc, the dwconv kernels and the
+/// emulated cuBLASLt end to end. (The ten SFE steps take minutes per step there, so they wait for
+/// a device.)
+#[test]
+fn efficientnet_on_the_emulated_device_matches_the_cpu_encoder() {
+    if common::emu::in_emulated_child() {
+        return;
+    }
+    let stdout =
+        common::emu::run_tests_on_emulated_device(&["--exact", "efficientnet_on_the_gpu_matches_the_cpu_encoder"], &[]);
+    assert!(stdout.contains("efficientnet on the gpu: tapped maps within"), "{stdout}");
 }

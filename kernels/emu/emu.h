@@ -1,9 +1,10 @@
 // A small CPU emulation of the CUDA features kernels/*.cu use, so that their indexing, tiling,
 // reductions and synchronisation can be checked against references on a machine with no GPU
 // (tests/kernels_emulated.rs). It is a logic check, not a substitute for parity on a device:
-//   - one std::thread per CUDA thread; blocks run one after another; __syncthreads and warp
-//     shuffles are barriers (so a missing __syncthreads between block-wide phases may go unseen
-//     when the phases happen to be ordered anyway);
+//   - every CUDA thread of a block is a fiber on one host thread (a 6-register context switch),
+//     run round-robin; blocks run one after another; __syncthreads and warp shuffles are barriers
+//     (so a missing __syncthreads between block-wide phases may go unseen when the phases happen
+//     to be ordered anyway);
 //   - cp.async is a synchronous copy (a missing cp.async.wait is not caught);
 //   - mma.sync m16n8k16 is rebuilt from the fragment layout of the PTX ISA, the same reading the
 //     kernels use (a shared misreading would cancel out);
@@ -15,24 +16,95 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <functional>
+#include <sys/mman.h>
 #include <vector>
 
 struct dim3e {
     unsigned x = 1, y = 1, z = 1;
 };
-inline thread_local dim3e threadIdx, blockIdx;
+// Set by the fiber scheduler before it resumes a CUDA thread.
+inline dim3e threadIdx, blockIdx;
 inline dim3e blockDim, gridDim;
-inline std::barrier<>* g_block_bar;
-inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+
+// ---- cooperative CUDA threads ----
+// Each CUDA thread of a block runs as a fiber on the launching host thread; a fiber gives the host
+// thread back only at a barrier, so the block's threads interleave exactly at __syncthreads and
+// warp-synchronous points, deterministically, and a launch costs no OS thread.
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+// Saves the callee-saved registers and the stack pointer into *save_sp, loads load_sp, restores
+// the registers saved there and returns into that context (x86-64 System V).
+asm(R"(
+    .text
+    .weak emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#if !defined(__x86_64__)
+#error "kernels/emu/emu.h switches fibers with x86-64 assembly"
+#endif
+
+struct emu_fiber {
+    void* sp = nullptr;
+    bool done = false;
+};
+inline std::vector<emu_fiber> g_fibers;
+inline std::vector<char*> g_stacks;  // one per fiber, reused across blocks and launches
+constexpr size_t EMU_STACK = 256 << 10, EMU_GUARD = 4096;
+inline void* g_sched_sp;
+inline unsigned g_cur;
+inline std::function<void()> g_body;
+
+inline void emu_yield() { emu_switch(&g_fibers[g_cur].sp, g_sched_sp); }
+
+// A barrier among fibers with std::barrier's arrive_and_wait / arrive_and_drop.
+struct emu_barrier {
+    unsigned expected, count = 0, gen = 0;
+    explicit emu_barrier(unsigned n) : expected(n) {}
+    void arrive_and_wait() {
+        unsigned g = gen;
+        if (++count == expected) {
+            count = 0;
+            ++gen;
+        } else {
+            while (gen == g) emu_yield();
+        }
+    }
+    void arrive_and_drop() {
+        --expected;
+        if (count > 0 && count == expected) {
+            count = 0;
+            ++gen;
+        }
+    }
+};
+inline emu_barrier* g_block_bar;
+inline std::vector<emu_barrier> g_warp_bar;
 inline uint64_t g_shfl[32][32];
 inline std::atomic<int> g_or{0};
-alignas(16) inline unsigned char g_dyn_smem[1 << 17];
+// 227 KiB: the most dynamic shared memory a block can opt into on sm_90.
+alignas(16) inline unsigned char g_dyn_smem[232448];
 
 #define __global__
 #define __device__
@@ -90,7 +162,7 @@ inline int __syncthreads_or(int p) {
     if (threadIdx.x == 0) g_or.store(0);
     return r;
 }
-inline void emu_warp_sync() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+inline void emu_warp_sync() { g_warp_bar[threadIdx.x / 32].arrive_and_wait(); }
 template <class T>
 T emu_shfl(T v, int src) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
@@ -157,29 +229,54 @@ inline void mma_16816(float* c, const unsigned* a, const unsigned* b) {
     emu_warp_sync();
 }
 
+[[noreturn]] inline void emu_fiber_entry() {
+    g_body();
+    g_warp_bar[threadIdx.x / 32].arrive_and_drop();
+    g_block_bar->arrive_and_drop();
+    g_fibers[g_cur].done = true;
+    emu_yield();
+    __builtin_unreachable();
+}
+
 // kernel<<<grid, block>>>(args...) with a 1-D block; blocks run one after another.
 template <class F, class... Args>
 void launch(dim3e grid, unsigned threads, F f, Args... args) {
     gridDim = grid;
     blockDim = {threads, 1, 1};
+    g_body = [&] { f(args...); };
+    while (g_stacks.size() < threads) {
+        // A guard page below each stack: an overflow faults instead of corrupting a neighbour.
+        void* m = mmap(nullptr, EMU_STACK + EMU_GUARD, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) abort();
+        mprotect(m, EMU_GUARD, PROT_NONE);
+        g_stacks.push_back((char*)m + EMU_GUARD);
+    }
+    g_fibers.assign(threads, {});
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> bar(threads);
+                emu_barrier bar(threads);
                 g_block_bar = &bar;
                 g_warp_bar.clear();
-                for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-                    g_warp_bar.emplace_back(new std::barrier<>(std::min(32u, threads - 32 * w)));
-                std::vector<std::thread> ts;
-                for (unsigned tid = 0; tid < threads; ++tid)
-                    ts.emplace_back([=] {
-                        threadIdx = {tid, 0, 0};
-                        blockIdx = {bx, by, bz};
-                        f(args...);
-                        g_warp_bar[tid / 32]->arrive_and_drop();
-                        g_block_bar->arrive_and_drop();
-                    });
-                for (auto& t : ts) t.join();
+                for (unsigned w = 0; w < (threads + 31) / 32; ++w) g_warp_bar.emplace_back(std::min(32u, threads - 32 * w));
+                blockIdx = {bx, by, bz};
+                for (unsigned t = 0; t < threads; ++t) {
+                    // The first switch into a fiber pops six zero registers and returns into
+                    // emu_fiber_entry with the stack aligned as after a call.
+                    void** sp = (void**)(g_stacks[t] + EMU_STACK);
+                    *--sp = nullptr;
+                    *--sp = (void*)&emu_fiber_entry;
+                    for (int r = 0; r < 6; ++r) *--sp = nullptr;
+                    g_fibers[t] = {sp, false};
+                }
+                for (unsigned live = threads; live > 0;)
+                    for (unsigned t = 0; t < threads; ++t) {
+                        if (g_fibers[t].done) continue;
+                        g_cur = t;
+                        threadIdx = {t, 0, 0};
+                        emu_switch(&g_sched_sp, g_fibers[t].sp);
+                        live -= g_fibers[t].done;
+                    }
             }
 }
 

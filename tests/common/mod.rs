@@ -4,6 +4,8 @@
 //! that installs them: `.ci/run` always installs them first.
 #![allow(dead_code)]
 
+pub mod emu;
+
 use std::path::PathBuf;
 
 pub fn sage() -> assert_cmd::Command {
