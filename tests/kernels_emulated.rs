@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::emu::{cxx, emulated_source, root};
+use common::emu::{compile, emulated_source, root};
 use std::path::Path;
 use std::process::Command;
 
@@ -25,22 +25,11 @@ fn run_check(kernel: &str) {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join(format!("{kernel}.emu.h")), emu).unwrap();
     let exe = tmp.path().join("check");
-    let out = Command::new(cxx())
-        .args(["-std=c++20", "-O2", "-pthread", "-w"])
-        .arg("-I")
-        .arg(tmp.path())
-        .arg("-I")
-        .arg(root().join("kernels/emu"))
-        .arg(&check)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{}` ({e}); install g++ ≥ 11 or set CXX", cxx()));
-    assert!(
-        out.status.success(),
-        "compiling the emulated {kernel} failed (needs C++20 and x86-64: g++ ≥ 10 or clang ≥ 10):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let inc_emu = root().join("kernels/emu");
+    let args = ["-std=c++20", "-O2", "-pthread", "-w", "-I"].map(std::ffi::OsStr::new);
+    let paths = [tmp.path().as_os_str(), std::ffi::OsStr::new("-I"), inc_emu.as_os_str(), check.as_os_str()];
+    let out = [std::ffi::OsStr::new("-o"), exe.as_os_str()];
+    compile(&[&args[..], &paths, &out].concat(), &format!("the emulated {kernel}"));
     let run = Command::new(&exe).output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     print!("{stdout}");

@@ -80,7 +80,8 @@ pub fn cxx() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
 }
 
-fn compile(args: &[&std::ffi::OsStr], what: &str) {
+/// Runs the host C++ compiler with `args`; panics with its errors (naming `what`) on failure.
+pub fn compile(args: &[&std::ffi::OsStr], what: &str) {
     let out = Command::new(cxx())
         .args(args)
         .output()
