@@ -105,7 +105,14 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// Runs `sage <args>`: progress on the terminal, stdout into `logs/<name>.txt`.
     fn sage(&self, name: &str, args: &[String]) -> Result<()> {
+        // The model stages follow --device cuda; the others (fetch, data, facts, score, map) run
+        // on the CPU. The echoed line carries the flag too, so it reruns the stage as it ran.
+        let on_gpu = self.ctx.backend.backend == "cuda"
+            && matches!(args.first().map(String::as_str), Some("sfe" | "edpo" | "eval"));
         let mut shown = vec!["sage".to_string()];
+        if on_gpu {
+            shown.extend(["--device".to_string(), "cuda".to_string()]);
+        }
         shown.extend(args.iter().cloned());
         if !self.ctx.json {
             eprintln!("▶ {}", shown.join(" "));
@@ -118,14 +125,7 @@ impl Runner<'_> {
         if self.ctx.json {
             cmd.arg("--json");
         }
-        // The model stages follow --device cuda; the others (fetch, data, facts, score, map) run
-        // on the CPU.
-        if self.ctx.backend.backend == "cuda"
-            && matches!(args.first().map(String::as_str), Some("sfe" | "edpo" | "eval"))
-        {
-            cmd.args(["--device", "cuda"]);
-        }
-        cmd.args(args);
+        cmd.args(&shown[1..]);
         let log = self.logs.join(format!("{name}.txt"));
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let status = cmd.stdout(out).status().with_context(|| format!("starting {}", self.exe.display()))?;

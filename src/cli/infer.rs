@@ -3,6 +3,7 @@
 use super::{print_json, Ctx};
 use crate::assets::Asset;
 use crate::backend::cuda::step_ops::CudaOps;
+use crate::backend::step_ops::StepOps;
 use crate::facts::FactSet;
 use crate::image_io;
 use crate::models::llama::Sampling;
@@ -87,13 +88,14 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     };
     let ex = Example { test: &test, reference: reference.as_ref(), facts: &facts, question: &a.question, answer: None };
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-    let (answer, selection) = if ctx.backend.backend == "cuda" {
+    // `device` names what answered, so a script can tell the GPU path from the CPU one.
+    let (device, (answer, selection)) = if ctx.backend.backend == "cuda" {
         params.set_trainable_where(|_| true, false);
         let gpu = crate::backend::cuda::Gpu::global()?;
         let dev = DeviceSage::new(CudaOps::new(gpu), &model, &params, Default::default(), None)?;
-        dev.answer_batch(&model, &[ex], a.max_tokens, greedy)?.remove(0)
+        (dev.llm.ops.describe(), dev.answer_batch(&model, &[ex], a.max_tokens, greedy)?.remove(0))
     } else {
-        model.answer(&params, &ex, a.max_tokens, greedy)?
+        ("cpu".to_string(), model.answer(&params, &ex, a.max_tokens, greedy)?)
     };
     let scores = crate::ops::similarity::mincos_topk(
         &test.data,
@@ -115,6 +117,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         return print_json(&serde_json::json!({
             "answer": answer, "conclusion": crate::data::sample::conclusion(&answer).map(crate::data::sample::yes_no),
             "selected_patches": patches, "selected_cells": cells, "grid": [test.h, test.w], "facts": facts, "map": a.map,
+            "device": device,
         }));
     }
     println!("{answer}");

@@ -133,7 +133,14 @@ pub fn run(cli: Cli) -> Result<()> {
     if selection.backend == "cuda"
         && !matches!(
             cli.command,
-            Command::Bench(_) | Command::Doctor(_) | Command::Kernels(_) | Command::Sfe(_) | Command::Edpo(_)
+            Command::Bench(_)
+                | Command::Doctor(_)
+                | Command::Kernels(_)
+                | Command::Sfe(_)
+                | Command::Edpo(_)
+                | Command::Infer(_)
+                | Command::Eval(_)
+                | Command::Demo(_)
         )
     {
         return Err(crate::user_err!(
