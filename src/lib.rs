@@ -19,9 +19,11 @@ pub mod judge;
 pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod opset;
 pub mod plugin;
 pub mod sfe;
 pub mod tensor;
+pub mod threads;
 pub mod train;
 pub mod util;
 

@@ -467,7 +467,7 @@ fn edpo_loop_on_the_device_step_matches_the_cpu_loop() {
     let mut run = EdpoRun::new(cfg.clone(), &cpu).unwrap();
     sage::edpo::run::train(&mut run, false, true).unwrap();
     let mut run = EdpoRun::new(cfg, &dev).unwrap();
-    let o = sage::edpo::run::train_on(&mut run, sage::backend::step_ops::HostOps, false, true).unwrap();
+    let o = sage::edpo::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true).unwrap();
     assert!(o.val.is_some());
     let log = |p: &Path| -> Vec<Value> {
         std::fs::read_to_string(p.join("log.jsonl"))

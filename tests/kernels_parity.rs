@@ -10,12 +10,13 @@ mod common;
 
 use half::bf16;
 use sage::backend::cuda::edpo::{self as gedpo, DevicePairs, SeqShape};
-use sage::backend::cuda::gemm::{gemm, gemm_reference, GemmSpec};
+use sage::backend::cuda::gemm::{gemm, gemm_reference};
 use sage::backend::cuda::mincos::{self, MincosShape, Variant};
 use sage::backend::cuda::{fusion, Gpu};
 use sage::ops::edpo::{self, EdpoConfig, Pair};
 use sage::ops::fusion_attn::{self, FusionShape};
 use sage::ops::similarity::{self, Reduce};
+use sage::opset::GemmSpec;
 use std::sync::Arc;
 
 /// Every GPU test of this file, run again in a child process on the emulated device
@@ -502,9 +503,10 @@ fn kernel_parity_llm_ops() {
 #[test]
 fn kernel_parity_llm_attn() {
     let Some(gpu) = gpu("llm_attn") else { return };
-    use sage::backend::cuda::llm_attn::{self, CausalShape};
+    use sage::backend::cuda::llm_attn;
     use sage::ops::attention::{attention, attention_backward, AttnShape, Mask};
     use sage::ops::rope::RopeTable;
+    use sage::opset::CausalShape;
     let close = |got: &[f32], want: &[f32], what: &str| {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= 1e-2 * w.abs() + 2e-3, "{what}[{i}]: {g} vs {w}");
@@ -618,8 +620,8 @@ fn kernel_parity_llama_train_step_ten_steps_lora() {
 
 fn llama_train_step_ten_steps(finetune: sage::models::llama_train::Finetune) {
     let Some(gpu) = gpu("llama train step") else { return };
+    use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::backend::step_ops::HostOps;
     use sage::models::llama::LlamaConfig;
     use sage::models::llama_step::DeviceLlama;
     use sage::models::llama_train::TrainableLlama;
@@ -675,8 +677,9 @@ fn close(what: &str, got: Vec<f32>, want: &[f32], tol: f32) {
 #[test]
 fn kernel_parity_sage_head_ops_through_the_op_set() {
     let Some(gpu) = gpu("sage head ops") else { return };
+    use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::backend::step_ops::{GradRef, HostOps, StepOps};
+    use sage::opset::*;
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
     for &(rows, cols) in &[(1usize, 1usize), (7, 37), (65, 576), (130, 300)] {
         let ((_, x), (_, w), (_, b), (_, dy)) = (rnd(rows * cols, 1), rnd(cols, 2), rnd(cols, 3), rnd(rows * cols, 4));
@@ -745,9 +748,10 @@ fn kernel_parity_sage_head_ops_through_the_op_set() {
 #[test]
 fn kernel_parity_edpo_step_ops_through_the_op_set() {
     let Some(gpu) = gpu("edpo step ops") else { return };
+    use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::backend::step_ops::{HostOps, StepOps};
     use sage::ops::loss::IGNORE;
+    use sage::opset::*;
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
     for &(n, t, dim, vocab) in &[(2usize, 5usize, 16usize, 37usize), (4, 33, 64, 1000), (6, 70, 96, 5003)] {
         let (_, hidden) = rnd(n * t * dim, 11);
@@ -796,9 +800,10 @@ fn kernel_parity_edpo_step_ops_through_the_op_set() {
 #[test]
 fn kernel_parity_llm_decode_through_the_op_set() {
     let Some(gpu) = gpu("llm decode") else { return };
+    use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::backend::step_ops::{DecodeShape, HostOps, StepOps};
     use sage::ops::rope::RopeTable;
+    use sage::opset::*;
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
     for &(seqs, slots, heads, kv_heads, d) in
         &[(1usize, 1usize, 1usize, 1usize, 2usize), (2, 40, 4, 2, 8), (3, 300, 9, 3, 64), (2, 129, 14, 2, 128)]
@@ -849,8 +854,9 @@ fn kernel_parity_llm_decode_through_the_op_set() {
 /// A LLaMA's cached decode on `ops` (prefill of two prompts of different lengths, then
 /// teacher-forced decode steps) against the uncached forward of the whole sequences on the CPU
 /// reference ops: every position's hidden state within `tol` × the largest magnitude.
-fn cached_decode_matches_uncached_forward<O: sage::backend::step_ops::StepOps>(ops: O, tol: f32) {
-    use sage::backend::step_ops::{HostOps, StepOps};
+fn cached_decode_matches_uncached_forward<O: sage::opset::StepOps>(ops: O, tol: f32) {
+    use sage::backend::cpu::HostOps;
+    use sage::opset::*;
     let h = HostOps;
     use sage::models::llama::LlamaConfig;
     use sage::models::llama_step::DeviceLlama;
@@ -915,7 +921,7 @@ fn cached_decode_matches_uncached_forward<O: sage::backend::step_ops::StepOps>(o
 /// attention differ only by summation order).
 #[test]
 fn cached_decode_on_host_ops_matches_the_uncached_forward() {
-    cached_decode_matches_uncached_forward(sage::backend::step_ops::HostOps, 1e-5);
+    cached_decode_matches_uncached_forward(sage::backend::cpu::HostOps, 1e-5);
 }
 
 /// Depthwise convolution (`kernels/dwconv.cu`) against `ops::conv::{depthwise_conv2d,
@@ -926,8 +932,9 @@ fn cached_decode_on_host_ops_matches_the_uncached_forward() {
 #[test]
 fn kernel_parity_dwconv() {
     let Some(gpu) = gpu("dwconv") else { return };
-    use sage::backend::cuda::dwconv::{self, DwShape};
+    use sage::backend::cuda::dwconv;
     use sage::ops::conv::{depthwise_conv2d, depthwise_conv2d_backward, Padding};
+    use sage::opset::DwShape;
     for &(n, c, h, k, stride) in &[
         (1usize, 1usize, 1usize, 3usize, 1usize),
         (2, 3, 7, 3, 2),
@@ -995,8 +1002,9 @@ fn kernel_parity_dwconv() {
         close(&format!("dwconv db {s:?}"), gpu.download(&db).unwrap(), &wdb, 1e-3);
     }
     // The dense convolutions' epilogue through the op set: bias, residual, ReLU6.
+    use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::backend::step_ops::{HostOps, StepOps};
+    use sage::opset::*;
     let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
     for &(channels, p) in &[(1usize, 1usize), (7, 49), (144, 784)] {
         let (_, y) = rnd(channels * p, 71);

@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use sage::backend::step_ops::HostOps;
+use sage::backend::cpu::HostOps;
 use sage::models::efficientnet::PatchTokens;
 use sage::models::llama_train::Finetune;
 use sage::models::sage::{FactsMode, SageConfig};
@@ -272,7 +272,7 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
 /// The EfficientNet-Lite0 encoder's forward on an op set (`models::efficientnet::DeviceEfficientNet`)
 /// against the CPU encoder on two real ELPV cells: the largest difference of the tapped maps
 /// relative to their largest magnitude, and the lowest cosine between matching patch tokens.
-fn encoder_on<O: sage::backend::step_ops::StepOps>(ops: O) -> (f32, f32) {
+fn encoder_on<O: sage::opset::StepOps>(ops: O) -> (f32, f32) {
     use sage::image_io;
     use sage::models::efficientnet::{DeviceEfficientNet, EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
     let net = EfficientNetLite::load(&efficientnet_pth()).unwrap();

@@ -195,7 +195,7 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
     let mut run = sage::sfe::run::Run::new(cfg.clone(), &cpu_out).unwrap();
     let cpu_val = sage::sfe::run::train(&mut run, false, true).unwrap().val.unwrap();
     let mut run = sage::sfe::run::Run::new(cfg, &dev_out).unwrap();
-    let o = sage::sfe::run::train_on(&mut run, sage::backend::step_ops::HostOps, false, true).unwrap();
+    let o = sage::sfe::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true).unwrap();
     // Validation answers on the device (batched) as the CPU model does.
     let dev_val = o.val.unwrap();
     assert_eq!((dev_val.questions, dev_val.unparsed), (cpu_val.questions, cpu_val.unparsed));
@@ -236,7 +236,7 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
         let cfg3: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
         let mut run = sage::sfe::run::Run::new(cfg3, &out).unwrap();
         if on_device {
-            sage::sfe::run::train_on(&mut run, sage::backend::step_ops::HostOps, true, true).unwrap();
+            sage::sfe::run::train_on(&mut run, sage::backend::cpu::HostOps, true, true).unwrap();
         } else {
             sage::sfe::run::train(&mut run, true, true).unwrap();
         }

@@ -5,7 +5,6 @@
 pub mod cpu;
 pub mod cuda;
 pub mod nvrtc;
-pub mod step_ops;
 
 use serde::Serialize;
 

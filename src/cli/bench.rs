@@ -2,9 +2,9 @@
 
 use super::{print_json, Ctx};
 use crate::assets::{self, Asset};
-use crate::backend::cpu::{sgemm, MatRef};
 use crate::backend::DeviceChoice;
 use crate::models::llama::{argmax, ChatModel};
+use crate::ops::gemm::{sgemm, MatRef};
 use crate::user_err;
 use crate::util::median;
 use anyhow::{Context, Result};

@@ -2,17 +2,20 @@
 //! `benches/run_kernels.sh` runs this and the PyTorch references (`benches/kernels_torch.py`) in
 //! one call on the GPU machine and writes the report with the ratios to `benches/results/`.
 
-use crate::backend::cuda::dwconv::{self, DwShape};
+use crate::backend::cuda::dwconv;
 use crate::backend::cuda::edpo::{self as gedpo, DevicePairs, SeqShape};
 use crate::backend::cuda::fusion;
-use crate::backend::cuda::gemm::{gemm, GemmSpec};
-use crate::backend::cuda::llm_decode::{self, DecodeShape, DecodeVariant};
+use crate::backend::cuda::gemm::gemm;
+use crate::backend::cuda::llm_decode::{self, DecodeVariant};
 use crate::backend::cuda::mincos::{self, MincosShape, Variant};
 use crate::backend::cuda::Gpu;
 use crate::ops::conv::Padding;
 use crate::ops::edpo::Pair;
 use crate::ops::fusion_attn::FusionShape;
 use crate::ops::similarity::Reduce;
+use crate::opset::DecodeShape;
+use crate::opset::DwShape;
+use crate::opset::GemmSpec;
 use anyhow::Result;
 use half::bf16;
 use serde::Serialize;

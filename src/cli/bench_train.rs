@@ -222,8 +222,8 @@ pub fn run_gpu(
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<ModelResult>> {
     use crate::backend::cuda::step_ops::CudaOps;
-    use crate::backend::step_ops::StepOps;
     use crate::models::llama_step::DeviceLlama;
+    use crate::opset::Buffers;
     let mut out = Vec::new();
     for name in &cfg.models {
         let (model, params, parameters) = load_random(name)?;

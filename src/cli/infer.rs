@@ -3,13 +3,13 @@
 use super::{print_json, Ctx};
 use crate::assets::Asset;
 use crate::backend::cuda::step_ops::CudaOps;
-use crate::backend::step_ops::StepOps;
 use crate::facts::FactSet;
 use crate::image_io;
 use crate::models::llama::Sampling;
 use crate::models::sage::FactsMode;
 use crate::models::sage_model::{Example, SageModel};
 use crate::models::sage_step::DeviceSage;
+use crate::opset::Buffers;
 use crate::sfe::checkpoint;
 use crate::train::{streams, ParamSet, SeedRng};
 use crate::user_err;

@@ -128,7 +128,7 @@ impl Ctx {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    let threads = backend::cpu::init_threads(cli.threads);
+    let threads = crate::threads::init_threads(cli.threads);
     let selection = backend::select(cli.device)?;
     if selection.backend == "cuda"
         && !matches!(

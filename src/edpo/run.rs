@@ -10,10 +10,10 @@
 
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
-use crate::backend::step_ops::StepOps;
 use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
 use crate::models::sage_step::DeviceSage;
 use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
+use crate::opset::StepOps;
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
 use crate::sfe::run::{checkpoint_due, finish_step, start_run, Run, Start, ValResult};

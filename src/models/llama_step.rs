@@ -5,7 +5,7 @@
 //!
 //! It mirrors `llama_train.rs` op for op (same names, same order, the residual stream's gradient
 //! passed the same way, LoRA adapters as `y = x·Wᵀ + (scale·x·Aᵀ)·Bᵀ`), so that
-//! [`HostOps`](crate::backend::step_ops::HostOps) reproduces `TrainableLlama`'s loss and gradients
+//! [`HostOps`](crate::backend::cpu::HostOps) reproduces `TrainableLlama`'s loss and gradients
 //! (tested below) and the CUDA op set differs from it only by its bf16 rounding. On the GPU:
 //! weights, activations and gradients bf16 (cuBLASLt writes the weight gradients in bf16),
 //! norm-weight and bias gradients, master weights and AdamW moments fp32. Frozen tensors (LoRA's
@@ -22,9 +22,9 @@
 
 use super::llama::LlamaConfig;
 use super::llama_train::{Linear, TrainableLlama};
-use crate::backend::cuda::gemm::GemmSpec;
-use crate::backend::step_ops::{CausalShape, GradRef, StepOps};
 use crate::ops::loss::IGNORE;
+use crate::opset::GemmSpec;
+use crate::opset::{CausalShape, GradRef, StepOps};
 use crate::train::{AdamWConfig, AdamWScalars, AdamWState, Moments, Param, ParamId, ParamSet};
 use crate::user_bail;
 use anyhow::{bail, Result};
@@ -640,7 +640,7 @@ pub fn weight_grad(out_f: usize, in_f: usize, rows: usize) -> GemmSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::step_ops::HostOps;
+    use crate::backend::cpu::HostOps;
     use crate::models::llama_train::Finetune;
     use crate::models::random_init::RandomLlama;
     use crate::models::WeightSource;

@@ -15,10 +15,10 @@
 
 use super::llama::{LlamaConfig, Sampler, Sampling};
 use super::WeightSource;
-use crate::backend::cpu::{sgemm, MatRef};
 use crate::ops::activation::{swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
 use crate::ops::embedding::embedding_backward;
+use crate::ops::gemm::{sgemm, MatRef};
 use crate::ops::loss::{cross_entropy_, IGNORE};
 use crate::ops::matmul::{linear_backward, linear_forward};
 use crate::ops::norm::{rms_norm_backward, rms_norm_rows};

@@ -9,7 +9,7 @@
 //! rows under the causal mask and has no target, so its gradient is exactly zero), and weighs
 //! each sequence `1/(B·answer tokens)`: the loss is the mean of the examples' mean token losses,
 //! `sage sfe`'s CPU loss ([`SageModel::loss`] per example, averaged by the trainer). On
-//! [`HostOps`](crate::backend::step_ops::HostOps) the step reproduces that path's loss,
+//! [`HostOps`](crate::backend::cpu::HostOps) the step reproduces that path's loss,
 //! gradients and update (tests/sage_step.rs); on the GPU it differs by bf16 rounding.
 //!
 //! E-DPO's step ([`DeviceSage::edpo_step`]) reuses the same forward and backward around the
@@ -23,10 +23,10 @@ use super::llama_step::{weight_grad, DeviceLlama, Grad, Grads, RowsForward, Step
 use super::sage::Selection;
 use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
 use super::sage_model::{Example, SageModel, SeqPlan};
-use crate::backend::cuda::gemm::GemmSpec;
-use crate::backend::step_ops::StepOps;
 use crate::ops::edpo::{EdpoConfig, Pair};
 use crate::ops::loss::IGNORE;
+use crate::opset::GemmSpec;
+use crate::opset::StepOps;
 use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
 

@@ -3,32 +3,9 @@
 //! `Padding` is explicit per side so that TensorFlow's asymmetric "SAME" padding (the layout
 //! EfficientNet checkpoints were trained with) is representable.
 
-use crate::backend::cpu::{sgemm, MatRef};
+use crate::ops::gemm::{sgemm, MatRef};
+pub use crate::opset::Padding;
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Padding {
-    pub top: usize,
-    pub left: usize,
-    pub bottom: usize,
-    pub right: usize,
-}
-
-impl Padding {
-    /// TensorFlow "SAME": output = ceil(input / stride), the extra pixel on the bottom/right.
-    pub fn tf_same(h: usize, w: usize, k: usize, stride: usize) -> Padding {
-        let pad = |n: usize| {
-            let out = n.div_ceil(stride);
-            ((out - 1) * stride + k).saturating_sub(n)
-        };
-        let (ph, pw) = (pad(h), pad(w));
-        Padding { top: ph / 2, left: pw / 2, bottom: ph - ph / 2, right: pw - pw / 2 }
-    }
-
-    pub fn output_hw(&self, h: usize, w: usize, k: usize, stride: usize) -> (usize, usize) {
-        ((h + self.top + self.bottom - k) / stride + 1, (w + self.left + self.right - k) / stride + 1)
-    }
-}
 
 /// Dense convolution: `x[ci, h, w]`, `weight[co, ci, k, k]`, `bias[co]` → `[co, oh, ow]`.
 /// im2col then one GEMM; 1×1 stride-1 convolutions skip the im2col.

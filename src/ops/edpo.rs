@@ -18,29 +18,14 @@
 //! `∂h_t = Σ_v ∂z_v W_v` and `∂W_v = Σ_t ∂z_{t,v} h_t`. As in the kernel, the `[N, T, V]`
 //! log-probabilities never exist: rows and vocabulary are processed in blocks.
 
-use crate::backend::cpu::{sgemm, MatRef};
+use crate::ops::gemm::{sgemm, MatRef};
+pub use crate::opset::{EdpoConfig, Pair};
 use rayon::prelude::*;
 
 /// Vocabulary columns per block of the online log-sum-exp.
 pub const VOCAB_CHUNK: usize = 4096;
 /// Token rows per block.
 const ROW_BLOCK: usize = 64;
-
-/// One preference pair: indices of the chosen (winning) and rejected sequences and
-/// `ΔH = H(a_chosen) − H(a_rejected)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Pair {
-    pub chosen: usize,
-    pub rejected: usize,
-    pub delta_h: f32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct EdpoConfig {
-    pub beta: f32,
-    /// Weight of the entropy-difference term; 0 gives plain DPO.
-    pub eta: f32,
-}
 
 /// Per-token target log-probabilities and log-sum-exps (0 at masked positions).
 #[derive(Clone, Debug)]

@@ -12,41 +12,13 @@
 //! `ds_ij = p_ij (dp_ij − delta_i)`; `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_i ds_ij q_i`,
 //! `dv_j = Σ_i p_ij dout_i`.
 
+pub use crate::opset::FusionShape;
 use rayon::prelude::*;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FusionShape {
-    pub batch: usize,
-    /// L: query rows (fact vectors) per sample.
-    pub queries: usize,
-    /// S: key/value rows (selected patches) per sample.
-    pub keys: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
-
-impl FusionShape {
-    /// Elements of `q`/`out` (`[B, L, H, D]`).
-    pub fn q_len(&self) -> usize {
-        self.batch * self.queries * self.heads * self.head_dim
-    }
-    /// Elements of `k`/`v` (`[B, S, H, D]`).
-    pub fn kv_len(&self) -> usize {
-        self.batch * self.keys * self.heads * self.head_dim
-    }
-    /// Elements of `lse` (`[B, H, L]`).
-    pub fn lse_len(&self) -> usize {
-        self.batch * self.heads * self.queries
-    }
-    /// The softmax scale, `1/√D`.
-    pub fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
-    }
-    fn check(&self, q: usize, k: usize, v: usize) {
-        assert_eq!(q, self.q_len(), "fusion attention: q has the wrong length for {self:?}");
-        assert_eq!(k, self.kv_len(), "fusion attention: k has the wrong length for {self:?}");
-        assert_eq!(v, self.kv_len(), "fusion attention: v has the wrong length for {self:?}");
-    }
+fn check_lens(s: &FusionShape, q: usize, k: usize, v: usize) {
+    assert_eq!(q, s.q_len(), "fusion attention: q has the wrong length for {s:?}");
+    assert_eq!(k, s.kv_len(), "fusion attention: k has the wrong length for {s:?}");
+    assert_eq!(v, s.kv_len(), "fusion attention: v has the wrong length for {s:?}");
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -56,7 +28,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Forward: writes `out [B, L, H, D]` and `lse [B, H, L]`. With no keys (S = 0) the output is
 /// zero and `lse` is −∞.
 pub fn fusion_attn_forward(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out: &mut [f32], lse: &mut [f32]) {
-    s.check(q.len(), k.len(), v.len());
+    check_lens(&s, q.len(), k.len(), v.len());
     assert_eq!(out.len(), s.q_len());
     assert_eq!(lse.len(), s.lse_len());
     let FusionShape { queries: l, keys: n, heads: h, head_dim: d, .. } = s;
@@ -112,7 +84,7 @@ pub fn fusion_attn_backward(
     dout: &[f32],
     s: FusionShape,
 ) -> FusionGrads {
-    s.check(q.len(), k.len(), v.len());
+    check_lens(&s, q.len(), k.len(), v.len());
     assert_eq!(out.len(), s.q_len());
     assert_eq!(dout.len(), s.q_len());
     assert_eq!(lse.len(), s.lse_len());

@@ -1,8 +1,8 @@
 //! Matrix products: `linear` (x·Wᵀ + b, the layout of every checkpoint's linear layers) and
-//! batched `matmul`. CPU path: [`crate::backend::cpu::sgemm`].
+//! batched `matmul`. CPU path: [`crate::ops::gemm::sgemm`].
 
 use super::expect_last_dim;
-use crate::backend::cpu::{sgemm, MatRef};
+use crate::ops::gemm::{sgemm, MatRef};
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 use rayon::prelude::*;

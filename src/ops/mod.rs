@@ -11,6 +11,7 @@ pub mod edpo;
 pub mod elementwise;
 pub mod embedding;
 pub mod fusion_attn;
+pub mod gemm;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 pub mod loss;

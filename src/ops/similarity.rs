@@ -4,7 +4,7 @@
 //! `1 − s_i` is the anomaly map. Zero-shot (no reference) compares the test image with itself,
 //! excluding each patch's own position.
 
-use crate::backend::cpu::{sgemm, MatRef};
+use crate::ops::gemm::{sgemm, MatRef};
 use crate::ops::norm::l2_normalize_slice;
 use rayon::prelude::*;
 

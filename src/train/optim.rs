@@ -8,6 +8,7 @@
 //! a checkpoint restores it exactly.
 
 use super::param::ParamSet;
+pub use crate::opset::AdamWScalars;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -27,25 +28,6 @@ impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
-}
-
-/// The per-step scalars of the update, formed in f64 as PyTorch forms them and rounded once: the
-/// CPU step below and the GPU kernels (`kernels/llm_ops.cu`) take the same values.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWScalars {
-    pub b1: f32,
-    /// `1 − β₁`
-    pub c1: f32,
-    pub b2: f32,
-    /// `1 − β₂`
-    pub c2: f32,
-    /// `lr / (1 − β₁ᵗ)`
-    pub step_size: f32,
-    /// `√(1 − β₂ᵗ)`
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-    /// `1 − lr·wd`, applied to decayed parameters only.
-    pub decay_factor: f32,
 }
 
 impl AdamWScalars {

@@ -4,65 +4,26 @@
 
 use super::kernels::DWCONV;
 use super::{blocks, cfg, int, Gpu};
-use crate::ops::conv::Padding;
+use crate::opset::DwShape;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
-/// `n` images of `c` channels, `h × w`, each channel filtered by its own `k × k` kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DwShape {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: Padding,
-}
-
-impl DwShape {
-    /// The output's `(Ho, Wo)`.
-    pub fn out_hw(&self) -> (usize, usize) {
-        self.pad.output_hw(self.h, self.w, self.k, self.stride)
-    }
-
-    pub fn in_len(&self) -> usize {
-        self.n * self.c * self.h * self.w
-    }
-
-    pub fn out_len(&self) -> usize {
-        let (ho, wo) = self.out_hw();
-        self.n * self.c * ho * wo
-    }
-
-    fn check(&self) -> Result<()> {
-        let s = self;
-        if s.n == 0 || s.c == 0 || s.h == 0 || s.w == 0 || s.k == 0 || s.stride == 0 {
-            bail!("depthwise convolution: every size must be positive ({s:?})");
-        }
-        if s.h + s.pad.top + s.pad.bottom < s.k || s.w + s.pad.left + s.pad.right < s.k {
-            bail!("depthwise convolution: a {0}×{0} kernel does not fit the padded input ({s:?})", s.k);
-        }
-        Ok(())
-    }
-
-    /// `N, C, H, W, k, stride, pad_t, pad_l, Ho, Wo` as kernel arguments.
-    fn args(&self) -> Result<[i32; 10]> {
-        let (ho, wo) = self.out_hw();
-        Ok([
-            int("N", self.n)?,
-            int("C", self.c)?,
-            int("H", self.h)?,
-            int("W", self.w)?,
-            int("k", self.k)?,
-            int("stride", self.stride)?,
-            int("pad_top", self.pad.top)?,
-            int("pad_left", self.pad.left)?,
-            int("Ho", ho)?,
-            int("Wo", wo)?,
-        ])
-    }
+/// `N, C, H, W, k, stride, pad_t, pad_l, Ho, Wo` as kernel arguments.
+fn args(s: &DwShape) -> Result<[i32; 10]> {
+    let (ho, wo) = s.out_hw();
+    Ok([
+        int("N", s.n)?,
+        int("C", s.c)?,
+        int("H", s.h)?,
+        int("W", s.w)?,
+        int("k", s.k)?,
+        int("stride", s.stride)?,
+        int("pad_top", s.pad.top)?,
+        int("pad_left", s.pad.left)?,
+        int("Ho", ho)?,
+        int("Wo", wo)?,
+    ])
 }
 
 /// `y [N, C, Ho, Wo] = act(dwconv(x, w) + bias)`, `act` ReLU6 when `relu6`.
@@ -81,7 +42,7 @@ pub fn forward(
     // SAFETY: a thread per output element writes it.
     let y = unsafe { gpu.uninit::<bf16>(s.out_len())? };
     let f = gpu.function(&DWCONV, "dwconv_fwd")?;
-    let a = s.args()?;
+    let a = args(&s)?;
     let act = i32::from(relu6);
     // SAFETY: argument order and types as in kernels/dwconv.cu; sizes checked above.
     unsafe {
@@ -125,7 +86,7 @@ pub fn backward(
     // SAFETY: a thread per input element writes dx; a block per (tap, channel) writes dw / db.
     let (dx, dw, db) =
         unsafe { (gpu.uninit::<bf16>(s.in_len())?, gpu.uninit::<f32>(s.c * s.k * s.k)?, gpu.uninit::<f32>(s.c)?) };
-    let a = s.args()?;
+    let a = args(&s)?;
     let f = gpu.function(&DWCONV, "dwconv_bwd_dx")?;
     // SAFETY: as in `forward`.
     unsafe {

@@ -3,9 +3,10 @@
 //! the margins and loss, and the gradient through `∂loss/∂z`, one answer span of rows at a time
 //! followed by two cuBLASLt GEMMs (`dH = dz·W`, `dW += dzᵀ·H`).
 
-use super::gemm::{gemm, GemmSpec};
+use super::gemm::gemm;
 use super::kernels::EDPO_LOSS;
 use super::{blocks, cfg, int, Gpu};
+use crate::opset::GemmSpec;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;

@@ -6,6 +6,7 @@
 //! `Cᵀ = op(B)ᵀ·op(A)ᵀ`: the operands swap places, and the bias (one value per row of the
 //! column-major output) becomes one value per output column, the linear-layer bias.
 
+use crate::opset::GemmSpec;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
@@ -30,63 +31,6 @@ impl Blas {
             .map_err(|_| anyhow!("cuBLASLt panicked while creating its handle and workspace (out of memory?)"))?
             .map(|lt| Blas { lt })
             .map_err(|e| anyhow!("cublasLtCreate: {e:?}"))
-    }
-}
-
-/// Row-major `c [batch, m, n] = op(a)·op(b) (+ bias) (→ GELU) (+ c when accumulate)`, where
-/// `op(a)` is `a [m, k]` or, with `trans_a`, `a [k, m]` transposed; `op(b)` is `b [k, n]` or, with
-/// `trans_b`, `b [n, k]` transposed (a linear layer's weight: `y = x·Wᵀ` is `trans_b`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct GemmSpec {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    /// Strided batches (1 = plain GEMM); each operand advances by its own size per batch, except
-    /// a shared `b` when `broadcast_b`.
-    pub batch: usize,
-    pub broadcast_b: bool,
-    /// `c += …` instead of `c = …` (gradient accumulation).
-    pub accumulate: bool,
-    /// cuBLASLt's GELU epilogue (tanh approximation), after the bias.
-    pub gelu: bool,
-}
-
-impl GemmSpec {
-    /// `c [m, n] = a [m, k] · b [k, n]`.
-    pub fn nn(m: usize, n: usize, k: usize) -> GemmSpec {
-        GemmSpec { m, n, k, batch: 1, ..Default::default() }
-    }
-
-    /// `y [m, n] = x [m, k] · W [n, k]ᵀ`: a linear layer.
-    pub fn linear(m: usize, n: usize, k: usize) -> GemmSpec {
-        GemmSpec { trans_b: true, ..GemmSpec::nn(m, n, k) }
-    }
-
-    pub fn flops(&self) -> f64 {
-        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch.max(1) as f64
-    }
-
-    fn check(&self, a: usize, b: usize, c: usize, bias: Option<usize>) -> Result<()> {
-        let batch = self.batch.max(1);
-        if self.m == 0 || self.n == 0 || self.k == 0 {
-            bail!("GEMM sizes must be positive ({self:?})");
-        }
-        if self.accumulate && self.gelu {
-            // cuBLASLt would apply GELU to the accumulated sum; no caller wants that.
-            bail!("GEMM: accumulate and gelu together are not supported");
-        }
-        let b_need = if self.broadcast_b { self.k * self.n } else { batch * self.k * self.n };
-        if a < batch * self.m * self.k || b < b_need || c < batch * self.m * self.n {
-            bail!("GEMM buffers ({a}, {b}, {c} elements) are smaller than {self:?} needs");
-        }
-        if let Some(len) = bias {
-            if len < self.n {
-                bail!("GEMM bias has {len} elements, needs n = {}", self.n);
-            }
-        }
-        Ok(())
     }
 }
 

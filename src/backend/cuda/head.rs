@@ -1,6 +1,6 @@
 //! The SAGE head's row and elementwise ops on the GPU (`kernels/head_ops.cu`): LayerNorm, GELU,
 //! column sums and an in-place scale, each beside its CPU reference (`ops::norm`,
-//! `ops::activation`, `backend::step_ops::HostOps`). The chunked reductions finish with
+//! `ops::activation`, `backend::cpu::HostOps`). The chunked reductions finish with
 //! `llm_ops.cu`'s `sum_rows_f32`, so every result has one writer and does not depend on the device.
 
 use super::kernels::{HEAD_OPS, LLM_OPS};

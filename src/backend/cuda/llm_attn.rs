@@ -5,6 +5,7 @@
 
 use super::kernels::{FUSION_ATTN, LLM_ATTN};
 use super::{blocks, cfg, int, Gpu};
+use crate::opset::CausalShape;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
@@ -13,57 +14,9 @@ use half::bf16;
 const WARPS: usize = 4;
 const TILE: usize = 32;
 
-/// `B` sequences of `T` positions, `H` query heads reading `H_kv` key/value heads of size `D`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CausalShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl CausalShape {
-    pub fn q_len(&self) -> usize {
-        self.batch * self.seq * self.heads * self.head_dim
-    }
-
-    pub fn kv_len(&self) -> usize {
-        self.batch * self.seq * self.kv_heads * self.head_dim
-    }
-
-    /// `lse`, `delta`: `[B, H, T]`.
-    pub fn stat_len(&self) -> usize {
-        self.batch * self.heads * self.seq
-    }
-
-    pub fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
-    }
-
-    fn check(&self) -> Result<()> {
-        let s = self;
-        if s.batch == 0 || s.seq == 0 || s.heads == 0 || s.kv_heads == 0 {
-            bail!("causal attention: every size must be positive ({s:?})");
-        }
-        if s.heads % s.kv_heads != 0 {
-            bail!("causal attention: {} query heads cannot share {} key/value heads evenly", s.heads, s.kv_heads);
-        }
-        if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
-            bail!("the attention kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
-        }
-        Ok(())
-    }
-
-    fn dims(&self) -> Result<[i32; 5]> {
-        Ok([
-            int("B", self.batch)?,
-            int("T", self.seq)?,
-            int("H", self.heads)?,
-            int("H_kv", self.kv_heads)?,
-            int("D", self.head_dim)?,
-        ])
-    }
+/// `B, T, H, H_kv, D` as kernel arguments.
+fn dims(s: &CausalShape) -> Result<[i32; 5]> {
+    Ok([int("B", s.batch)?, int("T", s.seq)?, int("H", s.heads)?, int("H_kv", s.kv_heads)?, int("D", s.head_dim)?])
 }
 
 /// Dynamic shared memory of the forward, dq and dk/dv kernels (the kernel file's header).
@@ -132,7 +85,7 @@ pub fn attention_forward(
     }
     // SAFETY: the forward writes every element of out and lse (each live query row).
     let (out, lse) = unsafe { (gpu.uninit::<bf16>(s.q_len())?, gpu.uninit::<f32>(s.stat_len())?) };
-    let [b, t, h, hkv, d] = s.dims()?;
+    let [b, t, h, hkv, d] = dims(&s)?;
     let scale = s.scale();
     let f = gpu.function(&LLM_ATTN, "causal_attn_fwd")?;
     let (smem, _, _) = shared_bytes(s.head_dim);
@@ -176,7 +129,7 @@ pub fn attention_backward(
     if k.len() < s.kv_len() || v.len() < s.kv_len() || lse.len() < s.stat_len() {
         bail!("causal attention backward: k/v/lse are smaller than {s:?} needs");
     }
-    let [b, t, h, hkv, d] = s.dims()?;
+    let [b, t, h, hkv, d] = dims(&s)?;
     let scale = s.scale();
     // SAFETY: delta, dq, dk and dv are written in full (every row has a live owner).
     let (delta, dq, dk, dv) = unsafe {

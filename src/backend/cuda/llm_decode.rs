@@ -1,61 +1,13 @@
 //! KV-cached decoding on the GPU (`kernels/llm_decode.cu`): RoPE at explicit positions, the cache
 //! append, and single-query attention over the cache. CPU references: `ops::rope::rotate_pairs_`
-//! and `ops::attention` with `Mask::Causal { start: pos }` (see `backend::step_ops::HostOps`).
+//! and `ops::attention` with `Mask::Causal { start: pos }` (see `backend::cpu::HostOps`).
 
 use super::kernels::LLM_DECODE;
 use super::{blocks, cfg, int, Gpu};
+use crate::opset::DecodeShape;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
-
-/// A key/value cache of `seqs` sequences of `slots` positions, `kv_heads` heads of `head_dim`,
-/// read by `heads` query heads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DecodeShape {
-    pub seqs: usize,
-    pub slots: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl DecodeShape {
-    /// Elements of one cache tensor, `[seqs, slots, kv_heads, head_dim]`.
-    pub fn cache_len(&self) -> usize {
-        self.seqs * self.slots * self.kv_heads * self.head_dim
-    }
-
-    pub fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
-    }
-
-    /// Checks the shape: positive sizes, grouped heads, a head size the kernels take.
-    pub fn check_shape(&self) -> Result<()> {
-        let s = self;
-        if s.seqs == 0 || s.slots == 0 || s.heads == 0 || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
-            bail!("decode attention: bad shape {s:?} (positive sizes, heads a multiple of kv_heads)");
-        }
-        if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
-            bail!("the decode kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
-        }
-        Ok(())
-    }
-
-    /// Checks the shape and the rows' (sequence, position) pairs against it.
-    pub fn check(&self, seq: &[u32], pos: &[u32]) -> Result<()> {
-        let s = self;
-        s.check_shape()?;
-        if seq.len() != pos.len() {
-            bail!("decode: {} sequence indices for {} positions", seq.len(), pos.len());
-        }
-        if let Some((r, (&b, &p))) =
-            seq.iter().zip(pos).enumerate().find(|(_, (&b, &p))| b as usize >= s.seqs || p as usize >= s.slots)
-        {
-            bail!("decode row {r}: sequence {b} position {p} is outside the cache ({} × {})", s.seqs, s.slots);
-        }
-        Ok(())
-    }
-}
 
 /// Row indices for the kernels (`int32`).
 pub fn upload_ids(gpu: &Gpu, ids: &[u32]) -> Result<CudaSlice<i32>> {

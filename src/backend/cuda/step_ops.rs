@@ -1,16 +1,16 @@
-//! [`StepOps`] on the GPU: bf16 buffers, fp32 statistics and master weights, the kernels of
+//! The op set ([`crate::opset`]) on the GPU: bf16 buffers, fp32 statistics and master weights, the kernels of
 //! `kernels/` and cuBLASLt, all queued on the device's one stream.
 
 use super::edpo::{self, SeqShape};
-use super::gemm::{gemm, GemmSpec};
+use super::gemm::gemm;
 use super::llm::{self, MixedGrad};
 use super::Gpu;
 use super::{dwconv, fusion, head, llm_attn, llm_decode};
-use crate::backend::step_ops::{CausalShape, CrossEntropyOut, DecodeShape, DwShape, GradRef, StepOps};
-use crate::ops::edpo::{EdpoConfig, Pair};
-use crate::ops::fusion_attn::FusionShape;
 use crate::ops::loss::IGNORE;
-use crate::train::AdamWScalars;
+use crate::opset::{
+    Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape, DwShape,
+    EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair,
+};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -30,11 +30,10 @@ impl CudaOps {
     }
 }
 
-impl StepOps for CudaOps {
+impl Buffers for CudaOps {
     type Buf = CudaSlice<bf16>;
     type Stat = CudaSlice<f32>;
     type Ids = CudaSlice<i32>;
-
     fn describe(&self) -> String {
         let i = self.gpu.info();
         format!("{} (sm_{}{}, CUDA kernels + cuBLASLt, bf16)", i.name, i.compute_capability.0, i.compute_capability.1)
@@ -69,17 +68,6 @@ impl StepOps for CudaOps {
         self.gpu.stream().clone_dtod(x).map_err(|e| anyhow!("copying {} elements on the GPU: {e}", x.len()))
     }
 
-    fn gemm(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()> {
-        gemm(self.gpu.blas()?, spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), None)
-    }
-
-    fn gemm_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
-        // SAFETY: a GEMM with beta = 0 writes every element of c.
-        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
-        self.gemm(&GemmSpec { accumulate: false, ..*spec }, a, b, &mut c)?;
-        Ok(c)
-    }
-
     fn embed(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<Self::Buf> {
         llm_attn::embedding_forward(&self.gpu, table, ids, dim)
     }
@@ -88,6 +76,65 @@ impl StepOps for CudaOps {
         llm_attn::embedding_backward(&self.gpu, ids, dout, dim, dtable)
     }
 
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_row: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (s, d, n) = (src_row * dim, dst_row * dim, rows * dim);
+        if s + n > src.len() || d + n > dst.len() {
+            bail!("copy_rows: rows {src_row}+{rows} of {} or {dst_row}+{rows} of {} (dim {dim})", src.len(), dst.len());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.gpu
+            .stream()
+            .memcpy_dtod(&src.slice(s..s + n), &mut dst.slice_mut(d..d + n))
+            .map_err(|e| anyhow!("copying {n} elements on the GPU: {e}"))
+    }
+
+    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
+        head::scale(&self.gpu, x, s)
+    }
+
+    fn mul_stat(&self, x: &mut Self::Stat, f: &[f32]) -> Result<()> {
+        head::mul(&self.gpu, x, &self.gpu.upload(f)?)
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
+        llm_decode::upload_ids(&self.gpu, ids)
+    }
+}
+
+impl Gemm for CudaOps {
+    fn gemm(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()> {
+        gemm(self.gpu.blas()?, spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), None)
+    }
+
+    fn gemm_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
+        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
+        self.gemm(&GemmSpec { accumulate: false, ..*spec }, a, b, &mut c)?;
+        Ok(c)
+    }
+
+    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf) -> Result<Self::Buf> {
+        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
+        let spec = GemmSpec { accumulate: false, ..*spec };
+        gemm(self.gpu.blas()?, &spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), Some(&bias.slice(..)))?;
+        Ok(c)
+    }
+
+    fn col_sum(&self, x: &Self::Buf, rows: usize, out: &mut Self::Stat) -> Result<()> {
+        head::col_sum(&self.gpu, x, rows, out)
+    }
+}
+
+impl Norms for CudaOps {
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, eps: f32) -> Result<(Self::Buf, Self::Stat)> {
         llm::rmsnorm_forward(&self.gpu, x, w, rows, eps)
     }
@@ -107,6 +154,64 @@ impl StepOps for CudaOps {
         llm::rmsnorm_backward(&self.gpu, x, w, dy, rstd, rows, accumulate, dx, dw)
     }
 
+    fn layernorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Stat)> {
+        head::layernorm_forward(&self.gpu, x, w, b, rows, eps)
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        stats: &Self::Stat,
+        rows: usize,
+        _eps: f32,
+        dw: &mut Self::Stat,
+        db: &mut Self::Stat,
+    ) -> Result<Self::Buf> {
+        head::layernorm_backward(&self.gpu, x, w, dy, stats, rows, dw, db)
+    }
+}
+
+impl Activations for CudaOps {
+    fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf> {
+        llm::swiglu_forward(&self.gpu, g, u)
+    }
+
+    fn swiglu_backward(&self, dy: &Self::Buf, g: &Self::Buf, u: &Self::Buf) -> Result<(Self::Buf, Self::Buf)> {
+        let (mut dg, mut du) = unsafe { (self.gpu.uninit::<bf16>(g.len())?, self.gpu.uninit::<bf16>(g.len())?) };
+        llm::swiglu_backward(&self.gpu, dy, g, u, false, &mut dg, &mut du)?;
+        Ok((dg, du))
+    }
+
+    fn gelu(&self, x: &Self::Buf) -> Result<Self::Buf> {
+        head::gelu_forward(&self.gpu, x)
+    }
+
+    fn gelu_backward(&self, dy: &Self::Buf, x: &Self::Buf) -> Result<Self::Buf> {
+        head::gelu_backward(&self.gpu, dy, x)
+    }
+
+    fn channel_bias_act(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Stat,
+        channels: usize,
+        residual: Option<&Self::Buf>,
+        relu6: bool,
+    ) -> Result<()> {
+        dwconv::channel_bias_act(&self.gpu, y, bias, channels, residual, relu6)
+    }
+}
+
+impl Attention for CudaOps {
     fn rope_tables(&self, cos: &[f32], sin: &[f32], _half: usize) -> Result<(Self::Stat, Self::Stat)> {
         Ok((self.gpu.upload(cos)?, self.gpu.upload(sin)?))
     }
@@ -147,99 +252,6 @@ impl StepOps for CudaOps {
         llm_attn::attention_backward(&self.gpu, q, k, v, out, lse, dout, s)
     }
 
-    fn swiglu(&self, g: &Self::Buf, u: &Self::Buf) -> Result<Self::Buf> {
-        llm::swiglu_forward(&self.gpu, g, u)
-    }
-
-    fn swiglu_backward(&self, dy: &Self::Buf, g: &Self::Buf, u: &Self::Buf) -> Result<(Self::Buf, Self::Buf)> {
-        // SAFETY: swiglu_bwd without accumulate writes every element.
-        let (mut dg, mut du) = unsafe { (self.gpu.uninit::<bf16>(g.len())?, self.gpu.uninit::<bf16>(g.len())?) };
-        llm::swiglu_backward(&self.gpu, dy, g, u, false, &mut dg, &mut du)?;
-        Ok((dg, du))
-    }
-
-    /// The fused E-DPO kernels with one "sequence" per batch row and `grad_seq = −seq_weights`:
-    /// `∂loss/∂z = w_n·(softmax − onehot)` at counted positions, logits never stored whole.
-    fn cross_entropy(
-        &self,
-        hidden: &Self::Buf,
-        w: &Self::Buf,
-        targets: &[u32],
-        seq_weights: &[f32],
-        weight_grad: bool,
-    ) -> Result<CrossEntropyOut<Self>> {
-        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
-            self.seq_inputs(hidden, w, targets, seq_weights.len())?;
-        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
-        let fwd = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
-        let grad_seq = self.gpu.upload(&seq_weights.iter().map(|w| -w).collect::<Vec<f32>>())?;
-        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
-        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, weight_grad)?;
-        if weight_grad && g.d_weight.is_none() {
-            bail!("the cross-entropy backward returned no LM-head gradient");
-        }
-        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight: g.d_weight })
-    }
-
-    fn adamw(
-        &self,
-        x: &mut Self::Stat,
-        grad: GradRef<'_, Self>,
-        m: &mut Self::Stat,
-        v: &mut Self::Stat,
-        w: &mut Self::Buf,
-        s: &AdamWScalars,
-        decay: bool,
-        clip: &Self::Stat,
-    ) -> Result<()> {
-        llm::adamw_step_mixed(&self.gpu, x, mixed(grad), m, v, w, s, decay, clip)
-    }
-
-    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf) -> Result<Self::Buf> {
-        // SAFETY: a GEMM with beta = 0 writes every element of c.
-        let mut c = unsafe { self.gpu.uninit::<bf16>(spec.m * spec.n * spec.batch.max(1))? };
-        let spec = GemmSpec { accumulate: false, ..*spec };
-        gemm(self.gpu.blas()?, &spec, &a.slice(..), &b.slice(..), &mut c.slice_mut(..), Some(&bias.slice(..)))?;
-        Ok(c)
-    }
-
-    fn col_sum(&self, x: &Self::Buf, rows: usize, out: &mut Self::Stat) -> Result<()> {
-        head::col_sum(&self.gpu, x, rows, out)
-    }
-
-    fn gelu(&self, x: &Self::Buf) -> Result<Self::Buf> {
-        head::gelu_forward(&self.gpu, x)
-    }
-
-    fn gelu_backward(&self, dy: &Self::Buf, x: &Self::Buf) -> Result<Self::Buf> {
-        head::gelu_backward(&self.gpu, dy, x)
-    }
-
-    fn layernorm(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: &Self::Buf,
-        rows: usize,
-        eps: f32,
-    ) -> Result<(Self::Buf, Self::Stat)> {
-        head::layernorm_forward(&self.gpu, x, w, b, rows, eps)
-    }
-
-    fn layernorm_backward(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        dy: &Self::Buf,
-        stats: &Self::Stat,
-        rows: usize,
-        _eps: f32,
-        dw: &mut Self::Stat,
-        db: &mut Self::Stat,
-    ) -> Result<Self::Buf> {
-        head::layernorm_backward(&self.gpu, x, w, dy, stats, rows, dw, db)
-    }
-
     fn fusion_attention(
         &self,
         q: &Self::Buf,
@@ -263,107 +275,9 @@ impl StepOps for CudaOps {
         let g = fusion::backward(&self.gpu, q, k, v, out, lse, dout, s)?;
         Ok((g.dq, g.dk, g.dv))
     }
+}
 
-    fn copy_rows(
-        &self,
-        src: &Self::Buf,
-        src_row: usize,
-        dst: &mut Self::Buf,
-        dst_row: usize,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
-        let (s, d, n) = (src_row * dim, dst_row * dim, rows * dim);
-        if s + n > src.len() || d + n > dst.len() {
-            bail!("copy_rows: rows {src_row}+{rows} of {} or {dst_row}+{rows} of {} (dim {dim})", src.len(), dst.len());
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        self.gpu
-            .stream()
-            .memcpy_dtod(&src.slice(s..s + n), &mut dst.slice_mut(d..d + n))
-            .map_err(|e| anyhow!("copying {n} elements on the GPU: {e}"))
-    }
-
-    fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<()> {
-        head::scale(&self.gpu, x, s)
-    }
-
-    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Self::Stat) -> Result<()> {
-        llm::sum_squares(&self.gpu, mixed(g), acc)
-    }
-
-    fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat> {
-        llm::clip_factor(&self.gpu, sumsq, max_norm)
-    }
-
-    fn seq_logprobs(
-        &self,
-        hidden: &Self::Buf,
-        w: &Self::Buf,
-        targets: &[u32],
-        seqs: usize,
-    ) -> Result<(Self::Stat, Self::Stat)> {
-        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, .. } = self.seq_inputs(hidden, w, targets, seqs)?;
-        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
-        let f = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
-        Ok((f.seq, f.lse))
-    }
-
-    fn edpo_loss(
-        &self,
-        policy: &Self::Stat,
-        reference: &Self::Stat,
-        pairs: &[Pair],
-        cfg: EdpoConfig,
-    ) -> Result<(Self::Stat, Self::Stat)> {
-        let n = policy.len();
-        let dev_pairs = edpo::DevicePairs::upload(&self.gpu, pairs, n)?;
-        let out = edpo::loss(&self.gpu, policy, reference, &dev_pairs, n, cfg.beta, cfg.eta)?;
-        Ok((out.margin, out.grad_seq))
-    }
-
-    fn mul_stat(&self, x: &mut Self::Stat, f: &[f32]) -> Result<()> {
-        head::mul(&self.gpu, x, &self.gpu.upload(f)?)
-    }
-
-    fn logprob_backward(
-        &self,
-        hidden: &Self::Buf,
-        w: &Self::Buf,
-        targets: &[u32],
-        lse: &Self::Stat,
-        grad_seq: &Self::Stat,
-        seqs: usize,
-        weight_grad: bool,
-    ) -> Result<(Self::Buf, Option<Self::Buf>)> {
-        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
-            self.seq_inputs(hidden, w, targets, seqs)?;
-        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
-        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
-        Ok((g.d_hidden, g.d_weight))
-    }
-
-    fn dwconv(&self, x: &Self::Buf, w: &Self::Buf, bias: &Self::Stat, s: DwShape, relu6: bool) -> Result<Self::Buf> {
-        dwconv::forward(&self.gpu, x, w, bias, s, relu6)
-    }
-
-    fn channel_bias_act(
-        &self,
-        y: &mut Self::Buf,
-        bias: &Self::Stat,
-        channels: usize,
-        residual: Option<&Self::Buf>,
-        relu6: bool,
-    ) -> Result<()> {
-        dwconv::channel_bias_act(&self.gpu, y, bias, channels, residual, relu6)
-    }
-
-    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
-        llm_decode::upload_ids(&self.gpu, ids)
-    }
-
+impl Decode for CudaOps {
     fn rope_at(
         &self,
         x: &mut Self::Buf,
@@ -401,6 +315,104 @@ impl StepOps for CudaOps {
         rows: usize,
     ) -> Result<Self::Buf> {
         llm_decode::decode_attention(&self.gpu, q, k_cache, v_cache, s, seq, pos, rows)
+    }
+}
+
+impl Losses for CudaOps {
+    /// The fused E-DPO kernels with one "sequence" per batch row and `grad_seq = −seq_weights`:
+    /// `∂loss/∂z = w_n·(softmax − onehot)` at counted positions, logits never stored whole.
+    fn cross_entropy(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seq_weights: &[f32],
+        weight_grad: bool,
+    ) -> Result<CrossEntropyOut<Self>> {
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
+            self.seq_inputs(hidden, w, targets, seq_weights.len())?;
+        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
+        let fwd = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
+        let grad_seq = self.gpu.upload(&seq_weights.iter().map(|w| -w).collect::<Vec<f32>>())?;
+        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
+        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, weight_grad)?;
+        if weight_grad && g.d_weight.is_none() {
+            bail!("the cross-entropy backward returned no LM-head gradient");
+        }
+        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight: g.d_weight })
+    }
+
+    fn seq_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Self::Stat, Self::Stat)> {
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, .. } = self.seq_inputs(hidden, w, targets, seqs)?;
+        let splits = edpo::default_splits(&s, self.gpu.info().sm_count);
+        let f = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
+        Ok((f.seq, f.lse))
+    }
+
+    fn edpo_loss(
+        &self,
+        policy: &Self::Stat,
+        reference: &Self::Stat,
+        pairs: &[Pair],
+        cfg: EdpoConfig,
+    ) -> Result<(Self::Stat, Self::Stat)> {
+        let n = policy.len();
+        let dev_pairs = edpo::DevicePairs::upload(&self.gpu, pairs, n)?;
+        let out = edpo::loss(&self.gpu, policy, reference, &dev_pairs, n, cfg.beta, cfg.eta)?;
+        Ok((out.margin, out.grad_seq))
+    }
+
+    fn logprob_backward(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        lse: &Self::Stat,
+        grad_seq: &Self::Stat,
+        seqs: usize,
+        weight_grad: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)> {
+        let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
+            self.seq_inputs(hidden, w, targets, seqs)?;
+        let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
+        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
+        Ok((g.d_hidden, g.d_weight))
+    }
+}
+
+impl Optimizer for CudaOps {
+    fn adamw(
+        &self,
+        x: &mut Self::Stat,
+        grad: GradRef<'_, Self>,
+        m: &mut Self::Stat,
+        v: &mut Self::Stat,
+        w: &mut Self::Buf,
+        s: &AdamWScalars,
+        decay: bool,
+        clip: &Self::Stat,
+    ) -> Result<()> {
+        llm::adamw_step_mixed(&self.gpu, x, mixed(grad), m, v, w, s, decay, clip)
+    }
+
+    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Self::Stat) -> Result<()> {
+        llm::sum_squares(&self.gpu, mixed(g), acc)
+    }
+
+    fn clip_factor(&self, sumsq: &Self::Stat, max_norm: Option<f32>) -> Result<Self::Stat> {
+        llm::clip_factor(&self.gpu, sumsq, max_norm)
+    }
+}
+
+impl Conv for CudaOps {
+    fn dwconv(&self, x: &Self::Buf, w: &Self::Buf, bias: &Self::Stat, s: DwShape, relu6: bool) -> Result<Self::Buf> {
+        dwconv::forward(&self.gpu, x, w, bias, s, relu6)
     }
 }
 

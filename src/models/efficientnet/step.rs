@@ -10,9 +10,9 @@
 //! tokens would move the min-cosine patch selection between runs on different engines.
 
 use super::{ConvBn, EfficientNetLite, FeatureMap, PatchTokens, PATCH_TAPS};
-use crate::backend::cuda::gemm::GemmSpec;
-use crate::backend::step_ops::{DwShape, StepOps};
 use crate::ops::conv::{im2col, Padding};
+use crate::opset::GemmSpec;
+use crate::opset::{DwShape, StepOps};
 use anyhow::{bail, Result};
 
 /// A convolution with its folded BatchNorm: weight `[co, ci·k·k]` as the GEMM reads it, fp32 bias.

@@ -11,10 +11,10 @@
 //! than that may differ. The host waits once per generated token, for the logits it samples from.
 
 use super::DeviceLlama;
-use crate::backend::cuda::gemm::GemmSpec;
-use crate::backend::step_ops::{DecodeShape, StepOps};
 use crate::models::llama::{Sampler, Sampling};
 use crate::ops::loss::IGNORE;
+use crate::opset::GemmSpec;
+use crate::opset::{DecodeShape, StepOps};
 use crate::user_bail;
 use anyhow::{bail, Result};
 
@@ -222,7 +222,7 @@ impl<O: StepOps> DeviceLlama<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::step_ops::HostOps;
+    use crate::backend::cpu::HostOps;
     use crate::models::llama::LlamaConfig;
     use crate::models::llama_train::{Finetune, TrainableLlama};
     use crate::models::random_init::RandomLlama;

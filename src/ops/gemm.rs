@@ -1,30 +1,10 @@
-//! The CPU backend: the thread pool and the f32 GEMM every linear layer and convolution uses.
+//! The CPU GEMM every linear layer and convolution uses: `c = a·b` over strided f32 operands.
 //!
-//! GEMM goes through the `gemm` crate (the one candle uses): runtime-dispatched AVX2/AVX-512/NEON
+//! It goes through the `gemm` crate (the one candle uses): runtime-dispatched AVX2/AVX-512/NEON
 //! micro-kernels with cache blocking and rayon parallelism. `sage bench cpu` measures it against
 //! numpy's BLAS on the same machine.
 
-use std::sync::OnceLock;
-
-static THREADS: OnceLock<usize> = OnceLock::new();
-
-/// Sets the size of the global thread pool (first call wins; later calls are ignored).
-/// `None` means `SAGE_THREADS` or else the number of available cores.
-pub fn init_threads(requested: Option<usize>) -> usize {
-    *THREADS.get_or_init(|| {
-        let n = requested
-            .or_else(|| std::env::var("SAGE_THREADS").ok().and_then(|s| s.parse().ok()))
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-            .max(1);
-        // Another part of the process may already have built the global pool; that is fine.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-        n
-    })
-}
-
-pub fn threads() -> usize {
-    init_threads(None)
-}
+use crate::threads::threads;
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;

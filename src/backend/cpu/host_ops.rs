@@ -1,0 +1,598 @@
+//! The op set on the CPU reference ops of `crate::ops` (f32 throughout). It runs every model
+//! written against `crate::opset` on the CPU, and checks the op-set orchestration (which buffer
+//! feeds which op, transposes, accumulation) against the CPU training path op for op.
+
+use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
+use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
+use crate::ops::conv::depthwise_conv2d;
+use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs};
+use crate::ops::embedding::embedding_backward;
+use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward};
+use crate::ops::gemm::{sgemm, MatRef};
+use crate::ops::loss::{cross_entropy_, IGNORE};
+use crate::ops::matmul::{linear_backward, linear_forward};
+use crate::ops::norm::{layer_norm_backward, layer_norm_rows, rms_norm_backward, rms_norm_rows};
+use crate::ops::relu6_;
+use crate::ops::rope::rotate_pairs_;
+use crate::opset::{
+    clip_rule, Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape,
+    DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair,
+};
+use anyhow::{bail, Result};
+
+/// The op set on the CPU reference ops (f32 throughout): the step's orchestration checked against
+/// `TrainableLlama`, op for op the same arithmetic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostOps;
+
+impl Buffers for HostOps {
+    type Buf = Vec<f32>;
+    type Stat = Vec<f32>;
+    type Ids = Vec<u32>;
+    fn describe(&self) -> String {
+        "cpu reference ops (f32)".into()
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn upload_stat(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download_stat(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn stat_zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn embed(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        let vocab = table.len() / dim.max(1);
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            if id as usize >= vocab {
+                bail!("token id {id} is outside the vocabulary of {vocab}");
+            }
+            out.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+        }
+        Ok(out)
+    }
+
+    fn embed_backward(&self, ids: &[u32], dout: &Vec<f32>, dim: usize, dtable: &mut Vec<f32>) -> Result<()> {
+        embedding_backward(dtable, dout, ids, dim);
+        Ok(())
+    }
+
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        src_row: usize,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (s, d) = (src_row * dim, dst_row * dim);
+        if s + rows * dim > src.len() || d + rows * dim > dst.len() {
+            bail!("copy_rows: rows {src_row}+{rows} of {} or {dst_row}+{rows} of {} (dim {dim})", src.len(), dst.len());
+        }
+        dst[d..d + rows * dim].copy_from_slice(&src[s..s + rows * dim]);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        x.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn mul_stat(&self, x: &mut Vec<f32>, f: &[f32]) -> Result<()> {
+        if x.len() != f.len() {
+            bail!("mul_stat: {} values and {} factors", x.len(), f.len());
+        }
+        x.iter_mut().zip(f).for_each(|(v, k)| *v *= k);
+        Ok(())
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+}
+
+impl Gemm for HostOps {
+    fn gemm(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+        let GemmSpec { m, n, k, trans_a, trans_b, accumulate, .. } = *spec;
+        if spec.batch > 1 || spec.gelu {
+            bail!("the host op set has plain GEMMs only ({spec:?})");
+        }
+        let a = if trans_a { MatRef::transposed(a, m) } else { MatRef::rows(a, k) };
+        let b = if trans_b { MatRef::transposed(b, k) } else { MatRef::rows(b, n) };
+        sgemm(m, n, k, a, b, c, accumulate);
+        Ok(())
+    }
+
+    fn gemm_bias_new(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, bias: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut c: Vec<f32> = (0..spec.m).flat_map(|_| bias[..spec.n].iter().copied()).collect();
+        self.gemm(&GemmSpec { accumulate: true, ..*spec }, a, b, &mut c)?;
+        Ok(c)
+    }
+
+    fn col_sum(&self, x: &Vec<f32>, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let n = out.len();
+        for r in x[..rows * n].chunks_exact(n) {
+            out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+        }
+        Ok(())
+    }
+}
+
+impl Norms for HostOps {
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = vec![0.0; rows * w.len()];
+        rms_norm_rows(&x[..rows * w.len()], w, eps, &mut y);
+        Ok((y, Vec::new()))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        _rstd: &Vec<f32>,
+        _rows: usize,
+        eps: f32,
+        accumulate: bool,
+        dx: &mut Vec<f32>,
+        dw: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        if !accumulate {
+            dx.iter_mut().for_each(|v| *v = 0.0);
+        }
+        rms_norm_backward(dx, dw.map(|d| d.as_mut_slice()), dy, x, w, eps);
+        Ok(())
+    }
+
+    fn layernorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = vec![0.0; rows * w.len()];
+        layer_norm_rows(&x[..rows * w.len()], w, b, eps, &mut y);
+        Ok((y, Vec::new()))
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        _stats: &Vec<f32>,
+        rows: usize,
+        eps: f32,
+        dw: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let n = rows * w.len();
+        let mut dx = vec![0.0; n];
+        layer_norm_backward(&mut dx, Some(dw), Some(db), &dy[..n], &x[..n], w, eps);
+        Ok(dx)
+    }
+}
+
+impl Activations for HostOps {
+    fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; g.len()];
+        swiglu_forward(&mut y, g, u);
+        Ok(y)
+    }
+
+    fn swiglu_backward(&self, dy: &Vec<f32>, g: &Vec<f32>, u: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        swiglu_backward(&mut dg, &mut du, dy, g, u);
+        Ok((dg, du))
+    }
+
+    fn gelu(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; x.len()];
+        gelu_forward(&mut y, x);
+        Ok(y)
+    }
+
+    fn gelu_backward(&self, dy: &Vec<f32>, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut dx = vec![0.0; x.len()];
+        gelu_backward(&mut dx, dy, x);
+        Ok(dx)
+    }
+
+    fn channel_bias_act(
+        &self,
+        y: &mut Vec<f32>,
+        bias: &Vec<f32>,
+        channels: usize,
+        residual: Option<&Vec<f32>>,
+        relu6: bool,
+    ) -> Result<()> {
+        if channels == 0
+            || bias.len() < channels
+            || y.len() % channels != 0
+            || residual.is_some_and(|r| r.len() < y.len())
+        {
+            bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
+        }
+        let p = y.len() / channels;
+        for (c, row) in y.chunks_exact_mut(p).enumerate() {
+            row.iter_mut().for_each(|v| *v += bias[c]);
+            if let Some(r) = residual {
+                row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v += x);
+            }
+        }
+        if relu6 {
+            relu6_(y);
+        }
+        Ok(())
+    }
+}
+
+impl Attention for HostOps {
+    fn rope_tables(&self, cos: &[f32], sin: &[f32], _half: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((cos.to_vec(), sin.to_vec()))
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        half: usize,
+        rows: usize,
+        t: usize,
+        heads: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        for seq in x[..rows * heads * 2 * half].chunks_mut(t * heads * 2 * half) {
+            rotate_pairs_(seq, cos, sin, half, heads, 0, inverse);
+        }
+        Ok(())
+    }
+
+    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: CausalShape) -> Result<(Vec<f32>, Vec<f32>)> {
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let (qn, kn) = (s.seq * s.heads * s.head_dim, s.seq * s.kv_heads * s.head_dim);
+        let mut out = vec![0.0; s.batch * qn];
+        for b in 0..s.batch {
+            let (kb, vb) = (&k[b * kn..(b + 1) * kn], &v[b * kn..(b + 1) * kn]);
+            attention(
+                &q[b * qn..(b + 1) * qn],
+                kb,
+                vb,
+                shape,
+                Mask::Causal { start: 0 },
+                &mut out[b * qn..(b + 1) * qn],
+            );
+        }
+        Ok((out, Vec::new()))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        _out: &Vec<f32>,
+        _lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        s: CausalShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let (qn, kn) = (s.seq * s.heads * s.head_dim, s.seq * s.kv_heads * s.head_dim);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; s.batch * qn], vec![0.0; s.batch * kn], vec![0.0; s.batch * kn]);
+        for b in 0..s.batch {
+            let (qs, ks) = (b * qn..(b + 1) * qn, b * kn..(b + 1) * kn);
+            attention_backward(
+                &mut dq[qs.clone()],
+                &mut dk[ks.clone()],
+                &mut dv[ks.clone()],
+                &dout[qs.clone()],
+                &q[qs],
+                &k[ks.clone()],
+                &v[ks],
+                shape,
+                Mask::Causal { start: 0 },
+            );
+        }
+        Ok((dq, dk, dv))
+    }
+
+    fn fusion_attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: FusionShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
+        fusion_attn_forward(q, k, v, s, &mut out, &mut lse);
+        Ok((out, lse))
+    }
+
+    fn fusion_attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+        s: FusionShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let g = fusion_attn_backward(q, k, v, out, lse, dout, s);
+        Ok((g.dq, g.dk, g.dv))
+    }
+}
+
+impl Decode for HostOps {
+    fn rope_at(
+        &self,
+        x: &mut Vec<f32>,
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        half: usize,
+        heads: usize,
+        pos: &Vec<u32>,
+        rows: usize,
+    ) -> Result<()> {
+        let width = heads * 2 * half;
+        if x.len() < rows * width || pos.len() < rows || pos.iter().any(|&p| (p as usize + 1) * half > cos.len()) {
+            bail!("rope_at: [{rows}, {heads}, {}] rows or positions outside the table", 2 * half);
+        }
+        for (row, &p) in x[..rows * width].chunks_exact_mut(width).zip(pos) {
+            rotate_pairs_(row, cos, sin, half, heads, p as usize, false);
+        }
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        src: &Vec<f32>,
+        seq: &Vec<u32>,
+        pos: &Vec<u32>,
+        rows: usize,
+        width: usize,
+        slots: usize,
+        cache: &mut Vec<f32>,
+    ) -> Result<()> {
+        let seqs = cache.len() / (slots * width).max(1);
+        for r in 0..rows {
+            let (b, p) = (seq[r] as usize, pos[r] as usize);
+            if b >= seqs || p >= slots || (r + 1) * width > src.len() {
+                bail!("kv_append row {r}: sequence {b} position {p} outside the cache ({seqs} × {slots})");
+            }
+            let at = (b * slots + p) * width;
+            cache[at..at + width].copy_from_slice(&src[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn decode_attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        s: DecodeShape,
+        seq: &Vec<u32>,
+        pos: &Vec<u32>,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let (qw, kw) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        if rows > seq.len().min(pos.len())
+            || q.len() < rows * qw
+            || k_cache.len() < s.cache_len()
+            || v_cache.len() < s.cache_len()
+        {
+            bail!("decode attention: buffers smaller than {rows} queries of {s:?} need");
+        }
+        s.check(&seq[..rows], &pos[..rows])?;
+        let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim };
+        let mut out = vec![0.0; rows * qw];
+        for n in 0..rows {
+            let (b, p) = (seq[n] as usize, pos[n] as usize);
+            let keys = (b * s.slots) * kw..(b * s.slots + p + 1) * kw;
+            attention(
+                &q[n * qw..(n + 1) * qw],
+                &k_cache[keys.clone()],
+                &v_cache[keys],
+                shape,
+                Mask::Causal { start: p },
+                &mut out[n * qw..(n + 1) * qw],
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Losses for HostOps {
+    fn cross_entropy(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        seq_weights: &[f32],
+        weight_grad: bool,
+    ) -> Result<CrossEntropyOut<Self>> {
+        let seqs = seq_weights.len();
+        if seqs == 0 || targets.len() % seqs != 0 {
+            bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
+        }
+        let t = targets.len() / seqs;
+        let c = hidden.len() / targets.len().max(1);
+        let vocab = w.len() / c.max(1);
+        let mut seq_logp = vec![0.0; seqs];
+        let mut d_hidden = vec![0.0; hidden.len()];
+        let mut d_weight = weight_grad.then(|| vec![0.0; w.len()]);
+        for (n, lp) in seq_logp.iter_mut().enumerate() {
+            let rows: Vec<usize> = (n * t..(n + 1) * t).filter(|&r| targets[r] != IGNORE).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
+            let mut logits = vec![0.0; rows.len() * vocab];
+            linear_forward(&mut logits, &h, w, None, rows.len(), c, vocab);
+            let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+            let ce = cross_entropy_(&mut logits, &row_targets, vocab);
+            *lp = -ce.loss * ce.tokens as f32;
+            let rescale = ce.tokens as f32 * seq_weights[n];
+            logits.iter_mut().for_each(|x| *x *= rescale);
+            let mut dh = vec![0.0; rows.len() * c];
+            let dw = d_weight.as_deref_mut();
+            linear_backward(Some(&mut dh), dw, None, &logits, &h, w, rows.len(), c, vocab);
+            for (i, &r) in rows.iter().enumerate() {
+                d_hidden[r * c..(r + 1) * c].copy_from_slice(&dh[i * c..(i + 1) * c]);
+            }
+        }
+        Ok(CrossEntropyOut { seq_logp, d_hidden, d_weight })
+    }
+
+    fn seq_logprobs(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let t = seq_len(targets.len(), seqs)?;
+        let c = hidden.len() / targets.len();
+        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE).collect();
+        let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
+        let tg: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+        let tl = token_logprobs(&h, w, c, &tg, &vec![true; rows.len()]);
+        let (mut seq, mut lse) = (vec![0.0f32; seqs], vec![0.0f32; targets.len()]);
+        for (n, s) in seq.iter_mut().enumerate() {
+            *s = rows.iter().zip(&tl.logp).filter(|(&r, _)| r / t == n).map(|(_, &l)| l).sum();
+        }
+        for (&r, &l) in rows.iter().zip(&tl.lse) {
+            lse[r] = l;
+        }
+        Ok((seq, lse))
+    }
+
+    fn edpo_loss(
+        &self,
+        policy: &Vec<f32>,
+        reference: &Vec<f32>,
+        pairs: &[Pair],
+        cfg: EdpoConfig,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if policy.len() != reference.len()
+            || pairs.iter().any(|p| p.chosen >= policy.len() || p.rejected >= policy.len())
+        {
+            bail!("E-DPO loss: {} policy and {} reference values for pairs {pairs:?}", policy.len(), reference.len());
+        }
+        let l = edpo_loss(policy, reference, pairs, cfg);
+        Ok((l.margins, l.grad_policy))
+    }
+
+    fn logprob_backward(
+        &self,
+        hidden: &Vec<f32>,
+        w: &Vec<f32>,
+        targets: &[u32],
+        lse: &Vec<f32>,
+        grad_seq: &Vec<f32>,
+        seqs: usize,
+        weight_grad: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let t = seq_len(targets.len(), seqs)?;
+        let c = hidden.len() / targets.len();
+        let grad_token: Vec<f32> =
+            targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
+        let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
+        Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, weight_grad))
+    }
+}
+
+impl Optimizer for HostOps {
+    fn adamw(
+        &self,
+        x: &mut Vec<f32>,
+        grad: GradRef<'_, Self>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        w: &mut Vec<f32>,
+        s: &AdamWScalars,
+        decay: bool,
+        clip: &Vec<f32>,
+    ) -> Result<()> {
+        let g = match grad {
+            GradRef::Buf(g) | GradRef::Stat(g) => g,
+        };
+        if clip[1] != 0.0 {
+            return Ok(());
+        }
+        let decay = if decay { s.decay_factor } else { 1.0 };
+        let factor = clip[0];
+        for i in 0..x.len() {
+            let gi = if factor == 1.0 { g[i] } else { g[i] * factor };
+            x[i] *= decay;
+            m[i] = s.b1 * m[i] + s.c1 * gi;
+            v[i] = s.b2 * v[i] + s.c2 * gi * gi;
+            x[i] -= s.step_size * m[i] / (v[i].sqrt() / s.bc2_sqrt + s.eps);
+        }
+        w.copy_from_slice(x);
+        Ok(())
+    }
+
+    fn sum_squares(&self, g: GradRef<'_, Self>, acc: &mut Vec<f32>) -> Result<()> {
+        let g = match g {
+            GradRef::Buf(g) | GradRef::Stat(g) => g,
+        };
+        let s: f64 = g.chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum();
+        acc[0] = (acc[0] as f64 + s) as f32;
+        Ok(())
+    }
+
+    fn clip_factor(&self, sumsq: &Vec<f32>, max_norm: Option<f32>) -> Result<Vec<f32>> {
+        Ok(clip_rule(sumsq[0] as f64, max_norm).to_vec())
+    }
+}
+
+impl Conv for HostOps {
+    fn dwconv(&self, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, s: DwShape, relu6: bool) -> Result<Vec<f32>> {
+        if x.len() < s.in_len() || w.len() < s.c * s.k * s.k || bias.len() < s.c {
+            bail!("depthwise convolution: x, w or bias is smaller than {s:?} needs");
+        }
+        let plane = s.c * s.h * s.w;
+        let mut out = Vec::with_capacity(s.out_len());
+        for img in x[..s.in_len()].chunks_exact(plane) {
+            let (y, _, _) = depthwise_conv2d(img, s.c, s.h, s.w, w, s.k, s.stride, s.pad, bias);
+            out.extend(y);
+        }
+        if relu6 {
+            relu6_(&mut out);
+        }
+        Ok(out)
+    }
+}
+
+/// Positions per sequence of `rows` targets over `seqs` sequences.
+fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
+    if seqs == 0 || rows == 0 || rows % seqs != 0 {
+        bail!("{rows} targets do not split into {seqs} sequences");
+    }
+    Ok(rows / seqs)
+}

@@ -1,0 +1,5 @@
+//! The CPU backend: the op set ([`crate::opset`]) on the CPU reference ops of [`crate::ops`].
+
+mod host_ops;
+
+pub use host_ops::HostOps;
