@@ -25,6 +25,12 @@ fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
 }
 
+/// `kernels/common.cuh` as it is on disk, handed to NVRTC as the binary hands its embedded copy.
+fn common_header() -> String {
+    let p = kernels_dir().join("common.cuh");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
 /// One function's `ptxas -v` report.
 #[derive(Debug, Default)]
 struct FnReport {
@@ -74,11 +80,13 @@ fn check_kernel_file(file: &Path) -> Vec<String> {
     let nv = nvrtc(&tc);
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     let source = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let common = common_header();
+    let headers = [("common.cuh", common.as_str())];
     let tmp = tempfile::tempdir().unwrap();
     let mut summary = Vec::new();
     for arch in ARCHS {
         let ptx = nv
-            .compile_uncached(&source, &name, arch, std::slice::from_ref(&tc.include), &[])
+            .compile_uncached(&source, &name, arch, &headers, std::slice::from_ref(&tc.include), &[])
             .unwrap_or_else(|e| panic!("{e:#}"));
         assert!(ptx.contains(".entry"), "{name} for {}: the PTX has no kernel entry point", arch.sm());
         let ptx_path = tmp.path().join(format!("{name}.{}.ptx", arch.sm()));
@@ -178,7 +186,14 @@ fn nvrtc_compile_error_carries_the_log() {
     let tc = toolchain();
     let nv = nvrtc(&tc);
     let err = nv
-        .compile_uncached("extern \"C\" __global__ void k() { undeclared_thing(); }", "broken.cu", Arch::SM80, &[], &[])
+        .compile_uncached(
+            "extern \"C\" __global__ void k() { undeclared_thing(); }",
+            "broken.cu",
+            Arch::SM80,
+            &[],
+            &[],
+            &[],
+        )
         .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("broken.cu") && msg.contains("undeclared_thing"), "{msg}");
@@ -191,21 +206,21 @@ fn nvrtc_cache_returns_the_same_ptx_and_is_keyed_by_arch() {
     let cache = tempfile::tempdir().unwrap();
     let src = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }";
     let inc = [tc.include.clone()];
-    let a = nv.compile_cached(src, "k.cu", Arch::SM80, &inc, &[], cache.path()).unwrap();
+    let a = nv.compile_cached(src, "k.cu", Arch::SM80, &[], &inc, &[], cache.path()).unwrap();
     let files: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert_eq!(files.len(), 1, "one cache entry after one compile");
-    let b = nv.compile_cached(src, "k.cu", Arch::SM80, &inc, &[], cache.path()).unwrap();
+    let b = nv.compile_cached(src, "k.cu", Arch::SM80, &[], &inc, &[], cache.path()).unwrap();
     assert_eq!(a, b);
-    let c = nv.compile_cached(src, "k.cu", Arch::SM90, &inc, &[], cache.path()).unwrap();
+    let c = nv.compile_cached(src, "k.cu", Arch::SM90, &[], &inc, &[], cache.path()).unwrap();
     assert_ne!(a, c, "sm_90 PTX differs from sm_80 PTX");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
     assert_ne!(
-        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
-        sage::backend::nvrtc::cache_key(src, Arch::SM90, &[])
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[], &[]),
+        sage::backend::nvrtc::cache_key(src, Arch::SM90, &[], &[])
     );
     assert_ne!(
-        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
-        sage::backend::nvrtc::cache_key(&format!("{src}\n"), Arch::SM80, &[])
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[], &[]),
+        sage::backend::nvrtc::cache_key(&format!("{src}\n"), Arch::SM80, &[], &[])
     );
 }
 
