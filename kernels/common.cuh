@@ -56,6 +56,14 @@ __device__ __forceinline__ float dot_f32_bf16(const float* x, const bf16* row, i
     return acc;
 }
 
+// RoPE on one interleaved pair (llm_attn.cu, llm_decode.cu): (a, b) ← (a·c − b·s, a·s + b·c),
+// rounded to bf16 once per element.
+__device__ __forceinline__ void rotate_pair(bf16* e, float c, float s) {
+    const float a = __bfloat162float(e[0]), b = __bfloat162float(e[1]);
+    e[0] = __float2bfloat16(a * c - b * s);
+    e[1] = __float2bfloat16(a * s + b * c);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tensor-core tile (mincos_topk.cu v2, edpo_loss.cu): 128 threads = 4 warps as 2×2 over a
 // 64×64 tile of A·Bᵀ, each warp 32×32 = 2 (m16) × 4 (n8) mma.sync.m16n8k16 bf16 → fp32. Operands

@@ -46,10 +46,7 @@ extern "C" __global__ void rope_pairs(bf16* __restrict__ x, const float* __restr
     const int row = (int)(rh / heads);
     const int pos = row % T + start;
     const float c = cos_t[(size_t)pos * half + i], s = sign * sin_t[(size_t)pos * half + i];
-    bf16* p = x + rh * D + 2 * i;
-    const float a = __bfloat162float(p[0]), b = __bfloat162float(p[1]);
-    p[0] = __float2bfloat16(a * c - b * s);
-    p[1] = __float2bfloat16(a * s + b * c);
+    rotate_pair(x + rh * D + 2 * i, c, s);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -48,10 +48,7 @@ extern "C" __global__ void rope_pairs_at(bf16* __restrict__ x, const float* __re
     const long long rh = idx / half;  // row · heads + head
     const int p = pos[rh / heads];
     const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-    bf16* e = x + rh * D + 2 * i;
-    const float a = __bfloat162float(e[0]), b = __bfloat162float(e[1]);
-    e[0] = __float2bfloat16(a * c - b * s);
-    e[1] = __float2bfloat16(a * s + b * c);
+    rotate_pair(x + rh * D + 2 * i, c, s);
 }
 
 // ---------------------------------------------------------------------------------------------
