@@ -224,6 +224,34 @@ fn nvrtc_cache_returns_the_same_ptx_and_is_keyed_by_arch() {
     );
 }
 
+/// The PTX cache key covers the embedded headers: editing kernels/common.cuh must not let a
+/// machine load PTX compiled from the old one. Needs no NVRTC.
+#[test]
+fn nvrtc_cache_key_follows_the_embedded_headers() {
+    use sage::backend::nvrtc::cache_key;
+    let src = "#include \"common.cuh\"\n";
+    let none = cache_key(src, Arch::SM80, &[], &[]);
+    let a = cache_key(src, Arch::SM80, &[("common.cuh", "int x;")], &[]);
+    let b = cache_key(src, Arch::SM80, &[("common.cuh", "int y;")], &[]);
+    let renamed = cache_key(src, Arch::SM80, &[("other.cuh", "int x;")], &[]);
+    assert_ne!(none, a, "adding a header changes the key");
+    assert_ne!(a, b, "changing a header's text changes the key");
+    assert_ne!(a, renamed, "the header's include name is part of the key");
+    assert_eq!(a, cache_key(src, Arch::SM80, &[("common.cuh", "int x;")], &[]));
+    // Text moved from the source into a header is a different program.
+    assert_ne!(cache_key("ab", Arch::SM80, &[("h", "c")], &[]), cache_key("a", Arch::SM80, &[("h", "bc")], &[]));
+    // The backend's own cache entries follow the header the binary embeds.
+    let file = &sage::backend::cuda::kernels::MINCOS_TOPK;
+    let (name, text) = sage::backend::cuda::kernels::HEADERS[0];
+    assert_eq!(name, "common.cuh");
+    assert_eq!(text, common_header(), "the binary embeds kernels/common.cuh as it is on disk");
+    let edited = format!("{text}\n// edited\n");
+    assert_ne!(
+        cache_key(file.source, Arch::SM90, &sage::backend::cuda::kernels::HEADERS, &[]),
+        cache_key(file.source, Arch::SM90, &[(name, edited.as_str())], &[])
+    );
+}
+
 #[test]
 fn kernel_mincos_topk_compiles_without_spills() {
     assert_entries(
