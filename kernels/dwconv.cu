@@ -17,9 +17,7 @@
 //                     GEMM output (a dense convolution's bias, residual and ReLU6)  grid ceil(C·P / 256)
 // No atomics: results are deterministic.
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void dwconv_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,

@@ -27,110 +27,13 @@
 //               per chunk, dH[chunk] = dz·W and dW += dzᵀ·H[chunk], so peak extra memory is
 //               rows × V × 2 bytes (one answer span, or 1024 rows, at a time) instead of
 //               N × T × V × 4. Chunks that cover only answer positions waste nothing.
-// GEMM tiles: 4 warps as 2×2 over a 64×64 tile, mma.sync m16n8k16 bf16 → fp32, cp.async double
-// buffering over k in steps of 32 (the same tile as kernels/mincos_topk.cu v2). Requires
-// C % 8 == 0 and 16-byte aligned h and W.
+// GEMM tiles: common.cuh's tc_tile_gemm (4 warps as 2×2 over a 64×64 tile, mma.sync m16n8k16
+// bf16 → fp32, cp.async double buffering over k in steps of 32; the tile of kernels/mincos_topk.cu
+// v2). Requires C % 8 == 0 and 16-byte aligned h and W.
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
-
-#define ED_BM 64
-#define ED_BN 64
-#define ED_BK 32
-#define ED_LD (ED_BK + 8)
+#include "common.cuh"
 
 __device__ __forceinline__ float ed_neg_inf() { return -__int_as_float(0x7f800000); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int n = valid ? 16 : 0;  // src-size 0: nothing is read, 16 zero bytes are written
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// m16n8k16 bf16 mma, fragment layouts as in kernels/mincos_topk.cu.
-__device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-__device__ __forceinline__ void ed_load_tile(bf16* dst, const bf16* src, int r0, int rows, int k0, int C, int tid) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        int c = tid + e * 128;
-        int row = c >> 2, col = (c & 3) * 8;
-        int gr = r0 + row, gk = k0 + col;
-        bool valid = gr < rows && gk < C;
-        const bf16* g = valid ? src + (size_t)gr * C + gk : src;
-        cp_async16(dst + row * ED_LD + col, g, valid);
-    }
-}
-
-// acc = A[m0.., :] · B[n0.., :]ᵀ for a 64×64 tile (A rows < a_rows, B rows < b_rows, zero past).
-// The warp (wm, wn) holds rows wm·32 + mi·16 + g (+8), columns wn·32 + ni·8 + 2t (+1).
-__device__ __forceinline__ void ed_tile_gemm(float (&acc)[2][4][4], const bf16* A, int m0, int a_rows, const bf16* Bm,
-                                             int n0, int b_rows, int C, bf16 (*As)[ED_BM * ED_LD],
-                                             bf16 (*Bs)[ED_BN * ED_LD]) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-    const int KT = (C + ED_BK - 1) / ED_BK;
-    ed_load_tile(As[0], A, m0, a_rows, 0, C, tid);
-    ed_load_tile(Bs[0], Bm, n0, b_rows, 0, C, tid);
-    cp_async_commit();
-    for (int kt = 0; kt < KT; ++kt) {
-        const int cur = kt & 1;
-        if (kt + 1 < KT) {
-            ed_load_tile(As[cur ^ 1], A, m0, a_rows, (kt + 1) * ED_BK, C, tid);
-            ed_load_tile(Bs[cur ^ 1], Bm, n0, b_rows, (kt + 1) * ED_BK, C, tid);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const bf16* as = As[cur];
-        const bf16* bs = Bs[cur];
-#pragma unroll
-        for (int kk = 0; kk < ED_BK; kk += 16) {
-            unsigned af[2][4], bfr[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                const bf16* p = as + (wm * 32 + mi * 16 + g) * ED_LD + kk + 2 * t;
-                af[mi][0] = lds32(p);
-                af[mi][1] = lds32(p + 8 * ED_LD);
-                af[mi][2] = lds32(p + 8);
-                af[mi][3] = lds32(p + 8 * ED_LD + 8);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const bf16* p = bs + (wn * 32 + ni * 8 + g) * ED_LD + kk + 2 * t;
-                bfr[ni][0] = lds32(p);
-                bfr[ni][1] = lds32(p + 8);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], af[mi], bfr[ni]);
-        }
-        __syncthreads();
-    }
-}
 
 // Merges the online-softmax state (m2, s2) into (m, s).
 __device__ __forceinline__ void ed_merge(float& m, float& s, float m2, float s2) {
@@ -143,7 +46,7 @@ __device__ __forceinline__ void ed_merge(float& m, float& s, float m2, float s2)
 // True when some row of [r0, r0 + 64) ∩ [0, R) is unmasked (block-uniform).
 __device__ __forceinline__ bool ed_tile_live(const unsigned char* mask, int r0, int R) {
     int r = r0 + (int)threadIdx.x;
-    int live = threadIdx.x < ED_BM && r < R && (mask == nullptr || mask[r] != 0);
+    int live = threadIdx.x < TC_BM && r < R && (mask == nullptr || mask[r] != 0);
     return __syncthreads_or(live) != 0;
 }
 
@@ -155,16 +58,16 @@ extern "C" __global__ void __launch_bounds__(128) edpo_logits_lse_partial(
     const bf16* __restrict__ hidden, const bf16* __restrict__ w, const int* __restrict__ targets,
     const unsigned char* __restrict__ mask, int R, int V, int C, float* __restrict__ part_max,
     float* __restrict__ part_sum, float* __restrict__ tgt_logit) {
-    __shared__ __align__(16) bf16 As[2][ED_BM * ED_LD];
-    __shared__ __align__(16) bf16 Bs[2][ED_BN * ED_LD];
-    __shared__ float red_m[2][ED_BM], red_s[2][ED_BM];
-    const int m0 = blockIdx.x * ED_BM, split = blockIdx.y, nsplit = gridDim.y;
+    __shared__ __align__(16) bf16 As[2][TC_BM * TC_LD];
+    __shared__ __align__(16) bf16 Bs[2][TC_BN * TC_LD];
+    __shared__ float red_m[2][TC_BM], red_s[2][TC_BM];
+    const int m0 = blockIdx.x * TC_BM, split = blockIdx.y, nsplit = gridDim.y;
     if (!ed_tile_live(mask, m0, R)) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t = lane & 3;
     // This split's vocabulary range, whole 64-column tiles.
-    const int vt = (V + ED_BN - 1) / ED_BN, per = (vt + nsplit - 1) / nsplit;
-    const int vbeg = min(split * per * ED_BN, V), vend = min((split + 1) * per * ED_BN, V);
+    const int vt = (V + TC_BN - 1) / TC_BN, per = (vt + nsplit - 1) / nsplit;
+    const int vbeg = min(split * per * TC_BN, V), vend = min((split + 1) * per * TC_BN, V);
 
     float m[4], s[4];
     int tgt[4];
@@ -176,8 +79,8 @@ extern "C" __global__ void __launch_bounds__(128) edpo_logits_lse_partial(
         tgt[r] = gr < R ? targets[gr] : -1;
     }
     float acc[2][4][4];
-    for (int n0 = vbeg; n0 < vend; n0 += ED_BN) {
-        ed_tile_gemm(acc, hidden, m0, R, w, n0, vend, C, As, Bs);
+    for (int n0 = vbeg; n0 < vend; n0 += TC_BN) {
+        tc_tile_gemm(acc, hidden, m0, R, w, n0, vend, C, As, Bs);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int gr = m0 + wm * 32 + (r >> 1) * 16 + g + (r & 1) * 8;
@@ -223,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(128) edpo_logits_lse_partial(
         }
     }
     __syncthreads();
-    if (tid < ED_BM && m0 + tid < R) {
+    if (tid < TC_BM && m0 + tid < R) {
         float mm = red_m[0][tid], ss = red_s[0][tid];
         ed_merge(mm, ss, red_m[1][tid], red_s[1][tid]);
         part_max[(size_t)split * R + m0 + tid] = mm;
@@ -310,21 +213,21 @@ extern "C" __global__ void __launch_bounds__(128) edpo_dlogits(
     const bf16* __restrict__ hidden, const bf16* __restrict__ w, const int* __restrict__ targets,
     const unsigned char* __restrict__ mask, const float* __restrict__ lse, const float* __restrict__ grad_seq,
     int r0, int rows, int T, int V, int C, bf16* __restrict__ dz) {
-    __shared__ __align__(16) bf16 As[2][ED_BM * ED_LD];
-    __shared__ __align__(16) bf16 Bs[2][ED_BN * ED_LD];
-    const int m0 = blockIdx.x * ED_BM, n0 = blockIdx.y * ED_BN;
+    __shared__ __align__(16) bf16 As[2][TC_BM * TC_LD];
+    __shared__ __align__(16) bf16 Bs[2][TC_BN * TC_LD];
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t = lane & 3;
     const bf16* hc = hidden + (size_t)r0 * C;  // this chunk's first row
     if (!ed_tile_live(mask == nullptr ? nullptr : mask + r0, m0, rows)) {
-        for (int idx = tid; idx < ED_BM * ED_BN; idx += blockDim.x) {
-            int lr = m0 + idx / ED_BN, v = n0 + idx % ED_BN;
+        for (int idx = tid; idx < TC_BM * TC_BN; idx += blockDim.x) {
+            int lr = m0 + idx / TC_BN, v = n0 + idx % TC_BN;
             if (lr < rows && v < V) dz[(size_t)lr * V + v] = __float2bfloat16(0.f);
         }
         return;
     }
     float acc[2][4][4];
-    ed_tile_gemm(acc, hc, m0, rows, w, n0, V, C, As, Bs);
+    tc_tile_gemm(acc, hc, m0, rows, w, n0, V, C, As, Bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const int lr = m0 + wm * 32 + (r >> 1) * 16 + g + (r & 1) * 8;

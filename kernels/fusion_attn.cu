@@ -23,48 +23,11 @@
 // Launch: fwd and dq grid (ceil(L/4), H, B); dkdv grid (ceil(S/4), H, B); delta grid
 // (ceil(B·L·H/8)); block 128 (delta: 256).
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
+#include "common.cuh"
 
 #define FA_WARPS 4
 #define FA_TILE 32
 #define FA_DPL 8  // accumulators per lane: D ≤ 32 · FA_DPL
-
-__device__ __forceinline__ float fa_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-__device__ __forceinline__ float fa_warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
-// Row (b, j, h) of a [B, N, H, D] tensor.
-__device__ __forceinline__ size_t fa_row(int b, int j, int h, int N, int H, int D) {
-    return (((size_t)b * N + j) * H + h) * D;
-}
-
-// Copies rows [r0, r0+32) of head h (zero past N) into smem with row stride ld (bf16).
-__device__ __forceinline__ void fa_load_tile(bf16* dst, int ld, const bf16* __restrict__ src, int b, int r0, int h,
-                                             int N, int H, int D) {
-    for (int idx = threadIdx.x; idx < FA_TILE * D; idx += blockDim.x) {
-        int r = idx / D, d = idx - r * D;
-        int j = r0 + r;
-        dst[r * ld + d] = j < N ? src[fa_row(b, j, h, N, H, D) + d] : __float2bfloat16(0.f);
-    }
-}
-
-// Σ_d x[d] · row[d] for an fp32 vector x in smem and a bf16 row in smem (D even, row 4-byte aligned).
-__device__ __forceinline__ float fa_dot(const float* x, const bf16* row, int D) {
-    float acc = 0.f;
-    for (int d = 0; d < D; d += 2) {
-        float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d));
-        acc = fmaf(x[d], r.x, acc);
-        acc = fmaf(x[d + 1], r.y, acc);
-    }
-    return acc;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward. One warp per query row; the block's 4 warps share the key/value tiles of one (b, h).
@@ -84,7 +47,7 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_fwd(const bf16* __
     const bool live = i < L;
     float* qw = qs + warp * D;
     if (live)
-        for (int d = lane; d < D; d += 32) qw[d] = __bfloat162float(q[fa_row(b, i, h, L, H, D) + d]);
+        for (int d = lane; d < D; d += 32) qw[d] = __bfloat162float(q[head_row(b, i, h, L, H, D) + d]);
 
     float m = -__int_as_float(0x7f800000), l = 0.f, o[FA_DPL];
 #pragma unroll
@@ -92,17 +55,17 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_fwd(const bf16* __
 
     for (int s0 = 0; s0 < S; s0 += FA_TILE) {
         __syncthreads();  // the previous tile is consumed (and qs written, first time)
-        fa_load_tile(Ks, ldk, k, b, s0, h, S, H, D);
-        fa_load_tile(Vs, D, v, b, s0, h, S, H, D);
+        load_head_tile<FA_TILE>(Ks, ldk, k, b, s0, h, S, H, D);
+        load_head_tile<FA_TILE>(Vs, D, v, b, s0, h, S, H, D);
         __syncthreads();
         if (!live) continue;
         const int j = s0 + lane;
         const int n = min(FA_TILE, S - s0);
-        float sc = j < S ? fa_dot(qw, Ks + lane * ldk, D) * scale : -__int_as_float(0x7f800000);
-        float m_new = fmaxf(m, fa_warp_max(sc));  // finite: the tile has at least one key
+        float sc = j < S ? dot_f32_bf16(qw, Ks + lane * ldk, D) * scale : -__int_as_float(0x7f800000);
+        float m_new = fmaxf(m, warp_max(sc));  // finite: the tile has at least one key
         float p = j < S ? expf(sc - m_new) : 0.f;
         float corr = expf(m - m_new);  // 0 on the first tile (m = −inf)
-        l = l * corr + fa_warp_sum(p);
+        l = l * corr + warp_sum(p);
 #pragma unroll
         for (int r = 0; r < FA_DPL; ++r) o[r] *= corr;
         for (int jj = 0; jj < n; ++jj) {
@@ -118,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_fwd(const bf16* __
     }
     if (!live) return;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    bf16* orow = out + fa_row(b, i, h, L, H, D);
+    bf16* orow = out + head_row(b, i, h, L, H, D);
 #pragma unroll
     for (int r = 0; r < FA_DPL; ++r) {
         int d = r * 32 + lane;
@@ -138,7 +101,7 @@ extern "C" __global__ void fusion_attn_bwd_delta(const bf16* __restrict__ out, c
     float acc = 0.f;
     for (int d = lane; d < D; d += 32)
         acc = fmaf(__bfloat162float(out[base + d]), __bfloat162float(dout[base + d]), acc);
-    acc = fa_warp_sum(acc);
+    acc = warp_sum(acc);
     const int h = row % H, bi = row / H, i = bi % L, b = bi / L;
     if (lane == 0) delta[((size_t)b * H + h) * L + i] = acc;
 }
@@ -164,8 +127,8 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dq(
     float lse_i = 0.f, delta_i = 0.f;
     if (live) {
         for (int d = lane; d < D; d += 32) {
-            qw[d] = __bfloat162float(q[fa_row(b, i, h, L, H, D) + d]);
-            dow[d] = __bfloat162float(dout[fa_row(b, i, h, L, H, D) + d]);
+            qw[d] = __bfloat162float(q[head_row(b, i, h, L, H, D) + d]);
+            dow[d] = __bfloat162float(dout[head_row(b, i, h, L, H, D) + d]);
         }
         lse_i = lse[((size_t)b * H + h) * L + i];
         delta_i = delta[((size_t)b * H + h) * L + i];
@@ -176,16 +139,16 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dq(
 
     for (int s0 = 0; s0 < S; s0 += FA_TILE) {
         __syncthreads();
-        fa_load_tile(Ks, ld, k, b, s0, h, S, H, D);
-        fa_load_tile(Vs, ld, v, b, s0, h, S, H, D);
+        load_head_tile<FA_TILE>(Ks, ld, k, b, s0, h, S, H, D);
+        load_head_tile<FA_TILE>(Vs, ld, v, b, s0, h, S, H, D);
         __syncthreads();
         if (!live) continue;
         const int j = s0 + lane;
         const int n = min(FA_TILE, S - s0);
         float ds = 0.f;
         if (j < S) {
-            float p = expf(fa_dot(qw, Ks + lane * ld, D) * scale - lse_i);
-            float dp = fa_dot(dow, Vs + lane * ld, D);
+            float p = expf(dot_f32_bf16(qw, Ks + lane * ld, D) * scale - lse_i);
+            float dp = dot_f32_bf16(dow, Vs + lane * ld, D);
             ds = p * (dp - delta_i);
         }
         for (int jj = 0; jj < n; ++jj) {
@@ -199,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dq(
         }
     }
     if (!live) return;
-    bf16* row = dq + fa_row(b, i, h, L, H, D);
+    bf16* row = dq + head_row(b, i, h, L, H, D);
 #pragma unroll
     for (int r = 0; r < FA_DPL; ++r) {
         int d = r * 32 + lane;
@@ -229,8 +192,8 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dkdv(
     float* vw = vs + warp * D;
     if (live)
         for (int d = lane; d < D; d += 32) {
-            kw[d] = __bfloat162float(k[fa_row(b, j, h, S, H, D) + d]);
-            vw[d] = __bfloat162float(v[fa_row(b, j, h, S, H, D) + d]);
+            kw[d] = __bfloat162float(k[head_row(b, j, h, S, H, D) + d]);
+            vw[d] = __bfloat162float(v[head_row(b, j, h, S, H, D) + d]);
         }
     float gk[FA_DPL], gv[FA_DPL];
 #pragma unroll
@@ -240,8 +203,8 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dkdv(
     const float* delta_bh = delta + ((size_t)b * H + h) * L;
     for (int i0 = 0; i0 < L; i0 += FA_TILE) {
         __syncthreads();
-        fa_load_tile(Qs, ld, q, b, i0, h, L, H, D);
-        fa_load_tile(Ds, ld, dout, b, i0, h, L, H, D);
+        load_head_tile<FA_TILE>(Qs, ld, q, b, i0, h, L, H, D);
+        load_head_tile<FA_TILE>(Ds, ld, dout, b, i0, h, L, H, D);
         for (int r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
             lse_s[r] = i0 + r < L ? lse_bh[i0 + r] : 0.f;
             delta_s[r] = i0 + r < L ? delta_bh[i0 + r] : 0.f;
@@ -252,8 +215,8 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dkdv(
         const int n = min(FA_TILE, L - i0);
         float p = 0.f, ds = 0.f;
         if (i < L) {
-            p = expf(fa_dot(kw, Qs + lane * ld, D) * scale - lse_s[lane]);
-            float dp = fa_dot(vw, Ds + lane * ld, D);
+            p = expf(dot_f32_bf16(kw, Qs + lane * ld, D) * scale - lse_s[lane]);
+            float dp = dot_f32_bf16(vw, Ds + lane * ld, D);
             ds = p * (dp - delta_s[lane]);
         }
         for (int ii = 0; ii < n; ++ii) {
@@ -272,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(128) fusion_attn_bwd_dkdv(
         }
     }
     if (!live) return;
-    bf16* dkr = dk + fa_row(b, j, h, S, H, D);
-    bf16* dvr = dv + fa_row(b, j, h, S, H, D);
+    bf16* dkr = dk + head_row(b, j, h, S, H, D);
+    bf16* dvr = dv + head_row(b, j, h, S, H, D);
 #pragma unroll
     for (int r = 0; r < FA_DPL; ++r) {
         int d = r * 32 + lane;

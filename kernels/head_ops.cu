@@ -16,14 +16,7 @@
 //   gelu_bwd           dx = dy·(Φ(x) + x·φ(x))                                   grid ceil(n/256), block 256
 //   scale_bf16         x ← s·x                                                   grid ceil(n/256), block 256
 //   mul_f32            x ← x·f elementwise (fp32; E-DPO's per-instance weights)   grid ceil(n/256), block 256
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float ho_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm forward: y = (x − mean)·rstd·w + b, rstd = (var + eps)^-½ (biased variance, two passes
@@ -36,13 +29,13 @@ extern "C" __global__ void layernorm_fwd(const bf16* __restrict__ x, const bf16*
     const bf16* xr = x + (size_t)row * C;
     float s = 0.f;
     for (int j = lane; j < C; j += 32) s += __bfloat162float(xr[j]);
-    const float mean = ho_warp_sum(s) / (float)C;
+    const float mean = warp_sum(s) / (float)C;
     float ss = 0.f;
     for (int j = lane; j < C; j += 32) {
         const float d = __bfloat162float(xr[j]) - mean;
         ss += d * d;
     }
-    const float r = 1.f / sqrtf(ho_warp_sum(ss) / (float)C + eps);
+    const float r = 1.f / sqrtf(warp_sum(ss) / (float)C + eps);
     bf16* yr = y + (size_t)row * C;
     for (int j = lane; j < C; j += 32)
         yr[j] = __float2bfloat16((__bfloat162float(xr[j]) - mean) * r * __bfloat162float(w[j]) + __bfloat162float(b[j]));
@@ -66,8 +59,8 @@ extern "C" __global__ void layernorm_bwd_dx(const bf16* __restrict__ x, const bf
         mg += g;
         mgx += g * (__bfloat162float(x[base + j]) - mean) * r;
     }
-    mg = ho_warp_sum(mg) / (float)C;
-    mgx = ho_warp_sum(mgx) / (float)C;
+    mg = warp_sum(mg) / (float)C;
+    mgx = warp_sum(mgx) / (float)C;
     for (int j = lane; j < C; j += 32) {
         const float g = __bfloat162float(dy[base + j]) * __bfloat162float(w[j]);
         const float xh = (__bfloat162float(x[base + j]) - mean) * r;

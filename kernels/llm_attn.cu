@@ -24,48 +24,11 @@
 //                         token, so every gradient row has one writer and a fixed summation order
 // No atomics anywhere: results are deterministic. Limits: D even and ≤ 256.
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
+#include "common.cuh"
 
 #define CA_WARPS 4
 #define CA_TILE 32
 #define CA_DPL 8  // accumulators per lane: D ≤ 32 · CA_DPL
-
-__device__ __forceinline__ float ca_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-__device__ __forceinline__ float ca_warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
-// Row (b, t, h) of a [B, T, NH, D] tensor.
-__device__ __forceinline__ size_t ca_row(int b, int t, int h, int T, int NH, int D) {
-    return (((size_t)b * T + t) * NH + h) * D;
-}
-
-// Copies rows [r0, r0+32) of head h of a [B, T, NH, D] tensor (zero past T) into smem, row stride ld.
-__device__ __forceinline__ void ca_load_tile(bf16* dst, int ld, const bf16* __restrict__ src, int b, int r0, int h,
-                                             int T, int NH, int D) {
-    for (int idx = threadIdx.x; idx < CA_TILE * D; idx += blockDim.x) {
-        int r = idx / D, d = idx - r * D;
-        int j = r0 + r;
-        dst[r * ld + d] = j < T ? src[ca_row(b, j, h, T, NH, D) + d] : __float2bfloat16(0.f);
-    }
-}
-
-// Σ_d x[d] · row[d] for an fp32 vector in smem and a bf16 row in smem (D even, row 4-byte aligned).
-__device__ __forceinline__ float ca_dot(const float* x, const bf16* row, int D) {
-    float acc = 0.f;
-    for (int d = 0; d < D; d += 2) {
-        float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d));
-        acc = fmaf(x[d], r.x, acc);
-        acc = fmaf(x[d + 1], r.y, acc);
-    }
-    return acc;
-}
 
 // ---------------------------------------------------------------------------------------------
 // RoPE on interleaved pairs (the GGUF layout): for x [rows, heads, D] with position
@@ -83,10 +46,7 @@ extern "C" __global__ void rope_pairs(bf16* __restrict__ x, const float* __restr
     const int row = (int)(rh / heads);
     const int pos = row % T + start;
     const float c = cos_t[(size_t)pos * half + i], s = sign * sin_t[(size_t)pos * half + i];
-    bf16* p = x + rh * D + 2 * i;
-    const float a = __bfloat162float(p[0]), b = __bfloat162float(p[1]);
-    p[0] = __float2bfloat16(a * c - b * s);
-    p[1] = __float2bfloat16(a * s + b * c);
+    rotate_pair(x + rh * D + 2 * i, c, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,7 +72,7 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_fwd(const bf16* __
     const int last = min(T - 1, i0 + CA_WARPS - 1);  // the block's last query: keys past it are unseen
     float* qw = qs + warp * D;
     if (live)
-        for (int d = lane; d < D; d += 32) qw[d] = __bfloat162float(q[ca_row(b, i, h, T, H, D) + d]);
+        for (int d = lane; d < D; d += 32) qw[d] = __bfloat162float(q[head_row(b, i, h, T, H, D) + d]);
 
     float m = -__int_as_float(0x7f800000), l = 0.f, o[CA_DPL];
 #pragma unroll
@@ -120,17 +80,17 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_fwd(const bf16* __
 
     for (int s0 = 0; s0 <= last; s0 += CA_TILE) {
         __syncthreads();  // the previous tile is consumed (and qs written, first time)
-        ca_load_tile(Ks, ldk, k, b, s0, g, T, Hkv, D);
-        ca_load_tile(Vs, D, v, b, s0, g, T, Hkv, D);
+        load_head_tile<CA_TILE>(Ks, ldk, k, b, s0, g, T, Hkv, D);
+        load_head_tile<CA_TILE>(Vs, D, v, b, s0, g, T, Hkv, D);
         __syncthreads();
         if (!live) continue;
         const int j = s0 + lane;
         const bool seen = j <= i;  // implies j < T
-        float sc = seen ? ca_dot(qw, Ks + lane * ldk, D) * scale : -__int_as_float(0x7f800000);
-        float m_new = fmaxf(m, ca_warp_max(sc));
+        float sc = seen ? dot_f32_bf16(qw, Ks + lane * ldk, D) * scale : -__int_as_float(0x7f800000);
+        float m_new = fmaxf(m, warp_max(sc));
         float p = seen ? expf(sc - m_new) : 0.f;
         float corr = expf(m - m_new);  // 0 on the first tile (m = −inf)
-        l = l * corr + ca_warp_sum(p);
+        l = l * corr + warp_sum(p);
 #pragma unroll
         for (int r = 0; r < CA_DPL; ++r) o[r] *= corr;
         const int n = min(CA_TILE, i - s0 + 1);
@@ -147,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_fwd(const bf16* __
     }
     if (!live) return;
     const float inv = 1.f / l;  // l ≥ 1: the max key contributes exp(0)
-    bf16* orow = out + ca_row(b, i, h, T, H, D);
+    bf16* orow = out + head_row(b, i, h, T, H, D);
 #pragma unroll
     for (int r = 0; r < CA_DPL; ++r) {
         int d = r * 32 + lane;
@@ -181,8 +141,8 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dq(
     float lse_i = 0.f, delta_i = 0.f;
     if (live) {
         for (int d = lane; d < D; d += 32) {
-            qw[d] = __bfloat162float(q[ca_row(b, i, h, T, H, D) + d]);
-            dow[d] = __bfloat162float(dout[ca_row(b, i, h, T, H, D) + d]);
+            qw[d] = __bfloat162float(q[head_row(b, i, h, T, H, D) + d]);
+            dow[d] = __bfloat162float(dout[head_row(b, i, h, T, H, D) + d]);
         }
         lse_i = lse[((size_t)b * H + h) * T + i];
         delta_i = delta[((size_t)b * H + h) * T + i];
@@ -193,15 +153,15 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dq(
 
     for (int s0 = 0; s0 <= last; s0 += CA_TILE) {
         __syncthreads();
-        ca_load_tile(Ks, ld, k, b, s0, g, T, Hkv, D);
-        ca_load_tile(Vs, ld, v, b, s0, g, T, Hkv, D);
+        load_head_tile<CA_TILE>(Ks, ld, k, b, s0, g, T, Hkv, D);
+        load_head_tile<CA_TILE>(Vs, ld, v, b, s0, g, T, Hkv, D);
         __syncthreads();
         if (!live) continue;
         const int j = s0 + lane;
         float ds = 0.f;
         if (j <= i) {
-            float p = expf(ca_dot(qw, Ks + lane * ld, D) * scale - lse_i);
-            float dp = ca_dot(dow, Vs + lane * ld, D);
+            float p = expf(dot_f32_bf16(qw, Ks + lane * ld, D) * scale - lse_i);
+            float dp = dot_f32_bf16(dow, Vs + lane * ld, D);
             ds = p * (dp - delta_i);
         }
         const int n = min(CA_TILE, i - s0 + 1);
@@ -216,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dq(
         }
     }
     if (!live) return;
-    bf16* row = dq + ca_row(b, i, h, T, H, D);
+    bf16* row = dq + head_row(b, i, h, T, H, D);
 #pragma unroll
     for (int r = 0; r < CA_DPL; ++r) {
         int d = r * 32 + lane;
@@ -249,8 +209,8 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dkdv(
     float* vw = vs + warp * D;
     if (live)
         for (int d = lane; d < D; d += 32) {
-            kw[d] = __bfloat162float(k[ca_row(b, j, g, T, Hkv, D) + d]);
-            vw[d] = __bfloat162float(v[ca_row(b, j, g, T, Hkv, D) + d]);
+            kw[d] = __bfloat162float(k[head_row(b, j, g, T, Hkv, D) + d]);
+            vw[d] = __bfloat162float(v[head_row(b, j, g, T, Hkv, D) + d]);
         }
     float gk[CA_DPL], gv[CA_DPL];
 #pragma unroll
@@ -262,8 +222,8 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dkdv(
         const float* delta_bh = delta + ((size_t)b * H + h) * T;
         for (int i0 = first; i0 < T; i0 += CA_TILE) {
             __syncthreads();
-            ca_load_tile(Qs, ld, q, b, i0, h, T, H, D);
-            ca_load_tile(Ds, ld, dout, b, i0, h, T, H, D);
+            load_head_tile<CA_TILE>(Qs, ld, q, b, i0, h, T, H, D);
+            load_head_tile<CA_TILE>(Ds, ld, dout, b, i0, h, T, H, D);
             for (int r = threadIdx.x; r < CA_TILE; r += blockDim.x) {
                 lse_s[r] = i0 + r < T ? lse_bh[i0 + r] : 0.f;
                 delta_s[r] = i0 + r < T ? delta_bh[i0 + r] : 0.f;
@@ -273,8 +233,8 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dkdv(
             const int i = i0 + lane;
             float p = 0.f, ds = 0.f;
             if (i < T && i >= j) {
-                p = expf(ca_dot(kw, Qs + lane * ld, D) * scale - lse_s[lane]);
-                float dp = ca_dot(vw, Ds + lane * ld, D);
+                p = expf(dot_f32_bf16(kw, Qs + lane * ld, D) * scale - lse_s[lane]);
+                float dp = dot_f32_bf16(vw, Ds + lane * ld, D);
                 ds = p * (dp - delta_s[lane]);
             }
             const int lo = max(0, j - i0), hi = min(CA_TILE, T - i0);
@@ -295,8 +255,8 @@ extern "C" __global__ void __launch_bounds__(128) causal_attn_bwd_dkdv(
         }
     }
     if (!live) return;
-    bf16* dkr = dk + ca_row(b, j, g, T, Hkv, D);
-    bf16* dvr = dv + ca_row(b, j, g, T, Hkv, D);
+    bf16* dkr = dk + head_row(b, j, g, T, Hkv, D);
+    bf16* dvr = dv + head_row(b, j, g, T, Hkv, D);
 #pragma unroll
     for (int r = 0; r < CA_DPL; ++r) {
         int d = r * 32 + lane;

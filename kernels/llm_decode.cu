@@ -27,23 +27,12 @@
 // both; the op set runs variant 1 until a device has measured them.
 // No atomics: results are deterministic. Limits: D even and ≤ 256.
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
+#include "common.cuh"
 
 #define DA_WARPS 4
 #define DA_TILE 32
 #define DA_DPL 8  // accumulators per lane: D ≤ 32 · DA_DPL
 #define DA_MAXD 256
-
-__device__ __forceinline__ float da_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-__device__ __forceinline__ float da_warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
 
 // ---------------------------------------------------------------------------------------------
 // RoPE on interleaved pairs at explicit positions: row r of x [rows, heads, D] turns by pos[r]·θ_i.
@@ -59,10 +48,7 @@ extern "C" __global__ void rope_pairs_at(bf16* __restrict__ x, const float* __re
     const long long rh = idx / half;  // row · heads + head
     const int p = pos[rh / heads];
     const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-    bf16* e = x + rh * D + 2 * i;
-    const float a = __bfloat162float(e[0]), b = __bfloat162float(e[1]);
-    e[0] = __float2bfloat16(a * c - b * s);
-    e[1] = __float2bfloat16(a * s + b * c);
+    rotate_pair(x + rh * D + 2 * i, c, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -97,19 +83,12 @@ __device__ void da_block_attend(const float* qs, const bf16* __restrict__ kc, co
         const bool seen = j < k1;
         float sc = neg_inf;
         if (seen) {
-            const bf16* kr = kc + ((seq_row + j) * Hkv + g) * D;
-            float a = 0.f;
-            for (int d = 0; d < D; d += 2) {
-                float2 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(kr + d));
-                a = fmaf(qs[d], kv.x, a);
-                a = fmaf(qs[d + 1], kv.y, a);
-            }
-            sc = a * scale;
+            sc = dot_f32_bf16(qs, kc + ((seq_row + j) * Hkv + g) * D, D) * scale;
         }
-        const float m_new = fmaxf(m, da_warp_max(sc));  // finite: lane 0's key is always seen
+        const float m_new = fmaxf(m, warp_max(sc));  // finite: lane 0's key is always seen
         const float p = seen ? expf(sc - m_new) : 0.f;
         const float corr = expf(m - m_new);  // 0 on the warp's first tile (m = −inf)
-        l = l * corr + da_warp_sum(p);
+        l = l * corr + warp_sum(p);
 #pragma unroll
         for (int r = 0; r < DA_DPL; ++r) o[r] *= corr;
         const int cnt = min(DA_TILE, k1 - s0);

@@ -21,14 +21,7 @@
 //   sumsq_partial_bf16 part[block] = Σ x² over a grid-stride share of x   grid SUMSQ_BLOCKS, block 256
 //   sumsq_partial_f32  the same for fp32 x (then sum_rows_f32 over the SUMSQ_BLOCKS partials)
 //   clip_factor        [factor, skip, norm] from Σg² (train::clip_grad_norm)  grid 1, block 32
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float lo_warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
+#include "common.cuh"
 
 __device__ __forceinline__ float lo_silu(float g) {
     return g / (1.f + expf(-g));
@@ -46,7 +39,7 @@ extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* _
         float v = __bfloat162float(xr[j]);
         ss += v * v;
     }
-    ss = lo_warp_sum(ss);
+    ss = warp_sum(ss);
     const float r = 1.f / sqrtf(ss / (float)C + eps);
     bf16* yr = y + (size_t)row * C;
     for (int j = lane; j < C; j += 32) yr[j] = __float2bfloat16(__bfloat162float(xr[j]) * r * __bfloat162float(w[j]));
@@ -64,7 +57,7 @@ extern "C" __global__ void rmsnorm_bwd_dx(const bf16* __restrict__ x, const bf16
     float dot = 0.f;
     for (int j = lane; j < C; j += 32)
         dot += __bfloat162float(dy[base + j]) * __bfloat162float(w[j]) * __bfloat162float(x[base + j]);
-    dot = lo_warp_sum(dot);
+    dot = warp_sum(dot);
     const float r = rstd[row], k = r * r * r * dot / (float)C;
     for (int j = lane; j < C; j += 32) {
         float d = r * __bfloat162float(w[j]) * __bfloat162float(dy[base + j]) - k * __bfloat162float(x[base + j]);

@@ -27,9 +27,7 @@
 // Variants (llm.c style): v1 SIMT fp32 tile, any C; v2 tensor cores (mma.sync m16n8k16 bf16,
 // cp.async double buffering), the kept one.
 
-#include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
+#include "common.cuh"
 
 #define REDUCE_NEAREST 0
 #define REDUCE_MIN 1
@@ -177,68 +175,21 @@ extern "C" __global__ void __launch_bounds__(256, 2) mincos_reduce_v1(
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2b. Variant 2 (kept): tensor cores. 128 threads = 4 warps as 2×2; a 64×64 tile of
-// test × reference, each warp 32×32 = 2 (m16) × 4 (n8) mma.sync.m16n8k16 bf16 → fp32.
-// Operands stream through shared memory with cp.async (16 B, zero-fill past the edges), double
-// buffered over k in steps of 32. Rows are padded to 40 bf16 (80 B) so that the 32-bit fragment
-// loads are bank-conflict free. Requires C % 8 == 0 and 16-byte aligned test/ref pointers.
+// 2b. Variant 2 (kept): tensor cores. common.cuh's tile (tc_tile_gemm: 4 warps as 2×2 over a
+// 64×64 tile of test × reference, mma.sync.m16n8k16 bf16 → fp32, cp.async double buffering over
+// k in steps of 32), reduced on the spot. Requires C % 8 == 0 and 16-byte aligned test/ref pointers.
 // grid (ceil(P/64), B, nsplit), block 128.
-#define V2_BM 64
-#define V2_BN 64
-#define V2_BK 32
-#define V2_LD (V2_BK + 8)
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int n = valid ? 16 : 0;  // src-size 0: nothing is read, 16 zero bytes are written
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// D = A·B + D for one m16n8k16 tile; fragment layouts as in the PTX ISA ("Matrix Fragments for
-// mma.m16n8k16 with floating point type"): g = lane/4, t = lane%4,
-// a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
-// b0 = B[2t..2t+1][g], b1 = B[2t+8..][g]  (B column-major = our row-major reference rows);
-// c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1].
-__device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-// Loads a 64×32 bf16 tile of rows [r0, r0+64) ∩ [0, rows), k [k0, k0+32) ∩ [0, C) into `dst`
-// (64 × V2_LD): 256 chunks of 16 B, two per thread.
-__device__ __forceinline__ void v2_load_tile(bf16* dst, const bf16* src, int r0, int rows, int k0, int C, int tid) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        int c = tid + e * 128;
-        int row = c >> 2, col = (c & 3) * 8;
-        int gr = r0 + row, gk = k0 + col;
-        bool valid = gr < rows && gk < C;
-        const bf16* g = valid ? src + (size_t)gr * C + gk : src;
-        cp_async16(dst + row * V2_LD + col, g, valid);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(128) mincos_reduce_v2(
     const bf16* __restrict__ test, const bf16* __restrict__ ref, const float* __restrict__ inv_t,
     const float* __restrict__ inv_r, int B, int P, int Pr, int C, int reduce, int zero_shot,
     float* __restrict__ part_val, int* __restrict__ part_idx) {
-    __shared__ __align__(16) bf16 As[2][V2_BM * V2_LD];
-    __shared__ __align__(16) bf16 Bs[2][V2_BN * V2_LD];
-    __shared__ float red_val[2][V2_BM];
-    __shared__ int red_idx[2][V2_BM];
+    __shared__ __align__(16) bf16 As[2][TC_BM * TC_LD];
+    __shared__ __align__(16) bf16 Bs[2][TC_BN * TC_LD];
+    __shared__ float red_val[2][TC_BM];
+    __shared__ int red_idx[2][TC_BM];
 
     const int b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
-    const int m0 = blockIdx.x * V2_BM;
+    const int m0 = blockIdx.x * TC_BM;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm·32.., columns wn·32..
     const int g = lane >> 2, t = lane & 3;
@@ -259,57 +210,10 @@ extern "C" __global__ void __launch_bounds__(128) mincos_reduce_v2(
         best[r] = mc_worst(reduce);
         arg[r] = 0;
     }
-    const int KT = (C + V2_BK - 1) / V2_BK;
 
-    for (int n0 = nbeg; n0 < nend; n0 += V2_BN) {
+    for (int n0 = nbeg; n0 < nend; n0 += TC_BN) {
         float acc[2][4][4];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-        v2_load_tile(As[0], tb, m0, P, 0, C, tid);
-        v2_load_tile(Bs[0], rb, n0, nend, 0, C, tid);
-        cp_async_commit();
-        for (int kt = 0; kt < KT; ++kt) {
-            const int cur = kt & 1;
-            if (kt + 1 < KT) {
-                v2_load_tile(As[cur ^ 1], tb, m0, P, (kt + 1) * V2_BK, C, tid);
-                v2_load_tile(Bs[cur ^ 1], rb, n0, nend, (kt + 1) * V2_BK, C, tid);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-            const bf16* as = As[cur];
-            const bf16* bs = Bs[cur];
-#pragma unroll
-            for (int kk = 0; kk < V2_BK; kk += 16) {
-                unsigned af[2][4], bfr[4][2];
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const bf16* p = as + (wm * 32 + mi * 16 + g) * V2_LD + kk + 2 * t;
-                    af[mi][0] = lds32(p);
-                    af[mi][1] = lds32(p + 8 * V2_LD);
-                    af[mi][2] = lds32(p + 8);
-                    af[mi][3] = lds32(p + 8 * V2_LD + 8);
-                }
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const bf16* p = bs + (wn * 32 + ni * 8 + g) * V2_LD + kk + 2 * t;
-                    bfr[ni][0] = lds32(p);
-                    bfr[ni][1] = lds32(p + 8);
-                }
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], af[mi], bfr[ni]);
-            }
-            __syncthreads();  // the next iteration's prefetch overwrites this buffer
-        }
+        tc_tile_gemm(acc, tb, m0, P, rb, n0, nend, C, As, Bs);
         // Epilogue: columns ascending per thread (ni, then 2t, 2t+1).
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
@@ -350,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(128) mincos_reduce_v2(
         }
     }
     __syncthreads();
-    if (tid < V2_BM) {
+    if (tid < TC_BM) {
         int gi = m0 + tid;
         float v = red_val[0][tid];
         int a = red_idx[0][tid];

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EMULATED: &str = "sage emulated device (CPU, kernels/emu)";
+const EMULATED: &str = "sage emulated device (CPU, tests/emu)";
 
 fn on_emulated_device(cmd: &mut assert_cmd::Command, lib: &Path) -> std::process::Output {
     cmd.env("LD_LIBRARY_PATH", common::emu::library_path(lib)).output().unwrap()

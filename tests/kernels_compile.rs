@@ -25,6 +25,12 @@ fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
 }
 
+/// `kernels/common.cuh` as it is on disk, handed to NVRTC as the binary hands its embedded copy.
+fn common_header() -> String {
+    let p = kernels_dir().join("common.cuh");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
 /// One function's `ptxas -v` report.
 #[derive(Debug, Default)]
 struct FnReport {
@@ -74,11 +80,13 @@ fn check_kernel_file(file: &Path) -> Vec<String> {
     let nv = nvrtc(&tc);
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     let source = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let common = common_header();
+    let headers = [("common.cuh", common.as_str())];
     let tmp = tempfile::tempdir().unwrap();
     let mut summary = Vec::new();
     for arch in ARCHS {
         let ptx = nv
-            .compile_uncached(&source, &name, arch, std::slice::from_ref(&tc.include), &[])
+            .compile_uncached(&source, &name, arch, &headers, std::slice::from_ref(&tc.include), &[])
             .unwrap_or_else(|e| panic!("{e:#}"));
         assert!(ptx.contains(".entry"), "{name} for {}: the PTX has no kernel entry point", arch.sm());
         let ptx_path = tmp.path().join(format!("{name}.{}.ptx", arch.sm()));
@@ -178,7 +186,14 @@ fn nvrtc_compile_error_carries_the_log() {
     let tc = toolchain();
     let nv = nvrtc(&tc);
     let err = nv
-        .compile_uncached("extern \"C\" __global__ void k() { undeclared_thing(); }", "broken.cu", Arch::SM80, &[], &[])
+        .compile_uncached(
+            "extern \"C\" __global__ void k() { undeclared_thing(); }",
+            "broken.cu",
+            Arch::SM80,
+            &[],
+            &[],
+            &[],
+        )
         .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("broken.cu") && msg.contains("undeclared_thing"), "{msg}");
@@ -191,21 +206,49 @@ fn nvrtc_cache_returns_the_same_ptx_and_is_keyed_by_arch() {
     let cache = tempfile::tempdir().unwrap();
     let src = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }";
     let inc = [tc.include.clone()];
-    let a = nv.compile_cached(src, "k.cu", Arch::SM80, &inc, &[], cache.path()).unwrap();
+    let a = nv.compile_cached(src, "k.cu", Arch::SM80, &[], &inc, &[], cache.path()).unwrap();
     let files: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert_eq!(files.len(), 1, "one cache entry after one compile");
-    let b = nv.compile_cached(src, "k.cu", Arch::SM80, &inc, &[], cache.path()).unwrap();
+    let b = nv.compile_cached(src, "k.cu", Arch::SM80, &[], &inc, &[], cache.path()).unwrap();
     assert_eq!(a, b);
-    let c = nv.compile_cached(src, "k.cu", Arch::SM90, &inc, &[], cache.path()).unwrap();
+    let c = nv.compile_cached(src, "k.cu", Arch::SM90, &[], &inc, &[], cache.path()).unwrap();
     assert_ne!(a, c, "sm_90 PTX differs from sm_80 PTX");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
     assert_ne!(
-        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
-        sage::backend::nvrtc::cache_key(src, Arch::SM90, &[])
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[], &[]),
+        sage::backend::nvrtc::cache_key(src, Arch::SM90, &[], &[])
     );
     assert_ne!(
-        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[]),
-        sage::backend::nvrtc::cache_key(&format!("{src}\n"), Arch::SM80, &[])
+        sage::backend::nvrtc::cache_key(src, Arch::SM80, &[], &[]),
+        sage::backend::nvrtc::cache_key(&format!("{src}\n"), Arch::SM80, &[], &[])
+    );
+}
+
+/// The PTX cache key covers the embedded headers: editing kernels/common.cuh must not let a
+/// machine load PTX compiled from the old one. Needs no NVRTC.
+#[test]
+fn nvrtc_cache_key_follows_the_embedded_headers() {
+    use sage::backend::nvrtc::cache_key;
+    let src = "#include \"common.cuh\"\n";
+    let none = cache_key(src, Arch::SM80, &[], &[]);
+    let a = cache_key(src, Arch::SM80, &[("common.cuh", "int x;")], &[]);
+    let b = cache_key(src, Arch::SM80, &[("common.cuh", "int y;")], &[]);
+    let renamed = cache_key(src, Arch::SM80, &[("other.cuh", "int x;")], &[]);
+    assert_ne!(none, a, "adding a header changes the key");
+    assert_ne!(a, b, "changing a header's text changes the key");
+    assert_ne!(a, renamed, "the header's include name is part of the key");
+    assert_eq!(a, cache_key(src, Arch::SM80, &[("common.cuh", "int x;")], &[]));
+    // Text moved from the source into a header is a different program.
+    assert_ne!(cache_key("ab", Arch::SM80, &[("h", "c")], &[]), cache_key("a", Arch::SM80, &[("h", "bc")], &[]));
+    // The backend's own cache entries follow the header the binary embeds.
+    let file = &sage::backend::cuda::kernels::MINCOS_TOPK;
+    let (name, text) = sage::backend::cuda::kernels::HEADERS[0];
+    assert_eq!(name, "common.cuh");
+    assert_eq!(text, common_header(), "the binary embeds kernels/common.cuh as it is on disk");
+    let edited = format!("{text}\n// edited\n");
+    assert_ne!(
+        cache_key(file.source, Arch::SM90, &sage::backend::cuda::kernels::HEADERS, &[]),
+        cache_key(file.source, Arch::SM90, &[(name, edited.as_str())], &[])
     );
 }
 

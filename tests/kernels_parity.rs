@@ -20,8 +20,8 @@ use sage::opset::GemmSpec;
 use std::sync::Arc;
 
 /// Every GPU test of this file, run again in a child process on the emulated device
-/// (kernels/emu/fake_cuda.cpp: a stand-in `libcuda.so` and `libcublasLt.so` that execute the
-/// launches on the CPU through kernels/emu/emu.h) at the small shapes. On a machine without a GPU
+/// (tests/emu/fake_cuda.cpp: a stand-in `libcuda.so` and `libcublasLt.so` that execute the
+/// launches on the CPU through tests/emu/emu.h) at the small shapes. On a machine without a GPU
 /// this is what runs the CUDA backend's host code (cudarc calls, argument lists, grids, dynamic
 /// shared memory, copies, cuBLASLt layouts) end to end; it is no substitute for a device.
 #[test]
@@ -50,7 +50,7 @@ fn bench_kernels_quick_runs_on_the_emulated_device() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j = common::stdout_json(&out);
-    assert_eq!(j["device"]["name"], "sage emulated device (CPU, kernels/emu)");
+    assert_eq!(j["device"]["name"], "sage emulated device (CPU, tests/emu)");
     let cases = j["cases"].as_array().unwrap();
     for op in ["mincos_topk", "fusion_attn_fwd_bwd", "gemm_bf16", "edpo_loss_fwd_bwd", "decode_attn", "dwconv_fwd_bwd"]
     {

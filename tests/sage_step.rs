@@ -204,7 +204,7 @@ fn sage_device_step_on_host_ops_matches_the_cpu_path_full_finetune() {
 /// optimiser: AdamW, clipping, the warm-up and cosine schedule to lr 2e-3) on one batch of four
 /// real ELPV examples, on the GPU (`CudaOps`, bf16) against the CPU reference ops (f32, from the
 /// same bf16-rounded weights): every step's loss within 5%, and the loss falls. On the emulated
-/// device (kernels/emu: the same bf16 rounding, no GPU) the first three steps measured 0.4%,
+/// device (tests/emu: the same bf16 rounding, no GPU) the first three steps measured 0.4%,
 /// 0.6% and 1.8% apart (losses 3.368/3.380, 3.021/3.040, 2.882/2.830; the clipped norm swings
 /// from 23 to 11 to 52, so the two trajectories drift apart step by step). Skips with the
 /// reason where no CUDA device works; on the GPU machine it needs the assets in `$SAGE_HOME`
@@ -313,7 +313,7 @@ fn efficientnet_on_host_ops_matches_the_cpu_encoder() {
 /// largest magnitude and every patch token at cosine ≥ 0.97 to the CPU's. The bound is loose
 /// because the folded BatchNorm makes the convolution weights large and their bias cancels most
 /// of the product: bf16 weights and inputs move the stem's output by ~0.1 where the ReLU6 output is
-/// ~2.5, and the error grows through the blocks. On the emulated device (kernels/emu, the same
+/// ~2.5, and the error grows through the blocks. On the emulated device (tests/emu, the same
 /// bf16 rounding) the measured figures are 17% and 0.986; a wrong index or padding gives errors
 /// of the order of the maps themselves. Skips where no CUDA device works.
 #[test]
@@ -330,7 +330,7 @@ fn efficientnet_on_the_gpu_matches_the_cpu_encoder() {
     assert!(map_err <= 0.25 && min_cos >= 0.97, "maps {map_err}, cosine {min_cos}");
 }
 
-/// The encoder's GPU test again on the emulated device (kernels/emu/fake_cuda.cpp): on a machine
+/// The encoder's GPU test again on the emulated device (tests/emu/fake_cuda.cpp): on a machine
 /// without a GPU this runs `DeviceEfficientNet` through cudarc, the dwconv kernels and the
 /// emulated cuBLASLt end to end. (The ten SFE steps take minutes per step there, so they wait for
 /// a device.)

@@ -53,6 +53,11 @@ impl Arch {
     }
 }
 
+/// A header handed to NVRTC with the program (`#include "NAME"` finds it without any file on
+/// disk): `(include name, contents)`. The kernels' `common.cuh` travels this way, embedded in the
+/// binary like the kernels themselves.
+pub type Header<'a> = (&'a str, &'a str);
+
 /// Options every kernel is compiled with (besides the architecture and include folders).
 /// No `--use_fast_math`: the parity tolerances of kernels/README.md assume IEEE `expf`/`logf`.
 pub const DEFAULT_OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
@@ -170,19 +175,28 @@ impl Nvrtc {
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 
-    /// Compiles `source` (file name `name`, used in messages) to PTX for `arch`, with `-I` for each
-    /// of `include_dirs` and [`DEFAULT_OPTIONS`] plus `extra_options`. No cache. The error carries
-    /// NVRTC's compile log.
+    /// Compiles `source` (file name `name`, used in messages) to PTX for `arch`, with the embedded
+    /// `headers`, `-I` for each of `include_dirs` and [`DEFAULT_OPTIONS`] plus `extra_options`. No
+    /// cache. The error carries NVRTC's compile log.
     pub fn compile_uncached(
         &self,
         source: &str,
         name: &str,
         arch: Arch,
+        headers: &[Header],
         include_dirs: &[PathBuf],
         extra_options: &[&str],
     ) -> Result<String> {
         let src = CString::new(source).context("kernel source contains a NUL byte")?;
         let cname = CString::new(name).context("kernel name contains a NUL byte")?;
+        let mut header_names = Vec::with_capacity(headers.len());
+        let mut header_sources = Vec::with_capacity(headers.len());
+        for (hname, hsrc) in headers {
+            header_names.push(CString::new(*hname).context("header name contains a NUL byte")?);
+            header_sources.push(CString::new(*hsrc).with_context(|| format!("header {hname} contains a NUL byte"))?);
+        }
+        let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
+        let header_source_ptrs: Vec<*const c_char> = header_sources.iter().map(|h| h.as_ptr()).collect();
         let mut opts: Vec<CString> = vec![CString::new(arch.nvrtc_option())?];
         for o in DEFAULT_OPTIONS.iter().chain(extra_options) {
             opts.push(CString::new(*o)?);
@@ -193,9 +207,18 @@ impl Nvrtc {
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
 
         let mut prog: NvrtcProgram = std::ptr::null_mut();
-        // SAFETY: valid NUL-terminated strings that outlive the call; no embedded headers.
-        let rc =
-            unsafe { (self.create)(&mut prog, src.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+        // SAFETY: valid NUL-terminated strings that outlive the call; the two header arrays have
+        // `headers.len()` entries each (NVRTC copies them).
+        let rc = unsafe {
+            (self.create)(
+                &mut prog,
+                src.as_ptr(),
+                cname.as_ptr(),
+                headers.len() as c_int,
+                header_source_ptrs.as_ptr(),
+                header_name_ptrs.as_ptr(),
+            )
+        };
         if rc != 0 {
             bail!("nvrtcCreateProgram({name}) failed: {}", self.err_str(rc));
         }
@@ -246,23 +269,25 @@ impl Nvrtc {
     }
 
     /// Like [`Nvrtc::compile_uncached`], but first looks in `cache_dir` (normally [`cache_dir`])
-    /// for PTX compiled from the same source, architecture and options (see [`cache_key`]), and
-    /// stores a fresh result there atomically.
+    /// for PTX compiled from the same source, headers, architecture and options (see
+    /// [`cache_key`]), and stores a fresh result there atomically.
+    #[allow(clippy::too_many_arguments)]
     pub fn compile_cached(
         &self,
         source: &str,
         name: &str,
         arch: Arch,
+        headers: &[Header],
         include_dirs: &[PathBuf],
         extra_options: &[&str],
         cache_dir: &Path,
     ) -> Result<String> {
         self.require_13_0()?;
-        let path = cache_path(cache_dir, source, name, arch, extra_options);
+        let path = cache_path(cache_dir, source, name, arch, headers, extra_options);
         if let Some(ptx) = read_cached(&path) {
             return Ok(ptx);
         }
-        let ptx = self.compile_uncached(source, name, arch, include_dirs, extra_options)?;
+        let ptx = self.compile_uncached(source, name, arch, headers, include_dirs, extra_options)?;
         crate::util::write_atomic(&path, ptx.as_bytes())
             .with_context(|| format!("caching compiled PTX at {}", path.display()))?;
         Ok(ptx)
@@ -270,10 +295,11 @@ impl Nvrtc {
 }
 
 /// Hex sha256 (first 32 digits) of everything that decides the PTX: the pinned NVRTC version
-/// (always 13.0: [`Nvrtc::require_13_0`]), the architecture, the options and the source. Where
+/// (always 13.0: [`Nvrtc::require_13_0`]), the architecture, the options, the source and the
+/// embedded headers (a change to `common.cuh` recompiles every kernel). Where
 /// NVRTC and the headers live is deliberately not part of it, so PTX compiled here can be carried
-/// to a machine with no NVRTC at all (the GPU workflow of DESIGN.md §8: `sage kernels build`).
-pub fn cache_key(source: &str, arch: Arch, extra_options: &[&str]) -> String {
+/// to a machine with no NVRTC at all (`sage kernels build` here, the cache copied to the GPU machine).
+pub fn cache_key(source: &str, arch: Arch, headers: &[Header], extra_options: &[&str]) -> String {
     let mut h = Sha256::new();
     h.update(format!("nvrtc 13.0\n{}\n", arch.nvrtc_option()));
     for o in DEFAULT_OPTIONS.iter().chain(extra_options) {
@@ -281,24 +307,37 @@ pub fn cache_key(source: &str, arch: Arch, extra_options: &[&str]) -> String {
         h.update(b"\n");
     }
     h.update(source.as_bytes());
+    // Each header as its name, its length and its bytes, so no two header sets hash alike by
+    // moving text across a boundary. No headers hashes exactly as before they existed.
+    for (name, text) in headers {
+        h.update(format!("\nheader {name} {}\n", text.len()));
+        h.update(text.as_bytes());
+    }
     let full = format!("{:x}", h.finalize());
     full[..32].to_string()
 }
 
 /// `<cache_dir>/<stem>-sm_XX-<key>.ptx`.
-pub fn cache_path(cache_dir: &Path, source: &str, name: &str, arch: Arch, extra_options: &[&str]) -> PathBuf {
+pub fn cache_path(
+    cache_dir: &Path,
+    source: &str,
+    name: &str,
+    arch: Arch,
+    headers: &[Header],
+    extra_options: &[&str],
+) -> PathBuf {
     let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
-    cache_dir.join(format!("{stem}-{}-{}.ptx", arch.sm(), cache_key(source, arch, extra_options)))
+    cache_dir.join(format!("{stem}-{}-{}.ptx", arch.sm(), cache_key(source, arch, headers, extra_options)))
 }
 
 fn read_cached(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok().filter(|ptx| !ptx.is_empty())
 }
 
-/// The cached PTX for `source` (compiled under `name` for `arch` with the default options), if
-/// any. Needs no NVRTC.
-pub fn cached(source: &str, name: &str, arch: Arch) -> Option<String> {
-    read_cached(&cache_path(&cache_dir(), source, name, arch, &[]))
+/// The cached PTX for `source` (compiled under `name` for `arch` with `headers` and the default
+/// options), if any. Needs no NVRTC.
+pub fn cached(source: &str, name: &str, arch: Arch, headers: &[Header]) -> Option<String> {
+    read_cached(&cache_path(&cache_dir(), source, name, arch, headers, &[]))
 }
 
 /// `$SAGE_HOME/kernels-cache`.
@@ -373,18 +412,25 @@ fn global_toolchain() -> Result<&'static (Nvrtc, Toolchain)> {
 /// include folder and `include_dirs`, through the on-disk cache. Returns the PTX; the error carries
 /// the compile log.
 pub fn compile(source: &str, arch: Arch, include_dirs: &[PathBuf]) -> Result<String> {
-    compile_named(source, "kernel.cu", arch, include_dirs)
+    compile_named(source, "kernel.cu", arch, &[], include_dirs)
 }
 
-/// [`compile`] with a file name for messages and the cache entry. A cache hit loads no NVRTC.
-pub fn compile_named(source: &str, name: &str, arch: Arch, include_dirs: &[PathBuf]) -> Result<String> {
-    if let Some(ptx) = cached(source, name, arch) {
+/// [`compile`] with a file name for messages and the cache entry, and embedded `headers`. A cache
+/// hit loads no NVRTC.
+pub fn compile_named(
+    source: &str,
+    name: &str,
+    arch: Arch,
+    headers: &[Header],
+    include_dirs: &[PathBuf],
+) -> Result<String> {
+    if let Some(ptx) = cached(source, name, arch, headers) {
         return Ok(ptx);
     }
     let (nv, tc) = global_toolchain()?;
     let mut dirs = vec![tc.include.clone()];
     dirs.extend_from_slice(include_dirs);
-    nv.compile_cached(source, name, arch, &dirs, &[], &cache_dir())
+    nv.compile_cached(source, name, arch, headers, &dirs, &[], &cache_dir())
 }
 
 #[cfg(test)]

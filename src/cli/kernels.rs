@@ -7,7 +7,7 @@ use crate::user_err;
 use anyhow::Result;
 
 pub const LONG_ABOUT: &str = "The CUDA kernels (kernels/*.cu, embedded in this binary) are compiled to PTX by NVRTC \
-13.0 at first use and cached under $SAGE_HOME/kernels-cache, keyed by the source, architecture and options. \
+13.0 at first use and cached under $SAGE_HOME/kernels-cache, keyed by the source, the shared header kernels/common.cuh, the architecture and the options. \
 `sage kernels build` fills that cache ahead of time, with no GPU needed: NVRTC comes from the pinned wheels \
 (`sage fetch --cuda`) or SAGE_NVRTC. Copy the cache folder to a GPU machine without NVRTC and the kernels load \
 from it (`sage doctor` shows which entries are cached).";

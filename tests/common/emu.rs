@@ -1,5 +1,5 @@
-//! The CPU emulation of `kernels/*.cu` (kernels/emu/emu.h), shared by the kernel-logic checks
-//! (tests/kernels_emulated.rs) and the emulated device (kernels/emu/fake_cuda.cpp, a stand-in
+//! The CPU emulation of `kernels/*.cu` (tests/emu/emu.h), shared by the kernel-logic checks
+//! (tests/kernels_emulated.rs) and the emulated device (tests/emu/fake_cuda.cpp, a stand-in
 //! `libcuda.so` + `libcublasLt.so` that runs the CUDA backend's host code end to end on the CPU).
 
 use std::collections::hash_map::DefaultHasher;
@@ -11,8 +11,16 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The inline-PTX helpers the emulation header replaces. A kernel that adds another `asm` helper
-/// must add its emulation to `kernels/emu/emu.h` and its name here.
+/// The emulator's sources: emu.h, the stand-in driver and the per-kernel checks.
+pub fn emu_dir() -> PathBuf {
+    root().join("tests/emu")
+}
+
+/// The header every kernel includes, as it is on disk.
+pub const COMMON_HEADER: &str = "common.cuh";
+
+/// The inline-PTX helpers (all in kernels/common.cuh) the emulation header replaces. A kernel
+/// that adds another `asm` helper must add its emulation to `tests/emu/emu.h` and its name here.
 pub const EMULATED_HELPERS: [&str; 4] = ["cp_async16", "cp_async_commit", "cp_async_wait", "mma_16816"];
 
 /// Removes the definition of `__device__ __forceinline__ void NAME(...) { ... }` (with a
@@ -47,9 +55,16 @@ fn strip_definition(src: &str, name: &str) -> String {
     format!("{}{}", &src[..start], &src[end..])
 }
 
-/// The kernel source rewritten for the emulation header.
-pub fn emulated_source(cu: &str) -> String {
-    let mut s = cu.replace("#include <cuda_bf16.h>", "#include \"emu.h\"");
+/// `#include "common.cuh"` replaced by `common`'s text: each kernel gets its own copy, so the
+/// emulated device can put every kernel file in a namespace of its own.
+fn paste_common_header(cu: &str, common: &str) -> String {
+    cu.replace(&format!("#include \"{COMMON_HEADER}\""), common)
+}
+
+/// The kernel source rewritten for the emulation header, with `common` (the text of
+/// kernels/common.cuh) pasted where it is included.
+pub fn emulated_source(cu: &str, common: &str) -> String {
+    let mut s = paste_common_header(cu, common).replace("#include <cuda_bf16.h>", "#include \"emu.h\"");
     // `extern __shared__ __align__(16) unsigned char NAME[];` → a pointer into g_dyn_smem.
     while let Some(i) = s.find("extern __shared__") {
         let end = i + s[i..].find(';').expect("declaration ends with ;");
@@ -93,11 +108,17 @@ pub fn compile(args: &[&std::ffi::OsStr], what: &str) {
     );
 }
 
-/// Builds the emulated device (`libcuda.so` and `libcublasLt.so` from kernels/emu/fake_cuda.cpp,
-/// fake_cublaslt.cpp and every kernels/*.cu) once per source hash under the test target's tmp
-/// folder, and returns the folder to put first on `LD_LIBRARY_PATH`.
+/// kernels/common.cuh as it is on disk.
+pub fn common_header() -> String {
+    let p = root().join("kernels").join(COMMON_HEADER);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// Builds the emulated device (`libcuda.so` and `libcublasLt.so` from tests/emu/fake_cuda.cpp,
+/// fake_cublaslt.cpp, every kernels/*.cu and kernels/common.cuh) once per source hash under the
+/// test target's tmp folder, and returns the folder to put first on `LD_LIBRARY_PATH`.
 pub fn emulated_device() -> PathBuf {
-    let emu = root().join("kernels/emu");
+    let emu = emu_dir();
     let mut cus: Vec<PathBuf> = std::fs::read_dir(root().join("kernels"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -107,6 +128,7 @@ pub fn emulated_device() -> PathBuf {
     let mut h = DefaultHasher::new();
     cxx().hash(&mut h);
     for p in cus.iter().chain(&[
+        root().join("kernels").join(COMMON_HEADER),
         emu.join("emu.h"),
         emu.join("fake_cuda.h"),
         emu.join("fake_cuda.cpp"),
@@ -122,12 +144,13 @@ pub fn emulated_device() -> PathBuf {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let t = tmp.path();
     let mut sources = vec![emu.join("fake_cuda.cpp")];
+    let common = common_header();
     for cu in &cus {
         let stem = cu.file_stem().unwrap().to_string_lossy().into_owned();
         let src = std::fs::read_to_string(cu).unwrap();
         // Each file in its own namespace, so helpers of the same name in two files do not clash;
         // the entry points are found by name through the registry, not by C linkage.
-        let body = emulated_source(&src).replace("extern \"C\" ", "");
+        let body = emulated_source(&src, &common).replace("extern \"C\" ", "");
         std::fs::write(t.join(format!("{stem}.emu.h")), body).unwrap();
         let mut unit = format!("#include \"fake_cuda.h\"\nnamespace fake_{stem} {{\n#include \"{stem}.emu.h\"\n}}\n");
         for name in entry_points(&src) {

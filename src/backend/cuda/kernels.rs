@@ -89,17 +89,21 @@ pub static DWCONV: KernelFile = KernelFile {
     entries: &["dwconv_fwd", "relu6_bwd", "dwconv_bwd_dx", "dwconv_bwd_dw", "channel_bias_act"],
 };
 
+/// The headers the kernel files include, handed to NVRTC with each program (so no source tree is
+/// needed at run time) and part of every PTX cache key (so editing one recompiles the kernels).
+pub static HEADERS: [nvrtc::Header<'static>; 1] = [("common.cuh", include_str!("../../../kernels/common.cuh"))];
+
 /// Every kernel file the backend uses.
 pub static ALL: [&KernelFile; 8] =
     [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE, &DWCONV];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {
-    nvrtc::compile_named(file.source, file.name, arch, &[])
+    nvrtc::compile_named(file.source, file.name, arch, &HEADERS, &[])
         .with_context(|| format!("compiling kernels/{} for {}", file.name, arch.sm()))
 }
 
 /// Where the PTX of `file` for `arch` is (or will be) cached.
 pub fn cache_path(file: &KernelFile, arch: Arch) -> std::path::PathBuf {
-    nvrtc::cache_path(&nvrtc::cache_dir(), file.source, file.name, arch, &[])
+    nvrtc::cache_path(&nvrtc::cache_dir(), file.source, file.name, arch, &HEADERS, &[])
 }

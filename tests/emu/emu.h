@@ -9,10 +9,11 @@
 //   - mma.sync m16n8k16 is rebuilt from the fragment layout of the PTX ISA, the same reading the
 //     kernels use (a shared misreading would cancel out);
 //   - expf/logf are the host's, bf16 rounding is round-to-nearest-even as on the GPU.
-// The test rewrites each kernel before compiling it with the host C++ compiler: `#include
-// <cuda_bf16.h>` becomes this header, `extern __shared__` arrays point into g_dyn_smem, and the
-// inline-PTX helpers (cp_async16, cp_async_commit, cp_async_wait, mma_16816) are replaced by the
-// definitions below.
+// The test rewrites each kernel before compiling it with the host C++ compiler
+// (tests/common/emu.rs): kernels/common.cuh is pasted where it is included, `#include
+// <cuda_bf16.h>` becomes this header, `extern __shared__` arrays point into g_dyn_smem, and
+// common.cuh's inline-PTX helpers (cp_async16, cp_async_commit, cp_async_wait, mma_16816) are
+// replaced by the definitions below.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -62,7 +63,7 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 #if !defined(__x86_64__)
-#error "kernels/emu/emu.h switches fibers with x86-64 assembly"
+#error "tests/emu/emu.h switches fibers with x86-64 assembly"
 #endif
 
 struct emu_fiber {

@@ -198,7 +198,7 @@ API cuDeviceGet(int* d, int ordinal) {
     return OK;
 }
 API cuDeviceGetName(char* name, int len, int) {
-    snprintf(name, len, "sage emulated device (CPU, kernels/emu)");
+    snprintf(name, len, "sage emulated device (CPU, tests/emu)");
     return OK;
 }
 API cuDeviceTotalMem_v2(size_t* bytes, int) {
