@@ -610,3 +610,82 @@ fn checkpoint_of_another_block_count_is_refused_naming_both_counts() {
     check_user_error(&mut infer, "infer", &["weights-000001.safetensors", "30 LLM blocks", "has 29", "llama.block_count"])
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+// ---- EfficientNet-Lite0 weights ----
+
+/// The real EfficientNet-Lite0 as F32 tensors (via `sage convert`), by name.
+fn efficientnet_tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let st = dir.join("lite0.safetensors");
+    let out = sage().arg("convert").arg(efficientnet_pth()).arg(&st).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&st).unwrap();
+    let f = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    f.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32);
+            let vals = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, v.shape().to_vec(), vals)
+        })
+        .collect()
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn efficientnet_weights_whose_channels_do_not_chain_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = efficientnet_tensors(dir.path());
+    type Patch = Box<dyn Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)>;
+    let replace = |name: &'static str, shape: Vec<usize>, value: f32| -> Patch {
+        Box::new(move |ts| {
+            let t = ts.iter_mut().find(|t| t.0 == name).unwrap();
+            t.2 = vec![value; shape.iter().product()];
+            t.1 = shape.clone();
+        })
+    };
+    let cases: Vec<(&str, Patch, &[&str])> = vec![
+        ("short_bn", replace("_bn0.running_var", vec![16], 1.0), &["_bn0.running_var", "16 values"]),
+        ("negative_var", replace("_bn0.running_var", vec![32], -1.0), &["_bn0.running_var", "variance"]),
+        ("nan_mean", replace("_bn0.running_mean", vec![32], f32::NAN), &["_bn0.running_mean", "non-finite"]),
+        ("expand_in", replace("_blocks.1._expand_conv.weight", vec![96, 8, 1, 1], 0.1), &["_blocks.1._expand_conv.weight", "8 input channels"]),
+        ("depthwise", replace("_blocks.0._depthwise_conv.weight", vec![32, 32, 3, 3], 0.1), &["_blocks.0._depthwise_conv.weight", "one kernel per channel"]),
+        ("fc", replace("_fc.weight", vec![1000, 640], 0.1), &["_fc.weight", "[1000, 1280]"]),
+        (
+            "extra_block",
+            Box::new(|ts| {
+                let t = ts.iter().find(|t| t.0 == "_blocks.15._depthwise_conv.weight").unwrap().clone();
+                ts.push(("_blocks.16._depthwise_conv.weight".into(), t.1, t.2));
+            }),
+            &["_blocks.16"],
+        ),
+    ];
+    let mut failures = Failures::default();
+    for (name, patch, must) in cases {
+        let mut ts = real.clone();
+        patch(&mut ts);
+        let p = dir.path().join(format!("{name}.safetensors"));
+        write_safetensors(&p, &ts);
+        let mut must = must.to_vec();
+        must.push(name);
+        failures.check(check_user_error(
+            sage_cmd().args(["classify", "--weights"]).arg(&p).arg(test_image("coffee.png")),
+            name,
+            &must,
+        ));
+    }
+    failures.assert_none();
+    // The control: the unedited tensors, written the same way, classify.
+    let p = dir.path().join("same.safetensors");
+    write_safetensors(&p, &real);
+    let out = sage_cmd().args(["classify", "--weights"]).arg(&p).arg(test_image("coffee.png")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
