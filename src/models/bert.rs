@@ -267,8 +267,8 @@ pub fn open_checked(dir: &Path) -> Result<(BertConfig, SafetensorsFile)> {
     let cfg_path = dir.join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| user_err!("cannot read {}: {e}; run `sage fetch`", cfg_path.display()))?;
-    let config: BertConfig = serde_json::from_str(&cfg_text)
-        .map_err(|e| user_err!("{} is not a BERT config: {e}", cfg_path.display()))?;
+    let config: BertConfig =
+        serde_json::from_str(&cfg_text).map_err(|e| user_err!("{} is not a BERT config: {e}", cfg_path.display()))?;
     let weights_path = dir.join("model.safetensors");
     let weights = SafetensorsFile::open(&weights_path)?;
     config.validate(&cfg_path, &weights_path, &weights)?;

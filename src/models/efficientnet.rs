@@ -48,7 +48,7 @@ impl ConvBn {
     fn load(w: &dyn WeightSource, conv: &str, bn: &str) -> Result<ConvBn> {
         let wt = w.get(&format!("{conv}.weight"))?;
         let s = wt.shape().to_vec();
-        if s.len() != 4 || s[2] != s[3] || s.iter().any(|&d| d == 0) {
+        if s.len() != 4 || s[2] != s[3] || s.contains(&0) {
             user_bail!("tensor `{conv}.weight` has shape {s:?}, expected [out, in, k, k] with every size ≥ 1");
         }
         let (co, ci, k) = (s[0], s[1], s[2]);

@@ -136,7 +136,8 @@ impl LlamaConfig {
     /// Every weight the decoder reads has the shape the hyperparameters imply.
     fn check_tensors(&self, file: &Path, w: &dyn WeightSource) -> Result<()> {
         let c = self;
-        let (d, ff, qd, kvd) = (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (d, ff, qd, kvd) =
+            (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let implied_by = format!(
             "llama.embedding_length = {d}, llama.feed_forward_length = {ff}, llama.attention.head_count = {}, \
              llama.attention.head_count_kv = {}, head size {} (llama.rope.dimension_count)",
@@ -144,7 +145,9 @@ impl LlamaConfig {
         );
         let expect = |name: &str, shape: &[usize]| -> Result<()> {
             match w.shape(name) {
-                None => Err(user_err!("{}: tensor `{name}` is missing (is this the right architecture?)", file.display())),
+                None => {
+                    Err(user_err!("{}: tensor `{name}` is missing (is this the right architecture?)", file.display()))
+                }
                 Some(s) if s != shape => Err(user_err!(
                     "{}: tensor `{name}` has shape {s:?}, but the metadata ({implied_by}) implies {shape:?}",
                     file.display()

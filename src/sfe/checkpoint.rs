@@ -94,7 +94,11 @@ pub fn save(
 
 /// Number of decoder blocks (`blk.N.…`) that tensor names reach: one past the highest `N`.
 fn block_count<'a>(names: impl Iterator<Item = &'a str>) -> usize {
-    names.filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
+    names
+        .filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Loads the trainable weights of a checkpoint into `params`, and the frozen ones it holds.

@@ -268,7 +268,8 @@ impl GgufFile {
 
     /// Drops a tensor from the directory (its bytes stay in the data section).
     pub fn remove_tensor(&mut self, name: &str) -> TensorEntry {
-        let i = self.tensors.iter().position(|t| t.name == name).unwrap_or_else(|| panic!("gguf_edit: no tensor {name}"));
+        let i =
+            self.tensors.iter().position(|t| t.name == name).unwrap_or_else(|| panic!("gguf_edit: no tensor {name}"));
         self.tensors.remove(i)
     }
 
