@@ -3,6 +3,7 @@
 use super::{print_json, Ctx};
 use crate::assets::{self, Asset, PACKAGES};
 use anyhow::Result;
+use std::path::Path;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {}
@@ -24,11 +25,64 @@ fn cpu_features() -> Vec<&'static str> {
     f
 }
 
+/// What doctor found for one asset.
+enum AssetStatus {
+    Missing,
+    Ok,
+    /// Present, but its loader refuses it: the loader's message.
+    Invalid(String),
+}
+
+/// Opens a present model asset as its loader does, with the same validation (hyperparameters in
+/// range and consistent with the tensors, offsets, pickle limits); data assets only need to exist.
+fn check(a: Asset, path: &Path) -> Result<()> {
+    use crate::formats::{gguf::Gguf, tokenizer::TextTokenizer};
+    use crate::models::{bert, efficientnet::EfficientNetLite, llama::LlamaConfig};
+    match a {
+        Asset::SmolLm2Gguf => {
+            let g = Gguf::open(path)?;
+            LlamaConfig::from_gguf(&g)?;
+            TextTokenizer::from_gguf(&g).map(|_| ())
+        }
+        Asset::MiniLmDir => bert::open_checked(path).map(|_| ()),
+        Asset::EfficientNetPth => EfficientNetLite::load(path).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+fn status(a: Asset) -> AssetStatus {
+    match a.path() {
+        Err(_) => AssetStatus::Missing,
+        Ok(p) => match check(a, &p) {
+            Ok(()) => AssetStatus::Ok,
+            Err(e) => AssetStatus::Invalid(format!("{e:#}")),
+        },
+    }
+}
+
 pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
-    let assets_json: Vec<serde_json::Value> = Asset::ALL
+    let statuses: Vec<(Asset, AssetStatus)> = Asset::ALL.iter().map(|&a| (a, status(a))).collect();
+    let assets_json: Vec<serde_json::Value> = statuses
         .iter()
-        .map(|a| serde_json::json!({ "asset": a.describe(), "present": a.path().is_ok(), "path": a.location() }))
+        .map(|(a, st)| {
+            let (present, valid, problem) = match st {
+                AssetStatus::Missing => (false, None, None),
+                AssetStatus::Ok => (true, Some(true), None),
+                AssetStatus::Invalid(msg) => (true, Some(false), Some(msg.as_str())),
+            };
+            serde_json::json!({ "asset": a.describe(), "present": present, "valid": valid, "problem": problem, "path": a.location() })
+        })
         .collect();
+    let invalid = statuses.iter().filter(|(_, st)| matches!(st, AssetStatus::Invalid(_))).count();
+    // The whole report comes first; an asset its loader would refuse then makes doctor fail.
+    let verdict = || -> Result<()> {
+        if invalid > 0 {
+            crate::user_bail!(
+                "{invalid} asset(s) are present but invalid (see above); re-download them with `sage fetch --force`"
+            );
+        }
+        Ok(())
+    };
     let packages: Vec<serde_json::Value> = PACKAGES
         .iter()
         .map(|p| serde_json::json!({ "package": format!("{}=={}", p.name, p.version), "installed": assets::is_installed(p) }))
@@ -51,7 +105,8 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         "packages": packages,
     });
     if ctx.json {
-        return print_json(&report);
+        print_json(&report)?;
+        return verdict();
     }
     println!(
         "sage {} ({}, {} build, {})",
@@ -85,14 +140,21 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
     println!("threads:  {} (CPU features: {})", ctx.threads, cpu_features().join(", "));
     println!("SAGE_HOME: {}", assets::sage_home().display());
     println!("assets:");
-    for a in Asset::ALL {
-        let ok = a.path().is_ok();
-        println!("  [{}] {:<50} {}", if ok { "ok" } else { "missing" }, a.describe(), a.location().display());
+    for (a, st) in &statuses {
+        let mark = match st {
+            AssetStatus::Missing => "missing",
+            AssetStatus::Ok => "ok",
+            AssetStatus::Invalid(_) => "invalid",
+        };
+        println!("  [{mark}] {:<50} {}", a.describe(), a.location().display());
+        if let AssetStatus::Invalid(msg) = st {
+            println!("      {msg}");
+        }
     }
-    if Asset::ALL.iter().any(|a| a.path().is_err()) {
+    if statuses.iter().any(|(_, st)| matches!(st, AssetStatus::Missing)) {
         println!("run `sage fetch` to download the missing assets");
     }
-    Ok(())
+    verdict()
 }
 
 /// For each kernel file and architecture: is its PTX in the on-disk cache (`sage kernels build`)?

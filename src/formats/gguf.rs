@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// Larger alignments than this are not paddings any writer uses.
+const MAX_ALIGNMENT: u64 = 1 << 16;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -195,6 +197,64 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// `general.alignment`: absent means GGUF's default; present, it must be a power of two (ggml
+/// pads with a mask) and small enough to be a padding, not a hole.
+fn alignment(metadata: &BTreeMap<String, Value>) -> Result<u64, String> {
+    let Some(v) = metadata.get("general.alignment") else { return Ok(DEFAULT_ALIGNMENT) };
+    match v.as_u64() {
+        Some(a) if a.is_power_of_two() && a <= MAX_ALIGNMENT => Ok(a),
+        _ => Err(format!("general.alignment is {v:?}; expected a power of two from 1 to {MAX_ALIGNMENT}")),
+    }
+}
+
+/// The tensors must tile the data section as GGUF writers lay it out: in offset order, each
+/// starting at the previous one's end rounded up to the alignment, the last one ending the file.
+/// A tensor whose type or shape contradicts its data shows up here as an overlap (too many bytes)
+/// or a gap (too few), so this is also the check of type against size.
+fn check_tiling(
+    tensors: &BTreeMap<String, TensorInfo>,
+    data_start: usize,
+    alignment: usize,
+    file_len: usize,
+) -> Result<(), String> {
+    let mut by_offset: Vec<&TensorInfo> = tensors.values().collect();
+    by_offset.sort_by_key(|t| (t.offset, t.name.as_str()));
+    let mut expected = data_start;
+    let mut previous: Option<&TensorInfo> = None;
+    for t in by_offset {
+        if t.offset != expected {
+            let rel = |x: usize| x - data_start;
+            return Err(match previous {
+                Some(p) if t.offset < expected => format!(
+                    "tensor {} (data offset {}) overlaps tensor {} (data offset {}, {} bytes of type {:?}): offsets must be disjoint, and each tensor's type and shape must match its bytes",
+                    t.name, rel(t.offset), p.name, rel(p.offset), p.n_bytes, p.ggml_type
+                ),
+                Some(p) => format!(
+                    "tensor {} starts at data offset {}, but tensor {} before it ends at {} (padded to {alignment}): {} bytes belong to no tensor; a type or shape does not match the data",
+                    t.name, rel(t.offset), p.name, rel(expected), t.offset - expected
+                ),
+                None => format!(
+                    "the first tensor, {}, starts at data offset {}, not 0: {} bytes belong to no tensor",
+                    t.name, rel(t.offset), rel(t.offset)
+                ),
+            });
+        }
+        expected = (t.offset + t.n_bytes).div_ceil(alignment) * alignment;
+        previous = Some(t);
+    }
+    // The last tensor may end the file unpadded; anything longer than its padding is data no
+    // tensor owns (e.g. the last tensor's type claims fewer bytes than were written).
+    if let Some(p) = previous {
+        if file_len > expected {
+            return Err(format!(
+                "{} bytes after the last tensor ({}, {} bytes of type {:?}) belong to no tensor; its type or shape does not match the data",
+                file_len - expected, p.name, p.n_bytes, p.ggml_type
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf> {
         let file = std::fs::File::open(path).map_err(|e| {
@@ -230,7 +290,10 @@ impl Gguf {
             let key = r.string()?;
             let ty = r.u32()?;
             let v = r.value(ty, 0)?;
-            metadata.insert(key, v);
+            // A second value for a key would silently win; which one the writer meant is unknowable.
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(format!("metadata key `{key}` appears twice"));
+            }
         }
         let mut infos = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
@@ -248,7 +311,7 @@ impl Gguf {
             let offset = r.u64()?;
             infos.push((name, dims, ty, offset));
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(DEFAULT_ALIGNMENT).max(1);
+        let alignment = alignment(&metadata)?;
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, offset) in infos {
@@ -257,21 +320,34 @@ impl Gguf {
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| format!("tensor {name} is impossibly large"))?;
             let (be, bb) = ty.block();
-            if numel % be != 0 {
-                return Err(format!("tensor {name} has {numel} elements, not a multiple of its block size {be}"));
+            // ggml quantises row by row: a block never spans two rows.
+            let row = dims.first().copied().unwrap_or(1);
+            if row % be != 0 {
+                return Err(format!(
+                    "tensor {name} has rows of {row} elements, not a multiple of the {be}-element blocks of its type {ty:?}"
+                ));
+            }
+            if offset % alignment != 0 {
+                return Err(format!(
+                    "tensor {name} starts at data offset {offset}, which is not a multiple of the alignment {alignment} (general.alignment)"
+                ));
             }
             let n_bytes = numel / be * bb;
             let abs = data_start.checked_add(offset).ok_or("tensor offset overflows")? as usize;
             if abs.checked_add(n_bytes).is_none_or(|end| end > mmap.len()) {
                 return Err(format!(
                     "tensor {name} needs bytes {abs}..{} but the file has {} (truncated download?)",
-                    abs + n_bytes,
+                    abs.saturating_add(n_bytes),
                     mmap.len()
                 ));
             }
             let shape = dims.iter().rev().copied().collect();
-            tensors.insert(name.clone(), TensorInfo { name, shape, ggml_type: ty, offset: abs, n_bytes });
+            let info = TensorInfo { name: name.clone(), shape, ggml_type: ty, offset: abs, n_bytes };
+            if tensors.insert(name.clone(), info).is_some() {
+                return Err(format!("tensor {name} appears twice in the tensor directory"));
+            }
         }
+        check_tiling(&tensors, data_start as usize, alignment as usize, mmap.len())?;
         Ok(Gguf { path: path.to_path_buf(), version, metadata, tensors, mmap })
     }
 
@@ -282,13 +358,24 @@ impl Gguf {
     pub fn meta_u64(&self, key: &str) -> Result<u64> {
         self.meta(key)?
             .as_u64()
-            .ok_or_else(|| user_err!("{}: metadata key `{key}` is not an integer", self.path.display()))
+            .ok_or_else(|| user_err!("{}: metadata key `{key}` is not a non-negative integer", self.path.display()))
     }
 
     pub fn meta_f64(&self, key: &str) -> Result<f64> {
         self.meta(key)?
             .as_f64()
             .ok_or_else(|| user_err!("{}: metadata key `{key}` is not a number", self.path.display()))
+    }
+
+    /// An optional integer key: absent is `None`, present but not a non-negative integer is an error
+    /// (a default must never stand in for a value the file states wrongly).
+    pub fn meta_u64_opt(&self, key: &str) -> Result<Option<u64>> {
+        self.metadata.get(key).map(|_| self.meta_u64(key)).transpose()
+    }
+
+    /// An optional number key, as [`Gguf::meta_u64_opt`].
+    pub fn meta_f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        self.metadata.get(key).map(|_| self.meta_f64(key)).transpose()
     }
 
     pub fn meta_str(&self, key: &str) -> Result<&str> {

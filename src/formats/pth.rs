@@ -14,6 +14,14 @@ use std::path::Path;
 
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
 
+/// How deeply pickled values may nest. A state dict nests about six deep; the bound keeps every
+/// recursive walk over a value (and its drop) far from the end of a thread's stack.
+const MAX_DEPTH: usize = 100;
+
+/// How many value nodes the memo may copy in all (it hands out copies, and a pickle that pushes a
+/// memoised value into itself again and again doubles its size each time).
+const MAX_COPIED_NODES: usize = 1 << 21;
+
 #[derive(Clone, Debug, PartialEq)]
 enum Val {
     None,
@@ -36,6 +44,56 @@ enum Val {
 struct Vm<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// What is left of [`MAX_COPIED_NODES`].
+    copy_budget: usize,
+}
+
+/// The values a value holds directly.
+fn children(v: &Val) -> Vec<&Val> {
+    match v {
+        Val::Tuple(xs) | Val::List(xs) => xs.iter().collect(),
+        Val::Dict(kv) => kv.iter().flat_map(|(k, v)| [k, v]).collect(),
+        Val::Call(f, a) => vec![&**f, &**a],
+        Val::Persistent(p) => vec![&**p],
+        _ => Vec::new(),
+    }
+}
+
+/// How deeply `v` nests (a leaf is 0), or `None` when deeper than `room`: the walk stops there,
+/// so it never recurses deeper than `room` itself.
+fn nesting(v: &Val, room: usize) -> Option<usize> {
+    let kids = children(v);
+    if kids.is_empty() {
+        return Some(0);
+    }
+    let room = room.checked_sub(1)?;
+    let mut deepest = 0;
+    for k in kids {
+        deepest = deepest.max(nesting(k, room)?);
+    }
+    Some(deepest + 1)
+}
+
+/// Refuses a value about to be placed inside another if the result would nest too deeply.
+fn check_nesting<'v>(items: impl IntoIterator<Item = &'v Val>) -> Result<(), String> {
+    for v in items {
+        if nesting(v, MAX_DEPTH - 1).is_none() {
+            return Err(format!("the pickle nests values more than {MAX_DEPTH} deep"));
+        }
+    }
+    Ok(())
+}
+
+/// Number of nodes in `v`, counting no further than `cap + 1`.
+fn node_count(v: &Val, cap: usize) -> usize {
+    let mut n = 1;
+    for k in children(v) {
+        if n > cap {
+            break;
+        }
+        n += node_count(k, cap - n);
+    }
+    n
 }
 
 impl Vm<'_> {
@@ -59,6 +117,17 @@ impl Vm<'_> {
     }
     fn str_bytes(&mut self, n: usize) -> Result<String, String> {
         Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+
+    /// A copy of `v` for the memo, charged to the copy budget.
+    fn copy(&mut self, v: Option<&Val>, op: &str) -> Result<Val, String> {
+        let v = v.ok_or_else(|| format!("{op} on an empty stack"))?;
+        let n = node_count(v, self.copy_budget);
+        if n > self.copy_budget {
+            return Err(format!("the pickle copies more than {MAX_COPIED_NODES} values through its memo"));
+        }
+        self.copy_budget -= n;
+        Ok(v.clone())
     }
 
     /// Runs one pickle to its STOP opcode and returns the top of the stack.
@@ -136,26 +205,28 @@ impl Vm<'_> {
                 }
                 b'q' => {
                     let i = self.u8()? as u32;
-                    memo.insert(i, stack.last().cloned().ok_or("BINPUT on empty stack")?);
+                    memo.insert(i, self.copy(stack.last(), "BINPUT")?);
                 }
                 b'r' => {
                     let i = self.u32()?;
-                    memo.insert(i, stack.last().cloned().ok_or("LONG_BINPUT on empty stack")?);
+                    memo.insert(i, self.copy(stack.last(), "LONG_BINPUT")?);
                 }
                 0x94 => {
                     let i = memo.len() as u32;
-                    memo.insert(i, stack.last().cloned().ok_or("MEMOIZE on empty stack")?);
+                    memo.insert(i, self.copy(stack.last(), "MEMOIZE")?);
                 }
                 b'h' => {
                     let i = self.u8()? as u32;
-                    stack.push(memo.get(&i).cloned().ok_or(format!("memo {i} missing"))?);
+                    stack.push(self.copy(memo.get(&i), &format!("memo {i} missing:"))?);
                 }
                 b'j' => {
                     let i = self.u32()?;
-                    stack.push(memo.get(&i).cloned().ok_or(format!("memo {i} missing"))?);
+                    stack.push(self.copy(memo.get(&i), &format!("memo {i} missing:"))?);
                 }
+                // Every opcode that puts values inside another checks how deep that nests.
                 b't' => {
                     let items = pop_mark(&mut stack)?;
+                    check_nesting(&items)?;
                     stack.push(Val::Tuple(items));
                 }
                 0x85..=0x87 => {
@@ -164,11 +235,13 @@ impl Vm<'_> {
                         return Err("stack underflow in TUPLEn".into());
                     }
                     let items = stack.split_off(stack.len() - n);
+                    check_nesting(&items)?;
                     stack.push(Val::Tuple(items));
                 }
                 b'R' | 0x81 => {
                     let args = pop(&mut stack)?;
                     let f = pop(&mut stack)?;
+                    check_nesting([&f, &args])?;
                     stack.push(Val::Call(Box::new(f), Box::new(args)));
                 }
                 b'b' => {
@@ -177,19 +250,23 @@ impl Vm<'_> {
                 }
                 b'Q' => {
                     let pid = pop(&mut stack)?;
+                    check_nesting([&pid])?;
                     stack.push(Val::Persistent(Box::new(pid)));
                 }
                 b's' => {
                     let v = pop(&mut stack)?;
                     let k = pop(&mut stack)?;
+                    check_nesting([&k, &v])?;
                     dict_insert(stack.last_mut(), vec![k, v])?;
                 }
                 b'u' => {
                     let items = pop_mark(&mut stack)?;
+                    check_nesting(&items)?;
                     dict_insert(stack.last_mut(), items)?;
                 }
                 b'a' => {
                     let v = pop(&mut stack)?;
+                    check_nesting([&v])?;
                     match stack.last_mut() {
                         Some(Val::List(l)) => l.push(v),
                         _ => return Err("APPEND to a non-list".into()),
@@ -197,6 +274,7 @@ impl Vm<'_> {
                 }
                 b'e' => {
                     let items = pop_mark(&mut stack)?;
+                    check_nesting(&items)?;
                     match stack.last_mut() {
                         Some(Val::List(l)) => l.extend(items),
                         _ => return Err("APPENDS to a non-list".into()),
@@ -260,7 +338,7 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, String> {
     if bytes.starts_with(b"PK\x03\x04") {
         return Err("it is a zip-format checkpoint".into());
     }
-    let mut vm = Vm { buf: bytes, pos: 0 };
+    let mut vm = Vm { buf: bytes, pos: 0, copy_budget: MAX_COPIED_NODES };
     match vm.load()? {
         Val::BigInt(b) if b.len() == 10 && b[..] == LEGACY_MAGIC.to_le_bytes()[..10] => {}
         _ => return Err("the legacy magic number is missing".into()),
@@ -327,11 +405,18 @@ fn storage_classes(v: &Val) -> HashMap<String, String> {
     out
 }
 
-fn ints(v: &Val) -> Option<Vec<usize>> {
-    match v {
-        Val::Tuple(xs) => xs.iter().map(|x| if let Val::Int(i) = x { Some(*i as usize) } else { None }).collect(),
-        _ => None,
-    }
+/// A tuple of non-negative integers (a size or a stride), or why it is not one.
+fn dims(name: &str, what: &str, v: Option<&Val>) -> Result<Vec<usize>, String> {
+    let bad = || format!("tensor {name}: its {what} is not a tuple of non-negative integers");
+    let Some(Val::Tuple(xs)) = v else { return Err(bad()) };
+    xs.iter()
+        .map(|x| match x {
+            Val::Int(i) => {
+                usize::try_from(*i).map_err(|_| format!("tensor {name}: its {what} holds {i}, which is negative"))
+            }
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 fn rebuild_tensor(name: &str, v: Val, storages: &HashMap<String, Vec<f32>>) -> Result<Tensor, String> {
@@ -352,19 +437,25 @@ fn rebuild_tensor(name: &str, v: Val, storages: &HashMap<String, Vec<f32>>) -> R
         _ => return Err(bad()),
     };
     let offset = match args.get(1) {
-        Some(Val::Int(o)) => *o as usize,
+        Some(Val::Int(o)) => {
+            usize::try_from(*o).map_err(|_| format!("tensor {name}: its storage offset {o} is negative"))?
+        }
         _ => return Err(bad()),
     };
-    let size = args.get(2).and_then(ints).ok_or_else(bad)?;
-    let stride = args.get(3).and_then(ints).ok_or_else(bad)?;
+    let size = dims(name, "size", args.get(2))?;
+    let stride = dims(name, "stride", args.get(3))?;
+    if stride.len() != size.len() {
+        return Err(format!("tensor {name} has {} sizes but {} strides", size.len(), stride.len()));
+    }
     let data = storages.get(&key).ok_or(format!("tensor {name} refers to missing storage {key}"))?;
+    check_fits(name, offset, &size, &stride, data.len())?;
     let numel: usize = size.iter().product();
     // Gather through the strides (checkpoints converted from TensorFlow are not contiguous).
     let mut out = Vec::with_capacity(numel);
     let mut idx = vec![0usize; size.len()];
     for _ in 0..numel {
         let at = offset + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
-        out.push(*data.get(at).ok_or(format!("tensor {name} reads past its storage"))?);
+        out.push(data[at]);
         for d in (0..size.len()).rev() {
             idx[d] += 1;
             if idx[d] < size[d] {
@@ -374,6 +465,28 @@ fn rebuild_tensor(name: &str, v: Val, storages: &HashMap<String, Vec<f32>>) -> R
         }
     }
     Tensor::from_vec(out, &size).map_err(|e| e.to_string())
+}
+
+/// A tensor must lie inside its storage, which lies inside the file: its last element
+/// (`offset + Σ (size−1)·stride`) within the storage, and no more elements than the storage
+/// holds. Checked before anything is allocated, so a hostile size is an error, not an abort.
+fn check_fits(name: &str, offset: usize, size: &[usize], stride: &[usize], storage_len: usize) -> Result<(), String> {
+    let too_big = || {
+        format!("tensor {name} (size {size:?}, stride {stride:?}, offset {offset}) does not fit in its storage of {storage_len} elements")
+    };
+    let numel = size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
+    if numel == 0 {
+        return Ok(());
+    }
+    let last = size
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |at, (&n, &s)| (n - 1).checked_mul(s).and_then(|step| at.checked_add(step)))
+        .ok_or_else(too_big)?;
+    if last >= storage_len || numel > storage_len {
+        return Err(too_big());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,10 +21,29 @@ impl SafetensorsFile {
         })?;
         // SAFETY: read-only mapping of a file we do not modify.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-        SafeTensors::deserialize(&mmap).map_err(|e| {
+        // The crate checks that offsets are in range, disjoint and tile the data without holes, and
+        // that each span is its shape × dtype; alignment is checked here.
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             user_err!("{} is not a valid safetensors file: {e}. The header does not match the data; re-download or re-export it", path.display())
         })?;
+        let data_start = 8 + header_len;
+        for (name, info) in metadata.tensors() {
+            let align = (info.dtype.bitsize() / 8).max(1);
+            let at = data_start + info.data_offsets.0;
+            if at % align != 0 {
+                return Err(user_err!(
+                    "{} is not a valid safetensors file: tensor `{name}` ({:?}) starts at byte {at}, not a multiple of its {align}-byte element size. Re-export it with the safetensors library, which aligns every tensor",
+                    path.display(),
+                    info.dtype
+                ));
+            }
+        }
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap })
+    }
+
+    /// A tensor's shape from the header, `None` when absent.
+    pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.view().tensor(name).ok().map(|v| v.shape().to_vec())
     }
 
     fn view(&self) -> SafeTensors<'_> {

@@ -23,10 +23,137 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Checked against the word embeddings when given.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Only `absolute` position embeddings are implemented.
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
 }
 
 fn default_eps() -> f64 {
     1e-12
+}
+
+/// Bounds no BERT reaches, which keep every size computed from the config sane.
+const MAX_LAYERS: usize = 256;
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_POSITIONS: usize = 1 << 16;
+
+impl BertConfig {
+    /// Every hyperparameter of `config` (from `config_path`) in range and consistent with the
+    /// tensors of `w` (from `weights_path`). Errors name the file, the key and the range. Runs
+    /// before any weight is read: the attention op divides and indexes by these numbers.
+    pub fn validate(&self, config_path: &Path, weights_path: &Path, w: &dyn WeightSource) -> Result<()> {
+        let bad = |key: &str, v: &dyn std::fmt::Display, expected: &str| {
+            user_err!("{}: `{key}` = {v} is out of range; expected {expected}", config_path.display())
+        };
+        let range = |key: &str, v: usize, lo: usize, hi: usize| -> Result<()> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(key, &v, &format!("{lo}..={hi}")))
+            }
+        };
+        range("hidden_size", self.hidden_size, 1, MAX_WIDTH)?;
+        range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)?;
+        range("intermediate_size", self.intermediate_size, 1, MAX_WIDTH * 8)?;
+        range("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)?;
+        range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)?;
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(
+                "hidden_size",
+                &self.hidden_size,
+                &format!("a multiple of num_attention_heads = {}", self.num_attention_heads),
+            ));
+        }
+        let eps = self.layer_norm_eps;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return Err(bad("layer_norm_eps", &eps, "a finite number in (0, 1), typically 1e-12"));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "gelu") {
+            return Err(bad("hidden_act", &format!("{act:?}"), "\"gelu\" (the only activation implemented)"));
+        }
+        if let Some(kind) = self.position_embedding_type.as_deref().filter(|k| *k != "absolute") {
+            return Err(bad("position_embedding_type", &format!("{kind:?}"), "\"absolute\""));
+        }
+        self.check_tensors(config_path, weights_path, w)
+    }
+
+    fn check_tensors(&self, config_path: &Path, weights_path: &Path, w: &dyn WeightSource) -> Result<()> {
+        let (d, ff) = (self.hidden_size, self.intermediate_size);
+        let shape_of = |name: &str| {
+            w.shape(name).ok_or_else(|| {
+                user_err!(
+                    "{}: tensor `{name}` is missing (is this a BERT model with {} layers?)",
+                    weights_path.display(),
+                    self.num_hidden_layers
+                )
+            })
+        };
+        let mismatch = |name: &str, got: &[usize], want: &str| {
+            user_err!(
+                "{}: tensor `{name}` has shape {got:?}, but {} (hidden_size = {d}, intermediate_size = {ff}) implies {want}",
+                weights_path.display(),
+                config_path.display()
+            )
+        };
+        let expect = |name: &str, shape: &[usize]| -> Result<()> {
+            let got = shape_of(name)?;
+            if got != shape {
+                return Err(mismatch(name, &got, &format!("{shape:?}")));
+            }
+            Ok(())
+        };
+        // Embedding tables: any number of rows (positions: enough for max_position_embeddings).
+        let table = |name: &str, min_rows: usize| -> Result<usize> {
+            let got = shape_of(name)?;
+            if got.len() != 2 || got[1] != d || got[0] < min_rows {
+                return Err(mismatch(name, &got, &format!("[≥{min_rows}, {d}]")));
+            }
+            Ok(got[0])
+        };
+        let vocab = table("embeddings.word_embeddings.weight", 1)?;
+        if let Some(v) = self.vocab_size.filter(|&v| v != vocab) {
+            return Err(user_err!(
+                "{}: `vocab_size` = {v} contradicts `embeddings.word_embeddings.weight` in {}, which has {vocab} rows",
+                config_path.display(),
+                weights_path.display()
+            ));
+        }
+        table("embeddings.position_embeddings.weight", self.max_position_embeddings)?;
+        table("embeddings.token_type_embeddings.weight", 1)?;
+        let norm = |p: &str| -> Result<()> {
+            expect(&format!("{p}.weight"), &[d])?;
+            expect(&format!("{p}.bias"), &[d])
+        };
+        let dense = |p: &str, out_f: usize, in_f: usize| -> Result<()> {
+            expect(&format!("{p}.weight"), &[out_f, in_f])?;
+            expect(&format!("{p}.bias"), &[out_f])
+        };
+        norm("embeddings.LayerNorm")?;
+        for i in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            for n in ["query", "key", "value"] {
+                dense(&format!("{p}.attention.self.{n}"), d, d)?;
+            }
+            dense(&format!("{p}.attention.output.dense"), d, d)?;
+            norm(&format!("{p}.attention.output.LayerNorm"))?;
+            dense(&format!("{p}.intermediate.dense"), ff, d)?;
+            dense(&format!("{p}.output.dense"), d, ff)?;
+            norm(&format!("{p}.output.LayerNorm"))?;
+        }
+        // A layer past the count would be silently ignored: the count is wrong.
+        let n = self.num_hidden_layers;
+        if w.contains(&format!("encoder.layer.{n}.attention.self.query.weight")) {
+            return Err(user_err!(
+                "{}: `num_hidden_layers` = {n}, but {} holds weights of encoder.layer.{n}; expected the number of layers in the weights",
+                config_path.display(),
+                weights_path.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct Linear {
@@ -134,6 +261,20 @@ impl Bert {
     }
 }
 
+/// The config of a sentence-transformers folder and its weights file, validated against each
+/// other ([`BertConfig::validate`]) without reading any weight: what `sage doctor` checks.
+pub fn open_checked(dir: &Path) -> Result<(BertConfig, SafetensorsFile)> {
+    let cfg_path = dir.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| user_err!("cannot read {}: {e}; run `sage fetch`", cfg_path.display()))?;
+    let config: BertConfig =
+        serde_json::from_str(&cfg_text).map_err(|e| user_err!("{} is not a BERT config: {e}", cfg_path.display()))?;
+    let weights_path = dir.join("model.safetensors");
+    let weights = SafetensorsFile::open(&weights_path)?;
+    config.validate(&cfg_path, &weights_path, &weights)?;
+    Ok((config, weights))
+}
+
 /// A sentence encoder: tokenizer + BERT + mean pooling + L2 normalisation.
 pub struct SentenceEncoder {
     pub tokenizer: TextTokenizer,
@@ -143,22 +284,10 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     /// Loads a sentence-transformers folder (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn load(dir: &Path) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| user_err!("cannot read {}: {e}; run `sage fetch`", cfg_path.display()))?;
-        let config: BertConfig = serde_json::from_str(&cfg_text)
-            .map_err(|e| user_err!("{} is not a BERT config: {e}", cfg_path.display()))?;
-        if config.hidden_act.as_deref().is_some_and(|a| a != "gelu") {
-            return Err(user_err!(
-                "{}: hidden_act {:?} is not supported (gelu is)",
-                cfg_path.display(),
-                config.hidden_act
-            ));
-        }
+        let (config, weights) = open_checked(dir)?;
         let max_len =
             sentence_max_len(dir)?.unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
         let tokenizer = TextTokenizer::from_json_file(&dir.join("tokenizer.json"), max_len)?;
-        let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let model = Bert::from_weights(config, &weights)
             .with_context(|| format!("loading BERT weights from {}", dir.display()))?;
         Ok(SentenceEncoder { tokenizer, model })

@@ -15,7 +15,8 @@ use super::{StateDict, WeightSource};
 use crate::image_io::Preprocess;
 use crate::ops::conv::{conv2d, depthwise_conv2d, Padding};
 use crate::ops::{pool, relu6_};
-use anyhow::{bail, Result};
+use crate::user_bail;
+use anyhow::{Context, Result};
 use std::path::Path;
 
 mod step;
@@ -47,16 +48,23 @@ impl ConvBn {
     fn load(w: &dyn WeightSource, conv: &str, bn: &str) -> Result<ConvBn> {
         let wt = w.get(&format!("{conv}.weight"))?;
         let s = wt.shape().to_vec();
-        if s.len() != 4 || s[2] != s[3] {
-            bail!("{conv}.weight has shape {s:?}, expected [out, in, k, k]");
+        if s.len() != 4 || s[2] != s[3] || s.contains(&0) {
+            user_bail!("tensor `{conv}.weight` has shape {s:?}, expected [out, in, k, k] with every size ≥ 1");
         }
         let (co, ci, k) = (s[0], s[1], s[2]);
-        let gamma = w.get(&format!("{bn}.weight"))?.into_f32s()?;
-        let beta = w.get(&format!("{bn}.bias"))?.into_f32s()?;
-        let mean = w.get(&format!("{bn}.running_mean"))?.into_f32s()?;
-        let var = w.get(&format!("{bn}.running_var"))?.into_f32s()?;
-        if gamma.len() != co {
-            bail!("{bn} has {} channels, {conv} has {co}", gamma.len());
+        let stat = |name: &str| -> Result<Vec<f32>> {
+            let v = w.get(&format!("{bn}.{name}"))?.into_f32s()?;
+            if v.len() != co {
+                user_bail!("tensor `{bn}.{name}` has {} values, but `{conv}.weight` has {co} output channels", v.len());
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                user_bail!("tensor `{bn}.{name}` holds a non-finite value");
+            }
+            Ok(v)
+        };
+        let (gamma, beta, mean, var) = (stat("weight")?, stat("bias")?, stat("running_mean")?, stat("running_var")?);
+        if let Some(v) = var.iter().find(|&&v| v < 0.0) {
+            user_bail!("tensor `{bn}.running_var` holds {v}; a variance is ≥ 0");
         }
         let mut weight = wt.into_f32s()?;
         let per_out = ci * k * k;
@@ -106,16 +114,70 @@ pub struct PatchTokens {
 impl EfficientNetLite {
     /// Loads from the legacy `.pth` asset or from a `.safetensors` made by `sage convert`.
     pub fn load(path: &Path) -> Result<Self> {
-        if path.extension().is_some_and(|e| e == "safetensors") {
+        let net = if path.extension().is_some_and(|e| e == "safetensors") {
             let f = crate::formats::safetensors::SafetensorsFile::open(path)?;
             Self::from_weights(&f)
         } else {
             let tensors = crate::formats::pth::load(path)?;
             Self::from_weights(&StateDict { path: path.to_path_buf(), tensors })
-        }
+        };
+        net.with_context(|| format!("{} is not an EfficientNet-Lite0 checkpoint sage can run", path.display()))
     }
 
+    /// Loads and validates: every convolution's input channels are the output channels of the
+    /// one before it, depthwise kernels are per channel, BatchNorm statistics match their
+    /// convolution and are finite, the classifier matches the head, and no block lies beyond
+    /// the architecture's 16 (the convolution ops index by these sizes and would panic).
     pub fn from_weights(w: &dyn WeightSource) -> Result<Self> {
+        let net = Self::load_unchecked(w)?;
+        net.check_channels()?;
+        let n_blocks = net.blocks.len();
+        if w.contains(&format!("_blocks.{n_blocks}._depthwise_conv.weight")) {
+            user_bail!("the checkpoint holds a block `_blocks.{n_blocks}`; EfficientNet-Lite0 has {n_blocks}");
+        }
+        Ok(net)
+    }
+
+    fn check_channels(&self) -> Result<()> {
+        let expect_in = |c: &ConvBn, name: &str, channels: usize| -> Result<()> {
+            if c.ci != channels {
+                user_bail!("tensor `{name}.weight` takes {} input channels, but {channels} arrive there", c.ci);
+            }
+            Ok(())
+        };
+        expect_in(&self.conv_stem, "_conv_stem", 3)?;
+        let mut channels = self.conv_stem.co;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("_blocks.{i}");
+            if let Some(e) = &b.expand_conv {
+                expect_in(e, &format!("{p}._expand_conv"), channels)?;
+                channels = e.co;
+            }
+            let d = &b.depthwise_conv;
+            if d.ci != 1 || d.co != channels {
+                user_bail!(
+                    "tensor `{p}._depthwise_conv.weight` has shape [{}, {}, {k}, {k}], expected [{channels}, 1, {k}, {k}] (one kernel per channel)",
+                    d.co,
+                    d.ci,
+                    k = d.k
+                );
+            }
+            expect_in(&b.project_conv, &format!("{p}._project_conv"), channels)?;
+            channels = b.project_conv.co;
+        }
+        expect_in(&self.conv_head, "_conv_head", channels)?;
+        let n_in = self.conv_head.co;
+        let classes = self.fc_bias.len();
+        if classes == 0 || self.fc_weight.len() != classes * n_in {
+            user_bail!(
+                "tensor `_fc.weight` has {} values and `_fc.bias` {classes}, expected [{classes}, {n_in}] and [{classes}] with ≥ 1 class",
+                self.fc_weight.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn load_unchecked(w: &dyn WeightSource) -> Result<Self> {
         let conv_stem = ConvBn::load(w, "_conv_stem", "_bn0")?;
         let mut blocks = Vec::new();
         let strides = STAGES.iter().flat_map(|&(n, s)| (0..n).map(move |i| if i == 0 { s } else { 1 }));

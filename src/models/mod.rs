@@ -20,14 +20,24 @@ use std::collections::BTreeMap;
 pub trait WeightSource {
     fn get(&self, name: &str) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+    /// The tensor's shape, `None` when absent. Validation asks this for every tensor before any
+    /// is read, so file-backed sources answer it from the header without touching the data.
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name).ok().map(|t| t.shape().to_vec())
+    }
 }
 
-impl WeightSource for crate::formats::safetensors::SafetensorsFile {
+use crate::formats::safetensors::SafetensorsFile;
+
+impl WeightSource for SafetensorsFile {
     fn get(&self, name: &str) -> Result<Tensor> {
         self.tensor(name)
     }
     fn contains(&self, name: &str) -> bool {
-        self.names().iter().any(|n| n == name)
+        self.shape(name).is_some()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensor_shape(name)
     }
 }
 
@@ -37,6 +47,9 @@ impl WeightSource for crate::formats::gguf::Gguf {
     }
     fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.shape.clone())
     }
 }
 
@@ -54,5 +67,8 @@ impl WeightSource for StateDict {
     }
     fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.shape().to_vec())
     }
 }

@@ -83,6 +83,10 @@ impl WeightSource for RandomLlama {
     fn contains(&self, name: &str) -> bool {
         self.shape(name).is_some()
     }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        RandomLlama::shape(self, name)
+    }
 }
 
 #[cfg(test)]

@@ -92,14 +92,41 @@ pub fn save(
     Ok(())
 }
 
+/// Number of decoder blocks (`blk.N.…`) that tensor names reach: one past the highest `N`.
+fn block_count<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names
+        .filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Loads the trainable weights of a checkpoint into `params`, and the frozen ones it holds.
 pub fn load_weights(dir: &Path, state: &State, params: &mut ParamSet) -> Result<()> {
-    let f = SafetensorsFile::open(&dir.join(&state.weights))?;
+    let path = dir.join(&state.weights);
+    let f = SafetensorsFile::open(&path)?;
     let names: Vec<String> = params
         .iter()
         .filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX))
         .map(|p| p.name.clone())
         .collect();
+    // A checkpoint of a deeper or shallower LLM would load partly, or leave blocks untrained,
+    // without a word: the block counts must agree, and every tensor must have a place.
+    let in_file = f.names();
+    let (file_blocks, model_blocks) =
+        (block_count(in_file.iter().map(String::as_str)), block_count(params.iter().map(|p| p.name.as_str())));
+    if file_blocks > 0 && file_blocks != model_blocks {
+        return Err(user_err!(
+            "checkpoint {} holds weights of {file_blocks} LLM blocks, but the base model has {model_blocks} (llama.block_count); load it onto the base model it was trained from",
+            path.display()
+        ));
+    }
+    if let Some(extra) = in_file.iter().find(|n| params.id(n).is_none()) {
+        return Err(user_err!(
+            "checkpoint {} holds `{extra}`, which the model built from this config does not have: was it made with another config?",
+            path.display()
+        ));
+    }
     for name in names {
         let t = f.tensor(&name).with_context(|| {
             format!("checkpoint {} lacks `{name}`: was it made with another config?", dir.display())
