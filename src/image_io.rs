@@ -35,8 +35,8 @@ pub fn load_with(path: &Path, limits: &ImageLimits) -> Result<DynamicImage> {
     limits.check(path, w, h)?;
     if format == Some(ImageFormat::Jpeg) && !limits.allow_truncated && !jpeg_end::is_complete(&bytes) {
         return Err(user_err!(
-            "image {} is a truncated JPEG (no end-of-image marker): the missing part would decode as grey. \
-             Re-export or replace it, or set {}=1 to decode it anyway",
+            "cannot decode image {}: the JPEG data ends before its end-of-image marker, and the missing part would \
+             decode as grey. The file is corrupt or truncated; re-export or replace it, or set {}=1 to decode it anyway",
             path.display(),
             limits::ALLOW_TRUNCATED_ENV
         ));
