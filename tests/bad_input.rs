@@ -190,6 +190,10 @@ fn config_values_out_of_range_are_refused_naming_key_line_and_range() {
     let err = expect_user_error(sage().args(["map", "--eval-elpv", "--config"]).arg(&p), "map.toml");
     assert!(err.contains("k (line 2) = 100000, must be in [1, 196]"), "{err}");
     // --steps 0 is refused by the flag's own range.
-    let out = sage().args(["sfe", "--steps", "0", "--config"]).arg(root.join("configs/sfe-lite-quick.toml")).output().unwrap();
+    let out = sage()
+        .args(["sfe", "--steps", "0", "--config"])
+        .arg(root.join("configs/sfe-lite-quick.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -342,7 +342,8 @@ fn non_finite_step_stops_training_before_anything_is_written() {
         assert_eq!(state["step"], 1);
         let files = snapshot(&out);
         assert!(!files.keys().any(|f| f.contains("000002") || f == "final.json"), "{:?}", files.keys());
-        let weights = sage::formats::safetensors::SafetensorsFile::open(&out.join("weights-000001.safetensors")).unwrap();
+        let weights =
+            sage::formats::safetensors::SafetensorsFile::open(&out.join("weights-000001.safetensors")).unwrap();
         for name in weights.names() {
             let v = weights.tensor(&name).unwrap().into_f32s().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{name} holds a non-finite value");

@@ -67,7 +67,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         "steps": o.steps, "final_loss": o.final_loss, "val": o.val, "seconds_per_step": o.step_seconds,
         "trainable_parameters": r.base.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join(crate::sfe::run::FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::write_atomic(
+        &out.join(crate::sfe::run::FINAL_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     if ctx.json {
         return print_json(&summary);
     }

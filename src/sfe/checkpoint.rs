@@ -67,7 +67,8 @@ pub fn save(
     for p in params.iter().filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX)) {
         // Checked before anything is written: the previous checkpoint must stay the newest.
         let moments = trainer.opt.state.moments.get(&p.name);
-        let tensors = [("weight", Some(&p.value)), ("AdamW m", moments.map(|m| &m.m)), ("AdamW v", moments.map(|m| &m.v))];
+        let tensors =
+            [("weight", Some(&p.value)), ("AdamW m", moments.map(|m| &m.m)), ("AdamW v", moments.map(|m| &m.v))];
         for (what, values) in tensors {
             if let Some(i) = values.and_then(|v| first_non_finite(v)) {
                 return Err(user_err!(
