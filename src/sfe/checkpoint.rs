@@ -178,3 +178,37 @@ pub fn restore(dir: &Path, params: &mut ParamSet, trainer_cfg: crate::train::Tra
     );
     Ok((state, trainer))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SfeConfig {
+        toml::from_str("[data]\ntrain = 'a'\nval = 'b'\n[llm]\nfinetune = 'lora'\n[train]\nsteps = 3\nbatch = 1\nlr = 1e-3\n")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_non_finite_weight_is_never_saved_nor_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        let trainer = Trainer::new(cfg.train.trainer_config());
+        let mut params = ParamSet::new();
+        let x = params.add("x", &[2], vec![1.0, f32::NAN], true).unwrap();
+        let err = save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(s.contains("step 3") && s.contains("weight `x` [1] is NaN"), "{s}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+
+        // A finite checkpoint saves; the same file with an infinity in it is refused as damaged.
+        params[x].value = vec![1.0, 2.0];
+        save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap();
+        let state = read_state(dir.path()).unwrap();
+        let mut bad = BTreeMap::new();
+        bad.insert("x".to_string(), Tensor::from_vec(vec![f32::INFINITY, 2.0], &[2]).unwrap());
+        st::write(&dir.path().join(&state.weights), &bad, None).unwrap();
+        let err = load_weights(dir.path(), &state, &mut params).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(crate::error::is_user_error(&err) && s.contains("`x` [0] is inf") && s.contains("damaged"), "{s}");
+    }
+}
