@@ -184,8 +184,10 @@ mod tests {
     use super::*;
 
     fn config() -> SfeConfig {
-        toml::from_str("[data]\ntrain = 'a'\nval = 'b'\n[llm]\nfinetune = 'lora'\n[train]\nsteps = 3\nbatch = 1\nlr = 1e-3\n")
-            .unwrap()
+        toml::from_str(
+            "[data]\ntrain = 'a'\nval = 'b'\n[llm]\nfinetune = 'lora'\n[train]\nsteps = 3\nbatch = 1\nlr = 1e-3\n",
+        )
+        .unwrap()
     }
 
     #[test]
