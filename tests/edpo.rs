@@ -497,3 +497,103 @@ fn edpo_loop_on_the_device_step_matches_the_cpu_loop() {
     assert_eq!(names(&cpu), names(&dev), "the same checkpoint files");
     println!("edpo loop: cpu {a:?}\ndevice step {b:?}");
 }
+
+/// Every file of a folder, by name, with its bytes.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+/// `sage edpo --resume` of a finished run says so and changes no byte; a run killed between its
+/// last checkpoint and `final.json` is completed with the last logged loss (not null). Then a
+/// non-finite step (the test-only knob `SAGE_TEST_NONFINITE_STEP`, in a child process of its own)
+/// stops a new run at that step with nothing of it written.
+#[test]
+fn edpo_finished_resume_changes_nothing_and_a_non_finite_step_writes_nothing() {
+    let s = setup();
+    let cfg = edpo_config(&s, "edpo.toml", &s.scores, 2);
+    let run = s.path("run");
+    let args = |resume: bool| {
+        let mut c = sage();
+        c.args(["edpo", "--json", "--config"]).arg(&cfg).arg("--out").arg(&run);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let out = args(false).output().unwrap();
+    ok(&out);
+    let finished = stdout_json(&out);
+    let last = *losses(&run).last().unwrap();
+    assert_eq!(finished["final_loss"].as_f64().unwrap() as f32, last.1);
+    let before = snapshot(&run);
+    let again = args(true).output().unwrap();
+    ok(&again);
+    assert_eq!(stdout_json(&again)["finished"], true);
+    assert!(snapshot(&run) == before, "a finished run's files changed on --resume");
+
+    std::fs::remove_file(run.join("final.json")).unwrap();
+    ok(&args(true).output().unwrap());
+    let completed = final_json(&run);
+    assert_eq!(completed["final_loss"].as_f64().map(|l| l as f32), Some(last.1), "{completed}");
+    assert_eq!(completed["seconds_per_step"], finished["seconds_per_step"]);
+
+    let poisoned = s.path("poisoned");
+    let out = sage()
+        .env("SAGE_TEST_NONFINITE_STEP", "1")
+        .args(["edpo", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&poisoned)
+        .output()
+        .unwrap();
+    let err = user_error(out, &["stopped at step 1", "no checkpoint was written"]);
+    assert!(!err.contains("panicked"), "{err}");
+    let files = snapshot(&poisoned);
+    assert!(!files.contains_key("state.json") && !files.contains_key("final.json"), "{:?}", files.keys());
+    assert!(files.keys().all(|f| !f.ends_with(".safetensors")), "{:?}", files.keys());
+    assert!(losses(&poisoned).is_empty(), "no log line for the poisoned step");
+}
+
+/// Both E-DPO loops (the CPU one and the device-step one on the CPU reference ops) stop at a
+/// non-finite step 2: a user error naming it, the checkpoint of step 1 untouched, no log line or
+/// file for step 2. The knob (`SAGE_TEST_NONFINITE_STEP`) is set only in a child process running
+/// this test alone, after its setup (whose `sage sfe` run must not see it).
+#[test]
+fn edpo_non_finite_step_stops_both_loops() {
+    const CHILD: &str = "SAGE_TEST_EDPO_GUARD_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "edpo_non_finite_step_stops_both_loops", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    let s = setup();
+    std::env::set_var("SAGE_TEST_NONFINITE_STEP", "2");
+    let cfg_path = edpo_config(&s, "edpo.toml", &s.scores, 3);
+    for device_loop in [false, true] {
+        let out = s.path(if device_loop { "device" } else { "cpu" });
+        let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
+        let mut run = EdpoRun::new(cfg, &out).unwrap();
+        let result = if device_loop {
+            sage::edpo::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true).map(|_| ())
+        } else {
+            sage::edpo::run::train(&mut run, false, true).map(|_| ())
+        };
+        let err = result.expect_err("the poisoned step stops the run");
+        let msg = format!("{err:#}");
+        assert!(sage::error::is_user_error(&err), "{msg}");
+        assert!(msg.contains("stopped at step 2") && msg.contains("checkpoint of step 1 is intact"), "{msg}");
+        assert_eq!(losses(&out).iter().map(|l| l.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(state(&out)["step"], 1);
+        let files = snapshot(&out);
+        assert!(!files.keys().any(|f| f.contains("000002") || f == "final.json"), "{:?}", files.keys());
+    }
+}

@@ -246,3 +246,107 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
     }
     assert!((third[0] - third[1]).abs() <= 1e-3 * third[0].abs(), "step 3 resumed on cpu / device loop: {third:?}");
 }
+
+/// Every file of a folder, by name, with its bytes.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+/// `--resume` of a finished run says so and changes no byte; a run killed between its last
+/// checkpoint and `final.json` is completed with the last logged loss (not null).
+#[test]
+fn resume_of_a_finished_run_changes_nothing_and_an_unfinished_one_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    build_data(dir.path());
+    let cfg = config(dir.path(), 2);
+    let run = dir.path().join("run");
+    let out = sage().args(["sfe", "--json", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let finished = stdout_json(&out);
+    let last = *losses(&run).last().unwrap();
+    assert_eq!(last.0, 2);
+    assert_eq!(finished["final_loss"].as_f64().unwrap() as f32, last.1);
+    let before = snapshot(&run);
+
+    let again = sage().args(["sfe", "--resume", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.contains("is finished") && said.contains("step 2"), "{said}");
+    assert!(snapshot(&run) == before, "a finished run's files changed on --resume");
+
+    // Killed after the last checkpoint, before final.json: --resume completes it.
+    std::fs::remove_file(run.join("final.json")).unwrap();
+    let out = sage().args(["sfe", "--json", "--resume", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let completed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final.json")).unwrap()).unwrap();
+    assert_eq!(completed["final_loss"].as_f64().map(|l| l as f32), Some(last.1), "{completed}");
+    for key in ["seconds_per_step", "tokens_per_second"] {
+        assert_eq!(completed[key], finished[key], "{key} comes from the log");
+    }
+    assert_eq!(completed["val"], finished["val"]);
+    assert_eq!(losses(&run), losses_of(&before), "the log is as it was");
+}
+
+fn losses_of(files: &std::collections::BTreeMap<String, Vec<u8>>) -> Vec<(u64, f32)> {
+    String::from_utf8_lossy(&files["log.jsonl"])
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()? as f32)))
+        .collect()
+}
+
+/// A non-finite step stops both training loops (the CPU one and the device-step one, here on the
+/// CPU reference ops) at that step: a user error naming it, no log line, no checkpoint for it, and
+/// every saved weight finite. The test-only knob `SAGE_TEST_NONFINITE_STEP` makes step 2
+/// non-finite; it is set only in a child process running this test alone, so no other test in
+/// this binary sees it.
+#[test]
+fn non_finite_step_stops_training_before_anything_is_written() {
+    const KNOB: &str = "SAGE_TEST_NONFINITE_STEP";
+    if std::env::var_os(KNOB).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "non_finite_step_stops_training_before_anything_is_written", "--nocapture"])
+            .env(KNOB, "2")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    build_data(dir.path());
+    let cfg_path = config(dir.path(), 3);
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("checkpoint_every = 2", "checkpoint_every = 1");
+    std::fs::write(&cfg_path, text).unwrap();
+    for device_loop in [false, true] {
+        let out = dir.path().join(if device_loop { "device" } else { "cpu" });
+        let cfg: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
+        let mut run = sage::sfe::run::Run::new(cfg, &out).unwrap();
+        let result = if device_loop {
+            sage::sfe::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true)
+        } else {
+            sage::sfe::run::train(&mut run, false, true)
+        };
+        let err = result.err().expect("the poisoned step stops the run");
+        let msg = format!("{err:#}");
+        assert!(sage::error::is_user_error(&err), "{msg}");
+        assert!(msg.contains("stopped at step 2") && msg.contains("checkpoint of step 1 is intact"), "{msg}");
+        assert_eq!(losses(&out).iter().map(|l| l.0).collect::<Vec<_>>(), vec![1], "no log line for step 2");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("state.json")).unwrap()).unwrap();
+        assert_eq!(state["step"], 1);
+        let files = snapshot(&out);
+        assert!(!files.keys().any(|f| f.contains("000002") || f == "final.json"), "{:?}", files.keys());
+        let weights =
+            sage::formats::safetensors::SafetensorsFile::open(&out.join("weights-000001.safetensors")).unwrap();
+        for name in weights.names() {
+            let v = weights.tensor(&name).unwrap().into_f32s().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name} holds a non-finite value");
+        }
+    }
+}

@@ -49,6 +49,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         cfg.train.steps = s;
     }
     let out = a.run.out_dir();
+    if a.run.resume {
+        if let Some(step) = crate::edpo::run::finished_edpo(&out, &cfg)? {
+            return super::sfe::report_finished(ctx, "edpo", &out, step);
+        }
+    }
     let mut r = crate::edpo::run::EdpoRun::new(cfg, &out)?;
     let o = if ctx.backend.backend == "cuda" {
         let gpu = crate::backend::cuda::Gpu::global()?;
@@ -62,7 +67,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         "steps": o.steps, "final_loss": o.final_loss, "val": o.val, "seconds_per_step": o.step_seconds,
         "trainable_parameters": r.base.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join("final.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::write_atomic(
+        &out.join(crate::sfe::run::FINAL_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     if ctx.json {
         return print_json(&summary);
     }

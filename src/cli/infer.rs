@@ -109,7 +109,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         let map = scores.anomaly_map();
         let (lo, hi) = map.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
         let png = image_io::overlay_heatmap(&image_io::load(&a.test)?, &map, test.h, test.w, lo, hi, 0.45);
-        png.save(out).map_err(|e| user_err!("cannot write {}: {e}", out.display()))?;
+        image_io::save_atomic(&png, out)?;
     }
     let grid_w = test.w;
     let cells: Vec<[usize; 2]> = patches.iter().map(|&p| [p as usize / grid_w, p as usize % grid_w]).collect();

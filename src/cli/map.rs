@@ -57,6 +57,15 @@ struct MapConfig {
     limit: Option<usize>,
 }
 
+impl crate::config::CheckRanges for MapConfig {
+    fn check_ranges(&self, c: &mut crate::config::RangeCheck) {
+        let patches = crate::sfe::config::PATCH_GRID * crate::sfe::config::PATCH_GRID;
+        if let Some(k) = self.k {
+            c.int("k", k as u64, 1, patches);
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     if let Some(path) = &a.config {
         let c: MapConfig = crate::config::load(path)?;
@@ -80,7 +89,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     if let Some(out) = &a.out {
         let lo = m.map.iter().copied().fold(f32::INFINITY, f32::min);
         let png = image_io::overlay_heatmap(&test_img, &m.map, m.grid_h, m.grid_w, lo, m.score, 0.45);
-        png.save(out).map_err(|e| user_err!("cannot write {}: {e}", out.display()))?;
+        image_io::save_atomic(&png, out)?;
     }
     if ctx.json {
         return print_json(&serde_json::json!({

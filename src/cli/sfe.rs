@@ -2,7 +2,7 @@
 
 use super::{print_json, Ctx};
 use crate::sfe::config::SfeConfig;
-use crate::sfe::run::{train, train_on, Run};
+use crate::sfe::run::{train, train_on, Run, FINAL_FILE};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -29,7 +29,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub resume: bool,
     /// Override train.steps.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=crate::sfe::config::MAX_STEPS))]
     pub steps: Option<u64>,
 }
 
@@ -64,6 +64,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         cfg.model.facts = f;
     }
     let out = a.run.out_dir();
+    if a.run.resume {
+        if let Some(step) = crate::sfe::run::finished_sfe(&out, &cfg)? {
+            return report_finished(ctx, "sfe", &out, step);
+        }
+    }
     let mut r = Run::new(cfg, &out)?;
     if a.eval_only {
         let v = r.validate(r.cfg.train.val_questions)?;
@@ -87,7 +92,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         "seconds_per_step": o.step_seconds, "tokens_per_second": o.tokens_per_second,
         "trainable_parameters": r.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join("final.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::write_atomic(&out.join(FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     if ctx.json {
         return print_json(&summary);
     }
@@ -101,5 +106,18 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         v.accuracy, v.questions, v.majority_rate, v.unparsed
     );
     println!("checkpoint: {}", out.display());
+    Ok(())
+}
+
+/// `--resume` of a finished run (`stage`: the command): says so, and touches nothing in `out`.
+pub fn report_finished(ctx: &Ctx, stage: &str, out: &std::path::Path, step: u64) -> Result<()> {
+    if ctx.json {
+        return print_json(&serde_json::json!({"out": out, "finished": true, "step": step}));
+    }
+    println!(
+        "{stage}: {} is finished (checkpoint at step {step}, {FINAL_FILE} written); nothing to do. Pass a larger \
+         --steps to train further",
+        out.display()
+    );
     Ok(())
 }

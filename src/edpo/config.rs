@@ -1,6 +1,7 @@
 //! The E-DPO run description (`configs/edpo-*.toml`); unknown keys are refused.
 
 use super::pairs::PairChoice;
+use crate::config::{CheckRanges, RangeCheck};
 use crate::sfe::config::TrainSection;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -102,5 +103,15 @@ impl EdpoData {
     pub fn judge_key(&self) -> String {
         let cfg = self.judge_config.clone().unwrap_or_else(|| serde_json::json!({}));
         crate::judge::scores::judge_key(&self.judge, &cfg)
+    }
+}
+
+impl CheckRanges for EdpoRunConfig {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        // β scales a log-probability ratio and η an entropy gap (at most ln 3 nats) inside a
+        // sigmoid: beyond 100 either saturates it and the gradient vanishes.
+        c.positive_float("edpo.beta", self.edpo.beta as f64, 100.0);
+        c.float("edpo.eta", self.edpo.eta as f64, 0.0, 100.0);
+        self.train.check_ranges(c);
     }
 }

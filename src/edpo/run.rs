@@ -16,8 +16,8 @@ use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
 use crate::opset::StepOps;
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
-use crate::sfe::run::{checkpoint_due, finish_step, start_run, Run, Start, ValResult};
-use crate::train::ParamSet;
+use crate::sfe::run::{checkpoint_due, finish_step, finished_step, log_totals, start_run, Run, Start, ValResult};
+use crate::train::{guard, ParamSet};
 use crate::user_err;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -196,8 +196,45 @@ impl EdpoRun {
     }
 
     fn stage_json(&self) -> serde_json::Value {
-        serde_json::json!({"sfe": self.cfg.sfe, "edpo": self.cfg.edpo, "data": self.cfg.data})
+        stage_json(&self.cfg)
     }
+}
+
+/// What a stage-2 checkpoint records of its config: a resume must match it.
+fn stage_json(cfg: &EdpoRunConfig) -> serde_json::Value {
+    serde_json::json!({"sfe": cfg.sfe, "edpo": cfg.edpo, "data": cfg.data})
+}
+
+/// The checkpoint step when the E-DPO run in `out` is finished for `cfg` (see
+/// [`finished_step`]), after checking that it is this stage with this config.
+pub fn finished_edpo(out: &Path, cfg: &EdpoRunConfig) -> Result<Option<u64>> {
+    let Some(step) = finished_step(out, cfg.train.steps)? else { return Ok(None) };
+    let state = checkpoint::read_state(out)?;
+    check_stage(out, state.edpo.as_ref(), cfg)?;
+    Ok(Some(step))
+}
+
+/// Refuses a checkpoint of another stage, or of this stage with another sfe run, data or [edpo].
+fn check_stage(out: &Path, saved: Option<&serde_json::Value>, cfg: &EdpoRunConfig) -> Result<()> {
+    match saved {
+        None => Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", out.display())),
+        Some(saved) if *saved != stage_json(cfg) => Err(user_err!(
+            "--resume: {} was trained with another sfe run, data or [edpo] section ({saved}); resume with the same config, or start a new --out",
+            out.display()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The run's summary from its log (see [`log_totals`]), after the final validation.
+fn finish_training(run: &EdpoRun, val: ValResult) -> Result<Outcome> {
+    let t = log_totals(&run.out.join("log.jsonl"))?;
+    Ok(Outcome {
+        steps: run.cfg.train.steps,
+        final_loss: t.last_loss.unwrap_or(f32::NAN),
+        val: Some(val),
+        step_seconds: t.seconds / t.steps.max(1) as f64,
+    })
 }
 
 #[derive(Serialize)]
@@ -243,16 +280,7 @@ fn start_edpo(run: &mut EdpoRun, resume: bool) -> Result<Start> {
     let tcfg = run.cfg.train.trainer_config();
     let start = start_run(&run.out, &mut run.base.params, tcfg, resume)?;
     if let Some(state) = &start.state {
-        match &state.edpo {
-            None => return Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", run.out.display())),
-            Some(saved) if *saved != run.stage_json() => {
-                return Err(user_err!(
-                    "--resume: {} was trained with another sfe run, data or [edpo] section ({saved}); resume with the same config, or start a new --out",
-                    run.out.display()
-                ))
-            }
-            Some(_) => {}
-        }
+        check_stage(&run.out, state.edpo.as_ref(), &run.cfg)?;
     }
     Ok(start)
 }
@@ -271,7 +299,8 @@ fn neg_log_sigmoid(d: f64) -> f64 {
 /// order, logs, validation and checkpoints as [`train`].
 pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
-    let Start { mut trainer, step: start, mut log, .. } = start_edpo(run, resume)?;
+    let Start { mut trainer, step: start, mut log, state } = start_edpo(run, resume)?;
+    let mut saved = state.map(|s| s.step);
     let model = &run.base.model;
     let mut policy = DeviceSage::new(ops.clone(), model, &run.base.params, tcfg.adamw, tcfg.max_grad_norm)?;
     policy.llm.restore_optimizer(&trainer.opt.state)?;
@@ -285,7 +314,6 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
     let loss_cfg = run.cfg.edpo.loss_config();
     let pb = crate::util::progress_bar(steps, "edpo", quiet);
     pb.set_position(start);
-    let (mut last_loss, mut total_secs) = (f32::NAN, 0.0);
     for step in start..steps {
         let t0 = Instant::now();
         let (mut plans, mut refs, mut keys, mut pairs, mut groups) = (vec![], vec![], vec![], vec![], vec![]);
@@ -340,35 +368,37 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
             loss_sum += l / p.max(1) as f64;
             at += p;
         }
-        last_loss = (loss_sum / batch as f64) as f32;
-        total_secs += secs;
-        let line = StepLog::new(step + 1, last_loss, &margins, lr, grad_norm, tokens, secs);
         let done = step + 1;
+        let loss = if guard::test_poisons(done) { f32::NAN } else { (loss_sum / batch as f64) as f32 };
+        guard::check_step(done, loss, grad_norm, saved)?;
+        let line = StepLog::new(done, loss, &margins, lr, grad_norm, tokens, secs);
         if checkpoint_due(&run.cfg.train, done) {
             policy.llm.download_into(&mut run.base.params)?;
             trainer.opt.state = policy.llm.optimizer_state()?;
         }
         let out = &run.out;
         let validate = |b: &mut Run, n| b.validate_on(n, Some(&policy));
-        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, done, validate, |b| {
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, loss, done, validate, |b| {
             checkpoint::save(out, done, &b.params, &trainer, &b.cfg, Some(&stage))
         })?;
+        if checkpoint_due(&run.cfg.train, done) {
+            saved = Some(done);
+        }
     }
     pb.finish_and_clear();
-    let val = Some(run.base.validate_on(run.cfg.train.val_questions, Some(&policy))?);
-    let ran = steps.saturating_sub(start).max(1) as f64;
-    Ok(Outcome { steps, final_loss: last_loss, val, step_seconds: total_secs / ran })
+    let val = run.base.validate_on(run.cfg.train.val_questions, Some(&policy))?;
+    finish_training(run, val)
 }
 
 /// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
 pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
-    let Start { mut trainer, step: start, mut log, .. } = start_edpo(run, resume)?;
+    let Start { mut trainer, step: start, mut log, state } = start_edpo(run, resume)?;
+    let mut saved = state.map(|s| s.step);
     let steps = run.cfg.train.steps;
     let batch = run.cfg.train.batch.max(1) as u64;
     let stage = run.stage_json();
     let pb = crate::util::progress_bar(steps, "edpo", quiet);
     pb.set_position(start);
-    let (mut last_loss, mut total_secs) = (f32::NAN, 0.0);
     for step in start..steps {
         let t0 = Instant::now();
         let (mut loss_sum, mut tokens, mut margins) = (0.0f32, 0usize, Vec::new());
@@ -379,20 +409,25 @@ pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
             loss_sum += o.loss;
             tokens += o.tokens;
             margins.extend(o.margins);
+            if m + 1 == batch && guard::test_poisons(step + 1) {
+                guard::poison_gradient(&mut run.base.params);
+            }
             report = trainer.micro_step(&mut run.base.params);
         }
         let report = report.expect("the last micro-batch of a step steps the optimizer");
         let secs = t0.elapsed().as_secs_f64();
-        last_loss = loss_sum / batch as f32;
-        total_secs += secs;
-        let line = StepLog::new(step + 1, last_loss, &margins, report.lr, report.grad_norm, tokens, secs);
+        let loss = loss_sum / batch as f32;
+        guard::check_step(step + 1, loss, report.grad_norm, saved)?;
+        let line = StepLog::new(step + 1, loss, &margins, report.lr, report.grad_norm, tokens, secs);
         let out = &run.out;
-        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, last_loss, step + 1, Run::validate, |b| {
+        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, loss, step + 1, Run::validate, |b| {
             checkpoint::save(out, step + 1, &b.params, &trainer, &b.cfg, Some(&stage))
         })?;
+        if checkpoint_due(&run.cfg.train, step + 1) {
+            saved = Some(step + 1);
+        }
     }
     pb.finish_and_clear();
-    let val = Some(run.validate(run.cfg.train.val_questions)?);
-    let ran = steps.saturating_sub(start).max(1) as f64;
-    Ok(Outcome { steps, final_loss: last_loss, val, step_seconds: total_secs / ran })
+    let val = run.validate(run.cfg.train.val_questions)?;
+    finish_training(run, val)
 }

@@ -6,6 +6,8 @@
 //! and the config. Each file is written atomically, the tensors first and `state.json` last: the
 //! rename of `state.json` is the commit point, so a crash at any moment leaves the previous
 //! checkpoint intact. Files of older steps are removed only after the new state is committed.
+//! A checkpoint never holds a NaN or infinity: saving one is refused before anything is written,
+//! and loading one is refused as damaged.
 
 use super::config::SfeConfig;
 use crate::formats::safetensors::{self as st, SafetensorsFile};
@@ -63,6 +65,21 @@ pub fn save(
     let mut weights = BTreeMap::new();
     let mut optim = BTreeMap::new();
     for p in params.iter().filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX)) {
+        // Checked before anything is written: the previous checkpoint must stay the newest.
+        let moments = trainer.opt.state.moments.get(&p.name);
+        let tensors =
+            [("weight", Some(&p.value)), ("AdamW m", moments.map(|m| &m.m)), ("AdamW v", moments.map(|m| &m.v))];
+        for (what, values) in tensors {
+            if let Some(i) = values.and_then(|v| first_non_finite(v)) {
+                return Err(user_err!(
+                    "not saving the checkpoint of step {step} in {}: {what} `{}` [{i}] is {} (not finite); the \
+                     previous checkpoint is intact. Lower train.lr or set train.max_grad_norm",
+                    dir.display(),
+                    p.name,
+                    values.expect("found in it")[i]
+                ));
+            }
+        }
         weights.insert(p.name.clone(), Tensor::from_vec(p.value.clone(), &p.shape)?);
         if let Some(m) = trainer.opt.state.moments.get(&p.name) {
             optim.insert(format!("m.{}", p.name), Tensor::from_vec(m.m.clone(), &[m.m.len()])?);
@@ -139,9 +156,29 @@ pub fn load_weights(dir: &Path, state: &State, params: &mut ParamSet) -> Result<
                 params[id].shape
             ));
         }
-        params[id].value = t.into_f32s()?;
+        let values = t.into_f32s()?;
+        refuse_non_finite(dir, &state.weights, &name, &values)?;
+        params[id].value = values;
     }
     Ok(())
+}
+
+/// Index of the first NaN or infinity in `v`.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    v.iter().position(|x| !x.is_finite())
+}
+
+/// A checkpoint tensor with a NaN or infinity is damaged (training never saves one).
+fn refuse_non_finite(dir: &Path, file: &str, name: &str, values: &[f32]) -> Result<()> {
+    match first_non_finite(values) {
+        None => Ok(()),
+        Some(i) => Err(user_err!(
+            "checkpoint {}: tensor `{name}` [{i}] is {} (not finite): the file is damaged. Resume from an older copy \
+             of the run folder, or train again",
+            dir.join(file).display(),
+            values[i]
+        )),
+    }
 }
 
 /// Restores the weights and the optimizer for an exact resume.
@@ -153,7 +190,10 @@ pub fn restore(dir: &Path, params: &mut ParamSet, trainer_cfg: crate::train::Tra
     for p in params.iter().filter(|p| p.trainable) {
         let (m, v) = (format!("m.{}", p.name), format!("v.{}", p.name));
         if let (Ok(m), Ok(v)) = (f.tensor(&m), f.tensor(&v)) {
-            moments.insert(p.name.clone(), crate::train::optim::Moments { m: m.into_f32s()?, v: v.into_f32s()? });
+            let (m, v) = (m.into_f32s()?, v.into_f32s()?);
+            refuse_non_finite(dir, &state.optim, &format!("m.{}", p.name), &m)?;
+            refuse_non_finite(dir, &state.optim, &format!("v.{}", p.name), &v)?;
+            moments.insert(p.name.clone(), crate::train::optim::Moments { m, v });
         }
     }
     let trainer = Trainer::from_state(
@@ -164,4 +204,40 @@ pub fn restore(dir: &Path, params: &mut ParamSet, trainer_cfg: crate::train::Tra
         },
     );
     Ok((state, trainer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SfeConfig {
+        toml::from_str(
+            "[data]\ntrain = 'a'\nval = 'b'\n[llm]\nfinetune = 'lora'\n[train]\nsteps = 3\nbatch = 1\nlr = 1e-3\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_non_finite_weight_is_never_saved_nor_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        let trainer = Trainer::new(cfg.train.trainer_config());
+        let mut params = ParamSet::new();
+        let x = params.add("x", &[2], vec![1.0, f32::NAN], true).unwrap();
+        let err = save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(s.contains("step 3") && s.contains("weight `x` [1] is NaN"), "{s}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+
+        // A finite checkpoint saves; the same file with an infinity in it is refused as damaged.
+        params[x].value = vec![1.0, 2.0];
+        save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap();
+        let state = read_state(dir.path()).unwrap();
+        let mut bad = BTreeMap::new();
+        bad.insert("x".to_string(), Tensor::from_vec(vec![f32::INFINITY, 2.0], &[2]).unwrap());
+        st::write(&dir.path().join(&state.weights), &bad, None).unwrap();
+        let err = load_weights(dir.path(), &state, &mut params).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(crate::error::is_user_error(&err) && s.contains("`x` [0] is inf") && s.contains("damaged"), "{s}");
+    }
 }

@@ -1,5 +1,7 @@
-//! The SFE run description (`configs/sfe-*.toml`); unknown keys are refused.
+//! The SFE run description (`configs/sfe-*.toml`); unknown keys are refused and numeric keys
+//! range-checked ([`CheckRanges`]).
 
+use crate::config::{CheckRanges, RangeCheck};
 use crate::models::llama_train::Finetune;
 use crate::models::sage::SageConfig;
 use crate::train::{AdamWConfig, CosineSchedule, TrainConfig};
@@ -124,5 +126,61 @@ impl TrainSection {
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             accum_steps: self.batch.max(1),
         }
+    }
+}
+
+/// Side of the patch grid the vision encoder makes (stride 16 over the 224-pixel crop): `k`
+/// selects among its `PATCH_GRID²` patches and `image_pool` pools it.
+pub const PATCH_GRID: u64 = crate::models::efficientnet::PREPROCESS_FULL.crop as u64 / 16;
+
+impl CheckRanges for SfeConfig {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        self.model.check_ranges(c);
+        self.llm.check_ranges(c);
+        self.train.check_ranges(c);
+    }
+}
+
+impl CheckRanges for SageConfig {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        c.int("model.k", self.k as u64, 1, PATCH_GRID * PATCH_GRID);
+        c.int("model.image_pool", self.image_pool as u64, 1, PATCH_GRID);
+        c.int("model.fusion_heads", self.fusion_heads as u64, 1, 64);
+        c.int("model.fusion_dim", self.fusion_dim as u64, 1, 8192);
+        c.require(
+            "model.fusion_dim",
+            self.fusion_heads == 0 || self.fusion_dim % self.fusion_heads == 0,
+            format!("= {}, must be a multiple of model.fusion_heads = {}", self.fusion_dim, self.fusion_heads),
+        );
+    }
+}
+
+impl CheckRanges for LlmConfig {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        if self.finetune == "lora" {
+            c.int("llm.lora_rank", self.lora_rank as u64, 1, 1024);
+            c.positive_float("llm.lora_alpha", self.lora_alpha as f64, 1e4);
+        }
+    }
+}
+
+/// The most optimizer steps a run may ask for (far beyond any real run, small enough that the
+/// step counters and the schedule stay exact).
+pub const MAX_STEPS: u64 = 100_000_000;
+
+impl CheckRanges for TrainSection {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        c.int("train.steps", self.steps, 1, MAX_STEPS);
+        // Examples are accumulated one at a time on the CPU, but the device loop pads a whole
+        // step into one batch.
+        c.int("train.batch", self.batch as u64, 1, 4096);
+        // AdamW multiplies weights by 1 − lr·weight_decay: both ≤ 1 keep that factor in [0, 1].
+        c.positive_float("train.lr", self.lr as f64, 1.0);
+        c.float("train.weight_decay", self.weight_decay, 0.0, 1.0);
+        c.float("train.min_lr_ratio", self.min_lr_ratio as f64, 0.0, 1.0);
+        c.int("train.warmup_steps", self.warmup_steps, 0, MAX_STEPS);
+        // 0 turns clipping off; NaN would do so silently.
+        c.float("train.max_grad_norm", self.max_grad_norm as f64, 0.0, 1e6);
+        c.int("train.checkpoint_every", self.checkpoint_every, 1, MAX_STEPS);
     }
 }

@@ -15,7 +15,7 @@ use crate::models::sage::FactsMode;
 use crate::models::sage_model::{Example, SageModel};
 use crate::models::sage_step::DeviceSage;
 use crate::opset::StepOps;
-use crate::train::{streams, ParamSet, SeedRng, Trainer};
+use crate::train::{guard, streams, ParamSet, SeedRng, Trainer};
 use crate::user_err;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -334,26 +334,66 @@ pub(crate) fn finish_step(
     Ok(())
 }
 
-/// The final validation (`val`) and the run's summary, after the last step (`start`: the first
-/// step this process ran).
-fn finish_training(
-    run: &mut Run,
-    start: u64,
-    last_loss: f32,
-    total_secs: f64,
-    total_tokens: usize,
-    val: ValResult,
-) -> Result<Outcome> {
-    let steps = run.cfg.train.steps;
-    let val = Some(val);
-    let ran = steps.saturating_sub(start).max(1) as f64;
+/// What the step lines of `log.jsonl` add up to. The log holds one line per step of the run, from
+/// whichever process ran it (a resume cuts it back to the checkpoint first), so the run's final
+/// figures come from it: a run resumed after its last step still reports its last loss.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct LogTotals {
+    pub steps: u64,
+    /// The loss of the last step line (`None`: no step logged).
+    pub last_loss: Option<f32>,
+    pub seconds: f64,
+    pub tokens: u64,
+}
+
+pub(crate) fn log_totals(path: &Path) -> Result<LogTotals> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut t = LogTotals::default();
+    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        // Validation lines carry a step but no loss.
+        let Some(loss) = v["loss"].as_f64() else { continue };
+        t.steps += 1;
+        t.last_loss = Some(loss as f32);
+        t.seconds += v["seconds"].as_f64().unwrap_or(0.0);
+        t.tokens += v["tokens"].as_u64().unwrap_or(0);
+    }
+    Ok(t)
+}
+
+/// The final validation (`val`) and the run's summary, after the last step.
+fn finish_training(run: &mut Run, val: ValResult) -> Result<Outcome> {
+    let t = log_totals(&run.out.join("log.jsonl"))?;
     Ok(Outcome {
-        steps,
-        final_loss: last_loss,
-        val,
-        step_seconds: total_secs / ran,
-        tokens_per_second: total_tokens as f64 / total_secs.max(1e-9),
+        steps: run.cfg.train.steps,
+        final_loss: t.last_loss.unwrap_or(f32::NAN),
+        val: Some(val),
+        step_seconds: t.seconds / t.steps.max(1) as f64,
+        tokens_per_second: t.tokens as f64 / t.seconds.max(1e-9),
     })
+}
+
+/// The file a finished run's summary is written to; its presence (with the last checkpoint at the
+/// final step) marks the run finished.
+pub const FINAL_FILE: &str = "final.json";
+
+/// The step of the checkpoint in `out` when the run there is finished for `steps` steps: its last
+/// checkpoint is at (or past) `steps` and its `final.json` is written. `--resume` then changes
+/// nothing. (A run killed between its last checkpoint and `final.json` is not finished: resuming
+/// it runs the final validation and writes `final.json`.)
+pub fn finished_step(out: &Path, steps: u64) -> Result<Option<u64>> {
+    if !checkpoint::exists(out) || !out.join(FINAL_FILE).exists() {
+        return Ok(None);
+    }
+    let state = checkpoint::read_state(out)?;
+    Ok((state.step >= steps).then_some(state.step))
+}
+
+/// [`finished_step`] for `sage sfe --resume`, after checking that `cfg` is the run's config (a
+/// finished run is not silently taken for another one).
+pub fn finished_sfe(out: &Path, cfg: &SfeConfig) -> Result<Option<u64>> {
+    let Some(step) = finished_step(out, cfg.train.steps)? else { return Ok(None) };
+    check_resume_config(out, &checkpoint::read_state(out)?, cfg)?;
+    Ok(Some(step))
 }
 
 /// Whether [`finish_step`] checkpoints after step `done` (a loop that trains on a device copies
@@ -381,7 +421,7 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
     let batch = run.cfg.train.batch.max(1) as u64;
     let pb = crate::util::progress_bar(steps, "sfe", quiet);
     pb.set_position(start);
-    let (mut last_loss, mut total_secs, mut total_tokens) = (f32::NAN, 0.0, 0usize);
+    let mut saved = state.as_ref().map(|s| s.step);
     for step in start..steps {
         let t0 = Instant::now();
         let mut plans = Vec::with_capacity(batch as usize);
@@ -392,12 +432,13 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         }
         let tokens: usize = plans.iter().map(|p| p.counted()).sum();
         let lr = tcfg.schedule.lr(dev.llm.steps());
-        let (loss, grad_norm) = dev.train_step(&plans, lr)?;
+        let (mut loss, grad_norm) = dev.train_step(&plans, lr)?;
         let secs = t0.elapsed().as_secs_f64();
-        last_loss = loss;
-        total_secs += secs;
-        total_tokens += tokens;
         let done = step + 1;
+        if guard::test_poisons(done) {
+            loss = f32::NAN;
+        }
+        guard::check_step(done, loss, grad_norm, saved)?;
         if checkpoint_due(&run.cfg.train, done) {
             dev.llm.download_into(&mut run.params)?;
             trainer.opt.state = dev.llm.optimizer_state()?;
@@ -409,10 +450,13 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         finish_step(run, &train, &mut log, &pb, &line, loss, done, validate, |r| {
             checkpoint::save(&r.out, done, &r.params, &trainer, &r.cfg, None)
         })?;
+        if checkpoint_due(&train, done) {
+            saved = Some(done);
+        }
     }
     pb.finish_and_clear();
     let val = run.validate_on(run.cfg.train.val_questions, Some(&dev))?;
-    finish_training(run, start, last_loss, total_secs, total_tokens, val)
+    finish_training(run, val)
 }
 
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`).
@@ -426,7 +470,7 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
     let batch = run.cfg.train.batch.max(1) as u64;
     let pb = crate::util::progress_bar(steps, "sfe", quiet);
     pb.set_position(start);
-    let (mut last_loss, mut total_secs, mut total_tokens) = (f32::NAN, 0.0, 0usize);
+    let mut saved = state.as_ref().map(|s| s.step);
     for step in start..steps {
         let t0 = Instant::now();
         let (mut loss_sum, mut tokens) = (0.0f32, 0usize);
@@ -436,16 +480,18 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
             let (loss, n) = run.train_example(e)?;
             loss_sum += loss;
             tokens += n;
+            if m + 1 == batch && guard::test_poisons(step + 1) {
+                guard::poison_gradient(&mut run.params);
+            }
             report = trainer.micro_step(&mut run.params);
         }
         let report = report.expect("the last micro-batch of a step steps the optimizer");
         let secs = t0.elapsed().as_secs_f64();
-        last_loss = loss_sum / batch as f32;
-        total_secs += secs;
-        total_tokens += tokens;
+        let loss = loss_sum / batch as f32;
+        guard::check_step(step + 1, loss, report.grad_norm, saved)?;
         let line = StepLog {
             step: step + 1,
-            loss: last_loss,
+            loss,
             lr: report.lr,
             grad_norm: report.grad_norm,
             tokens,
@@ -453,11 +499,14 @@ pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
             seconds: secs,
         };
         let train = run.cfg.train.clone();
-        finish_step(run, &train, &mut log, &pb, &line, last_loss, step + 1, Run::validate, |r| {
+        finish_step(run, &train, &mut log, &pb, &line, loss, step + 1, Run::validate, |r| {
             checkpoint::save(&r.out, step + 1, &r.params, &trainer, &r.cfg, None)
         })?;
+        if checkpoint_due(&train, step + 1) {
+            saved = Some(step + 1);
+        }
     }
     pb.finish_and_clear();
     let val = run.validate(run.cfg.train.val_questions)?;
-    finish_training(run, start, last_loss, total_secs, total_tokens, val)
+    finish_training(run, val)
 }

@@ -1,9 +1,11 @@
 //! Training machinery on the CPU backend: parameters and gradient accumulation ([`param`]),
 //! AdamW ([`optim`]), the learning-rate schedule ([`schedule`]), gradient clipping ([`clip`]),
-//! the seeded randomness ([`rng`]) and the step that ties them together ([`trainer`]).
+//! the seeded randomness ([`rng`]), the step that ties them together ([`trainer`]) and the
+//! numerics guard of the training loops ([`guard`]).
 //! The gradients themselves come from the backward functions in [`crate::ops`].
 
 pub mod clip;
+pub mod guard;
 pub mod optim;
 pub mod param;
 pub mod rng;
