@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch references for `sage bench kernels` (DESIGN.md §9), at the same shapes and inputs' kinds.
+"""PyTorch references for `sage bench kernels` (ARCHITECTURE.md §9), at the same shapes and inputs' kinds.
 
 Each op runs in PyTorch eager and under torch.compile (fusion attention also with SDPA); the E-DPO
 loss runs the unfused TRL-style way (full [N, T, V] logits, log_softmax, gather). Timings are

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merges `sage --json bench kernels` and `benches/kernels_torch.py` output (measured in the same
 call on the same device) into one report: JSON plus markdown, with the ratios against the targets
-of DESIGN.md §9.
+of ARCHITECTURE.md §9.
 
     python3 benches/report.py SAGE.json TORCH.json --out benches/results/kernels-STAMP [--env ENV.txt]
 """
@@ -76,7 +76,7 @@ def markdown(sage, torch, rows, env):
                f"median of {torch['repeats']} after {torch['warmup']} warm-up runs")
     if env:
         out.append(f"- environment: {env.strip()}")
-    out += ["", "## Against the targets (DESIGN.md §9)", "",
+    out += ["", "## Against the targets (ARCHITECTURE.md §9)", "",
             "| op | shape | sage | PyTorch | sage ms | PyTorch ms | sage MiB | PyTorch peak MiB | ratio | target | met |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merges `sage --json bench train` and `benches/train_hf.py` output (same call, same machine) into
 one report, JSON plus markdown: training tokens/s, generation tokens/s and peak memory, with the
-ratio sage / HF transformers for each attention implementation. The target of DESIGN.md §9
+ratio sage / HF transformers for each attention implementation. The target of ARCHITECTURE.md §9
 (≥ 1.3× HF tokens/s) is for the GPU; a CPU report says so.
 
     python3 benches/report_train.py SAGE.json HF.json --out benches/results/train-STAMP [--env ENV.txt]
@@ -53,10 +53,10 @@ def main():
     if on_gpu != sage_gpu:
         md.append(f"- **not comparable**: sage ran on the {'GPU' if sage_gpu else 'CPU'}, HF on the {'GPU' if on_gpu else 'CPU'}.")
     if not on_gpu:
-        md.append("- CPU measurement: DESIGN.md §9's target (≥ 1.3× HF tokens/s) is for the GPU path.")
+        md.append("- CPU measurement: ARCHITECTURE.md §9's target (≥ 1.3× HF tokens/s) is for the GPU path.")
     else:
         met = [r for r in rows if r["train_ratio"] >= 1.3]
-        md.append(f"- DESIGN.md §9 target, training tokens/s ≥ 1.3× HF: met in {len(met)} of {len(rows)} comparisons.")
+        md.append(f"- ARCHITECTURE.md §9 target, training tokens/s ≥ 1.3× HF: met in {len(met)} of {len(rows)} comparisons.")
         md.append("- Peak memory: device memory (sage: the allocator pool's high-water mark, fp32 master weights and "
                   "moments included; HF: torch.cuda.max_memory_allocated, bf16 parameters and optimizer state).")
     if not any(s["generation"] for s in sage["results"]):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kernel benchmark on the GPU machine (DESIGN.md §8, §9): `sage bench kernels` and the PyTorch
+# The kernel benchmark on the GPU machine (ARCHITECTURE.md §8, §9): `sage bench kernels` and the PyTorch
 # references in one call on one device, merged into benches/results/kernels-<stamp>.{json,md}.
 #
 #   here:       bash scripts/device_pack.sh       (stripped sage + the PTX cache in .device/)

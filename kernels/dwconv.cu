@@ -1,4 +1,4 @@
-// Depthwise 2-D convolution, forward and backward (DESIGN.md §4, issue 7: the EfficientNet-Lite
+// Depthwise 2-D convolution, forward and backward (ARCHITECTURE.md §4, issue 7: the EfficientNet-Lite
 // encoder's MBConv blocks): one k×k filter per channel, any stride, explicit (TensorFlow "SAME",
 // asymmetric) padding, bias and an optional fused ReLU6; and the epilogue of the blocks' dense
 // (1×1 and stem) convolutions, which are cuBLASLt GEMMs. CPU references: ops::conv

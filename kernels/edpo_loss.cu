@@ -1,4 +1,4 @@
-// Fused E-DPO loss (DESIGN.md §1, §4): the CUDA side of `ops::edpo`.
+// Fused E-DPO loss (ARCHITECTURE.md §1, §4): the CUDA side of `ops::edpo`.
 //
 // Sequences n = 0..N−1 (the chosen and rejected answers of all pairs, each prompt + answer, T
 // positions), hidden states h [N, T, C] and LM-head weight W [V, C] (bf16). Position t predicts

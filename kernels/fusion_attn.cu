@@ -1,4 +1,4 @@
-// Multi-head fusion (cross-)attention, forward and backward (DESIGN.md §1, §4): the CUDA side of
+// Multi-head fusion (cross-)attention, forward and backward (ARCHITECTURE.md §1, §4): the CUDA side of
 // `ops::fusion_attn`.
 //
 // Queries are the L fact vectors, keys/values the S (= K) selected patches, per sample b and head h:

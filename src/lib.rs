@@ -1,6 +1,6 @@
 //! sage: comparison-based visual anomaly reasoning.
 //!
-//! Layers, one direction of dependency (DESIGN.md §2):
+//! Layers, one direction of dependency (ARCHITECTURE.md §2):
 //! `cli` → `models` → `ops` → `backend` → `tensor`, with `formats` and `assets` beside them.
 
 pub mod assets;

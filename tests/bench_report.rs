@@ -1,4 +1,4 @@
-//! `benches/report.py` turns the two benchmark outputs into ratios against DESIGN.md §9's targets.
+//! `benches/report.py` turns the two benchmark outputs into ratios against ARCHITECTURE.md §9's targets.
 //! The inputs are synthetic fixtures (tests/fixtures/bench/, device "Synthetic test device"), not
 //! measurements: this checks the arithmetic and the verdicts, which the GPU run relies on.
 

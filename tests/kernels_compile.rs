@@ -1,5 +1,5 @@
 //! Every `kernels/*.cu` compiles with the pinned NVRTC 13.0 for compute_80 and compute_90, and
-//! `ptxas -v` assembles the PTX for sm_80 / sm_90 with no register spills (DESIGN.md §4). Needs no
+//! `ptxas -v` assembles the PTX for sm_80 / sm_90 with no register spills (ARCHITECTURE.md §4). Needs no
 //! GPU and no driver: NVRTC and ptxas come from the wheels `sage fetch --cuda` installs. These
 //! tests fail (they do not skip) when the wheels are missing: CI installs them first.
 

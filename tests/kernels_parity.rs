@@ -1,4 +1,4 @@
-//! Kernel parity against the CPU references (DESIGN.md §4): every kernel at several shapes, odd
+//! Kernel parity against the CPU references (ARCHITECTURE.md §4): every kernel at several shapes, odd
 //! sizes included, with the tolerance written down (kernels/README.md).
 //!
 //! Without a working CUDA device each GPU test prints why it skipped and returns; `Gpu::open`

@@ -1,4 +1,4 @@
-//! NVRTC, loaded at run time by absolute path (DESIGN.md §4): compiles `kernels/*.cu` to PTX for
+//! NVRTC, loaded at run time by absolute path (ARCHITECTURE.md §4): compiles `kernels/*.cu` to PTX for
 //! one GPU architecture, with an on-disk cache under `$SAGE_HOME/kernels-cache`.
 //!
 //! The CI compile check (`tests/kernels_compile.rs`) and the CUDA backend share this wrapper. It
@@ -153,7 +153,7 @@ impl Nvrtc {
     }
 
     /// Fails unless this is NVRTC 13.0: a newer one emits PTX (ISA 9.1+) that the 580 driver
-    /// series cannot load (DESIGN.md §4).
+    /// series cannot load (ARCHITECTURE.md §4).
     pub fn require_13_0(&self) -> Result<()> {
         if self.version != (13, 0) {
             bail!(

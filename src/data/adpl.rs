@@ -1,4 +1,4 @@
-//! AD-PL, SAGE's preference dataset format (DESIGN.md §5): a JSON array of items
+//! AD-PL, SAGE's preference dataset format (ARCHITECTURE.md §5): a JSON array of items
 //! `{test_image, reference_image, pair_type, question_answer}` where `question_answer` holds 5
 //! questions `{question_en, answer_options: [4 × {answer_en}]}`, answers ranked best first.
 //!

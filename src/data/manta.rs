@@ -1,4 +1,4 @@
-//! MANTA QA (DESIGN.md §5): a JSON array of items `{domain, test_image, pair_type,
+//! MANTA QA (ARCHITECTURE.md §5): a JSON array of items `{domain, test_image, pair_type,
 //! question_answer: [{question_en, answer: bool, conclusion_en}], conclusion_en}`.
 //!
 //! Readings: `answer` true/false becomes the ground truth "Yes"/"No"; `domain` becomes the

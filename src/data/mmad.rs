@@ -1,4 +1,4 @@
-//! MMAD's `mmad.json` (DESIGN.md §5): a JSON object mapping a query image path, relative to the
+//! MMAD's `mmad.json` (ARCHITECTURE.md §5): a JSON object mapping a query image path, relative to the
 //! image root, to `{conversation: [{Question, Options: {A: .., B: .., ...}, Answer, type}],
 //! mask_path, similar_templates: [..], random_templates: [..]}`.
 //!

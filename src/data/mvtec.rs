@@ -1,4 +1,4 @@
-//! The MVTec AD folder layout (DESIGN.md §5; MPDD and converted VisA use it too):
+//! The MVTec AD folder layout (ARCHITECTURE.md §5; MPDD and converted VisA use it too):
 //! `<root>/<category>/train/good/*.png` (normal training images),
 //! `<root>/<category>/test/<defect>/*.png` (`good` = normal), and
 //! `<root>/<category>/ground_truth/<defect>/<stem>_mask.png`.

@@ -1,4 +1,4 @@
-//! Stage 2, Entropy-aware DPO (DESIGN.md §1): preference alignment of an SFE model on the
+//! Stage 2, Entropy-aware DPO (ARCHITECTURE.md §1): preference alignment of an SFE model on the
 //! ranked answers of AD-PL questions, with the judge's per-answer score entropies shaping the
 //! margin. The frozen SFE model is the reference; the fusion attention is frozen, the adapter,
 //! the projection and the LLM (LoRA or full, as in the SFE run) train.

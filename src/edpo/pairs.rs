@@ -1,4 +1,4 @@
-//! Which answers of an instance face each other (DESIGN.md §1, stage 2).
+//! Which answers of an instance face each other (ARCHITECTURE.md §1, stage 2).
 //!
 //! An instance is one AD-PL question with its `L` ranked answers, best first, and the judge's
 //! entropy `H(a_i)` of each answer's three scores. Two pairs per instance, the winner always the

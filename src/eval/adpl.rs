@@ -1,4 +1,4 @@
-//! AD-PL and MANTA scoring (DESIGN.md §6): every question has a Yes/No truth, and an answer is
+//! AD-PL and MANTA scoring (ARCHITECTURE.md §6): every question has a Yes/No truth, and an answer is
 //! right when its leading Yes/No ([`conclusion`]) matches it.
 //!
 //! - Truth: the question's `answer` when it reads Yes/No, else the leading Yes/No of its best

@@ -1,4 +1,4 @@
-//! Anomaly-map metrics (DESIGN.md §6): image AUROC from each map's maximum against the image
+//! Anomaly-map metrics (ARCHITECTURE.md §6): image AUROC from each map's maximum against the image
 //! labels, and pixel AUROC from every pixel's map value against its mask, over the images that
 //! have a mask.
 //!

@@ -1,4 +1,4 @@
-//! MMAD's multiple-choice protocol (DESIGN.md §6).
+//! MMAD's multiple-choice protocol (ARCHITECTURE.md §6).
 //!
 //! - Answer: the last standalone capital letter `A`–`E` in the generated text (the regex
 //!   `\b[A-E]\b`: a letter with no letter, digit or `_` on either side; case matters, as in MMAD),

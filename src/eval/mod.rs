@@ -1,4 +1,4 @@
-//! The scoring side of `sage eval` (DESIGN.md §6): turns (sample, question, generated answer)
+//! The scoring side of `sage eval` (ARCHITECTURE.md §6): turns (sample, question, generated answer)
 //! records into the reported metrics. Everything here is pure: running the model, embedding
 //! texts and judging answers happen elsewhere and reach these functions as plain values or
 //! closures, so every number can be checked by hand in the tests.

@@ -1,4 +1,4 @@
-//! Fact generation (`sage facts`, DESIGN.md §1 "Fact embedding"): short sentences of domain
+//! Fact generation (`sage facts`, ARCHITECTURE.md §1 "Fact embedding"): short sentences of domain
 //! knowledge about each test image's kind of object, written offline by a backbone that generates
 //! text, cached, and read back by training (`FactSet`).
 //!

@@ -1,5 +1,5 @@
 //! Judges score an answer against a sample's ground truth on SAGE's MLE criteria: defect type,
-//! location and logic, each 1–5 (DESIGN.md §1). The request and result travel as JSON through the
+//! location and logic, each 1–5 (ARCHITECTURE.md §1). The request and result travel as JSON through the
 //! plugin ABI; these are their shapes.
 
 pub mod rubric;

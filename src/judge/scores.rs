@@ -1,4 +1,4 @@
-//! MLE scoring of a preference dataset (DESIGN.md §1, E-DPO): a judge scores every ranked answer
+//! MLE scoring of a preference dataset (ARCHITECTURE.md §1, E-DPO): a judge scores every ranked answer
 //! of every question on defect type, location and logic (1–5), and each score goes to an
 //! append-only JSONL cache as soon as it exists.
 //!

@@ -1,4 +1,4 @@
-//! The training-free anomaly map of DESIGN.md §1: EfficientNet-Lite0 patch tokens of the test
+//! The training-free anomaly map of ARCHITECTURE.md §1: EfficientNet-Lite0 patch tokens of the test
 //! and reference images, `1 − max cosine` of each test patch to the reference patches, and the
 //! map's maximum as the image score.
 

@@ -1,4 +1,4 @@
-//! The SAGE head (DESIGN.md §1): everything between the frozen vision encoder and the LLM.
+//! The SAGE head (ARCHITECTURE.md §1): everything between the frozen vision encoder and the LLM.
 //!
 //! - **adapter** (`sage.adapter.fc1/fc2`): the LLaVA-style MLP projector, vision width → LLM
 //!   width, applied to the patch tokens of the test (and reference) image after an optional

@@ -353,7 +353,7 @@ impl<O: StepOps> DeviceSage<O> {
         Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?.0)
     }
 
-    /// One E-DPO step (DESIGN.md §1) over the answers `plans` of a batch of instances: their
+    /// One E-DPO step (ARCHITECTURE.md §1) over the answers `plans` of a batch of instances: their
     /// sequence log-probabilities under this policy, the margins of `pairs` against the reference
     /// log-probabilities `reference`, `∂loss/∂π` times `seq_scale` (each instance's weight in the
     /// step's mean), the fused log-probability backward, the model's backward and the clipped

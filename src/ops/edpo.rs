@@ -1,4 +1,4 @@
-//! The E-DPO loss (DESIGN.md §1, stage 2), CPU reference of `kernels/edpo_loss.cu`.
+//! The E-DPO loss (ARCHITECTURE.md §1, stage 2), CPU reference of `kernels/edpo_loss.cu`.
 //!
 //! Sequences `n = 0..N` are the answers of all pairs (prompt + answer, `T` positions each). From
 //! the last hidden states `h [N, T, C]` and the LM-head weight `W [V, C]`, position `t` predicts

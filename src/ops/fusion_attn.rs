@@ -1,5 +1,5 @@
 //! Multi-head fusion (cross-)attention, forward and backward (CPU reference of
-//! `kernels/fusion_attn.cu`; DESIGN.md §1, §4).
+//! `kernels/fusion_attn.cu`; ARCHITECTURE.md §1, §4).
 //!
 //! The L fact vectors attend over the K selected patches, per sample and head:
 //! `q [B, L, H, D]`, `k, v [B, S, H, D]` (S = K patches), `out [B, L, H, D]`,

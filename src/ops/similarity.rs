@@ -1,5 +1,5 @@
 //! Patch-to-reference cosine similarity: the CPU reference of the fused min-cosine top-K kernel
-//! (DESIGN.md §1, §4). For each test patch `i`, `s_i` reduces `cos(v_t[i], v_r[j])` over the
+//! (ARCHITECTURE.md §1, §4). For each test patch `i`, `s_i` reduces `cos(v_t[i], v_r[j])` over the
 //! reference patches `j`; the K test patches with the lowest `s_i` are the anomaly candidates and
 //! `1 − s_i` is the anomaly map. Zero-shot (no reference) compares the test image with itself,
 //! excluding each patch's own position.

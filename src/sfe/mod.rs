@@ -1,4 +1,4 @@
-//! Stage 1, Self-Guided Fact Enhancement (DESIGN.md §1): supervised fine-tuning of the SAGE model
+//! Stage 1, Self-Guided Fact Enhancement (ARCHITECTURE.md §1): supervised fine-tuning of the SAGE model
 //! on the best-ranked answer of every AD-PL question.
 //!
 //! [`config`] is the TOML a run is described by, [`data`] turns AD-PL files and fact files into

@@ -1,4 +1,4 @@
-//! The CUDA backend (DESIGN.md §4): one device, one stream, the kernels of `kernels/` loaded as
+//! The CUDA backend (ARCHITECTURE.md §4): one device, one stream, the kernels of `kernels/` loaded as
 //! PTX, and cuBLASLt for GEMMs.
 //!
 //! Everything goes through cudarc with `dynamic-loading`: the build needs no CUDA, and
