@@ -139,7 +139,8 @@ fn mvtec_fixture_builds_with_masks_boxes_and_held_out_categories() {
         let train = read_json(&dir.path().join(format!("unseen-{held}/train.json")));
         assert!(test.as_array().unwrap().iter().all(|i| i["category"] == held));
         assert!(train.as_array().unwrap().iter().all(|i| i["category"] != held));
-        let (code, _, stderr) = check_in("adpl", &dir.path().join(format!("unseen-{held}/test.json")), &fixture("mvtec"));
+        let (code, _, stderr) =
+            check_in("adpl", &dir.path().join(format!("unseen-{held}/test.json")), &fixture("mvtec"));
         assert_eq!(code, Some(0), "{stderr}");
     }
     let all: Vec<Value> = ["train.json", "test.json"]
@@ -238,7 +239,12 @@ fn adpl_check_names_every_malformed_item_and_field() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 
-    let o = sage().args(["data", "check", "--json", "--format", "adpl", "--image-root"]).arg(fixture("mvtec")).arg(&p).output().unwrap();
+    let o = sage()
+        .args(["data", "check", "--json", "--format", "adpl", "--image-root"])
+        .arg(fixture("mvtec"))
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let r = stdout_json(&o);
     assert_eq!((r["ok"].as_bool(), r["items"].as_u64()), (Some(false), Some(4)));
@@ -372,9 +378,11 @@ fn check_and_the_stages_refuse_outside_paths_duplicate_keys_and_ids_and_empty_fi
 
     // Image paths outside the root: absolute, climbing out with `..`, through a symlink.
     std::os::unix::fs::symlink("/etc", d.join("img/etc")).unwrap();
-    for (path, extra) in
-        [("/etc/passwd", ""), ("../../../../../../../etc/passwd", "resolves to /etc/passwd"), ("img/etc/passwd", "resolves to /etc/passwd")]
-    {
+    for (path, extra) in [
+        ("/etc/passwd", ""),
+        ("../../../../../../../etc/passwd", "resolves to /etc/passwd"),
+        ("img/etc/passwd", "resolves to /etc/passwd"),
+    ] {
         let mut bad = item.clone();
         bad["test_image"] = json!(path);
         let p = write("outside.json", items(vec![item.clone(), bad]));
@@ -400,7 +408,8 @@ fn check_and_the_stages_refuse_outside_paths_duplicate_keys_and_ids_and_empty_fi
     let (code, _, err) = check("adpl", &p);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("item 0, field `test_image`: the key \"test_image\" appears twice"), "{err}");
-    let nested = serde_json::to_string(&item).unwrap().replacen(r#""answer_en":"#, r#""answer_en": "Yes.", "answer_en":"#, 1);
+    let nested =
+        serde_json::to_string(&item).unwrap().replacen(r#""answer_en":"#, r#""answer_en": "Yes.", "answer_en":"#, 1);
     let p = write("dup_nested.json", format!("[{nested}]"));
     let (_, _, err) = check("adpl", &p);
     assert!(err.contains("item 0, field `question_answer[0].answer_options[0].answer_en`: the key"), "{err}");

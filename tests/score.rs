@@ -225,7 +225,10 @@ fn a_second_score_run_on_the_same_cache_refuses_at_once_naming_the_first() {
     let t1 = Instant::now();
     let (code, err) = fails(args.clone());
     let refused_in = t1.elapsed();
-    assert!(first.try_wait().unwrap().is_none(), "the first run ended before the second tried: the test proves nothing");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run ended before the second tried: the test proves nothing"
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(&format!("PID {}", first.id())) && err.contains("scores.jsonl.lock"), "{err}");
     assert!(refused_in < Duration::from_secs(5), "refused after {refused_in:?}, not at once");
@@ -360,7 +363,12 @@ fn unknown_judges_bad_configs_and_bad_data_are_user_errors() {
     let (code, err) = fails(score_args(&dup, &["--out", o]));
     assert_eq!(code, Some(2), "{err}");
     // Refused by the dataset validation every stage shares, as `sage data check` refuses it.
-    assert!(err.contains("dup.json") && err.contains("item 1, field `id`: duplicate id") && err.contains("item 0 has it too"), "{err}");
+    assert!(
+        err.contains("dup.json")
+            && err.contains("item 1, field `id`: duplicate id")
+            && err.contains("item 0 has it too"),
+        "{err}"
+    );
     assert!(!out.exists() || records(&out).is_empty());
 
     let (code, err) = fails(score_args(&data, &["--max-items", "0"]));

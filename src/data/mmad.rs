@@ -72,13 +72,7 @@ pub fn parse(entries: &Entries, images: &Images, reference: RefChoice) -> (Vec<(
     (samples, found)
 }
 
-fn parse_entry(
-    c: &mut Checker,
-    key: &str,
-    v: &Value,
-    images: &Images,
-    reference: RefChoice,
-) -> Option<Sample> {
+fn parse_entry(c: &mut Checker, key: &str, v: &Value, images: &Images, reference: RefChoice) -> Option<Sample> {
     // The entry's key is its query image path; problems with it are reported as field `key`.
     if key.trim().is_empty() {
         c.report("key", "the image path is empty");

@@ -395,7 +395,12 @@ pub fn check_items(path: &Path, image_root: Option<&Path>, parse_item: ItemParse
     check_report(path, validate_items(path, image_root, true, parse_item))
 }
 
-fn validate_items(path: &Path, image_root: Option<&Path>, check_files: bool, parse_item: ItemParser) -> Result<Dataset> {
+fn validate_items(
+    path: &Path,
+    image_root: Option<&Path>,
+    check_files: bool,
+    parse_item: ItemParser,
+) -> Result<Dataset> {
     validate(path, image_root, check_files, |items: Vec<Value>, images: &Images| {
         let (samples, problems) = parse_items(&items, images, parse_item);
         Parsed { items: items.len(), samples, problems }

@@ -89,7 +89,17 @@ impl Run {
                 return Err(user_err!("model.facts = {mode:?} needs data.facts (a JSONL file from `sage facts`)"));
             }
         };
-        Ok(Run { cfg, out: out.to_path_buf(), model, params, train, val, facts, tokens: TokenCache::default(), _writer: writer })
+        Ok(Run {
+            cfg,
+            out: out.to_path_buf(),
+            model,
+            params,
+            train,
+            val,
+            facts,
+            tokens: TokenCache::default(),
+            _writer: writer,
+        })
     }
 
     /// The example for global micro-batch index `g`: epochs visit every example once, each
