@@ -8,6 +8,7 @@
 //! file, or a record of another shape) is skipped and counted, never fatal. Blank lines are
 //! ignored.
 
+use crate::lock::WriterLock;
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,15 +54,16 @@ pub struct AppendLog<R> {
     records: Vec<R>,
     /// What [`AppendLog::open`] found.
     pub loaded: LoadReport,
+    /// This process is the file's only writer while the log is open.
+    _writer: WriterLock,
     _record: PhantomData<fn() -> R>,
 }
 
 impl<R: Serialize + DeserializeOwned> AppendLog<R> {
     /// Opens (creating it and its folders if needed) and reloads the file at `path`.
+    /// Refuses at once (a user error naming the holder's PID) when another process has it open.
     pub fn open(path: &Path) -> Result<AppendLog<R>> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
+        let writer = WriterLock::for_file(path)?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -90,7 +92,7 @@ impl<R: Serialize + DeserializeOwned> AppendLog<R> {
             }
         }
         loaded.records = records.len();
-        Ok(AppendLog { path: path.to_path_buf(), file, records, loaded, _record: PhantomData })
+        Ok(AppendLog { path: path.to_path_buf(), file, records, loaded, _writer: writer, _record: PhantomData })
     }
 
     pub fn path(&self) -> &Path {

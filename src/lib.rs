@@ -16,6 +16,7 @@ pub mod formats;
 pub mod image_io;
 pub mod jsonl_log;
 pub mod judge;
+pub mod lock;
 pub mod metrics;
 pub mod models;
 pub mod ops;

@@ -32,6 +32,12 @@ fn check(format: &str, path: &Path) -> (Option<i32>, String, String) {
     run(sage().args(["data", "check", "--format", format]).arg(path))
 }
 
+/// `check` with `--image-root`: a file built from a source folder holds absolute paths into it,
+/// and its images must lie inside the image root.
+fn check_in(format: &str, path: &Path, root: &Path) -> (Option<i32>, String, String) {
+    run(sage().args(["data", "check", "--format", format, "--image-root"]).arg(root).arg(path))
+}
+
 /// Every file under `dir`, relative path → bytes.
 fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut v = Vec::new();
@@ -133,7 +139,8 @@ fn mvtec_fixture_builds_with_masks_boxes_and_held_out_categories() {
         let train = read_json(&dir.path().join(format!("unseen-{held}/train.json")));
         assert!(test.as_array().unwrap().iter().all(|i| i["category"] == held));
         assert!(train.as_array().unwrap().iter().all(|i| i["category"] != held));
-        let (code, _, stderr) = check("adpl", &dir.path().join(format!("unseen-{held}/test.json")));
+        let (code, _, stderr) =
+            check_in("adpl", &dir.path().join(format!("unseen-{held}/test.json")), &fixture("mvtec"));
         assert_eq!(code, Some(0), "{stderr}");
     }
     let all: Vec<Value> = ["train.json", "test.json"]
@@ -209,7 +216,8 @@ fn adpl_items(dir: &Path) -> Vec<Value> {
 fn adpl_check_names_every_malformed_item_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let mut items = adpl_items(dir.path());
-    items[0]["test_image"] = json!("/no/such/test.png");
+    let missing = fixture("mvtec/no/such/test.png");
+    items[0]["test_image"] = json!(missing);
     items[1]["question_answer"].as_array_mut().unwrap().pop();
     items[2]["question_answer"][3]["answer_options"].as_array_mut().unwrap().pop();
     items[3]["pair_type"] = json!("defect comparison");
@@ -217,11 +225,12 @@ fn adpl_check_names_every_malformed_item_and_field() {
     let p = dir.path().join("bad.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&items).unwrap()).unwrap();
 
-    let (code, _, err) = check("adpl", &p);
+    let (code, _, err) = check_in("adpl", &p, &fixture("mvtec"));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("bad.json: 5 problems in 4 items"), "{err}");
+    let missing = format!("item 0, field `test_image`: file {} does not exist", missing.display());
     for want in [
-        "item 0, field `test_image`: file /no/such/test.png does not exist",
+        missing.as_str(),
         "item 1, field `question_answer`: expected 5 questions, found 4",
         "item 2, field `question_answer[3].answer_options`: expected 4 answer options, found 3",
         "item 3, field `pair_type`: unknown pair_type \"defect comparison\"",
@@ -230,7 +239,12 @@ fn adpl_check_names_every_malformed_item_and_field() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 
-    let o = sage().args(["data", "check", "--json", "--format", "adpl"]).arg(&p).output().unwrap();
+    let o = sage()
+        .args(["data", "check", "--json", "--format", "adpl", "--image-root"])
+        .arg(fixture("mvtec"))
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let r = stdout_json(&o);
     assert_eq!((r["ok"].as_bool(), r["items"].as_u64()), (Some(false), Some(4)));
@@ -239,7 +253,7 @@ fn adpl_check_names_every_malformed_item_and_field() {
     assert!(problems.iter().any(|q| q["index"] == 2 && q["field"] == "question_answer[3].answer_options"));
 
     // Loading (stats) refuses the same file, naming it, an item and a field.
-    let (code, _, err) = run(sage().args(["data", "stats"]).arg(&p));
+    let (code, _, err) = run(sage().args(["data", "stats", "--image-root"]).arg(fixture("mvtec")).arg(&p));
     assert_eq!(code, Some(2));
     assert!(err.contains("bad.json") && err.contains("item 1, field `question_answer`"), "{err}");
 
@@ -306,7 +320,7 @@ fn manta_check_wants_bool_answers_and_existing_images() {
     ]);
     let p = dir.path().join("manta.json");
     std::fs::write(&p, serde_json::to_vec(&items).unwrap()).unwrap();
-    let (code, _, err) = check("manta", &p);
+    let (code, _, err) = check_in("manta", &p, &fixture("mvtec"));
     assert_eq!(code, Some(2), "{err}");
     for want in [
         "item 1, field `test_image`: file ",
@@ -317,10 +331,10 @@ fn manta_check_wants_bool_answers_and_existing_images() {
     }
     assert!(!err.contains("item 0"), "item 0 is valid: {err}");
     std::fs::write(&p, serde_json::to_vec(&json!([items[0]])).unwrap()).unwrap();
-    let (code, stdout, err) = check("manta", &p);
+    let (code, stdout, err) = check_in("manta", &p, &fixture("mvtec"));
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(stdout.trim(), "ok: 1 items");
-    let o = sage().args(["data", "stats", "--json"]).arg(&p).output().unwrap();
+    let o = sage().args(["data", "stats", "--json", "--image-root"]).arg(fixture("mvtec")).arg(&p).output().unwrap();
     let st = stdout_json(&o);
     assert_eq!((st["format"].as_str(), st["answers"]["No"].as_u64()), (Some("manta"), Some(1)));
 }
@@ -332,4 +346,110 @@ fn data_subcommands_have_help() {
         assert!(o.status.success(), "{sub} --help failed");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: sage data"), "{sub}");
     }
+}
+
+/// A valid AD-PL item whose images are `img/a.png` beside the file.
+fn local_item(dir: &Path) -> Value {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    std::fs::copy(fixture("mvtec/bottle/test/good/000.png"), dir.join("img/a.png")).unwrap();
+    let mut item = adpl_items(dir).remove(0);
+    let o = item.as_object_mut().unwrap();
+    o.remove("mask");
+    o.remove("id");
+    o.insert("test_image".into(), json!("img/a.png"));
+    o.insert("reference_image".into(), json!("img/a.png"));
+    item
+}
+
+#[test]
+fn check_and_the_stages_refuse_outside_paths_duplicate_keys_and_ids_and_empty_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let item = local_item(d);
+    let write = |name: &str, text: String| -> PathBuf {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let items = |v: Vec<Value>| serde_json::to_string_pretty(&v).unwrap();
+    let ok = write("ok.json", items(vec![item.clone()]));
+    let (code, stdout, err) = check("adpl", &ok);
+    assert_eq!((code, stdout.trim()), (Some(0), "ok: 1 items"), "{err}");
+
+    // Image paths outside the root: absolute, climbing out with `..`, through a symlink.
+    std::os::unix::fs::symlink("/etc", d.join("img/etc")).unwrap();
+    for (path, extra) in [
+        ("/etc/passwd", ""),
+        ("../../../../../../../etc/passwd", "resolves to /etc/passwd"),
+        ("img/etc/passwd", "resolves to /etc/passwd"),
+    ] {
+        let mut bad = item.clone();
+        bad["test_image"] = json!(path);
+        let p = write("outside.json", items(vec![item.clone(), bad]));
+        let (code, _, err) = check("adpl", &p);
+        assert_eq!(code, Some(2), "{path}: {err}");
+        assert!(err.contains("item 1, field `test_image`: ") && err.contains("lies outside the image root"), "{err}");
+        assert!(err.contains(extra) && err.contains("--allow-outside-root"), "{err}");
+        // A stage reading the file refuses it the same way (here `data stats`, and `score`).
+        let (code, _, err) = run(sage().args(["data", "stats"]).arg(&p));
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("item 1, field `test_image`") && err.contains("outside the image root"), "{err}");
+        // The flag lets a trusted file through.
+        let (code, _, err) = run(sage().args(["--allow-outside-root", "data", "stats"]).arg(&p));
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, _, err) =
+        run(sage().args(["data", "check", "--allow-outside-root", "--format", "adpl"]).arg(d.join("outside.json")));
+    assert_eq!(code, Some(0), "{err}");
+
+    // A key given twice in an item: reported, not silently the last.
+    let text = serde_json::to_string(&item).unwrap().replacen('{', r#"{"test_image": "img/other.png", "#, 1);
+    let p = write("dup_key.json", format!("[{text}]"));
+    let (code, _, err) = check("adpl", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("item 0, field `test_image`: the key \"test_image\" appears twice"), "{err}");
+    let nested =
+        serde_json::to_string(&item).unwrap().replacen(r#""answer_en":"#, r#""answer_en": "Yes.", "answer_en":"#, 1);
+    let p = write("dup_nested.json", format!("[{nested}]"));
+    let (_, _, err) = check("adpl", &p);
+    assert!(err.contains("item 0, field `question_answer[0].answer_options[0].answer_en`: the key"), "{err}");
+
+    // Two items with one id, and a file with no item: errors in check and in the stages.
+    let mut a = item.clone();
+    a["id"] = json!("same");
+    let p = write("dup_id.json", items(vec![a.clone(), item.clone(), a]));
+    let (code, _, err) = check("adpl", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("item 2, field `id`: duplicate id \"same\": item 0 has it too"), "{err}");
+    let cache = d.join("scores.jsonl");
+    let (code, _, err) = run(sage().args(["score", "--data"]).arg(&p).arg("--out").arg(&cache));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("item 2, field `id`: duplicate id"), "{err}");
+    let p = write("empty.json", "[]".into());
+    let (code, _, err) = check("adpl", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("empty.json: 1 problem in 0 items") && err.contains("the dataset has no items"), "{err}");
+    let (code, _, err) = run(sage().args(["score", "--data"]).arg(&p).arg("--out").arg(&cache));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the dataset has no items"), "{err}");
+
+    // MANTA and MMAD share the checks.
+    let manta = json!([{"domain": "bottle", "test_image": "../../../../../../../etc/passwd", "pair_type": "defect identification",
+        "question_answer": [{"question_en": "Is there a crack?", "answer": false, "conclusion_en": "No crack."}]}]);
+    let p = write("manta.json", manta.to_string());
+    let (code, _, err) = check("manta", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("item 0, field `test_image`") && err.contains("outside the image root"), "{err}");
+    let entry = json!({"conversation": [{"Question": "Defect?", "Options": {"A": "Yes.", "B": "No."}, "Answer": "B",
+        "type": "Anomaly Detection"}], "mask_path": null, "similar_templates": [], "random_templates": ["/etc/passwd"]});
+    let entry = entry.to_string().replacen(r#""mask_path""#, r#""mask_path": "m.png", "mask_path""#, 1);
+    let p = write("mmad.json", format!(r#"{{"img/a.png": {entry}}}"#));
+    let (code, _, err) = check("mmad", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("item 0, field `random_templates[0]`") && err.contains("outside the image root"), "{err}");
+    assert!(err.contains("item 0, field `mask_path`: the key \"mask_path\" appears twice"), "{err}");
+    let p = write("mmad_empty.json", "{}".into());
+    let (code, _, err) = check("mmad", &p);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the dataset has no items"), "{err}");
 }

@@ -225,14 +225,15 @@ fn unknown_backbone_and_unreadable_data_are_user_errors() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not valid JSON"), "{err}");
 
-    // A test image that is not there.
+    // A test image that is not there (inside the image root: one outside is refused sooner).
     let mut items: Vec<Value> = serde_json::from_slice(&std::fs::read(&data).unwrap()).unwrap();
-    items[0]["test_image"] = "/nonexistent/cell.png".into();
+    let missing = dir.path().join("nonexistent/cell.png");
+    items[0]["test_image"] = missing.to_str().unwrap().into();
     let broken = dir.path().join("broken.json");
     std::fs::write(&broken, serde_json::to_vec(&items).unwrap()).unwrap();
     let (code, err) = fails(&facts_args(&broken, &out), None);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("cannot read test image /nonexistent/cell.png"), "{err}");
+    assert!(err.contains(&format!("cannot read test image {}", missing.display())), "{err}");
     assert!(!out.exists());
 }
 

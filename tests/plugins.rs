@@ -441,3 +441,43 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn a_library_that_crashes_or_exits_while_loading_is_refused_and_the_listing_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["entry_aborts", "entry_is_data", "ctor_exits"] {
+        build_c(&repo(&format!("tests/plugins/{name}.c")), &dir.path().join(format!("lib{name}.so")));
+    }
+    build_c(&repo("plugins/example-c/example_backbone.c"), &dir.path().join("libsage_plugin_example_c.so"));
+
+    let out = sage().arg("--plugin-dir").arg(dir.path()).args(["plugins", "--json"]).output().unwrap();
+    assert!(out.status.success(), "status {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let reason = |file: &str| -> String {
+        v["refused"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["file"].as_str().unwrap().ends_with(file))
+            .unwrap_or_else(|| panic!("{file} not refused: {v}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r = reason("libentry_aborts.so");
+    assert!(r.contains("signal 6 (SIGABRT)"), "{r}");
+    let r = reason("libentry_is_data.so");
+    assert!(r.contains("signal 11 (SIGSEGV)") || r.contains("signal 7 (SIGBUS)"), "{r}");
+    let r = reason("libctor_exits.so");
+    assert!(r.contains("exit status 0 before reporting"), "{r}");
+    // The good plugins beside them are still listed: the C one here and the in-tree ones.
+    let names: Vec<&str> = v["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    for want in ["example-c", "rubric", "adpl"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+
+    // A stage that only looks plugins up survives them too.
+    let d = discover(&[dir.path().to_path_buf()]);
+    assert!(d.get(Kind::Backbone, "example-c").is_ok());
+    assert_eq!(d.refused.iter().filter(|r| r.reason.contains("probe process")).count(), 3, "{:?}", d.refused);
+}

@@ -200,6 +200,45 @@ fn a_killed_score_run_resumes_without_asking_again_for_what_it_saved() {
     assert_eq!(whole["by_rank"], s["by_rank"]);
 }
 
+#[test]
+fn a_second_score_run_on_the_same_cache_refuses_at_once_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, data) = elpv_set(dir.path());
+    let total = items(&data) * 20;
+    let cache = dir.path().join("scores.jsonl");
+    let args = score_args(&data, &["--json", "--out", cache.to_str().unwrap()]);
+    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("sage"))
+        .env_remove("SAGE_THREADS")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first run is scoring (its first score is saved).
+    let t0 = Instant::now();
+    let lines = |p: &Path| std::fs::read(p).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0);
+    while lines(&cache) < 1 {
+        assert!(first.try_wait().unwrap().is_none(), "sage score ended before saving a score");
+        assert!(t0.elapsed() < Duration::from_secs(180), "no score after 180 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t1 = Instant::now();
+    let (code, err) = fails(args.clone());
+    let refused_in = t1.elapsed();
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run ended before the second tried: the test proves nothing"
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("PID {}", first.id())) && err.contains("scores.jsonl.lock"), "{err}");
+    assert!(refused_in < Duration::from_secs(5), "refused after {refused_in:?}, not at once");
+    assert!(first.wait().unwrap().success());
+    // Every answer scored once: the second run wrote nothing.
+    let recs = records(&cache);
+    assert_eq!(one_record_per_answer(&recs).len(), total);
+    assert_eq!(recs.len(), total);
+}
+
 /// Serves the OpenAI chat API on 127.0.0.1: a good reply for each request except request
 /// `stall` (0-based), which gets no answer for longer than the client waits. Stops after
 /// `requests` requests.
@@ -323,7 +362,13 @@ fn unknown_judges_bad_configs_and_bad_data_are_user_errors() {
     std::fs::write(&dup, serde_json::to_vec(&items).unwrap()).unwrap();
     let (code, err) = fails(score_args(&dup, &["--out", o]));
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("items 0 and 1 share the id"), "{err}");
+    // Refused by the dataset validation every stage shares, as `sage data check` refuses it.
+    assert!(
+        err.contains("dup.json")
+            && err.contains("item 1, field `id`: duplicate id")
+            && err.contains("item 0 has it too"),
+        "{err}"
+    );
     assert!(!out.exists() || records(&out).is_empty());
 
     let (code, err) = fails(score_args(&data, &["--max-items", "0"]));

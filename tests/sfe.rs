@@ -350,3 +350,22 @@ fn non_finite_step_stops_training_before_anything_is_written() {
         }
     }
 }
+
+#[test]
+fn a_run_folder_another_process_holds_is_refused_at_once_naming_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    build_data(dir.path());
+    let cfg = config(dir.path(), 2);
+    let run = dir.path().join("run");
+    // This test process plays the first writer (the lock is the OS's, so any process will do).
+    let held = sage::lock::WriterLock::for_dir(&run).unwrap();
+    let t0 = Instant::now();
+    let out = sage().args(["sfe", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("PID {}", std::process::id())) && err.contains(".sage.lock"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "refused after {:?}, not at once", t0.elapsed());
+    let written: Vec<_> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(written, [".sage.lock"], "the refused run wrote into the folder");
+    drop(held);
+}

@@ -253,6 +253,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let t0 = Instant::now();
     let p = if a.quick { QUICK } else { FULL };
     let out = a.out.unwrap_or_else(|| PathBuf::from(if a.quick { "runs/demo-quick" } else { "runs/demo" }));
+    // One demo per folder; each stage it starts locks its own cache or run folder below it.
+    let _writer = crate::lock::WriterLock::for_dir(&out)?;
     let (data, cfgs, logs, runs, evals) =
         (out.join("data"), out.join("configs"), out.join("logs"), out.join("runs"), out.join("eval"));
     for d in [&data, &cfgs, &logs, &runs, &evals] {

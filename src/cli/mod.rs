@@ -52,6 +52,10 @@ pub struct Cli {
     /// folder of the sage binary.
     #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
     pub plugin_dirs: Vec<std::path::PathBuf>,
+    /// Let a dataset's image paths point outside its image root (--image-root, default the data
+    /// file's folder) and $SAGE_HOME; only for data files you trust.
+    #[arg(long, global = true)]
+    pub allow_outside_root: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -128,6 +132,7 @@ impl Ctx {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    crate::data::image_paths::set_allow_outside_root(cli.allow_outside_root);
     let threads = crate::threads::init_threads(cli.threads);
     let selection = backend::select(cli.device)?;
     if selection.backend == "cuda"

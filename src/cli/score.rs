@@ -56,9 +56,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     if let Some(n) = a.max_items {
         samples.truncate(n as usize);
     }
-    let mut judge = PluginJudge::open(&ctx.plugin_dirs, &a.judge, &config)?;
+    // The cache first: it takes the writer lock, so a second run on it refuses before it loads
+    // a judge.
     let out = a.out.unwrap_or_else(|| scores::default_cache_path(&a.data));
     let mut cache = ScoreCache::open(&out)?;
+    let mut judge = PluginJudge::open(&ctx.plugin_dirs, &a.judge, &config)?;
     if let Some(note) = cache.loaded().note(&out, "those answers are scored again") {
         eprintln!("{note}");
     }

@@ -12,7 +12,7 @@
 //!   `defect_type`, `mask`, `boxes`, `split`. Other unknown fields (`question_cn`, ...) are kept
 //!   out of the way, not refused, since SAGE's files carry more than we use.
 
-use super::problems::{self, Checker, Report};
+use super::problems::{self, Checker, Images, Report};
 use super::sample::{conclusion, yes_no, Label, Level, Question, Sample};
 use crate::user_err;
 use anyhow::Result;
@@ -122,20 +122,13 @@ fn parse_level(s: &str) -> Option<Level> {
     Level::from_pair_type(s).or_else(|| serde_json::from_value(Value::String(s.to_string())).ok())
 }
 
-fn parse_item(c: &mut Checker, item: &Value, base: &Path, check_files: bool) -> Option<Sample> {
+fn parse_item(c: &mut Checker, item: &Value, images: &Images) -> Option<Sample> {
     if !c.is_object(item, "") {
         return None;
     }
-    let test = c.str(item, "", "test_image", true).map(|p| problems::resolve(base, p));
-    let reference = c.str(item, "", "reference_image", true).map(|p| problems::resolve(base, p));
-    let mask = c.str(item, "", "mask", false).map(|p| problems::resolve(base, p));
-    if check_files {
-        for (field, p) in [("test_image", &test), ("reference_image", &reference), ("mask", &mask)] {
-            if let Some(p) = p {
-                c.file_exists(field, p);
-            }
-        }
-    }
+    let test = c.str(item, "", "test_image", true).map(|p| images.path(c, "test_image", p));
+    let reference = c.str(item, "", "reference_image", true).map(|p| images.path(c, "reference_image", p));
+    let mask = c.str(item, "", "mask", false).map(|p| images.path(c, "mask", p));
     let level = c.str(item, "", "pair_type", true).and_then(|t| {
         let l = Level::from_pair_type(t);
         if l.is_none() {
@@ -258,7 +251,10 @@ mod tests {
     use super::*;
 
     fn parse(items: &[Value], base: &Path, check_files: bool) -> (Vec<Sample>, Vec<super::problems::Problem>) {
-        problems::parse_items(items, base, check_files, parse_item)
+        // Paths outside the base are allowed here: these tests are about the fields.
+        let images = Images::with_roots(base, true, check_files);
+        let (s, p) = problems::parse_items(items, &images, parse_item);
+        (s.into_iter().map(|(_, s)| s).collect(), p)
     }
     use serde_json::json;
 

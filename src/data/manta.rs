@@ -7,7 +7,7 @@
 //! `reference_image` is read when present. Paths are relative to the image root (default: the
 //! file's folder) unless absolute.
 
-use super::problems::{self, Checker, Report};
+use super::problems::{self, Checker, Images, Report};
 use super::sample::{yes_no, Level, Question, Sample};
 use anyhow::Result;
 use serde_json::Value;
@@ -24,20 +24,13 @@ pub fn check(path: &Path, image_root: Option<&Path>) -> Report {
     problems::check_items(path, image_root, parse_item)
 }
 
-fn parse_item(c: &mut Checker, item: &Value, base: &Path, check_files: bool) -> Option<Sample> {
+fn parse_item(c: &mut Checker, item: &Value, images: &Images) -> Option<Sample> {
     if !c.is_object(item, "") {
         return None;
     }
     let domain = c.str(item, "", "domain", true);
-    let test = c.str(item, "", "test_image", true).map(|p| problems::resolve(base, p));
-    let reference = c.str(item, "", "reference_image", false).map(|p| problems::resolve(base, p));
-    if check_files {
-        for (field, p) in [("test_image", &test), ("reference_image", &reference)] {
-            if let Some(p) = p {
-                c.file_exists(field, p);
-            }
-        }
-    }
+    let test = c.str(item, "", "test_image", true).map(|p| images.path(c, "test_image", p));
+    let reference = c.str(item, "", "reference_image", false).map(|p| images.path(c, "reference_image", p));
     let level = c.str(item, "", "pair_type", true).and_then(Level::from_pair_type);
     c.str(item, "", "conclusion_en", false);
     let mut questions = Vec::new();
@@ -87,7 +80,9 @@ mod tests {
     use super::*;
 
     fn parse(items: &[Value], base: &Path, check_files: bool) -> (Vec<Sample>, Vec<super::problems::Problem>) {
-        problems::parse_items(items, base, check_files, parse_item)
+        let images = Images::with_roots(base, false, check_files);
+        let (s, p) = problems::parse_items(items, &images, parse_item);
+        (s.into_iter().map(|(_, s)| s).collect(), p)
     }
     use serde_json::json;
 

@@ -15,7 +15,7 @@
 //!   the question's subtask. MMAD questions have no AD-PL level.
 //! - Item indices count entries in file order; messages also name the entry's image path.
 
-use super::problems::{self, Checker, Entries, Problem, Report};
+use super::problems::{self, Checker, Dataset, Entries, Images, Parsed, Problem, Report};
 use super::sample::{Label, Question, Sample};
 use anyhow::Result;
 use serde_json::Value;
@@ -36,28 +36,23 @@ pub enum RefChoice {
 /// Reads `mmad.json`; any problem is a user error naming the file, item and field.
 /// `image_root` defaults to the file's folder.
 pub fn load(path: &Path, image_root: Option<&Path>, reference: RefChoice) -> Result<Vec<Sample>> {
-    let entries: Entries = problems::read_json(path)?;
-    let root = image_root.map(Path::to_path_buf).unwrap_or_else(|| problems::base_dir(path));
-    let (samples, found) = parse(&entries, &root, reference, false);
-    Report::new(path, entries.0.len(), found).into_result()?;
-    Ok(samples)
+    validate(path, image_root, reference, false)?.into_samples()
 }
 
 /// Validates `mmad.json`, query images, masks and every template included; reports every problem.
 pub fn check(path: &Path, image_root: Option<&Path>) -> Report {
-    let entries: Entries = match problems::read_json(path) {
-        Ok(v) => v,
-        Err(e) => {
-            return Report::new(path, 0, vec![Problem { index: None, field: String::new(), message: e.to_string() }])
-        }
-    };
-    let root = image_root.map(Path::to_path_buf).unwrap_or_else(|| problems::base_dir(path));
-    let (_, found) = parse(&entries, &root, RefChoice::Random, true);
-    Report::new(path, entries.0.len(), found)
+    problems::check_report(path, validate(path, image_root, RefChoice::Random, true))
 }
 
-/// Samples for the clean entries, and every problem found.
-pub fn parse(entries: &Entries, root: &Path, reference: RefChoice, check_files: bool) -> (Vec<Sample>, Vec<Problem>) {
+fn validate(path: &Path, image_root: Option<&Path>, reference: RefChoice, check_files: bool) -> Result<Dataset> {
+    problems::validate(path, image_root, check_files, |entries: Entries, images: &Images| {
+        let (samples, problems) = parse(&entries, images, reference);
+        Parsed { items: entries.0.len(), samples, problems }
+    })
+}
+
+/// Samples (with their entry index) for the clean entries, and every problem found.
+pub fn parse(entries: &Entries, images: &Images, reference: RefChoice) -> (Vec<(usize, Sample)>, Vec<Problem>) {
     let mut found = Vec::new();
     let mut samples = Vec::new();
     let mut seen = HashSet::new();
@@ -65,10 +60,10 @@ pub fn parse(entries: &Entries, root: &Path, reference: RefChoice, check_files: 
         let start = found.len();
         let mut c = Checker::new(index, &mut found);
         if !seen.insert(key.as_str()) {
-            c.report("key", "duplicate entry: an earlier entry has the same image path");
+            c.report("key", "duplicate entry: an earlier entry has the same image path; keep one");
         }
-        if let Some(s) = parse_entry(&mut c, key, value, root, reference, check_files) {
-            samples.push(s);
+        if let Some(s) = parse_entry(&mut c, key, value, images, reference) {
+            samples.push((index, s));
         }
         for p in &mut found[start..] {
             p.message.push_str(&format!(" [entry {key:?}]"));
@@ -77,42 +72,24 @@ pub fn parse(entries: &Entries, root: &Path, reference: RefChoice, check_files: 
     (samples, found)
 }
 
-fn parse_entry(
-    c: &mut Checker,
-    key: &str,
-    v: &Value,
-    root: &Path,
-    reference: RefChoice,
-    check_files: bool,
-) -> Option<Sample> {
+fn parse_entry(c: &mut Checker, key: &str, v: &Value, images: &Images, reference: RefChoice) -> Option<Sample> {
     // The entry's key is its query image path; problems with it are reported as field `key`.
     if key.trim().is_empty() {
         c.report("key", "the image path is empty");
     }
-    let test = problems::resolve(root, key);
-    if check_files {
-        c.file_exists("key", &test);
-    }
+    let test = images.path(c, "key", key);
     if !c.is_object(v, "") {
         return None;
     }
-    let mask = c.str(v, "", "mask_path", false).filter(|m| !m.is_empty()).map(|m| problems::resolve(root, m));
-    if let (true, Some(m)) = (check_files, &mask) {
-        c.file_exists("mask_path", m);
-    }
+    let mask = c.str(v, "", "mask_path", false).filter(|m| !m.is_empty()).map(|m| images.path(c, "mask_path", m));
     let mut lists = [None, None];
     for (slot, key) in lists.iter_mut().zip(["random_templates", "similar_templates"]) {
         let Some(a) = c.array(v, "", key) else { continue };
         let mut paths = Vec::new();
         for (i, t) in a.iter().enumerate() {
             match t.as_str() {
-                Some(t) if !t.trim().is_empty() => paths.push(problems::resolve(root, t)),
+                Some(t) if !t.trim().is_empty() => paths.push(images.path(c, &format!("{key}[{i}]"), t)),
                 _ => c.report(format!("{key}[{i}]"), format!("expected an image path, found {}", problems::kind(t))),
-            }
-        }
-        if check_files {
-            for (i, p) in paths.iter().enumerate() {
-                c.file_exists(format!("{key}[{i}]"), p);
             }
         }
         *slot = Some(paths);
@@ -220,6 +197,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn parse_at(e: &Entries, root: &str, reference: RefChoice) -> (Vec<Sample>, Vec<Problem>) {
+        let (s, p) = parse(e, &Images::with_roots(Path::new(root), false, false), reference);
+        (s.into_iter().map(|(_, s)| s).collect(), p)
+    }
+
     fn entries(v: Value) -> Entries {
         serde_json::from_value(v).unwrap()
     }
@@ -235,7 +217,7 @@ mod tests {
     fn reads_label_category_dataset_and_reference() {
         let e = entries(json!({"MVTec-AD/bottle/test/broken_large/000.png": entry("A"),
                                 "MVTec-AD/bottle/test/good/000.png": entry("B")}));
-        let (s, p) = parse(&e, Path::new("/r"), RefChoice::Random, false);
+        let (s, p) = parse_at(&e, "/r", RefChoice::Random);
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(s[0].label, Some(Label::Anomalous));
         assert_eq!(s[0].defect_type.as_deref(), Some("broken_large"));
@@ -245,7 +227,7 @@ mod tests {
         assert_eq!(s[0].questions[0].options, ["Yes.", "No."]);
         assert_eq!(s[1].label, Some(Label::Normal));
         assert_eq!(s[1].defect_type, None);
-        let (s, _) = parse(&e, Path::new("/r"), RefChoice::Similar, false);
+        let (s, _) = parse_at(&e, "/r", RefChoice::Similar);
         assert_eq!(s[0].reference_image.as_deref(), Some(Path::new("/r/MVTec-AD/bottle/train/good/001.png")));
     }
 
@@ -253,7 +235,7 @@ mod tests {
     fn bad_answer_letter_names_item_field_and_entry() {
         // Built by hand: `json!` would sort the keys, and the index must follow file order.
         let e = Entries(vec![("a/b/good/0.png".into(), entry("A")), ("a/b/bad/0.png".into(), entry("F"))]);
-        let (s, p) = parse(&e, Path::new("/r"), RefChoice::Random, false);
+        let (s, p) = parse_at(&e, "/r", RefChoice::Random);
         assert_eq!(s.len(), 1);
         assert_eq!(p.len(), 1);
         assert_eq!(

@@ -3,8 +3,10 @@
 
 pub mod adpl;
 pub mod build;
+pub mod duplicate_keys;
 pub mod elpv;
 pub mod format;
+pub mod image_paths;
 pub mod manta;
 pub mod mask;
 pub mod mmad;

@@ -2,6 +2,8 @@
 //! check` run lists all that is wrong with a file (like SAGE's check_format.py). The readers
 //! share it: a reader validates with the same code and refuses a file with the first few problems.
 
+use super::duplicate_keys;
+use super::image_paths::{allow_outside_root, Roots};
 use super::sample::Sample;
 use crate::user_err;
 use anyhow::Result;
@@ -80,7 +82,11 @@ impl Report {
 /// and column.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| user_err!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| {
+    parse_json(path, &text)
+}
+
+fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
         let what = if e.is_data() { "unexpected JSON shape" } else { "not valid JSON" };
         user_err!("{}: {what}: {e}", path.display())
     })
@@ -242,47 +248,163 @@ impl<'p> Checker<'p> {
     }
 }
 
-/// Parses one item of a JSON-array dataset (AD-PL, MANTA), recording problems in the checker.
-pub type ItemParser = fn(&mut Checker, &Value, &Path, bool) -> Option<Sample>;
-
-/// Samples for the clean items of a JSON array, and every problem found.
-pub fn parse_items(
-    items: &[Value],
-    base: &Path,
+/// How a reader treats the image paths in a file: where relative ones start, where every one must
+/// lie ([`Roots`]), and whether the files must exist (`sage data check` looks; the stages open
+/// the images later and say so then).
+pub struct Images {
+    pub base: PathBuf,
+    roots: Roots,
     check_files: bool,
-    parse_item: ItemParser,
-) -> (Vec<Sample>, Vec<Problem>) {
+}
+
+impl Images {
+    /// For the data file at `path`: relative paths start at `image_root`, default the file's
+    /// folder; `--allow-outside-root` (process-wide) decides whether paths may leave it.
+    pub fn new(path: &Path, image_root: Option<&Path>, check_files: bool) -> Images {
+        let base = image_root.map(Path::to_path_buf).unwrap_or_else(|| base_dir(path));
+        Images::with_roots(&base, allow_outside_root(), check_files)
+    }
+
+    pub fn with_roots(base: &Path, allow_outside: bool, check_files: bool) -> Images {
+        Images { base: base.to_path_buf(), roots: Roots::new(base, allow_outside), check_files }
+    }
+
+    /// The image path `raw` resolved against the base; reports one outside the roots, and a
+    /// missing file when checking files.
+    pub fn path(&self, c: &mut Checker, field: &str, raw: &str) -> PathBuf {
+        let p = resolve(&self.base, raw);
+        if let Some(why) = self.roots.refusal(&p) {
+            c.report(field, why);
+        } else if self.check_files {
+            c.file_exists(field, &p);
+        }
+        p
+    }
+}
+
+/// Parses one item of a JSON-array dataset (AD-PL, MANTA), recording problems in the checker.
+pub type ItemParser = fn(&mut Checker, &Value, &Images) -> Option<Sample>;
+
+/// Samples (with their item index) for the clean items of a JSON array, and every problem found.
+pub fn parse_items(items: &[Value], images: &Images, parse_item: ItemParser) -> (Vec<(usize, Sample)>, Vec<Problem>) {
     let mut found = Vec::new();
     let mut samples = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let mut c = Checker::new(index, &mut found);
-        if let Some(s) = parse_item(&mut c, item, base, check_files) {
-            samples.push(s);
+        if let Some(s) = parse_item(&mut c, item, images) {
+            samples.push((index, s));
         }
     }
     (samples, found)
 }
 
+/// What one file parsed into: how many items it holds, the clean ones' samples with their item
+/// index, and every problem of the items.
+pub struct Parsed {
+    pub items: usize,
+    pub samples: Vec<(usize, Sample)>,
+    pub problems: Vec<Problem>,
+}
+
+/// A validated dataset: the samples of its clean items and the report of every problem.
+pub struct Dataset {
+    pub samples: Vec<Sample>,
+    pub report: Report,
+}
+
+impl Dataset {
+    /// The samples when the report is clean, else the user error with the first problems.
+    pub fn into_samples(self) -> Result<Vec<Sample>> {
+        self.report.into_result()?;
+        Ok(self.samples)
+    }
+}
+
+/// The one validation every dataset reader runs, for `sage data check` (`check_files`) and for
+/// the stages alike: reads `path`, finds keys given twice in an object (serde_json would keep the
+/// last without a word), parses the content with `parse` (which checks each item, image paths
+/// included), then refuses two items with the same id and a file with no item. An unreadable
+/// file or invalid JSON is the `Err`; everything else is in the report.
+pub fn validate<T: DeserializeOwned>(
+    path: &Path,
+    image_root: Option<&Path>,
+    check_files: bool,
+    parse: impl FnOnce(T, &Images) -> Parsed,
+) -> Result<Dataset> {
+    let text = std::fs::read_to_string(path).map_err(|e| user_err!("cannot read {}: {e}", path.display()))?;
+    let content: T = parse_json(path, &text)?;
+    let duplicated = duplicate_keys::find(&text).map_err(|e| user_err!("{}: not valid JSON: {e}", path.display()))?;
+    let images = Images::new(path, image_root, check_files);
+    let Parsed { items, samples, mut problems } = parse(content, &images);
+    // A duplicated top-level key is an MMAD entry given twice, which its reader reports itself
+    // with the entry's position.
+    problems.extend(duplicated.into_iter().filter(|d| d.item.is_some()).map(|d| Problem {
+        index: d.item,
+        field: if d.within.is_empty() { d.key.clone() } else { format!("{}.{}", d.within, d.key) },
+        message: format!(
+            "the key {:?} appears twice in one object (a reader would silently keep the last); keep one",
+            d.key
+        ),
+    }));
+    problems.extend(duplicate_ids(&samples));
+    if items == 0 {
+        problems.push(Problem {
+            index: None,
+            field: String::new(),
+            message: "the dataset has no items; a stage has nothing to train, score or evaluate on".into(),
+        });
+    }
+    // Item order, file-wide problems first, so a person reads the file top to bottom.
+    problems.sort_by_key(|p| p.index.map_or(0, |i| i + 1));
+    let samples = samples.into_iter().map(|(_, s)| s).collect();
+    Ok(Dataset { samples, report: Report::new(path, items, problems) })
+}
+
+/// Items whose id an earlier item already has (scores, facts and answers are keyed by id).
+fn duplicate_ids(samples: &[(usize, Sample)]) -> Vec<Problem> {
+    let mut first = std::collections::HashMap::new();
+    let mut found = Vec::new();
+    for (index, s) in samples {
+        if let Some(earlier) = first.insert(s.id.as_str(), *index) {
+            first.insert(s.id.as_str(), earlier);
+            found.push(Problem {
+                index: Some(*index),
+                field: "id".into(),
+                message: format!("duplicate id {}: item {earlier} has it too; give every item its own id", clip(&s.id)),
+            });
+        }
+    }
+    found
+}
+
+/// [`validate`] as a report: a file that cannot be read or parsed is a one-problem report.
+pub fn check_report(path: &Path, validated: Result<Dataset>) -> Report {
+    match validated {
+        Ok(d) => d.report,
+        Err(e) => Report::new(path, 0, vec![Problem { index: None, field: String::new(), message: format!("{e:#}") }]),
+    }
+}
+
 /// Reads a JSON-array dataset; any problem is a user error naming the file, item and field.
 pub fn load_items(path: &Path, image_root: Option<&Path>, parse_item: ItemParser) -> Result<Vec<Sample>> {
-    let items: Vec<Value> = read_json(path)?;
-    let base = image_root.map(Path::to_path_buf).unwrap_or_else(|| base_dir(path));
-    let (samples, found) = parse_items(&items, &base, false, parse_item);
-    Report::new(path, items.len(), found).into_result()?;
-    Ok(samples)
+    validate_items(path, image_root, false, parse_item)?.into_samples()
 }
 
 /// Validates a JSON-array dataset, images included, and reports every problem.
 pub fn check_items(path: &Path, image_root: Option<&Path>, parse_item: ItemParser) -> Report {
-    let items: Vec<Value> = match read_json(path) {
-        Ok(v) => v,
-        Err(e) => {
-            return Report::new(path, 0, vec![Problem { index: None, field: String::new(), message: e.to_string() }])
-        }
-    };
-    let base = image_root.map(Path::to_path_buf).unwrap_or_else(|| base_dir(path));
-    let (_, found) = parse_items(&items, &base, true, parse_item);
-    Report::new(path, items.len(), found)
+    check_report(path, validate_items(path, image_root, true, parse_item))
+}
+
+fn validate_items(
+    path: &Path,
+    image_root: Option<&Path>,
+    check_files: bool,
+    parse_item: ItemParser,
+) -> Result<Dataset> {
+    validate(path, image_root, check_files, |items: Vec<Value>, images: &Images| {
+        let (samples, problems) = parse_items(&items, images, parse_item);
+        Parsed { items: items.len(), samples, problems }
+    })
 }
 
 #[cfg(test)]

@@ -696,6 +696,9 @@ mod tests {
             "{err}"
         );
 
+        // The open cache holds the file's writer lock (per open file, so also against this
+        // process): close it before opening it again.
+        drop(cache);
         let mut cache = ScoreCache::open(&path).unwrap();
         let mut judge = Fake::new();
         let s = score_dataset(&data, &mut judge, &mut cache, &pb).unwrap();

@@ -4,7 +4,8 @@
 //! the directory of the running `sage` binary (where `cargo build` puts the in-tree plugins).
 //! In explicit directories every shared library is tried, so a stray file is reported; beside
 //! the binary only `*sage_plugin_*` libraries are. The first plugin of a given kind and name
-//! wins; later ones are refused as shadowed. Libraries are never unloaded.
+//! wins; later ones are refused as shadowed. Libraries are never unloaded. Each library is first
+//! loaded in a child process ([`super::probe`]), so one that crashes is refused, not fatal.
 
 use super::host;
 use crate::user_err;
@@ -112,7 +113,9 @@ pub fn discover(explicit: &[PathBuf]) -> Discovery {
             if !explicit && !name.contains("sage_plugin_") {
                 continue;
             }
-            match load(&file) {
+            // A library that crashes or exits while loading is refused after killing only the
+            // probe process; the ones it accepts are loaded here.
+            match super::probe::probe(&file).and_then(|()| load(&file)) {
                 Ok(p) => {
                     if let Some(first) = d.plugins.iter().find(|q| q.kind == p.kind && q.name == p.name) {
                         let reason = format!("{} `{}` is shadowed by {}", p.kind, p.name, first.file.display());

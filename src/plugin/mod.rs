@@ -4,5 +4,6 @@
 pub mod datasets;
 pub mod host;
 pub mod loader;
+pub mod probe;
 
 pub use loader::{discover, CallError, Discovery, Instance, Kind, LoadedPlugin, Refusal};

@@ -32,6 +32,8 @@ pub struct Run {
     val: Split,
     facts: FactSet,
     tokens: TokenCache,
+    /// The run folder's writer lock (E-DPO's run is built on this one, so it holds its own).
+    _writer: crate::lock::WriterLock,
 }
 
 /// What one example feeds the model, owned (the token cache lends only one borrow at a time).
@@ -67,6 +69,7 @@ pub struct ValResult {
 impl Run {
     /// Builds the model (fresh head, seeded) and loads the data named by the config.
     pub fn new(cfg: SfeConfig, out: &Path) -> Result<Run> {
+        let writer = crate::lock::WriterLock::for_dir(out)?;
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
         let finetune = cfg.llm.finetune()?;
@@ -87,7 +90,17 @@ impl Run {
                 return Err(user_err!("model.facts = {mode:?} needs data.facts (a JSONL file from `sage facts`)"));
             }
         };
-        Ok(Run { cfg, out: out.to_path_buf(), model, params, train, val, facts, tokens: TokenCache::default() })
+        Ok(Run {
+            cfg,
+            out: out.to_path_buf(),
+            model,
+            params,
+            train,
+            val,
+            facts,
+            tokens: TokenCache::default(),
+            _writer: writer,
+        })
     }
 
     /// The example for global micro-batch index `g`: epochs visit every example once, each
