@@ -1,0 +1,17 @@
+//! Fuzz machinery shared by tests/fuzz.rs: mutators, the child-process runner, outcome counting,
+//! and one module per loader with its seeds, structure-aware mutator and entry point.
+
+pub mod alloc;
+pub mod datasets;
+pub mod json;
+pub mod mutate;
+pub mod runner;
+
+use runner::Target;
+
+/// Every fuzz target, in the order the tests report them.
+pub fn targets() -> Vec<Target> {
+    let mut t = vec![];
+    t.extend(datasets::targets());
+    t
+}
