@@ -58,13 +58,13 @@ macro_rules! fuzz_tests {
     };
 }
 
-fuzz_tests!(fuzz_adpl, fuzz_manta, fuzz_mmad);
+fuzz_tests!(fuzz_png, fuzz_jpeg, fuzz_sfe_config, fuzz_edpo_config, fuzz_adpl, fuzz_manta, fuzz_mmad);
 
 /// Every test has a target and every target a test.
 #[test]
 fn fuzz_every_target_has_a_test() {
     let names: Vec<&str> = kit::targets().iter().map(|t| t.name).collect();
-    let tested = ["adpl", "manta", "mmad"];
+    let tested = ["png", "jpeg", "sfe_config", "edpo_config", "adpl", "manta", "mmad"];
     assert_eq!(names, tested);
 }
 

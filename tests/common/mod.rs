@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod emu;
+pub mod gguf_edit;
 
 use std::path::PathBuf;
 

@@ -3,15 +3,19 @@
 
 pub mod alloc;
 pub mod datasets;
+pub mod images;
 pub mod json;
 pub mod mutate;
 pub mod runner;
+pub mod toml_cfg;
 
 use runner::Target;
 
 /// Every fuzz target, in the order the tests report them.
 pub fn targets() -> Vec<Target> {
     let mut t = vec![];
+    t.extend(images::targets());
+    t.extend(toml_cfg::targets());
     t.extend(datasets::targets());
     t
 }

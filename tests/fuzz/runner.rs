@@ -120,6 +120,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// Seeds that did not load Ok unmutated (the seed corpus itself is wrong).
     pub bad_seeds: Vec<String>,
+    /// The slowest input that finished: (seconds, iteration).
+    pub slowest: (f64, u64),
 }
 
 impl Report {
@@ -141,6 +143,7 @@ impl Report {
             c(Outcome::Hang),
             c(Outcome::Memory),
         );
+        s += &format!("; slowest input {:.2} s (iteration {})", self.slowest.0, self.slowest.1);
         for f in &self.findings {
             s += &format!("\n  {:?} at {}: {} -> {}", f.outcome, f.blame, f.message, f.saved.display());
         }
@@ -447,7 +450,12 @@ pub fn fuzz(t: &Target, b: &Budget) -> Report {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Event::Start(i)) => in_flight = Some((i, Instant::now())),
                 Ok(Event::End(i, o, is_seed, info)) => {
-                    in_flight = None;
+                    if let Some((_, since)) = in_flight.take() {
+                        let secs = since.elapsed().as_secs_f64();
+                        if secs > r.slowest.0 {
+                            r.slowest = (secs, i);
+                        }
+                    }
                     next = i + 1;
                     r.iterations += 1;
                     if is_seed && o != Outcome::Ok {
