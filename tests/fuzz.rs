@@ -18,7 +18,6 @@
 //! `SAGE_FUZZ_HANG_SECS` (per-input limit, default 20), `SAGE_FUZZ_MEM_MB` (child address
 //! space, default 3072). One target: `cargo test --release --test fuzz fuzz_png -- --nocapture`.
 
-#[allow(dead_code)]
 mod common;
 #[path = "fuzz/mod.rs"]
 mod kit;
@@ -58,13 +57,18 @@ macro_rules! fuzz_tests {
     };
 }
 
-fuzz_tests!(fuzz_png, fuzz_jpeg, fuzz_sfe_config, fuzz_edpo_config, fuzz_adpl, fuzz_manta, fuzz_mmad);
+fuzz_tests!(
+    fuzz_gguf,
+    fuzz_safetensors,
+    fuzz_bert_config,
+    fuzz_pth,
+    fuzz_png, fuzz_jpeg, fuzz_sfe_config, fuzz_edpo_config, fuzz_adpl, fuzz_manta, fuzz_mmad);
 
 /// Every test has a target and every target a test.
 #[test]
 fn fuzz_every_target_has_a_test() {
     let names: Vec<&str> = kit::targets().iter().map(|t| t.name).collect();
-    let tested = ["png", "jpeg", "sfe_config", "edpo_config", "adpl", "manta", "mmad"];
+    let tested = ["gguf", "safetensors", "bert_config", "pth", "png", "jpeg", "sfe_config", "edpo_config", "adpl", "manta", "mmad"];
     assert_eq!(names, tested);
 }
 

@@ -196,6 +196,20 @@ pub fn generate(t: &Target, seeds: &[Vec<u8>], seed: u64, i: u64) -> Vec<u8> {
     data
 }
 
+thread_local! {
+    /// Set while a mutator probes an input with a strict test-side parser: its panics are
+    /// expected and not worth a backtrace.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a test-side parser that panics on malformed input; `None` if it panicked.
+pub fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    QUIET.with(|q| q.set(false));
+    r
+}
+
 /// What the panic hook saw last: (blame, message).
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
@@ -215,6 +229,11 @@ pub fn blame(bt: &str, fallback: &str) -> String {
 
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        // Expected panics of a test-side parser, and every panic after an input's first (a
+        // parallel loop can panic once per chunk): no backtrace, they would cost seconds.
+        if QUIET.with(|q| q.get()) || LAST_PANIC.lock().map_or(true, |p| p.is_some()) {
+            return;
+        }
         let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
             s.to_string()
         } else if let Some(s) = info.payload().downcast_ref::<String>() {
@@ -225,12 +244,14 @@ fn install_panic_hook() {
         let loc = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
         let bt = std::backtrace::Backtrace::force_capture().to_string();
         let who = blame(&bt, &loc);
+        eprintln!("@fuzz panic at {who} (panic at {loc}): {msg}");
         *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some((format!("{who} (panic at {loc})"), msg));
     }));
 }
 
 /// Runs one input; a panic is caught and returned with its blame.
 fn run_one(t: &Target, path: &Path) -> (Outcome, String) {
+    *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (t.run)(path))) {
         Ok(Ok(())) => (Outcome::Ok, String::new()),
         Ok(Err(e)) if sage::error::is_user_error(&e) => (Outcome::UserErr, String::new()),
@@ -433,8 +454,19 @@ pub fn fuzz(t: &Target, b: &Budget) -> Report {
         let mut child = child_command(t, work.path(), b, &env).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
-        // Drain stderr so a chatty child never blocks; the parent replays crashes for detail.
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        // Drain stderr so a chatty child never blocks; keep its tail for a harness failure (the
+        // parent replays crashes for detail).
+        let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<String>::new()));
+        let tail_w = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(&mut stderr).lines().map_while(Result::ok) {
+                let mut t = tail_w.lock().unwrap();
+                t.push_back(line);
+                if t.len() > 6 {
+                    t.pop_front();
+                }
+            }
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -495,7 +527,12 @@ pub fn fuzz(t: &Target, b: &Budget) -> Report {
                         next = i + 1;
                     } else if !status.success() || (now_ms() < deadline_ms && next < b.iterations) {
                         // Died outside any input (seed building, setup): the harness is wrong.
-                        r.bad_seeds.push(format!("child ended ({status}) after iteration {next} with no input in flight"));
+                        std::thread::sleep(Duration::from_millis(100));
+                        let tail: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
+                        r.bad_seeds.push(format!(
+                            "child ended ({status}) after iteration {next} with no input in flight: {}",
+                            tail.join(" | ")
+                        ));
                         next = b.iterations;
                     }
                     break;
