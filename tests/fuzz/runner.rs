@@ -421,12 +421,13 @@ fn classify_death(status: &std::process::ExitStatus, stderr: &str) -> (Outcome, 
         let who = blame(stderr, "(allocation)");
         return (Outcome::Memory, who, format!("{} ({how})", last("@fuzz oom")));
     }
-    let who = blame(stderr, "(no sage frame)");
     if stderr.contains("overflowed its stack") {
+        // Rust prints no backtrace here; `gdb -ex run --args <child command>` names the frame.
+        let who = "(stack overflow)".to_string();
         return (Outcome::Abort, who, format!("{} ({how})", last("overflowed")));
     }
     let tail: String = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-    (Outcome::Abort, who, format!("{how}: {tail}"))
+    (Outcome::Abort, blame(stderr, "(no sage frame)"), format!("{how}: {tail}"))
 }
 
 /// Runs `t` under `b`; saves each new failure's input as a crash fixture.
