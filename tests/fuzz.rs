@@ -62,13 +62,32 @@ fuzz_tests!(
     fuzz_safetensors,
     fuzz_bert_config,
     fuzz_pth,
-    fuzz_png, fuzz_jpeg, fuzz_sfe_config, fuzz_edpo_config, fuzz_adpl, fuzz_manta, fuzz_mmad);
+    fuzz_png,
+    fuzz_jpeg,
+    fuzz_sfe_config,
+    fuzz_edpo_config,
+    fuzz_adpl,
+    fuzz_manta,
+    fuzz_mmad
+);
 
 /// Every test has a target and every target a test.
 #[test]
 fn fuzz_every_target_has_a_test() {
     let names: Vec<&str> = kit::targets().iter().map(|t| t.name).collect();
-    let tested = ["gguf", "safetensors", "bert_config", "pth", "png", "jpeg", "sfe_config", "edpo_config", "adpl", "manta", "mmad"];
+    let tested = [
+        "gguf",
+        "safetensors",
+        "bert_config",
+        "pth",
+        "png",
+        "jpeg",
+        "sfe_config",
+        "edpo_config",
+        "adpl",
+        "manta",
+        "mmad",
+    ];
     assert_eq!(names, tested);
 }
 

@@ -202,10 +202,17 @@ fn mutate_weights(data: &[u8], rng: &mut FuzzRng) -> Vec<u8> {
         _ => {
             let mut v = Value::Object(h);
             super::json::mutate_value(rng, &mut v);
-            h = match v {
-                Value::Object(m) => m,
-                _ => unreachable!(),
-            };
+            // The edit may replace the whole header with a non-object: write that as it is.
+            match v {
+                Value::Object(m) => h = m,
+                other => {
+                    let header = other.to_string().into_bytes();
+                    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+                    out.extend(header);
+                    out.extend(body);
+                    return out;
+                }
+            }
         }
     }
     let header = serde_json::to_vec(&h).unwrap();

@@ -142,7 +142,8 @@ fn seeds() -> Vec<Vec<u8>> {
 
 fn int_kv(like: &Kv, v: i128, rng: &mut FuzzRng) -> Kv {
     // Mostly the key's own type; sometimes another integer type, a float or a string.
-    let pick = if rng.random_bool(0.8) { like.type_id() } else { *mutate::pick(rng, &[0u32, 1, 4, 5, 6, 8, 10, 11, 12]) };
+    let pick =
+        if rng.random_bool(0.8) { like.type_id() } else { *mutate::pick(rng, &[0u32, 1, 4, 5, 6, 8, 10, 11, 12]) };
     match pick {
         0 => Kv::U8(v as u8),
         1 => Kv::I8(v as i8),
@@ -163,7 +164,10 @@ fn mutate_kv(rng: &mut FuzzRng, v: &Kv) -> Kv {
         Kv::F32(x) => Kv::F32(mutate::float_near(rng, *x as f64) as f32),
         Kv::F64(x) => Kv::F64(mutate::float_near(rng, *x)),
         Kv::Str(_) => match rng.random_range(0..3) {
-            0 => Kv::Str(mutate::pick(rng, &["", "llama", "gpt2", "bert", "smollm", "{% for %}", "{{ raise_exception('x') }}"]).to_string()),
+            0 => Kv::Str(
+                mutate::pick(rng, &["", "llama", "gpt2", "bert", "smollm", "{% for %}", "{{ raise_exception('x') }}"])
+                    .to_string(),
+            ),
             1 => Kv::U32(7),
             _ => Kv::Str("\u{1F600}".repeat(rng.random_range(1..100))),
         },
@@ -237,7 +241,11 @@ fn mutate_gguf(data: &[u8], rng: &mut FuzzRng) -> Vec<u8> {
         0..=4 => {
             // model hyperparameters most of the time, any key otherwise
             let keys: Vec<usize> = (0..g.kv.len())
-                .filter(|&i| rng.random_bool(0.3) || g.kv[i].0.starts_with("llama.") || g.kv[i].0.starts_with("tokenizer.ggml.") && !g.kv[i].0.ends_with('s'))
+                .filter(|&i| {
+                    rng.random_bool(0.3)
+                        || g.kv[i].0.starts_with("llama.")
+                        || g.kv[i].0.starts_with("tokenizer.ggml.") && !g.kv[i].0.ends_with('s')
+                })
                 .collect();
             if let Some(&k) = keys.get(rng.random_range(0..keys.len().max(1))) {
                 g.kv[k].1 = mutate_kv(rng, &g.kv[k].1);

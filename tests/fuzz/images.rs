@@ -169,8 +169,11 @@ fn mutate_png(data: &[u8], rng: &mut FuzzRng) -> Vec<u8> {
 
 // --- JPEG -----------------------------------------------------------------------------------
 
-/// (marker, segment payload) up to and including SOS, then the entropy-coded rest.
-fn jpeg_segments(data: &[u8]) -> Option<(Vec<(u8, Vec<u8>)>, Vec<u8>)> {
+/// A marker segment: (marker byte, payload without the length).
+type Segment = (u8, Vec<u8>);
+
+/// The segments up to and including SOS, then the entropy-coded rest.
+fn jpeg_segments(data: &[u8]) -> Option<(Vec<Segment>, Vec<u8>)> {
     let mut rest = data.strip_prefix(&[0xFF, 0xD8])?;
     let mut segs = vec![];
     while rest.len() >= 4 && rest[0] == 0xFF {
@@ -188,13 +191,17 @@ fn jpeg_segments(data: &[u8]) -> Option<(Vec<(u8, Vec<u8>)>, Vec<u8>)> {
     None
 }
 
-fn jpeg_bytes(segs: &[(u8, Vec<u8>)], scan: &[u8], lie: Option<u16>) -> Vec<u8> {
+fn jpeg_bytes(segs: &[Segment], scan: &[u8], lie: Option<u16>) -> Vec<u8> {
     let mut out = vec![0xFF, 0xD8];
     for (i, (m, p)) in segs.iter().enumerate() {
         out.extend([0xFF, *m]);
         let n = (p.len() + 2) as u16;
         // One segment may claim a length that is not its own.
-        out.extend(if lie.is_some() && i == segs.len() / 2 { lie.unwrap() } else { n }.to_be_bytes());
+        let claimed = match lie {
+            Some(l) if i == segs.len() / 2 => l,
+            _ => n,
+        };
+        out.extend(claimed.to_be_bytes());
         out.extend(p);
     }
     out.extend(scan);

@@ -67,7 +67,10 @@ impl W {
             // LONG1: little-endian two's complement, as wide as needed
             let bytes = v.to_le_bytes();
             let mut n = 16;
-            while n > 1 && ((bytes[n - 1] == 0 && bytes[n - 2] & 0x80 == 0) || (bytes[n - 1] == 0xff && bytes[n - 2] & 0x80 != 0)) {
+            while n > 1
+                && ((bytes[n - 1] == 0 && bytes[n - 2] & 0x80 == 0)
+                    || (bytes[n - 1] == 0xff && bytes[n - 2] & 0x80 != 0))
+            {
                 n -= 1;
             }
             self.out.extend([0x8a, n as u8]);
@@ -259,7 +262,8 @@ fn edit_model(rng: &mut FuzzRng, p: &mut Pth) {
         }
         5 => {
             p.tensors[ti].class =
-                mutate::pick(rng, &["DoubleStorage", "BFloat16Storage", "IntStorage", "ByteStorage", "LongStorage"]).to_string()
+                mutate::pick(rng, &["DoubleStorage", "BFloat16Storage", "IntStorage", "ByteStorage", "LongStorage"])
+                    .to_string()
         }
         6 => p.nesting = *mutate::pick(rng, &[1usize, 2, 64, 10_000, 1_000_000]),
         7 => {

@@ -180,7 +180,9 @@ fn save_crash(t: &Target, input: &[u8], outcome: Outcome, blame: &str, message: 
 pub const CHILD_TEST: &str = "fuzz_child";
 
 /// The input of iteration `i`: the unmutated seeds first (they must load Ok), then 1–3 stacked
-/// mutations of a random seed, structure-aware three times out of four.
+/// structure-aware mutations of a random seed, followed one time in three by a byte-level one.
+/// Byte-level damage comes last so the structure-aware mutators (and the strict test-side
+/// parsers some use) only ever see their own output, never a header a bit flip made huge.
 pub fn generate(t: &Target, seeds: &[Vec<u8>], seed: u64, i: u64) -> Vec<u8> {
     if (i as usize) < seeds.len() {
         return seeds[i as usize].clone();
@@ -190,8 +192,12 @@ pub fn generate(t: &Target, seeds: &[Vec<u8>], seed: u64, i: u64) -> Vec<u8> {
     let base = &seeds[rng.random_range(0..seeds.len())];
     let other = &seeds[rng.random_range(0..seeds.len())];
     let mut data = base.clone();
-    for _ in 0..rng.random_range(1..=3) {
-        data = if rng.random_bool(0.75) { (t.mutate)(&data, &mut rng) } else { mutate::bytes(&mut rng, &data, other) };
+    let structured = if rng.random_bool(0.2) { 0 } else { rng.random_range(1..=3) };
+    for _ in 0..structured {
+        data = (t.mutate)(&data, &mut rng);
+    }
+    if structured == 0 || rng.random_bool(0.33) {
+        data = mutate::bytes(&mut rng, &data, other);
     }
     data
 }
@@ -213,18 +219,33 @@ pub fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
 /// What the panic hook saw last: (blame, message).
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
-/// The first frame of sage's own code (`src/...:line`) in a backtrace, else `fallback`.
+/// The first frame of sage's own code (`src/...:line`) in a Rust or gdb backtrace, else
+/// `fallback`.
 pub fn blame(bt: &str, fallback: &str) -> String {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/");
     for line in bt.lines() {
-        let Some(at) = line.trim().strip_prefix("at ") else { continue };
+        // Rust: "      at ./src/ops/rope.rs:66:13"; gdb: "#3  sage::... () at src/ops/rope.rs:24"
+        let line = line.trim();
+        let Some(at) = line.strip_prefix("at ").or_else(|| line.rsplit_once(" at ").map(|(_, a)| a)) else {
+            continue;
+        };
         let rel = at.strip_prefix(root).unwrap_or(at).trim_start_matches("./");
         if rel.starts_with("src/") {
-            // drop the column
-            return rel.rsplit_once(':').map_or(rel, |(a, _)| a).to_string();
+            let mut parts = rel.split(':');
+            let (file, line_no) = (parts.next().unwrap_or(rel), parts.next().unwrap_or("?"));
+            return format!("{file}:{line_no}");
         }
     }
     fallback.to_string()
+}
+
+/// Where a hung child is: its threads' stacks through gdb, when gdb is installed.
+fn stacks_of(pid: u32) -> String {
+    let out = Command::new("timeout")
+        .args(["20", "gdb", "-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 80"])
+        .stdin(Stdio::null())
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 fn install_panic_hook() {
@@ -372,9 +393,8 @@ fn parse_line(line: &str) -> Option<Event> {
 /// Re-runs one input alone in a fresh child and says what it did: the outcome, blame, message.
 pub fn replay(t: &Target, input: &Path, b: &Budget) -> (Outcome, String, String) {
     let work = tempfile::tempdir().unwrap();
-    let mut child = child_command(t, work.path(), b, &[("SAGE_FUZZ_CHILD_REPLAY", input.display().to_string())])
-        .spawn()
-        .unwrap();
+    let mut child =
+        child_command(t, work.path(), b, &[("SAGE_FUZZ_CHILD_REPLAY", input.display().to_string())]).spawn().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let err_thread = std::thread::spawn(move || {
@@ -391,9 +411,10 @@ pub fn replay(t: &Target, input: &Path, b: &Budget) -> (Outcome, String, String)
     let out = match rx.recv_timeout(Duration::from_secs_f64(b.hang_secs)) {
         Ok(s) => s,
         Err(_) => {
+            let who = blame(&stacks_of(child.id()), "(hang)");
             let _ = child.kill();
             let _ = child.wait();
-            return (Outcome::Hang, "(hang)".into(), format!("no answer within {} s", b.hang_secs));
+            return (Outcome::Hang, who, format!("no answer within {} s", b.hang_secs));
         }
     };
     let status = child.wait().unwrap();
@@ -496,19 +517,21 @@ pub fn fuzz(t: &Target, b: &Budget) -> Report {
                     }
                     let (who, msg) = info.split_once('\t').unwrap_or((&info, ""));
                     let panic_file = work.path().join(format!("panic-{i}"));
-                    let input = if o == Outcome::Panic { std::fs::read(&panic_file).unwrap_or_default() } else { vec![] };
+                    let input =
+                        if o == Outcome::Panic { std::fs::read(&panic_file).unwrap_or_default() } else { vec![] };
                     let _ = std::fs::remove_file(&panic_file);
                     note(&mut r, o, who.to_string(), msg.to_string(), &input);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Some((i, since)) = in_flight {
                         if since.elapsed().as_secs_f64() > b.hang_secs {
+                            let who = blame(&stacks_of(child.id()), "(hang)");
                             let _ = child.kill();
                             let _ = child.wait();
                             let input = std::fs::read(work.path().join(t.file_name)).unwrap_or_default();
                             r.iterations += 1;
                             let msg = format!("iteration {i} ran over {} s", b.hang_secs);
-                            note(&mut r, Outcome::Hang, "(hang)".into(), msg, &input);
+                            note(&mut r, Outcome::Hang, who, msg, &input);
                             next = i + 1;
                             break;
                         }
@@ -551,7 +574,9 @@ pub fn replay_saved(t: &Target, b: &Budget) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(&dir) else { return vec![] };
     let mut files: Vec<PathBuf> = entries
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("crash-") && !n.ends_with(".txt")))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("crash-") && !n.ends_with(".txt"))
+        })
         .collect();
     files.sort();
     let mut bad = vec![];

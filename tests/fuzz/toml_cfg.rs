@@ -43,7 +43,9 @@ fn nasty(rng: &mut FuzzRng, old: &Value) -> Value {
         (0..=2, Value::Float(f)) => Value::Float(mutate::float_near(rng, *f)),
         (0..=1, _) => Value::Float(*mutate::pick(rng, mutate::INTERESTING_FLOATS)),
         (2, _) => Value::Integer(*mutate::pick(rng, &[0, -1, 1, i64::MAX, i64::MIN, 100_000_000])),
-        (3, _) => Value::String(mutate::pick(rng, &["", "nan", "lora", "full", "edpo", "dpo", "../../etc/passwd", "none"]).to_string()),
+        (3, _) => Value::String(
+            mutate::pick(rng, &["", "nan", "lora", "full", "edpo", "dpo", "../../etc/passwd", "none"]).to_string(),
+        ),
         (4, _) => Value::Array(vec![]),
         _ => Value::Boolean(rng.random_bool(0.5)),
     }
@@ -125,6 +127,13 @@ fn edpo_seeds() -> Vec<Vec<u8>> {
 pub fn targets() -> Vec<Target> {
     vec![
         Target { name: "sfe_config", file_name: "sfe.toml", seeds: sfe_seeds, mutate, setup: no_setup, run: run_sfe },
-        Target { name: "edpo_config", file_name: "edpo.toml", seeds: edpo_seeds, mutate, setup: no_setup, run: run_edpo },
+        Target {
+            name: "edpo_config",
+            file_name: "edpo.toml",
+            seeds: edpo_seeds,
+            mutate,
+            setup: no_setup,
+            run: run_edpo,
+        },
     ]
 }
