@@ -226,7 +226,9 @@ pub fn blame(bt: &str, fallback: &str) -> String {
     for line in bt.lines() {
         // Rust: "      at ./src/ops/rope.rs:66:13"; gdb: "#3  sage::... () at src/ops/rope.rs:24"
         let line = line.trim();
-        let Some(at) = line.strip_prefix("at ").or_else(|| line.rsplit_once(" at ").map(|(_, a)| a)) else {
+        // gdb prints dependencies' paths relative too: its frames must be sage's own functions.
+        let gdb_frame = || line.contains("sage::").then(|| line.rsplit_once(" at ").map(|(_, a)| a)).flatten();
+        let Some(at) = line.strip_prefix("at ").or_else(gdb_frame) else {
             continue;
         };
         let rel = at.strip_prefix(root).unwrap_or(at).trim_start_matches("./");
