@@ -88,6 +88,28 @@ pub struct TensorEntry {
     pub offset: u64,
 }
 
+/// (elements per block, bytes per block) of the ggml types real files use.
+pub fn ggml_block(ggml_type: u32) -> (u64, u64) {
+    match ggml_type {
+        0 => (1, 4),
+        1 | 30 => (1, 2),
+        2 => (32, 18),
+        3 => (32, 20),
+        8 => (32, 34),
+        12 => (256, 144),
+        14 => (256, 210),
+        other => panic!("gguf_edit: ggml type {other} has no size here"),
+    }
+}
+
+impl TensorEntry {
+    /// Bytes of data its type and dimensions imply.
+    pub fn n_bytes(&self) -> u64 {
+        let (be, bb) = ggml_block(self.ggml_type);
+        self.dims.iter().product::<u64>() / be * bb
+    }
+}
+
 /// A whole GGUF file, decoded down to the tensor data (which is kept as raw bytes).
 #[derive(Clone, Debug)]
 pub struct GgufFile {
@@ -246,8 +268,28 @@ impl GgufFile {
 
     /// Drops a tensor from the directory (its bytes stay in the data section).
     pub fn remove_tensor(&mut self, name: &str) -> TensorEntry {
-        let i = self.tensors.iter().position(|t| t.name == name).unwrap_or_else(|| panic!("gguf_edit: no tensor {name}"));
+        let i =
+            self.tensors.iter().position(|t| t.name == name).unwrap_or_else(|| panic!("gguf_edit: no tensor {name}"));
         self.tensors.remove(i)
+    }
+
+    /// Drops a tensor from the directory and its bytes from the data section, moving the tensors
+    /// after it down so the data stays packed (what a writer would have made without it).
+    pub fn remove_tensor_and_data(&mut self, name: &str) -> TensorEntry {
+        let gone = self.remove_tensor(name);
+        let a = self.alignment();
+        let mut order: Vec<usize> = (0..self.tensors.len()).collect();
+        order.sort_by_key(|&i| self.tensors[i].offset);
+        let mut data = Vec::with_capacity(self.data.len());
+        for i in order {
+            let t = &mut self.tensors[i];
+            let (start, len) = (t.offset as usize, t.n_bytes() as usize);
+            t.offset = data.len() as u64;
+            data.extend_from_slice(&self.data[start..start + len]);
+            data.resize(((data.len() as u64).div_ceil(a) * a) as usize, 0);
+        }
+        self.data = data;
+        gone
     }
 
     /// Encodes the file: header, metadata, tensor directory, zero padding to the alignment, data.
