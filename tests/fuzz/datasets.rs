@@ -27,7 +27,7 @@ fn adpl_seeds() -> Vec<Vec<u8>> {
     for name in ["train.json", "test.json"] {
         let p = dir.path().join(name);
         if let Ok(b) = std::fs::read(&p) {
-            // Absolute image paths, so the seed loads from the fuzz work folder.
+            // Absolute image paths into the fixture, the image root `run_adpl` gives.
             seeds.push(b);
         }
     }
@@ -35,9 +35,12 @@ fn adpl_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// The seeds name images of the MVTec fixture: that is their image root (a dataset may not reach
+/// outside its root).
 fn run_adpl(p: &Path) -> anyhow::Result<()> {
-    adpl::check(p, None).into_result()?;
-    let s = adpl::load(p, None)?;
+    let root = fixture("mvtec");
+    adpl::check(p, Some(&root)).into_result()?;
+    let s = adpl::load(p, Some(&root))?;
     stats::compute(&s).render();
     Ok(())
 }
@@ -55,8 +58,9 @@ fn manta_seeds() -> Vec<Vec<u8>> {
 }
 
 fn run_manta(p: &Path) -> anyhow::Result<()> {
-    manta::check(p, None).into_result()?;
-    let s = manta::load(p, None)?;
+    let root = fixture("mvtec");
+    manta::check(p, Some(&root)).into_result()?;
+    let s = manta::load(p, Some(&root))?;
     stats::compute(&s).render();
     Ok(())
 }
