@@ -310,7 +310,10 @@ impl GgufFile {
             out.extend(t.ggml_type.to_le_bytes());
             out.extend(t.offset.to_le_bytes());
         }
-        let a = self.alignment();
+        // A mutated alignment can be gigabytes: pad to it only when a reader could honour it
+        // (the loader refuses more than 64 KiB), else to the default, which leaves the file as
+        // invalid as the edit meant it to be without the writer allocating gigabytes.
+        let a = Some(self.alignment()).filter(|&a| a <= 1 << 16).unwrap_or(DEFAULT_ALIGNMENT);
         out.resize(((out.len() as u64).div_ceil(a) * a) as usize, 0);
         out.extend(&self.data);
         out
