@@ -60,7 +60,7 @@ impl BertConfig {
         range("intermediate_size", self.intermediate_size, 1, MAX_WIDTH * 8)?;
         range("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)?;
         range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "hidden_size",
                 &self.hidden_size,

@@ -101,7 +101,7 @@ impl LlamaConfig {
         range("llama.context_length", c.context_length, 1, MAX_CONTEXT)?;
         range("llama.attention.head_count", c.num_heads, 1, c.hidden_size)?;
         range("llama.attention.head_count_kv", c.num_kv_heads, 1, c.num_heads)?;
-        if c.num_heads % c.num_kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(key_err(
                 file,
                 "llama.attention.head_count_kv",
@@ -111,7 +111,7 @@ impl LlamaConfig {
         }
         // RoPE rotates pairs, so the head size is even; it also sizes Q and K (checked on the
         // tensors below), which is what catches a head count that contradicts the weights.
-        if c.head_dim < 2 || c.head_dim % 2 != 0 || c.head_dim > MAX_WIDTH {
+        if c.head_dim < 2 || !c.head_dim.is_multiple_of(2) || c.head_dim > MAX_WIDTH {
             return Err(key_err(
                 file,
                 "llama.rope.dimension_count",

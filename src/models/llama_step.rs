@@ -340,7 +340,7 @@ impl<O: StepOps> DeviceLlama<O> {
     ) -> Result<RowsForward<O>> {
         let c = &self.config;
         let rows = targets.len();
-        if batch == 0 || rows == 0 || rows % batch != 0 {
+        if batch == 0 || rows == 0 || !rows.is_multiple_of(batch) {
             bail!("a step needs batch·T targets (got {rows} targets, batch {batch})");
         }
         let t = rows / batch;

@@ -222,7 +222,7 @@ impl SageHead {
         rng: &mut SeedRng,
     ) -> Result<Self> {
         ensure!(
-            config.fusion_heads > 0 && config.fusion_dim % config.fusion_heads == 0,
+            config.fusion_heads > 0 && config.fusion_dim.is_multiple_of(config.fusion_heads),
             "fusion_dim must divide into fusion_heads"
         );
         ensure!(config.k > 0 && config.image_pool > 0, "k and image_pool must be positive");
@@ -329,7 +329,7 @@ impl SageHead {
     /// The fusion attention and the projection norm: fact tokens from `t_g [L, llm_dim]`.
     pub fn fuse(&self, params: &ParamSet, t_g: &[f32], input: FusionInput) -> Result<(Vec<f32>, FactActs)> {
         let dm = self.llm_dim;
-        ensure!(t_g.len() % dm == 0 && !t_g.is_empty(), "fact embeddings must be [L, {dm}]");
+        ensure!(t_g.len().is_multiple_of(dm) && !t_g.is_empty(), "fact embeddings must be [L, {dm}]");
         let l = t_g.len() / dm;
         let FusionInput { s, diff, v_sel, selection } = input;
         let q = self.fusion_q.forward(params, t_g, l);

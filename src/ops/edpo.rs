@@ -52,7 +52,7 @@ pub fn token_logprobs_chunked(
     let r = targets.len();
     assert_eq!(hidden.len(), r * c, "edpo: hidden must be [R, C]");
     assert_eq!(mask.len(), r, "edpo: mask must be [R]");
-    assert!(c > 0 && weight.len() % c == 0, "edpo: weight must be [V, C]");
+    assert!(c > 0 && weight.len().is_multiple_of(c), "edpo: weight must be [V, C]");
     let v = weight.len() / c;
     let rows: Vec<usize> = (0..r).filter(|&i| mask[i]).collect();
     for &i in &rows {
@@ -103,7 +103,7 @@ fn gather_rows(x: &[f32], c: usize, rows: &[usize]) -> Vec<f32> {
 
 /// `π_n = Σ_t mask[n, t] · logp[n, t]` over sequences of `t` positions.
 pub fn masked_sequence_sums(logp: &[f32], mask: &[bool], t: usize) -> Vec<f32> {
-    assert!(t > 0 && logp.len() % t == 0 && mask.len() == logp.len());
+    assert!(t > 0 && logp.len().is_multiple_of(t) && mask.len() == logp.len());
     logp.chunks(t)
         .zip(mask.chunks(t))
         .map(|(l, m)| l.iter().zip(m).filter(|(_, &on)| on).map(|(x, _)| x).sum())

@@ -76,7 +76,7 @@ pub fn resize_bilinear(x: &[f32], c: usize, h: usize, w: usize, oh: usize, ow: u
 
 /// Area (box) downsampling `[c, h, w]` → `[c, oh, ow]` for integer factors `h / oh`, `w / ow`.
 pub fn resize_area(x: &[f32], c: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
-    if h % oh != 0 || w % ow != 0 {
+    if !h.is_multiple_of(oh) || !w.is_multiple_of(ow) {
         return resize_bilinear(x, c, h, w, oh, ow);
     }
     let (fy, fx) = (h / oh, w / ow);

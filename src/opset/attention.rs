@@ -37,10 +37,10 @@ impl CausalShape {
         if s.batch == 0 || s.seq == 0 || s.heads == 0 || s.kv_heads == 0 {
             bail!("causal attention: every size must be positive ({s:?})");
         }
-        if s.heads % s.kv_heads != 0 {
+        if !s.heads.is_multiple_of(s.kv_heads) {
             bail!("causal attention: {} query heads cannot share {} key/value heads evenly", s.heads, s.kv_heads);
         }
-        if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || s.head_dim > 256 {
             bail!("the attention kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
         }
         Ok(())

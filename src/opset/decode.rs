@@ -29,10 +29,10 @@ impl DecodeShape {
     /// Checks the shape: positive sizes, grouped heads, a head size the kernels take.
     pub fn check_shape(&self) -> Result<()> {
         let s = self;
-        if s.seqs == 0 || s.slots == 0 || s.heads == 0 || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        if s.seqs == 0 || s.slots == 0 || s.heads == 0 || s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
             bail!("decode attention: bad shape {s:?} (positive sizes, heads a multiple of kv_heads)");
         }
-        if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || s.head_dim > 256 {
             bail!("the decode kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
         }
         Ok(())

@@ -149,7 +149,7 @@ impl CheckRanges for SageConfig {
         c.int("model.fusion_dim", self.fusion_dim as u64, 1, 8192);
         c.require(
             "model.fusion_dim",
-            self.fusion_heads == 0 || self.fusion_dim % self.fusion_heads == 0,
+            self.fusion_heads == 0 || self.fusion_dim.is_multiple_of(self.fusion_heads),
             format!("= {}, must be a multiple of model.fusion_heads = {}", self.fusion_dim, self.fusion_heads),
         );
     }

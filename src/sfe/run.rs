@@ -335,7 +335,7 @@ pub(crate) fn finish_step(
     log.flush()?;
     pb.set_message(format!("loss {loss:.3}"));
     pb.inc(1);
-    if train.val_every > 0 && done % train.val_every == 0 && done < train.steps {
+    if train.val_every > 0 && done.is_multiple_of(train.val_every) && done < train.steps {
         let v = validate(run, train.val_questions)?;
         let val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
         writeln!(log, "{val}")?;
@@ -412,7 +412,7 @@ pub fn finished_sfe(out: &Path, cfg: &SfeConfig) -> Result<Option<u64>> {
 /// Whether [`finish_step`] checkpoints after step `done` (a loop that trains on a device copies
 /// the weights and optimizer state back to the host first).
 pub(crate) fn checkpoint_due(train: &super::config::TrainSection, done: u64) -> bool {
-    done % train.checkpoint_every.max(1) == 0 || done == train.steps
+    done.is_multiple_of(train.checkpoint_every.max(1)) || done == train.steps
 }
 
 /// [`train`] with every step on a device op set ([`DeviceSage`]: `CudaOps` for the GPU; the CPU

@@ -232,7 +232,7 @@ impl Activations for HostOps {
     ) -> Result<()> {
         if channels == 0
             || bias.len() < channels
-            || y.len() % channels != 0
+            || !y.len().is_multiple_of(channels)
             || residual.is_some_and(|r| r.len() < y.len())
         {
             bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
@@ -436,7 +436,7 @@ impl Losses for HostOps {
         weight_grad: bool,
     ) -> Result<CrossEntropyOut<Self>> {
         let seqs = seq_weights.len();
-        if seqs == 0 || targets.len() % seqs != 0 {
+        if seqs == 0 || !targets.len().is_multiple_of(seqs) {
             bail!("cross-entropy: {} targets do not split into {seqs} sequences", targets.len());
         }
         let t = targets.len() / seqs;
@@ -591,7 +591,7 @@ impl Conv for HostOps {
 
 /// Positions per sequence of `rows` targets over `seqs` sequences.
 fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
-    if seqs == 0 || rows == 0 || rows % seqs != 0 {
+    if seqs == 0 || rows == 0 || !rows.is_multiple_of(seqs) {
         bail!("{rows} targets do not split into {seqs} sequences");
     }
     Ok(rows / seqs)

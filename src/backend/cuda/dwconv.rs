@@ -125,7 +125,10 @@ pub fn channel_bias_act(
     residual: Option<&CudaSlice<bf16>>,
     relu6: bool,
 ) -> Result<()> {
-    if channels == 0 || bias.len() < channels || y.len() % channels != 0 || residual.is_some_and(|r| r.len() < y.len())
+    if channels == 0
+        || bias.len() < channels
+        || !y.len().is_multiple_of(channels)
+        || residual.is_some_and(|r| r.len() < y.len())
     {
         bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
     }

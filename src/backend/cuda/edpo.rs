@@ -29,7 +29,7 @@ impl SeqShape {
         if self.n == 0 || self.t == 0 || self.c == 0 || self.v == 0 {
             bail!("E-DPO: every size must be positive ({self:?})");
         }
-        if self.c % 8 != 0 {
+        if !self.c.is_multiple_of(8) {
             bail!("the E-DPO kernels need the hidden size to be a multiple of 8 (got {})", self.c);
         }
         let r = self.rows();

@@ -26,7 +26,7 @@ fn check(s: &FusionShape) -> Result<()> {
     if s.batch == 0 || s.queries == 0 || s.keys == 0 || s.heads == 0 {
         bail!("fusion attention: every size must be positive ({s:?})");
     }
-    if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || s.head_dim > 256 {
         bail!("fusion attention kernels need an even head_dim ≤ 256 (got {})", s.head_dim);
     }
     Ok(())

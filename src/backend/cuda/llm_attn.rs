@@ -44,7 +44,13 @@ pub fn rope(
 ) -> Result<()> {
     let d = 2 * half;
     let max_pos = cos.len() / half.max(1);
-    if half == 0 || sin.len() != cos.len() || t == 0 || rows % t != 0 || x.len() < rows * heads * d || t > max_pos {
+    if half == 0
+        || sin.len() != cos.len()
+        || t == 0
+        || !rows.is_multiple_of(t)
+        || x.len() < rows * heads * d
+        || t > max_pos
+    {
         bail!(
             "rope: x has {} elements for [{rows}, {heads}, {d}] in sequences of {t} (table {max_pos} positions)",
             x.len()

@@ -69,7 +69,11 @@ pub fn kv_append(
     slots: usize,
     dst: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    if src.len() < rows * width || seq.len() < rows || pos.len() < rows || dst.len() % (slots * width).max(1) != 0 {
+    if src.len() < rows * width
+        || seq.len() < rows
+        || pos.len() < rows
+        || !dst.len().is_multiple_of((slots * width).max(1))
+    {
         bail!("kv_append: {} source elements, {} rows of {width} into a cache of {}", src.len(), rows, dst.len());
     }
     if rows == 0 {

@@ -45,7 +45,7 @@ pub struct MincosOut {
 
 /// The variant to use by default: v2 where it applies.
 pub fn default_variant(channels: usize) -> Variant {
-    if channels % 8 == 0 {
+    if channels.is_multiple_of(8) {
         Variant::V2
     } else {
         Variant::V1

@@ -434,7 +434,7 @@ impl CudaOps {
         targets: &[u32],
         seqs: usize,
     ) -> Result<SeqInputs> {
-        if seqs == 0 || targets.is_empty() || targets.len() % seqs != 0 {
+        if seqs == 0 || targets.is_empty() || !targets.len().is_multiple_of(seqs) {
             bail!("{} targets do not split into {seqs} sequences", targets.len());
         }
         let c = hidden.len() / targets.len();
