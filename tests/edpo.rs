@@ -498,15 +498,6 @@ fn edpo_loop_on_the_device_step_matches_the_cpu_loop() {
     println!("edpo loop: cpu {a:?}\ndevice step {b:?}");
 }
 
-/// Every file of a folder, by name, with its bytes.
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
-        .collect()
-}
-
 /// `sage edpo --resume` of a finished run says so and changes no byte; a run killed between its
 /// last checkpoint and `final.json` is completed with the last logged loss (not null). Then a
 /// non-finite step (the test-only knob `SAGE_TEST_NONFINITE_STEP`, in a child process of its own)

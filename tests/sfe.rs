@@ -247,15 +247,6 @@ fn sfe_loop_on_the_device_step_matches_the_cpu_loop() {
     assert!((third[0] - third[1]).abs() <= 1e-3 * third[0].abs(), "step 3 resumed on cpu / device loop: {third:?}");
 }
 
-/// Every file of a folder, by name, with its bytes.
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
-        .collect()
-}
-
 /// `--resume` of a finished run says so and changes no byte; a run killed between its last
 /// checkpoint and `final.json` is completed with the last logged loss (not null).
 #[test]
