@@ -18,7 +18,9 @@ use sage::edpo::config::EdpoRunConfig;
 use sage::edpo::pairs::{instance_pairs, PairChoice};
 use sage::edpo::run::EdpoRun;
 use sage::formats::safetensors::SafetensorsFile;
-use sage::train::Trainer;
+use sage::backend::cpu::HostOps;
+use sage::models::sage::Sage;
+use sage::opset::Buffers;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -355,9 +357,9 @@ fn dpo_ablation_has_eta_zero_and_user_errors_exit_2() {
     assert_eq!(losses(&d).len(), 1);
 }
 
-/// The gradient `train_instance` accumulates (policy log-probabilities → LM head → LLM with LoRA →
-/// SAGE adapter and projection, both pairs of an instance, η term included) against central
-/// differences of `instance_loss` (the same forward) at a point where the policy has already moved
+/// The E-DPO gradient of the op-set model on the CPU ops (policy log-probabilities → LM head →
+/// LLM with LoRA → SAGE adapter and projection, both pairs of an instance, η term included)
+/// against central differences of the same loss, at a point where the policy has already moved
 /// away from the reference (one AdamW step on another instance).
 #[test]
 fn edpo_gradient_matches_central_differences() {
@@ -369,6 +371,11 @@ fn edpo_gradient_matches_central_differences() {
     for p in run.base.params.iter().filter(|p| p.name.starts_with("sage.fusion.")) {
         assert!(!p.trainable, "{} is trainable in stage 2", p.name);
     }
+    let tcfg = run.cfg.train.trainer_config();
+    let loss_cfg = run.cfg.edpo.loss_config();
+    let mut policy =
+        Sage::new(HostOps, &run.base.model, &run.base.params, Some(tcfg.adamw), tcfg.max_grad_norm).unwrap();
+    let reference = run.reference_model(HostOps).unwrap();
 
     // An instance whose two pairs share an answer (its gradient sums over both pairs) and both
     // have an entropy gap, so every term is exercised.
@@ -385,59 +392,68 @@ fn edpo_gradient_matches_central_differences() {
         .expect("an instance with two pairs that share an answer, both with an entropy gap");
     let pairs = instance_pairs(&inst.entropies, PairChoice::Both);
     eprintln!("instance {:?}, pairs {pairs:?}", inst.example);
+    let b = run.batch(std::slice::from_ref(&inst), &reference).unwrap();
+    let loss_at = |policy: &Sage<HostOps>| -> (f32, Vec<f32>) {
+        let (m, _) = policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg).unwrap();
+        let m = policy.ops().download_stat(&m).unwrap();
+        (b.loss(&m), m)
+    };
     // At the start the policy is the reference: every log-ratio is 0 and d = −η|ΔH|.
     let expected = pairs.iter().map(|p| ((eta * p.delta_h.abs()) as f64).exp().ln_1p()).sum::<f64>() / 2.0;
-    let start = run.instance_loss(&inst).unwrap() as f64;
+    let start = loss_at(&policy).0 as f64;
     assert!((start - expected).abs() < 1e-5, "loss at the reference point {start}, expected {expected}");
     let other = run.instances.iter().find(|i| i.example != inst.example).cloned().unwrap();
-    let mut trainer = Trainer::new(run.cfg.train.trainer_config());
-    run.train_instance(&other).unwrap();
-    trainer.micro_step(&mut run.base.params).expect("batch 1 steps at once");
+    let ob = run.batch(&[other], &reference).unwrap();
+    policy.edpo_step(&ob.plans, &ob.reference, &ob.pairs, &ob.scale, loss_cfg, tcfg.schedule.lr(0)).unwrap();
 
-    let l0 = run.instance_loss(&inst).unwrap();
-    let o = run.train_instance(&inst).unwrap();
-    assert_eq!(o.loss.to_bits(), l0.to_bits(), "instance_loss and train_instance disagree");
-    assert_eq!(o.margins.len(), 2);
+    let (l0, margins) = loss_at(&policy);
+    assert_eq!(margins.len(), 2);
     // Off the reference point: the log-ratio term contributes to each margin.
-    for (m, p) in o.margins.iter().zip(&pairs) {
+    for (m, p) in margins.iter().zip(&pairs) {
         assert!((m + eta * p.delta_h.abs()).abs() > 1e-3, "margin {m} is the reference point's");
     }
+    let (_, grads) = policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg).unwrap();
 
     // Largest |gradient| per kind of trainable tensor, and the two largest overall.
-    let mut all: Vec<(String, usize, f32)> = vec![];
-    for p in run.base.params.iter().filter(|p| p.trainable) {
-        let (j, g) = p.grad.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
-        all.push((p.name.clone(), j, *g));
+    let mut all: Vec<(usize, String, usize, f32)> = vec![];
+    for (i, g) in grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        let g = policy.llm.download_grad(g).unwrap();
+        let (j, v) = g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap();
+        all.push((i, policy.llm.params[i].name.clone(), j, *v));
     }
-    all.sort_by(|x, y| y.2.abs().total_cmp(&x.2.abs()));
-    let mut picks: Vec<(String, usize, f32)> = all.iter().take(2).cloned().collect();
+    assert!(all.iter().all(|(_, n, _, _)| !n.starts_with("sage.fusion.")), "the fusion attention is frozen");
+    all.sort_by(|x, y| y.3.abs().total_cmp(&x.3.abs()));
+    let mut picks: Vec<(usize, String, usize, f32)> = all.iter().take(2).cloned().collect();
     for kind in [".lora_b", ".lora_a", "sage.adapter.fc1.", "sage.adapter.fc2.", "sage.proj_norm."] {
-        let best = all.iter().find(|c| c.0.contains(kind)).unwrap_or_else(|| panic!("no trainable {kind}"));
-        if !picks.iter().any(|p| p.0 == best.0) {
+        let best = all.iter().find(|c| c.1.contains(kind)).unwrap_or_else(|| panic!("no trainable {kind}"));
+        if !picks.iter().any(|p| p.1 == best.1) {
             picks.push(best.clone());
         }
     }
 
     let mut worst = 0.0f32;
-    for (name, j, g) in &picks {
+    for (i, name, j, g) in &picks {
         assert!(g.abs() > 1e-4, "{name}[{j}] has no gradient to check ({g})");
-        let id = run.base.params.id(name).unwrap();
-        let v = run.base.params[id].value[*j];
+        let w0 = policy.llm.ops.download(policy.llm.w(*i)).unwrap();
+        let v = w0[*j];
         // Central differences at h and h/2, combined by Richardson extrapolation ((4·D(h/2) − D(h))/3
         // cancels the h² term). h moves the loss by about 1e-2 of itself: far above the f32
         // rounding of the forward (about 2e-6 of the loss here), where a plain central difference
         // still carries a curvature error of up to ~2% on small gradients.
         let h = (1e-2 * l0.max(0.1) / g.abs()).min(1e-1);
         let mut at = |x: f32| {
-            run.base.params[id].value[*j] = x;
-            run.instance_loss(&inst).unwrap() as f64
+            let mut w = w0.clone();
+            w[*j] = x;
+            policy.llm.write_param(*i, &w).unwrap();
+            loss_at(&policy).0 as f64
         };
         let mut central = |h: f32| {
             let (vp, vm) = (v + h, v - h);
             (at(vp) - at(vm)) / (vp as f64 - vm as f64)
         };
         let (d1, d2) = (central(h), central(h / 2.0));
-        run.base.params[id].value[*j] = v;
+        policy.llm.write_param(*i, &w0).unwrap();
         let fd = (4.0 * d2 - d1) / 3.0;
         let rel = ((fd - *g as f64).abs() / (g.abs() as f64)) as f32;
         eprintln!(
@@ -448,54 +464,7 @@ fn edpo_gradient_matches_central_differences() {
     }
     // Observed ≤ 1e-3 (rounding noise); a gradient 5% off fails by 5×.
     assert!(worst < 1e-2, "the E-DPO gradient disagrees with finite differences (worst relative error {worst:.2e})");
-    // The gradients were not touched by the probes.
-    let id = run.base.params.id(&picks[0].0).unwrap();
-    assert_eq!(run.base.params[id].grad[picks[0].1], picks[0].2);
-}
-
-/// The E-DPO loop on a device op set (`edpo::run::train_on`, what `--device cuda` runs) on the
-/// CPU reference ops, against the CPU loop on the same config with two instances a step: the
-/// same losses, margins, pair accuracies and gradient norms step by step, and the same files.
-#[test]
-fn edpo_loop_on_the_device_step_matches_the_cpu_loop() {
-    let s = setup();
-    let cfg_path = edpo_config(&s, "edpo.toml", &s.scores, 3);
-    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("batch = 1", "batch = 2");
-    std::fs::write(&cfg_path, text).unwrap();
-    let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
-    let (cpu, dev) = (s.path("cpu"), s.path("dev"));
-    let mut run = EdpoRun::new(cfg.clone(), &cpu).unwrap();
-    sage::edpo::run::train(&mut run, false, true).unwrap();
-    let mut run = EdpoRun::new(cfg, &dev).unwrap();
-    let o = sage::edpo::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true).unwrap();
-    assert!(o.val.is_some());
-    let log = |p: &Path| -> Vec<Value> {
-        std::fs::read_to_string(p.join("log.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["loss"].is_number())
-            .collect()
-    };
-    let (a, b) = (log(&cpu), log(&dev));
-    assert_eq!(a.len(), 3, "{a:?}");
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        for (key, tol) in [("loss", 1e-3), ("margin", 1e-3), ("grad_norm", 1e-2)] {
-            let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-            assert!((u - v).abs() <= tol * u.abs().max(2e-2), "step {}: {key} cpu {u} vs device step {v}", x["step"]);
-        }
-        assert_eq!(x["pair_accuracy"], y["pair_accuracy"], "step {}", x["step"]);
-        assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
-    }
-    let names = |p: &Path| -> Vec<String> {
-        let mut v: Vec<String> =
-            std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        v.sort();
-        v
-    };
-    assert_eq!(names(&cpu), names(&dev), "the same checkpoint files");
-    println!("edpo loop: cpu {a:?}\ndevice step {b:?}");
+    assert_eq!(loss_at(&policy).0, l0, "the probes left the weights as they were");
 }
 
 /// `sage edpo --resume` of a finished run says so and changes no byte; a run killed between its
@@ -549,16 +518,15 @@ fn edpo_finished_resume_changes_nothing_and_a_non_finite_step_writes_nothing() {
     assert!(losses(&poisoned).is_empty(), "no log line for the poisoned step");
 }
 
-/// Both E-DPO loops (the CPU one and the device-step one on the CPU reference ops) stop at a
-/// non-finite step 2: a user error naming it, the checkpoint of step 1 untouched, no log line or
+/// The E-DPO loop stops at a non-finite step 2: a user error naming it, the checkpoint of step 1 untouched, no log line or
 /// file for step 2. The knob (`SAGE_TEST_NONFINITE_STEP`) is set only in a child process running
 /// this test alone, after its setup (whose `sage sfe` run must not see it).
 #[test]
-fn edpo_non_finite_step_stops_both_loops() {
+fn edpo_non_finite_step_stops_the_loop() {
     const CHILD: &str = "SAGE_TEST_EDPO_GUARD_CHILD";
     if std::env::var_os(CHILD).is_none() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "edpo_non_finite_step_stops_both_loops", "--nocapture"])
+            .args(["--exact", "edpo_non_finite_step_stops_the_loop", "--nocapture"])
             .env(CHILD, "1")
             .output()
             .unwrap();
@@ -569,15 +537,11 @@ fn edpo_non_finite_step_stops_both_loops() {
     let s = setup();
     std::env::set_var("SAGE_TEST_NONFINITE_STEP", "2");
     let cfg_path = edpo_config(&s, "edpo.toml", &s.scores, 3);
-    for device_loop in [false, true] {
-        let out = s.path(if device_loop { "device" } else { "cpu" });
+    {
+        let out = s.path("run");
         let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
         let mut run = EdpoRun::new(cfg, &out).unwrap();
-        let result = if device_loop {
-            sage::edpo::run::train_on(&mut run, sage::backend::cpu::HostOps, false, true).map(|_| ())
-        } else {
-            sage::edpo::run::train(&mut run, false, true).map(|_| ())
-        };
+        let result = sage::edpo::run::train(&mut run, HostOps, false, true).map(|_| ());
         let err = result.expect_err("the poisoned step stops the run");
         let msg = format!("{err:#}");
         assert!(sage::error::is_user_error(&err), "{msg}");

@@ -603,28 +603,26 @@ fn kernel_parity_llm_attn() {
     println!("llm_attn: rope, causal attention and embedding compared with their CPU references");
 }
 
-/// The LLaMA training step on the GPU against the same step on the CPU reference ops (which
-/// `models::llama_step`'s tests hold equal to `TrainableLlama`): ten AdamW steps on one batch,
+/// The LLaMA training step on the GPU against the same model on the CPU op set (which
+/// `models::llama`'s tests hold to finite differences): ten AdamW steps on one batch,
 /// each step's loss within 2% (bf16 weights and activations against f32).
 #[test]
 fn kernel_parity_llama_train_step_ten_steps() {
-    llama_train_step_ten_steps(sage::models::llama_train::Finetune::Full);
+    llama_train_step_ten_steps(sage::models::llama::Finetune::Full);
 }
 
 /// The same with LoRA adapters on every linear layer (frozen base weights, no gradient for them).
 #[test]
 fn kernel_parity_llama_train_step_ten_steps_lora() {
-    let targets = sage::models::llama_train::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
-    llama_train_step_ten_steps(sage::models::llama_train::Finetune::Lora { rank: 4, alpha: 8.0, targets });
+    let targets = sage::models::llama::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
+    llama_train_step_ten_steps(sage::models::llama::Finetune::Lora { rank: 4, alpha: 8.0, targets });
 }
 
-fn llama_train_step_ten_steps(finetune: sage::models::llama_train::Finetune) {
+fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
     let Some(gpu) = gpu("llama train step") else { return };
     use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::models::llama::LlamaConfig;
-    use sage::models::llama_step::DeviceLlama;
-    use sage::models::llama_train::TrainableLlama;
+    use sage::models::llama::{Llama, LlamaConfig, LlamaParams};
     use sage::models::random_init::RandomLlama;
     use sage::train::{AdamWConfig, ParamSet, SeedRng};
     let config = LlamaConfig {
@@ -642,9 +640,9 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama_train::Finetune) {
     let weights = RandomLlama { config: config.clone(), seed: 9 };
     let mut params = ParamSet::new();
     let model =
-        TrainableLlama::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-    let mut host = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
-    let mut dev = DeviceLlama::new(CudaOps::new(gpu.clone()), &model, &params, AdamWConfig::default()).unwrap();
+        LlamaParams::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let mut host = Llama::new(HostOps, &model, &params, Some(AdamWConfig::default())).unwrap();
+    let mut dev = Llama::new(CudaOps::new(gpu.clone()), &model, &params, Some(AdamWConfig::default())).unwrap();
     let (batch, t) = (2, 33);
     let seqs: Vec<Vec<u32>> =
         (0..batch).map(|b| (0..=t).map(|i| ((b * 101 + i * 37 + 5) % 515) as u32).collect()).collect();
@@ -733,8 +731,8 @@ fn kernel_parity_sage_head_ops_through_the_op_set() {
         let (mut gm, mut gv, mut gmaster, mut gwork) =
             (c.stat_zeros(cols).unwrap(), c.stat_zeros(cols).unwrap(), c.upload_stat(&w).unwrap(), up(&w));
         let (mut hm, mut hv, mut hmaster, mut hwork) = (vec![0.0; cols], vec![0.0; cols], w.clone(), w.clone());
-        c.adamw(&mut gmaster, GradRef::Buf(&gb), &mut gm, &mut gv, &mut gwork, &s, true, &gclip).unwrap();
-        h.adamw(&mut hmaster, GradRef::Buf(&b), &mut hm, &mut hv, &mut hwork, &s, true, &hclip).unwrap();
+        c.adamw(Some(&mut gmaster), GradRef::Buf(&gb), &mut gm, &mut gv, &mut gwork, &s, true, &gclip).unwrap();
+        h.adamw(Some(&mut hmaster), GradRef::Buf(&b), &mut hm, &mut hv, &mut hwork, &s, true, &hclip).unwrap();
         close("clipped adamw", c.download_stat(&gmaster).unwrap(), &hmaster, 1e-5);
     }
     println!("sage head ops: layernorm, gelu, col_sum, scale, bias GEMM, copy_rows, clipping compared with HostOps");
@@ -858,9 +856,7 @@ fn cached_decode_matches_uncached_forward<O: sage::opset::StepOps>(ops: O, tol: 
     use sage::backend::cpu::HostOps;
     use sage::opset::*;
     let h = HostOps;
-    use sage::models::llama::LlamaConfig;
-    use sage::models::llama_step::DeviceLlama;
-    use sage::models::llama_train::{Finetune, TrainableLlama};
+    use sage::models::llama::{Finetune, Llama, LlamaConfig, LlamaParams};
     use sage::models::random_init::RandomLlama;
     use sage::train::{AdamWConfig, ParamSet, SeedRng};
     let config = LlamaConfig {
@@ -878,9 +874,9 @@ fn cached_decode_matches_uncached_forward<O: sage::opset::StepOps>(ops: O, tol: 
     let weights = RandomLlama { config: config.clone(), seed: 4 };
     let mut params = ParamSet::new();
     let model =
-        TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-    let host = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
-    let dev = DeviceLlama::new(ops, &model, &params, AdamWConfig::default()).unwrap();
+        LlamaParams::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let host = Llama::new(HostOps, &model, &params, Some(AdamWConfig::default())).unwrap();
+    let dev = Llama::new(ops, &model, &params, None).unwrap();
     let (t, lens, steps, dim) = (70usize, [70usize, 45], 9usize, config.hidden_size);
     let seqs: Vec<Vec<u32>> =
         (0..2).map(|b| (0..t + steps).map(|i| ((b * 131 + i * 29 + 3) % 515) as u32).collect()).collect();

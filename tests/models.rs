@@ -136,31 +136,15 @@ fn map_elpv_auroc_beats_chance_on_a_subset() {
 /// one-sequence-at-a-time continuation (the batched GEMM does not flip a greedy choice here).
 #[test]
 fn smollm2_batched_generation_matches_one_sequence_at_a_time() {
-    use sage::formats::gguf::Gguf;
-    use sage::models::llama::{LlamaConfig, Sampling};
-    use sage::models::llama_train::{Finetune, TrainableLlama};
-    use sage::train::{ParamSet, SeedRng};
-    let g = Gguf::open(&smollm2_gguf()).unwrap();
-    let tok = sage::formats::tokenizer::TextTokenizer::from_gguf(&g).unwrap();
-    let mut ps = ParamSet::new();
-    let m = TrainableLlama::load(
-        &g,
-        LlamaConfig::from_gguf(&g).unwrap(),
-        &Finetune::Full,
-        &mut ps,
-        &mut SeedRng::new(0, 0),
-    )
-    .unwrap();
+    use sage::backend::cpu::HostOps;
+    use sage::models::llama::ChatModel;
+    use sage::models::sampling::Sampling;
+    let m = ChatModel::load(HostOps, &smollm2_gguf(), 256).unwrap();
     let texts = ["The capital of France is", "Solar cells crack when", "1, 2, 3, 4,", "Describe a scratch on metal:"];
-    let xs: Vec<(Vec<f32>, usize)> = texts
-        .iter()
-        .map(|t| {
-            let ids = tok.encode(t, false).unwrap();
-            (m.embed(&ps, &ids), ids.len())
-        })
-        .collect();
-    let batch: Vec<(&[f32], usize)> = xs.iter().map(|(x, t)| (x.as_slice(), *t)).collect();
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t, false).unwrap()).collect();
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-    let one: Vec<Vec<u32>> = batch.iter().map(|&(x, t)| m.generate(&ps, x, t, 20, &[], greedy).unwrap()).collect();
-    assert_eq!(m.generate_batch(&ps, &batch, 20, &[], greedy).unwrap(), one);
+    let one: Vec<Vec<u32>> =
+        prompts.iter().map(|p| m.model.generate(std::slice::from_ref(p), 20, &[], greedy).unwrap().remove(0)).collect();
+    assert!(one.iter().all(|o| o.len() == 20));
+    assert_eq!(m.model.generate(&prompts, 20, &[], greedy).unwrap(), one);
 }

@@ -3,7 +3,9 @@
 use super::{print_json, Ctx};
 use crate::assets::{self, Asset};
 use crate::backend::DeviceChoice;
-use crate::models::llama::{argmax, ChatModel};
+use crate::backend::cpu::HostOps;
+use crate::models::llama::ChatModel;
+use crate::models::sampling::argmax;
 use crate::ops::gemm::{sgemm, MatRef};
 use crate::user_err;
 use crate::util::median;
@@ -286,19 +288,21 @@ fn numpy_gemm(ctx: &Ctx, sizes: &[usize], repeats: usize) -> Result<serde_json::
     serde_json::from_slice(&out.stdout).context("parsing the numpy benchmark's output")
 }
 
-/// (decode tokens/s, prefill tokens/s) for SmolLM2 on a fixed prompt, greedy, no early stop.
+/// (decode tokens/s, prefill tokens/s) for SmolLM2 on a fixed prompt, greedy, no early stop, on
+/// the CPU op set.
 fn decode_tokens_per_sec(n: usize) -> Result<(f64, f64)> {
-    let m = ChatModel::load(&Asset::SmolLm2Gguf.path()?, 1024)?;
+    let m = ChatModel::load(HostOps, &Asset::SmolLm2Gguf.path()?, 1024)?;
     let ids = m.tokenizer.encode("Describe, in detail, how a solar cell can crack during manufacturing.", false)?;
-    let mut cache = m.model.new_cache();
+    let llm = &m.model;
+    let mut cache = llm.new_cache(1, ids.len() + n)?;
     let t = Instant::now();
-    let h = m.model.forward_embeddings(m.model.embed(&ids)?, &mut cache)?;
-    let mut next = argmax(&m.model.last_logits(&h)?);
+    let h = llm.prefill(llm.embed_tokens(&ids)?, ids.len(), &[ids.len()], &mut cache)?;
+    let mut next = argmax(&llm.logits_of_rows(&h, &[ids.len() as u32 - 1])?);
     let prefill = ids.len() as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..n {
-        let h = m.model.forward_embeddings(m.model.embed(&[next])?, &mut cache)?;
-        next = argmax(&m.model.last_logits(&h)?);
+        let h = llm.decode(llm.embed_tokens(&[next])?, &[0], &mut cache)?;
+        next = argmax(&llm.logits_of_rows(&h, &[0])?);
     }
     Ok((n as f64 / t.elapsed().as_secs_f64(), prefill))
 }

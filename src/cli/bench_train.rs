@@ -3,17 +3,18 @@
 //! beside the HF transformers counterpart (`benches/train_hf.py`, same config, batch and sequence)
 //! and writes the report with the ratios to `benches/results/`.
 //!
-//! Two engines: [`run`] is the CPU step (`TrainableLlama`, f32); [`run_gpu`] is the GPU step
-//! (`DeviceLlama` on `CudaOps`: bf16 weights and activations, fp32 masters and moments), whose
-//! target is ≥ 1.3× HF transformers tokens/s (ARCHITECTURE.md §9). Both then generate greedily at each
-//! `--gen-batch`: the CPU with `TrainableLlama::generate_batch` (prompts prefilled one at a time),
-//! the GPU with the KV-cached device decode (`llama_step::decode`: one batched prefill, then one
-//! decode step for the whole batch per token).
+//! One model, two op sets: [`run`] steps `models::llama::Llama` on the CPU (`HostOps`, f32);
+//! [`run_gpu`] on `CudaOps` (bf16 weights and activations, fp32 masters and moments), whose target
+//! is ≥ 1.3× HF transformers tokens/s (ARCHITECTURE.md §9). Both then generate greedily at each
+//! `--gen-batch` with the KV-cached decode (one batched prefill, then one decode step for the
+//! whole batch per token).
 
-use crate::models::llama::Sampling;
-use crate::models::llama_train::{Finetune, TrainableLlama};
+use crate::backend::cpu::HostOps;
+use crate::models::llama::{Finetune, Llama, LlamaParams};
 use crate::models::random_init::{preset, RandomLlama};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::models::sampling::Sampling;
+use crate::opset::StepOps;
+use crate::train::optim::AdamWConfig;
 use crate::train::param::ParamSet;
 use crate::train::rng::SeedRng;
 use crate::util::median;
@@ -86,12 +87,12 @@ fn tokens(b: usize, n: usize, vocab: usize) -> Vec<u32> {
 
 /// A model at `name`'s shape with random weights, its parameters and their count (the peak-RSS
 /// counter reset first, so it covers loading).
-fn load_random(name: &str) -> Result<(TrainableLlama, ParamSet, usize)> {
+fn load_random(name: &str) -> Result<(LlamaParams, ParamSet, usize)> {
     let config = preset(name)?;
     reset_peak_rss();
     let mut params = ParamSet::new();
     let weights = RandomLlama { config: config.clone(), seed: 0 };
-    let model = TrainableLlama::load(&weights, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))?;
+    let model = LlamaParams::load(&weights, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))?;
     let parameters = params.iter().map(|p| p.numel()).sum();
     Ok((model, params, parameters))
 }
@@ -173,90 +174,66 @@ fn timed_generation(
     Ok(out)
 }
 
-pub fn run(cfg: &TrainBench, mut progress: impl FnMut(&str)) -> Result<Vec<ModelResult>> {
+/// The CPU engine: [`run_on`] with the host op set; memory is the process's peak RSS.
+pub fn run(cfg: &TrainBench, progress: impl FnMut(&str)) -> Result<Vec<ModelResult>> {
+    run_on(cfg, progress, || HostOps, || Ok(()), || None)
+}
+
+/// Each model on the op set `make_ops` builds: `steps` full steps (forward, backward, AdamW; a
+/// step's clock stops when its loss is read back, which waits for the whole step), then greedy
+/// generation at each `--gen-batch`. `reset_peak` and `peak` reset and read the op set's memory
+/// high-water mark (the device's; `None` on the CPU, where the process's RSS is reported).
+/// Weights are drawn on the host and copied once; the host copy is dropped before the first step.
+fn run_on<O: StepOps>(
+    cfg: &TrainBench,
+    mut progress: impl FnMut(&str),
+    make_ops: impl Fn() -> O,
+    reset_peak: impl Fn() -> Result<()>,
+    peak: impl Fn() -> Option<u64>,
+) -> Result<Vec<ModelResult>> {
     let mut out = Vec::new();
     for name in &cfg.models {
-        let (model, mut params, parameters) = load_random(name)?;
-        let mut opt = AdamW::new(AdamWConfig::default());
+        let (model, params, parameters) = load_random(name)?;
+        reset_peak()?;
+        let mut llm = Llama::new(make_ops(), &model, &params, Some(AdamWConfig::default()))?;
+        drop(params);
         let vocab = model.vocab_size();
-        progress(&format!("{name}: {parameters} parameters, warm-up step"));
-        let timed = timed_steps(name, cfg.steps, &mut progress, || {
-            params.zero_grad();
-            let mut total = 0.0;
-            for b in 0..cfg.batch {
-                let ids = tokens(b, cfg.seq + 1, vocab);
-                let x = model.embed(&params, &ids[..cfg.seq]);
-                let (loss, dx) = model.loss(&mut params, &x, cfg.seq, &ids[1..], true)?;
-                model.embed_backward(&mut params, &ids[..cfg.seq], &dx.expect("asked for the input gradient"));
-                total += loss;
-            }
-            params.scale_grads(1.0 / cfg.batch as f32);
-            opt.step(&mut params, 1e-5);
-            Ok(total / cfg.batch as f32)
-        })?;
+        let seqs: Vec<Vec<u32>> = (0..cfg.batch).map(|b| tokens(b, cfg.seq + 1, vocab)).collect();
+        let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..cfg.seq].iter().copied()).collect();
+        let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+        progress(&format!("{name}: {parameters} parameters on {}, warm-up step", llm.ops.describe()));
+        let timed = timed_steps(name, cfg.steps, &mut progress, || llm.train_step(&inputs, &targets, cfg.batch, 1e-5))?;
+        let result = ModelResult { peak_device_bytes: peak(), ..ModelResult::new(name, parameters, cfg, &timed) };
         let generation = timed_generation(
             name,
             cfg,
             vocab,
             &mut progress,
-            |_| Ok(()),
-            |prompts, max_new| {
-                let xs: Vec<Vec<f32>> = prompts.iter().map(|p| model.embed(&params, p)).collect();
-                let batch: Vec<(&[f32], usize)> =
-                    xs.iter().zip(prompts).map(|(x, p)| (x.as_slice(), p.len())).collect();
-                model.generate_batch(&params, &batch, max_new, &[], GREEDY)
-            },
-            || None,
-        )?;
-        out.push(ModelResult { generation, ..ModelResult::new(name, parameters, cfg, &timed) });
-    }
-    Ok(out)
-}
-
-/// The GPU engine: the same models, batch, sequences and optimizer as [`run`], each step the
-/// device step of `models::llama_step` (timed from launch to the loss read back, which waits for
-/// the whole step). Weights are drawn on the host as in [`run`] and copied once.
-pub fn run_gpu(
-    cfg: &TrainBench,
-    gpu: std::sync::Arc<crate::backend::cuda::Gpu>,
-    mut progress: impl FnMut(&str),
-) -> Result<Vec<ModelResult>> {
-    use crate::backend::cuda::step_ops::CudaOps;
-    use crate::models::llama_step::DeviceLlama;
-    use crate::opset::Buffers;
-    let mut out = Vec::new();
-    for name in &cfg.models {
-        let (model, params, parameters) = load_random(name)?;
-        gpu.sync()?;
-        gpu.reset_peak_memory();
-        let mut dev = DeviceLlama::new(CudaOps::new(gpu.clone()), &model, &params, AdamWConfig::default())?;
-        drop(params);
-        let seqs: Vec<Vec<u32>> = (0..cfg.batch).map(|b| tokens(b, cfg.seq + 1, model.vocab_size())).collect();
-        let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..cfg.seq].iter().copied()).collect();
-        let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        progress(&format!("{name}: {parameters} parameters on {}, warm-up step", dev.ops.describe()));
-        let timed = timed_steps(name, cfg.steps, &mut progress, || dev.train_step(&inputs, &targets, cfg.batch, 1e-5))?;
-        let result = ModelResult {
-            peak_device_bytes: gpu.peak_memory_bytes(),
-            ..ModelResult::new(name, parameters, cfg, &timed)
-        };
-        let generation = timed_generation(
-            name,
-            cfg,
-            model.vocab_size(),
-            &mut progress,
             |prompts| {
-                // Warm-up: loads the decode kernels and sizes the allocator's pool.
-                dev.generate(prompts, 2, &[], GREEDY)?;
-                gpu.sync()?;
-                gpu.reset_peak_memory();
-                Ok(())
+                // Warm-up: loads the decode kernels and sizes a device allocator's pool.
+                llm.generate(prompts, 2, &[], GREEDY)?;
+                reset_peak()
             },
-            // Each step reads its logits back, so the clock stops after the last kernel.
-            |prompts, max_new| dev.generate(prompts, max_new, &[], GREEDY),
-            || gpu.peak_memory_bytes(),
+            // Each step reads its logits back, so the clock stops after the last op.
+            |prompts, max_new| llm.generate(prompts, max_new, &[], GREEDY),
+            &peak,
         )?;
         out.push(ModelResult { generation, ..result });
     }
     Ok(out)
+}
+
+/// The GPU engine: [`run_on`] with `CudaOps`; memory is the device allocator's high-water mark.
+pub fn run_gpu(
+    cfg: &TrainBench,
+    gpu: std::sync::Arc<crate::backend::cuda::Gpu>,
+    progress: impl FnMut(&str),
+) -> Result<Vec<ModelResult>> {
+    use crate::backend::cuda::step_ops::CudaOps;
+    let reset = || -> Result<()> {
+        gpu.sync()?;
+        gpu.reset_peak_memory();
+        Ok(())
+    };
+    run_on(cfg, progress, || CudaOps::new(gpu.clone()), reset, || gpu.peak_memory_bytes())
 }

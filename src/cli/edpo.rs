@@ -3,7 +3,8 @@
 use super::{print_json, Ctx};
 use crate::edpo::config::{EdpoRunConfig, LossKind};
 use crate::edpo::pairs::PairChoice;
-use crate::edpo::run::{train, train_on};
+use crate::backend::cpu::HostOps;
+use crate::edpo::run::train;
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -57,9 +58,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let mut r = crate::edpo::run::EdpoRun::new(cfg, &out)?;
     let o = if ctx.backend.backend == "cuda" {
         let gpu = crate::backend::cuda::Gpu::global()?;
-        train_on(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
+        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
     } else {
-        train(&mut r, a.run.resume, ctx.quiet())?
+        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
     };
     let summary = serde_json::json!({
         "out": out, "sfe": r.cfg.sfe, "loss": r.cfg.edpo.loss, "beta": r.cfg.edpo.beta,

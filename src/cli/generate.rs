@@ -3,7 +3,9 @@
 use super::{print_json, Ctx};
 use crate::assets::Asset;
 use crate::formats::chat_template::Message;
-use crate::models::llama::{ChatModel, Sampling};
+use crate::backend::cpu::HostOps;
+use crate::models::llama::ChatModel;
+use crate::models::sampling::Sampling;
 use crate::user_err;
 use anyhow::Result;
 use std::io::Write;
@@ -45,7 +47,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         Some(p) => p,
         None => Asset::SmolLm2Gguf.path()?,
     };
-    let model = ChatModel::load(&path, 4096)?;
+    let model = ChatModel::load(HostOps, &path, 4096)?;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(Message::new("system", s));

@@ -5,10 +5,9 @@ use crate::assets::Asset;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::facts::FactSet;
 use crate::image_io;
-use crate::models::llama::Sampling;
+use crate::models::sampling::Sampling;
 use crate::models::sage::FactsMode;
-use crate::models::sage_model::{Example, SageModel};
-use crate::models::sage_step::DeviceSage;
+use crate::models::sage::{Example, Sage, SageModel};
 use crate::opset::Buffers;
 use crate::sfe::checkpoint;
 use crate::train::{streams, ParamSet, SeedRng};
@@ -22,7 +21,7 @@ pinned EfficientNet-Lite0 and SmolLM2 assets), encodes the test and reference im
 greedily; the answer starts with its conclusion (Yes/No). Prints the selected patches (the K test patches least \
 similar to the reference, which feed the fusion attention) and, with --map, writes the anomaly map. A checkpoint \
 trained with facts = hard or fused needs fact sentences: --facts (a `sage facts` file) or --fact. --device cuda \
-answers on the GPU (models::sage_step, bf16).";
+answers on the GPU (models::sage on CudaOps, bf16).";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -90,12 +89,13 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
     // `device` names what answered, so a script can tell the GPU path from the CPU one.
     let (device, (answer, selection)) = if ctx.backend.backend == "cuda" {
-        params.set_trainable_where(|_| true, false);
         let gpu = crate::backend::cuda::Gpu::global()?;
-        let dev = DeviceSage::new(CudaOps::new(gpu), &model, &params, Default::default(), None)?;
+        let dev = Sage::new(CudaOps::new(gpu), &model, &params, None, None)?;
         (dev.llm.ops.describe(), dev.answer_batch(&model, &[ex], a.max_tokens, greedy)?.remove(0))
     } else {
-        ("cpu".to_string(), model.answer(&params, &ex, a.max_tokens, greedy)?)
+        let cpu = Sage::new(crate::backend::cpu::HostOps, &model, &params, None, None)?;
+        drop(params);
+        ("cpu".to_string(), cpu.answer_batch(&model, &[ex], a.max_tokens, greedy)?.remove(0))
     };
     let scores = crate::ops::similarity::mincos_topk(
         &test.data,

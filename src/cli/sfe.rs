@@ -2,7 +2,8 @@
 
 use super::{print_json, Ctx};
 use crate::sfe::config::SfeConfig;
-use crate::sfe::run::{train, train_on, Run, FINAL_FILE};
+use crate::backend::cpu::HostOps;
+use crate::sfe::run::{train, validate_untrained, Run, FINAL_FILE};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -71,7 +72,12 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     let mut r = Run::new(cfg, &out)?;
     if a.eval_only {
-        let v = r.validate(r.cfg.train.val_questions)?;
+        let v = if ctx.backend.backend == "cuda" {
+            let gpu = crate::backend::cuda::Gpu::global()?;
+            validate_untrained(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu))?
+        } else {
+            validate_untrained(&mut r, HostOps)?
+        };
         if ctx.json {
             return print_json(&serde_json::json!({"mode": "eval-only", "facts": r.cfg.model.facts, "val": v}));
         }
@@ -83,9 +89,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     let o = if ctx.backend.backend == "cuda" {
         let gpu = crate::backend::cuda::Gpu::global()?;
-        train_on(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
+        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
     } else {
-        train(&mut r, a.run.resume, ctx.quiet())?
+        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
     };
     let summary = serde_json::json!({
         "out": out, "facts": r.cfg.model.facts, "steps": o.steps, "final_loss": o.final_loss, "val": o.val,

@@ -1,18 +1,17 @@
-//! The E-DPO loop: instances in a seeded order, each instance's pairs scored under the policy
-//! and the frozen reference, one backward per answer, an optimizer step every `batch`
-//! instances, JSONL logs, validation and atomic checkpoints with exact resume (as `sfe`).
+//! The E-DPO loop: instances in a seeded order, `batch` of them a step, each instance's pairs
+//! scored under the policy and the frozen reference, JSONL logs, validation and atomic
+//! checkpoints with exact resume (as `sfe`).
 //!
-//! Per instance the answers that appear in a pair are each run once through the policy (keeping
-//! activations) and once through the frozen SFE reference (no gradients; memoised, since it never
-//! changes). The sequence log-probabilities come from the answer rows' hidden states and the LM
-//! head through [`ops::edpo`](crate::ops::edpo), the CPU reference of the fused CUDA loss; its
-//! gradient with respect to those hidden states then flows back through the LLM and the head.
+//! The answers that appear in a pair run through the policy (keeping activations) and, once, the
+//! frozen SFE reference (memoised, since it never changes). The sequence log-probabilities come
+//! from the fused log-probability op of the op set; its gradient flows back through the LLM and
+//! the head ([`Sage::edpo_step`]).
 
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
 use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
-use crate::models::sage_step::DeviceSage;
-use crate::ops::edpo::{edpo_loss, logprob_backward, Pair};
+use crate::models::sage::Sage;
+use crate::opset::Pair;
 use crate::opset::StepOps;
 use crate::sfe::checkpoint;
 use crate::sfe::data::{epoch_pick, ExampleRef};
@@ -24,6 +23,38 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The answers of a step's instances, as [`EdpoRun::batch`] assembles them.
+pub struct EdpoBatch {
+    pub plans: Vec<crate::models::sage::SeqPlan>,
+    /// Each answer's sequence log-probability under the reference.
+    pub reference: Vec<f32>,
+    pub pairs: Vec<Pair>,
+    /// Each answer's weight in the step's loss.
+    pub scale: Vec<f32>,
+    /// Per instance: (first answer, answers, pairs).
+    groups: Vec<(usize, usize, usize)>,
+}
+
+impl EdpoBatch {
+    /// The step's loss from the pairs' margins: the mean over instances of each instance's mean
+    /// `−log σ(d)` over its pairs.
+    pub fn loss(&self, margins: &[f32]) -> f32 {
+        let mut at = 0;
+        let mut sum = 0.0f64;
+        for &(_, _, p) in &self.groups {
+            let l: f64 = margins[at..at + p].iter().map(|&d| neg_log_sigmoid(d as f64)).sum();
+            sum += l / p.max(1) as f64;
+            at += p;
+        }
+        (sum / self.groups.len().max(1) as f64) as f32
+    }
+
+    /// Answer tokens scored.
+    pub fn tokens(&self) -> usize {
+        self.plans.iter().map(|p| p.counted()).sum()
+    }
+}
 
 /// One question with its ranked answers' judge entropies.
 #[derive(Clone, Debug)]
@@ -41,16 +72,6 @@ pub struct EdpoRun {
     pub instances: Vec<Instance>,
     /// `(item, question, answer)` → the reference's sequence log-probability.
     reference_memo: HashMap<(usize, usize, usize), f32>,
-}
-
-/// What one instance contributed to a step.
-pub struct InstanceOut {
-    /// Mean over the instance's pairs of `−log σ(d)`.
-    pub loss: f32,
-    /// `d` of each pair.
-    pub margins: Vec<f32>,
-    /// Answer tokens scored under the policy.
-    pub tokens: usize,
 }
 
 impl EdpoRun {
@@ -112,87 +133,58 @@ impl EdpoRun {
         Ok(EdpoRun { cfg, out: out.to_path_buf(), base, reference, instances, reference_memo: HashMap::new() })
     }
 
-    fn instance_at(&self, g: u64) -> Instance {
+    pub fn instance_at(&self, g: u64) -> Instance {
         self.instances[epoch_pick(self.cfg.train.seed, self.instances.len(), g)].clone()
     }
 
-    /// Loss of one instance's pairs, accumulating its gradients into the trainable parameters
-    /// (`base.params[..].grad`).
-    pub fn train_instance(&mut self, inst: &Instance) -> Result<InstanceOut> {
-        self.instance_pass(inst, true)
-    }
-
-    /// The same loss as [`EdpoRun::train_instance`], computed by the same forward, without
-    /// touching any gradient (finite-difference checks of the gradient).
-    pub fn instance_loss(&mut self, inst: &Instance) -> Result<f32> {
-        Ok(self.instance_pass(inst, false)?.loss)
-    }
-
-    fn instance_pass(&mut self, inst: &Instance, backward: bool) -> Result<InstanceOut> {
-        let pairs = instance_pairs(&inst.entropies, self.cfg.edpo.pairs);
-        let mut used: Vec<usize> = pairs.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
-        used.sort_unstable();
-        used.dedup();
-        let local = |rank: usize| used.iter().position(|&u| u == rank).expect("listed");
-        let local_pairs: Vec<Pair> = pairs
-            .iter()
-            .map(|p| Pair { chosen: local(p.chosen), rejected: local(p.rejected), delta_h: p.delta_h })
-            .collect();
-        let inputs = self.base.inputs(false, inst.example)?;
-        let model = &self.base.model;
-        let d = model.llm.hidden_size();
-        let head = model.llm.output;
-        let (mut policy, mut reference, mut passes, mut lses) = (vec![], vec![], vec![], vec![]);
-        let mut tokens = 0;
-        for &rank in &used {
-            let ex = inputs.example(Some(&inputs.question.ranked_answers[rank]));
-            let key = (inst.example.item, inst.example.question, rank);
-            let rho = match self.reference_memo.get(&key) {
-                Some(&r) => r,
-                None => {
-                    let p = model.answer_forward(&self.reference, &ex, false)?;
-                    let r = model.answer_logprobs(&self.reference, &p).logp.iter().sum();
-                    self.reference_memo.insert(key, r);
-                    r
-                }
-            };
-            let pass = model.answer_forward(&self.base.params, &ex, true)?;
-            let tl = model.answer_logprobs(&self.base.params, &pass);
-            tokens += pass.answer_targets.len();
-            policy.push(tl.logp.iter().sum::<f32>());
-            reference.push(rho);
-            if backward {
-                lses.push(tl.lse);
-                passes.push(pass);
+    /// The answers of `instances` as one batch for [`Sage::edpo_step`]: every answer that appears
+    /// in a pair, its reference log-probability (memoised; the ones not seen before are computed
+    /// on `reference` now), the pairs, and each answer's weight so that the loss op's mean over all
+    /// pairs becomes the mean over instances of each instance's pair mean.
+    pub fn batch<O: StepOps>(&mut self, instances: &[Instance], reference: &Sage<O>) -> Result<EdpoBatch> {
+        let (mut plans, mut refs, mut keys, mut pairs, mut groups) = (vec![], vec![], vec![], vec![], vec![]);
+        for inst in instances {
+            let chosen = instance_pairs(&inst.entropies, self.cfg.edpo.pairs);
+            let mut used: Vec<usize> = chosen.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
+            used.sort_unstable();
+            used.dedup();
+            let first = plans.len();
+            let local = |rank: usize| first + used.iter().position(|&u| u == rank).expect("listed");
+            let inputs = self.base.inputs(false, inst.example)?;
+            for &rank in &used {
+                plans.push(self.base.model.plan(&inputs.example(Some(&inputs.question.ranked_answers[rank])))?);
+                let key = (inst.example.item, inst.example.question, rank);
+                refs.push(self.reference_memo.get(&key).copied());
+                keys.push(key);
+            }
+            pairs.extend(chosen.iter().map(|p| Pair {
+                chosen: local(p.chosen),
+                rejected: local(p.rejected),
+                delta_h: p.delta_h,
+            }));
+            groups.push((first, used.len(), chosen.len()));
+        }
+        let missing: Vec<usize> = (0..plans.len()).filter(|&i| refs[i].is_none()).collect();
+        if !missing.is_empty() {
+            let todo: Vec<_> = missing.iter().map(|&i| plans[i].clone()).collect();
+            let got = reference.ops().download_stat(&reference.answer_logprobs(&todo)?)?;
+            for (&i, &r) in missing.iter().zip(&got) {
+                refs[i] = Some(r);
+                self.reference_memo.insert(keys[i], r);
             }
         }
-        let loss = edpo_loss(&policy, &reference, &local_pairs, self.cfg.edpo.loss_config());
-        for (k, pass) in passes.iter().enumerate() {
-            let g = loss.grad_policy[k];
-            if g == 0.0 {
-                continue;
-            }
-            let grad_token = vec![g; pass.answer_targets.len()];
-            let trainable_head = self.base.params[head].trainable;
-            let (dh, dw) = logprob_backward(
-                &pass.answer_hidden,
-                &self.base.params[head].value,
-                d,
-                &pass.answer_targets,
-                &lses[k],
-                &grad_token,
-                trainable_head,
-            );
-            if let Some(dw) = dw {
-                self.base.params[head].grad.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
-            }
-            self.base.model.answer_backward(&mut self.base.params, pass, &dh)?;
+        let total_pairs = pairs.len() as f32;
+        let mut scale = vec![0.0f32; plans.len()];
+        for &(first, n, p) in &groups {
+            scale[first..first + n].fill(total_pairs / (p.max(1) as f32 * instances.len() as f32));
         }
-        Ok(InstanceOut { loss: loss.loss, margins: loss.margins, tokens })
+        let reference = refs.into_iter().map(|r| r.expect("filled above")).collect();
+        Ok(EdpoBatch { plans, reference, pairs, scale, groups })
     }
 
-    pub fn validate(&mut self, limit: usize) -> Result<ValResult> {
-        self.base.validate(limit)
+    /// The frozen reference model (the SFE weights) on `ops`; its host copy is released.
+    pub fn reference_model<O: StepOps>(&mut self, ops: O) -> Result<Sage<O>> {
+        Sage::new(ops, &self.base.model, &std::mem::take(&mut self.reference), None, None)
     }
 
     fn stage_json(&self) -> serde_json::Value {
@@ -290,21 +282,20 @@ fn neg_log_sigmoid(d: f64) -> f64 {
     (-d).max(0.0) + (-d.abs()).exp().ln_1p()
 }
 
-/// [`train`] with every step on a device op set (`CudaOps` for `--device cuda`; the CPU reference
-/// ops in the tests): the policy and a frozen copy of the SFE model as the reference live on the
-/// device; each step runs all answers of its `batch` instances as one padded batch
-/// ([`DeviceSage::edpo_step`]), each instance weighted as the CPU loop's mean of instance means.
-/// The reference log-probability of an answer is computed once and memoised on the host, as on
-/// the CPU (the only read-back before the optimizer, and only for answers not seen before). Same
-/// order, logs, validation and checkpoints as [`train`].
-pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+/// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`), on the op set `ops`
+/// (`HostOps` on the CPU, `CudaOps` for `--device cuda`): the policy and a frozen copy of the SFE
+/// model as the reference live on the op set; each step runs all answers of its `batch` instances
+/// as one padded batch ([`Sage::edpo_step`]), each instance weighted so that the loss is the mean
+/// over instances of each instance's mean over its pairs. The reference log-probability of an
+/// answer is computed once and memoised on the host (the only read-back before the optimizer,
+/// and only for answers not seen before).
+pub fn train<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
     let Start { mut trainer, step: start, mut log, state } = start_edpo(run, resume)?;
     let mut saved = state.map(|s| s.step);
-    let model = &run.base.model;
-    let mut policy = DeviceSage::new(ops.clone(), model, &run.base.params, tcfg.adamw, tcfg.max_grad_norm)?;
+    let mut policy = Sage::new(ops.clone(), &run.base.model, &run.base.params, Some(tcfg.adamw), tcfg.max_grad_norm)?;
     policy.llm.restore_optimizer(&trainer.opt.state)?;
-    let reference = DeviceSage::new(ops, model, &run.reference, tcfg.adamw, None)?;
+    let reference = run.reference_model(ops)?;
     if !quiet {
         eprintln!("edpo: training on {}", policy.llm.ops.describe());
     }
@@ -316,60 +307,14 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
     pb.set_position(start);
     for step in start..steps {
         let t0 = Instant::now();
-        let (mut plans, mut refs, mut keys, mut pairs, mut groups) = (vec![], vec![], vec![], vec![], vec![]);
-        for m in 0..batch {
-            let inst = run.instance_at(step * batch + m);
-            let chosen = instance_pairs(&inst.entropies, run.cfg.edpo.pairs);
-            let mut used: Vec<usize> = chosen.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
-            used.sort_unstable();
-            used.dedup();
-            let first = plans.len();
-            let local = |rank: usize| first + used.iter().position(|&u| u == rank).expect("listed");
-            let inputs = run.base.inputs(false, inst.example)?;
-            for &rank in &used {
-                plans.push(run.base.model.plan(&inputs.example(Some(&inputs.question.ranked_answers[rank])))?);
-                let key = (inst.example.item, inst.example.question, rank);
-                refs.push(run.reference_memo.get(&key).copied());
-                keys.push(key);
-            }
-            pairs.extend(chosen.iter().map(|p| Pair {
-                chosen: local(p.chosen),
-                rejected: local(p.rejected),
-                delta_h: p.delta_h,
-            }));
-            groups.push((first, used.len(), chosen.len()));
-        }
-        // Reference log-probabilities of the answers not seen before, on the frozen copy.
-        let missing: Vec<usize> = (0..plans.len()).filter(|&i| refs[i].is_none()).collect();
-        if !missing.is_empty() {
-            let todo: Vec<_> = missing.iter().map(|&i| plans[i].clone()).collect();
-            let got = reference.ops().download_stat(&reference.answer_logprobs(&todo)?)?;
-            for (&i, &r) in missing.iter().zip(&got) {
-                refs[i] = Some(r);
-                run.reference_memo.insert(keys[i], r);
-            }
-        }
-        let refs: Vec<f32> = refs.into_iter().map(|r| r.expect("filled above")).collect();
-        // The CPU loop averages each instance's pair mean over the batch; the loss op averages over
-        // all pairs: weigh each instance's answers by P / (P_i · batch).
-        let total_pairs = pairs.len() as f32;
-        let mut scale = vec![0.0f32; plans.len()];
-        for &(first, n, p) in &groups {
-            scale[first..first + n].fill(total_pairs / (p.max(1) as f32 * batch as f32));
-        }
-        let tokens: usize = plans.iter().map(|p| p.counted()).sum();
+        let insts: Vec<Instance> = (0..batch).map(|m| run.instance_at(step * batch + m)).collect();
+        let b = run.batch(&insts, &reference)?;
         let lr = tcfg.schedule.lr(policy.llm.steps());
-        let (margins, grad_norm) = policy.edpo_step(&plans, &refs, &pairs, &scale, loss_cfg, lr)?;
+        let (margins, grad_norm) = policy.edpo_step(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, lr)?;
         let secs = t0.elapsed().as_secs_f64();
-        let mut at = 0;
-        let mut loss_sum = 0.0f64;
-        for &(_, _, p) in &groups {
-            let l: f64 = margins[at..at + p].iter().map(|&d| neg_log_sigmoid(d as f64)).sum();
-            loss_sum += l / p.max(1) as f64;
-            at += p;
-        }
+        let tokens = b.tokens();
         let done = step + 1;
-        let loss = if guard::test_poisons(done) { f32::NAN } else { (loss_sum / batch as f64) as f32 };
+        let loss = if guard::test_poisons(done) { f32::NAN } else { b.loss(&margins) };
         guard::check_step(done, loss, grad_norm, saved)?;
         let line = StepLog::new(done, loss, &margins, lr, grad_norm, tokens, secs);
         if checkpoint_due(&run.cfg.train, done) {
@@ -377,7 +322,7 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
             trainer.opt.state = policy.llm.optimizer_state()?;
         }
         let out = &run.out;
-        let validate = |b: &mut Run, n| b.validate_on(n, Some(&policy));
+        let validate = |b: &mut Run, n| b.validate(n, &policy);
         finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, loss, done, validate, |b| {
             checkpoint::save(out, done, &b.params, &trainer, &b.cfg, Some(&stage))
         })?;
@@ -386,48 +331,6 @@ pub fn train_on<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, qui
         }
     }
     pb.finish_and_clear();
-    let val = run.base.validate_on(run.cfg.train.val_questions, Some(&policy))?;
-    finish_training(run, val)
-}
-
-/// Trains from the SFE run, or from the checkpoint in `run.out` (`resume`).
-pub fn train(run: &mut EdpoRun, resume: bool, quiet: bool) -> Result<Outcome> {
-    let Start { mut trainer, step: start, mut log, state } = start_edpo(run, resume)?;
-    let mut saved = state.map(|s| s.step);
-    let steps = run.cfg.train.steps;
-    let batch = run.cfg.train.batch.max(1) as u64;
-    let stage = run.stage_json();
-    let pb = crate::util::progress_bar(steps, "edpo", quiet);
-    pb.set_position(start);
-    for step in start..steps {
-        let t0 = Instant::now();
-        let (mut loss_sum, mut tokens, mut margins) = (0.0f32, 0usize, Vec::new());
-        let mut report = None;
-        for m in 0..batch {
-            let inst = run.instance_at(step * batch + m);
-            let o = run.train_instance(&inst)?;
-            loss_sum += o.loss;
-            tokens += o.tokens;
-            margins.extend(o.margins);
-            if m + 1 == batch && guard::test_poisons(step + 1) {
-                guard::poison_gradient(&mut run.base.params);
-            }
-            report = trainer.micro_step(&mut run.base.params);
-        }
-        let report = report.expect("the last micro-batch of a step steps the optimizer");
-        let secs = t0.elapsed().as_secs_f64();
-        let loss = loss_sum / batch as f32;
-        guard::check_step(step + 1, loss, report.grad_norm, saved)?;
-        let line = StepLog::new(step + 1, loss, &margins, report.lr, report.grad_norm, tokens, secs);
-        let out = &run.out;
-        finish_step(&mut run.base, &run.cfg.train, &mut log, &pb, &line, loss, step + 1, Run::validate, |b| {
-            checkpoint::save(out, step + 1, &b.params, &trainer, &b.cfg, Some(&stage))
-        })?;
-        if checkpoint_due(&run.cfg.train, step + 1) {
-            saved = Some(step + 1);
-        }
-    }
-    pb.finish_and_clear();
-    let val = run.validate(run.cfg.train.val_questions)?;
+    let val = run.base.validate(run.cfg.train.val_questions, &policy)?;
     finish_training(run, val)
 }

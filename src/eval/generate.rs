@@ -8,10 +8,9 @@ use crate::assets::Asset;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::data::sample::{Label, Question, Sample};
 use crate::facts::FactSet;
-use crate::models::llama::Sampling;
-use crate::models::sage::{FactsMode, SageConfig};
-use crate::models::sage_model::{Example, SageModel};
-use crate::models::sage_step::DeviceSage;
+use crate::backend::cpu::HostOps;
+use crate::models::sage::{Example, FactsMode, Sage, SageConfig, SageModel};
+use crate::models::sampling::Sampling;
 use crate::ops::similarity::mincos_topk;
 use crate::opset::Buffers;
 use crate::sfe::checkpoint;
@@ -32,8 +31,15 @@ pub struct Evaluator {
     pub max_tokens: usize,
     /// What was loaded, for the report.
     pub describe: String,
-    /// The model on the GPU (`--device cuda`), which then answers instead of the CPU model.
-    device: Option<DeviceSage<CudaOps>>,
+    /// The model on its op set, built at the first answer (or by [`Evaluator::use_gpu`]); the
+    /// host copy of the weights in `params` is dropped then.
+    answerer: Option<Answerer>,
+}
+
+/// The model on the op set that answers.
+enum Answerer {
+    Cpu(Sage<HostOps>),
+    Cuda(Sage<CudaOps>),
 }
 
 /// The text of a question as the model sees it: multiple-choice questions list their options
@@ -63,7 +69,7 @@ impl Evaluator {
             }
             None if baseline => (
                 SageConfig { facts: FactsMode::None, ..SageConfig::default() },
-                crate::models::llama_train::Finetune::Full,
+                crate::models::llama::Finetune::Full,
                 0,
                 None,
                 None,
@@ -88,9 +94,6 @@ impl Evaluator {
             }
             _ => format!("untrained baseline (facts = {:?})", head.facts),
         };
-        // Evaluation never takes a gradient: drop the buffers (a fully fine-tuned LLM's would
-        // double its memory).
-        params.set_trainable_where(|_| true, false);
         let facts_file = facts.map(Path::to_path_buf).or(facts_path);
         let facts = match (head.facts, facts_file) {
             (FactsMode::None, _) => FactSet::default(),
@@ -110,16 +113,27 @@ impl Evaluator {
             shots: 1,
             max_tokens: 64,
             describe,
-            device: None,
+            answerer: None,
         })
     }
 
     /// Answers on `gpu` from now on (the weights are copied there, frozen); the anomaly maps and
     /// the encoder stay on the CPU.
     pub fn use_gpu(&mut self, gpu: std::sync::Arc<crate::backend::cuda::Gpu>) -> Result<()> {
-        let dev = DeviceSage::new(CudaOps::new(gpu), &self.model, &self.params, Default::default(), None)?;
+        anyhow::ensure!(self.answerer.is_none(), "use_gpu must come before the first answer");
+        let dev = Sage::new(CudaOps::new(gpu), &self.model, &std::mem::take(&mut self.params), None, None)?;
         self.describe = format!("{} on {}", self.describe, dev.llm.ops.describe());
-        self.device = Some(dev);
+        self.answerer = Some(Answerer::Cuda(dev));
+        Ok(())
+    }
+
+    /// Builds the model that answers on the CPU op set, unless [`Evaluator::use_gpu`] put it on
+    /// the GPU.
+    fn ensure_answerer(&mut self) -> Result<()> {
+        if self.answerer.is_none() {
+            let cpu = Sage::new(HostOps, &self.model, &std::mem::take(&mut self.params), None, None)?;
+            self.answerer = Some(Answerer::Cpu(cpu));
+        }
         Ok(())
     }
 
@@ -164,9 +178,10 @@ impl Evaluator {
                     answer: None,
                 })
                 .collect();
-            let answers = match &self.device {
-                Some(dev) => dev.answer_batch(&self.model, &exs, self.max_tokens, greedy),
-                None => self.model.answer_batch(&self.params, &exs, self.max_tokens, greedy),
+            self.ensure_answerer()?;
+            let answers = match self.answerer.as_ref().expect("built above") {
+                Answerer::Cpu(m) => m.answer_batch(&self.model, &exs, self.max_tokens, greedy),
+                Answerer::Cuda(m) => m.answer_batch(&self.model, &exs, self.max_tokens, greedy),
             }
             .with_context(|| format!("answering the questions of item {}", s.id))?;
             for (question, (answer, _)) in answers.into_iter().enumerate() {

@@ -5,12 +5,9 @@ pub mod bert;
 pub mod efficientnet;
 pub mod imagenet;
 pub mod llama;
-pub mod llama_step;
-pub mod llama_train;
 pub mod random_init;
 pub mod sage;
-pub mod sage_model;
-pub mod sage_step;
+pub mod sampling;
 
 use crate::tensor::Tensor;
 use anyhow::Result;

@@ -44,14 +44,20 @@ pub fn clip_rule(sumsq: f64, max_norm: Option<f32>) -> [f32; 3] {
 
 /// AdamW and the clipping factor, computed on the device.
 pub trait Optimizer: Buffers {
+    /// Whether a trainable tensor needs an fp32 master beside its working copy: `true` where
+    /// [`Buffers::Buf`] is narrower than fp32 (bf16 on the GPU); `false` where the working copy
+    /// is fp32 and serves as its own master (the CPU), which saves a copy of every weight.
+    const SEPARATE_MASTER: bool;
+
     /// One AdamW update of the fp32 master `x` (and moments `m`, `v`) that also refreshes `w`,
-    /// the working copy the ops read, from the gradient times `clip[0]`; nothing changes when
+    /// the working copy the ops read (with `x = None`, of `w` itself, which must then be fp32:
+    /// `SEPARATE_MASTER` false), from the gradient times `clip[0]`; nothing changes when
     /// `clip[1]` is non-zero (a non-finite gradient norm: the step is skipped). `clip` is what
     /// [`Optimizer::clip_factor`] makes.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
-        x: &mut Self::Stat,
+        x: Option<&mut Self::Stat>,
         grad: GradRef<'_, Self>,
         m: &mut Self::Stat,
         v: &mut Self::Stat,

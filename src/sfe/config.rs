@@ -2,7 +2,7 @@
 //! range-checked ([`CheckRanges`]).
 
 use crate::config::{CheckRanges, RangeCheck};
-use crate::models::llama_train::Finetune;
+use crate::models::llama::Finetune;
 use crate::models::sage::SageConfig;
 use crate::train::{AdamWConfig, CosineSchedule, TrainConfig};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 
 use crate::data::{adpl, Sample};
 use crate::models::efficientnet::PatchTokens;
-use crate::models::sage_model::SageModel;
+use crate::models::sage::SageModel;
 use crate::train::{streams, SeedRng};
 use crate::user_err;
 use anyhow::{Context, Result};

@@ -1,19 +1,18 @@
-//! The SFE loop: examples in a seeded order, one backward per example, an optimizer step every
-//! `batch` examples, JSONL logs, periodic validation, atomic checkpoints and exact resume.
+//! The SFE loop: examples in a seeded order, `batch` of them a step on the op set, JSONL logs,
+//! periodic validation, atomic checkpoints and exact resume.
 
 use super::checkpoint;
 use super::config::SfeConfig;
 use super::data::{ExampleRef, Split, TokenCache};
 use crate::assets::Asset;
-use crate::backend::cpu::HostOps;
 use crate::data::sample::conclusion;
 use crate::data::Question;
 use crate::facts::FactSet;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::llama::Sampling;
+use crate::models::sampling::Sampling;
 use crate::models::sage::FactsMode;
-use crate::models::sage_model::{Example, SageModel};
-use crate::models::sage_step::DeviceSage;
+use crate::models::sage::{Example, SageModel};
+use crate::models::sage::Sage;
 use crate::opset::StepOps;
 use crate::train::{guard, streams, ParamSet, SeedRng, Trainer};
 use crate::user_err;
@@ -134,21 +133,9 @@ impl Run {
         Ok(Inputs { test, reference, facts, question })
     }
 
-    /// Loss and gradients of one training example (target: the best-ranked answer).
-    fn train_example(&mut self, e: ExampleRef) -> Result<(f32, usize)> {
-        let i = self.inputs(false, e)?;
-        let ex = i.example(Some(&i.question.ranked_answers[0]));
-        self.model.loss(&mut self.params, &ex, true)
-    }
-
-    /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding.
-    pub fn validate(&mut self, limit: usize) -> Result<ValResult> {
-        self.validate_on::<HostOps>(limit, None)
-    }
-
-    /// [`Run::validate`], answered by `device` (a copy of the model on a device op set, 16
-    /// questions a batch) when given, else by the CPU model one question at a time.
-    pub fn validate_on<O: StepOps>(&mut self, limit: usize, device: Option<&DeviceSage<O>>) -> Result<ValResult> {
+    /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding, answered
+    /// by `model` (the run's model on an op set), 16 questions a batch.
+    pub fn validate<O: StepOps>(&mut self, limit: usize, model: &Sage<O>) -> Result<ValResult> {
         let mut picks: Vec<ExampleRef> = self.val.examples.clone();
         SeedRng::new(self.cfg.train.seed, streams::SAMPLING).shuffle(&mut picks);
         if limit > 0 {
@@ -156,7 +143,7 @@ impl Run {
         }
         let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let (mut right, mut unparsed, mut yes) = (0usize, 0usize, 0usize);
-        for chunk in picks.chunks(if device.is_some() { 16 } else { 1 }) {
+        for chunk in picks.chunks(16) {
             let mut inputs = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let i = self.inputs(true, *e)?;
@@ -167,12 +154,8 @@ impl Run {
                 inputs.push((i, truth));
             }
             let exs: Vec<Example> = inputs.iter().map(|(i, _)| i.example(None)).collect();
-            let texts: Vec<String> = match device {
-                Some(dev) => dev.answer_batch(&self.model, &exs, 3, greedy)?.into_iter().map(|(t, _)| t).collect(),
-                None => {
-                    exs.iter().map(|ex| Ok(self.model.answer(&self.params, ex, 3, greedy)?.0)).collect::<Result<_>>()?
-                }
-            };
+            let texts: Vec<String> =
+                model.answer_batch(&self.model, &exs, 3, greedy)?.into_iter().map(|(t, _)| t).collect();
             for (text, (_, truth)) in texts.iter().zip(&inputs) {
                 match conclusion(text) {
                     Some(c) => right += (c == *truth) as usize,
@@ -415,17 +398,24 @@ pub(crate) fn checkpoint_due(train: &super::config::TrainSection, done: u64) -> 
     done.is_multiple_of(train.checkpoint_every.max(1)) || done == train.steps
 }
 
-/// [`train`] with every step on a device op set ([`DeviceSage`]: `CudaOps` for the GPU; the CPU
-/// reference ops in the tests): the same example order, loss, schedule, clipping, logs and
-/// checkpoints (the weights and optimizer state are copied back to the host when a checkpoint is
-/// due), and validation answered on the device, so a run may be resumed on either engine.
-pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+/// The freshly initialised model's validation (`sage sfe --eval-only`), answered on `ops`.
+pub fn validate_untrained<O: StepOps>(run: &mut Run, ops: O) -> Result<ValResult> {
+    let model = Sage::new(ops, &run.model, &run.params, None, None)?;
+    run.validate(run.cfg.train.val_questions, &model)
+}
+
+/// Trains from scratch or from the checkpoint in `run.out` (`resume`), every step on the op set
+/// `ops` (`HostOps` on the CPU, `CudaOps` on the GPU): examples in a seeded order, `batch` of them
+/// a step, the schedule, clipping, logs and checkpoints (the weights and optimizer state are
+/// copied back to the host when a checkpoint is due), and validation answered by the same model,
+/// so a run may be resumed on either backend.
+pub fn train<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
     let tcfg = run.cfg.train.trainer_config();
     let Start { mut trainer, step: start, mut log, state } = start_run(&run.out, &mut run.params, tcfg, resume)?;
     if let Some(state) = &state {
         check_resume_config(&run.out, state, &run.cfg)?;
     }
-    let mut dev = DeviceSage::new(ops, &run.model, &run.params, tcfg.adamw, tcfg.max_grad_norm)?;
+    let mut dev = Sage::new(ops, &run.model, &run.params, Some(tcfg.adamw), tcfg.max_grad_norm)?;
     dev.llm.restore_optimizer(&trainer.opt.state)?;
     if !quiet {
         eprintln!("sfe: training on {}", dev.llm.ops.describe());
@@ -459,7 +449,7 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         let line =
             StepLog { step: done, loss, lr, grad_norm, tokens, tokens_per_second: tokens as f64 / secs, seconds: secs };
         let train = run.cfg.train.clone();
-        let validate = |r: &mut Run, n| r.validate_on(n, Some(&dev));
+        let validate = |r: &mut Run, n| r.validate(n, &dev);
         finish_step(run, &train, &mut log, &pb, &line, loss, done, validate, |r| {
             checkpoint::save(&r.out, done, &r.params, &trainer, &r.cfg, None)
         })?;
@@ -468,58 +458,6 @@ pub fn train_on<O: StepOps>(run: &mut Run, ops: O, resume: bool, quiet: bool) ->
         }
     }
     pb.finish_and_clear();
-    let val = run.validate_on(run.cfg.train.val_questions, Some(&dev))?;
-    finish_training(run, val)
-}
-
-/// Trains from scratch or from the checkpoint in `run.out` (`resume`).
-pub fn train(run: &mut Run, resume: bool, quiet: bool) -> Result<Outcome> {
-    let tcfg = run.cfg.train.trainer_config();
-    let Start { mut trainer, step: start, mut log, state } = start_run(&run.out, &mut run.params, tcfg, resume)?;
-    if let Some(state) = &state {
-        check_resume_config(&run.out, state, &run.cfg)?;
-    }
-    let steps = run.cfg.train.steps;
-    let batch = run.cfg.train.batch.max(1) as u64;
-    let pb = crate::util::progress_bar(steps, "sfe", quiet);
-    pb.set_position(start);
-    let mut saved = state.as_ref().map(|s| s.step);
-    for step in start..steps {
-        let t0 = Instant::now();
-        let (mut loss_sum, mut tokens) = (0.0f32, 0usize);
-        let mut report = None;
-        for m in 0..batch {
-            let e = run.example_at(step * batch + m);
-            let (loss, n) = run.train_example(e)?;
-            loss_sum += loss;
-            tokens += n;
-            if m + 1 == batch && guard::test_poisons(step + 1) {
-                guard::poison_gradient(&mut run.params);
-            }
-            report = trainer.micro_step(&mut run.params);
-        }
-        let report = report.expect("the last micro-batch of a step steps the optimizer");
-        let secs = t0.elapsed().as_secs_f64();
-        let loss = loss_sum / batch as f32;
-        guard::check_step(step + 1, loss, report.grad_norm, saved)?;
-        let line = StepLog {
-            step: step + 1,
-            loss,
-            lr: report.lr,
-            grad_norm: report.grad_norm,
-            tokens,
-            tokens_per_second: tokens as f64 / secs,
-            seconds: secs,
-        };
-        let train = run.cfg.train.clone();
-        finish_step(run, &train, &mut log, &pb, &line, loss, step + 1, Run::validate, |r| {
-            checkpoint::save(&r.out, step + 1, &r.params, &trainer, &r.cfg, None)
-        })?;
-        if checkpoint_due(&train, step + 1) {
-            saved = Some(step + 1);
-        }
-    }
-    pb.finish_and_clear();
-    let val = run.validate(run.cfg.train.val_questions)?;
+    let val = run.validate(run.cfg.train.val_questions, &dev)?;
     finish_training(run, val)
 }

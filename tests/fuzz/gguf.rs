@@ -274,8 +274,9 @@ fn mutate_gguf(data: &[u8], rng: &mut FuzzRng) -> Vec<u8> {
 
 fn run(p: &Path) -> anyhow::Result<()> {
     use sage::formats::chat_template::Message;
-    use sage::models::llama::{ChatModel, Sampling};
-    let m = ChatModel::load(p, 256)?;
+    use sage::models::llama::ChatModel;
+    use sage::models::sampling::Sampling;
+    let m = ChatModel::load(sage::backend::cpu::HostOps, p, 256)?;
     m.chat(&[Message::new("user", "Hi!")], 2, Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }, |_| {})?;
     Ok(())
 }

@@ -5,10 +5,11 @@
 //! Config (JSON): `efficientnet` and `llm` paths (default: the assets), `max_positions` (2048).
 
 use sage::assets::Asset;
+use sage::backend::cpu::HostOps;
 use sage::formats::chat_template::Message;
 use sage::formats::gguf::Gguf;
 use sage::models::efficientnet::{EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
-use sage::models::llama::{ChatModel, LlamaConfig, Sampling};
+use sage::models::llama::{ChatModel, LlamaConfig}; use sage::models::sampling::Sampling;
 use sage_plugin_sdk::{sage_plugin, F32View, F32ViewMut, Plugin, PluginError, PluginResult};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -59,7 +60,7 @@ struct Lite {
     llm: PathBuf,
     max_positions: usize,
     vision: Option<EfficientNetLite>,
-    chat: Option<ChatModel>,
+    chat: Option<ChatModel<HostOps>>,
 }
 
 fn io(e: anyhow::Error) -> PluginError {
@@ -144,7 +145,7 @@ impl Plugin for Lite {
             ))
         })?;
         if self.chat.is_none() {
-            self.chat = Some(ChatModel::load(&self.llm, self.max_positions).map_err(io)?);
+            self.chat = Some(ChatModel::load(HostOps, &self.llm, self.max_positions).map_err(io)?);
         }
         let chat = self.chat.as_ref().expect("loaded above");
         let mut messages = Vec::new();

@@ -19,6 +19,7 @@ use crate::opset::{
     DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair,
 };
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// The op set on the CPU reference ops (f32 throughout): the step's orchestration checked against
 /// `TrainableLlama`, op for op the same arithmetic.
@@ -527,9 +528,11 @@ impl Losses for HostOps {
 }
 
 impl Optimizer for HostOps {
+    const SEPARATE_MASTER: bool = false;
+
     fn adamw(
         &self,
-        x: &mut Vec<f32>,
+        x: Option<&mut Vec<f32>>,
         grad: GradRef<'_, Self>,
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
@@ -546,14 +549,25 @@ impl Optimizer for HostOps {
         }
         let decay = if decay { s.decay_factor } else { 1.0 };
         let factor = clip[0];
-        for i in 0..x.len() {
-            let gi = if factor == 1.0 { g[i] } else { g[i] * factor };
-            x[i] *= decay;
-            m[i] = s.b1 * m[i] + s.c1 * gi;
-            v[i] = s.b2 * v[i] + s.c2 * gi * gi;
-            x[i] -= s.step_size * m[i] / (v[i].sqrt() / s.bc2_sqrt + s.eps);
+        // f32 working copies are their own masters; a separate one is kept in step with them.
+        let mut update = |x: &mut [f32]| {
+            x.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).with_min_len(4096).for_each(
+                |(((x, m), v), &g)| {
+                    let gi = if factor == 1.0 { g } else { g * factor };
+                    *x *= decay;
+                    *m = s.b1 * *m + s.c1 * gi;
+                    *v = s.b2 * *v + s.c2 * gi * gi;
+                    *x -= s.step_size * *m / (v.sqrt() / s.bc2_sqrt + s.eps);
+                },
+            );
+        };
+        match x {
+            Some(x) => {
+                update(x);
+                w.copy_from_slice(x);
+            }
+            None => update(w),
         }
-        w.copy_from_slice(x);
         Ok(())
     }
 

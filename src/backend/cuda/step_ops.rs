@@ -387,9 +387,11 @@ impl Losses for CudaOps {
 }
 
 impl Optimizer for CudaOps {
+    const SEPARATE_MASTER: bool = true;
+
     fn adamw(
         &self,
-        x: &mut Self::Stat,
+        x: Option<&mut Self::Stat>,
         grad: GradRef<'_, Self>,
         m: &mut Self::Stat,
         v: &mut Self::Stat,
@@ -398,6 +400,8 @@ impl Optimizer for CudaOps {
         decay: bool,
         clip: &Self::Stat,
     ) -> Result<()> {
+        // The working copy is bf16: the update runs on the fp32 master.
+        let x = x.ok_or_else(|| anyhow::anyhow!("AdamW on bf16 weights needs an fp32 master"))?;
         llm::adamw_step_mixed(&self.gpu, x, mixed(grad), m, v, w, s, decay, clip)
     }
 

@@ -1,27 +1,33 @@
-//! The LLaMA fine-tuning step on a device op set ([`StepOps`]): the forward, cross-entropy,
-//! backward and AdamW of [`TrainableLlama`], over a batch of equal-length sequences at once, with
-//! every buffer on the device and no wait for the host inside the step (the loss and gradient
-//! norm are read after the optimizer's launches are queued).
+//! The LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or separate LM
+//! head), written once against the op set ([`StepOps`]): the same model trains, scores and
+//! generates on the CPU (`backend::cpu::HostOps`, f32) and on the GPU (`CudaOps`: bf16 weights,
+//! activations and weight gradients, fp32 statistics, masters and moments).
 //!
-//! It mirrors `llama_train.rs` op for op (same names, same order, the residual stream's gradient
-//! passed the same way, LoRA adapters as `y = x·Wᵀ + (scale·x·Aᵀ)·Bᵀ`), so that
-//! [`HostOps`](crate::backend::cpu::HostOps) reproduces `TrainableLlama`'s loss and gradients
-//! (tested below) and the CUDA op set differs from it only by its bf16 rounding. On the GPU:
-//! weights, activations and gradients bf16 (cuBLASLt writes the weight gradients in bf16),
-//! norm-weight and bias gradients, master weights and AdamW moments fp32. Frozen tensors (LoRA's
-//! base weights) get neither a gradient nor optimizer state.
+//! - [`config`]: the hyperparameters, read from GGUF and validated against the tensors;
+//! - [`weights`]: where each tensor sits in a [`ParamSet`] under its GGUF name, LoRA adapters,
+//!   merged and adapter-only checkpoints;
+//! - this file: the forward over a batch of equal-length sequences, the cross-entropy, the
+//!   backward and the clipped AdamW step, with no wait for the host inside a step (the loss and
+//!   gradient norm are read after the optimizer's launches are queued);
+//! - [`decode`]: the KV cache, prefill, single-query decode steps and batched generation;
+//! - [`chat`]: a chat model (tokenizer, template, streaming generation) on top.
 //!
-//! The step takes token ids ([`DeviceLlama::forward_backward`]) or input rows that the caller
-//! built ([`DeviceLlama::forward_backward_rows`], the SAGE model's image, fact and text tokens,
-//! `models::sage_step`), and the optimizer ([`DeviceLlama::apply`]) clips the global gradient
-//! norm on the device as `train::Trainer` does on the host. Extra tensors (the SAGE head) join
-//! the same parameter list through [`DeviceLlama::add_param`].
-//!
-//! Generation with a KV cache (prefill through this forward, then single-query decode steps) is
-//! the child module `decode` ([`DeviceLlama::generate_rows`], [`KvCache`]).
+//! A step takes token ids ([`Llama::forward_backward`]) or input rows that the caller built
+//! ([`Llama::forward_backward_rows`]: the SAGE model's image, fact and text rows), and the
+//! optimizer ([`Llama::apply`]) clips the global gradient norm on the device. Extra tensors (the
+//! SAGE head) join the same parameter list through [`Llama::add_param`]. LoRA adapters run as
+//! `y = x·Wᵀ + (scale·x·Aᵀ)·Bᵀ`; frozen tensors get neither a gradient nor optimizer state.
 
-use super::llama::LlamaConfig;
-use super::llama_train::{Linear, TrainableLlama};
+pub mod chat;
+pub mod config;
+mod decode;
+pub mod weights;
+
+pub use chat::{ChatModel, Generation};
+pub use config::LlamaConfig;
+pub use decode::KvCache;
+pub use weights::{Block, Finetune, Linear, LlamaParams, LoraAdapter, LINEAR_NAMES};
+
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
 use crate::opset::{CausalShape, GradRef, StepOps};
@@ -30,19 +36,18 @@ use crate::user_bail;
 use anyhow::{bail, Result};
 use decode::CacheFill;
 
-mod decode;
-pub use decode::KvCache;
 
-/// The optimizer's view of a trainable tensor: fp32 master and moments.
+/// The optimizer's view of a trainable tensor: the moments and, where the working copy is not
+/// fp32 ([`Optimizer::SEPARATE_MASTER`]), an fp32 master.
 struct OptState<O: StepOps> {
-    master: O::Stat,
+    master: Option<O::Stat>,
     m: O::Stat,
     v: O::Stat,
 }
 
-/// One tensor on the device: the working copy the ops read and, when trainable, its optimizer
+/// One tensor on the op set: the working copy the ops read and, when trainable, its optimizer
 /// state.
-pub struct DeviceParam<O: StepOps> {
+pub struct OpParam<O: StepOps> {
     pub name: String,
     pub numel: usize,
     w: O::Buf,
@@ -50,7 +55,7 @@ pub struct DeviceParam<O: StepOps> {
     decay: bool,
 }
 
-impl<O: StepOps> DeviceParam<O> {
+impl<O: StepOps> OpParam<O> {
     pub fn trainable(&self) -> bool {
         self.opt.is_some()
     }
@@ -74,7 +79,7 @@ impl<O: StepOps> Grad<O> {
     }
 }
 
-/// A linear layer: indices into [`DeviceLlama::params`], and its adapter.
+/// A linear layer: indices into [`Llama::params`], and its adapter.
 struct LinearIds {
     w: usize,
     in_f: usize,
@@ -118,7 +123,7 @@ struct BlockActs<O: StepOps> {
     lora: [Option<O::Buf>; 7],
 }
 
-/// A [`DeviceLlama::forward_rows`]: the final hidden states `[batch·T, d]` and what the backward
+/// A [`Llama::forward_rows`]: the final hidden states `[batch·T, d]` and what the backward
 /// needs.
 pub struct RowsForward<O: StepOps> {
     acts: Vec<BlockActs<O>>,
@@ -145,36 +150,38 @@ impl<O: StepOps> StepGrads<O> {
     }
 }
 
-/// What [`DeviceLlama::apply`] queued: the clipping it applied, read back by
-/// [`DeviceLlama::finish`].
+/// What [`Llama::apply`] queued: the clipping it applied, read back by
+/// [`Llama::finish`].
 pub struct Applied<O: StepOps> {
     clip: O::Stat,
 }
 
-pub struct DeviceLlama<O: StepOps> {
+pub struct Llama<O: StepOps> {
     pub ops: O,
     pub config: LlamaConfig,
-    pub params: Vec<DeviceParam<O>>,
+    pub params: Vec<OpParam<O>>,
     token_embd: usize,
     blocks: Vec<BlockIds>,
     output_norm: usize,
     output: usize,
     rope: (O::Stat, O::Stat),
-    adamw: AdamWConfig,
+    /// `None`: an inference model, where nothing trains and no optimizer state is held.
+    adamw: Option<AdamWConfig>,
     /// Clip the global gradient norm to this (`None`: never).
     pub max_grad_norm: Option<f32>,
     step: u64,
 }
 
-impl<O: StepOps> DeviceLlama<O> {
-    /// Copies `model`'s weights (from `params`) to the device: trainable tensors with fp32
-    /// masters and zero moments, frozen ones (LoRA's base weights) as working copies only.
-    pub fn new(ops: O, model: &TrainableLlama, params: &ParamSet, adamw: AdamWConfig) -> Result<DeviceLlama<O>> {
+impl<O: StepOps> Llama<O> {
+    /// Copies `model`'s weights (from `params`) to the op set. With `adamw`, trainable tensors get
+    /// zero moments (and fp32 masters where the working copy is not fp32), frozen ones (LoRA's
+    /// base weights) are working copies only; without it (inference) every tensor is frozen.
+    pub fn new(ops: O, model: &LlamaParams, params: &ParamSet, adamw: Option<AdamWConfig>) -> Result<Llama<O>> {
         let rope = {
             let (cos, sin) = model.rope_table().tables();
             ops.rope_tables(cos, sin, model.config.head_dim / 2)?
         };
-        let mut dev = DeviceLlama {
+        let mut dev = Llama {
             ops,
             config: model.config.clone(),
             params: Vec::new(),
@@ -220,19 +227,19 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 
     /// Uploads one more tensor (e.g. the SAGE head's) into the parameter list the optimizer,
-    /// clipping and [`DeviceLlama::download_into`] walk; returns its index.
+    /// clipping and [`Llama::download_into`] walk; returns its index.
     pub fn add_param(&mut self, p: &Param) -> Result<usize> {
         let o = &self.ops;
-        let opt = if p.trainable {
+        let opt = if p.trainable && self.adamw.is_some() {
             Some(OptState {
-                master: o.upload_stat(&p.value)?,
+                master: if O::SEPARATE_MASTER { Some(o.upload_stat(&p.value)?) } else { None },
                 m: o.stat_zeros(p.numel())?,
                 v: o.stat_zeros(p.numel())?,
             })
         } else {
             None
         };
-        self.params.push(DeviceParam {
+        self.params.push(OpParam {
             name: p.name.clone(),
             numel: p.numel(),
             w: o.upload(&p.value)?,
@@ -242,7 +249,21 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(self.params.len() - 1)
     }
 
-    /// Optimizer steps taken (skipped ones not counted, as in `train::AdamW`).
+    /// Overwrites parameter `i` (its working copy and fp32 master) with `values`, e.g. to probe a
+    /// loss at moved weights.
+    pub fn write_param(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        let p = &mut self.params[i];
+        if values.len() != p.numel {
+            bail!("parameter `{}` has {} values, got {}", p.name, p.numel, values.len());
+        }
+        p.w = self.ops.upload(values)?;
+        if let Some(master) = p.opt.as_mut().and_then(|st| st.master.as_mut()) {
+            *master = self.ops.upload_stat(values)?;
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps taken (skipped ones not counted).
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -259,6 +280,11 @@ impl<O: StepOps> DeviceLlama<O> {
     /// The token embedding table's index (the SAGE step embeds its text tokens with it).
     pub fn token_embd(&self) -> usize {
         self.token_embd
+    }
+
+    /// The token table's rows of `ids`, `[ids.len(), d]`.
+    pub fn embed_tokens(&self, ids: &[u32]) -> Result<O::Buf> {
+        self.ops.embed(self.w(self.token_embd), ids, self.config.hidden_size)
     }
 
     fn shape(&self, batch: usize, seq: usize) -> CausalShape {
@@ -296,7 +322,7 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(())
     }
 
-    /// [`DeviceLlama::forward_backward`] from input rows `x [batch·T, d]`: the loss is
+    /// [`Llama::forward_backward`] from input rows `x [batch·T, d]`: the loss is
     /// `−Σ_n seq_weights[n]·Σ_t log p(target)` over the `seq_weights.len()` sequences. Returns
     /// the gradients and `∂loss/∂x`.
     pub fn forward_backward_rows(
@@ -322,13 +348,13 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 
     /// The decoder over input rows `x [batch·T, d]` (`targets` only checked here): the final
-    /// hidden states, and, with `keep`, what [`DeviceLlama::backward_rows`] needs (inference
+    /// hidden states, and, with `keep`, what [`Llama::backward_rows`] needs (inference
     /// drops each block's activations as it goes).
     pub fn forward_rows(&self, x: O::Buf, targets: &[u32], batch: usize, keep: bool) -> Result<RowsForward<O>> {
         self.forward_rows_filling(x, targets, batch, keep, None)
     }
 
-    /// [`DeviceLlama::forward_rows`], appending each block's rotated keys and values to a cache
+    /// [`Llama::forward_rows`], appending each block's rotated keys and values to a cache
     /// when given one (the prefill of `decode`).
     fn forward_rows_filling(
         &self,
@@ -386,7 +412,7 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(RowsForward { acts, kept: keep, x_out: x, rstd_f, hidden, rows, shape })
     }
 
-    /// The backward of [`DeviceLlama::forward_rows`] from `∂loss/∂hidden` (and the LM head's
+    /// The backward of [`Llama::forward_rows`] from `∂loss/∂hidden` (and the LM head's
     /// gradient, which the loss op computes): the gradients by parameter index and `∂loss/∂x`.
     pub fn backward_rows(
         &self,
@@ -453,7 +479,7 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok((y, Some(u)))
     }
 
-    /// Backward of [`DeviceLlama::linear`] from `dy`: `dx` (new, or added to `acc`), and the
+    /// Backward of [`Llama::linear`] from `dy`: `dx` (new, or added to `acc`), and the
     /// weight and adapter gradients of whatever is trainable.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -531,7 +557,7 @@ impl<O: StepOps> DeviceLlama<O> {
 
     /// One optimizer step over every parameter with a gradient: the global gradient norm and the
     /// clipping factor are computed on the device, then AdamW at `lr` (skipped on a non-finite
-    /// norm). Queues the work; [`DeviceLlama::finish`] reads the norm back.
+    /// norm). Queues the work; [`Llama::finish`] reads the norm back.
     pub fn apply(&mut self, grads: Vec<Option<Grad<O>>>, lr: f32) -> Result<Applied<O>> {
         let mut sumsq = self.ops.stat_zeros(1)?;
         for g in grads.iter().flatten() {
@@ -539,16 +565,17 @@ impl<O: StepOps> DeviceLlama<O> {
         }
         let clip = self.ops.clip_factor(&sumsq, self.max_grad_norm)?;
         self.step += 1;
-        let s = AdamWScalars::new(&self.adamw, self.step, lr);
-        let DeviceLlama { ops, params, .. } = self;
+        let Some(adamw) = &self.adamw else { bail!("an inference model (built without an optimizer) cannot step") };
+        let s = AdamWScalars::new(adamw, self.step, lr);
+        let Llama { ops, params, .. } = self;
         for (p, g) in params.iter_mut().zip(&grads) {
             let (Some(g), Some(st)) = (g, p.opt.as_mut()) else { continue };
-            ops.adamw(&mut st.master, g.as_ref(), &mut st.m, &mut st.v, &mut p.w, &s, p.decay, &clip)?;
+            ops.adamw(st.master.as_mut(), g.as_ref(), &mut st.m, &mut st.v, &mut p.w, &s, p.decay, &clip)?;
         }
         Ok(Applied { clip })
     }
 
-    /// Waits for an [`DeviceLlama::apply`] and returns the gradient norm before clipping; a
+    /// Waits for an [`Llama::apply`] and returns the gradient norm before clipping; a
     /// non-finite norm means the step was skipped (and is not counted).
     pub fn finish(&mut self, a: &Applied<O>) -> Result<f32> {
         let c = self.ops.download_stat(&a.clip)?;
@@ -558,7 +585,7 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(c[2])
     }
 
-    /// The loss of a [`DeviceLlama::forward_backward`] (waits for the device).
+    /// The loss of a [`Llama::forward_backward`] (waits for the device).
     pub fn loss(&self, g: &StepGrads<O>) -> Result<f32> {
         let seq = self.ops.download_stat(&g.seq_logp)?;
         Ok(-seq.iter().zip(&g.seq_weights).map(|(&x, &w)| x as f64 * w as f64).sum::<f64>() as f32)
@@ -581,7 +608,10 @@ impl<O: StepOps> DeviceLlama<O> {
             let Some(st) = &p.opt else { continue };
             let id =
                 params.id(&p.name).ok_or_else(|| anyhow::anyhow!("no parameter `{}` to copy back into", p.name))?;
-            let v = self.ops.download_stat(&st.master)?;
+            let v = match &st.master {
+                Some(master) => self.ops.download_stat(master)?,
+                None => self.ops.download(&p.w)?,
+            };
             if v.len() != params[id].value.len() {
                 bail!(
                     "parameter `{}` has {} values on the device and {} on the host",
@@ -608,7 +638,7 @@ impl<O: StepOps> DeviceLlama<O> {
         Ok(AdamWState { step: self.step, moments })
     }
 
-    /// Restores [`DeviceLlama::optimizer_state`] (a resumed run; the weights come through
+    /// Restores [`Llama::optimizer_state`] (a resumed run; the weights come through
     /// `params` at construction). A trainable tensor without saved moments starts from zero.
     pub fn restore_optimizer(&mut self, state: &AdamWState) -> Result<()> {
         for p in &mut self.params {
@@ -637,193 +667,6 @@ pub fn weight_grad(out_f: usize, in_f: usize, rows: usize) -> GemmSpec {
     GemmSpec { trans_a: true, ..GemmSpec::nn(out_f, in_f, rows) }
 }
 
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::HostOps;
-    use crate::models::llama_train::Finetune;
-    use crate::models::random_init::RandomLlama;
-    use crate::models::WeightSource;
-    use crate::tensor::Tensor;
-    use crate::train::{AdamW, SeedRng};
-
-    fn tiny() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 37,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 4,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-6,
-            context_length: 64,
-        }
-    }
-
-    /// Random weights with a separate LM head (`output.weight`), norms away from 1.
-    struct Untied(RandomLlama);
-
-    impl WeightSource for Untied {
-        fn get(&self, name: &str) -> Result<Tensor> {
-            let t = if name == "output.weight" { self.0.get("token_embd.weight")? } else { self.0.get(name)? };
-            let v: Vec<f32> = t.f32s()?.to_vec();
-            let v = if name == "output.weight" {
-                v.iter().rev().map(|x| 0.7 * x).collect()
-            } else if name.ends_with("norm.weight") {
-                v.iter().enumerate().map(|(i, x)| x * (0.8 + 0.03 * (i % 7) as f32)).collect()
-            } else {
-                v
-            };
-            Tensor::from_vec(v, t.shape())
-        }
-
-        fn contains(&self, name: &str) -> bool {
-            name == "output.weight" || self.0.contains(name)
-        }
-    }
-
-    fn ids(batch: usize, n: usize, vocab: usize) -> Vec<Vec<u32>> {
-        (0..batch).map(|b| (0..n).map(|i| ((b * 13 + i * 7 + 3) % vocab) as u32).collect()).collect()
-    }
-
-    /// The device step on the host op set against `TrainableLlama` one sequence at a time (the
-    /// CPU path of `sage bench train`): the same loss, gradients and updated weights. With LoRA,
-    /// the adapters' `B` is made non-zero first so that every gradient is exercised.
-    fn host_step_matches_trainable(weights: &dyn WeightSource, ignore_some: bool, finetune: Finetune) {
-        let config = tiny();
-        let (batch, t) = (3, 9);
-        let mut params = ParamSet::new();
-        let model =
-            TrainableLlama::load(weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-        let names: Vec<String> = params.iter().filter(|p| p.name.ends_with("lora_b")).map(|p| p.name.clone()).collect();
-        for (i, n) in names.iter().enumerate() {
-            let id = params.id(n).unwrap();
-            let len = params[id].value.len();
-            params[id].value = SeedRng::new(40 + i as u64, 0).uniform(len, -0.3, 0.3);
-        }
-        let seqs = ids(batch, t + 1, config.vocab_size);
-        let mut targets: Vec<Vec<u32>> = seqs.iter().map(|s| s[1..].to_vec()).collect();
-        if ignore_some {
-            // Prompt positions without a target, as in SFT; every sequence keeps the same count,
-            // so the per-sequence mean of the CPU path equals the batch mean.
-            targets.iter_mut().for_each(|s| s[..3].fill(IGNORE));
-        }
-        let dev = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
-        let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..t].iter().copied()).collect();
-        let flat_targets: Vec<u32> = targets.concat();
-        let g = dev.forward_backward(&inputs, &flat_targets, batch).unwrap();
-        let loss = dev.loss(&g).unwrap();
-
-        params.zero_grad();
-        let mut cpu_loss = 0.0;
-        for (s, tg) in seqs.iter().zip(&targets) {
-            let x = model.embed(&params, &s[..t]);
-            let (l, dx) = model.loss(&mut params, &x, t, tg, true).unwrap();
-            model.embed_backward(&mut params, &s[..t], &dx.unwrap());
-            cpu_loss += l / batch as f32;
-        }
-        params.scale_grads(1.0 / batch as f32);
-        assert!((loss - cpu_loss).abs() < 1e-5, "loss {loss} vs {cpu_loss}");
-        for (p, grad) in dev.params.iter().zip(&g.grads) {
-            let host = &params[params.id(&p.name).unwrap()];
-            assert_eq!(grad.is_some(), host.trainable, "{}: a gradient exactly when trainable", p.name);
-            let Some(grad) = grad else { continue };
-            let got = dev.download_grad(grad).unwrap();
-            let want = &host.grad;
-            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
-            let err = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-4 * scale, "{}: max |Δ| {err} at gradient scale {scale}", p.name);
-        }
-
-        // One clipped AdamW step on each side (max norm below the gradient norm, so it clips).
-        let mut dev = dev;
-        let norm = crate::train::grad_norm(&params);
-        dev.max_grad_norm = Some(0.5 * norm);
-        let applied = dev.apply(g.grads, 1e-2).unwrap();
-        let dev_norm = dev.finish(&applied).unwrap();
-        assert!((dev_norm - norm).abs() <= 1e-5 * norm, "gradient norm {dev_norm} vs {norm}");
-        crate::train::clip_grad_norm(&mut params, 0.5 * norm);
-        let mut opt = AdamW::new(AdamWConfig::default());
-        opt.step(&mut params, 1e-2);
-        let mut stepped = params.clone();
-        dev.download_into(&mut stepped).unwrap();
-        for p in params.iter() {
-            let got = &stepped[stepped.id(&p.name).unwrap()].value;
-            let err = got.iter().zip(&p.value).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-5, "{} after one step: max |Δ| {err}", p.name);
-        }
-        let state = dev.optimizer_state().unwrap();
-        assert_eq!(state.step, 1);
-        for (name, m) in &opt.state.moments {
-            let got = &state.moments[name];
-            let err =
-                got.m.iter().zip(&m.m).chain(got.v.iter().zip(&m.v)).fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
-            assert!(err <= 1e-6, "{name}: moments differ by {err}");
-        }
-        assert_eq!(state.moments.len(), opt.state.moments.len(), "moments for exactly the trainable tensors");
-    }
-
-    #[test]
-    fn device_step_on_host_ops_matches_trainable_llama_with_lora() {
-        let lora =
-            Finetune::Lora { rank: 2, alpha: 4.0, targets: vec!["attn_q".into(), "attn_v".into(), "ffn_down".into()] };
-        host_step_matches_trainable(&Untied(RandomLlama { config: tiny(), seed: 7 }), true, lora);
-    }
-
-    #[test]
-    fn device_step_on_host_ops_matches_trainable_llama_tied() {
-        host_step_matches_trainable(&RandomLlama { config: tiny(), seed: 3 }, false, Finetune::Full);
-    }
-
-    #[test]
-    fn device_step_on_host_ops_matches_trainable_llama_untied_with_ignored_targets() {
-        host_step_matches_trainable(&Untied(RandomLlama { config: tiny(), seed: 5 }), true, Finetune::Full);
-    }
-
-    /// Ten steps on one batch: the loss falls, and every step's loss equals the CPU path's.
-    #[test]
-    fn device_step_trains_ten_steps_on_host_ops_like_the_cpu_path() {
-        let config = tiny();
-        let mut params = ParamSet::new();
-        let weights = RandomLlama { config: config.clone(), seed: 1 };
-        let model =
-            TrainableLlama::load(&weights, config.clone(), &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
-                .unwrap();
-        let mut dev = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
-        let seqs = ids(2, 12, config.vocab_size);
-        let inputs: Vec<u32> = seqs.iter().flat_map(|s| s[..11].iter().copied()).collect();
-        let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        let mut opt = AdamW::new(AdamWConfig::default());
-        for step in 0..10 {
-            let loss = dev.train_step(&inputs, &targets, 2, 1e-2).unwrap();
-            params.zero_grad();
-            let mut cpu = 0.0;
-            for s in &seqs {
-                let x = model.embed(&params, &s[..11]);
-                let (l, dx) = model.loss(&mut params, &x, 11, &s[1..], true).unwrap();
-                model.embed_backward(&mut params, &s[..11], &dx.unwrap());
-                cpu += l / 2.0;
-            }
-            params.scale_grads(0.5);
-            opt.step(&mut params, 1e-2);
-            assert!((loss - cpu).abs() < 1e-4, "step {step}: loss {loss} vs {cpu}");
-        }
-        assert_eq!(dev.steps(), 10);
-        let last = dev.train_step(&inputs, &targets, 2, 1e-2).unwrap();
-        assert!(last < 0.8 * 3.6, "ten steps on one batch should lower its loss: {last}");
-    }
-
-    #[test]
-    fn device_step_refuses_bad_batches() {
-        let config = tiny();
-        let weights = RandomLlama { config: config.clone(), seed: 1 };
-        let mut params = ParamSet::new();
-        let model =
-            TrainableLlama::load(&weights, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-        let dev = DeviceLlama::new(HostOps, &model, &params, AdamWConfig::default()).unwrap();
-        assert!(dev.forward_backward(&[1, 2, 3], &[2, 3, 4], 2).is_err());
-        assert!(dev.forward_backward(&[1, 2], &[2, 99], 1).is_err());
-    }
-}
+mod tests;

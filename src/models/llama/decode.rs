@@ -1,17 +1,17 @@
 //! KV-cached generation on the device op set. A right-padded batch of prompts is prefilled by the
-//! step's forward ([`DeviceLlama::prefill`]: each layer's rotated keys and values go into the
-//! cache as they are made), then every decode step ([`DeviceLlama::decode`]) runs the new tokens
+//! step's forward ([`Llama::prefill`]: each layer's rotated keys and values go into the
+//! cache as they are made), then every decode step ([`Llama::decode`]) runs the new tokens
 //! of the unfinished sequences through the blocks at once, with single-query attention over the
 //! cache (`kernels/llm_decode.cu`). Padding slots past a prompt are never read: a sequence's next
 //! token overwrites the first of them before any query can see it.
 //!
-//! [`DeviceLlama::generate_rows`] mirrors `TrainableLlama::generate_batch`: the same stopping rules
-//! and one sampler per sequence seeded alike, so on `HostOps` it picks the CPU's tokens (tested
-//! below); on the GPU the logits are bf16 GEMM outputs, so a greedy choice between logits closer
-//! than that may differ. The host waits once per generated token, for the logits it samples from.
+//! [`Llama::generate_rows`] keeps one sampler per sequence, seeded alike, so a batch generates
+//! what each of its sequences generates alone (tested below); on the GPU the logits are bf16 GEMM
+//! outputs, so a greedy choice between logits closer than that may differ from the CPU's. The
+//! host waits once per generated token, for the logits it samples from.
 
-use super::DeviceLlama;
-use crate::models::llama::{Sampler, Sampling};
+use super::Llama;
+use crate::models::sampling::{Sampler, Sampling};
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
 use crate::opset::{DecodeShape, StepOps};
@@ -45,7 +45,7 @@ pub(super) struct CacheFill<'a, O: StepOps> {
     pub pos: O::Ids,
 }
 
-impl<O: StepOps> DeviceLlama<O> {
+impl<O: StepOps> Llama<O> {
     /// An empty cache of `seqs` sequences of `slots` positions (at most the model's context).
     pub fn new_cache(&self, seqs: usize, slots: usize) -> Result<KvCache<O>> {
         let c = &self.config;
@@ -133,7 +133,7 @@ impl<O: StepOps> DeviceLlama<O> {
     }
 
     /// The logits of rows `rows` of `hidden [*, d]`, read back to the host `[rows.len(), V]`.
-    fn logits_of_rows(&self, hidden: &O::Buf, rows: &[u32]) -> Result<Vec<f32>> {
+    pub fn logits_of_rows(&self, hidden: &O::Buf, rows: &[u32]) -> Result<Vec<f32>> {
         let (o, d) = (&self.ops, self.config.hidden_size);
         // Gathering rows is an embedding lookup with `hidden` as the table.
         let h = o.embed(hidden, rows, d)?;
@@ -142,7 +142,7 @@ impl<O: StepOps> DeviceLlama<O> {
 
     /// Generates after each prompt of `x [B·T, d]` (right-padded to `T`, `lens[b]` positions each):
     /// up to `max_new` tokens per sequence, stopping before the first token in `stop_ids` (not
-    /// returned) or when the model's positions run out, as `TrainableLlama::generate_batch` does.
+    /// returned) or when the model's positions run out.
     pub fn generate_rows(
         &self,
         x: O::Buf,
@@ -196,7 +196,7 @@ impl<O: StepOps> DeviceLlama<O> {
         }
     }
 
-    /// [`DeviceLlama::generate_rows`] from token prompts (right-padded and embedded here).
+    /// [`Llama::generate_rows`] from token prompts (right-padded and embedded here).
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -216,102 +216,5 @@ impl<O: StepOps> DeviceLlama<O> {
         let x = self.ops.embed(self.w(self.token_embd), &ids, self.config.hidden_size)?;
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         self.generate_rows(x, t, &lens, max_new, stop_ids, sampling)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::HostOps;
-    use crate::models::llama::LlamaConfig;
-    use crate::models::llama_train::{Finetune, TrainableLlama};
-    use crate::models::random_init::RandomLlama;
-    use crate::train::rng::SeedRng;
-    use crate::train::{AdamWConfig, ParamSet};
-
-    fn tiny() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 61,
-            hidden_size: 24,
-            intermediate_size: 40,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 6,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-5,
-            context_length: 40,
-        }
-    }
-
-    fn model(finetune: Finetune) -> (TrainableLlama, ParamSet) {
-        let config = tiny();
-        let weights = RandomLlama { config: config.clone(), seed: 3 };
-        let mut params = ParamSet::new();
-        let m = TrainableLlama::load(&weights, config, &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
-        (m, params)
-    }
-
-    fn prompts() -> Vec<Vec<u32>> {
-        vec![vec![5, 9, 13], vec![1, 2, 3, 4, 5, 6, 7, 8, 9], vec![44], vec![7, 7, 30, 2, 18]]
-    }
-
-    /// The host reference of the batch: `TrainableLlama::generate_batch` on the same prompts.
-    fn cpu(m: &TrainableLlama, params: &ParamSet, max_new: usize, stop: &[u32], s: Sampling) -> Vec<Vec<u32>> {
-        let xs: Vec<Vec<f32>> = prompts().iter().map(|p| m.embed(params, p)).collect();
-        let batch: Vec<(&[f32], usize)> = xs.iter().zip(prompts()).map(|(x, p)| (x.as_slice(), p.len())).collect();
-        m.generate_batch(params, &batch, max_new, stop, s).unwrap()
-    }
-
-    #[test]
-    fn cached_decode_on_host_ops_picks_the_cpu_tokens() {
-        let (m, params) = model(Finetune::Full);
-        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-        let sampled = Sampling { temperature: 0.9, top_p: 0.95, seed: 11 };
-        for (max_new, stop, s) in [(12, vec![], greedy), (9, vec![], sampled), (20, vec![3, 17], greedy)] {
-            let want = cpu(&m, &params, max_new, &stop, s);
-            let got = dev.generate(&prompts(), max_new, &stop, s).unwrap();
-            assert_eq!(got, want, "max_new {max_new}, stop {stop:?}");
-            assert!(want.iter().any(|o| o.len() > 1), "a sequence should decode past its first token: {want:?}");
-        }
-        // Running into the context: the 9-token prompt has 31 positions left of 40.
-        let want = cpu(&m, &params, 60, &[], greedy);
-        assert_eq!(dev.generate(&prompts(), 60, &[], greedy).unwrap(), want);
-        assert_eq!(want[1].len(), 40 - 9 + 1, "the CPU decodes until the cache holds every position");
-    }
-
-    #[test]
-    fn cached_decode_with_lora_adapters_matches_the_cpu() {
-        let (m, mut params) = model(Finetune::Lora {
-            rank: 4,
-            alpha: 8.0,
-            targets: ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"].map(String::from).to_vec(),
-        });
-        // Non-zero B, so the adapters change the tokens.
-        for p in params.iter_mut().filter(|p| p.name.ends_with("lora_b")) {
-            p.value.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.05);
-        }
-        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-        assert_eq!(dev.generate(&prompts(), 10, &[], greedy).unwrap(), cpu(&m, &params, 10, &[], greedy));
-    }
-
-    #[test]
-    fn decode_refuses_bad_steps() {
-        let (m, params) = model(Finetune::Full);
-        let dev = DeviceLlama::new(HostOps, &m, &params, AdamWConfig::default()).unwrap();
-        let d = tiny().hidden_size;
-        assert!(dev.new_cache(2, 41).is_err(), "more slots than the context");
-        let mut cache = dev.new_cache(2, 4).unwrap();
-        let x = vec![0.1; 2 * 3 * d];
-        assert!(dev.prefill(x.clone(), 3, &[3, 4], &mut cache).is_err(), "a prompt longer than its padding");
-        dev.prefill(x, 3, &[3, 2], &mut cache).unwrap();
-        assert!(dev.decode(vec![0.1; 2 * d], &[0, 0], &mut cache).is_err(), "the same sequence twice");
-        assert!(dev.decode(vec![0.1; d], &[2], &mut cache).is_err(), "a sequence outside the cache");
-        dev.decode(vec![0.1; d], &[0], &mut cache).unwrap();
-        let full = dev.decode(vec![0.1; d], &[0], &mut cache).unwrap_err();
-        assert!(full.to_string().contains("fills all 4 positions"), "{full}");
-        assert_eq!((cache.len(0), cache.len(1)), (4, 2));
     }
 }

@@ -1,36 +1,39 @@
-//! The SAGE model's SFE training step on a device op set ([`StepOps`]): the adapter, the fusion
-//! attention and its LayerNorm projection, the sequence assembly (text, image and fact rows) and
-//! the LLM ([`DeviceLlama`], full or LoRA), forward and backward, and the clipped AdamW update,
-//! with no wait for the host inside the step.
+//! The SAGE model (ARCHITECTURE.md §1), written once against the op set ([`StepOps`]): the
+//! adapter, the fusion attention and its LayerNorm projection, the sequence assembly (text, image
+//! and fact rows) and the LLM ([`Llama`], full or LoRA), forward and backward, the clipped AdamW
+//! update, KV-cached generation and E-DPO's sequence log-probabilities. On the CPU it runs on
+//! `backend::cpu::HostOps` (f32), on the GPU on `CudaOps` (bf16, fp32 statistics).
 //!
-//! A step takes the [`SeqPlan`]s of its examples (built once on the host by
-//! [`SageModel::plan`]: tokenization, pooled patches, the min-cosine patch selection, all of which
-//! depend on no trained parameter), right-pads them to one length (a padded row sees only earlier
-//! rows under the causal mask and has no target, so its gradient is exactly zero), and weighs
-//! each sequence `1/(B·answer tokens)`: the loss is the mean of the examples' mean token losses,
-//! `sage sfe`'s CPU loss ([`SageModel::loss`] per example, averaged by the trainer). On
-//! [`HostOps`](crate::backend::cpu::HostOps) the step reproduces that path's loss,
-//! gradients and update (tests/sage_step.rs); on the GPU it differs by bf16 rounding.
+//! - [`head`]: the head's configuration and parameters, and its host-side inputs (pooling, the
+//!   min-cosine patch selection);
+//! - [`plan`]: [`SageModel`], the model's definition on the host (frozen encoder, tokenizer,
+//!   template, parameter layout) and the [`SeqPlan`] of each example;
+//! - this file: [`Sage`], the plans realised on an op set.
 //!
-//! E-DPO's step ([`DeviceSage::edpo_step`]) reuses the same forward and backward around the
-//! fused sequence log-probability kernels; a frozen copy ([`DeviceSage::answer_logprobs`]) is its
-//! reference. [`DeviceSage::generate`] prefills the assembled rows into a KV cache and decodes
-//! token by token (`llama_step::decode`). Not here:
-//! the frozen vision encoder, which stays on the host (its patch tokens are cached per image).
+//! A step takes the [`SeqPlan`]s of its examples (built once on the host: tokenization, pooled
+//! patches, the patch selection, none of which depends on a trained parameter), right-pads them
+//! to one length (a padded row sees only earlier rows under the causal mask and has no target,
+//! so its gradient is exactly zero), and weighs each sequence `1/(B·answer tokens)`: the loss is
+//! the mean of the examples' mean token losses. No wait for the host inside a step. Not here: the
+//! frozen vision encoder, which runs once per image (its patch tokens are cached).
 
-use super::llama::Sampling;
-use super::llama_step::{weight_grad, DeviceLlama, Grad, Grads, RowsForward, StepGrads};
-use super::sage::Selection;
-use super::sage::{HeadParams, LinearParams, SageConfig, LN_EPS};
-use super::sage_model::{Example, SageModel, SeqPlan};
-use crate::ops::edpo::{EdpoConfig, Pair};
+pub mod head;
+pub mod plan;
+
+pub use head::{FactsMode, FusionInput, ImageInput, SageConfig, SageHead, Selection, FUSION_PREFIX, PARAM_PREFIX};
+pub use plan::{Example, SageModel, SeqPlan, SYSTEM_PROMPT};
+
+use crate::models::llama::{weight_grad, Grad, Grads, Llama, RowsForward, StepGrads};
+use crate::models::sampling::Sampling;
+use crate::opset::{EdpoConfig, Pair};
+use head::{HeadParams, LinearParams, LN_EPS};
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
 use crate::opset::StepOps;
 use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
 
-/// A head layer on the device: indices into [`DeviceLlama::params`].
+/// A head layer on the device: indices into [`Llama::params`].
 #[derive(Clone, Copy)]
 struct Lin {
     w: usize,
@@ -76,7 +79,7 @@ struct FactActs<O: StepOps> {
     stats: O::Stat,
 }
 
-/// A [`DeviceSage::forward`]: the LLM's forward (final hidden states in `llm.hidden`), the padded
+/// A [`Sage::forward`]: the LLM's forward (final hidden states in `llm.hidden`), the padded
 /// targets `[B·T]`, and what the head's and the embedding's backward need.
 pub struct SageForward<O: StepOps> {
     pub llm: RowsForward<O>,
@@ -111,23 +114,24 @@ impl<O: StepOps> HeadGrads<O> {
     }
 }
 
-pub struct DeviceSage<O: StepOps> {
-    pub llm: DeviceLlama<O>,
+pub struct Sage<O: StepOps> {
+    pub llm: Llama<O>,
     head: HeadIx,
     config: SageConfig,
     llm_dim: usize,
 }
 
-impl<O: StepOps> DeviceSage<O> {
-    /// Copies the model (LLM and head) from `params` to the device op set.
+impl<O: StepOps> Sage<O> {
+    /// Copies the model (LLM and head) from `params` to the op set; with `adamw` the trainable
+    /// tensors get optimizer state, without it (inference) nothing trains.
     pub fn new(
         ops: O,
         model: &SageModel,
         params: &ParamSet,
-        adamw: AdamWConfig,
+        adamw: Option<AdamWConfig>,
         max_grad_norm: Option<f32>,
     ) -> Result<Self> {
-        let mut llm = DeviceLlama::new(ops, &model.llm, params, adamw)?;
+        let mut llm = Llama::new(ops, &model.llm, params, adamw)?;
         llm.max_grad_norm = max_grad_norm;
         let HeadParams { adapter_fc1, adapter_fc2, fusion_q, fusion_k, fusion_v, fusion_out, proj_norm_w, proj_norm_b } =
             model.head.params();
@@ -138,7 +142,7 @@ impl<O: StepOps> DeviceSage<O> {
         let (q, k, v, out) = (lin(fusion_q)?, lin(fusion_k)?, lin(fusion_v)?, lin(fusion_out)?);
         let norm_w = llm.add_param(&params[proj_norm_w])?;
         let norm_b = llm.add_param(&params[proj_norm_b])?;
-        Ok(DeviceSage {
+        Ok(Sage {
             llm,
             head: HeadIx { fc1, fc2, q, k, v, out, norm_w, norm_b },
             config: model.head.config.clone(),
@@ -155,7 +159,7 @@ impl<O: StepOps> DeviceSage<O> {
         self.ops().gemm_bias_new(&GemmSpec::linear(rows, l.out_f, l.in_f), x, self.llm.w(l.w), self.llm.w(l.b))
     }
 
-    /// Backward of [`DeviceSage::linear`]: accumulates the weight and bias gradients (when
+    /// Backward of [`Sage::linear`]: accumulates the weight and bias gradients (when
     /// trainable) and returns `dx` when asked.
     fn linear_backward(
         &self,
@@ -272,7 +276,7 @@ impl<O: StepOps> DeviceSage<O> {
         Ok(Assembled { x, targets, t, images, facts, text_ids, text_rows })
     }
 
-    /// The backward of a [`DeviceSage::forward`] from `∂loss/∂hidden` and the LM head's gradient:
+    /// The backward of a [`Sage::forward`] from `∂loss/∂hidden` and the LM head's gradient:
     /// the gradients by parameter index.
     pub fn backward(&self, fwd: SageForward<O>, d_hidden: &O::Buf, d_head: Option<O::Buf>) -> Result<Grads<O>> {
         let o = self.ops();
@@ -305,12 +309,11 @@ impl<O: StepOps> DeviceSage<O> {
         Ok(grads)
     }
 
-    /// Generates an answer to each plan's prompt (plans made without an answer), with
-    /// `TrainableLlama::generate_batch`'s stopping rules: a stop id ends a sequence, as do
-    /// `max_new` tokens or the context limit. The prompts' rows are assembled once, prefilled
-    /// into a KV cache, and decoded with [`DeviceLlama::generate_rows`] (on the GPU the logits are
-    /// bf16 GEMM outputs, so a greedy choice between logits closer than that may differ from the
-    /// CPU's).
+    /// Generates an answer to each plan's prompt (plans made without an answer): a stop id ends
+    /// a sequence, as do `max_new` tokens or the context limit. The prompts' rows are assembled
+    /// once, prefilled into a KV cache, and decoded with [`Llama::generate_rows`] (on the GPU the
+    /// logits are bf16 GEMM outputs, so a greedy choice between logits closer than that may
+    /// differ from the CPU's).
     pub fn generate(
         &self,
         plans: &[SeqPlan],
@@ -327,8 +330,9 @@ impl<O: StepOps> DeviceSage<O> {
         self.llm.generate_rows(x, t, &lens, max_new, stop_ids, sampling)
     }
 
-    /// [`SageModel::answer_batch`] on the device: the answers (decoded, trimmed) and the patch
-    /// selection of each example (when facts are fused).
+    /// Greedy or sampled answers to `exs` (the questions of a batch, sharing each weight read of
+    /// the decode steps): the answers (decoded, trimmed) and the patch selection of each example
+    /// (when facts are fused).
     pub fn answer_batch(
         &self,
         model: &SageModel,
@@ -353,20 +357,19 @@ impl<O: StepOps> DeviceSage<O> {
         Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?.0)
     }
 
-    /// One E-DPO step (ARCHITECTURE.md §1) over the answers `plans` of a batch of instances: their
-    /// sequence log-probabilities under this policy, the margins of `pairs` against the reference
-    /// log-probabilities `reference`, `∂loss/∂π` times `seq_scale` (each instance's weight in the
-    /// step's mean), the fused log-probability backward, the model's backward and the clipped
-    /// AdamW at `lr`. Returns the margins and the gradient norm, read after the optimizer is queued.
-    pub fn edpo_step(
-        &mut self,
+    /// The E-DPO loss's forward and backward (ARCHITECTURE.md §1) over the answers `plans` of a
+    /// batch of instances: their sequence log-probabilities under this policy, the margins of
+    /// `pairs` against the reference log-probabilities `reference`, `∂loss/∂π` times `seq_scale`
+    /// (each instance's weight in the step's mean), the fused log-probability backward and the
+    /// model's backward. Returns the margins (on the op set) and the gradients; nothing waits.
+    pub fn edpo_forward_backward(
+        &self,
         plans: &[SeqPlan],
         reference: &[f32],
         pairs: &[Pair],
         seq_scale: &[f32],
         cfg: EdpoConfig,
-        lr: f32,
-    ) -> Result<(Vec<f32>, f32)> {
+    ) -> Result<(O::Stat, Grads<O>)> {
         let n = plans.len();
         if reference.len() != n || seq_scale.len() != n {
             bail!("E-DPO step: {n} answers, {} reference values, {} weights", reference.len(), seq_scale.len());
@@ -379,6 +382,21 @@ impl<O: StepOps> DeviceSage<O> {
         o.mul_stat(&mut grad, seq_scale)?;
         let (dh, dw) = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, head_trains)?;
         let grads = self.backward(fwd, &dh, dw)?;
+        Ok((margins, grads))
+    }
+
+    /// One E-DPO step: [`Sage::edpo_forward_backward`] and the clipped AdamW at `lr`. Returns the
+    /// margins and the gradient norm, read after the optimizer is queued.
+    pub fn edpo_step(
+        &mut self,
+        plans: &[SeqPlan],
+        reference: &[f32],
+        pairs: &[Pair],
+        seq_scale: &[f32],
+        cfg: EdpoConfig,
+        lr: f32,
+    ) -> Result<(Vec<f32>, f32)> {
+        let (margins, grads) = self.edpo_forward_backward(plans, reference, pairs, seq_scale, cfg)?;
         let applied = self.llm.apply(grads, lr)?;
         let margins = self.ops().download_stat(&margins)?;
         let norm = self.llm.finish(&applied)?;

@@ -1,0 +1,114 @@
+//! A chat model: the decoder, its tokenizer and its chat template from one GGUF file, generating
+//! one conversation's reply token by token with the KV-cached decode of [`super::decode`] and
+//! handing each piece of text to the caller as it is produced.
+
+use super::{Finetune, Llama, LlamaConfig, LlamaParams};
+use crate::formats::chat_template::{ChatTemplate, Message};
+use crate::formats::gguf::Gguf;
+use crate::formats::tokenizer::TextTokenizer;
+use crate::models::sampling::{Sampler, Sampling};
+use crate::opset::StepOps;
+use crate::train::{ParamSet, SeedRng};
+use crate::user_err;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+pub struct ChatModel<O: StepOps> {
+    pub model: Llama<O>,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    /// Most positions a conversation (prompt and reply) may take.
+    pub max_positions: usize,
+}
+
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl<O: StepOps> ChatModel<O> {
+    /// Loads the GGUF at `path` onto `ops` for inference (no optimizer state), for conversations
+    /// of at most `max_positions` positions (capped by the model's context).
+    pub fn load(ops: O, path: &Path, max_positions: usize) -> Result<Self> {
+        let g = Gguf::open(path)?;
+        let config = LlamaConfig::from_gguf(&g)?;
+        let tokenizer = TextTokenizer::from_gguf(&g)?;
+        let template_src = g.meta_str("tokenizer.chat_template").map_err(|_| {
+            user_err!("{} has no chat template (tokenizer.chat_template); use an instruct model", path.display())
+        })?;
+        let tok = |key: &str| {
+            g.meta_u64(key).ok().and_then(|id| tokenizer.decode(&[id as u32], false).ok()).unwrap_or_default()
+        };
+        let template =
+            ChatTemplate::new(template_src, &tok("tokenizer.ggml.bos_token_id"), &tok("tokenizer.ggml.eos_token_id"))?;
+        let max_positions = max_positions.min(config.context_length);
+        let model = {
+            let mut params = ParamSet::new();
+            // Full fine-tuning's layout with no optimizer: every tensor, none trained.
+            let layout = LlamaParams::load(&g, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
+                .with_context(|| format!("loading {}", path.display()))?;
+            Llama::new(ops, &layout, &params, None)?
+        };
+        Ok(ChatModel { model, tokenizer, template, max_positions })
+    }
+
+    /// Formats `messages` with the chat template and decodes up to `max_tokens` new tokens;
+    /// `on_token` sees each piece of text as it is produced.
+    pub fn chat(
+        &self,
+        messages: &[Message],
+        max_tokens: usize,
+        sampling: Sampling,
+        mut on_token: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let prompt = self.template.render(messages, true)?;
+        let ids = self.tokenizer.encode(&prompt, false)?;
+        let m = &self.model;
+        if ids.is_empty() || ids.len() > self.max_positions {
+            return Err(user_err!(
+                "the prompt takes {} positions but the model was set up for {}; shorten the prompt",
+                ids.len(),
+                self.max_positions
+            ));
+        }
+        let slots = (ids.len() + max_tokens).min(self.max_positions);
+        let mut cache = m.new_cache(1, slots)?;
+        let mut sampler = Sampler::new(sampling);
+        let t0 = std::time::Instant::now();
+        let hidden = m.prefill(m.embed_tokens(&ids)?, ids.len(), &[ids.len()], &mut cache)?;
+        let mut logits = m.logits_of_rows(&hidden, &[ids.len() as u32 - 1])?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let mut out: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        for _ in 0..max_tokens {
+            let next = sampler.sample(&logits);
+            if self.tokenizer.stop_ids.contains(&next) {
+                break;
+            }
+            out.push(next);
+            // Decode the whole tail so multi-byte characters split across tokens print whole.
+            let text = self.tokenizer.decode(&out, true)?;
+            if text.len() > printed && !text.ends_with('\u{FFFD}') {
+                on_token(&text[printed..]);
+                printed = text.len();
+            }
+            if cache.len(0) + 1 > slots || out.len() == max_tokens {
+                break;
+            }
+            let hidden = m.decode(m.embed_tokens(&[next])?, &[0], &mut cache)?;
+            logits = m.logits_of_rows(&hidden, &[0])?;
+        }
+        let text = self.tokenizer.decode(&out, true)?;
+        Ok(Generation {
+            text,
+            prompt_tokens: ids.len(),
+            tokens: out,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,357 @@
+//! The decoder on the CPU op set against independent references: central finite differences for
+//! every gradient, the base model for LoRA with `B = 0` and for merged adapters, a full forward
+//! per prefix for the KV-cached decode, and each sequence alone for a batch. (The CUDA op set is
+//! checked against this one op by op in `tests/kernels_parity.rs`.)
+
+use super::*;
+use crate::backend::cpu::HostOps;
+use crate::models::sampling::{argmax, Sampling};
+use crate::models::{StateDict, WeightSource};
+use crate::ops::gradcheck::{assert_grad, numeric_grad, rng, uniform, Tol};
+use crate::tensor::Tensor;
+use crate::train::{streams, SeedRng};
+use std::collections::BTreeMap;
+
+const D: usize = 16;
+const T: usize = 6;
+const V: usize = 37;
+const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+
+fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: V,
+        hidden_size: D,
+        intermediate_size: 24,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 4,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        context_length: 32,
+    }
+}
+
+/// Random weights under the GGUF names, for [`tiny_config`]; `untied` adds an `output.weight`.
+fn tiny_weights(seed: u64, untied: bool) -> StateDict {
+    let c = tiny_config();
+    let (qd, kvd, f) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let mut g = rng(seed);
+    let mut tensors = BTreeMap::new();
+    let mut put = |name: String, shape: &[usize], lo: f32, hi: f32| {
+        let t = Tensor::from_vec(uniform(&mut g, shape.iter().product(), lo, hi), shape).unwrap();
+        tensors.insert(name, t);
+    };
+    put("token_embd.weight".into(), &[V, D], -1.0, 1.0);
+    for i in 0..c.num_layers {
+        put(format!("blk.{i}.attn_norm.weight"), &[D], 0.5, 1.5);
+        put(format!("blk.{i}.attn_q.weight"), &[qd, D], -0.5, 0.5);
+        put(format!("blk.{i}.attn_k.weight"), &[kvd, D], -0.5, 0.5);
+        put(format!("blk.{i}.attn_v.weight"), &[kvd, D], -0.5, 0.5);
+        put(format!("blk.{i}.attn_output.weight"), &[D, qd], -0.5, 0.5);
+        put(format!("blk.{i}.ffn_norm.weight"), &[D], 0.5, 1.5);
+        put(format!("blk.{i}.ffn_gate.weight"), &[f, D], -0.5, 0.5);
+        put(format!("blk.{i}.ffn_up.weight"), &[f, D], -0.5, 0.5);
+        put(format!("blk.{i}.ffn_down.weight"), &[D, f], -0.5, 0.5);
+    }
+    put("output_norm.weight".into(), &[D], 0.5, 1.5);
+    if untied {
+        put("output.weight".into(), &[V, D], -1.0, 1.0);
+    }
+    StateDict { path: "tiny".into(), tensors }
+}
+
+fn load(w: &dyn WeightSource, finetune: &Finetune) -> (LlamaParams, ParamSet) {
+    let mut ps = ParamSet::new();
+    let m = LlamaParams::load(w, tiny_config(), finetune, &mut ps, &mut SeedRng::new(5, streams::INIT)).unwrap();
+    (m, ps)
+}
+
+fn on_host(m: &LlamaParams, ps: &ParamSet) -> Llama<HostOps> {
+    Llama::new(HostOps, m, ps, Some(AdamWConfig::default())).unwrap()
+}
+
+fn lora(rank: usize, targets: &[&str]) -> Finetune {
+    Finetune::Lora { rank, alpha: 2.0 * rank as f32, targets: targets.iter().map(|s| s.to_string()).collect() }
+}
+
+/// Gives every `lora_b` random values, so adapters have an effect and A gets gradient.
+fn randomise_lora_b(ps: &mut ParamSet, seed: u64) {
+    let mut g = rng(seed);
+    for p in ps.iter_mut().filter(|p| p.name.ends_with(".lora_b")) {
+        p.value = uniform(&mut g, p.numel(), -0.5, 0.5);
+    }
+}
+
+const IDS: [u32; 2 * T] = [3, 17, 36, 0, 9, 17, 5, 5, 21, 2, 30, 11];
+const TARGETS: [u32; 2 * T] = [IGNORE, 36, 0, IGNORE, 17, 4, 8, IGNORE, 19, 1, 1, 35];
+// Mean cross-entropy of a 2-layer f32 model, central differences with ε = 4e-3: the f32 rounding
+// of the loss (≈4e-7) over 2ε is ≈5e-5 and the truncation error O(ε²) stays under 1% where the
+// adapters (scale 2, random B) curve the loss most, so 3e-4 absolute plus 1 % relative leaves
+// room without hiding a wrong term.
+const TOL: Tol = Tol { atol: 3e-4, rtol: 1e-2 };
+const EPS: f32 = 4e-3;
+
+/// The loss of two sequences (the mean over their counted targets) under the weights in `ps`.
+fn loss_of(m: &LlamaParams, ps: &ParamSet) -> f64 {
+    let llm = on_host(m, ps);
+    llm.loss(&llm.forward_backward(&IDS, &TARGETS, 2).unwrap()).unwrap() as f64
+}
+
+/// Analytic gradients of a two-sequence batch (the named parameters, and the input rows) against
+/// central differences. The input is embedded by the step, so the tied table sees both uses.
+fn gradcheck(m: &LlamaParams, ps: &ParamSet, names: &[&str]) {
+    let llm = on_host(m, ps);
+    let g = llm.forward_backward(&IDS, &TARGETS, 2).unwrap();
+    for name in names {
+        let i = llm.params.iter().position(|p| p.name == *name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let analytic = llm.download_grad(g.grads[i].as_ref().expect("trainable")).unwrap();
+        let id = ps.id(name).unwrap();
+        let mut probe = ps.clone();
+        let numeric = numeric_grad(&ps[id].value, EPS, |v| {
+            probe[id].value.copy_from_slice(v);
+            loss_of(m, &probe)
+        });
+        assert_grad(name, &analytic, &numeric, TOL);
+    }
+    // The input rows' gradient, through the rows entry point.
+    let counted = TARGETS.iter().filter(|&&t| t != IGNORE).count() as f32;
+    let x = llm.embed_tokens(&IDS).unwrap();
+    let (_, dx) = llm.forward_backward_rows(x.clone(), &TARGETS, &[1.0 / counted; 2]).unwrap();
+    let numeric = numeric_grad(&x, EPS, |x| {
+        let (g, _) = llm.forward_backward_rows(x.to_vec(), &TARGETS, &[1.0 / counted; 2]).unwrap();
+        llm.loss(&g).unwrap() as f64
+    });
+    assert_grad("x", &dx, &numeric, TOL);
+}
+
+#[test]
+fn full_gradients_match_finite_differences() {
+    let (m, ps) = load(&tiny_weights(1, false), &Finetune::Full);
+    let names = [
+        "token_embd.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.attn_q.weight",
+        "blk.0.attn_k.weight",
+        "blk.0.ffn_up.weight",
+        "blk.1.attn_v.weight",
+        "blk.1.attn_output.weight",
+        "blk.1.ffn_norm.weight",
+        "blk.1.ffn_gate.weight",
+        "blk.1.ffn_down.weight",
+        "output_norm.weight",
+    ];
+    gradcheck(&m, &ps, &names);
+}
+
+#[test]
+fn untied_head_gradients_match_finite_differences() {
+    let (m, ps) = load(&tiny_weights(11, true), &Finetune::Full);
+    gradcheck(&m, &ps, &["output.weight", "token_embd.weight", "blk.0.attn_q.weight"]);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_and_only_adapters_get_one() {
+    let (m, mut ps) = load(&tiny_weights(2, false), &lora(3, &LINEAR_NAMES));
+    randomise_lora_b(&mut ps, 3);
+    let mut names = Vec::new();
+    for (i, t) in [(0, "attn_q"), (0, "attn_v"), (0, "ffn_gate"), (1, "attn_k"), (1, "attn_output"), (1, "ffn_down")] {
+        names.push(format!("blk.{i}.{t}.lora_a"));
+        names.push(format!("blk.{i}.{t}.lora_b"));
+    }
+    names.push("blk.1.ffn_up.lora_b".into());
+    gradcheck(&m, &ps, &names.iter().map(String::as_str).collect::<Vec<_>>());
+    let llm = on_host(&m, &ps);
+    let g = llm.forward_backward(&IDS, &TARGETS, 2).unwrap();
+    for (p, grad) in llm.params.iter().zip(&g.grads) {
+        assert_eq!(grad.is_some(), p.name.contains(".lora_"), "{}: a gradient exactly for the adapters", p.name);
+    }
+}
+
+#[test]
+fn lora_with_zero_b_is_exactly_the_base_model() {
+    let w = tiny_weights(4, false);
+    let (base, base_ps) = load(&w, &Finetune::Full);
+    let (adapted, lora_ps) = load(&w, &lora(4, &LINEAR_NAMES));
+    assert_eq!(loss_of(&base, &base_ps).to_bits(), loss_of(&adapted, &lora_ps).to_bits());
+    // With B = 0 only B gets gradient (dA = Bᵀ·… = 0), as in LoRA.
+    let llm = on_host(&adapted, &lora_ps);
+    let g = llm.forward_backward(&IDS, &TARGETS, 2).unwrap();
+    let grad = |name: &str| {
+        let i = llm.params.iter().position(|p| p.name == name).unwrap();
+        llm.download_grad(g.grads[i].as_ref().unwrap()).unwrap()
+    };
+    assert!(grad("blk.0.attn_q.lora_a").iter().all(|&g| g == 0.0));
+    assert!(grad("blk.0.attn_q.lora_b").iter().any(|&g| g != 0.0));
+}
+
+/// Logits `[T, V]` of one sequence.
+fn logits(llm: &Llama<HostOps>, ids: &[u32]) -> Vec<f32> {
+    let fwd = llm.forward_rows(llm.embed_tokens(ids).unwrap(), &vec![IGNORE; ids.len()], 1, false).unwrap();
+    llm.logits_of_rows(&fwd.hidden, &(0..ids.len() as u32).collect::<Vec<_>>()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn merged_lora_and_saved_adapters_give_the_adapter_logits() {
+    let w = tiny_weights(6, false);
+    let targets = ["attn_q", "attn_v", "ffn_down", "ffn_up"];
+    let (m, mut ps) = load(&w, &lora(2, &targets));
+    randomise_lora_b(&mut ps, 7);
+    let want = logits(&on_host(&m, &ps), &IDS[..T]);
+    let (base, base_ps) = load(&w, &Finetune::Full);
+    assert!(max_abs_diff(&want, &logits(&on_host(&base, &base_ps), &IDS[..T])) > 1e-2, "adapters change the output");
+
+    let merged = StateDict { path: "merged".into(), tensors: m.merged_weights(&ps).unwrap() };
+    assert!(merged.tensors.keys().all(|k| k.ends_with(".weight")) && merged.tensors.len() == w.tensors.len());
+    let (mm, mps) = load(&merged, &Finetune::Full);
+    let got = logits(&on_host(&mm, &mps), &IDS[..T]);
+    assert!(max_abs_diff(&want, &got) < 1e-5, "merged vs adapter: {}", max_abs_diff(&want, &got));
+
+    // Saving only the adapters and loading them into a fresh LoRA model restores the output.
+    let saved = StateDict { path: "adapters".into(), tensors: m.trainable_weights(&ps).unwrap() };
+    assert_eq!(saved.tensors.len(), 2 * 4 * 2);
+    assert!(saved.tensors.keys().all(|k| k.contains(".lora_")));
+    let (fresh, mut fresh_ps) = load(&w, &lora(2, &targets));
+    fresh.load_trainable_weights(&mut fresh_ps, &saved).unwrap();
+    assert_eq!(want, logits(&on_host(&fresh, &fresh_ps), &IDS[..T]));
+}
+
+#[test]
+fn lora_training_moves_only_the_adapters_and_fits_a_batch() {
+    let (m, ps) = load(&tiny_weights(8, false), &lora(4, &["attn_q", "attn_v"]));
+    for p in ps.iter() {
+        assert_eq!(p.trainable, p.name.contains(".lora_"), "{}", p.name);
+    }
+    // Per layer: q has A [4, 16] and B [16, 4]; v has A [4, 16] and B [8, 4].
+    assert_eq!(ps.num_trainable(), 2 * (64 + 64 + 64 + 32));
+    let mut llm = on_host(&m, &ps);
+    let losses: Vec<f32> = (0..30).map(|_| llm.train_step(&IDS, &TARGETS, 2, 2e-2).unwrap()).collect();
+    let mut after = ps.clone();
+    llm.download_into(&mut after).unwrap();
+    for (p, q) in after.iter().zip(ps.iter()) {
+        if p.name.contains(".lora_") {
+            assert_ne!(p.value, q.value, "{} did not train", p.name);
+        } else {
+            assert_eq!(p.value, q.value, "{} is frozen but changed", p.name);
+        }
+    }
+    assert!(losses[29] < 0.5 * losses[0], "LoRA does not fit one batch: {losses:?}");
+    assert_eq!(llm.optimizer_state().unwrap().moments.len(), 8, "moments for the 8 adapter tensors only");
+}
+
+/// AdamW on the op set against the update written out by hand for one weight: PyTorch's AdamW
+/// (decoupled decay `w ← w·(1 − lr·wd)`, bias-corrected moments), clipping applied first.
+#[test]
+fn one_clipped_adamw_step_is_the_textbook_update() {
+    let (m, ps) = load(&tiny_weights(12, false), &Finetune::Full);
+    let mut llm = on_host(&m, &ps);
+    let g = llm.forward_backward(&IDS, &TARGETS, 2).unwrap();
+    let grads: Vec<Vec<f32>> = g.grads.iter().map(|g| llm.download_grad(g.as_ref().unwrap()).unwrap()).collect();
+    let norm = grads.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+    llm.max_grad_norm = Some(0.5 * norm);
+    let lr = 1e-2;
+    let applied = llm.apply(g.grads, lr).unwrap();
+    let got_norm = llm.finish(&applied).unwrap();
+    assert!((got_norm - norm).abs() <= 1e-5 * norm, "norm {got_norm} vs {norm}");
+    let mut after = ps.clone();
+    llm.download_into(&mut after).unwrap();
+    let c = AdamWConfig::default();
+    let clip = 0.5 * norm / (norm + 1e-6);
+    for (i, p) in llm.params.iter().enumerate() {
+        let (w0, w1) = (&ps[ps.id(&p.name).unwrap()], &after[after.id(&p.name).unwrap()]);
+        let lr = lr as f64;
+        let decay = if w0.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
+        for (j, (&x0, &x1)) in w0.value.iter().zip(&w1.value).enumerate() {
+            let gj = grads[i][j] as f64 * clip as f64;
+            let (m, v) = ((1.0 - c.beta1) * gj, (1.0 - c.beta2) * gj * gj);
+            let (mh, vh) = (m / (1.0 - c.beta1), v / (1.0 - c.beta2));
+            let want = x0 as f64 * decay - lr * mh / (vh.sqrt() + c.eps);
+            assert!((x1 as f64 - want).abs() <= 1e-6 + 1e-5 * want.abs(), "{}[{j}]: {x1} vs {want}", p.name);
+        }
+    }
+}
+
+#[test]
+fn kv_cached_generation_agrees_with_a_full_forward_per_prefix() {
+    let (m, ps) = load(&tiny_weights(9, false), &Finetune::Full);
+    let llm = on_host(&m, &ps);
+    let prompt = vec![4u32, 30, 11];
+    let out = llm.generate(std::slice::from_ref(&prompt), 8, &[], GREEDY).unwrap().remove(0);
+    assert_eq!(out.len(), 8);
+    let mut seq = prompt.clone();
+    for &tok in &out {
+        let l = logits(&llm, &seq);
+        assert_eq!(argmax(&l[(seq.len() - 1) * V..]), tok, "after {seq:?}");
+        seq.push(tok);
+    }
+    // Stops before a stop id, which is not returned; sampling is reproducible.
+    let stop = llm.generate(std::slice::from_ref(&prompt), 8, &[out[2]], GREEDY).unwrap().remove(0);
+    assert_eq!(stop, out[..out.iter().position(|&t| t == out[2]).unwrap()]);
+    let hot = Sampling { temperature: 1.0, top_p: 0.9, seed: 3 };
+    let p = std::slice::from_ref(&prompt);
+    assert_eq!(llm.generate(p, 8, &[], hot).unwrap(), llm.generate(p, 8, &[], hot).unwrap());
+    // Positions run out at the context length (32): the last token needs no position.
+    assert_eq!(llm.generate(p, 100, &[], GREEDY).unwrap()[0].len(), 32 - 3 + 1);
+}
+
+#[test]
+fn a_batch_generates_what_each_sequence_generates_alone() {
+    let (m, mut ps) = load(&tiny_weights(9, false), &lora(2, &["attn_q", "ffn_down"]));
+    randomise_lora_b(&mut ps, 4);
+    let llm = on_host(&m, &ps);
+    // Prompts of different lengths; one stops early on a stop id, one runs into the context length
+    // (32 positions), one into max_new.
+    let prompts: Vec<Vec<u32>> = vec![vec![4, 30, 11], vec![7], (0..27).map(|i| (i * 5 % 37) as u32).collect()];
+    for sampling in [GREEDY, Sampling { temperature: 0.9, top_p: 0.95, seed: 11 }] {
+        let alone = |stop: &[u32]| -> Vec<Vec<u32>> {
+            prompts.iter().map(|p| llm.generate(std::slice::from_ref(p), 9, stop, sampling).unwrap().remove(0)).collect()
+        };
+        let one = alone(&[]);
+        assert_eq!(llm.generate(&prompts, 9, &[], sampling).unwrap(), one, "{sampling:?}");
+        assert_eq!(one[2].len(), 32 - 27 + 1, "the long prompt runs out of positions");
+        let stop = [one[0][1]];
+        assert_eq!(llm.generate(&prompts, 9, &stop, sampling).unwrap(), alone(&stop), "{sampling:?} with a stop id");
+    }
+    assert!(llm.generate(&prompts, 0, &[], GREEDY).unwrap().iter().all(|o| o.is_empty()));
+}
+
+#[test]
+fn decode_refuses_bad_steps() {
+    let (m, ps) = load(&tiny_weights(3, false), &Finetune::Full);
+    let llm = on_host(&m, &ps);
+    assert!(llm.new_cache(2, 33).is_err(), "more slots than the context");
+    let mut cache = llm.new_cache(2, 4).unwrap();
+    let x = vec![0.1; 2 * 3 * D];
+    assert!(llm.prefill(x.clone(), 3, &[3, 4], &mut cache).is_err(), "a prompt longer than its padding");
+    llm.prefill(x, 3, &[3, 2], &mut cache).unwrap();
+    assert!(llm.decode(vec![0.1; 2 * D], &[0, 0], &mut cache).is_err(), "the same sequence twice");
+    assert!(llm.decode(vec![0.1; D], &[2], &mut cache).is_err(), "a sequence outside the cache");
+    llm.decode(vec![0.1; D], &[0], &mut cache).unwrap();
+    let full = llm.decode(vec![0.1; D], &[0], &mut cache).unwrap_err();
+    assert!(full.to_string().contains("fills all 4 positions"), "{full}");
+    assert_eq!((cache.len(0), cache.len(1)), (4, 2));
+}
+
+#[test]
+fn bad_batches_configs_and_inference_steps_are_refused() {
+    let w = tiny_weights(10, false);
+    let mut ps = ParamSet::new();
+    let bad = LlamaParams::load(&w, tiny_config(), &lora(2, &["attn_x"]), &mut ps, &mut SeedRng::new(0, 0));
+    assert!(bad.err().unwrap().to_string().contains("unknown LoRA target `attn_x`"));
+    let (m, ps) = load(&w, &Finetune::Full);
+    let llm = on_host(&m, &ps);
+    assert!(llm.forward_backward(&[1, 2, 3], &[2, 3, 4], 2).is_err(), "3 targets in a batch of 2");
+    assert!(llm.forward_backward(&[1, 2], &[2, 37], 1).is_err(), "a target outside the vocabulary");
+    assert!(llm.forward_backward(&[1; 33], &[2; 33], 1).is_err(), "longer than the context");
+    assert!(llm.generate(&[vec![1; 33]], 1, &[], GREEDY).is_err());
+    let mut frozen = Llama::new(HostOps, &m, &ps, None).unwrap();
+    assert!(frozen.params.iter().all(|p| !p.trainable()), "an inference model trains nothing");
+    let g = frozen.forward_backward(&IDS, &TARGETS, 2).unwrap();
+    assert!(g.grads.iter().all(Option::is_none));
+    assert!(frozen.apply(g.grads, 1e-3).is_err(), "an inference model cannot step");
+}

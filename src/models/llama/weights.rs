@@ -1,0 +1,264 @@
+//! Where the decoder's tensors live in a [`ParamSet`]: every weight under its GGUF name
+//! (`token_embd.weight`, `blk.{i}.attn_q.weight`, ...), which of them train, and the LoRA adapters
+//! beside the frozen ones. [`LlamaParams::load`] reads a checkpoint into the set;
+//! [`super::Llama::new`] copies the set to an op set. Saving (merged or adapters only) and
+//! loading adapters back work on the set, so a checkpoint never depends on the backend.
+//!
+//! `Finetune::Full` trains every tensor. `Finetune::Lora` freezes them (no optimizer state) and
+//! trains low-rank adapters on the chosen linear layers, `y = x·Wᵀ + (alpha/rank)·(x·Aᵀ)·Bᵀ`,
+//! with `B` starting at zero so that step 0 is exactly the base model.
+
+use super::config::LlamaConfig;
+use crate::models::WeightSource;
+use crate::ops::gemm::{sgemm, MatRef};
+use crate::ops::rope::RopeTable;
+use crate::tensor::{DType, Tensor};
+use crate::train::{ParamId, ParamSet, SeedRng};
+use crate::user_bail;
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+/// The linear layers of a block in checkpoint order: the names LoRA `targets` may use.
+pub const LINEAR_NAMES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// What the optimizer may change.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finetune {
+    /// Every tensor is trainable.
+    Full,
+    /// Base weights frozen; adapters `blk.N.<target>.lora_a` `[rank, in]` and `.lora_b`
+    /// `[out, rank]` on each target in [`LINEAR_NAMES`], scaled by `alpha / rank`.
+    Lora { rank: usize, alpha: f32, targets: Vec<String> },
+}
+
+/// A low-rank adapter beside a frozen weight: adds `scale · B·A` to it.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraAdapter {
+    pub lora_a: ParamId,
+    pub lora_b: ParamId,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// `blk.N.<name>.weight` `[out, in]`: a bias-free linear layer, optionally with an adapter.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: ParamId,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// The effective weight `W + scale·B·A` `[out, in]`.
+    fn merged(&self, ps: &ParamSet) -> Vec<f32> {
+        let mut w = ps[self.weight].value.clone();
+        if let Some(l) = &self.lora {
+            let b: Vec<f32> = ps[l.lora_b].value.iter().map(|v| v * l.scale).collect();
+            let a = MatRef::rows(&ps[l.lora_a].value, self.in_features);
+            sgemm(self.out_features, self.in_features, l.rank, MatRef::rows(&b, l.rank), a, &mut w, true);
+        }
+        w
+    }
+}
+
+/// `blk.N`
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: ParamId,
+    pub attn_q: Linear,
+    pub attn_k: Linear,
+    pub attn_v: Linear,
+    pub attn_output: Linear,
+    pub ffn_norm: ParamId,
+    pub ffn_gate: Linear,
+    pub ffn_up: Linear,
+    pub ffn_down: Linear,
+}
+
+impl Block {
+    /// The linear layers, in [`LINEAR_NAMES`] order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.attn_q, &self.attn_k, &self.attn_v, &self.attn_output, &self.ffn_gate, &self.ffn_up, &self.ffn_down]
+    }
+}
+
+pub struct LlamaParams {
+    pub config: LlamaConfig,
+    pub finetune: Finetune,
+    pub token_embd: ParamId,
+    pub blocks: Vec<Block>,
+    pub output_norm: ParamId,
+    /// The LM head: `output.weight` when the checkpoint has one, else `token_embd` (tied, as in
+    /// SmolLM2).
+    pub output: ParamId,
+    rope: RopeTable,
+}
+
+impl LlamaParams {
+    /// Registers every weight into `params` under its GGUF name (`token_embd.weight`,
+    /// `blk.{i}.attn_q.weight`, ..., `output_norm.weight`). Full: all trainable. LoRA: base weights
+    /// frozen; adapters `blk.{i}.{target}.lora_a` `[rank, in]` drawn uniform in `±1/√in` from `rng`
+    /// (PyTorch's Kaiming-uniform with `a = √5`, as PEFT initialises A) and `.lora_b` `[out, rank]`
+    /// zero, both trainable.
+    pub fn load(
+        weights: &dyn WeightSource,
+        config: LlamaConfig,
+        finetune: &Finetune,
+        params: &mut ParamSet,
+        rng: &mut SeedRng,
+    ) -> Result<Self> {
+        if let Finetune::Lora { rank, alpha, targets } = finetune {
+            if *rank == 0 || !alpha.is_finite() {
+                user_bail!("LoRA needs rank ≥ 1 and a finite alpha, got rank {rank}, alpha {alpha}");
+            }
+            if targets.is_empty() {
+                user_bail!("LoRA without targets trains nothing; choose from {}", LINEAR_NAMES.join(", "));
+            }
+            if let Some(bad) = targets.iter().find(|t| !LINEAR_NAMES.contains(&t.as_str())) {
+                user_bail!("unknown LoRA target `{bad}`; choose from {}", LINEAR_NAMES.join(", "));
+            }
+        }
+        let c = &config;
+        let full = matches!(finetune, Finetune::Full);
+        let tensor = |params: &mut ParamSet, name: &str, shape: &[usize]| -> Result<ParamId> {
+            let t = weights.get(name)?;
+            if t.shape() != shape {
+                user_bail!("tensor `{name}` has shape {:?}, the config says {shape:?}", t.shape());
+            }
+            params.register(name, &t, full)
+        };
+        let (d, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let token_embd = tensor(params, "token_embd.weight", &[c.vocab_size, d])?;
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let mut linear = |params: &mut ParamSet, name: &str, out_f: usize, in_f: usize| -> Result<Linear> {
+                let prefix = format!("blk.{i}.{name}");
+                let weight = tensor(params, &format!("{prefix}.weight"), &[out_f, in_f])?;
+                let lora = match finetune {
+                    Finetune::Lora { rank, alpha, targets } if targets.iter().any(|t| t == name) => {
+                        let bound = 1.0 / (in_f as f32).sqrt();
+                        let a = rng.uniform(rank * in_f, -bound, bound);
+                        let lora_a = params.add(format!("{prefix}.lora_a"), &[*rank, in_f], a, true)?;
+                        let b = vec![0.0; out_f * rank];
+                        let lora_b = params.add(format!("{prefix}.lora_b"), &[out_f, *rank], b, true)?;
+                        Some(LoraAdapter { lora_a, lora_b, rank: *rank, scale: alpha / *rank as f32 })
+                    }
+                    _ => None,
+                };
+                Ok(Linear { weight, in_features: in_f, out_features: out_f, lora })
+            };
+            let attn_norm = tensor(params, &format!("blk.{i}.attn_norm.weight"), &[d])?;
+            let attn_q = linear(params, "attn_q", qd, d)?;
+            let attn_k = linear(params, "attn_k", kvd, d)?;
+            let attn_v = linear(params, "attn_v", kvd, d)?;
+            let attn_output = linear(params, "attn_output", d, qd)?;
+            let ffn_norm = tensor(params, &format!("blk.{i}.ffn_norm.weight"), &[d])?;
+            let ffn_gate = linear(params, "ffn_gate", c.intermediate_size, d)?;
+            let ffn_up = linear(params, "ffn_up", c.intermediate_size, d)?;
+            let ffn_down = linear(params, "ffn_down", d, c.intermediate_size)?;
+            blocks.push(Block { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down });
+        }
+        let output_norm = tensor(params, "output_norm.weight", &[d])?;
+        let output = if weights.contains("output.weight") {
+            tensor(params, "output.weight", &[c.vocab_size, d])?
+        } else {
+            token_embd
+        };
+        // Every position the model can take: sin/cos are computed per position, so the values do
+        // not depend on the table's length (the inference model's shorter table agrees).
+        let rope = RopeTable::new(c.head_dim, c.rope_theta, c.context_length);
+        Ok(LlamaParams { config, finetune: finetune.clone(), token_embd, blocks, output_norm, output, rope })
+    }
+
+    /// The RoPE table (every position the model can take).
+    pub fn rope_table(&self) -> &RopeTable {
+        &self.rope
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// Most positions a sequence (prompt plus generated tokens) may have.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_pos()
+    }
+
+    /// Every parameter this model registered (base weights and adapters), in registration order.
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        let mut ids = vec![self.token_embd];
+        for b in &self.blocks {
+            ids.push(b.attn_norm);
+            ids.push(b.ffn_norm);
+            for l in b.linears() {
+                ids.push(l.weight);
+                if let Some(a) = &l.lora {
+                    ids.extend([a.lora_a, a.lora_b]);
+                }
+            }
+        }
+        ids.push(self.output_norm);
+        if self.output != self.token_embd {
+            ids.push(self.output);
+        }
+        ids
+    }
+
+    /// The weights for saving under their GGUF names, with every adapter folded into its base
+    /// weight (`W + alpha/rank · B·A`): a plain LLaMA checkpoint that
+    /// [`super::llama::Llama::from_weights`] or `LlamaParams::load(.., Finetune::Full, ..)` reads.
+    pub fn merged_weights(&self, params: &ParamSet) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        let mut put = |id: ParamId, value: Vec<f32>| -> Result<()> {
+            out.insert(params[id].name.clone(), Tensor::from_vec(value, &params[id].shape)?);
+            Ok(())
+        };
+        put(self.token_embd, params[self.token_embd].value.clone())?;
+        for b in &self.blocks {
+            put(b.attn_norm, params[b.attn_norm].value.clone())?;
+            put(b.ffn_norm, params[b.ffn_norm].value.clone())?;
+            for l in b.linears() {
+                put(l.weight, l.merged(params))?;
+            }
+        }
+        put(self.output_norm, params[self.output_norm].value.clone())?;
+        if self.output != self.token_embd {
+            put(self.output, params[self.output].value.clone())?;
+        }
+        Ok(out)
+    }
+
+    /// Only the trainable tensors of this model under their parameter names (every weight for
+    /// Full, the `lora_a`/`lora_b` adapters for LoRA): a small checkpoint to write beside the base
+    /// GGUF and read back with [`LlamaParams::load_trainable_weights`].
+    pub fn trainable_weights(&self, params: &ParamSet) -> Result<BTreeMap<String, Tensor>> {
+        self.param_ids()
+            .into_iter()
+            .filter(|&id| params[id].trainable)
+            .map(|id| Ok((params[id].name.clone(), params[id].tensor())))
+            .collect()
+    }
+
+    /// Overwrites this model's trainable parameters with the tensors of the same names in `src`
+    /// (what [`LlamaParams::trainable_weights`] saved). Fails on a missing tensor or a shape
+    /// that differs.
+    pub fn load_trainable_weights(&self, params: &mut ParamSet, src: &dyn WeightSource) -> Result<()> {
+        for id in self.param_ids() {
+            if !params[id].trainable {
+                continue;
+            }
+            let name = params[id].name.clone();
+            let t = src.get(&name)?;
+            if t.shape() != params[id].shape {
+                user_bail!("tensor `{name}` has shape {:?}, the model expects {:?}", t.shape(), params[id].shape);
+            }
+            params[id].value = t.to_dtype(DType::F32).into_f32s()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The SAGE model's definition on the host: the frozen vision encoder, the tokenizer and chat
+//! template, where the head's and the LLM's tensors sit in the [`ParamSet`], and how one (test,
+//! reference, facts, question, answer) example becomes an input sequence (a [`SeqPlan`]) before
+//! any trained parameter is read. [`super::Sage`] runs the plans on an op set.
+//!
+//! The user turn of the backbone's chat template is
+//!
+//! ```text
+//! Test image: <test image tokens>
+//! Reference image: <reference image tokens>          (one-shot only)
+//! Facts: <fused fact tokens | fact sentences>        (facts = fused | hard)
+//! <question>
+//! ```
+//!
+//! text pieces are tokenized and embedded with the LLM's table, image and fact tokens are rows
+//! the head computes, and the assistant turn is the answer, trained with cross-entropy.
+
+use super::head::{FactsMode, FusionInput, ImageInput, SageConfig, SageHead};
+use crate::formats::chat_template::{ChatTemplate, Message};
+use crate::formats::gguf::Gguf;
+use crate::formats::tokenizer::TextTokenizer;
+use crate::image_io;
+use crate::models::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
+use crate::models::llama::{Finetune, LlamaConfig, LlamaParams};
+use crate::train::{ParamSet, SeedRng};
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+
+/// The system turn: asks for the answer shape the accuracy metric parses.
+pub const SYSTEM_PROMPT: &str = "You are an industrial visual inspection assistant. You compare a test image with a \
+normal reference image of the same kind. Start every answer with Yes or No, then explain briefly.";
+
+const IGNORE: u32 = u32::MAX;
+
+/// One question about one image pair.
+pub struct Example<'a> {
+    pub test: &'a PatchTokens,
+    pub reference: Option<&'a PatchTokens>,
+    pub facts: &'a [String],
+    pub question: &'a str,
+    /// The answer to train on; `None` when generating.
+    pub answer: Option<&'a str>,
+}
+
+pub struct SageModel {
+    pub head: SageHead,
+    pub llm: LlamaParams,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub vision: EfficientNetLite,
+}
+
+/// One example's input sequence before any trained parameter is read: where each text run, image
+/// and the fact tokens sit, and the answer targets. [`super::Sage`] realises it on an op set.
+#[derive(Clone)]
+pub struct SeqPlan {
+    /// Positions.
+    pub t: usize,
+    /// `[t]`: position `i` predicts token `i + 1`; `IGNORE` outside the answer.
+    pub targets: Vec<u32>,
+    /// (first row, token ids) of each text run, the answer's included, in order.
+    pub text: Vec<(usize, Vec<u32>)>,
+    /// (first row, adapter input) of each image: the test image, then the reference.
+    pub images: Vec<(usize, ImageInput)>,
+    /// (first row, token ids of each fact sentence, the fusion input) when facts are fused.
+    pub facts: Option<(usize, Vec<Vec<u32>>, FusionInput)>,
+}
+
+impl SeqPlan {
+    /// Targets that are not ignored.
+    pub fn counted(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+}
+
+enum Piece {
+    Text(String),
+    Image(ImageInput),
+    Facts(Vec<Vec<u32>>, FusionInput),
+}
+
+impl SageModel {
+    /// Builds the model from the vision weights and a GGUF LLM; the head is freshly initialised.
+    pub fn new(
+        vision_path: &Path,
+        llm_path: &Path,
+        head_cfg: SageConfig,
+        finetune: &Finetune,
+        params: &mut ParamSet,
+        rng: &mut SeedRng,
+    ) -> Result<Self> {
+        let vision = EfficientNetLite::load(vision_path)?;
+        let g = Gguf::open(llm_path)?;
+        let cfg = LlamaConfig::from_gguf(&g)?;
+        let tokenizer = TextTokenizer::from_gguf(&g)?;
+        let template_src = g.meta_str("tokenizer.chat_template")?;
+        let template = ChatTemplate::new(template_src, "", "")?;
+        let llm = LlamaParams::load(&g, cfg, finetune, params, rng)
+            .with_context(|| format!("loading {}", llm_path.display()))?;
+        let head = SageHead::new(head_cfg, vision.patch_dim(), llm.hidden_size(), params, rng)?;
+        Ok(SageModel { head, llm, tokenizer, template, vision })
+    }
+
+    /// Patch tokens of an image file (the frozen encoder's output; cache these).
+    pub fn patch_tokens(&self, path: &Path) -> Result<PatchTokens> {
+        let img = image_io::load(path)?;
+        Ok(self.vision.patch_tokens(&image_io::to_chw(&img, &PREPROCESS_FULL), PREPROCESS_FULL.crop as usize))
+    }
+
+    /// The layout of one example's sequence: the chat template around the user turn, the image,
+    /// fact and question pieces tokenized or prepared, the answer and its targets.
+    pub fn plan(&self, ex: &Example) -> Result<SeqPlan> {
+        let mode = self.head.config.facts;
+        let mut user_pieces: Vec<Piece> = vec![Piece::Text("Test image: ".into())];
+        user_pieces.push(Piece::Image(self.head.pool(ex.test)));
+        if let Some(r) = ex.reference {
+            user_pieces.push(Piece::Text("\nReference image: ".into()));
+            user_pieces.push(Piece::Image(self.head.pool(r)));
+        }
+        match mode {
+            FactsMode::None => {}
+            FactsMode::Hard => {
+                ensure!(!ex.facts.is_empty(), "facts = hard needs fact sentences for every image (run `sage facts`)");
+                user_pieces.push(Piece::Text(format!("\nFacts: {}", ex.facts.join(" "))));
+            }
+            FactsMode::Fused => {
+                ensure!(!ex.facts.is_empty(), "facts = fused needs fact sentences for every image (run `sage facts`)");
+                let mut ids = Vec::with_capacity(ex.facts.len());
+                for f in ex.facts {
+                    let t = self.tokenizer.encode(f, false)?;
+                    ensure!(!t.is_empty(), "a fact sentence is empty");
+                    ids.push(t);
+                }
+                let input = self.head.fusion_inputs(ex.test, ex.reference)?;
+                user_pieces.push(Piece::Text("\nFacts: ".into()));
+                user_pieces.push(Piece::Facts(ids, input));
+            }
+        }
+        user_pieces.push(Piece::Text(format!("\n{}", ex.question)));
+
+        // Render the template around a marker, then splice the pieces in at the marker.
+        const MARK: &str = "\u{1}SAGE-USER\u{1}";
+        let rendered =
+            self.template.render(&[Message::new("system", SYSTEM_PROMPT), Message::new("user", MARK)], true)?;
+        let (before, after) = rendered.split_once(MARK).context("the chat template dropped the user message")?;
+        let mut pieces = vec![Piece::Text(before.to_string())];
+        pieces.extend(user_pieces);
+        pieces.push(Piece::Text(after.to_string()));
+        let answer_ids = match ex.answer {
+            Some(a) => {
+                let end = self.tokenizer.stop_ids.first().copied().context("the tokenizer has no end-of-turn token")?;
+                let mut ids = self.tokenizer.encode(a, false)?;
+                ids.push(end);
+                ids
+            }
+            None => vec![],
+        };
+
+        let (mut at, mut text, mut images, mut facts) = (0usize, Vec::new(), Vec::new(), None);
+        for p in pieces {
+            match p {
+                Piece::Text(s) => {
+                    let ids = self.tokenizer.encode(&s, false)?;
+                    let n = ids.len();
+                    text.push((at, ids));
+                    at += n;
+                }
+                Piece::Image(input) => {
+                    let n = input.rows;
+                    images.push((at, input));
+                    at += n;
+                }
+                Piece::Facts(ids, input) => {
+                    let n = ids.len();
+                    facts = Some((at, ids, input));
+                    at += n;
+                }
+            }
+        }
+        let prompt_len = at;
+        let t = prompt_len + answer_ids.len();
+        // Position i predicts token i + 1: the last prompt position predicts the first answer token.
+        let mut targets = vec![IGNORE; t];
+        for (i, &id) in answer_ids.iter().enumerate() {
+            targets[prompt_len + i - 1] = id;
+        }
+        text.push((prompt_len, answer_ids));
+        Ok(SeqPlan { t, targets, text, images, facts })
+    }
+}
