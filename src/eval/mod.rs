@@ -10,10 +10,12 @@
 //!
 //! Around them: [`generate`] runs the model, [`answers`] reads and writes answers files,
 //! [`report`] is the report (markdown and JSON), and [`run`] is one evaluation end to end, the
-//! function `sage eval` calls.
+//! function `sage eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map
+//! --eval-elpv`).
 
 pub mod adpl;
 pub mod answers;
+pub mod elpv;
 pub mod generate;
 pub mod maps;
 pub mod mmad;
