@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod edpo;
 pub mod error;
 pub mod eval;

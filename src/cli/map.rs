@@ -2,15 +2,11 @@
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
-use crate::data::elpv;
 use crate::image_io;
-use crate::metrics::auroc;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::EfficientNetLite;
 use crate::ops::similarity::Reduce;
-use crate::user_err;
 use anyhow::Result;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub const LONG_ABOUT: &str =
@@ -110,65 +106,21 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
 }
 
 fn eval_elpv(ctx: &Ctx, mapper: &AnomalyMapper, limit: usize) -> Result<()> {
-    let cells = elpv::load(&Asset::ElpvDir.path()?)?;
-    let mut by_kind: BTreeMap<String, (Vec<&elpv::Cell>, Vec<&elpv::Cell>)> = BTreeMap::new();
-    for c in &cells {
-        let e = by_kind.entry(c.kind.clone()).or_default();
-        if c.is_normal() {
-            e.0.push(c);
-        } else if c.is_defective() {
-            e.1.push(c);
-        }
-    }
-    let cap = |v: &[&elpv::Cell]| if limit == 0 { v.len() } else { v.len().min(limit) };
-    let total: usize = by_kind.values().map(|(n, d)| cap(n).saturating_sub(1) + cap(d)).sum();
-    let pb = crate::util::progress_bar(total as u64, "elpv", ctx.quiet());
-    let (mut scores, mut labels) = (Vec::new(), Vec::new());
-    let mut per_kind = Vec::new();
-    let t0 = std::time::Instant::now();
-    for (kind, (normals, defects)) in &by_kind {
-        // The reference is the first normal cell of this type in file order: deterministic and
-        // not cherry-picked. It is not scored itself.
-        let reference =
-            normals.first().ok_or_else(|| user_err!("ELPV has no normal {kind} cell to use as reference"))?;
-        let ref_tokens = mapper.tokens(&image_io::load(&reference.path)?);
-        let (mut ks, mut kl) = (Vec::new(), Vec::new());
-        for (c, is_defect) in
-            normals[1..cap(normals)].iter().map(|c| (c, false)).chain(defects[..cap(defects)].iter().map(|c| (c, true)))
-        {
-            let m = mapper.compare(&mapper.tokens(&image_io::load(&c.path)?), Some(&ref_tokens))?;
-            ks.push(m.score);
-            kl.push(is_defect);
-            pb.inc(1);
-        }
-        per_kind.push(serde_json::json!({
-            "kind": kind, "reference": reference.path, "normal": kl.iter().filter(|l| !**l).count(),
-            "defective": kl.iter().filter(|l| **l).count(), "auroc": auroc(&ks, &kl),
-        }));
-        scores.extend(ks);
-        labels.extend(kl);
-    }
-    pb.finish_and_clear();
-    let overall =
-        auroc(&scores, &labels).ok_or_else(|| user_err!("ELPV evaluation needs both normal and defective cells"))?;
-    let secs = t0.elapsed().as_secs_f64();
+    let r = crate::eval::elpv::elpv_auroc(mapper, &Asset::ElpvDir.path()?, limit, ctx.quiet())?;
     if ctx.json {
-        return print_json(&serde_json::json!({
-            "dataset": "elpv", "positive": "defect probability >= 2/3", "negative": "defect probability 0",
-            "reduce": mapper.reduce, "image_auroc": overall, "per_kind": per_kind, "cells": scores.len(), "seconds": secs,
-        }));
+        return print_json(&r);
     }
-    println!("ELPV image AUROC (defect probability ≥ 2/3 vs 0, one same-type normal reference): {overall:.4}");
-    for k in &per_kind {
+    println!("ELPV image AUROC (defect probability ≥ 2/3 vs 0, one same-type normal reference): {:.4}", r.image_auroc);
+    for k in &r.per_kind {
         println!(
             "  {:<5} normal {:>4}  defective {:>4}  AUROC {:.4}  reference {}",
-            k["kind"].as_str().unwrap_or(""),
-            k["normal"],
-            k["defective"],
-            k["auroc"].as_f64().unwrap_or(f64::NAN),
-            k["reference"].as_str().unwrap_or("")
+            k.kind,
+            k.normal,
+            k.defective,
+            k.auroc.unwrap_or(f64::NAN),
+            k.reference.display()
         );
     }
-    println!("{} cells scored in {secs:.1} s", scores.len());
+    println!("{} cells scored in {:.1} s", r.cells, r.seconds);
     Ok(())
 }

@@ -1,16 +1,26 @@
-//! The scoring side of `sage eval` (ARCHITECTURE.md §6): turns (sample, question, generated answer)
-//! records into the reported metrics. Everything here is pure: running the model, embedding
-//! texts and judging answers happen elsewhere and reach these functions as plain values or
-//! closures, so every number can be checked by hand in the tests.
+//! `sage eval` (ARCHITECTURE.md §6): a model's answers to a dataset, scored.
+//!
+//! The scoring modules are pure: running the model, embedding texts and judging answers happen
+//! elsewhere and reach them as plain values or closures, so every number can be checked by hand
+//! in the tests.
 //!
 //! - [`adpl`]: AD-PL and MANTA (Yes/No conclusions): accuracy per level, Acc-G, SBERT, MLE.
 //! - [`mmad`]: MMAD's multiple-choice protocol: per-subtask accuracy, averaged per source dataset.
 //! - [`maps`]: anomaly maps: image AUROC (max of the map) and pixel AUROC.
+//!
+//! Around them: [`generate`] runs the model, [`answers`] reads and writes answers files,
+//! [`report`] is the report (markdown and JSON), and [`run`] is one evaluation end to end, the
+//! function `sage eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map
+//! --eval-elpv`).
 
 pub mod adpl;
+pub mod answers;
+pub mod elpv;
 pub mod generate;
 pub mod maps;
 pub mod mmad;
+pub mod report;
+pub mod run;
 
 use crate::data::sample::Sample;
 use crate::user_bail;

@@ -1,0 +1,145 @@
+//! The training stages' configs as the demo writes them: typed values of the stages' own config
+//! structs ([`SfeConfig`], [`EdpoRunConfig`]), serialized with `toml`, so a file the demo writes
+//! is exactly what `sage sfe --config` / `sage edpo --config` load (the tests check it).
+
+use super::profile::Profile;
+use crate::edpo::config::{EdpoData, EdpoRunConfig, EdpoSection, LossKind};
+use crate::edpo::pairs::PairChoice;
+use crate::models::sage::{FactsMode, SageConfig};
+use crate::ops::similarity::Reduce;
+use crate::sfe::config::{DataConfig, LlmConfig, SfeConfig, TrainSection};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// Stage 1 with facts mode `facts` on the demo's data folder `data`.
+pub fn sfe_config(p: &Profile, data: &Path, facts: FactsMode) -> SfeConfig {
+    SfeConfig {
+        data: DataConfig {
+            train: data.join("train.json"),
+            val: data.join("test.json"),
+            facts: Some(data.join("facts.jsonl")),
+            max_train_items: p.train_items,
+            zero_shot: false,
+        },
+        // A smaller head than the default (k 16, fusion_dim 256, pool 2): minutes on a CPU.
+        model: SageConfig { facts, k: 8, reduce: Reduce::Nearest, fusion_dim: 128, fusion_heads: 4, image_pool: 4 },
+        llm: LlmConfig {
+            finetune: "lora".into(),
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: vec!["attn_q".into(), "attn_v".into()],
+        },
+        train: train_section(p, p.sfe_steps, p.sfe_batch, p.sfe_lr, 10),
+    }
+}
+
+/// Stage 2 with `loss` from the SFE run folder `sfe_run`, on the judge scores `sage score` wrote
+/// beside the training file.
+pub fn edpo_config(p: &Profile, data: &Path, sfe_run: &Path, loss: LossKind) -> EdpoRunConfig {
+    EdpoRunConfig {
+        sfe: sfe_run.to_path_buf(),
+        data: EdpoData {
+            train: data.join("train.json"),
+            scores: Some(data.join("train.scores.jsonl")),
+            judge: "rubric".into(),
+            judge_config: None,
+            max_train_items: p.train_items,
+        },
+        edpo: EdpoSection { loss, beta: 0.1, eta: 1.0, pairs: PairChoice::Both },
+        train: train_section(p, p.edpo_steps, p.edpo_batch, p.edpo_lr, 5),
+    }
+}
+
+/// The schedule: 10% warm-up, cosine to a tenth of `lr`, clipping at 1, no weight decay (the
+/// stages' defaults), validation only at the end.
+fn train_section(p: &Profile, steps: u64, batch: usize, lr: f32, checkpoint_every: u64) -> TrainSection {
+    TrainSection {
+        steps,
+        batch,
+        lr,
+        warmup_steps: (steps / 10).max(1),
+        min_lr_ratio: 0.1,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 0,
+        val_every: 0,
+        val_questions: p.val_questions,
+        checkpoint_every,
+    }
+}
+
+/// The TOML text of `config`, headed by a comment naming the demo and its profile.
+pub fn to_toml<T: Serialize>(p: &Profile, config: &T) -> Result<String> {
+    let body = toml::to_string(config).context("writing a demo config as TOML")?;
+    Ok(format!("# written by `sage demo` ({} profile)\n{body}", p.name))
+}
+
+/// Writes `config` to `path` (atomically).
+pub fn write<T: Serialize>(path: &Path, p: &Profile, config: &T) -> Result<()> {
+    crate::util::write_atomic(path, to_toml(p, config)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::profile::{FULL, QUICK, ROWS, SFE_RUNS};
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use std::path::PathBuf;
+
+    /// Writes `value` as the demo does, loads it with the stage's loader and compares the two
+    /// (as JSON: the config structs have no `PartialEq`).
+    fn round_trip<T: Serialize + DeserializeOwned + crate::config::CheckRanges>(p: &Profile, value: &T) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        write(&path, p, value).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&format!("# written by `sage demo` ({} profile)\n", p.name)), "{text}");
+        let loaded: T = crate::config::load(&path).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        assert_eq!(serde_json::to_value(&loaded).unwrap(), serde_json::to_value(value).unwrap(), "{text}");
+    }
+
+    #[test]
+    fn every_config_the_demo_writes_loads_with_its_stage_loader_unchanged() {
+        let data = Path::new("runs/demo \"x\"/data");
+        for p in [&QUICK, &FULL] {
+            for (name, facts) in SFE_RUNS {
+                let c = sfe_config(p, data, facts);
+                assert_eq!(c.model.facts, facts, "{name}");
+                round_trip(p, &c);
+            }
+            for row in &ROWS {
+                if let Some((loss, name)) = row.pref {
+                    let c = edpo_config(p, data, &Path::new("runs").join(name), loss);
+                    assert_eq!(c.edpo.loss, loss);
+                    round_trip(p, &c);
+                }
+            }
+        }
+    }
+
+    /// The configs of the committed quick demo (written as text before the demo built typed
+    /// values) load to exactly what the demo builds today: same data, model, schedule, loss.
+    #[test]
+    fn the_committed_quick_demo_configs_are_what_the_demo_builds() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/results/demo-quick/configs");
+        let out = QUICK.default_out();
+        let data = out.join("data");
+        for (name, facts) in SFE_RUNS {
+            let loaded: SfeConfig = crate::config::load(&root.join(format!("sfe-{name}.toml"))).unwrap();
+            let built = sfe_config(&QUICK, &data, facts);
+            assert_eq!(serde_json::to_value(&loaded).unwrap(), serde_json::to_value(&built).unwrap(), "sfe-{name}");
+        }
+        for row in &ROWS {
+            if let Some((loss, name)) = row.pref {
+                let loaded: EdpoRunConfig = crate::config::load(&root.join(format!("edpo-{name}.toml"))).unwrap();
+                let built = edpo_config(&QUICK, &data, &out.join("runs").join(format!("sfe-{}", row.sfe)), loss);
+                assert_eq!(
+                    serde_json::to_value(&loaded).unwrap(),
+                    serde_json::to_value(&built).unwrap(),
+                    "edpo-{name}"
+                );
+            }
+        }
+    }
+}

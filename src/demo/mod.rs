@@ -1,0 +1,186 @@
+//! `sage demo`: the whole method on ELPV in one call — data, facts, judge scores, three SFE
+//! runs, three preference runs, six evaluations and the training-free anomaly map — ending with
+//! the ablation table. Every stage is a `sage` subcommand run as a child process
+//! ([`stages`]: printed as it starts, so a user can rerun any of them by hand), and every stage
+//! resumes: a second demo after an interruption skips what finished and continues what did not.
+//!
+//! [`profile`] sizes the stages and names the table's rows, [`configs`] builds the training
+//! stages' configs as their own typed config structs, [`table`] writes `demo.md`.
+
+pub mod configs;
+pub mod profile;
+pub mod stages;
+pub mod table;
+
+use crate::assets::Asset;
+use anyhow::{Context, Result};
+use profile::{Profile, ROWS, SFE_RUNS};
+use serde_json::Value;
+use stages::{Runner, StageEnv};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use table::TableRow;
+
+/// What a finished demo reports.
+pub struct DemoOutcome {
+    pub profile: Profile,
+    pub rows: Vec<TableRow>,
+    /// The majority class of the evaluated questions (`{"answer", "rate"}` of an eval report).
+    pub majority: Value,
+    pub map_image_auroc: Value,
+    pub seconds: f64,
+    pub out: PathBuf,
+    /// `demo.md`'s text.
+    pub markdown: String,
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().to_string()
+}
+
+fn read_json(p: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// `--max-items N` when `n` is not 0 (all).
+fn items(n: usize) -> Vec<String> {
+    if n == 0 {
+        vec![]
+    } else {
+        vec!["--max-items".to_string(), n.to_string()]
+    }
+}
+
+/// Runs (or resumes) the demo of profile `p` in folder `out` and writes `out/demo.md`.
+pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
+    let t0 = Instant::now();
+    // One demo per folder; each stage it starts locks its own cache or run folder below it.
+    let _writer = crate::lock::WriterLock::for_dir(out)?;
+    let (data, cfgs, logs, runs, evals) =
+        (out.join("data"), out.join("configs"), out.join("logs"), out.join("runs"), out.join("eval"));
+    for d in [&data, &cfgs, &logs, &runs, &evals] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let r = Runner { env, logs };
+
+    prepare_data(&r, p, &data)?;
+
+    // Stage 1 and stage 2, each skipped when finished and resumed when interrupted.
+    let train = |name: &str, cmd: &str, toml: String| -> Result<PathBuf> {
+        let cfg = cfgs.join(format!("{cmd}-{name}.toml"));
+        let run_dir = runs.join(format!("{cmd}-{name}"));
+        if run_dir.join("final.json").exists() {
+            return Ok(run_dir);
+        }
+        crate::util::write_atomic(&cfg, toml.as_bytes())?;
+        let mut args = vec![cmd.to_string(), "--config".into(), s(&cfg), "--out".into(), s(&run_dir)];
+        if crate::sfe::checkpoint::exists(&run_dir) {
+            args.push("--resume".into());
+        }
+        r.sage(&format!("{cmd}-{name}"), &args)?;
+        Ok(run_dir)
+    };
+    let mut sfe_runs = std::collections::BTreeMap::new();
+    for (name, facts) in SFE_RUNS {
+        let cfg = configs::to_toml(p, &configs::sfe_config(p, &data, facts))?;
+        sfe_runs.insert(name, train(name, "sfe", cfg)?);
+    }
+    let (mut rows, mut majority) = (Vec::new(), Value::Null);
+    for row in &ROWS {
+        let ckpt = match row.pref {
+            None => sfe_runs[row.sfe].clone(),
+            Some((loss, name)) => {
+                let cfg = configs::to_toml(p, &configs::edpo_config(p, &data, &sfe_runs[row.sfe], loss))?;
+                train(name, "edpo", cfg)?
+            }
+        };
+        let v = evaluate(&r, p, &data, &evals, &ckpt)?;
+        // Every row answers the same questions: their majority class is the same.
+        majority = v["adpl"]["majority"].clone();
+        rows.push(TableRow::from_report(row.name, ckpt, &v));
+    }
+
+    let map = anomaly_map(&r, out)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let markdown = table::markdown(p, &rows, &majority, &map, seconds, out);
+    crate::util::write_atomic(&out.join("demo.md"), markdown.as_bytes())?;
+    Ok(DemoOutcome {
+        profile: p.clone(),
+        rows,
+        majority,
+        map_image_auroc: map["image_auroc"].clone(),
+        seconds,
+        out: out.to_path_buf(),
+        markdown,
+    })
+}
+
+/// Assets, the ELPV AD-PL split, facts for every image and the judge's scores of the ranked
+/// training answers (each stage resumes from its cache).
+fn prepare_data(r: &Runner, p: &Profile, data: &Path) -> Result<()> {
+    if Asset::ALL.iter().any(|a| a.path().is_err()) {
+        r.sage("fetch", &["fetch".into()])?;
+    }
+    if !data.join("test.json").exists() {
+        let dir = s(data);
+        let args = ["data", "build", "--source", "elpv", "--out", dir.as_str(), "--seed", "0"];
+        r.sage("data-build", &args.map(String::from))?;
+    }
+    // Facts for every image (validation draws from the whole test split). The lite backbone's
+    // prompt depends only on the category, so a handful of generations serve every image.
+    let mut facts_all = String::new();
+    for split in ["train", "test"] {
+        let f = data.join(format!("facts-{split}.jsonl"));
+        let args = vec!["facts".into(), "--data".into(), s(&data.join(format!("{split}.json"))), "--out".into(), s(&f)];
+        r.sage(&format!("facts-{split}"), &args)?;
+        facts_all.push_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    crate::util::write_atomic(&data.join("facts.jsonl"), facts_all.as_bytes())?;
+    let mut args =
+        vec!["score".into(), "--data".into(), s(&data.join("train.json")), "--judge".into(), "rubric".into()];
+    args.extend(items(p.train_items));
+    r.sage("score", &args)
+}
+
+/// `sage eval` of checkpoint `ckpt` on the test split (skipped when its report exists); its JSON
+/// report.
+fn evaluate(r: &Runner, p: &Profile, data: &Path, evals: &Path, ckpt: &Path) -> Result<Value> {
+    let stem = ckpt.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let report = evals.join(format!("{stem}.md"));
+    if !report.with_extension("json").exists() {
+        let mut args = vec![
+            "eval".into(),
+            "--checkpoint".into(),
+            s(ckpt),
+            "--data".into(),
+            s(&data.join("test.json")),
+            "--facts".into(),
+            s(&data.join("facts.jsonl")),
+            "--max-tokens".into(),
+            p.max_tokens.to_string(),
+            "--save-answers".into(),
+            s(&report.with_extension("answers.jsonl")),
+            "--out".into(),
+            s(&report),
+        ];
+        args.extend(items(p.eval_items));
+        r.sage(&format!("eval-{stem}"), &args)?;
+    }
+    read_json(&report.with_extension("json"))
+}
+
+/// The training-free anomaly map on every ELPV cell (`sage map --eval-elpv --json`, kept as
+/// `map-elpv.json`).
+fn anomaly_map(r: &Runner, out: &Path) -> Result<Value> {
+    let map_json = out.join("map-elpv.json");
+    if !map_json.exists() {
+        // Under --json every stage gets the flag already.
+        let mut args: Vec<String> = if r.env.json { vec![] } else { vec!["--json".into()] };
+        args.extend(["map".into(), "--eval-elpv".into()]);
+        r.sage("map-elpv", &args)?;
+        let text = std::fs::read_to_string(r.log("map-elpv"))?;
+        crate::util::write_atomic(&map_json, text.as_bytes())?;
+    }
+    read_json(&map_json)
+}
