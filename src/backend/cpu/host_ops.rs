@@ -237,15 +237,16 @@ impl Activations for HostOps {
         {
             bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
         }
+        // One pass over each channel's row (the encoder's 1×1 convolutions run this on every
+        // map), the same arithmetic as bias, then residual, then ReLU6.
         let p = y.len() / channels;
+        let act = |v: f32| if relu6 { v.clamp(0.0, 6.0) } else { v };
         for (c, row) in y.chunks_exact_mut(p).enumerate() {
-            row.iter_mut().for_each(|v| *v += bias[c]);
-            if let Some(r) = residual {
-                row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v += x);
+            let b = bias[c];
+            match residual {
+                Some(r) => row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v = act(*v + b + x)),
+                None => row.iter_mut().for_each(|v| *v = act(*v + b)),
             }
-        }
-        if relu6 {
-            relu6_(y);
         }
         Ok(())
     }
@@ -577,10 +578,14 @@ impl Conv for HostOps {
             bail!("depthwise convolution: x, w or bias is smaller than {s:?} needs");
         }
         let plane = s.c * s.h * s.w;
-        let mut out = Vec::with_capacity(s.out_len());
+        let mut out = Vec::new();
         for img in x[..s.in_len()].chunks_exact(plane) {
             let (y, _, _) = depthwise_conv2d(img, s.c, s.h, s.w, w, s.k, s.stride, s.pad, bias);
-            out.extend(y);
+            if out.is_empty() {
+                out = y; // one image (the encoder's case): no copy
+            } else {
+                out.extend(y);
+            }
         }
         if relu6 {
             relu6_(&mut out);
