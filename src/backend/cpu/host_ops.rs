@@ -601,3 +601,30 @@ fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
     }
     Ok(rows / seqs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused channel epilogue is bias, then residual, then ReLU6, per channel row.
+    #[test]
+    fn channel_bias_act_adds_bias_and_residual_then_clamps() {
+        let (channels, p) = (3, 4);
+        let y0: Vec<f32> = (0..channels * p).map(|i| i as f32 * 0.9 - 4.0).collect();
+        let res: Vec<f32> = (0..channels * p).map(|i| (i % 5) as f32 - 2.0).collect();
+        let bias = vec![-1.0, 0.5, 2.0];
+        for (residual, relu6) in [(None, false), (None, true), (Some(&res), false), (Some(&res), true)] {
+            let mut y = y0.clone();
+            HostOps.channel_bias_act(&mut y, &bias, channels, residual, relu6).unwrap();
+            for (i, &got) in y.iter().enumerate() {
+                let mut want = y0[i] + bias[i / p] + residual.map_or(0.0, |r| r[i]);
+                if relu6 {
+                    want = want.clamp(0.0, 6.0);
+                }
+                assert_eq!(got, want, "element {i}, residual {}, relu6 {relu6}", residual.is_some());
+            }
+        }
+        let mut short = vec![0.0; 5];
+        assert!(HostOps.channel_bias_act(&mut short, &bias, channels, None, true).is_err());
+    }
+}
