@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packs what the GPU machine needs into .device/ (gitignored; carry it with the device tool):
-# the stripped release `sage`, the stripped GPU test binaries (kernel parity; the SAGE step), and
+# the stripped release `sage`, the stripped GPU test binaries (kernel parity; the SAGE step; the
+# EfficientNet encoder), and
 # the kernels' PTX for sm_90 and sm_80 (so the device needs no NVRTC). About 16 MB. Then, on the
 # device:
 #   bash scripts/device_run.sh          (doctor, parity, compute-sanitizer, kernel benchmark)
@@ -19,7 +20,7 @@ for l in sys.stdin:
 }
 rm -rf .device/bin .device/home && mkdir -p .device/bin .device/home
 strip -o .device/bin/sage "$target/release/sage"
-for t in kernels_parity sage_step; do
+for t in kernels_parity sage_step efficientnet; do
   strip -o ".device/bin/$t" "$(test_binary "$t")"
 done
 # Compile with this machine's NVRTC (the pinned wheel in $SAGE_HOME), then copy the PTX over.

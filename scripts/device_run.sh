@@ -5,7 +5,8 @@
 # (benches/run_kernels.sh) and the training-step benchmark against HF transformers
 # (benches/run_train.sh), and, with the real assets carried (scripts/device_pack_assets.sh), the
 # SAGE step's tests (tests/sage_step.rs: ten quick-config SFE steps on the GPU against the CPU
-# ops, and the EfficientNet encoder on the GPU against the CPU encoder). Everything lands in $OUT (default ./device-out): copy the reports into benches/results/
+# ops) and the EfficientNet encoder on the GPU against the same model on the CPU ops
+# (tests/efficientnet.rs). Everything lands in $OUT (default ./device-out): copy the reports into benches/results/
 # and commit them.
 #
 #   STAGES="doctor parity sanitizer kernels train" bash scripts/device_run.sh
@@ -35,7 +36,12 @@ fi
 if has assets; then
   cat .device/assets/part-* | tar -C "$SAGE_HOME" -xf - || status=1
 fi
-if has sage; then "$bin/sage_step" --nocapture --test-threads 1 2>&1 | tee "$out/sage_step.txt" || status=1; fi
+if has sage; then
+  "$bin/sage_step" --nocapture --test-threads 1 2>&1 | tee "$out/sage_step.txt" || status=1
+  # Only the GPU test: the others read fixtures from the source tree or build the emulator.
+  "$bin/efficientnet" --exact efficientnet_on_the_gpu_matches_the_cpu_encoder --nocapture 2>&1 \
+    | tee "$out/efficientnet.txt" || status=1
+fi
 if has kernels; then SAGE="$bin/sage" OUT="$out" bash benches/run_kernels.sh || status=1; fi
 if has train; then
   # shellcheck disable=SC2086

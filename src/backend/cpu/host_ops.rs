@@ -238,15 +238,16 @@ impl Activations for HostOps {
         {
             bail!("channel epilogue: y has {} elements for {channels} channels (bias {})", y.len(), bias.len());
         }
+        // One pass over each channel's row (the encoder's 1×1 convolutions run this on every
+        // map), the same arithmetic as bias, then residual, then ReLU6.
         let p = y.len() / channels;
+        let act = |v: f32| if relu6 { v.clamp(0.0, 6.0) } else { v };
         for (c, row) in y.chunks_exact_mut(p).enumerate() {
-            row.iter_mut().for_each(|v| *v += bias[c]);
-            if let Some(r) = residual {
-                row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v += x);
+            let b = bias[c];
+            match residual {
+                Some(r) => row.iter_mut().zip(&r[c * p..(c + 1) * p]).for_each(|(v, x)| *v = act(*v + b + x)),
+                None => row.iter_mut().for_each(|v| *v = act(*v + b)),
             }
-        }
-        if relu6 {
-            relu6_(y);
         }
         Ok(())
     }
@@ -591,10 +592,14 @@ impl Conv for HostOps {
             bail!("depthwise convolution: x, w or bias is smaller than {s:?} needs");
         }
         let plane = s.c * s.h * s.w;
-        let mut out = Vec::with_capacity(s.out_len());
+        let mut out = Vec::new();
         for img in x[..s.in_len()].chunks_exact(plane) {
             let (y, _, _) = depthwise_conv2d(img, s.c, s.h, s.w, w, s.k, s.stride, s.pad, bias);
-            out.extend(y);
+            if out.is_empty() {
+                out = y; // one image (the encoder's case): no copy
+            } else {
+                out.extend(y);
+            }
         }
         if relu6 {
             relu6_(&mut out);
@@ -609,4 +614,31 @@ fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
         bail!("{rows} targets do not split into {seqs} sequences");
     }
     Ok(rows / seqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused channel epilogue is bias, then residual, then ReLU6, per channel row.
+    #[test]
+    fn channel_bias_act_adds_bias_and_residual_then_clamps() {
+        let (channels, p) = (3, 4);
+        let y0: Vec<f32> = (0..channels * p).map(|i| i as f32 * 0.9 - 4.0).collect();
+        let res: Vec<f32> = (0..channels * p).map(|i| (i % 5) as f32 - 2.0).collect();
+        let bias = vec![-1.0, 0.5, 2.0];
+        for (residual, relu6) in [(None, false), (None, true), (Some(&res), false), (Some(&res), true)] {
+            let mut y = y0.clone();
+            HostOps.channel_bias_act(&mut y, &bias, channels, residual, relu6).unwrap();
+            for (i, &got) in y.iter().enumerate() {
+                let mut want = y0[i] + bias[i / p] + residual.map_or(0.0, |r| r[i]);
+                if relu6 {
+                    want = want.clamp(0.0, 6.0);
+                }
+                assert_eq!(got, want, "element {i}, residual {}, relu6 {relu6}", residual.is_some());
+            }
+        }
+        let mut short = vec![0.0; 5];
+        assert!(HostOps.channel_bias_act(&mut short, &bias, channels, None, true).is_err());
+    }
 }
