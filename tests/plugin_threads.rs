@@ -71,7 +71,8 @@ fn threads_1_holds_inside_the_builtin_backbone_and_judge() {
     });
     assert_eq!(rayon::current_num_threads(), 1);
     assert_eq!(
-        peak, before,
+        peak,
+        before,
         "the built-ins started {} thread(s) of their own (a second pool?) under --threads 1",
         peak.saturating_sub(before)
     );

@@ -144,7 +144,12 @@ impl Instance {
 
     fn json(&self, what: &str, text: &str) -> Result<serde_json::Value> {
         serde_json::from_str(text).map_err(|e| {
-            anyhow::anyhow!("{} plugin `{}` ({}): {what} returned invalid JSON: {e}", self.plugin.kind, self.plugin.name, self.plugin.origin())
+            anyhow::anyhow!(
+                "{} plugin `{}` ({}): {what} returned invalid JSON: {e}",
+                self.plugin.kind,
+                self.plugin.name,
+                self.plugin.origin()
+            )
         })
     }
 

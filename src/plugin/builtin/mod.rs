@@ -29,13 +29,15 @@ pub static BUILTINS: [Builtin; 7] = [
     Builtin {
         kind: Kind::Backbone,
         name: "lite",
-        description: "embedded default: EfficientNet-Lite0 patch features -> adapter -> SmolLM2-135M-Instruct (generates text)",
+        description:
+            "embedded default: EfficientNet-Lite0 patch features -> adapter -> SmolLM2-135M-Instruct (generates text)",
         create: create::<lite::Lite>,
     },
     Builtin {
         kind: Kind::Judge,
         name: "rubric",
-        description: "offline deterministic proxy judge (rules + MiniLM similarity); for CI and machines without an LLM endpoint",
+        description:
+            "offline deterministic proxy judge (rules + MiniLM similarity); for CI and machines without an LLM endpoint",
         create: create::<rubric::Rubric>,
     },
     Builtin {
@@ -59,7 +61,8 @@ pub static BUILTINS: [Builtin; 7] = [
     Builtin {
         kind: Kind::Dataset,
         name: "mvtec",
-        description: "MVTec AD folder layout (also MPDD, VisA converted): test images paired with train/good references, masks",
+        description:
+            "MVTec AD folder layout (also MPDD, VisA converted): test images paired with train/good references, masks",
         create: create::<DatasetPlugin<Mvtec>>,
     },
     Builtin {
