@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: builds sage and the in-tree plugins (beside the binary, where the tests find
-# them), makes sure the real assets and test images are in $SAGE_HOME, then runs the whole
-# workspace's suite with cargo-nextest (release profile: the model tests run real networks).
+# The test command: builds sage and the in-tree external plugin (judge-openai, beside the binary,
+# where the tests find it), makes sure the real assets and test images are in $SAGE_HOME, then
+# runs the whole workspace's suite with cargo-nextest (release profile: the model tests run real
+# networks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh

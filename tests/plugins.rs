@@ -1,16 +1,17 @@
-//! The plugin system end to end: discovery and listing, every refusal path, a plugin written in
-//! C built here with the `cc` crate, and the judges (the OpenAI one against a local HTTP server
-//! this test starts on 127.0.0.1).
+//! The plugin system end to end: the built-ins and the in-tree external plugin in one listing,
+//! every refusal path, external plugins loaded through the ABI (one written in C built here with
+//! the `cc` crate, and the OpenAI judge, written in Rust with the SDK, against a local HTTP server
+//! this test starts on 127.0.0.1), and the built-in judge, backbone and dataset readers.
 
 mod common;
 use common::*;
-use sage::plugin::{discover, loader, Kind};
+use sage::plugin::{discover, loader, CallError, Instance, Kind};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// target/<profile>: where `cargo build` puts the in-tree plugins (tests run from deps/).
+/// target/<profile>: where `cargo build` puts the in-tree external plugins (tests run from deps/).
 fn build_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().to_path_buf()
@@ -19,8 +20,8 @@ fn build_dir() -> PathBuf {
 fn in_tree() -> sage::plugin::Discovery {
     let d = discover(&[build_dir()]);
     assert!(
-        d.plugins.iter().any(|p| p.name == "rubric"),
-        "in-tree plugins not found in {}: run `cargo build --release` (scripts/test.sh does)",
+        d.plugins.iter().any(|p| p.name == "openai" && !p.builtin),
+        "the in-tree external plugin (openai) not found in {}: run `cargo build --release` (scripts/test.sh does)",
         build_dir().display()
     );
     d
@@ -51,30 +52,60 @@ fn repo(p: &str) -> PathBuf {
 }
 
 #[test]
-fn plugins_json_lists_the_in_tree_plugins() {
+fn plugins_json_lists_the_builtins_and_the_in_tree_external_plugin() {
     let _ = in_tree();
     let out = sage().args(["plugins", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = stdout_json(&out);
-    let have: Vec<(String, String)> = v["plugins"]
+    let have: Vec<(String, String, bool)> = v["plugins"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["kind"].as_str().unwrap().to_string(), p["name"].as_str().unwrap().to_string()))
+        .map(|p| {
+            let builtin = p["builtin"].as_bool().unwrap();
+            // A built-in has no file; a library has one.
+            assert_eq!(builtin, p["file"].is_null(), "{p}");
+            (p["kind"].as_str().unwrap().to_string(), p["name"].as_str().unwrap().to_string(), builtin)
+        })
         .collect();
-    for (kind, name) in [
-        ("backbone", "lite"),
-        ("judge", "rubric"),
-        ("judge", "openai"),
-        ("dataset", "adpl"),
-        ("dataset", "manta"),
-        ("dataset", "mmad"),
-        ("dataset", "mvtec"),
-        ("dataset", "elpv"),
+    for (kind, name, builtin) in [
+        ("backbone", "lite", true),
+        ("judge", "rubric", true),
+        ("judge", "openai", false),
+        ("dataset", "adpl", true),
+        ("dataset", "manta", true),
+        ("dataset", "mmad", true),
+        ("dataset", "mvtec", true),
+        ("dataset", "elpv", true),
     ] {
-        assert!(have.contains(&(kind.to_string(), name.to_string())), "{kind} {name} missing from {have:?}");
+        assert!(
+            have.contains(&(kind.to_string(), name.to_string(), builtin)),
+            "{kind} {name} (built-in: {builtin}) missing from {have:?}"
+        );
     }
-    assert!(v["plugins"][0]["file"].as_str().unwrap().contains("sage_plugin_"));
+    let openai = v["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "openai").unwrap();
+    assert!(openai["file"].as_str().unwrap().contains("libsage_plugin_openai"), "{openai}");
+
+    // The text listing marks the built-ins.
+    let out = sage().arg("plugins").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("judge") && l.contains("rubric") && l.ends_with("built-in")), "{text}");
+    assert!(text.lines().any(|l| l.contains("openai") && l.contains("libsage_plugin_openai")), "{text}");
+}
+
+#[test]
+fn a_library_cannot_replace_a_builtin() {
+    let dir = tempfile::tempdir().unwrap();
+    build_c(&repo("tests/plugins/named_rubric.c"), &dir.path().join("libnamed_rubric.so"));
+    let d = discover(&[dir.path().to_path_buf()]);
+    let r = d.refused.iter().find(|r| r.file.ends_with("libnamed_rubric.so")).expect("refused");
+    assert!(r.reason.contains("judge `rubric` is shadowed by the built-in"), "{}", r.reason);
+    let rubric = d.get(Kind::Judge, "rubric").unwrap();
+    assert!(rubric.builtin && rubric.file.is_none(), "{rubric:?}");
+    // And `sage plugins` says so, with the file.
+    let out = sage().arg("--plugin-dir").arg(dir.path()).arg("plugins").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("libnamed_rubric.so") && text.contains("cannot replace a built-in"), "{text}");
 }
 
 #[test]
@@ -192,6 +223,11 @@ fn rubric_judge_is_deterministic_and_rewards_the_right_answer() {
     assert_eq!(best, j.judge_score(&req("Yes, there is a crack in the upper left corner of the cell.")).unwrap());
     let err = j.judge_score(&serde_json::json!({"answer": "Yes"})).unwrap_err().to_string();
     assert!(err.contains("bad judge request") && err.contains("question"), "{err}");
+    // A judge asked for a backbone's function: a user error naming the built-in.
+    let err = j.backbone_describe().unwrap_err();
+    assert!(err.downcast_ref::<sage::error::UserError>().is_some(), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("judge plugin `rubric` (built-in)") && msg.contains("does not offer"), "{msg}");
 }
 
 // ---- the OpenAI-compatible judge against a scripted local server ----
@@ -256,7 +292,7 @@ fn serve(script: Vec<Reply>) -> (String, std::thread::JoinHandle<Vec<(String, St
     (url, h)
 }
 
-fn openai(url: &str, extra: serde_json::Value) -> loader::Instance {
+fn openai(url: &str, extra: serde_json::Value) -> Instance {
     let d = in_tree();
     let mut cfg = serde_json::json!({"base_url": url, "model": "judge-model", "api_key_env": "SAGE_TEST_JUDGE_KEY",
         "timeout_secs": 0.5, "max_retries": 2, "backoff_ms": 10});
@@ -314,7 +350,7 @@ fn openai_judge_good_malformed_slow_and_failing_servers() {
     // Slow: every try times out; the status says timeout.
     let (url, h) = serve(vec![Reply::Slow(Duration::from_millis(1500)), Reply::Slow(Duration::from_millis(1500))]);
     let err = openai(&url, serde_json::json!({"max_retries": 1})).judge_score(&request()).unwrap_err();
-    let call = err.downcast_ref::<loader::CallError>().expect("a plugin call error");
+    let call = err.downcast_ref::<CallError>().expect("a plugin call error");
     assert_eq!(call.status, sage_plugin_sdk::ffi::SageStatus::SAGE_TIMEOUT, "{}", call.message);
     assert!(call.message.contains("after 2 attempt(s)"), "{}", call.message);
     h.join().unwrap();
@@ -343,9 +379,9 @@ fn openai_judge_config_errors_name_the_problem_not_the_key() {
     assert!(msg.contains("base_ulr"), "{msg}");
 }
 
-// ---- dataset plugins over the fixtures and the ELPV asset ----
+// ---- the built-in dataset plugins over the fixtures and the ELPV asset ----
 
-fn dataset(name: &str, config: serde_json::Value) -> loader::Instance {
+fn dataset(name: &str, config: serde_json::Value) -> Instance {
     in_tree().get(Kind::Dataset, name).unwrap().instantiate(&config).unwrap()
 }
 
@@ -470,9 +506,10 @@ fn a_library_that_crashes_or_exits_while_loading_is_refused_and_the_listing_surv
     assert!(r.contains("signal 11 (SIGSEGV)") || r.contains("signal 7 (SIGBUS)"), "{r}");
     let r = reason("libctor_exits.so");
     assert!(r.contains("exit status 0 before reporting"), "{r}");
-    // The good plugins beside them are still listed: the C one here and the in-tree ones.
+    // The good plugins beside them are still listed: the C one here, the in-tree external one
+    // and the built-ins.
     let names: Vec<&str> = v["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    for want in ["example-c", "rubric", "adpl"] {
+    for want in ["example-c", "openai", "rubric", "adpl"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
 

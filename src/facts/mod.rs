@@ -194,7 +194,7 @@ pub fn open_backbone(plugin_dirs: &[PathBuf], name: &str) -> Result<PluginBackbo
     let mut instance = p.instantiate(&serde_json::json!({}))?;
     let description = instance
         .backbone_describe()
-        .with_context(|| format!("asking backbone `{name}` ({}) to describe itself", p.file.display()))?;
+        .with_context(|| format!("asking backbone `{name}` ({}) to describe itself", p.origin()))?;
     if description.get("generates") != Some(&Value::Bool(true)) {
         let others: Vec<&str> = found
             .plugins
@@ -204,7 +204,7 @@ pub fn open_backbone(plugin_dirs: &[PathBuf], name: &str) -> Result<PluginBackbo
             .collect();
         return Err(user_err!(
             "backbone `{name}` ({}) cannot generate text: its description does not say `\"generates\": true`; pick a backbone that generates with --backbone (other backbones found: {})",
-            p.file.display(),
+            p.origin(),
             if others.is_empty() { "none".to_string() } else { others.join(", ") }
         ));
     }

@@ -1,64 +1,32 @@
-//! Finding and loading plugin libraries.
+//! Finding plugins: the built-ins, then plugin libraries, which this module loads and calls
+//! through the C ABI.
 //!
-//! Search order: `--plugin-dir` (in the order given), `SAGE_PLUGIN_PATH` (colon-separated), then
-//! the directory of the running `sage` binary (where `cargo build` puts the in-tree plugins).
-//! In explicit directories every shared library is tried, so a stray file is reported; beside
-//! the binary only `*sage_plugin_*` libraries are. The first plugin of a given kind and name
-//! wins; later ones are refused as shadowed. Libraries are never unloaded. Each library is first
-//! loaded in a child process ([`super::probe`]), so one that crashes is refused, not fatal.
+//! The built-ins ([`super::builtin`]) come first. Libraries are searched in `--plugin-dir` (in the
+//! order given), `SAGE_PLUGIN_PATH` (colon-separated), then the directory of the running `sage`
+//! binary (where `cargo build` puts the in-tree external plugins). In explicit directories every
+//! shared library is tried, so a stray file is reported; beside the binary only `*sage_plugin_*`
+//! libraries are. The first plugin of a given kind and name wins; later ones are refused as
+//! shadowed — so a library can never replace a built-in (a judge's name is part of its score
+//! cache key, and `rubric` must mean the same judge everywhere). Libraries are never unloaded.
+//! Each library is first loaded in a child process ([`super::probe`]), so one that crashes is
+//! refused, not fatal.
 
-use super::host;
+use super::instance::{Calls, Factory, Kind, PluginInfo};
+use super::{builtin, host};
 use crate::user_err;
 use anyhow::Result;
 use sage_plugin_sdk::ffi::*;
+use sage_plugin_sdk::{F32View, F32ViewMut, PluginError, PluginResult};
 use serde::Serialize;
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Backbone,
-    Judge,
-    Dataset,
-}
-
-impl Kind {
-    fn from_ffi(k: SageKind) -> Option<Kind> {
-        match k {
-            SageKind::SAGE_KIND_BACKBONE => Some(Kind::Backbone),
-            SageKind::SAGE_KIND_JUDGE => Some(Kind::Judge),
-            SageKind::SAGE_KIND_DATASET => Some(Kind::Dataset),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(match self {
-            Kind::Backbone => "backbone",
-            Kind::Judge => "judge",
-            Kind::Dataset => "dataset",
-        })
-    }
-}
-
-/// A plugin that passed every check. The table is `'static`: the library is never unloaded.
-#[derive(Clone, Serialize)]
-pub struct LoadedPlugin {
-    pub kind: Kind,
-    pub name: String,
-    pub version: String,
-    pub description: String,
-    pub file: PathBuf,
-    #[serde(skip)]
-    table: &'static SagePluginV1,
-}
-
-impl std::fmt::Debug for LoadedPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} {} ({})", self.kind, self.name, self.version, self.file.display())
+fn kind_from_ffi(k: SageKind) -> Option<Kind> {
+    match k {
+        SageKind::SAGE_KIND_BACKBONE => Some(Kind::Backbone),
+        SageKind::SAGE_KIND_JUDGE => Some(Kind::Judge),
+        SageKind::SAGE_KIND_DATASET => Some(Kind::Dataset),
+        _ => None,
     }
 }
 
@@ -72,7 +40,8 @@ pub struct Refusal {
 #[derive(Default, Debug, Serialize)]
 pub struct Discovery {
     pub searched: Vec<PathBuf>,
-    pub plugins: Vec<LoadedPlugin>,
+    /// The built-ins first, then the libraries that were accepted.
+    pub plugins: Vec<PluginInfo>,
     pub refused: Vec<Refusal>,
 }
 
@@ -92,9 +61,10 @@ pub fn search_dirs(explicit: &[PathBuf]) -> Vec<(PathBuf, bool)> {
     dirs
 }
 
-/// Finds and loads every plugin; never fails as a whole (problems become refusals).
+/// The built-ins and every plugin library found; never fails as a whole (problems become
+/// refusals).
 pub fn discover(explicit: &[PathBuf]) -> Discovery {
-    let mut d = Discovery::default();
+    let mut d = Discovery { plugins: builtin::plugins().collect(), ..Discovery::default() };
     for (dir, explicit) in search_dirs(explicit) {
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
             Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_shared_library(p)).collect(),
@@ -118,7 +88,13 @@ pub fn discover(explicit: &[PathBuf]) -> Discovery {
             match super::probe::probe(&file).and_then(|()| load(&file)) {
                 Ok(p) => {
                     if let Some(first) = d.plugins.iter().find(|q| q.kind == p.kind && q.name == p.name) {
-                        let reason = format!("{} `{}` is shadowed by {}", p.kind, p.name, first.file.display());
+                        let reason = match &first.file {
+                            Some(f) => format!("{} `{}` is shadowed by {}", p.kind, p.name, f.display()),
+                            None => format!(
+                                "{} `{}` is shadowed by the built-in of that name: a library cannot replace a built-in plugin (rename the plugin, or delete the file if an older sage build left it there)",
+                                p.kind, p.name
+                            ),
+                        };
                         d.refused.push(Refusal { file, reason });
                     } else {
                         d.plugins.push(p);
@@ -140,7 +116,7 @@ unsafe fn c_str(p: *const c_char) -> Option<String> {
 }
 
 /// Loads one library and validates its table; the error is the refusal reason.
-pub fn load(file: &Path) -> Result<LoadedPlugin, String> {
+pub fn load(file: &Path) -> Result<PluginInfo, String> {
     // SAFETY: loading a library runs its initialisers; that is the contract of a plugin system.
     let lib = unsafe { libloading::Library::new(file) }.map_err(|e| format!("not a loadable shared library: {e}"))?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib)); // never unloaded
@@ -167,7 +143,7 @@ pub fn load(file: &Path) -> Result<LoadedPlugin, String> {
         ));
     }
     let table: &'static SagePluginV1 = unsafe { &*table };
-    let kind = Kind::from_ffi(table.kind).ok_or_else(|| format!("unknown plugin kind {}", table.kind.0))?;
+    let kind = kind_from_ffi(table.kind).ok_or_else(|| format!("unknown plugin kind {}", table.kind.0))?;
     let name = unsafe { c_str(table.name) }.filter(|n| !n.is_empty()).ok_or("the plugin has no name")?;
     let version = unsafe { c_str(table.version) }.unwrap_or_else(|| "?".into());
     let description = unsafe { c_str(table.description) }.unwrap_or_default();
@@ -187,18 +163,26 @@ pub fn load(file: &Path) -> Result<LoadedPlugin, String> {
             return Err(format!("{kind} `{name}` failed to initialise (status {}): {msg}", status.0));
         }
     }
-    Ok(LoadedPlugin { kind, name, version, description, file: file.to_path_buf(), table })
+    Ok(PluginInfo {
+        kind,
+        name,
+        version,
+        description,
+        builtin: false,
+        file: Some(file.to_path_buf()),
+        factory: Factory::Library(table),
+    })
 }
 
 impl Discovery {
     /// The plugin of this kind and name, or a user error listing what there is.
-    pub fn get(&self, kind: Kind, name: &str) -> Result<&LoadedPlugin> {
+    pub fn get(&self, kind: Kind, name: &str) -> Result<&PluginInfo> {
         self.plugins.iter().find(|p| p.kind == kind && p.name == name).ok_or_else(|| {
             let have: Vec<&str> = self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.as_str()).collect();
             let refused: Vec<String> =
                 self.refused.iter().map(|r| format!("{} ({})", r.file.display(), r.reason)).collect();
             user_err!(
-                "no {kind} plugin named `{name}` (found: {}){}. Build the in-tree plugins with `cargo build --release`, or add a folder with --plugin-dir / SAGE_PLUGIN_PATH; `sage plugins` lists what was found",
+                "no {kind} plugin named `{name}` (found: {}){}. Build the in-tree external plugins with `cargo build --release`, or add a folder with --plugin-dir / SAGE_PLUGIN_PATH; `sage plugins` lists what was found",
                 if have.is_empty() { "none".to_string() } else { have.join(", ") },
                 if refused.is_empty() { String::new() } else { format!("; refused: {}", refused.join("; ")) }
             )
@@ -206,140 +190,102 @@ impl Discovery {
     }
 }
 
-/// A live plugin instance; destroyed on drop (the library stays loaded).
-pub struct Instance {
-    plugin: LoadedPlugin,
+/// An instance of a library plugin, called through its table; destroyed on drop (the library
+/// stays loaded).
+pub(crate) struct LibraryInstance {
+    table: &'static SagePluginV1,
     ptr: *mut SageInstance,
 }
 
-impl std::fmt::Debug for Instance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "instance of {:?}", self.plugin)
-    }
-}
-
 // Instances are used from one thread at a time (`&mut self` on every call).
-unsafe impl Send for Instance {}
+unsafe impl Send for LibraryInstance {}
 
-impl LoadedPlugin {
-    /// Creates an instance from a JSON config; a refusal names the plugin, its file and reason.
-    pub fn instantiate(&self, config: &serde_json::Value) -> Result<Instance> {
-        let cfg = CString::new(config.to_string()).expect("JSON has no NUL");
+impl LibraryInstance {
+    pub(crate) fn create(table: &'static SagePluginV1, config_json: &str) -> PluginResult<LibraryInstance> {
+        let cfg = CString::new(config_json).map_err(|_| PluginError::invalid("the config contains a NUL"))?;
         let mut ptr = std::ptr::null_mut();
-        let create = self.table.create.expect("checked at load");
+        let create = table.create.expect("checked at load");
         let status = unsafe { create(cfg.as_ptr(), &mut ptr) };
         if status != SageStatus::SAGE_OK || ptr.is_null() {
-            let msg = unsafe { c_str((self.table.last_error.expect("checked"))(std::ptr::null())) }.unwrap_or_default();
-            return Err(user_err!(
-                "{} plugin `{}` ({}) refused its configuration: {msg}",
-                self.kind,
-                self.name,
-                self.file.display()
-            ));
+            let msg = unsafe { c_str((table.last_error.expect("checked"))(std::ptr::null())) }.unwrap_or_default();
+            return Err(PluginError::new(status, msg));
         }
-        Ok(Instance { plugin: self.clone(), ptr })
-    }
-}
-
-/// Why a plugin call failed, with its status, for callers that react to timeouts.
-#[derive(Debug)]
-pub struct CallError {
-    pub status: SageStatus,
-    pub message: String,
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-impl std::error::Error for CallError {}
-
-impl Instance {
-    pub fn plugin(&self) -> &LoadedPlugin {
-        &self.plugin
+        Ok(LibraryInstance { table, ptr })
     }
 
-    fn check(&self, what: &str, status: SageStatus) -> Result<()> {
+    fn check(&self, status: SageStatus) -> PluginResult<()> {
         if status == SageStatus::SAGE_OK {
             return Ok(());
         }
-        let msg = unsafe { c_str((self.plugin.table.last_error.expect("checked"))(self.ptr)) }.unwrap_or_default();
-        let p = &self.plugin;
-        Err(anyhow::Error::new(CallError {
-            status,
-            message: format!("{} plugin `{}` ({}): {what} failed: {msg}", p.kind, p.name, p.file.display()),
-        }))
+        let msg = unsafe { c_str((self.table.last_error.expect("checked"))(self.ptr)) }.unwrap_or_default();
+        Err(PluginError::new(status, msg))
     }
 
-    fn missing(&self, what: &str) -> anyhow::Error {
-        user_err!("{} plugin `{}` does not provide {what}", self.plugin.kind, self.plugin.name)
+    /// A function the table leaves out: the plugin does not offer it.
+    fn missing(what: &str) -> PluginError {
+        PluginError::new(SageStatus::SAGE_UNSUPPORTED, format!("the plugin does not provide {what}"))
     }
 
-    unsafe fn take_string(&self, p: *const c_char) -> Result<String> {
-        c_str(p).ok_or_else(|| anyhow::anyhow!("plugin `{}` returned no (or non-UTF-8) text", self.plugin.name))
-    }
-
-    pub fn backbone_describe(&mut self) -> Result<serde_json::Value> {
-        let f = self.plugin.table.backbone_describe.ok_or_else(|| self.missing("backbone_describe"))?;
-        let mut out = std::ptr::null();
-        self.check("describe", unsafe { f(self.ptr, &mut out) })?;
-        Ok(serde_json::from_str(&unsafe { self.take_string(out)? })?)
-    }
-
-    /// `pixels[3, h, w]` → `patches[p, c]` (the caller sizes `patches` from the description).
-    pub fn backbone_encode_image(
-        &mut self,
-        pixels: &[f32],
-        hw: (usize, usize),
-        patches: &mut [f32],
-        pc: (usize, usize),
-    ) -> Result<()> {
-        let f = self.plugin.table.backbone_encode_image.ok_or_else(|| self.missing("backbone_encode_image"))?;
-        anyhow::ensure!(
-            pixels.len() == 3 * hw.0 * hw.1 && patches.len() == pc.0 * pc.1,
-            "tensor sizes do not match their shapes"
-        );
-        let pin = view(pixels.as_ptr() as *mut _, &[3, hw.0, hw.1]);
-        let mut pout = view(patches.as_mut_ptr(), &[pc.0, pc.1]);
-        self.check("encode_image", unsafe { f(self.ptr, &pin, &mut pout) })
-    }
-
-    pub fn backbone_generate(&mut self, prompt: &str, options: &serde_json::Value) -> Result<String> {
-        let f = self.plugin.table.backbone_generate.ok_or_else(|| self.missing("backbone_generate"))?;
-        let (p, o) = (CString::new(prompt)?, CString::new(options.to_string())?);
-        let mut out = std::ptr::null();
-        self.check("generate", unsafe { f(self.ptr, p.as_ptr(), o.as_ptr(), &mut out) })?;
-        unsafe { self.take_string(out) }
-    }
-
-    pub fn judge_score(&mut self, request: &serde_json::Value) -> Result<serde_json::Value> {
-        let f = self.plugin.table.judge_score.ok_or_else(|| self.missing("judge_score"))?;
-        let r = CString::new(request.to_string())?;
-        let mut out = std::ptr::null();
-        self.check("score", unsafe { f(self.ptr, r.as_ptr(), &mut out) })?;
-        Ok(serde_json::from_str(&unsafe { self.take_string(out)? })?)
-    }
-
-    pub fn dataset_open(&mut self, source: &Path) -> Result<usize> {
-        let f = self.plugin.table.dataset_open.ok_or_else(|| self.missing("dataset_open"))?;
-        let s = CString::new(source.to_string_lossy().as_bytes())?;
-        let mut n: i64 = 0;
-        self.check("open", unsafe { f(self.ptr, s.as_ptr(), &mut n) })?;
-        usize::try_from(n).map_err(|_| anyhow::anyhow!("plugin `{}` reported {n} samples", self.plugin.name))
-    }
-
-    pub fn dataset_get(&mut self, index: usize) -> Result<serde_json::Value> {
-        let f = self.plugin.table.dataset_get.ok_or_else(|| self.missing("dataset_get"))?;
-        let mut out = std::ptr::null();
-        self.check("get", unsafe { f(self.ptr, index as i64, &mut out) })?;
-        Ok(serde_json::from_str(&unsafe { self.take_string(out)? })?)
+    /// The string a call lent; it stays valid until the instance's next call.
+    unsafe fn take_string(p: *const c_char) -> PluginResult<String> {
+        c_str(p).ok_or_else(|| PluginError::other("the plugin returned no (or non-UTF-8) text"))
     }
 }
 
-impl Drop for Instance {
+fn c_string(s: &str, what: &str) -> PluginResult<CString> {
+    CString::new(s).map_err(|_| PluginError::invalid(format!("{what} contains a NUL")))
+}
+
+impl Calls for LibraryInstance {
+    fn backbone_describe(&mut self) -> PluginResult<String> {
+        let f = self.table.backbone_describe.ok_or_else(|| Self::missing("backbone_describe"))?;
+        let mut out = std::ptr::null();
+        self.check(unsafe { f(self.ptr, &mut out) })?;
+        unsafe { Self::take_string(out) }
+    }
+
+    fn backbone_encode_image(&mut self, pixels: F32View, out: F32ViewMut) -> PluginResult<()> {
+        let f = self.table.backbone_encode_image.ok_or_else(|| Self::missing("backbone_encode_image"))?;
+        let pin = view(pixels.data.as_ptr() as *mut _, &pixels.shape);
+        let mut pout = view(out.data.as_mut_ptr(), &out.shape);
+        self.check(unsafe { f(self.ptr, &pin, &mut pout) })
+    }
+
+    fn backbone_generate(&mut self, prompt: &str, options_json: &str) -> PluginResult<String> {
+        let f = self.table.backbone_generate.ok_or_else(|| Self::missing("backbone_generate"))?;
+        let (p, o) = (c_string(prompt, "the prompt")?, c_string(options_json, "the options")?);
+        let mut out = std::ptr::null();
+        self.check(unsafe { f(self.ptr, p.as_ptr(), o.as_ptr(), &mut out) })?;
+        unsafe { Self::take_string(out) }
+    }
+
+    fn judge_score(&mut self, request_json: &str) -> PluginResult<String> {
+        let f = self.table.judge_score.ok_or_else(|| Self::missing("judge_score"))?;
+        let r = c_string(request_json, "the request")?;
+        let mut out = std::ptr::null();
+        self.check(unsafe { f(self.ptr, r.as_ptr(), &mut out) })?;
+        unsafe { Self::take_string(out) }
+    }
+
+    fn dataset_open(&mut self, source: &str) -> PluginResult<i64> {
+        let f = self.table.dataset_open.ok_or_else(|| Self::missing("dataset_open"))?;
+        let s = c_string(source, "the source path")?;
+        let mut n: i64 = 0;
+        self.check(unsafe { f(self.ptr, s.as_ptr(), &mut n) })?;
+        Ok(n)
+    }
+
+    fn dataset_get(&mut self, index: i64) -> PluginResult<String> {
+        let f = self.table.dataset_get.ok_or_else(|| Self::missing("dataset_get"))?;
+        let mut out = std::ptr::null();
+        self.check(unsafe { f(self.ptr, index, &mut out) })?;
+        unsafe { Self::take_string(out) }
+    }
+}
+
+impl Drop for LibraryInstance {
     fn drop(&mut self) {
-        if let Some(d) = self.plugin.table.destroy {
+        if let Some(d) = self.table.destroy {
             unsafe { d(self.ptr) };
         }
     }

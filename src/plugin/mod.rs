@@ -1,9 +1,12 @@
-//! The host side of the plugin ABI (`plugins/include/sage_plugin.h`): discovery, loading with
-//! every refusal explained, and safe wrappers over plugin instances.
+//! Plugins: the built-ins compiled into sage and the host side of the plugin ABI
+//! (`plugins/include/sage_plugin.h`) — discovery, loading with every refusal explained — behind
+//! one instance interface, so callers do not care whether a plugin is built in or loaded.
 
-pub mod datasets;
+pub mod builtin;
 pub mod host;
+pub mod instance;
 pub mod loader;
 pub mod probe;
 
-pub use loader::{discover, CallError, Discovery, Instance, Kind, LoadedPlugin, Refusal};
+pub use instance::{CallError, Instance, Kind, PluginInfo};
+pub use loader::{discover, Discovery, Refusal};

@@ -1,5 +1,5 @@
-//! The dataset plugins' shared body: each in-tree dataset plugin (`plugins/dataset-*`) is this
-//! adapter over one of the readers in [`crate::data`], exported through the ABI.
+//! The built-in dataset plugins (`adpl`, `manta`, `mmad`, `mvtec`, `elpv`): each is this adapter
+//! over one of the readers in [`crate::data`], registered in [`super::BUILTINS`].
 //!
 //! Config (JSON, every key optional): `image_root` (resolve relative image paths against this
 //! folder instead of the file's), `reference` (`random` | `similar`, MMAD's template choice),

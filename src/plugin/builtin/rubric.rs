@@ -1,13 +1,13 @@
-//! Judge `rubric`: offline and deterministic scores from the sample's ground truth and MiniLM
-//! similarity to the best reference answer (rules in `sage::judge::rubric`). It is the proxy
+//! Judge `rubric` (built in): offline and deterministic scores from the sample's ground truth and MiniLM
+//! similarity to the best reference answer (rules in `crate::judge::rubric`). It is the proxy
 //! judge for CI and for machines without an LLM endpoint, not a substitute for GPT-4o's opinion.
 //!
 //! Config (JSON): `minilm_dir` (default: the all-MiniLM-L6-v2 asset in $SAGE_HOME).
 
-use sage::judge::rubric::RubricJudge;
-use sage::judge::JudgeRequest;
-use sage::models::bert::SentenceEncoder;
-use sage_plugin_sdk::{sage_plugin, Plugin, PluginError, PluginResult};
+use crate::judge::rubric::RubricJudge;
+use crate::judge::JudgeRequest;
+use crate::models::bert::SentenceEncoder;
+use sage_plugin_sdk::{Plugin, PluginError, PluginResult};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -18,7 +18,7 @@ struct Config {
     minilm_dir: Option<PathBuf>,
 }
 
-struct Rubric(RubricJudge);
+pub struct Rubric(RubricJudge);
 
 impl Plugin for Rubric {
     fn create(config_json: &str) -> PluginResult<Self> {
@@ -26,7 +26,7 @@ impl Plugin for Rubric {
             .map_err(|e| PluginError::invalid(format!("bad rubric judge config: {e} (keys: minilm_dir)")))?;
         let dir = match cfg.minilm_dir {
             Some(d) => d,
-            None => sage::assets::Asset::MiniLmDir.path().map_err(|e| PluginError::io(format!("{e:#}")))?,
+            None => crate::assets::Asset::MiniLmDir.path().map_err(|e| PluginError::io(format!("{e:#}")))?,
         };
         let enc = SentenceEncoder::load(&dir).map_err(|e| PluginError::io(format!("{e:#}")))?;
         Ok(Rubric(RubricJudge::new(enc)))
@@ -39,11 +39,3 @@ impl Plugin for Rubric {
         serde_json::to_string(&s).map_err(|e| PluginError::other(e.to_string()))
     }
 }
-
-sage_plugin!(
-    Rubric,
-    SAGE_KIND_JUDGE,
-    c"rubric",
-    c"0.1.0",
-    c"offline deterministic proxy judge (rules + MiniLM similarity); for CI and machines without an LLM endpoint"
-);

@@ -1,16 +1,18 @@
-//! Backbone `lite`, the embedded default: EfficientNet-Lite0 patch features (14×14 × 152) →
-//! adapter → SmolLM2-135M-Instruct, all from $SAGE_HOME. It is not a pretrained VLM: the adapter
-//! is learned by `sage sfe`. Offers text generation (for `sage facts`) through the same ABI.
+//! Backbone `lite` (built in), the embedded default: EfficientNet-Lite0 patch features (14×14 ×
+//! 152) → adapter → SmolLM2-135M-Instruct, all from $SAGE_HOME. It is not a pretrained VLM: the
+//! adapter is learned by `sage sfe`. Offers text generation (for `sage facts`) through the same
+//! plugin interface.
 //!
 //! Config (JSON): `efficientnet` and `llm` paths (default: the assets), `max_positions` (2048).
 
-use sage::assets::Asset;
-use sage::backend::cpu::HostOps;
-use sage::formats::chat_template::Message;
-use sage::formats::gguf::Gguf;
-use sage::models::efficientnet::{EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
-use sage::models::llama::{ChatModel, LlamaConfig}; use sage::models::sampling::Sampling;
-use sage_plugin_sdk::{sage_plugin, F32View, F32ViewMut, Plugin, PluginError, PluginResult};
+use crate::assets::Asset;
+use crate::backend::cpu::HostOps;
+use crate::formats::chat_template::Message;
+use crate::formats::gguf::Gguf;
+use crate::models::efficientnet::{EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
+use crate::models::llama::{ChatModel, LlamaConfig};
+use crate::models::sampling::Sampling;
+use sage_plugin_sdk::{F32View, F32ViewMut, Plugin, PluginError, PluginResult};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -51,11 +53,11 @@ fn default_top_p() -> f32 {
     0.9
 }
 
-/// Patch grid and width of the vision features (see sage::models::efficientnet).
+/// Patch grid and width of the vision features (see crate::models::efficientnet).
 const GRID: usize = 14;
 const PATCH_DIM: usize = 152;
 
-struct Lite {
+pub struct Lite {
     efficientnet: PathBuf,
     llm: PathBuf,
     max_positions: usize,
@@ -162,11 +164,3 @@ impl Plugin for Lite {
 fn p_size() -> usize {
     PREPROCESS_FULL.crop as usize
 }
-
-sage_plugin!(
-    Lite,
-    SAGE_KIND_BACKBONE,
-    c"lite",
-    c"0.1.0",
-    c"embedded default: EfficientNet-Lite0 patch features -> adapter -> SmolLM2-135M-Instruct (generates text)"
-);
