@@ -24,6 +24,7 @@ pub mod ops;
 pub mod opset;
 pub mod plugin;
 pub mod sfe;
+pub mod stage;
 pub mod tensor;
 pub mod threads;
 pub mod train;

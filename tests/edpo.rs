@@ -14,11 +14,11 @@
 
 mod common;
 use common::*;
+use sage::backend::cpu::HostOps;
 use sage::edpo::config::EdpoRunConfig;
 use sage::edpo::pairs::{instance_pairs, PairChoice};
 use sage::edpo::run::EdpoRun;
 use sage::formats::safetensors::SafetensorsFile;
-use sage::backend::cpu::HostOps;
 use sage::models::sage::Sage;
 use sage::opset::Buffers;
 use serde_json::Value;
@@ -368,13 +368,13 @@ fn edpo_gradient_matches_central_differences() {
     let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
     let mut run = EdpoRun::new(cfg, &s.path("gc")).unwrap();
     let eta = run.cfg.edpo.eta;
-    for p in run.base.params.iter().filter(|p| p.name.starts_with("sage.fusion.")) {
+    for p in run.session.params.iter().filter(|p| p.name.starts_with("sage.fusion.")) {
         assert!(!p.trainable, "{} is trainable in stage 2", p.name);
     }
     let tcfg = run.cfg.train.trainer_config();
     let loss_cfg = run.cfg.edpo.loss_config();
     let mut policy =
-        Sage::new(HostOps, &run.base.model, &run.base.params, Some(tcfg.adamw), tcfg.max_grad_norm).unwrap();
+        Sage::new(HostOps, &run.session.model, &run.session.params, Some(tcfg.adamw), tcfg.max_grad_norm).unwrap();
     let reference = run.reference_model(HostOps).unwrap();
 
     // An instance whose two pairs share an answer (its gradient sums over both pairs) and both

@@ -474,24 +474,24 @@ fn kernel_parity_llm_ops() {
         close(&to_f32(&gpu.download(&dg).unwrap()), &wdg, "swiglu dgate");
         close(&to_f32(&gpu.download(&du).unwrap()), &wdu, "swiglu dup");
     }
-    // AdamW: three steps against train::AdamW on a one-parameter set.
+    // AdamW: three steps against the CPU op set's AdamW (held to a hand-computed update in
+    // backend::cpu::host_ops's tests).
+    use sage::opset::{AdamWScalars, GradRef, Optimizer};
     let n = 10_007;
     let cfg = sage::train::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
     let (_, x0) = rnd(n, 71);
-    let mut ps = sage::train::ParamSet::new();
-    let id = ps.add("p", &[n], x0.clone(), true).unwrap();
-    ps[id].decay = true;
-    let mut opt = sage::train::AdamW::new(cfg);
+    let host = sage::backend::cpu::HostOps;
+    let (mut hx, mut hm, mut hv) = (x0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
     let mut x = gpu.upload(&x0).unwrap();
     let (mut m, mut v) = (gpu.zeros::<f32>(n).unwrap(), gpu.zeros::<f32>(n).unwrap());
     for t in 1..=3u64 {
         let (_, g) = rnd(n, 80 + t);
-        ps[id].grad.copy_from_slice(&g);
-        opt.step(&mut ps, 1e-2);
+        let s = AdamWScalars::new(&cfg, t, 1e-2);
+        host.adamw(None, GradRef::Buf(&g), &mut hm, &mut hv, &mut hx, &s, true, &vec![1.0, 0.0, 0.0]).unwrap();
         llm::adamw_step(&gpu, &mut x, &gpu.upload(&g).unwrap(), &mut m, &mut v, cfg, t, 1e-2, true).unwrap();
     }
     let got = gpu.download(&x).unwrap();
-    for (i, (g, w)) in got.iter().zip(&ps[id].value).enumerate() {
+    for (i, (g, w)) in got.iter().zip(&hx).enumerate() {
         assert!((g - w).abs() <= 1e-6, "adamw x[{i}]: {g} vs {w}");
     }
     println!("llm_ops: rmsnorm, swiglu and adamw compared with their CPU references");
@@ -639,8 +639,7 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
     };
     let weights = RandomLlama { config: config.clone(), seed: 9 };
     let mut params = ParamSet::new();
-    let model =
-        LlamaParams::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let model = LlamaParams::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
     let mut host = Llama::new(HostOps, &model, &params, Some(AdamWConfig::default())).unwrap();
     let mut dev = Llama::new(CudaOps::new(gpu.clone()), &model, &params, Some(AdamWConfig::default())).unwrap();
     let (batch, t) = (2, 33);

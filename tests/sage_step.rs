@@ -80,7 +80,10 @@ fn directional_check(dev: &mut Sage<HostOps>, plans: &[SeqPlan], i: usize, analy
     dev.llm.write_param(i, &w0).unwrap();
     let fd = (4.0 * d2 - d1) / 3.0;
     let rel = (fd - along).abs() / along.abs().max(1e-12);
-    println!("{}: analytic {along:.6e}, finite differences {fd:.6e} (h {h:.1e}): relative error {rel:.1e}", dev.llm.params[i].name);
+    println!(
+        "{}: analytic {along:.6e}, finite differences {fd:.6e} (h {h:.1e}): relative error {rel:.1e}",
+        dev.llm.params[i].name
+    );
     rel
 }
 

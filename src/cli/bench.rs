@@ -2,8 +2,8 @@
 
 use super::{print_json, Ctx};
 use crate::assets::{self, Asset};
-use crate::backend::DeviceChoice;
 use crate::backend::cpu::HostOps;
+use crate::backend::DeviceChoice;
 use crate::models::llama::ChatModel;
 use crate::models::sampling::argmax;
 use crate::ops::gemm::{sgemm, MatRef};

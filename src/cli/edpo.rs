@@ -1,9 +1,9 @@
 //! `sage edpo`: stage-2 training (Entropy-aware DPO) from an SFE run.
 
 use super::{print_json, Ctx};
+use crate::backend::cpu::HostOps;
 use crate::edpo::config::{EdpoRunConfig, LossKind};
 use crate::edpo::pairs::PairChoice;
-use crate::backend::cpu::HostOps;
 use crate::edpo::run::train;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -66,12 +66,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         "out": out, "sfe": r.cfg.sfe, "loss": r.cfg.edpo.loss, "beta": r.cfg.edpo.beta,
         "eta": r.cfg.edpo.loss_config().eta, "pairs": r.cfg.edpo.pairs, "instances": r.instances.len(),
         "steps": o.steps, "final_loss": o.final_loss, "val": o.val, "seconds_per_step": o.step_seconds,
-        "trainable_parameters": r.base.params.num_trainable(),
+        "trainable_parameters": r.session.params.num_trainable(),
     });
-    crate::util::write_atomic(
-        &out.join(crate::sfe::run::FINAL_FILE),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    crate::util::write_atomic(&out.join(crate::stage::FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     if ctx.json {
         return print_json(&summary);
     }

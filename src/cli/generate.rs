@@ -2,8 +2,8 @@
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
-use crate::formats::chat_template::Message;
 use crate::backend::cpu::HostOps;
+use crate::formats::chat_template::Message;
 use crate::models::llama::ChatModel;
 use crate::models::sampling::Sampling;
 use crate::user_err;

@@ -1,9 +1,10 @@
 //! `sage sfe`: stage-1 training (Self-Guided Fact Enhancement).
 
 use super::{print_json, Ctx};
-use crate::sfe::config::SfeConfig;
 use crate::backend::cpu::HostOps;
-use crate::sfe::run::{train, validate_untrained, Run, FINAL_FILE};
+use crate::sfe::config::SfeConfig;
+use crate::sfe::run::{train, validate_untrained, Run};
+use crate::stage::FINAL_FILE;
 use anyhow::Result;
 use std::path::PathBuf;
 

@@ -75,7 +75,7 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         }
         crate::util::write_atomic(&cfg, toml.as_bytes())?;
         let mut args = vec![cmd.to_string(), "--config".into(), s(&cfg), "--out".into(), s(&run_dir)];
-        if crate::sfe::checkpoint::exists(&run_dir) {
+        if crate::stage::checkpoint::exists(&run_dir) {
             args.push("--resume".into());
         }
         r.sage(&format!("{cmd}-{name}"), &args)?;

@@ -1,11 +1,11 @@
-//! Stage 1, Self-Guided Fact Enhancement (ARCHITECTURE.md §1): supervised fine-tuning of the SAGE model
-//! on the best-ranked answer of every AD-PL question.
+//! Stage 1, Self-Guided Fact Enhancement (ARCHITECTURE.md §1): supervised fine-tuning of the SAGE
+//! model on the best-ranked answer of every AD-PL question.
 //!
-//! [`config`] is the TOML a run is described by, [`data`] turns AD-PL files and fact files into
-//! examples (with the frozen encoder's patch tokens cached), [`checkpoint`] saves and restores a
-//! run exactly, and [`run`] is the loop.
+//! [`run`] is the stage's step behind `crate::stage::Stage`; the run description
+//! (`SfeConfig`), the examples, checkpoints and the loop are `crate::stage`'s, which every stage
+//! shares.
 
-pub mod checkpoint;
-pub mod config;
-pub mod data;
 pub mod run;
+
+/// The SFE run description (`configs/sfe-*.toml`), defined with the layer every stage shares.
+pub use crate::stage::config;

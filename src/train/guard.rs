@@ -7,20 +7,13 @@ use crate::user_err;
 use anyhow::Result;
 
 /// Test-only knob: `SAGE_TEST_NONFINITE_STEP=<n>` makes optimizer step `n` (1-based) non-finite
-/// (on the CPU a NaN enters one gradient before the optimizer sees it; on a device the step's loss
-/// reads NaN), so the tests can drive the guard through the real CLI. Never set it otherwise.
+/// (the step's loss reads NaN), so the tests can drive the guard through the real CLI. Never set
+/// it otherwise.
 pub const TEST_NONFINITE_STEP_ENV: &str = "SAGE_TEST_NONFINITE_STEP";
 
 /// Whether the test knob poisons optimizer step `step` (1-based).
 pub fn test_poisons(step: u64) -> bool {
     std::env::var(TEST_NONFINITE_STEP_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()) == Some(step)
-}
-
-/// What the test knob does on the CPU: one trainable gradient becomes NaN.
-pub fn poison_gradient(params: &mut super::ParamSet) {
-    if let Some(g) = params.iter_mut().filter(|p| p.trainable).find_map(|p| p.grad.first_mut()) {
-        *g = f32::NAN;
-    }
 }
 
 /// Refuses step `step` (1-based) when its loss or gradient norm is not finite. `saved`: the step

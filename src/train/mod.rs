@@ -1,23 +1,16 @@
-//! Training machinery on the CPU backend: parameters and gradient accumulation ([`param`]),
-//! AdamW ([`optim`]), the learning-rate schedule ([`schedule`]), gradient clipping ([`clip`]),
-//! the seeded randomness ([`rng`]), the step that ties them together ([`trainer`]) and the
-//! numerics guard of the training loops ([`guard`]).
-//! The gradients themselves come from the backward functions in [`crate::ops`].
+//! What training needs below the models: parameters on the host by name ([`param`]), the
+//! optimizer's settings and state ([`optim`]: AdamW's hyperparameters and moments, the scalars of
+//! one update), the learning-rate schedule ([`schedule`]), seeded randomness ([`rng`]) and the
+//! numerics guard of the training loop ([`guard`]). The update itself runs on the op set
+//! (`opset::Optimizer`); the loop is `crate::stage`.
 
-pub mod clip;
 pub mod guard;
 pub mod optim;
 pub mod param;
 pub mod rng;
 pub mod schedule;
-pub mod trainer;
 
-pub use clip::{clip_grad_norm, grad_norm};
-pub use optim::{AdamW, AdamWConfig, AdamWScalars, AdamWState, Moments};
-pub use param::{GradAccum, Param, ParamId, ParamSet};
+pub use optim::{AdamWConfig, AdamWScalars, AdamWState, Moments, TrainConfig};
+pub use param::{Param, ParamId, ParamSet};
 pub use rng::{streams, RngState, SeedRng};
 pub use schedule::CosineSchedule;
-pub use trainer::{StepReport, TrainConfig, Trainer, TrainerState};
-
-#[cfg(test)]
-mod tests;

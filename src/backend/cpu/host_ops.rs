@@ -620,6 +620,47 @@ fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
 mod tests {
     use super::*;
 
+    /// Two AdamW steps against the update computed by hand (PyTorch's AdamW: decoupled decay,
+    /// bias-corrected moments), with the working copy as its own master and with a separate one;
+    /// a skipped step (`clip[1] = 1`) changes nothing.
+    #[test]
+    fn adamw_matches_hand_computed_two_steps() {
+        let cfg = crate::train::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let lr = 0.1;
+        let no_clip = vec![1.0, 0.0, 0.0];
+        let (mut w, mut m, mut v) = (vec![1.0f32, -0.5, 2.0], vec![0.0f32; 3], vec![0.0f32; 3]);
+        let (mut master, mut w2, mut m2, mut v2) = (w.clone(), w.clone(), m.clone(), v.clone());
+        let step =
+            |t: u64, g: &Vec<f32>, w: &mut Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, x: Option<&mut Vec<f32>>| {
+                let s = AdamWScalars::new(&cfg, t, lr);
+                HostOps.adamw(x, GradRef::Buf(g), m, v, w, &s, true, &no_clip).unwrap();
+            };
+        // Step 1: decay ×(1 − 0.01); m = 0.1g, v = 0.001g²; bias-corrected m̂/√v̂ = sign(g) (0 for
+        // g = 0), so p = 0.99·p₀ − 0.1·sign(g₁) = [0.89, −0.395, 1.98].
+        let g1 = vec![0.5, -1.0, 0.0];
+        step(1, &g1, &mut w, &mut m, &mut v, None);
+        step(1, &g1, &mut w2, &mut m2, &mut v2, Some(&mut master));
+        for (a, e) in w.iter().zip([0.89, -0.395, 1.98]) {
+            assert!((a - e).abs() < 1e-6, "step 1: {a} vs {e}");
+        }
+        // Step 2, g₂ = [0.5, 1, 2]: p ← 0.99p = [0.8811, −0.39105, 1.9602];
+        // m = [0.095, 0.01, 0.2], v = [0.00049975, 0.001999, 0.004];
+        // lr/(1−0.9²) = 0.1/0.19, √v/√(1−0.999²) = [0.5, 1, √(0.004/0.001999) = 1.4145672];
+        // p −= [0.1, 0.0052631579, 0.0744136] → [0.7811, −0.3963132, 1.8857863].
+        let g2 = vec![0.5, 1.0, 2.0];
+        step(2, &g2, &mut w, &mut m, &mut v, None);
+        step(2, &g2, &mut w2, &mut m2, &mut v2, Some(&mut master));
+        for (a, e) in w.iter().zip([0.7811, -0.396_313_16, 1.885_786_3]) {
+            assert!((a - e).abs() < 1e-6, "step 2: {a} vs {e}");
+        }
+        assert!((m[2] - 0.2).abs() < 1e-7 && (v[0] / 0.000_499_75 - 1.0).abs() < 1e-6, "{m:?} {v:?}");
+        assert_eq!((&w2, &master), (&w, &w), "a separate master takes the same update");
+        let before = w.clone();
+        let s = AdamWScalars::new(&cfg, 3, lr);
+        HostOps.adamw(None, GradRef::Buf(&g2), &mut m, &mut v, &mut w, &s, true, &vec![1.0, 1.0, f32::NAN]).unwrap();
+        assert_eq!(w, before, "a skipped step changes nothing");
+    }
+
     /// The fused channel epilogue is bias, then residual, then ReLU6, per channel row.
     #[test]
     fn channel_bias_act_adds_bias_and_residual_then_clamps() {

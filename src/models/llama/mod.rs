@@ -36,7 +36,6 @@ use crate::user_bail;
 use anyhow::{bail, Result};
 use decode::CacheFill;
 
-
 /// The optimizer's view of a trainable tensor: the moments and, where the working copy is not
 /// fp32 ([`Optimizer::SEPARATE_MASTER`]), an fp32 master.
 struct OptState<O: StepOps> {
@@ -666,7 +665,6 @@ impl<O: StepOps> Llama<O> {
 pub fn weight_grad(out_f: usize, in_f: usize, rows: usize) -> GemmSpec {
     GemmSpec { trans_a: true, ..GemmSpec::nn(out_f, in_f, rows) }
 }
-
 
 #[cfg(test)]
 mod tests;

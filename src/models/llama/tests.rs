@@ -309,7 +309,10 @@ fn a_batch_generates_what_each_sequence_generates_alone() {
     let prompts: Vec<Vec<u32>> = vec![vec![4, 30, 11], vec![7], (0..27).map(|i| (i * 5 % 37) as u32).collect()];
     for sampling in [GREEDY, Sampling { temperature: 0.9, top_p: 0.95, seed: 11 }] {
         let alone = |stop: &[u32]| -> Vec<Vec<u32>> {
-            prompts.iter().map(|p| llm.generate(std::slice::from_ref(p), 9, stop, sampling).unwrap().remove(0)).collect()
+            prompts
+                .iter()
+                .map(|p| llm.generate(std::slice::from_ref(p), 9, stop, sampling).unwrap().remove(0))
+                .collect()
         };
         let one = alone(&[]);
         assert_eq!(llm.generate(&prompts, 9, &[], sampling).unwrap(), one, "{sampling:?}");

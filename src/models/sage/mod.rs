@@ -25,13 +25,13 @@ pub use plan::{Example, SageModel, SeqPlan, SYSTEM_PROMPT};
 
 use crate::models::llama::{weight_grad, Grad, Grads, Llama, RowsForward, StepGrads};
 use crate::models::sampling::Sampling;
-use crate::opset::{EdpoConfig, Pair};
-use head::{HeadParams, LinearParams, LN_EPS};
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
 use crate::opset::StepOps;
+use crate::opset::{EdpoConfig, Pair};
 use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
+use head::{HeadParams, LinearParams, LN_EPS};
 
 /// A head layer on the device: indices into [`Llama::params`].
 #[derive(Clone, Copy)]

@@ -12,7 +12,7 @@
 use super::config::SfeConfig;
 use crate::formats::safetensors::{self as st, SafetensorsFile};
 use crate::tensor::Tensor;
-use crate::train::{AdamWState, GradAccum, ParamSet, Trainer, TrainerState};
+use crate::train::{AdamWState, ParamSet};
 use crate::user_err;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,6 @@ pub struct State {
     pub weights: String,
     pub optim: String,
     pub optim_steps: u64,
-    pub accum_every: usize,
     /// The model and stage-1 description: what `infer` and `eval` rebuild the model from.
     pub config: SfeConfig,
     /// Stage 2: the E-DPO section and the SFE run it started from (absent for SFE runs).
@@ -56,7 +55,7 @@ pub fn save(
     dir: &Path,
     step: u64,
     params: &ParamSet,
-    trainer: &Trainer,
+    optim_state: &AdamWState,
     config: &SfeConfig,
     edpo: Option<&serde_json::Value>,
 ) -> Result<()> {
@@ -66,7 +65,7 @@ pub fn save(
     let mut optim = BTreeMap::new();
     for p in params.iter().filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX)) {
         // Checked before anything is written: the previous checkpoint must stay the newest.
-        let moments = trainer.opt.state.moments.get(&p.name);
+        let moments = optim_state.moments.get(&p.name);
         let tensors =
             [("weight", Some(&p.value)), ("AdamW m", moments.map(|m| &m.m)), ("AdamW v", moments.map(|m| &m.v))];
         for (what, values) in tensors {
@@ -81,7 +80,7 @@ pub fn save(
             }
         }
         weights.insert(p.name.clone(), Tensor::from_vec(p.value.clone(), &p.shape)?);
-        if let Some(m) = trainer.opt.state.moments.get(&p.name) {
+        if let Some(m) = optim_state.moments.get(&p.name) {
             optim.insert(format!("m.{}", p.name), Tensor::from_vec(m.m.clone(), &[m.m.len()])?);
             optim.insert(format!("v.{}", p.name), Tensor::from_vec(m.v.clone(), &[m.v.len()])?);
         }
@@ -92,8 +91,7 @@ pub fn save(
         step,
         weights: weights_name.clone(),
         optim: optim_name.clone(),
-        optim_steps: trainer.opt.step_count(),
-        accum_every: trainer.accum.every,
+        optim_steps: optim_state.step,
         config: config.clone(),
         edpo: edpo.cloned(),
     };
@@ -181,8 +179,8 @@ fn refuse_non_finite(dir: &Path, file: &str, name: &str, values: &[f32]) -> Resu
     }
 }
 
-/// Restores the weights and the optimizer for an exact resume.
-pub fn restore(dir: &Path, params: &mut ParamSet, trainer_cfg: crate::train::TrainConfig) -> Result<(State, Trainer)> {
+/// Restores the weights (into `params`) and the optimizer state for an exact resume.
+pub fn restore(dir: &Path, params: &mut ParamSet) -> Result<(State, AdamWState)> {
     let state = read_state(dir)?;
     load_weights(dir, &state, params)?;
     let f = SafetensorsFile::open(&dir.join(&state.optim))?;
@@ -196,14 +194,8 @@ pub fn restore(dir: &Path, params: &mut ParamSet, trainer_cfg: crate::train::Tra
             moments.insert(p.name.clone(), crate::train::optim::Moments { m, v });
         }
     }
-    let trainer = Trainer::from_state(
-        trainer_cfg,
-        TrainerState {
-            optim: AdamWState { step: state.optim_steps, moments },
-            accum: GradAccum { every: state.accum_every, seen: 0 },
-        },
-    );
-    Ok((state, trainer))
+    let optim = AdamWState { step: state.optim_steps, moments };
+    Ok((state, optim))
 }
 
 #[cfg(test)]
@@ -221,17 +213,17 @@ mod tests {
     fn a_non_finite_weight_is_never_saved_nor_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config();
-        let trainer = Trainer::new(cfg.train.trainer_config());
+        let optim = AdamWState::default();
         let mut params = ParamSet::new();
         let x = params.add("x", &[2], vec![1.0, f32::NAN], true).unwrap();
-        let err = save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap_err();
+        let err = save(dir.path(), 3, &params, &optim, &cfg, None).unwrap_err();
         let s = format!("{err:#}");
         assert!(s.contains("step 3") && s.contains("weight `x` [1] is NaN"), "{s}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
 
         // A finite checkpoint saves; the same file with an infinity in it is refused as damaged.
         params[x].value = vec![1.0, 2.0];
-        save(dir.path(), 3, &params, &trainer, &cfg, None).unwrap();
+        save(dir.path(), 3, &params, &optim, &cfg, None).unwrap();
         let state = read_state(dir.path()).unwrap();
         let mut bad = BTreeMap::new();
         bad.insert("x".to_string(), Tensor::from_vec(vec![f32::INFINITY, 2.0], &[2]).unwrap());

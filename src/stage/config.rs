@@ -124,7 +124,6 @@ impl TrainSection {
                 min_ratio: self.min_lr_ratio,
             },
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
-            accum_steps: self.batch.max(1),
         }
     }
 }

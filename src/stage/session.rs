@@ -1,0 +1,172 @@
+//! One training run's model and data, shared by every stage: the SAGE model built from an
+//! [`SfeConfig`] (frozen encoder, fresh head, the LLM full or with LoRA) with its parameters on the
+//! host, the train and validation splits, the fact sentences, the cache of the encoder's patch
+//! tokens, and the run folder (held by one writer). A stage (SFE, E-DPO) trains a copy of the
+//! model on an op set and copies the weights back here for checkpoints.
+
+use super::config::SfeConfig;
+use super::data::{ExampleRef, Split, TokenCache};
+use crate::assets::Asset;
+use crate::data::sample::conclusion;
+use crate::data::Question;
+use crate::facts::FactSet;
+use crate::models::efficientnet::PatchTokens;
+use crate::models::sage::{Example, FactsMode, Sage, SageModel};
+use crate::models::sampling::Sampling;
+use crate::opset::StepOps;
+use crate::train::{streams, ParamSet, SeedRng};
+use crate::user_err;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+pub struct Session {
+    pub cfg: SfeConfig,
+    pub out: PathBuf,
+    pub model: SageModel,
+    pub params: ParamSet,
+    pub train: Split,
+    val: Split,
+    facts: FactSet,
+    tokens: TokenCache,
+    /// The run folder's writer lock: one process writes a run folder at a time.
+    _writer: crate::lock::WriterLock,
+}
+
+/// What one example feeds the model, owned (the token cache lends only one borrow at a time).
+pub struct Inputs {
+    test: PatchTokens,
+    reference: Option<PatchTokens>,
+    facts: Vec<String>,
+    pub question: Question,
+}
+
+impl Inputs {
+    pub fn example<'a>(&'a self, answer: Option<&'a str>) -> Example<'a> {
+        Example {
+            test: &self.test,
+            reference: self.reference.as_ref(),
+            facts: &self.facts,
+            question: &self.question.text,
+            answer,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ValResult {
+    pub questions: usize,
+    pub accuracy: f64,
+    /// Share of the most common ground-truth conclusion: what always answering it would score.
+    pub majority_rate: f64,
+    /// Answers that did not start with Yes or No.
+    pub unparsed: usize,
+}
+
+impl Session {
+    /// Builds the model (fresh head, seeded) and loads the data named by the config.
+    pub fn new(cfg: SfeConfig, out: &Path) -> Result<Session> {
+        let writer = crate::lock::WriterLock::for_dir(out)?;
+        let mut params = ParamSet::new();
+        let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
+        let finetune = cfg.llm.finetune()?;
+        let model = SageModel::new(
+            &Asset::EfficientNetPth.path()?,
+            &Asset::SmolLm2Gguf.path()?,
+            cfg.model.clone(),
+            &finetune,
+            &mut params,
+            &mut rng,
+        )?;
+        let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
+        let val = Split::load(&cfg.data.val, 0)?;
+        let facts = match (&cfg.data.facts, cfg.model.facts) {
+            (Some(p), _) => FactSet::load(p)?,
+            (None, FactsMode::None) => FactSet::default(),
+            (None, mode) => {
+                return Err(user_err!("model.facts = {mode:?} needs data.facts (a JSONL file from `sage facts`)"));
+            }
+        };
+        Ok(Session {
+            cfg,
+            out: out.to_path_buf(),
+            model,
+            params,
+            train,
+            val,
+            facts,
+            tokens: TokenCache::default(),
+            _writer: writer,
+        })
+    }
+
+    /// The example for global micro-batch index `g`: epochs visit every example once, each
+    /// epoch in its own seeded order, so the order is a pure function of `g` (exact resume).
+    pub fn example_at(&self, g: u64) -> ExampleRef {
+        self.train.examples[super::data::epoch_pick(self.cfg.train.seed, self.train.examples.len(), g)]
+    }
+
+    fn facts_for(&self, image: &Path) -> Result<&[String]> {
+        if self.cfg.model.facts == FactsMode::None {
+            return Ok(&[]);
+        }
+        self.facts.get(image).map(|f| f.facts.as_slice()).ok_or_else(|| {
+            user_err!("no facts for {} in the facts file; run `sage facts` on this dataset", image.display())
+        })
+    }
+
+    /// The model inputs of one example: patch tokens (from the cache), facts and the question.
+    pub fn inputs(&mut self, val: bool, e: ExampleRef) -> Result<Inputs> {
+        let split = if val { &self.val } else { &self.train };
+        let s = &split.samples[e.item];
+        let question = split.question(e).clone();
+        let (test_path, ref_path) =
+            (s.test_image.clone(), if self.cfg.data.zero_shot { None } else { s.reference_image.clone() });
+        let facts = self.facts_for(&test_path)?.to_vec();
+        let test = self.tokens.get(&self.model, &test_path)?.clone();
+        let reference = match &ref_path {
+            Some(p) => Some(self.tokens.get(&self.model, p)?.clone()),
+            None => None,
+        };
+        Ok(Inputs { test, reference, facts, question })
+    }
+
+    /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding, answered
+    /// by `model` (the run's model on an op set), 16 questions a batch.
+    pub fn validate<O: StepOps>(&mut self, limit: usize, model: &Sage<O>) -> Result<ValResult> {
+        let mut picks: Vec<ExampleRef> = self.val.examples.clone();
+        SeedRng::new(self.cfg.train.seed, streams::SAMPLING).shuffle(&mut picks);
+        if limit > 0 {
+            picks.truncate(limit);
+        }
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let (mut right, mut unparsed, mut yes) = (0usize, 0usize, 0usize);
+        for chunk in picks.chunks(16) {
+            let mut inputs = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let i = self.inputs(true, *e)?;
+                let q = &i.question;
+                let truth = q.answer.as_deref().and_then(conclusion).or_else(|| conclusion(&q.ranked_answers[0]));
+                let truth = truth.with_context(|| format!("validation question without a Yes/No truth: {}", q.text))?;
+                yes += truth as usize;
+                inputs.push((i, truth));
+            }
+            let exs: Vec<Example> = inputs.iter().map(|(i, _)| i.example(None)).collect();
+            let texts: Vec<String> =
+                model.answer_batch(&self.model, &exs, 3, greedy)?.into_iter().map(|(t, _)| t).collect();
+            for (text, (_, truth)) in texts.iter().zip(&inputs) {
+                match conclusion(text) {
+                    Some(c) => right += (c == *truth) as usize,
+                    None => unparsed += 1,
+                }
+            }
+        }
+        let n = picks.len().max(1) as f64;
+        Ok(ValResult {
+            questions: picks.len(),
+            accuracy: right as f64 / n,
+            majority_rate: (yes.max(picks.len() - yes)) as f64 / n,
+            unparsed,
+        })
+    }
+}
