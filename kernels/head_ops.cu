@@ -1,4 +1,4 @@
-// Row and elementwise ops of the SAGE head's training step (models::sage_step; ARCHITECTURE.md §1, issue
+// Row and elementwise ops of the SAGE head's training step (models::sage; ARCHITECTURE.md §1, issue
 // 7): LayerNorm forward and backward (the fact tokens' projection norm), exact-erf GELU forward and
 // backward (the adapter MLP), column sums (bias gradients) and an in-place scale (LoRA's
 // alpha/rank). CPU references: ops::norm (layer_norm_rows, layer_norm_backward), ops::activation

@@ -2,7 +2,7 @@
 // explicit positions, the append of new keys/values into the cache, and single-query attention
 // over the cache. Inference only, so there is no backward. CPU references: ops::rope
 // (rotate_pairs_ at a start position), ops::attention (attention with Mask::Causal { start: pos }
-// over one sequence's cached rows), as models::llama_train::decode_step_batch uses them.
+// over one sequence's cached rows), as the decode steps of models::llama use them.
 //
 // Layouts (bf16 unless noted): a cache holds S sequences of `slots` positions,
 //   kc, vc [S, slots, H_kv, D];

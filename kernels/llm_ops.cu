@@ -139,7 +139,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ x, const float* __rest
 // and w = bf16(x) is the copy the next forward reads. The gradient arrives in bf16 (the cuBLASLt
 // weight-gradient GEMMs: adamw_step_bf16) or in fp32 (the norm weights: adamw_step_bf16w), and is
 // scaled by clip[0], the clipping factor clip_factor computed on the device (so the host never waits
-// for the gradient norm); clip[1] ≠ 0 (a non-finite norm) skips the update, as train::Trainer does.
+// for the gradient norm); clip[1] ≠ 0 (a non-finite norm) skips the update, as the CPU op set does.
 __device__ __forceinline__ void lo_adamw_mixed(long long i, float g, float* __restrict__ x, float* __restrict__ m,
                                                float* __restrict__ v, bf16* __restrict__ w, float b1, float c1,
                                                float b2, float c2, float step_size, float bc2_sqrt, float eps,

@@ -26,7 +26,7 @@ pub struct Selection {
 
 /// Picks the backend for the model ops. The CUDA backend ([`cuda`]) runs the SAGE kernels and
 /// GEMMs (`sage bench kernels`, the parity tests), the LLaMA training step (`sage bench train`,
-/// which decides `auto` itself) and the SAGE model's steps and generation (`models::sage_step`:
+/// which decides `auto` itself) and the SAGE model's steps and generation (`models::sage`:
 /// sfe, edpo, infer, eval and demo with an explicit `cuda`). Under `auto` the pipeline stays on
 /// the CPU until its GPU path has run on a device; the frozen image encoder always does. An
 /// explicit `cuda` is accepted only by the commands that can use it (checked in `cli::run`).

@@ -14,7 +14,7 @@ and MLE (the judge's type, location and logic scores, 1-5). MMAD data (mmad.json
 and source dataset, Anomaly Detection balanced. Data with labels or masks: image and pixel AUROC of the \
 training-free anomaly map. --baseline evaluates the same architecture untrained (the zero-shot rows). --answers \
 scores answers made elsewhere (JSONL lines {\"id\", \"question\", \"answer\"}) without running a model; \
---save-answers writes this run's answers in that shape. --device cuda answers on the GPU (models::sage_step, bf16, \
+--save-answers writes this run's answers in that shape. --device cuda answers on the GPU (models::sage, bf16, \
 KV-cached decoding); the anomaly maps and the image encoder (run once per image, cached) stay on the CPU.";
 
 #[derive(clap::Args, Debug)]

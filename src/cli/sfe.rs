@@ -14,7 +14,7 @@ target (cross-entropy). The adapter, the fusion attention and the LLM (LoRA or f
 frozen. Writes log.jsonl (one line per step, plus validation lines), atomic checkpoints (weights, optimizer state, \
 state.json) and final.json into --out. --resume continues a run exactly where its last checkpoint left it; \
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
-CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage_step: \
+CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage: \
 bf16 CUDA kernels and cuBLASLt, the same loss, schedule, clipping, logs and checkpoints; validation answers on the GPU \
 too); --device auto and cpu train on the CPU.";
 

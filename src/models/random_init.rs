@@ -10,7 +10,7 @@ use crate::train::rng::SeedRng;
 use crate::user_err;
 use anyhow::Result;
 
-/// The shapes `sage bench train` measures, in the LLaMA layout of `TrainableLlama` (no attention
+/// The shapes `sage bench train` measures, in the LLaMA layout of `models::llama` (no attention
 /// biases; Qwen2-0.5B's q/k/v biases are left out on both sides of the comparison).
 pub fn preset(name: &str) -> Result<LlamaConfig> {
     let cfg =

@@ -1,6 +1,6 @@
 //! The op set on the CPU reference ops of `crate::ops` (f32 throughout). It runs every model
-//! written against `crate::opset` on the CPU, and checks the op-set orchestration (which buffer
-//! feeds which op, transposes, accumulation) against the CPU training path op for op.
+//! written against `crate::opset` on the CPU; the working copy of a weight is f32, so it is its
+//! own AdamW master (`Optimizer::SEPARATE_MASTER` false).
 
 use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
@@ -21,8 +21,8 @@ use crate::opset::{
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-/// The op set on the CPU reference ops (f32 throughout): the step's orchestration checked against
-/// `TrainableLlama`, op for op the same arithmetic.
+/// The op set on the CPU reference ops (f32 throughout): how every model runs on the CPU, and the
+/// reference the CUDA op set is held to op by op.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostOps;
 

@@ -1,7 +1,7 @@
 //! The LLaMA training step's row and elementwise ops on the GPU (`kernels/llm_ops.cu`): RMSNorm,
 //! SwiGLU, AdamW and the gradient-norm clipping, each beside its CPU reference (`ops::norm`,
 //! `ops::activation`, `train::optim::AdamW`, `train::clip`). The steps that string them together
-//! with the GEMMs and attention are `models::llama_step` and `models::sage_step`.
+//! with the GEMMs and attention are `models::llama` and `models::sage`.
 
 use super::kernels::LLM_OPS;
 use super::{blocks, cfg, int, Gpu};

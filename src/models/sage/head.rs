@@ -132,7 +132,7 @@ pub struct FusionInput {
 /// A head layer's parameters: `(weight [out, in], bias [out], in, out)`.
 pub type LinearParams = (ParamId, ParamId, usize, usize);
 
-/// Every parameter of the head, for an op set that runs it elsewhere (`models::sage_step`).
+/// Every parameter of the head, for an op set that runs it elsewhere (`models::sage`).
 pub struct HeadParams {
     pub adapter_fc1: LinearParams,
     pub adapter_fc2: LinearParams,
