@@ -33,6 +33,46 @@ fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
     SageModel::new(&efficientnet_pth(), &smollm2_gguf(), cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
 }
 
+/// The SAGE model with the real encoder, tokenizer and chat template but a small random LLM
+/// (SmolLM2's vocabulary, width 32, two blocks): its loss is smooth enough at initialisation for
+/// finite differences of every head tensor, and a forward takes milliseconds.
+fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
+    use sage::formats::chat_template::ChatTemplate;
+    use sage::formats::gguf::Gguf;
+    use sage::formats::tokenizer::TextTokenizer;
+    use sage::models::llama::{LlamaConfig, LlamaParams};
+    use sage::models::random_init::RandomLlama;
+    let g = Gguf::open(&smollm2_gguf()).unwrap();
+    let config = LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        context_length: 2048,
+    };
+    let mut rng = SeedRng::new(3, 0);
+    let llm = LlamaParams::load(&RandomLlama { config: config.clone(), seed: 5 }, config, finetune, params, &mut rng)
+        .unwrap();
+    let vision = sage::models::efficientnet::EfficientNetLite::load(&efficientnet_pth()).unwrap();
+    let cfg = SageConfig {
+        facts: FactsMode::Fused,
+        k: 5,
+        reduce: Reduce::Nearest,
+        fusion_dim: 16,
+        fusion_heads: 2,
+        image_pool: 5,
+    };
+    let head = sage::models::sage::SageHead::new(cfg, vision.patch_dim(), 32, params, &mut rng).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&g).unwrap();
+    let template = ChatTemplate::new(g.meta_str("tokenizer.chat_template").unwrap(), "", "").unwrap();
+    SageModel { head, llm, tokenizer, template, vision }
+}
+
 const FACTS: [&str; 2] = ["The cell shows a dark crack across its lower half.", "The busbars are intact."];
 const QA: [(&str, &str); 3] = [
     ("Is there any defect in the test image?", "Yes. A crack runs across the lower half of the cell."),
@@ -61,44 +101,49 @@ fn elpv_pairs(m: &SageModel) -> Vec<Pair> {
         .collect()
 }
 
-/// `Σ g·r` against the central difference of the loss along `r`, Richardson-extrapolated
-/// (`(4·D(h/2) − D(h))/3` cancels the h² term), for parameter `i` of `dev`: the relative error.
-fn directional_check(dev: &mut Sage<HostOps>, plans: &[SeqPlan], i: usize, analytic: &[f32], seed: u64) -> f64 {
+/// The gradient of parameter `i` of `dev` at its element `j` against central differences of the
+/// forward-only loss at h and h/2, Richardson-extrapolated (`(4·D(h/2) − D(h))/3` cancels the h²
+/// term): the relative error. h moves the loss by about 2e-3 of itself (at most 0.05), well above
+/// the f32 rounding of the forward and small enough for the curvature.
+fn element_check(dev: &mut Sage<HostOps>, plans: &[SeqPlan], i: usize, j: usize, g: f32) -> f64 {
     let w0 = dev.llm.ops.download(dev.llm.w(i)).unwrap();
-    let r = SeedRng::new(seed, 0).uniform(w0.len(), -1.0, 1.0);
-    let along: f64 = analytic.iter().zip(&r).map(|(&g, &r)| g as f64 * r as f64).sum();
-    let loss0 = dev.llm.loss(&dev.forward_backward(plans).unwrap()).unwrap() as f64;
-    // h moves the loss by about 1e-3 of itself, far above the f32 rounding of the forward.
-    let h = (1e-3 * loss0.max(0.1) / along.abs().max(1e-12)).min(1e-1);
-    let mut at = |t: f64| {
-        let w: Vec<f32> = w0.iter().zip(&r).map(|(&w, &r)| w + (t * r as f64) as f32).collect();
+    let loss0 = dev.loss(plans).unwrap();
+    let h = (2e-3 * loss0.max(0.1) / g.abs()).min(5e-2);
+    let mut at = |x: f32| {
+        let mut w = w0.clone();
+        w[j] = x;
         dev.llm.write_param(i, &w).unwrap();
-        dev.llm.loss(&dev.forward_backward(plans).unwrap()).unwrap() as f64
+        dev.loss(plans).unwrap() as f64
     };
-    let mut central = |h: f64| (at(h) - at(-h)) / (2.0 * h);
+    let v = w0[j];
+    let mut central = |h: f32| {
+        let (vp, vm) = (v + h, v - h);
+        (at(vp) - at(vm)) / (vp as f64 - vm as f64)
+    };
     let (d1, d2) = (central(h), central(h / 2.0));
     dev.llm.write_param(i, &w0).unwrap();
     let fd = (4.0 * d2 - d1) / 3.0;
-    let rel = (fd - along).abs() / along.abs().max(1e-12);
+    let rel = (fd - g as f64).abs() / g.abs() as f64;
     println!(
-        "{}: analytic {along:.6e}, finite differences {fd:.6e} (h {h:.1e}): relative error {rel:.1e}",
+        "{}[{j}]: analytic {g:.6e}, finite differences {fd:.6e} (h {h:.1e}): relative error {rel:.1e}",
         dev.llm.params[i].name
     );
     rel
 }
 
 /// The step's gradients (padding, sequence weights, row assembly, the LLM's and the head's
-/// backward) against directional finite differences of the same loss on the real SmolLM2 and
-/// EfficientNet-Lite0, for every head tensor and the `picks` of the LLM.
+/// backward) against finite differences of the same loss (from a forward alone) on real ELPV
+/// examples through the real encoder and tokenizer and a small random LLM ([`small_model`]), at
+/// the largest-gradient element of every head tensor and of the `picks` of the LLM.
 fn gradients_match_finite_differences(finetune: Finetune, picks: &[&str]) {
     let mut params = ParamSet::new();
-    let m = model(&finetune, &mut params);
+    let m = small_model(&finetune, &mut params);
     // Non-zero LoRA B (it starts at zero) so that the adapters' input gradients are exercised.
     let names: Vec<String> = params.iter().filter(|p| p.name.ends_with("lora_b")).map(|p| p.name.clone()).collect();
     for (i, n) in names.iter().enumerate() {
         let id = params.id(n).unwrap();
         let len = params[id].value.len();
-        params[id].value = SeedRng::new(100 + i as u64, 0).uniform(len, -0.02, 0.02);
+        params[id].value = SeedRng::new(100 + i as u64, 0).uniform(len, -0.3, 0.3);
     }
     let pairs = elpv_pairs(&m);
     let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
@@ -107,6 +152,8 @@ fn gradients_match_finite_differences(finetune: Finetune, picks: &[&str]) {
     assert!(plans.iter().map(|p| p.t).min() < plans.iter().map(|p| p.t).max(), "the batch needs padding");
     let mut dev = Sage::new(HostOps, &m, &params, Some(AdamWConfig::default()), None).unwrap();
     let g = dev.forward_backward(&plans).unwrap();
+    let (step_loss, probe_loss) = (dev.llm.loss(&g).unwrap(), dev.loss(&plans).unwrap());
+    assert!((step_loss - probe_loss).abs() <= 1e-5 * step_loss, "step loss {step_loss}, forward-only {probe_loss}");
     let mut worst = 0.0f64;
     let mut checked = 0;
     for i in 0..dev.llm.params.len() {
@@ -123,24 +170,32 @@ fn gradients_match_finite_differences(finetune: Finetune, picks: &[&str]) {
             assert!(analytic.iter().all(|g| g.abs() < 1e-5), "{:?}", &analytic[..4]);
             continue;
         }
-        worst = worst.max(directional_check(&mut dev, &plans, i, &analytic, i as u64));
+        // The element with the largest gradient (a gradient too small to rise above the forward's
+        // rounding cannot be checked this way, and is reported).
+        let (j, g) = analytic.iter().copied().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        if g.abs() < 1e-3 {
+            println!("{}: largest gradient {g:.1e}, too small to check", p.name);
+            continue;
+        }
+        worst = worst.max(element_check(&mut dev, &plans, i, j, g));
         checked += 1;
     }
-    assert!(checked >= 13 + picks.len(), "head and LLM gradients checked: {checked}");
-    // Observed ≤ 1e-3 (rounding noise); a wrong term is off by far more.
-    assert!(worst < 1e-2, "a gradient disagrees with finite differences (worst relative error {worst:.1e})");
+    assert!(checked >= 8, "head and LLM gradients checked: {checked}");
+    // Observed ≤ 3e-2 (rounding and curvature); a wrong term (a missing factor, a transposition,
+    // a row offset) is off by the order of the gradient itself.
+    assert!(worst < 5e-2, "a gradient disagrees with finite differences (worst relative error {worst:.1e})");
 }
 
 #[test]
 fn sage_step_gradients_match_finite_differences_with_lora() {
     let lora = Finetune::Lora { rank: 4, alpha: 8.0, targets: vec!["attn_q".into(), "attn_v".into()] };
-    gradients_match_finite_differences(lora, &["blk.0.attn_q.lora_a", "blk.29.attn_v.lora_b"]);
+    gradients_match_finite_differences(lora, &["blk.0.attn_q.lora_a", "blk.1.attn_v.lora_b"]);
 }
 
 /// Full fine-tuning: the token table trains through the text rows and, tied, as the LM head.
 #[test]
 fn sage_step_gradients_match_finite_differences_full_finetune() {
-    gradients_match_finite_differences(Finetune::Full, &["token_embd.weight", "blk.3.ffn_down.weight"]);
+    gradients_match_finite_differences(Finetune::Full, &["token_embd.weight", "blk.1.ffn_down.weight"]);
 }
 
 /// Generation (`Sage::generate`: the assembled prompts prefilled into a KV cache, then cached

@@ -2,7 +2,7 @@
 
 use super::pairs::PairChoice;
 use crate::config::{CheckRanges, RangeCheck};
-use crate::sfe::config::TrainSection;
+use crate::stage::config::TrainSection;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 

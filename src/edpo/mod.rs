@@ -4,7 +4,8 @@
 //! the projection and the LLM (LoRA or full, as in the SFE run) train.
 //!
 //! [`config`] is the TOML a run is described by, [`pairs`] picks the pairs of an instance and
-//! [`run`] is the loop (checkpoints are [`crate::sfe::checkpoint`]'s, marked as stage 2).
+//! [`run`] is the stage's step behind `crate::stage::Stage` (the loop and checkpoints are
+//! `crate::stage`'s; a stage-2 checkpoint is marked with its E-DPO section).
 
 pub mod config;
 pub mod pairs;

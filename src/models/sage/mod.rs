@@ -220,6 +220,18 @@ impl<O: StepOps> Sage<O> {
         Ok(StepGrads::new(ce.seq_logp, weights, grads))
     }
 
+    /// The loss [`Sage::forward_backward`] takes (the mean of the examples' mean answer-token
+    /// cross-entropies), from a forward alone: a validation loss, or a finite-difference probe.
+    pub fn loss(&self, plans: &[SeqPlan]) -> Result<f32> {
+        let fwd = self.forward(plans, false)?;
+        let o = self.ops();
+        let (seq_logp, _) = o.seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?;
+        let seq_logp = o.download_stat(&seq_logp)?;
+        let loss: f64 =
+            plans.iter().zip(&seq_logp).map(|(p, &lp)| -(lp as f64) / (plans.len() * p.counted().max(1)) as f64).sum();
+        Ok(loss as f32)
+    }
+
     /// The forward of one batch of examples, right-padded to the longest: the final hidden states
     /// `[B·T, d]` (in `.llm.hidden`), the padded targets, and, with `keep`, what the backward
     /// needs.
