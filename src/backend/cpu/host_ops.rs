@@ -576,7 +576,10 @@ impl Optimizer for HostOps {
         let g = match g {
             GradRef::Buf(g) | GradRef::Stat(g) => g,
         };
-        let s: f64 = g.chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum();
+        // Chunk sums in parallel, added in chunk order: the same value on any thread count.
+        let parts: Vec<f64> =
+            g.par_chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect();
+        let s: f64 = parts.iter().sum();
         acc[0] = (acc[0] as f64 + s) as f32;
         Ok(())
     }
