@@ -209,7 +209,7 @@ pub fn run(
     let step = || -> Result<()> {
         let pol = gedpo::sequence_logprobs(gpu, &hidden, &weight, &targets, &mask, shape, nsplit)?;
         let l = gedpo::loss(gpu, &pol.seq, &reference_seq, &dpairs, shape.n, 0.1, 1.0)?;
-        gedpo::backward(gpu, &hidden, &weight, &targets, &mask, &pol.lse, &l.grad_seq, shape, &spans, false)?;
+        gedpo::backward(gpu, &hidden, &weight, &targets, &mask, &pol.lse, &l.grad_seq, shape, &spans, None)?;
         Ok(())
     };
     let before = gpu.allocated_bytes();

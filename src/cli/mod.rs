@@ -134,6 +134,7 @@ impl Ctx {
 pub fn run(cli: Cli) -> Result<()> {
     crate::data::image_paths::set_allow_outside_root(cli.allow_outside_root);
     let threads = crate::threads::init_threads(cli.threads);
+    crate::backend::cpu::malloc::keep_freed_memory();
     let selection = backend::select(cli.device)?;
     if selection.backend == "cuda"
         && !matches!(

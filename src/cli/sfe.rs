@@ -3,7 +3,8 @@
 use super::{print_json, Ctx};
 use crate::backend::cpu::HostOps;
 use crate::sfe::config::SfeConfig;
-use crate::sfe::run::{train, validate_untrained, Run};
+use crate::sfe::run::{train, validate_untrained};
+use crate::stage::Session;
 use crate::stage::FINAL_FILE;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -71,7 +72,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             return report_finished(ctx, "sfe", &out, step);
         }
     }
-    let mut r = Run::new(cfg, &out)?;
+    let mut r = Session::new(cfg, &out)?;
     if a.eval_only {
         let v = if ctx.backend.backend == "cuda" {
             let gpu = crate::backend::cuda::Gpu::global()?;

@@ -161,10 +161,10 @@ pub fn edpo_loss(policy: &[f32], reference: &[f32], pairs: &[Pair], cfg: EdpoCon
     out
 }
 
-/// Gradients of `Σ_t grad_token[t] · logp_t` with respect to `hidden [R, C]` and, with
-/// `weight_grad`, `weight [V, C]` (skipped for a frozen LM head, a third of the work and a
-/// `[V, C]` buffer), given the forward's `lse`: `∂z_v = g_t (1[v = target] − exp(z_v − lse_t))`.
-/// Rows with a zero upstream gradient are skipped.
+/// Gradients of `Σ_t grad_token[t] · logp_t` with respect to `hidden [R, C]` (returned) and, when
+/// `dw` is given, `weight [V, C]` (added to `dw`; skipped for a frozen LM head, a third of the
+/// work), given the forward's `lse`: `∂z_v = g_t (1[v = target] − exp(z_v − lse_t))`. Rows with
+/// a zero upstream gradient are skipped.
 pub fn logprob_backward(
     hidden: &[f32],
     weight: &[f32],
@@ -172,13 +172,13 @@ pub fn logprob_backward(
     targets: &[u32],
     lse: &[f32],
     grad_token: &[f32],
-    weight_grad: bool,
-) -> (Vec<f32>, Option<Vec<f32>>) {
+    mut dw: Option<&mut [f32]>,
+) -> Vec<f32> {
     let r = targets.len();
     assert!(hidden.len() == r * c && lse.len() == r && grad_token.len() == r);
     let v = weight.len() / c;
+    assert!(dw.as_ref().is_none_or(|dw| dw.len() == v * c));
     let mut dh = vec![0.0f32; r * c];
-    let mut dw = if weight_grad { vec![0.0f32; v * c] } else { Vec::new() };
     let rows: Vec<usize> = (0..r).filter(|&i| grad_token[i] != 0.0).collect();
     let chunk = VOCAB_CHUNK.min(v.max(1));
     let mut z = vec![0.0f32; ROW_BLOCK * chunk];
@@ -202,7 +202,7 @@ pub fn logprob_backward(
             });
             // dh_blk += dz · W_chunk;  dW_chunk += dzᵀ · h_blk.
             sgemm(nb, c, vc, MatRef::rows(zb, vc), MatRef::rows(w, c), &mut dhb[..nb * c], true);
-            if weight_grad {
+            if let Some(dw) = dw.as_deref_mut() {
                 sgemm(
                     vc,
                     c,
@@ -218,7 +218,7 @@ pub fn logprob_backward(
             dh[row * c..(row + 1) * c].copy_from_slice(&dhb[k * c..(k + 1) * c]);
         }
     }
-    (dh, weight_grad.then_some(dw))
+    dh
 }
 
 /// Everything the fused loss needs for one step.
@@ -259,8 +259,8 @@ pub fn edpo_step(b: EdpoBatch) -> EdpoStep {
     let loss = edpo_loss(&policy, b.reference, b.pairs, b.cfg);
     let grad_token: Vec<f32> =
         (0..b.targets.len()).map(|i| if b.mask[i] { loss.grad_policy[i / b.t] } else { 0.0 }).collect();
-    let (d_hidden, d_weight) = logprob_backward(b.hidden, b.weight, b.c, b.targets, &tl.lse, &grad_token, true);
-    let d_weight = d_weight.expect("asked for");
+    let mut d_weight = vec![0.0f32; b.weight.len()];
+    let d_hidden = logprob_backward(b.hidden, b.weight, b.c, b.targets, &tl.lse, &grad_token, Some(&mut d_weight));
     EdpoStep { loss, policy, d_hidden, d_weight }
 }
 

@@ -10,8 +10,6 @@ pub struct CrossEntropyOut<O: Buffers + ?Sized> {
     pub seq_logp: O::Stat,
     /// `∂loss/∂hidden` `[B·T, C]`, zero at ignored positions.
     pub d_hidden: O::Buf,
-    /// `∂loss/∂W` of the LM head `[V, C]`, when asked for (a frozen head has none).
-    pub d_weight: Option<O::Buf>,
 }
 
 /// One preference pair: indices of the chosen (winning) and rejected sequences and
@@ -36,14 +34,17 @@ pub trait Losses: Buffers {
     /// through the LM head `w [V, C]` against `targets [B·T]` (`IGNORE` skips a position),
     /// forward and backward, without `[B·T, V]` logits in memory where the op set can avoid it.
     /// A weight of `1/counted` everywhere is the batch's mean token loss; `1/(B·counted_n)` the
-    /// mean of the sequences' means. `weight_grad` asks for the LM head's gradient.
+    /// mean of the sequences' means. With `d_weight` (`[V, C]`, its contents ignored), the LM
+    /// head's gradient is written there: the caller owns the buffer, so a training loop reuses
+    /// one across steps instead of a fresh vocabulary-sized allocation each step (a frozen head
+    /// passes `None`).
     fn cross_entropy(
         &self,
         hidden: &Self::Buf,
         w: &Self::Buf,
         targets: &[u32],
         seq_weights: &[f32],
-        weight_grad: bool,
+        d_weight: Option<&mut Self::Buf>,
     ) -> Result<CrossEntropyOut<Self>>;
     /// Sequence log-probabilities `Σ_t log p(target_t)` of `seqs` sequences of `hidden [N·T, C]`
     /// through the LM head `w [V, C]` (`IGNORE` targets skipped), and the per-row log-sum-exp
@@ -64,8 +65,9 @@ pub trait Losses: Buffers {
         pairs: &[Pair],
         cfg: EdpoConfig,
     ) -> Result<(Self::Stat, Self::Stat)>;
-    /// The gradients of `Σ_n grad_seq[n]·seq[n]` ([`Losses::seq_logprobs`]) with respect to
-    /// `hidden` and, with `weight_grad`, `w`.
+    /// The gradient of `Σ_n grad_seq[n]·seq[n]` ([`Losses::seq_logprobs`]) with respect to
+    /// `hidden` (returned) and, with `d_weight` (contents ignored), `w`, written there as in
+    /// [`Losses::cross_entropy`].
     #[allow(clippy::too_many_arguments)]
     fn logprob_backward(
         &self,
@@ -75,6 +77,6 @@ pub trait Losses: Buffers {
         lse: &Self::Stat,
         grad_seq: &Self::Stat,
         seqs: usize,
-        weight_grad: bool,
-    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+        d_weight: Option<&mut Self::Buf>,
+    ) -> Result<Self::Buf>;
 }

@@ -48,6 +48,8 @@ pub trait Buffers {
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn stat_zeros(&self, n: usize) -> Result<Self::Stat>;
     fn copy(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `x = 0`: a reused buffer about to be accumulated into.
+    fn fill_zero(&self, x: &mut Self::Buf) -> Result<()>;
     /// `table[ids]`, `[ids.len(), dim]`.
     fn embed(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<Self::Buf>;
     /// `dtable[ids[r]] += dout[r]`.

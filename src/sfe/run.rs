@@ -11,9 +11,6 @@ use crate::user_err;
 use anyhow::Result;
 use std::path::Path;
 
-/// One SFE run: the session (model and data) of its config, in its run folder.
-pub type Run = Session;
-
 /// The SFE step on the op set.
 pub struct Sfe;
 
@@ -44,12 +41,12 @@ impl<O: StepOps> Stage<O> for Sfe {
 
 /// Trains from scratch or from the checkpoint in `run.out` (`resume`), every step on the op set
 /// `ops` (`HostOps` on the CPU, `CudaOps` on the GPU), so a run may be resumed on either backend.
-pub fn train<O: StepOps + Clone>(run: &mut Run, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+pub fn train<O: StepOps + Clone>(run: &mut Session, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
     crate::stage::train(&mut Sfe, run, ops, resume, quiet)
 }
 
 /// The freshly initialised model's validation (`sage sfe --eval-only`), answered on `ops`.
-pub fn validate_untrained<O: StepOps>(run: &mut Run, ops: O) -> Result<ValResult> {
+pub fn validate_untrained<O: StepOps>(run: &mut Session, ops: O) -> Result<ValResult> {
     let model = Sage::new(ops, &run.model, &run.params, None, None)?;
     run.validate(run.cfg.train.val_questions, &model)
 }

@@ -76,7 +76,7 @@ impl LlmConfig {
 pub struct TrainSection {
     /// Optimizer steps.
     pub steps: u64,
-    /// Examples (questions) per optimizer step, accumulated one at a time.
+    /// Examples (questions) per optimizer step, padded into one batch.
     pub batch: usize,
     pub lr: f32,
     #[serde(default)]
@@ -170,8 +170,7 @@ pub const MAX_STEPS: u64 = 100_000_000;
 impl CheckRanges for TrainSection {
     fn check_ranges(&self, c: &mut RangeCheck) {
         c.int("train.steps", self.steps, 1, MAX_STEPS);
-        // Examples are accumulated one at a time on the CPU, but the device loop pads a whole
-        // step into one batch.
+        // A step's examples are padded into one batch.
         c.int("train.batch", self.batch as u64, 1, 4096);
         // AdamW multiplies weights by 1 − lr·weight_decay: both ≤ 1 keep that factor in [0, 1].
         c.positive_float("train.lr", self.lr as f64, 1.0);

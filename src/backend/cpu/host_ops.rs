@@ -62,6 +62,11 @@ impl Buffers for HostOps {
         Ok(x.clone())
     }
 
+    fn fill_zero(&self, x: &mut Vec<f32>) -> Result<()> {
+        x.fill(0.0);
+        Ok(())
+    }
+
     fn embed(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
         let vocab = table.len() / dim.max(1);
         let mut out = Vec::with_capacity(ids.len() * dim);
@@ -435,7 +440,7 @@ impl Losses for HostOps {
         w: &Vec<f32>,
         targets: &[u32],
         seq_weights: &[f32],
-        weight_grad: bool,
+        mut d_weight: Option<&mut Vec<f32>>,
     ) -> Result<CrossEntropyOut<Self>> {
         let seqs = seq_weights.len();
         if seqs == 0 || !targets.len().is_multiple_of(seqs) {
@@ -446,7 +451,12 @@ impl Losses for HostOps {
         let vocab = w.len() / c.max(1);
         let mut seq_logp = vec![0.0; seqs];
         let mut d_hidden = vec![0.0; hidden.len()];
-        let mut d_weight = weight_grad.then(|| vec![0.0; w.len()]);
+        if let Some(dw) = d_weight.as_deref_mut() {
+            if dw.len() != w.len() {
+                bail!("cross-entropy: the LM head's gradient buffer has {} values, the head {}", dw.len(), w.len());
+            }
+            dw.fill(0.0);
+        }
         for (n, lp) in seq_logp.iter_mut().enumerate() {
             let rows: Vec<usize> = (n * t..(n + 1) * t).filter(|&r| targets[r] != IGNORE).collect();
             if rows.is_empty() {
@@ -461,13 +471,13 @@ impl Losses for HostOps {
             let rescale = ce.tokens as f32 * seq_weights[n];
             logits.iter_mut().for_each(|x| *x *= rescale);
             let mut dh = vec![0.0; rows.len() * c];
-            let dw = d_weight.as_deref_mut();
+            let dw = d_weight.as_deref_mut().map(|dw| dw.as_mut_slice());
             linear_backward(Some(&mut dh), dw, None, &logits, &h, w, rows.len(), c, vocab);
             for (i, &r) in rows.iter().enumerate() {
                 d_hidden[r * c..(r + 1) * c].copy_from_slice(&dh[i * c..(i + 1) * c]);
             }
         }
-        Ok(CrossEntropyOut { seq_logp, d_hidden, d_weight })
+        Ok(CrossEntropyOut { seq_logp, d_hidden })
     }
 
     fn seq_logprobs(
@@ -517,14 +527,24 @@ impl Losses for HostOps {
         lse: &Vec<f32>,
         grad_seq: &Vec<f32>,
         seqs: usize,
-        weight_grad: bool,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        d_weight: Option<&mut Vec<f32>>,
+    ) -> Result<Vec<f32>> {
         let t = seq_len(targets.len(), seqs)?;
         let c = hidden.len() / targets.len();
         let grad_token: Vec<f32> =
             targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
         let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
-        Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, weight_grad))
+        let dw = match d_weight {
+            Some(dw) if dw.len() != w.len() => {
+                bail!("log-prob backward: the LM head's gradient buffer has {} values, the head {}", dw.len(), w.len())
+            }
+            Some(dw) => {
+                dw.fill(0.0);
+                Some(dw.as_mut_slice())
+            }
+            None => None,
+        };
+        Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, dw))
     }
 }
 

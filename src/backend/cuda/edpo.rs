@@ -7,7 +7,7 @@ use super::gemm::gemm;
 use super::kernels::EDPO_LOSS;
 use super::{blocks, cfg, int, Gpu};
 use crate::opset::GemmSpec;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
@@ -207,15 +207,10 @@ pub fn answer_spans(mask: &[bool], t: usize, max_rows: usize) -> Vec<(usize, usi
     spans
 }
 
-/// The gradients: `dH [N, T, C]` (zero outside the spans) and, with `weight_grad`, `dW [V, C]`.
-/// `dW` is accumulated in bf16 across spans by cuBLASLt (`beta = 1`).
-pub struct Grads {
-    pub d_hidden: CudaSlice<bf16>,
-    pub d_weight: Option<CudaSlice<bf16>>,
-}
-
-/// Backward, given the policy's forward `lse` and the loss's `grad_seq`. Peak extra memory is one
-/// `dz [rows, V]` bf16 buffer for the largest span.
+/// Backward, given the policy's forward `lse` and the loss's `grad_seq`: returns `dH [N, T, C]`
+/// (zero outside the spans) and, when `d_weight` is given, overwrites it with `dW [V, C]`
+/// (zeroed, then accumulated in bf16 across spans by cuBLASLt, `beta = 1`). Peak extra memory is
+/// one `dz [rows, V]` bf16 buffer for the largest span.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -227,18 +222,23 @@ pub fn backward(
     grad_seq: &CudaSlice<f32>,
     s: SeqShape,
     spans: &[(usize, usize)],
-    weight_grad: bool,
-) -> Result<Grads> {
+    mut d_weight: Option<&mut CudaSlice<bf16>>,
+) -> Result<CudaSlice<bf16>> {
     s.check(hidden.len(), weight.len(), targets.len(), mask.len())?;
     let r = s.rows();
     if let Some(&(r0, rows)) = spans.iter().find(|&&(r0, rows)| rows == 0 || r0 + rows > r) {
         bail!("E-DPO backward: span ({r0}, {rows}) is empty or runs past {r} rows");
     }
     let mut d_hidden = gpu.zeros::<bf16>(r * s.c)?;
-    let mut d_weight = if weight_grad { Some(gpu.zeros::<bf16>(s.v * s.c)?) } else { None };
+    if let Some(dw) = d_weight.as_deref_mut() {
+        if dw.len() != s.v * s.c {
+            bail!("E-DPO backward: the LM head's gradient buffer has {} values, the head {}", dw.len(), s.v * s.c);
+        }
+        gpu.stream().memset_zeros(dw).map_err(|e| anyhow!("zeroing the LM head's gradient: {e}"))?;
+    }
     let max_rows = spans.iter().map(|s| s.1).max().unwrap_or(0);
     if max_rows == 0 {
-        return Ok(Grads { d_hidden, d_weight });
+        return Ok(d_hidden);
     }
     // SAFETY: each span's `edpo_dlogits` writes all `rows × V` values the GEMMs then read (fully
     // masked tiles write zeros).
@@ -269,11 +269,11 @@ pub fn backward(
         let dz_rows = dz.slice(..rows * s.v);
         let mut dh = d_hidden.slice_mut(r0 * s.c..(r0 + rows) * s.c);
         gemm(blas, &GemmSpec::nn(rows, s.c, s.v), &dz_rows, &weight.slice(..), &mut dh, None)?;
-        if let Some(dw) = d_weight.as_mut() {
+        if let Some(dw) = d_weight.as_deref_mut() {
             let spec = GemmSpec { trans_a: true, accumulate: true, ..GemmSpec::nn(s.v, s.c, rows) };
             let h = hidden.slice(r0 * s.c..(r0 + rows) * s.c);
             gemm(blas, &spec, &dz_rows, &h, &mut dw.slice_mut(..), None)?;
         }
     }
-    Ok(Grads { d_hidden, d_weight })
+    Ok(d_hidden)
 }

@@ -68,6 +68,10 @@ impl Buffers for CudaOps {
         self.gpu.stream().clone_dtod(x).map_err(|e| anyhow!("copying {} elements on the GPU: {e}", x.len()))
     }
 
+    fn fill_zero(&self, x: &mut Self::Buf) -> Result<()> {
+        self.gpu.stream().memset_zeros(x).map_err(|e| anyhow!("zeroing {} elements on the GPU: {e}", x.len()))
+    }
+
     fn embed(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<Self::Buf> {
         llm_attn::embedding_forward(&self.gpu, table, ids, dim)
     }
@@ -327,7 +331,7 @@ impl Losses for CudaOps {
         w: &Self::Buf,
         targets: &[u32],
         seq_weights: &[f32],
-        weight_grad: bool,
+        d_weight: Option<&mut Self::Buf>,
     ) -> Result<CrossEntropyOut<Self>> {
         let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
             self.seq_inputs(hidden, w, targets, seq_weights.len())?;
@@ -335,11 +339,8 @@ impl Losses for CudaOps {
         let fwd = edpo::sequence_logprobs(&self.gpu, hidden, w, &dev_t, &dev_m, s, splits)?;
         let grad_seq = self.gpu.upload(&seq_weights.iter().map(|w| -w).collect::<Vec<f32>>())?;
         let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
-        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, weight_grad)?;
-        if weight_grad && g.d_weight.is_none() {
-            bail!("the cross-entropy backward returned no LM-head gradient");
-        }
-        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden: g.d_hidden, d_weight: g.d_weight })
+        let d_hidden = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, &fwd.lse, &grad_seq, s, &spans, d_weight)?;
+        Ok(CrossEntropyOut { seq_logp: fwd.seq, d_hidden })
     }
 
     fn seq_logprobs(
@@ -376,13 +377,12 @@ impl Losses for CudaOps {
         lse: &Self::Stat,
         grad_seq: &Self::Stat,
         seqs: usize,
-        weight_grad: bool,
-    ) -> Result<(Self::Buf, Option<Self::Buf>)> {
+        d_weight: Option<&mut Self::Buf>,
+    ) -> Result<Self::Buf> {
         let SeqInputs { shape: s, targets: dev_t, mask: dev_m, host_mask: mask } =
             self.seq_inputs(hidden, w, targets, seqs)?;
         let spans = edpo::answer_spans(&mask, s.t, CE_CHUNK_ROWS);
-        let g = edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, weight_grad)?;
-        Ok((g.d_hidden, g.d_weight))
+        edpo::backward(&self.gpu, hidden, w, &dev_t, &dev_m, lse, grad_seq, s, &spans, d_weight)
     }
 }
 

@@ -1,12 +1,13 @@
 //! A chat model: the decoder, its tokenizer and its chat template from one GGUF file, generating
 //! one conversation's reply token by token with the KV-cached decode of [`super::decode`] and
-//! handing each piece of text to the caller as it is produced.
+//! handing each piece of text to the caller as it is produced (the batched generation of
+//! [`Llama::generate_rows_with`], with one sequence).
 
 use super::{Finetune, Llama, LlamaConfig, LlamaParams};
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
-use crate::models::sampling::{Sampler, Sampling};
+use crate::models::sampling::Sampling;
 use crate::opset::StepOps;
 use crate::train::{ParamSet, SeedRng};
 use crate::user_err;
@@ -74,41 +75,29 @@ impl<O: StepOps> ChatModel<O> {
                 self.max_positions
             ));
         }
-        let slots = (ids.len() + max_tokens).min(self.max_positions);
-        let mut cache = m.new_cache(1, slots)?;
-        let mut sampler = Sampler::new(sampling);
+        // Tokens after the prompt: the first comes from the prefill, each further one from a
+        // decode step that takes a position.
+        let max_new = max_tokens.min(self.max_positions + 1 - ids.len());
         let t0 = std::time::Instant::now();
-        let hidden = m.prefill(m.embed_tokens(&ids)?, ids.len(), &[ids.len()], &mut cache)?;
-        let mut logits = m.logits_of_rows(&hidden, &[ids.len() as u32 - 1])?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = std::time::Instant::now();
+        let mut prefill_secs = None;
         let mut out: Vec<u32> = Vec::new();
         let mut printed = 0;
-        for _ in 0..max_tokens {
-            let next = sampler.sample(&logits);
-            if self.tokenizer.stop_ids.contains(&next) {
-                break;
-            }
-            out.push(next);
+        let stop = &self.tokenizer.stop_ids;
+        m.generate_rows_with(m.embed_tokens(&ids)?, ids.len(), &[ids.len()], max_new, stop, sampling, |_, tok| {
+            prefill_secs.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            out.push(tok);
             // Decode the whole tail so multi-byte characters split across tokens print whole.
             let text = self.tokenizer.decode(&out, true)?;
             if text.len() > printed && !text.ends_with('\u{FFFD}') {
                 on_token(&text[printed..]);
                 printed = text.len();
             }
-            if cache.len(0) + 1 > slots || out.len() == max_tokens {
-                break;
-            }
-            let hidden = m.decode(m.embed_tokens(&[next])?, &[0], &mut cache)?;
-            logits = m.logits_of_rows(&hidden, &[0])?;
-        }
+            Ok(())
+        })?;
+        let total = t0.elapsed().as_secs_f64();
+        // Without a token the whole time was the prefill.
+        let prefill_secs = prefill_secs.unwrap_or(total);
         let text = self.tokenizer.decode(&out, true)?;
-        Ok(Generation {
-            text,
-            prompt_tokens: ids.len(),
-            tokens: out,
-            prefill_secs,
-            decode_secs: t1.elapsed().as_secs_f64(),
-        })
+        Ok(Generation { text, prompt_tokens: ids.len(), tokens: out, prefill_secs, decode_secs: total - prefill_secs })
     }
 }

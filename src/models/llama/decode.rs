@@ -152,6 +152,22 @@ impl<O: StepOps> Llama<O> {
         stop_ids: &[u32],
         sampling: Sampling,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_rows_with(x, t, lens, max_new, stop_ids, sampling, |_, _| Ok(()))
+    }
+
+    /// [`Llama::generate_rows`], calling `on_token(sequence, token)` as each token is chosen (a
+    /// chat streams its reply from here).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_rows_with(
+        &self,
+        x: O::Buf,
+        t: usize,
+        lens: &[usize],
+        max_new: usize,
+        stop_ids: &[u32],
+        sampling: Sampling,
+        mut on_token: impl FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Vec<Vec<u32>>> {
         let n = lens.len();
         let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
         if max_new == 0 || n == 0 {
@@ -179,6 +195,7 @@ impl<O: StepOps> Llama<O> {
                     continue;
                 }
                 outs[b].push(tok);
+                on_token(b, tok)?;
                 if outs[b].len() < max_new && cache.len(b) < max_pos {
                     next[b] = tok;
                     still.push(b);

@@ -35,6 +35,7 @@ use crate::train::{AdamWConfig, AdamWScalars, AdamWState, Moments, Param, ParamI
 use crate::user_bail;
 use anyhow::{bail, Result};
 use decode::CacheFill;
+use std::sync::Mutex;
 
 /// The optimizer's view of a trainable tensor: the moments and, where the working copy is not
 /// fp32 ([`Optimizer::SEPARATE_MASTER`]), an fp32 master.
@@ -169,6 +170,11 @@ pub struct Llama<O: StepOps> {
     /// Clip the global gradient norm to this (`None`: never).
     pub max_grad_norm: Option<f32>,
     step: u64,
+    /// Gradient buffers by parameter index, handed back by [`Llama::apply`] and reused by the
+    /// next backward, so that a step allocates no gradient memory after the first: on the CPU a
+    /// fresh buffer of the vocabulary-sized tables was page-faulted in and unmapped again every
+    /// step, a tenth of a SmolLM2-135M step. Locked only to take or hand back a buffer.
+    grad_pool: Mutex<Vec<Option<O::Buf>>>,
 }
 
 impl<O: StepOps> Llama<O> {
@@ -192,6 +198,7 @@ impl<O: StepOps> Llama<O> {
             adamw,
             max_grad_norm: None,
             step: 0,
+            grad_pool: Mutex::new(Vec::new()),
         };
         let mut index = std::collections::HashMap::new();
         for id in model.param_ids() {
@@ -314,7 +321,7 @@ impl<O: StepOps> Llama<O> {
         let d = self.config.hidden_size;
         let mut dtable = match grads[self.token_embd].take() {
             Some(Grad::Buf(g)) => g,
-            _ => o.zeros(self.config.vocab_size * d)?,
+            _ => self.zeroed_grad(self.token_embd)?,
         };
         o.embed_backward(ids, dx, d, &mut dtable)?;
         grads[self.token_embd] = Some(Grad::Buf(dtable));
@@ -331,8 +338,9 @@ impl<O: StepOps> Llama<O> {
         seq_weights: &[f32],
     ) -> Result<(StepGrads<O>, O::Buf)> {
         let fwd = self.forward_rows(x, targets, seq_weights.len(), true)?;
-        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head(), targets, seq_weights, self.lm_head_trains())?;
-        let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, ce.d_weight)?;
+        let mut d_head = self.lm_head_grad()?;
+        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head(), targets, seq_weights, d_head.as_mut())?;
+        let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, d_head)?;
         Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
     }
 
@@ -344,6 +352,54 @@ impl<O: StepOps> Llama<O> {
     /// Whether the LM head gets a gradient.
     pub fn lm_head_trains(&self) -> bool {
         self.trainable(self.output)
+    }
+
+    /// A buffer for the LM head's gradient, which the loss op overwrites; `None` when the head
+    /// is frozen.
+    pub fn lm_head_grad(&self) -> Result<Option<O::Buf>> {
+        if self.lm_head_trains() {
+            Ok(Some(self.grad_buffer(self.output)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A gradient buffer for parameter `i` with unspecified contents, which the caller
+    /// overwrites whole: the one [`Llama::apply`] handed back after the last step, else a new one.
+    pub fn grad_buffer(&self, i: usize) -> Result<O::Buf> {
+        match self.take_pooled(i) {
+            Some(b) => Ok(b),
+            None => self.ops.zeros(self.params[i].numel),
+        }
+    }
+
+    /// A zeroed gradient buffer for parameter `i`, to accumulate into.
+    pub fn zeroed_grad(&self, i: usize) -> Result<O::Buf> {
+        match self.take_pooled(i) {
+            Some(mut b) => {
+                self.ops.fill_zero(&mut b)?;
+                Ok(b)
+            }
+            None => self.ops.zeros(self.params[i].numel),
+        }
+    }
+
+    fn take_pooled(&self, i: usize) -> Option<O::Buf> {
+        // A poisoned lock only means another thread panicked between take and hand-back; the
+        // pool's buffers are still whole.
+        let mut pool = self.grad_pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.get_mut(i).and_then(Option::take)
+    }
+
+    /// Keeps the buffers of `grads` for the next step's backward.
+    fn recycle(&mut self, grads: Vec<Option<Grad<O>>>) {
+        let pool = self.grad_pool.get_mut().unwrap_or_else(|e| e.into_inner());
+        pool.resize_with(self.params.len(), || None);
+        for (slot, g) in pool.iter_mut().zip(grads) {
+            if let Some(Grad::Buf(b)) = g {
+                *slot = Some(b);
+            }
+        }
     }
 
     /// The decoder over input rows `x [batch·T, d]` (`targets` only checked here): the final
@@ -502,17 +558,24 @@ impl<O: StepOps> Llama<O> {
             None => o.gemm_new(&input_grad, dy, self.w(l.w))?,
         };
         if self.trainable(l.w) {
-            grads[l.w] = Some(Grad::Buf(o.gemm_new(&weight_grad(l.out_f, l.in_f, rows), dy, x)?));
+            grads[l.w] = Some(Grad::Buf(self.weight_grad_of(l.w, &weight_grad(l.out_f, l.in_f, rows), dy, x)?));
         }
         if let Some((a, b, rank, scale)) = l.lora {
             let u = u.ok_or_else(|| anyhow::anyhow!("an adapter's forward keeps its hidden"))?;
-            grads[b] = Some(Grad::Buf(o.gemm_new(&weight_grad(l.out_f, rank, rows), dy, u)?));
+            grads[b] = Some(Grad::Buf(self.weight_grad_of(b, &weight_grad(l.out_f, rank, rows), dy, u)?));
             let mut du = o.gemm_new(&GemmSpec::nn(rows, rank, l.out_f), dy, self.w(b))?;
             o.scale(&mut du, scale)?;
-            grads[a] = Some(Grad::Buf(o.gemm_new(&weight_grad(rank, l.in_f, rows), &du, x)?));
+            grads[a] = Some(Grad::Buf(self.weight_grad_of(a, &weight_grad(rank, l.in_f, rows), &du, x)?));
             o.gemm(&GemmSpec { accumulate: true, ..GemmSpec::nn(rows, l.in_f, rank) }, &du, self.w(a), &mut dx)?;
         }
         Ok(dx)
+    }
+
+    /// Parameter `i`'s gradient `dyᵀ·x` as `spec` says, in a reused buffer.
+    fn weight_grad_of(&self, i: usize, spec: &GemmSpec, dy: &O::Buf, x: &O::Buf) -> Result<O::Buf> {
+        let mut g = self.grad_buffer(i)?;
+        self.ops.gemm(&GemmSpec { accumulate: false, ..*spec }, dy, x, &mut g)?;
+        Ok(g)
     }
 
     /// Backward of one block given `dy`, the gradient of its output; returns its input's.
@@ -571,6 +634,8 @@ impl<O: StepOps> Llama<O> {
             let (Some(g), Some(st)) = (g, p.opt.as_mut()) else { continue };
             ops.adamw(st.master.as_mut(), g.as_ref(), &mut st.m, &mut st.v, &mut p.w, &s, p.decay, &clip)?;
         }
+        // The optimizer's reads are queued ahead of whatever next writes these buffers.
+        self.recycle(grads);
         Ok(Applied { clip })
     }
 

@@ -244,6 +244,44 @@ fn lora_training_moves_only_the_adapters_and_fits_a_batch() {
     assert_eq!(llm.optimizer_state().unwrap().moments.len(), 8, "moments for the 8 adapter tensors only");
 }
 
+/// The second step's gradients land in the buffers the first step's left behind (the gradient
+/// pool): each must be exactly what a fresh model with the same weights computes, for a tied
+/// head (the loss op overwrites the table's buffer, the embedding adds to it), an untied one
+/// (the table's buffer is zeroed first) and LoRA adapters.
+#[test]
+fn reused_gradient_buffers_give_a_fresh_models_gradients() {
+    for (name, untied, finetune) in [
+        ("tied", false, Finetune::Full),
+        ("untied", true, Finetune::Full),
+        ("lora", false, lora(2, &["attn_q", "attn_v", "ffn_down"])),
+    ] {
+        let (m, mut ps) = load(&tiny_weights(14, untied), &finetune);
+        randomise_lora_b(&mut ps, 15);
+        let mut llm = on_host(&m, &ps);
+        llm.train_step(&IDS, &TARGETS, 2, 1e-2).unwrap();
+        let mut moved = ps.clone();
+        llm.download_into(&mut moved).unwrap();
+        let fresh = on_host(&m, &moved);
+        let (reused, want) =
+            (llm.forward_backward(&IDS, &TARGETS, 2).unwrap(), fresh.forward_backward(&IDS, &TARGETS, 2).unwrap());
+        let mut checked = 0;
+        for (i, (g, w)) in reused.grads.iter().zip(&want.grads).enumerate() {
+            let label = format!("{name}: {}", llm.params[i].name);
+            match (g, w) {
+                (Some(g), Some(w)) => {
+                    let (g, w) = (llm.download_grad(g).unwrap(), fresh.download_grad(w).unwrap());
+                    assert!(w.iter().any(|&x| x != 0.0), "{label}: a zero gradient checks nothing");
+                    assert_eq!(g, w, "{label}: the reused buffer's gradient differs");
+                    checked += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{label}: a gradient on one side only"),
+            }
+        }
+        assert!(checked >= 8, "{name}: only {checked} gradients compared");
+    }
+}
+
 /// AdamW on the op set against the update written out by hand for one weight: PyTorch's AdamW
 /// (decoupled decay `w ← w·(1 − lr·wd)`, bias-corrected moments), clipping applied first.
 #[test]

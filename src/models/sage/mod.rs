@@ -190,7 +190,7 @@ impl<O: StepOps> Sage<O> {
         let mut g = HeadGrads { w: Vec::new(), b: Vec::new() };
         for l in [h.fc1, h.fc2, h.q, h.k, h.v, h.out] {
             if self.llm.params[l.w].trainable() {
-                g.w.push((l.w, o.zeros(l.in_f * l.out_f)?));
+                g.w.push((l.w, self.llm.zeroed_grad(l.w)?));
             }
             if self.llm.params[l.b].trainable() {
                 g.b.push((l.b, o.stat_zeros(l.out_f)?));
@@ -209,14 +209,10 @@ impl<O: StepOps> Sage<O> {
     pub fn forward_backward(&self, plans: &[SeqPlan]) -> Result<StepGrads<O>> {
         let weights: Vec<f32> = plans.iter().map(|p| 1.0 / (plans.len() * p.counted().max(1)) as f32).collect();
         let fwd = self.forward(plans, true)?;
-        let ce = self.ops().cross_entropy(
-            &fwd.llm.hidden,
-            self.llm.lm_head(),
-            &fwd.targets,
-            &weights,
-            self.llm.lm_head_trains(),
-        )?;
-        let grads = self.backward(fwd, &ce.d_hidden, ce.d_weight)?;
+        let mut d_head = self.llm.lm_head_grad()?;
+        let ce =
+            self.ops().cross_entropy(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, &weights, d_head.as_mut())?;
+        let grads = self.backward(fwd, &ce.d_hidden, d_head)?;
         Ok(StepGrads::new(ce.seq_logp, weights, grads))
     }
 
@@ -388,12 +384,13 @@ impl<O: StepOps> Sage<O> {
         }
         let fwd = self.forward(plans, true)?;
         let o = self.ops();
-        let (head, head_trains) = (self.llm.lm_head(), self.llm.lm_head_trains());
+        let head = self.llm.lm_head();
         let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
         let (margins, mut grad) = o.edpo_loss(&policy, &o.upload_stat(reference)?, pairs, cfg)?;
         o.mul_stat(&mut grad, seq_scale)?;
-        let (dh, dw) = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, head_trains)?;
-        let grads = self.backward(fwd, &dh, dw)?;
+        let mut d_head = self.llm.lm_head_grad()?;
+        let dh = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
+        let grads = self.backward(fwd, &dh, d_head)?;
         Ok((margins, grads))
     }
 
