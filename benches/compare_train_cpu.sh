@@ -2,7 +2,8 @@
 # Two sage binaries' `sage bench train --device cpu` side by side in one call on one machine (the
 # one-engine check: the new binary may not be more than 5% worse on any figure). Each binary runs
 # the same arguments ROUNDS times, alternating (old, new, old, new, ...), so a change of machine
-# load hits both; the report takes each figure's best round. Raw JSON of every round is kept.
+# load hits both; the report gives each figure's best round and the median of the per-round
+# new/old ratios. Raw JSON of every round is kept.
 #
 #   bash benches/compare_train_cpu.sh OLD_BINARY NEW_BINARY [sage bench train arguments...]
 #
@@ -37,32 +38,47 @@ d, rounds = sys.argv[1], int(sys.argv[2])
 def load(side):
     return [json.load(open(f"{d}/{side}-{r}.json")) for r in range(1, rounds + 1)]
 old, new = load("old"), load("new")
+from statistics import median
 rows = []
 for i, m in enumerate(old[0]["results"]):
     name = m["model"]
-    def best(runs, key, higher=True):
-        vals = [run["results"][i][key] for run in runs]
-        return max(vals) if higher else min(vals)
+    def vals(runs, key):
+        return [run["results"][i][key] for run in runs]
     def gen(runs, b):
-        return max(next(g["tokens_per_second"] for g in run["results"][i]["generation"] if g["batch"] == b) for run in runs)
-    rows.append((name, "training tokens/s", best(old, "train_tokens_per_second"), best(new, "train_tokens_per_second"), True))
+        return [next(g["tokens_per_second"] for g in run["results"][i]["generation"] if g["batch"] == b) for run in runs]
+    rows.append((name, "training tokens/s", vals(old, "train_tokens_per_second"), vals(new, "train_tokens_per_second"), True))
     for b in sorted({g["batch"] for g in m["generation"]}):
         rows.append((name, f"generation tokens/s, batch {b}", gen(old, b), gen(new, b), True))
-    rows.append((name, "peak RSS (MiB)", best(old, "peak_rss_bytes", False) / 2**20, best(new, "peak_rss_bytes", False) / 2**20, False))
-    rows.append((name, "first-step loss", old[0]["results"][i]["loss_first"], new[0]["results"][i]["loss_first"], None))
-print(f"# `sage bench train --device cpu`: old vs new binary, best of {rounds} alternating round(s)\n")
-print("| model | figure | old | new | new / old | worse by |")
-print("|---|---|---|---|---|---|")
-worst = 0.0
+    mib = lambda v: [x / 2**20 for x in v]
+    rows.append((name, "peak RSS (MiB)", mib(vals(old, "peak_rss_bytes")), mib(vals(new, "peak_rss_bytes")), False))
+    rows.append((name, "first-step loss", vals(old, "loss_first"), vals(new, "loss_first"), None))
+print(f"# `sage bench train --device cpu`: old vs new binary, {rounds} alternating round(s)\n")
+print("Best: each binary's best round. Paired: the median over rounds of new / old within a round")
+print("(the two runs of a round are back to back, so a change of machine load hits both).\n")
+print("| model | figure | old (best) | new (best) | best new / old | paired new / old | worse by (best / paired) |")
+print("|---|---|---|---|---|---|---|")
+worst_best = worst_paired = 0.0
 for name, what, o, n, higher in rows:
-    ratio = n / o if o else float("nan")
+    bo, bn = (max(o), max(n)) if higher in (True, None) else (min(o), min(n))
+    if higher is None:
+        bo, bn = o[0], n[0]
+    ratio = bn / bo if bo else float("nan")
+    paired = median([y / x for x, y in zip(o, n) if x])
     if higher is None:
         bad = ""
     else:
-        w = (1 - ratio) if higher else (ratio - 1)
-        worst = max(worst, w)
-        bad = f"{100 * w:.1f}%" if w > 0 else "—"
-    print(f"| {name} | {what} | {o:.4g} | {n:.4g} | {ratio:.3f} | {bad} |")
-print(f"\nLargest regression: {100 * worst:.1f}% ({'within' if worst <= 0.05 else 'OVER'} the 5% bound).")
+        wb = (1 - ratio) if higher else (ratio - 1)
+        wp = (1 - paired) if higher else (paired - 1)
+        worst_best, worst_paired = max(worst_best, wb), max(worst_paired, wp)
+        fmt = lambda w: f"{100 * w:.1f}%" if w > 0 else "—"
+        bad = f"{fmt(wb)} / {fmt(wp)}"
+    print(f"| {name} | {what} | {bo:.4g} | {bn:.4g} | {ratio:.3f} | {paired:.3f} | {bad} |")
+print("\nTraining tokens/s by round (old, new):")
+for name, what, o, n, higher in rows:
+    if what == "training tokens/s":
+        print(f"- {name}: " + ", ".join(f"({x:.2f}, {y:.2f})" for x, y in zip(o, n)))
+def verdict(w):
+    return f"{100 * w:.1f}% ({'within' if w <= 0.05 else 'OVER'} the 5% bound)"
+print(f"\nLargest regression: best rounds {verdict(worst_best)}; paired rounds {verdict(worst_paired)}.")
 PY
 echo "raw outputs and report: $dir" >&2
