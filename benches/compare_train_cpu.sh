@@ -34,11 +34,11 @@ for r in $(seq 1 "$rounds"); do
 done
 python3 - "$dir" "$rounds" <<'PY' | tee "$dir/report.md"
 import json, sys
+from statistics import median
 d, rounds = sys.argv[1], int(sys.argv[2])
 def load(side):
     return [json.load(open(f"{d}/{side}-{r}.json")) for r in range(1, rounds + 1)]
 old, new = load("old"), load("new")
-from statistics import median
 rows = []
 for i, m in enumerate(old[0]["results"]):
     name = m["model"]
@@ -59,9 +59,12 @@ print("| model | figure | old (best) | new (best) | best new / old | paired new 
 print("|---|---|---|---|---|---|---|")
 worst_best = worst_paired = 0.0
 for name, what, o, n, higher in rows:
-    bo, bn = (max(o), max(n)) if higher in (True, None) else (min(o), min(n))
     if higher is None:
         bo, bn = o[0], n[0]
+    elif higher:
+        bo, bn = max(o), max(n)
+    else:
+        bo, bn = min(o), min(n)
     ratio = bn / bo if bo else float("nan")
     paired = median([y / x for x, y in zip(o, n) if x])
     if higher is None:

@@ -440,7 +440,7 @@ impl Losses for HostOps {
         w: &Vec<f32>,
         targets: &[u32],
         seq_weights: &[f32],
-        mut d_weight: Option<&mut Vec<f32>>,
+        d_weight: Option<&mut Vec<f32>>,
     ) -> Result<CrossEntropyOut<Self>> {
         let seqs = seq_weights.len();
         if seqs == 0 || !targets.len().is_multiple_of(seqs) {
@@ -451,12 +451,7 @@ impl Losses for HostOps {
         let vocab = w.len() / c.max(1);
         let mut seq_logp = vec![0.0; seqs];
         let mut d_hidden = vec![0.0; hidden.len()];
-        if let Some(dw) = d_weight.as_deref_mut() {
-            if dw.len() != w.len() {
-                bail!("cross-entropy: the LM head's gradient buffer has {} values, the head {}", dw.len(), w.len());
-            }
-            dw.fill(0.0);
-        }
+        let mut d_weight = zeroed_head_grad(d_weight, w.len(), "cross-entropy")?;
         for (n, lp) in seq_logp.iter_mut().enumerate() {
             let rows: Vec<usize> = (n * t..(n + 1) * t).filter(|&r| targets[r] != IGNORE).collect();
             if rows.is_empty() {
@@ -471,8 +466,7 @@ impl Losses for HostOps {
             let rescale = ce.tokens as f32 * seq_weights[n];
             logits.iter_mut().for_each(|x| *x *= rescale);
             let mut dh = vec![0.0; rows.len() * c];
-            let dw = d_weight.as_deref_mut().map(|dw| dw.as_mut_slice());
-            linear_backward(Some(&mut dh), dw, None, &logits, &h, w, rows.len(), c, vocab);
+            linear_backward(Some(&mut dh), d_weight.as_deref_mut(), None, &logits, &h, w, rows.len(), c, vocab);
             for (i, &r) in rows.iter().enumerate() {
                 d_hidden[r * c..(r + 1) * c].copy_from_slice(&dh[i * c..(i + 1) * c]);
             }
@@ -534,18 +528,20 @@ impl Losses for HostOps {
         let grad_token: Vec<f32> =
             targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
         let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
-        let dw = match d_weight {
-            Some(dw) if dw.len() != w.len() => {
-                bail!("log-prob backward: the LM head's gradient buffer has {} values, the head {}", dw.len(), w.len())
-            }
-            Some(dw) => {
-                dw.fill(0.0);
-                Some(dw.as_mut_slice())
-            }
-            None => None,
-        };
+        let dw = zeroed_head_grad(d_weight, w.len(), "log-prob backward")?;
         Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, dw))
     }
+}
+
+/// The LM head's gradient buffer a loss op was handed, checked against the head's size and
+/// zeroed for the op to accumulate into (the op set's contract is that it overwrites it).
+fn zeroed_head_grad<'a>(dw: Option<&'a mut Vec<f32>>, head: usize, op: &str) -> Result<Option<&'a mut [f32]>> {
+    let Some(dw) = dw else { return Ok(None) };
+    if dw.len() != head {
+        bail!("{op}: the LM head's gradient buffer has {} values, the head {head}", dw.len());
+    }
+    dw.fill(0.0);
+    Ok(Some(dw.as_mut_slice()))
 }
 
 impl Optimizer for HostOps {

@@ -366,7 +366,7 @@ impl<O: StepOps> Llama<O> {
 
     /// A gradient buffer for parameter `i` with unspecified contents, which the caller
     /// overwrites whole: the one [`Llama::apply`] handed back after the last step, else a new one.
-    pub fn grad_buffer(&self, i: usize) -> Result<O::Buf> {
+    fn grad_buffer(&self, i: usize) -> Result<O::Buf> {
         match self.take_pooled(i) {
             Some(b) => Ok(b),
             None => self.ops.zeros(self.params[i].numel),
