@@ -129,6 +129,11 @@ checkpoint_every = 2
 
 /// An E-DPO config over the setup: η = 0.5, β = 0.1, both pairs, batch 1, a checkpoint every step.
 fn edpo_config(s: &Setup, name: &str, scores: &Path, steps: u64) -> PathBuf {
+    edpo_config_with(s, name, scores, steps, "")
+}
+
+/// [`edpo_config`] with `extra` lines appended to its `[edpo]` section.
+fn edpo_config_with(s: &Setup, name: &str, scores: &Path, steps: u64, extra: &str) -> PathBuf {
     let cfg = format!(
         r#"
 sfe = "{sfe}"
@@ -141,6 +146,7 @@ loss = "edpo"
 beta = 0.1
 eta = {ETA}
 pairs = "both"
+{extra}
 [train]
 steps = {steps}
 batch = 1
@@ -363,8 +369,19 @@ fn dpo_ablation_has_eta_zero_and_user_errors_exit_2() {
 /// away from the reference (one AdamW step on another instance).
 #[test]
 fn edpo_gradient_matches_central_differences() {
+    check_edpo_gradient("");
+}
+
+/// As [`edpo_gradient_matches_central_differences`], with the two loss options that change the
+/// gradient: length-normalised log-ratios and an SFT term on the chosen answers.
+#[test]
+fn edpo_gradient_with_length_normalised_ratios_and_an_sft_term_matches_central_differences() {
+    check_edpo_gradient("length_normalize = true\nsft_weight = 0.5");
+}
+
+fn check_edpo_gradient(extra: &str) {
     let s = setup();
-    let cfg_path = edpo_config(&s, "edpo.toml", &s.scores, 4);
+    let cfg_path = edpo_config_with(&s, "edpo.toml", &s.scores, 4, extra);
     let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
     let mut run = EdpoRun::new(cfg, &s.path("gc")).unwrap();
     let eta = run.cfg.edpo.eta;
@@ -393,18 +410,26 @@ fn edpo_gradient_matches_central_differences() {
     let pairs = instance_pairs(&inst.entropies, PairChoice::Both);
     eprintln!("instance {:?}, pairs {pairs:?}", inst.example);
     let b = run.batch(std::slice::from_ref(&inst), &reference).unwrap();
+    let sft_on = b.terms.nll.is_some();
+    assert_eq!((b.terms.length_scale.is_some(), sft_on), (!extra.is_empty(), !extra.is_empty()));
     let loss_at = |policy: &Sage<HostOps>| -> (f32, Vec<f32>) {
-        let (m, _) = policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg).unwrap();
-        let m = policy.ops().download_stat(&m).unwrap();
-        (b.loss(&m), m)
+        let (m, p, _) =
+            policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, &b.terms).unwrap();
+        let (m, p) = (policy.ops().download_stat(&m).unwrap(), policy.ops().download_stat(&p).unwrap());
+        (b.loss(&m) + b.sft_loss(&p), m)
     };
-    // At the start the policy is the reference: every log-ratio is 0 and d = −η|ΔH|.
-    let expected = pairs.iter().map(|p| ((eta * p.delta_h.abs()) as f64).exp().ln_1p()).sum::<f64>() / 2.0;
+    // At the start the policy is the reference: every log-ratio is 0 and d = −η|ΔH| (plus the
+    // SFT term's value when it is on).
+    let (_, p0, _) =
+        policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, &b.terms).unwrap();
+    let sft0 = b.sft_loss(&policy.ops().download_stat(&p0).unwrap()) as f64;
+    assert_eq!(sft0 > 0.0, sft_on);
+    let expected = pairs.iter().map(|p| ((eta * p.delta_h.abs()) as f64).exp().ln_1p()).sum::<f64>() / 2.0 + sft0;
     let start = loss_at(&policy).0 as f64;
     assert!((start - expected).abs() < 1e-5, "loss at the reference point {start}, expected {expected}");
     let other = run.instances.iter().find(|i| i.example != inst.example).cloned().unwrap();
     let ob = run.batch(&[other], &reference).unwrap();
-    policy.edpo_step(&ob.plans, &ob.reference, &ob.pairs, &ob.scale, loss_cfg, tcfg.schedule.lr(0)).unwrap();
+    policy.edpo_step(&ob.plans, &ob.reference, &ob.pairs, &ob.scale, loss_cfg, &ob.terms, tcfg.schedule.lr(0)).unwrap();
 
     let (l0, margins) = loss_at(&policy);
     assert_eq!(margins.len(), 2);
@@ -412,7 +437,8 @@ fn edpo_gradient_matches_central_differences() {
     for (m, p) in margins.iter().zip(&pairs) {
         assert!((m + eta * p.delta_h.abs()).abs() > 1e-3, "margin {m} is the reference point's");
     }
-    let (_, grads) = policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg).unwrap();
+    let (_, _, grads) =
+        policy.edpo_forward_backward(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, &b.terms).unwrap();
 
     // Largest |gradient| per kind of trainable tensor, and the two largest overall.
     let mut all: Vec<(usize, String, usize, f32)> = vec![];

@@ -232,6 +232,26 @@ fn sage_generation_batches_like_single_questions_and_starts_at_the_forward_argma
         let fwd = dev.forward(std::slice::from_ref(p), false).unwrap();
         let logits = dev.llm.logits_of_rows(&fwd.llm.hidden, &[p.t as u32 - 1]).unwrap();
         assert_eq!(sage::models::sampling::argmax(&logits), ids[0], "the first token is the forward's argmax");
+        // First-token scoring reads the same row: the greedy token has the largest
+        // log-probability, and the candidates' log-probabilities are the log-softmax there.
+        let other = (ids[0] + 1) % logits.len() as u32;
+        let lp = dev.first_token_logprobs(std::slice::from_ref(p), &[ids[0], other]).unwrap();
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        for (k, &id) in [ids[0], other].iter().enumerate() {
+            assert!((lp[0][k] - (logits[id as usize] as f64 - lse)).abs() < 1e-9, "log-softmax of token {id}");
+        }
+        assert!(lp[0][0] >= lp[0][1]);
+    }
+    // In a batch (padded to the longest prompt) each question's first-token log-probabilities
+    // are its own.
+    let ids: Vec<u32> = batch.iter().map(|b| b[0]).collect();
+    let together = dev.first_token_logprobs(&plans, &ids).unwrap();
+    for (p, row) in plans.iter().zip(&together) {
+        let alone = dev.first_token_logprobs(std::slice::from_ref(p), &ids).unwrap();
+        for (a, b) in alone[0].iter().zip(row) {
+            assert!((a - b).abs() < 1e-4, "batched {b} vs alone {a}");
+        }
     }
     let answers = dev.answer_batch(&m, &exs, 10, greedy).unwrap();
     println!("generation on the CPU ops: {:?}", answers.iter().map(|a| &a.0).collect::<Vec<_>>());

@@ -2,7 +2,7 @@
 //! pipeline is [`crate::demo`]).
 
 use super::{print_json, Ctx};
-use crate::demo::profile::{FULL, QUICK};
+use crate::demo::profile::{Profile, QUICK};
 use crate::demo::run_demo;
 use crate::demo::stages::StageEnv;
 use anyhow::{Context, Result};
@@ -13,14 +13,22 @@ pub const LONG_ABOUT: &str = "Runs the whole pipeline on the ELPV solar-cell dat
 the baseline, DPO and E-DPO from the fused SFE run) -> `eval` x6 -> `map --eval-elpv`, and prints the ablation table \
 (Baseline; +Fact[Hard]; +Fact[FE]; +DPO; SFE+DPO; Full with E-DPO) with accuracy, Acc-G, SBERT and MLE, plus the \
 training-free anomaly-map AUROC. --quick is sized for two CPU cores (about 20 minutes: a small slice of the data, \
-tens of steps; its numbers are a smoke test of the pipeline, not of the method); without it the full profile trains \
-on every item and is meant for a GPU: with --device cuda the sfe, edpo and eval stages run on it (the other stages \
+tens of steps; its numbers are a smoke test of the pipeline, not of the method). --profile standard evaluates on the \
+whole ELPV test split (466 image pairs) with first-token conclusions, gives every number a 95% bootstrap interval \
+over image pairs, compares rows pairwise (paired bootstrap, McNemar), adds the model's image AUROC beside the map's \
+and two unseen-kind rows, and writes report.html. Without either, the full profile trains on every item and is \
+meant for a GPU: with --device cuda the sfe, edpo and eval stages run on it (the other stages \
 on the CPU). Everything goes under --out, with each stage's config, log and report; rerunning resumes.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The two-CPU-core profile (minutes) instead of the full one.
-    #[arg(long)]
+    /// How big the run is: `quick` (a smoke test, minutes on two CPU cores), `standard` (the
+    /// whole ELPV test split with 95% intervals, paired comparisons and the unseen-kind rows;
+    /// sized for two CPU cores within two hours) or `full` (every item, for a GPU).
+    #[arg(long, value_parser = ["quick", "standard", "full"], default_value = "full")]
+    profile: String,
+    /// The same as `--profile quick`.
+    #[arg(long, conflicts_with = "profile")]
     quick: bool,
     /// Working folder [default: runs/demo-quick or runs/demo].
     #[arg(long)]
@@ -28,7 +36,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let profile = if a.quick { &QUICK } else { &FULL };
+    let profile = if a.quick { &QUICK } else { Profile::named(&a.profile).expect("clap checked the name") };
     let out = a.out.unwrap_or_else(|| profile.default_out());
     let env = StageEnv {
         exe: std::env::current_exe().context("locating the sage binary")?,

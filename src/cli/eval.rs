@@ -14,7 +14,10 @@ and MLE (the judge's type, location and logic scores, 1-5). MMAD data (mmad.json
 and source dataset, Anomaly Detection balanced. Data with labels or masks: image and pixel AUROC of the \
 training-free anomaly map. --baseline evaluates the same architecture untrained (the zero-shot rows). --answers \
 scores answers made elsewhere (JSONL lines {\"id\", \"question\", \"answer\"}) without running a model; \
---save-answers writes this run's answers in that shape. --device cuda answers on the GPU (models::sage, bf16, \
+--save-answers writes this run's answers in that shape. --first-token reads every conclusion from one forward pass \
+(the probabilities of Yes/No or of the option letters as the answer's first token; several times faster than \
+generating), and --generate-items N generates full answers for SBERT and MLE on the first N items only. Every \
+AD-PL number comes with a 95% bootstrap interval that resamples image pairs (2000 resamples, fixed seed). --device cuda answers on the GPU (models::sage, bf16, \
 KV-cached decoding); the anomaly maps and the image encoder (run once per image, cached) stay on the CPU.";
 
 #[derive(clap::Args, Debug)]
@@ -58,9 +61,24 @@ pub struct Args {
     /// Write the generated answers here (JSONL, the --answers shape).
     #[arg(long)]
     save_answers: Option<PathBuf>,
+    /// Read each conclusion (Yes/No, or the option letter) from one forward pass: the more
+    /// probable candidate as the answer's first token, instead of the start of a generated answer.
+    /// Also gives each image pair a probability of "anomalous", hence the model's image AUROC.
+    #[arg(long)]
+    first_token: bool,
+    /// Generate full answers (for SBERT and MLE) only for the first N items [default: all].
+    #[arg(long)]
+    generate_items: Option<usize>,
+    /// Write the first-token probabilities here (JSONL, one line per question).
+    #[arg(long, requires = "first_token")]
+    save_first_token: Option<PathBuf>,
     /// Write the report (markdown) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write one self-contained HTML page here: the summary with intervals, then every image pair
+    /// with its images, anomaly map, selected patches, questions and answers (filterable).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
@@ -74,6 +92,9 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             facts: a.facts,
             max_tokens: a.max_tokens,
             save_answers: a.save_answers,
+            first_token: a.first_token,
+            generate_items: a.generate_items,
+            save_first_token: a.save_first_token,
         }),
     };
     let req = EvalRequest {
@@ -85,6 +106,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         answers,
         judge: (a.judge != "none").then_some(JudgeSpec { name: a.judge, config }),
         out: a.out,
+        html: a.html,
     };
     let env = EvalEnv { plugin_dirs: ctx.plugin_dirs.clone(), gpu: ctx.backend.backend == "cuda", quiet: ctx.quiet() };
     let report = evaluate(&req, &env)?;

@@ -14,11 +14,17 @@ use std::path::Path;
 
 /// Stage 1 with facts mode `facts` on the demo's data folder `data`.
 pub fn sfe_config(p: &Profile, data: &Path, facts: FactsMode) -> SfeConfig {
+    sfe_config_on(p, data, &data.join("facts.jsonl"), facts)
+}
+
+/// Stage 1 on the `train.json` / `test.json` of folder `split`, with the facts file `facts_file`.
+pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsMode) -> SfeConfig {
+    let data = split;
     SfeConfig {
         data: DataConfig {
             train: data.join("train.json"),
             val: data.join("test.json"),
-            facts: Some(data.join("facts.jsonl")),
+            facts: Some(facts_file.to_path_buf()),
             max_train_items: p.train_items,
             zero_shot: false,
         },
@@ -43,10 +49,18 @@ pub fn edpo_config(p: &Profile, data: &Path, sfe_run: &Path, loss: LossKind) -> 
             train: data.join("train.json"),
             scores: Some(data.join("train.scores.jsonl")),
             judge: "rubric".into(),
-            judge_config: None,
-            max_train_items: p.train_items,
+            judge_config: p.judge_config(),
+            max_train_items: p.pref_items,
         },
-        edpo: EdpoSection { loss, beta: 0.1, eta: 1.0, pairs: PairChoice::Both },
+        edpo: EdpoSection {
+            loss,
+            beta: p.pref.beta,
+            eta: 1.0,
+            pairs: PairChoice::Both,
+            length_normalize: p.pref.length_normalize,
+            sft_weight: p.pref.sft_weight,
+            balance_conclusions: p.pref.balance_conclusions,
+        },
         train: train_section(p, p.edpo_steps, p.edpo_batch, p.edpo_lr, 5),
     }
 }
@@ -82,7 +96,7 @@ pub fn write<T: Serialize>(path: &Path, p: &Profile, config: &T) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::profile::{FULL, QUICK, ROWS, SFE_RUNS};
+    use super::super::profile::{FULL, QUICK, ROWS, SFE_RUNS, STANDARD};
     use super::*;
     use serde::de::DeserializeOwned;
     use std::path::PathBuf;
@@ -102,7 +116,7 @@ mod tests {
     #[test]
     fn every_config_the_demo_writes_loads_with_its_stage_loader_unchanged() {
         let data = Path::new("runs/demo \"x\"/data");
-        for p in [&QUICK, &FULL] {
+        for p in [&QUICK, &STANDARD, &FULL] {
             for (name, facts) in SFE_RUNS {
                 let c = sfe_config(p, data, facts);
                 assert_eq!(c.model.facts, facts, "{name}");

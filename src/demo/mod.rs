@@ -7,12 +7,15 @@
 //! [`profile`] sizes the stages and names the table's rows, [`configs`] builds the training
 //! stages' configs as their own typed config structs, [`table`] writes `demo.md`.
 
+pub mod compare;
 pub mod configs;
 pub mod profile;
 pub mod stages;
 pub mod table;
 
 use crate::assets::Asset;
+use crate::edpo::config::LossKind;
+use crate::models::sage::FactsMode;
 use anyhow::{Context, Result};
 use profile::{Profile, ROWS, SFE_RUNS};
 use serde_json::Value;
@@ -87,6 +90,7 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         sfe_runs.insert(name, train(name, "sfe", cfg)?);
     }
     let (mut rows, mut majority) = (Vec::new(), Value::Null);
+    let (test, facts) = (data.join("test.json"), data.join("facts.jsonl"));
     for row in &ROWS {
         let ckpt = match row.pref {
             None => sfe_runs[row.sfe].clone(),
@@ -95,10 +99,25 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
                 train(name, "edpo", cfg)?
             }
         };
-        let v = evaluate(&r, p, &data, &evals, &ckpt)?;
+        // The method's row gets the HTML page of its evaluation.
+        let html = (row.name == profile::FULL_ROW).then(|| out.join("report.html"));
+        let v = evaluate(&r, p, &test, p.eval_items, &facts, &evals, &ckpt, html.as_deref())?;
         // Every row answers the same questions: their majority class is the same.
         majority = v["adpl"]["majority"].clone();
         rows.push(TableRow::from_report(row.name, ckpt, &v));
+    }
+    // Generalisation: the full method trained on one cell kind, tested on the other.
+    if p.unseen_eval_items > 0 {
+        for u in &profile::UNSEEN_ROWS {
+            let split = data.join(u.split);
+            score(&r, p, &split.join("train.json"), &format!("score-{}", u.split))?;
+            let sfe_cfg = configs::sfe_config_on(p, &split, &facts, FactsMode::Fused);
+            let sfe = train(&format!("fused-{}", u.split), "sfe", configs::to_toml(p, &sfe_cfg)?)?;
+            let cfg = configs::edpo_config(p, &split, &sfe, LossKind::Edpo);
+            let ckpt = train(&format!("fused-edpo-{}", u.split), "edpo", configs::to_toml(p, &cfg)?)?;
+            let v = evaluate(&r, p, &split.join("test.json"), p.unseen_eval_items, &facts, &evals, &ckpt, None)?;
+            rows.push(TableRow::from_report(u.name, ckpt, &v));
+        }
     }
 
     let map = anomaly_map(&r, out)?;
@@ -137,34 +156,54 @@ fn prepare_data(r: &Runner, p: &Profile, data: &Path) -> Result<()> {
         facts_all.push_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
     }
     crate::util::write_atomic(&data.join("facts.jsonl"), facts_all.as_bytes())?;
-    let mut args =
-        vec!["score".into(), "--data".into(), s(&data.join("train.json")), "--judge".into(), "rubric".into()];
-    args.extend(items(p.train_items));
-    r.sage("score", &args)
+    score(r, p, &data.join("train.json"), "score")
 }
 
-/// `sage eval` of checkpoint `ckpt` on the test split (skipped when its report exists); its JSON
-/// report.
-fn evaluate(r: &Runner, p: &Profile, data: &Path, evals: &Path, ckpt: &Path) -> Result<Value> {
+/// The rubric judge's scores of the ranked answers of `train` (cached beside it; resumes).
+fn score(r: &Runner, p: &Profile, train: &Path, name: &str) -> Result<()> {
+    let mut args = vec!["score".into(), "--data".into(), s(train), "--judge".into(), "rubric".into()];
+    if let Some(c) = p.judge_config() {
+        args.extend(["--judge-config".into(), c.to_string()]);
+    }
+    args.extend(items(p.pref_items));
+    r.sage(name, &args)
+}
+
+/// `sage eval` of checkpoint `ckpt` on the first `eval_items` items (0: all) of `test` (skipped
+/// when its report exists), with the profile's first-token conclusions and generated subset, and
+/// the HTML page when `html` is given; its JSON report.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    r: &Runner,
+    p: &Profile,
+    test: &Path,
+    eval_items: usize,
+    facts: &Path,
+    evals: &Path,
+    ckpt: &Path,
+    html: Option<&Path>,
+) -> Result<Value> {
     let stem = ckpt.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let report = evals.join(format!("{stem}.md"));
     if !report.with_extension("json").exists() {
-        let mut args = vec![
-            "eval".into(),
-            "--checkpoint".into(),
-            s(ckpt),
-            "--data".into(),
-            s(&data.join("test.json")),
-            "--facts".into(),
-            s(&data.join("facts.jsonl")),
-            "--max-tokens".into(),
-            p.max_tokens.to_string(),
-            "--save-answers".into(),
-            s(&report.with_extension("answers.jsonl")),
-            "--out".into(),
-            s(&report),
-        ];
-        args.extend(items(p.eval_items));
+        let mut args = vec!["eval".into(), "--checkpoint".into(), s(ckpt), "--data".into(), s(test)];
+        args.extend(["--facts".into(), s(facts), "--max-tokens".into(), p.max_tokens.to_string()]);
+        if let Some(c) = p.judge_config() {
+            args.extend(["--judge-config".into(), c.to_string()]);
+        }
+        args.extend(["--save-answers".into(), s(&report.with_extension("answers.jsonl"))]);
+        if p.first_token {
+            args.extend(["--first-token".into(), "--save-first-token".into()]);
+            args.push(s(&report.with_extension("first-token.jsonl")));
+        }
+        if let Some(n) = p.generate_items {
+            args.extend(["--generate-items".into(), n.to_string()]);
+        }
+        if let Some(h) = html {
+            args.extend(["--html".into(), s(h)]);
+        }
+        args.extend(["--out".into(), s(&report)]);
+        args.extend(items(eval_items));
         r.sage(&format!("eval-{stem}"), &args)?;
     }
     read_json(&report.with_extension("json"))

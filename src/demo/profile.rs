@@ -23,7 +23,35 @@ pub struct Profile {
     pub max_tokens: usize,
     /// Validation questions at the end of each training run.
     pub val_questions: usize,
+    /// Read every conclusion from one forward pass (`sage eval --first-token`) instead of from
+    /// a generated answer.
+    pub first_token: bool,
+    /// With `first_token`: generate full answers (SBERT, MLE) for the first N evaluated items
+    /// only (`None`: all).
+    pub generate_items: Option<usize>,
+    /// The preference stages' loss beyond β and η.
+    pub pref: PrefOptions,
+    /// Rows trained on one cell kind and tested on the other (the unseen-kind splits), with
+    /// this many test items each (0: none of these rows).
+    pub unseen_eval_items: usize,
+    /// The rubric judge with its hedge rule (`{"graded": true}`), for E-DPO's entropies and MLE.
+    pub graded_judge: bool,
+    /// Training items the judge scores and the preference stages draw from (0 = all).
+    pub pref_items: usize,
 }
+
+/// The preference loss's options (`[edpo]` of the stage config) a profile sets.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PrefOptions {
+    pub beta: f32,
+    pub length_normalize: bool,
+    pub sft_weight: f32,
+    pub balance_conclusions: bool,
+}
+
+/// The paper's preference loss: summed log-probabilities, no SFT term, instances as they come.
+pub const PAPER_PREF: PrefOptions =
+    PrefOptions { beta: 0.1, length_normalize: false, sft_weight: 0.0, balance_conclusions: false };
 
 /// Sized for two CPU cores (minutes): a smoke test of the pipeline, not of the method.
 pub const QUICK: Profile = Profile {
@@ -38,6 +66,12 @@ pub const QUICK: Profile = Profile {
     eval_items: 10,
     max_tokens: 32,
     val_questions: 10,
+    first_token: false,
+    generate_items: None,
+    pref: PAPER_PREF,
+    unseen_eval_items: 0,
+    graded_judge: false,
+    pref_items: 24,
 };
 
 /// Every item, for a GPU.
@@ -53,12 +87,61 @@ pub const FULL: Profile = Profile {
     eval_items: 0,
     max_tokens: 96,
     val_questions: 200,
+    first_token: true,
+    generate_items: Some(100),
+    pref: STANDARD_PREF,
+    unseen_eval_items: 0,
+    graded_judge: true,
+    pref_items: 0,
+};
+
+/// The preference loss of the standard and full profiles (docs/results/standard/README.md says
+/// which measurements chose it).
+pub const STANDARD_PREF: PrefOptions =
+    PrefOptions { beta: 0.1, length_normalize: true, sft_weight: 1.0, balance_conclusions: true };
+
+/// Sized for the two-core CPU machine within two hours: the whole ELPV test split (466 image
+/// pairs, 2,330 questions) with first-token conclusions, full answers on a fixed prefix of it,
+/// and the unseen-kind rows.
+pub const STANDARD: Profile = Profile {
+    name: "standard",
+    train_items: 0,
+    sfe_steps: 120,
+    sfe_batch: 4,
+    sfe_lr: 2e-3,
+    edpo_steps: 40,
+    edpo_batch: 2,
+    edpo_lr: 1e-4,
+    eval_items: 0,
+    max_tokens: 48,
+    val_questions: 10,
+    first_token: true,
+    generate_items: Some(20),
+    pref: STANDARD_PREF,
+    unseen_eval_items: 200,
+    graded_judge: true,
+    pref_items: 300,
 };
 
 impl Profile {
-    /// The working folder when none is given: `runs/demo-quick` or `runs/demo`.
+    /// The judge config the profile scores with (`--judge-config`, `[data] judge_config`).
+    pub fn judge_config(&self) -> Option<serde_json::Value> {
+        self.graded_judge.then(|| serde_json::json!({"graded": true}))
+    }
+
+    /// The working folder when none is given: `runs/demo-quick`, `runs/demo-standard` or
+    /// `runs/demo`.
     pub fn default_out(&self) -> PathBuf {
-        PathBuf::from(if self.name == QUICK.name { "runs/demo-quick" } else { "runs/demo" })
+        PathBuf::from(match self.name {
+            "quick" => "runs/demo-quick",
+            "standard" => "runs/demo-standard",
+            _ => "runs/demo",
+        })
+    }
+
+    /// The profile called `name` (`quick`, `standard` or `full`).
+    pub fn named(name: &str) -> Option<&'static Profile> {
+        [&QUICK, &STANDARD, &FULL].into_iter().find(|p| p.name == name)
     }
 }
 
@@ -73,6 +156,21 @@ pub struct Row {
     pub sfe: &'static str,
     pub pref: Option<(LossKind, &'static str)>,
 }
+
+/// The row of the whole method (its evaluation gets the HTML page).
+pub const FULL_ROW: &str = "Full (E-DPO)";
+
+/// A generalisation row: the full method (fused facts, E-DPO) trained on the `train.json` of
+/// the data subfolder `split` and tested on its `test.json`, a cell kind it never saw.
+pub struct UnseenRow {
+    pub name: &'static str,
+    pub split: &'static str,
+}
+
+pub const UNSEEN_ROWS: [UnseenRow; 2] = [
+    UnseenRow { name: "Full, unseen poly (trained on mono)", split: "unseen-poly" },
+    UnseenRow { name: "Full, unseen mono (trained on poly)", split: "unseen-mono" },
+];
 
 pub const ROWS: [Row; 6] = [
     Row { name: "Baseline", sfe: "none", pref: None },

@@ -2,6 +2,8 @@
 //! report.
 
 use super::profile::Profile;
+use crate::eval::adpl::PairRecord;
+use crate::eval::intervals::{AdplIntervals, Metric};
 use crate::eval::{num, pct};
 use serde::Serialize;
 use serde_json::Value;
@@ -16,6 +18,14 @@ pub struct TableRow {
     pub sbert: Option<f64>,
     pub mle: Option<f64>,
     pub questions: usize,
+    /// The report's 95% intervals (reports made before intervals existed have none).
+    pub intervals: Option<AdplIntervals>,
+    pub yes_share: Option<f64>,
+    pub truth_yes_share: Option<f64>,
+    pub model_auroc: Option<f64>,
+    /// What the paired comparisons resample.
+    #[serde(skip)]
+    pub pairs: Vec<PairRecord>,
 }
 
 impl TableRow {
@@ -30,8 +40,48 @@ impl TableRow {
             sbert: ad["sbert"]["mean"].as_f64(),
             mle: ad["mle"]["mean"].as_f64(),
             questions: report["questions"].as_u64().unwrap_or(0) as usize,
+            intervals: serde_json::from_value(ad["intervals"].clone()).ok(),
+            yes_share: ad["yes_share"].as_f64(),
+            truth_yes_share: ad["truth_yes_share"].as_f64(),
+            model_auroc: ad["model_auroc"]["auroc"].as_f64(),
+            pairs: serde_json::from_value(ad["pairs"].clone()).unwrap_or_default(),
         }
     }
+
+    /// `value` of metric `m` with its interval: `82.1 [78.0, 85.9]` (`scale` 100 for shares).
+    fn with_ci(&self, m: Metric, value: Option<f64>, scale: f64, digits: usize) -> String {
+        let Some(v) = value else { return "—".into() };
+        match self.intervals.as_ref().and_then(|i| i.get(m)) {
+            Some(i) => format!("{:.digits$} [{:.digits$}, {:.digits$}]", v * scale, i.lo * scale, i.hi * scale),
+            None => format!("{:.digits$}", v * scale),
+        }
+    }
+}
+
+/// The table with intervals (reports made with them): every number with its 95% interval, the
+/// model's image AUROC, the share of Yes answers beside the truth's, and the map's AUROC on the
+/// same pairs.
+fn interval_table(rows: &[TableRow]) -> String {
+    let mut md = String::from(
+        "| Row | Accuracy (%) | Acc-G (%) | SBERT | MLE | Model AUROC | Map AUROC (same pairs) | Says Yes (%) | Truth Yes (%) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for t in rows {
+        let map = t.intervals.as_ref().and_then(|i| i.get(Metric::MapAuroc)).map(|i| i.estimate);
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            t.row,
+            t.with_ci(Metric::Average, t.accuracy, 100.0, 1),
+            t.with_ci(Metric::AccG, t.acc_g, 100.0, 1),
+            t.with_ci(Metric::Sbert, t.sbert, 1.0, 3),
+            t.with_ci(Metric::Mle, t.mle, 1.0, 2),
+            t.with_ci(Metric::ModelAuroc, t.model_auroc, 1.0, 3),
+            t.with_ci(Metric::MapAuroc, map, 1.0, 3),
+            pct(t.yes_share),
+            pct(t.truth_yes_share),
+        ));
+    }
+    md
 }
 
 /// `demo.md`: the table, the majority class of the evaluated questions (`majority`, from an
@@ -42,21 +92,35 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
     let mut md = format!(
         "# sage demo ({} profile)\n\nELPV, SmolLM2-135M-Instruct + EfficientNet-Lite0 (`lite`), LoRA r8; {} training items, \
          {} evaluated questions ({} test items), rubric judge. Accuracy is the mean of the three levels' conclusion \
-         accuracies.\n\n| Row | Accuracy (%) | Acc-G (%) | SBERT | MLE |\n|---|---|---|---|---|\n",
+         accuracies.\n\n",
         p.name,
         all_or(p.train_items),
         rows.first().map_or(0, |r| r.questions),
         all_or(p.eval_items),
     );
-    for t in rows {
+    if rows.iter().any(|r| r.intervals.is_some()) {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            t.row,
-            pct(t.accuracy),
-            pct(t.acc_g),
-            num(t.sbert, 3),
-            num(t.mle, 2)
+            "Conclusions {}; SBERT and MLE on {}. Brackets: 95% bootstrap intervals over image pairs.\n\n",
+            if p.first_token { "from the first token's Yes/No probabilities" } else { "from the generated answers" },
+            match p.generate_items {
+                Some(n) => format!("the generated answers of the first {n} test items"),
+                None => "every generated answer".into(),
+            }
         ));
+        md.push_str(&interval_table(rows));
+        md.push_str(&super::compare::paired_table(rows));
+    } else {
+        md.push_str("| Row | Accuracy (%) | Acc-G (%) | SBERT | MLE |\n|---|---|---|---|---|\n");
+        for t in rows {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                t.row,
+                pct(t.accuracy),
+                pct(t.acc_g),
+                num(t.sbert, 3),
+                num(t.mle, 2)
+            ));
+        }
     }
     md.push_str(&format!(
         "\nMajority class of the evaluated questions: {} {}%.\nTraining-free anomaly map (all {} ELPV cells): image AUROC {}.\n\nWall time: {:.1} min. Reports, answers, configs and logs: {}\n",

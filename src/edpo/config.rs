@@ -62,6 +62,29 @@ pub struct EdpoSection {
     pub eta: f32,
     #[serde(default = "default_pairs")]
     pub pairs: PairChoice,
+    /// Divide each answer's log-probabilities by its token count inside the margin
+    /// (length-normalised log-ratios, as SimPO does); false is the paper's summed form.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub length_normalize: bool,
+    /// Weight α of an SFT term on the chosen answers: α times their mean per-token negative
+    /// log-likelihood is added to the loss (TRL's `rpo_alpha`, which SAGE's public training
+    /// script sets); 0 is the paper's loss.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sft_weight: f32,
+    /// Draw instances alternately from those whose best answer concludes Yes and those whose
+    /// best answer concludes No, so every step sees both conclusions equally often; false draws
+    /// from all instances in one seeded order.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub balance_conclusions: bool,
+}
+
+// The options added after the paper's loss are left out of a config (and of a checkpoint's
+// record of it) when off, so runs made before they existed still resume.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 fn default_loss() -> LossKind {
@@ -79,7 +102,15 @@ fn default_pairs() -> PairChoice {
 
 impl Default for EdpoSection {
     fn default() -> Self {
-        EdpoSection { loss: default_loss(), beta: default_beta(), eta: default_eta(), pairs: default_pairs() }
+        EdpoSection {
+            loss: default_loss(),
+            beta: default_beta(),
+            eta: default_eta(),
+            pairs: default_pairs(),
+            length_normalize: false,
+            sft_weight: 0.0,
+            balance_conclusions: false,
+        }
     }
 }
 
@@ -112,6 +143,7 @@ impl CheckRanges for EdpoRunConfig {
         // sigmoid: beyond 100 either saturates it and the gradient vanishes.
         c.positive_float("edpo.beta", self.edpo.beta as f64, 100.0);
         c.float("edpo.eta", self.edpo.eta as f64, 0.0, 100.0);
+        c.float("edpo.sft_weight", self.edpo.sft_weight as f64, 0.0, 100.0);
         self.train.check_ranges(c);
     }
 }

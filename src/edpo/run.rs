@@ -10,7 +10,7 @@
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
 use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
-use crate::models::sage::Sage;
+use crate::models::sage::{PrefTerms, Sage};
 use crate::opset::Pair;
 use crate::opset::StepOps;
 use crate::stage::checkpoint::{self, State};
@@ -70,7 +70,37 @@ pub fn assemble<O: StepOps>(
         scale[first..first + n].fill(total_pairs / (p.max(1) as f32 * instances.len() as f32));
     }
     let reference = refs.into_iter().map(|r| r.expect("filled above")).collect();
-    Ok(EdpoBatch { plans, reference, pairs, scale, groups })
+    let terms = pref_terms(cfg, &plans, &pairs, &groups);
+    Ok(EdpoBatch { plans, reference, pairs, scale, groups, terms })
+}
+
+/// The optional loss terms of `cfg.edpo` for a batch: `1/tokens` per answer when log-ratios are
+/// length-normalised, and the SFT weights `c_i = α / (instances · chosen answers of the instance ·
+/// tokens_i)` on each instance's distinct chosen answers (so the term is α times the mean over
+/// instances of their chosen answers' mean per-token NLL).
+fn pref_terms(
+    cfg: &EdpoRunConfig,
+    plans: &[crate::models::sage::SeqPlan],
+    pairs: &[Pair],
+    groups: &[(usize, usize, usize)],
+) -> PrefTerms {
+    let tokens = |i: usize| plans[i].counted().max(1) as f32;
+    let length_scale = cfg.edpo.length_normalize.then(|| (0..plans.len()).map(|i| 1.0 / tokens(i)).collect());
+    let nll = (cfg.edpo.sft_weight > 0.0).then(|| {
+        let mut c = vec![0.0f32; plans.len()];
+        let mut at = 0;
+        for &(_, _, p) in groups {
+            let mut chosen: Vec<usize> = pairs[at..at + p].iter().map(|q| q.chosen).collect();
+            chosen.sort_unstable();
+            chosen.dedup();
+            for &i in &chosen {
+                c[i] = cfg.edpo.sft_weight / (groups.len() * chosen.len()) as f32 / tokens(i);
+            }
+            at += p;
+        }
+        c
+    });
+    PrefTerms { length_scale, nll }
 }
 
 /// The answers of a step's instances, as [`assemble`] makes them.
@@ -83,11 +113,13 @@ pub struct EdpoBatch {
     pub scale: Vec<f32>,
     /// Per instance: (first answer, answers, pairs).
     groups: Vec<(usize, usize, usize)>,
+    /// The loss terms beyond the paper's that `[edpo]` turns on.
+    pub terms: PrefTerms,
 }
 
 impl EdpoBatch {
-    /// The step's loss from the pairs' margins: the mean over instances of each instance's mean
-    /// `−log σ(d)` over its pairs.
+    /// The step's preference loss from the pairs' margins: the mean over instances of each
+    /// instance's mean `−log σ(d)` over its pairs.
     pub fn loss(&self, margins: &[f32]) -> f32 {
         let mut at = 0;
         let mut sum = 0.0f64;
@@ -97,6 +129,12 @@ impl EdpoBatch {
             at += p;
         }
         (sum / self.groups.len().max(1) as f64) as f32
+    }
+
+    /// The SFT term's value `Σ c_i·(−log π(a_i))` from the policy's sequence log-probabilities
+    /// (0 when the term is off).
+    pub fn sft_loss(&self, policy: &[f32]) -> f32 {
+        self.terms.nll.as_ref().map_or(0.0, |c| c.iter().zip(policy).map(|(c, p)| -(c * p) as f64).sum::<f64>() as f32)
     }
 
     /// Answer tokens scored.
@@ -110,6 +148,8 @@ impl EdpoBatch {
 pub struct Instance {
     pub example: ExampleRef,
     pub entropies: Vec<f32>,
+    /// The best answer's conclusion (Yes = true), when it starts with one.
+    pub yes: Option<bool>,
 }
 
 pub struct EdpoRun {
@@ -176,7 +216,8 @@ impl EdpoRun {
                 continue;
             }
             let sc = table.get(&s.id, e.question).context("load_scores covers every ranked answer")?;
-            instances.push(Instance { example: e, entropies: sc.iter().map(answer_entropy).collect() });
+            let yes = crate::data::sample::conclusion(&s.questions[e.question].ranked_answers[0]);
+            instances.push(Instance { example: e, entropies: sc.iter().map(answer_entropy).collect(), yes });
         }
         if instances.is_empty() {
             return Err(user_err!("{} has no question with two or more ranked answers", cfg.data.train.display()));
@@ -252,14 +293,26 @@ impl<O: StepOps> Stage<O> for Edpo<'_, O> {
         let reference = self.reference.as_ref().expect("prepared before the first step");
         let b = assemble(self.cfg, session, self.memo, &insts, reference)?;
         let loss_cfg = self.cfg.edpo.loss_config();
-        let (margins, grad_norm) = model.edpo_step(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, lr)?;
+        let (margins, policy, grad_norm) =
+            model.edpo_step(&b.plans, &b.reference, &b.pairs, &b.scale, loss_cfg, &b.terms, lr)?;
         let n = margins.len().max(1) as f32;
         let mut extra = serde_json::Map::new();
+        let sft = b.sft_loss(&policy);
+        if b.terms.nll.is_some() {
+            extra.insert("sft_loss".into(), sft.into());
+        }
+        // How far the chosen and rejected answers moved from the reference (mean per pair of
+        // log π − log π_ref, summed over tokens): DPO can raise the margin by lowering both.
+        let moved = |f: fn(&Pair) -> usize| {
+            b.pairs.iter().map(|p| (policy[f(p)] - b.reference[f(p)]) as f64).sum::<f64>() / n as f64
+        };
+        extra.insert("chosen_logratio".into(), moved(|p| p.chosen).into());
+        extra.insert("rejected_logratio".into(), moved(|p| p.rejected).into());
         extra.insert("margin".into(), (margins.iter().sum::<f32>() / n).into());
         // Share of the step's pairs whose margin is positive (the policy prefers the winner by
         // more than the entropy term asks).
         extra.insert("pair_accuracy".into(), (margins.iter().filter(|&&m| m > 0.0).count() as f32 / n).into());
-        Ok(StepOut { loss: b.loss(&margins), grad_norm, tokens: b.tokens(), extra })
+        Ok(StepOut { loss: b.loss(&margins) + sft, grad_norm, tokens: b.tokens(), extra })
     }
 
     fn mark(&self) -> Option<serde_json::Value> {
@@ -273,7 +326,18 @@ impl<O: StepOps> Stage<O> for Edpo<'_, O> {
 
 /// The instance of global micro-batch index `g`: every epoch visits each once, in its own seeded
 /// order.
+/// With `balance_conclusions`, even indices draw from the instances whose best answer says Yes and
+/// odd ones from those that say No, each side in its own seeded epoch order (when one side is
+/// empty, from all instances).
 fn instance_at(cfg: &EdpoRunConfig, instances: &[Instance], g: u64) -> Instance {
+    if cfg.edpo.balance_conclusions {
+        let side = |yes: bool| (0..instances.len()).filter(|&i| instances[i].yes == Some(yes)).collect::<Vec<_>>();
+        let (yes, no) = (side(true), side(false));
+        if !yes.is_empty() && !no.is_empty() {
+            let (pool, seed) = if g.is_multiple_of(2) { (yes, cfg.train.seed) } else { (no, cfg.train.seed ^ 0x5eed) };
+            return instances[pool[epoch_pick(seed, pool.len(), g / 2)]].clone();
+        }
+    }
     instances[epoch_pick(cfg.train.seed, instances.len(), g)].clone()
 }
 

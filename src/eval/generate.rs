@@ -3,13 +3,13 @@
 //! image its training-free anomaly map.
 
 use super::maps::MapMetrics;
-use super::Generated;
+use super::{FirstToken, Generated};
 use crate::assets::Asset;
 use crate::backend::cpu::HostOps;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::data::sample::{Label, Question, Sample};
 use crate::facts::FactSet;
-use crate::models::sage::{Example, FactsMode, Sage, SageConfig, SageModel};
+use crate::models::sage::{Example, FactsMode, Sage, SageConfig, SageModel, SeqPlan};
 use crate::models::sampling::Sampling;
 use crate::ops::similarity::mincos_topk;
 use crate::opset::Buffers;
@@ -36,10 +36,35 @@ pub struct Evaluator {
     answerer: Option<Answerer>,
 }
 
+/// One test image's training-free anomaly map on the encoder's patch grid (`1 − s_i`, row-major
+/// `h × w`), the patches the model selects (lowest similarity first) and the image score (the
+/// map's maximum).
+#[derive(Clone, Debug)]
+pub struct PairMap {
+    pub w: usize,
+    pub h: usize,
+    pub values: Vec<f32>,
+    pub selected: Vec<u32>,
+    pub score: f32,
+}
+
 /// The model on the op set that answers.
 enum Answerer {
     Cpu(Sage<HostOps>),
     Cuda(Sage<CudaOps>),
+}
+
+/// The first tokens a question's answer may start with: its option letters, or `Yes` and `No`.
+pub fn candidates(q: &Question) -> Vec<&'static str> {
+    const LETTERS: [&str; 26] = [
+        "A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "N", "O", "P", "Q", "R", "S", "T", "U", "V",
+        "W", "X", "Y", "Z",
+    ];
+    if q.options.is_empty() {
+        vec!["Yes", "No"]
+    } else {
+        LETTERS[..q.options.len().min(26)].to_vec()
+    }
 }
 
 /// The text of a question as the model sees it: multiple-choice questions list their options
@@ -194,11 +219,87 @@ impl Evaluator {
         Ok(out)
     }
 
+    /// Each question's conclusion from one forward pass ([`FirstToken`]): the probabilities of
+    /// `Yes`/`No` (or of the option letters) as the answer's first token. `each` sees each record
+    /// as it comes.
+    pub fn first_tokens(
+        &mut self,
+        samples: &[Sample],
+        pb: &indicatif::ProgressBar,
+        each: &mut dyn FnMut(&FirstToken) -> Result<()>,
+    ) -> Result<Vec<FirstToken>> {
+        let mut out = Vec::new();
+        for (item, s) in samples.iter().enumerate() {
+            let facts = self.facts_for(&s.test_image)?;
+            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
+            let reference = match self.reference_of(s).cloned() {
+                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
+                None => None,
+            };
+            let texts: Vec<String> = s.questions.iter().map(prompt).collect();
+            let plans = texts
+                .iter()
+                .map(|text| {
+                    let ex = Example {
+                        test: &test,
+                        reference: reference.as_ref(),
+                        facts: &facts,
+                        question: text,
+                        answer: None,
+                    };
+                    self.model.plan(&ex)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.ensure_answerer()?;
+            // Questions with the same candidates share one forward (an image pair's five Yes/No
+            // questions always do).
+            let sets: Vec<Vec<&str>> = s.questions.iter().map(candidates).collect();
+            let mut records: Vec<Option<FirstToken>> = vec![None; plans.len()];
+            for set in sets.iter().collect::<std::collections::BTreeSet<_>>() {
+                let idx: Vec<usize> = (0..plans.len()).filter(|&i| &sets[i] == set).collect();
+                let ids = set.iter().map(|c| self.single_token(c)).collect::<Result<Vec<u32>>>()?;
+                let batch: Vec<SeqPlan> = idx.iter().map(|&i| plans[i].clone()).collect();
+                let logp = match self.answerer.as_ref().expect("built above") {
+                    Answerer::Cpu(m) => m.first_token_logprobs(&batch, &ids),
+                    Answerer::Cuda(m) => m.first_token_logprobs(&batch, &ids),
+                }
+                .with_context(|| format!("scoring the questions of item {}", s.id))?;
+                for (&question, lp) in idx.iter().zip(&logp) {
+                    records[question] = Some(FirstToken::from_logprobs(item, question, set, lp));
+                }
+            }
+            for r in records.into_iter().flatten() {
+                each(&r)?;
+                out.push(r);
+                pb.inc(1);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of `word` when the tokenizer writes it, alone and at the start of an answer, as one
+    /// token; first-token scoring needs that.
+    fn single_token(&self, word: &str) -> Result<u32> {
+        let tok = &self.model.tokenizer;
+        let alone = tok.encode(word, false)?;
+        let leading = tok.encode(&format!("{word}, because"), false)?;
+        match (alone.as_slice(), leading.first()) {
+            ([id], Some(first)) if id == first => Ok(*id),
+            _ => Err(user_err!(
+                "the tokenizer does not write `{word}` as one token at the start of an answer ({alone:?}), so its \
+                 conclusion cannot be read from the first token; evaluate without --first-token"
+            )),
+        }
+    }
+
     /// The training-free anomaly map of every test image against its reference (zero-shot: against
     /// itself): image AUROC where labels exist, pixel AUROC where masks exist.
-    pub fn maps(&mut self, samples: &[Sample]) -> Result<MapMetrics> {
+    /// Also returns each sample's map ([`PairMap`]; `None` for a sample with neither label nor
+    /// mask, which is skipped).
+    pub fn maps(&mut self, samples: &[Sample]) -> Result<(MapMetrics, Vec<Option<PairMap>>)> {
         let mut m = MapMetrics::new();
-        for s in samples {
+        let mut pair_maps = vec![None; samples.len()];
+        for (item, s) in samples.iter().enumerate() {
             let anomalous = s.label.map(|l| l == Label::Anomalous);
             if anomalous.is_none() && s.mask.is_none() {
                 continue;
@@ -216,6 +317,13 @@ impl Evaluator {
                 self.head.reduce,
             );
             let grid = scores.anomaly_map();
+            pair_maps[item] = Some(PairMap {
+                w: test.w,
+                h: test.h,
+                values: grid.clone(),
+                selected: scores.topk.clone(),
+                score: super::maps::image_score(&grid),
+            });
             match &s.mask {
                 Some(mask_path) => {
                     let mask = crate::image_io::load(mask_path)?.to_luma8();
@@ -229,6 +337,6 @@ impl Evaluator {
                 None => m.add(&grid, anomalous, None)?,
             }
         }
-        Ok(m)
+        Ok((m, pair_maps))
     }
 }

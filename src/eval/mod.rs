@@ -7,20 +7,25 @@
 //! - [`adpl`]: AD-PL and MANTA (Yes/No conclusions): accuracy per level, Acc-G, SBERT, MLE.
 //! - [`mmad`]: MMAD's multiple-choice protocol: per-subtask accuracy, averaged per source dataset.
 //! - [`maps`]: anomaly maps: image AUROC (max of the map) and pixel AUROC.
+//! - [`stats`]: uncertainty: cluster bootstrap intervals (paired for differences), McNemar's test.
 //!
 //! Around them: [`generate`] runs the model, [`answers`] reads and writes answers files,
-//! [`report`] is the report (markdown and JSON), and [`run`] is one evaluation end to end, the
-//! function `sage eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map
-//! --eval-elpv`).
+//! [`report`] is the report (markdown and JSON), [`html`] one self-contained HTML page of the
+//! pairs, their maps and answers, and [`run`] is one evaluation end to end, the function `sage
+//! eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map --eval-elpv`).
 
 pub mod adpl;
 pub mod answers;
 pub mod elpv;
 pub mod generate;
+pub mod html;
+pub mod intervals;
 pub mod maps;
 pub mod mmad;
+pub mod page;
 pub mod report;
 pub mod run;
+pub mod stats;
 
 use crate::data::sample::Sample;
 use crate::user_bail;
@@ -34,6 +39,51 @@ pub struct Generated {
     pub item: usize,
     pub question: usize,
     pub answer: String,
+}
+
+/// A conclusion read from one forward pass instead of generated: the probabilities of the
+/// candidate first tokens of the answer (`Yes`/`No`, or the option letters), normalised over the
+/// candidates, and the share of the whole vocabulary's probability they hold (`mass`: how sure
+/// the model is that the answer starts with a conclusion at all).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FirstToken {
+    pub item: usize,
+    pub question: usize,
+    pub candidates: Vec<String>,
+    pub probs: Vec<f64>,
+    pub mass: f64,
+}
+
+impl FirstToken {
+    /// From the candidates' log-probabilities under the whole vocabulary.
+    pub fn from_logprobs(item: usize, question: usize, candidates: &[&str], logp: &[f64]) -> FirstToken {
+        let max = logp.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+        let e: Vec<f64> = logp.iter().map(|&v| (v - max).exp()).collect();
+        let z: f64 = e.iter().sum();
+        FirstToken {
+            item,
+            question,
+            candidates: candidates.iter().map(|c| c.to_string()).collect(),
+            probs: e.iter().map(|v| v / z).collect(),
+            mass: logp.iter().map(|v| v.exp()).sum(),
+        }
+    }
+
+    /// The most probable candidate (the first of equals).
+    pub fn choice(&self) -> &str {
+        let mut best = 0;
+        for (i, &p) in self.probs.iter().enumerate() {
+            if p > self.probs[best] {
+                best = i;
+            }
+        }
+        self.candidates.get(best).map_or("", String::as_str)
+    }
+
+    /// The probability of candidate `c` (among the candidates).
+    pub fn p_of(&self, c: &str) -> Option<f64> {
+        self.candidates.iter().position(|x| x == c).map(|i| self.probs[i])
+    }
 }
 
 /// A share of right answers, with its counts. `accuracy` is `None` when `total` is 0.

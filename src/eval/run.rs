@@ -7,11 +7,13 @@
 use super::adpl::AdplReport;
 use super::answers::{read_answers, AnswerWriter};
 use super::generate::Evaluator;
+use super::intervals::AdplIntervals;
 use super::mmad::MmadReport;
 use super::report::EvalReport;
-use super::Generated;
+use super::{FirstToken, Generated};
 use crate::data::format::{guess_format, load_samples, DataFormat};
 use crate::data::Sample;
+use crate::jsonl_log::AppendLog;
 use crate::judge::scores::{request_for, Judge, PluginJudge};
 use crate::models::bert::SentenceEncoder;
 use crate::user_err;
@@ -38,6 +40,8 @@ pub struct EvalRequest {
     pub judge: Option<JudgeSpec>,
     /// Write the report here (markdown, and JSON beside it).
     pub out: Option<PathBuf>,
+    /// Write one self-contained HTML page of the evaluation here (AD-PL/MANTA data).
+    pub html: Option<PathBuf>,
 }
 
 /// Where the evaluated answers come from.
@@ -61,6 +65,13 @@ pub struct ModelAnswers {
     pub max_tokens: usize,
     /// Write the answers here as they are made (the answers-file shape).
     pub save_answers: Option<PathBuf>,
+    /// Read every conclusion from one forward pass ([`super::FirstToken`]) instead of from a
+    /// generated answer.
+    pub first_token: bool,
+    /// Generate full answers (SBERT, MLE) only for the first N items; `None`: every item.
+    pub generate_items: Option<usize>,
+    /// Write the first-token records here (JSONL), as they are made.
+    pub save_first_token: Option<PathBuf>,
 }
 
 /// A judge plugin and its config (a JSON object).
@@ -99,25 +110,49 @@ pub fn evaluate(req: &EvalRequest, env: &EvalEnv) -> Result<EvalReport> {
         _ => None,
     };
 
-    let (generated, model, mut evaluator) = match &req.answers {
-        AnswerSource::File(p) => (read_answers(p, &samples)?, format!("answers from {}", p.display()), None),
+    let (mut generated, mut first, model, mut evaluator) = match &req.answers {
+        AnswerSource::File(p) => (read_answers(p, &samples)?, None, format!("answers from {}", p.display()), None),
         AnswerSource::Model(m) => {
             let mut ev = load_model(m, req.shots, env)?;
-            let g = generate(&mut ev, m, &samples, questions, env.quiet)?;
-            (g, ev.describe.clone(), Some(ev))
+            let first = match m.first_token {
+                true => Some(first_tokens(&mut ev, m, &samples, env.quiet)?),
+                false => None,
+            };
+            // Full answers on the first `generate_items` pairs (a prefix: the indices agree).
+            let n = m.generate_items.unwrap_or(samples.len()).min(samples.len());
+            let g = generate(&mut ev, m, &samples[..n], env.quiet)?;
+            (g, first, ev.describe.clone(), Some(ev))
         }
     };
 
     let (mut adpl, mut mmad) = (None, None);
-    if format == DataFormat::Mmad {
-        mmad = Some(MmadReport::compute(&samples, &generated)?);
-    } else {
-        adpl = Some(score_adpl(&samples, &generated, judge.as_mut(), env.quiet)?);
-    }
-    let maps = match evaluator.as_mut() {
-        Some(ev) if samples.iter().any(|s| s.label.is_some() || s.mask.is_some()) => Some(ev.maps(&samples)?.report()),
+    let map_scores = match evaluator.as_mut() {
+        Some(ev) if samples.iter().any(|s| s.label.is_some() || s.mask.is_some()) => Some(ev.maps(&samples)?),
         _ => None,
     };
+    if format == DataFormat::Mmad {
+        // A first-token letter is the answer MMAD's protocol parses.
+        if let Some(f) = first.take() {
+            generated =
+                f.iter().map(|f| Generated { item: f.item, question: f.question, answer: f.choice().into() }).collect();
+        }
+        mmad = Some(MmadReport::compute(&samples, &generated)?);
+    } else {
+        let mut r = score_adpl(&samples, &generated, first.as_deref(), judge.as_mut(), env.quiet)?;
+        if let Some((_, maps)) = &map_scores {
+            for (p, m) in r.pairs.iter_mut().zip(maps) {
+                p.map_score = m.as_ref().map(|m| f64::from(m.score));
+            }
+        }
+        r.intervals = Some(AdplIntervals::compute(&r.pairs));
+        adpl = Some(r);
+    }
+    if let (Some(path), Some(a)) = (&req.html, &adpl) {
+        let maps = map_scores.as_ref().map(|(_, m)| m.as_slice());
+        let page = super::page::page(&req.data, &samples, a, &generated, first.as_deref(), maps);
+        super::html::write(&page, path)?;
+    }
+    let maps = map_scores.map(|(m, _)| m.report());
     let report = EvalReport {
         model,
         data: req.data.clone(),
@@ -159,14 +194,29 @@ fn load_model(m: &ModelAnswers, shots: u8, env: &EvalEnv) -> Result<Evaluator> {
     Ok(ev)
 }
 
-/// The model's answers to every question, each saved to `m.save_answers` as it comes.
-fn generate(
-    ev: &mut Evaluator,
-    m: &ModelAnswers,
-    samples: &[Sample],
-    questions: usize,
-    quiet: bool,
-) -> Result<Vec<Generated>> {
+/// Every question's first-token conclusion, each saved to `m.save_first_token` as it comes.
+fn first_tokens(ev: &mut Evaluator, m: &ModelAnswers, samples: &[Sample], quiet: bool) -> Result<Vec<FirstToken>> {
+    let mut save = match &m.save_first_token {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            Some(AppendLog::<FirstToken>::open(p)?)
+        }
+        None => None,
+    };
+    let questions: usize = samples.iter().map(|s| s.questions.len()).sum();
+    let pb = crate::util::progress_bar(questions as u64, "first token", quiet);
+    let f = ev.first_tokens(samples, &pb, &mut |r| match save.as_mut() {
+        Some(log) => log.append(r.clone()).map(|_| ()),
+        None => Ok(()),
+    })?;
+    pb.finish_and_clear();
+    Ok(f)
+}
+
+/// The model's answers to every question of `samples`, each saved to `m.save_answers` as it
+/// comes.
+fn generate(ev: &mut Evaluator, m: &ModelAnswers, samples: &[Sample], quiet: bool) -> Result<Vec<Generated>> {
+    let questions: usize = samples.iter().map(|s| s.questions.len()).sum();
     let mut save = match &m.save_answers {
         Some(p) => Some(AnswerWriter::create(p, samples)?),
         None => None,
@@ -185,6 +235,7 @@ fn generate(
 fn score_adpl(
     samples: &[Sample],
     generated: &[Generated],
+    first: Option<&[FirstToken]>,
     judge: Option<&mut PluginJudge>,
     quiet: bool,
 ) -> Result<AdplReport> {
@@ -205,5 +256,5 @@ fn score_adpl(
     }
     let encoder = SentenceEncoder::load(&crate::assets::Asset::MiniLmDir.path()?)?;
     let mut embed = |t: &str| encoder.embed(t);
-    AdplReport::compute(samples, generated, Some(&mut embed), judged.then_some(&scores[..]))
+    AdplReport::compute(samples, generated, first, Some(&mut embed), judged.then_some(&scores[..]))
 }

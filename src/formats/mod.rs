@@ -1,4 +1,5 @@
-//! File formats: GGUF, safetensors, legacy PyTorch pickles, tokenizers and chat templates.
+//! File formats: GGUF, safetensors, legacy PyTorch pickles, tokenizers (with [`utf8`], the
+//! incremental UTF-8 decoding of their byte-level output) and chat templates.
 //!
 //! Every reader validates sizes and offsets before touching data and reports problems with the
 //! file's path and what to do, as a [`crate::UserError`]: a bad file is the user's input.
@@ -8,3 +9,4 @@ pub mod gguf;
 pub mod pth;
 pub mod safetensors;
 pub mod tokenizer;
+pub mod utf8;

@@ -57,7 +57,9 @@ impl<O: StepOps> ChatModel<O> {
     }
 
     /// Formats `messages` with the chat template and decodes up to `max_tokens` new tokens;
-    /// `on_token` sees each piece of text as it is produced.
+    /// `on_token` sees each piece of text as it is produced (a character whose bytes span tokens
+    /// comes whole with the last of them; bytes that form no character are dropped, so the
+    /// pieces joined are `text`).
     pub fn chat(
         &self,
         messages: &[Message],
@@ -81,16 +83,15 @@ impl<O: StepOps> ChatModel<O> {
         let t0 = std::time::Instant::now();
         let mut prefill_secs = None;
         let mut out: Vec<u32> = Vec::new();
-        let mut printed = 0;
+        // A character split across tokens is printed whole, with the token that completes it.
+        let mut stream = self.tokenizer.stream(true)?;
         let stop = &self.tokenizer.stop_ids;
         m.generate_rows_with(m.embed_tokens(&ids)?, ids.len(), &[ids.len()], max_new, stop, sampling, |_, tok| {
             prefill_secs.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             out.push(tok);
-            // Decode the whole tail so multi-byte characters split across tokens print whole.
-            let text = self.tokenizer.decode(&out, true)?;
-            if text.len() > printed && !text.ends_with('\u{FFFD}') {
-                on_token(&text[printed..]);
-                printed = text.len();
+            let piece = stream.step(tok);
+            if !piece.is_empty() {
+                on_token(&piece);
             }
             Ok(())
         })?;
@@ -99,5 +100,35 @@ impl<O: StepOps> ChatModel<O> {
         let prefill_secs = prefill_secs.unwrap_or(total);
         let text = self.tokenizer.decode(&out, true)?;
         Ok(Generation { text, prompt_tokens: ids.len(), tokens: out, prefill_secs, decode_secs: total - prefill_secs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assets::Asset;
+    use crate::backend::cpu::HostOps;
+
+    /// The real SmolLM2, asked for Japanese, answers greedily in kana spelled over several byte
+    /// tokens each: the streamed pieces join to the reply and hold no U+FFFD, and the tokens that
+    /// end mid-character print nothing.
+    #[test]
+    fn smollm2_streams_characters_split_across_tokens_whole() {
+        let path = Asset::SmolLm2Gguf.path().unwrap_or_else(|e| panic!("{e:#}"));
+        let m = ChatModel::load(HostOps, &path, 256).unwrap();
+        let mut pieces = Vec::new();
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let prompt = [Message::new("user", "Write 'thank you' in Japanese, Chinese and Korean.")];
+        let g = m.chat(&prompt, 24, greedy, |p| pieces.push(p.to_string())).unwrap();
+        let partial = g
+            .tokens
+            .iter()
+            .filter(|&&id| std::str::from_utf8(&m.tokenizer.token_bytes(id, true).unwrap_or_default()).is_err())
+            .count();
+        assert!(partial >= 10, "only {partial} tokens hold part of a character: {:?}", g.text);
+        assert_eq!(pieces.concat(), g.text);
+        assert!(!g.text.contains('\u{FFFD}'), "{:?}", g.text);
+        assert!(pieces.len() < g.tokens.len(), "{} pieces for {} tokens", pieces.len(), g.tokens.len());
+        assert!(pieces.iter().all(|p| !p.is_empty()));
     }
 }

@@ -33,6 +33,17 @@ use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
 use head::{HeadParams, LinearParams, LN_EPS};
 
+/// Terms of the preference loss beyond the paper's, each off when `None`.
+#[derive(Clone, Debug, Default)]
+pub struct PrefTerms {
+    /// Per answer: the factor `s_i` its log-probabilities are multiplied by inside the margin
+    /// (`1/answer tokens`: length-normalised log-ratios); `None`: summed log-probabilities.
+    pub length_scale: Option<Vec<f32>>,
+    /// Per answer: the weight `c_i` of `−log π(a_i)` added to the loss (an SFT term on the chosen
+    /// answers, as TRL's `rpo_alpha`); `None`: no such term.
+    pub nll: Option<Vec<f32>>,
+}
+
 /// A head layer on the device: indices into [`Llama::params`].
 #[derive(Clone, Copy)]
 struct Lin {
@@ -358,6 +369,31 @@ impl<O: StepOps> Sage<O> {
             .collect()
     }
 
+    /// The log-probabilities (over the whole vocabulary) of each id in `candidates` as the first
+    /// token of each plan's answer (plans made without an answer): `[plans.len()][candidates.len()]`
+    /// from one forward, no decoding. A Yes/No conclusion or an option letter read this way is
+    /// what greedy generation would start with whenever its first token is one of the candidates.
+    pub fn first_token_logprobs(&self, plans: &[SeqPlan], candidates: &[u32]) -> Result<Vec<Vec<f64>>> {
+        let fwd = self.forward(plans, false)?;
+        let t = plans.iter().map(|p| p.t).max().unwrap_or(0);
+        // The last prompt position predicts the first answer token (right padding is invisible
+        // to it under the causal mask).
+        let rows: Vec<u32> = plans.iter().enumerate().map(|(b, p)| (b * t + p.t - 1) as u32).collect();
+        let logits = self.llm.logits_of_rows(&fwd.llm.hidden, &rows)?;
+        let vocab = logits.len() / plans.len().max(1);
+        if let Some(&c) = candidates.iter().find(|&&c| c as usize >= vocab) {
+            bail!("candidate token {c} is outside the vocabulary ({vocab} tokens)");
+        }
+        Ok(logits
+            .chunks(vocab)
+            .map(|row| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                candidates.iter().map(|&c| row[c as usize] as f64 - lse).collect()
+            })
+            .collect())
+    }
+
     /// The answers' sequence log-probabilities `Σ log p(answer token)`, `[plans.len()]`, without
     /// a backward (E-DPO's frozen reference model).
     pub fn answer_logprobs(&self, plans: &[SeqPlan]) -> Result<O::Stat> {
@@ -368,8 +404,10 @@ impl<O: StepOps> Sage<O> {
     /// The E-DPO loss's forward and backward (ARCHITECTURE.md §1) over the answers `plans` of a
     /// batch of instances: their sequence log-probabilities under this policy, the margins of
     /// `pairs` against the reference log-probabilities `reference`, `∂loss/∂π` times `seq_scale`
-    /// (each instance's weight in the step's mean), the fused log-probability backward and the
-    /// model's backward. Returns the margins (on the op set) and the gradients; nothing waits.
+    /// (each instance's weight in the step's mean), the optional [`PrefTerms`], the fused
+    /// log-probability backward and the model's backward. Returns the margins and the policy's
+    /// sequence log-probabilities (on the op set) and the gradients; nothing waits unless an SFT
+    /// term is on (its `n` gradient values are adjusted on the host).
     pub fn edpo_forward_backward(
         &self,
         plans: &[SeqPlan],
@@ -377,25 +415,52 @@ impl<O: StepOps> Sage<O> {
         pairs: &[Pair],
         seq_scale: &[f32],
         cfg: EdpoConfig,
-    ) -> Result<(O::Stat, Grads<O>)> {
+        terms: &PrefTerms,
+    ) -> Result<(O::Stat, O::Stat, Grads<O>)> {
         let n = plans.len();
         if reference.len() != n || seq_scale.len() != n {
             bail!("E-DPO step: {n} answers, {} reference values, {} weights", reference.len(), seq_scale.len());
+        }
+        if terms.length_scale.as_ref().is_some_and(|l| l.len() != n) || terms.nll.as_ref().is_some_and(|c| c.len() != n)
+        {
+            bail!("E-DPO step: the length scales or NLL weights do not have one value per answer ({n})");
         }
         let fwd = self.forward(plans, true)?;
         let o = self.ops();
         let head = self.llm.lm_head();
         let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
-        let (margins, mut grad) = o.edpo_loss(&policy, &o.upload_stat(reference)?, pairs, cfg)?;
-        o.mul_stat(&mut grad, seq_scale)?;
+        // Length-normalised log-ratios: the loss op sees π_i·s_i and r_i·s_i, and its gradient
+        // with respect to π_i·s_i is scaled by s_i on the way back.
+        let (margins, mut grad) = match &terms.length_scale {
+            None => o.edpo_loss(&policy, &o.upload_stat(reference)?, pairs, cfg)?,
+            Some(ls) => {
+                let mut scaled = o.download_stat(&policy)?;
+                scaled.iter_mut().zip(ls).for_each(|(v, s)| *v *= s);
+                let r: Vec<f32> = reference.iter().zip(ls).map(|(r, s)| r * s).collect();
+                o.edpo_loss(&o.upload_stat(&scaled)?, &o.upload_stat(&r)?, pairs, cfg)?
+            }
+        };
+        let scale: Vec<f32> = match &terms.length_scale {
+            None => seq_scale.to_vec(),
+            Some(ls) => seq_scale.iter().zip(ls).map(|(a, b)| a * b).collect(),
+        };
+        o.mul_stat(&mut grad, &scale)?;
+        if let Some(c) = &terms.nll {
+            // ∂(−c_i·π_i)/∂π_i = −c_i.
+            let mut g = o.download_stat(&grad)?;
+            g.iter_mut().zip(c).for_each(|(g, c)| *g -= c);
+            grad = o.upload_stat(&g)?;
+        }
         let mut d_head = self.llm.lm_head_grad()?;
         let dh = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
         let grads = self.backward(fwd, &dh, d_head)?;
-        Ok((margins, grads))
+        Ok((margins, policy, grads))
     }
 
     /// One E-DPO step: [`Sage::edpo_forward_backward`] and the clipped AdamW at `lr`. Returns the
-    /// margins and the gradient norm, read after the optimizer is queued.
+    /// margins, the policy's sequence log-probabilities and the gradient norm, read after the
+    /// optimizer is queued.
+    #[allow(clippy::too_many_arguments)]
     pub fn edpo_step(
         &mut self,
         plans: &[SeqPlan],
@@ -403,13 +468,15 @@ impl<O: StepOps> Sage<O> {
         pairs: &[Pair],
         seq_scale: &[f32],
         cfg: EdpoConfig,
+        terms: &PrefTerms,
         lr: f32,
-    ) -> Result<(Vec<f32>, f32)> {
-        let (margins, grads) = self.edpo_forward_backward(plans, reference, pairs, seq_scale, cfg)?;
+    ) -> Result<(Vec<f32>, Vec<f32>, f32)> {
+        let (margins, policy, grads) = self.edpo_forward_backward(plans, reference, pairs, seq_scale, cfg, terms)?;
         let applied = self.llm.apply(grads, lr)?;
         let margins = self.ops().download_stat(&margins)?;
+        let policy = self.ops().download_stat(&policy)?;
         let norm = self.llm.finish(&applied)?;
-        Ok((margins, norm))
+        Ok((margins, policy, norm))
     }
 
     /// `fc1` and GELU of the adapter (the caller runs `fc2`).

@@ -2,7 +2,9 @@
 //! similarity to the best reference answer (rules in `crate::judge::rubric`). It is the proxy
 //! judge for CI and for machines without an LLM endpoint, not a substitute for GPT-4o's opinion.
 //!
-//! Config (JSON): `minilm_dir` (default: the all-MiniLM-L6-v2 asset in $SAGE_HOME).
+//! Config (JSON): `minilm_dir` (default: the all-MiniLM-L6-v2 asset in $SAGE_HOME); `graded`
+//! (default false): hedged answers lose logic and location points (`crate::judge::rubric`). The
+//! config is part of the judge's cache key, so graded and plain scores never mix.
 
 use crate::judge::rubric::RubricJudge;
 use crate::judge::JudgeRequest;
@@ -16,6 +18,8 @@ use std::path::PathBuf;
 struct Config {
     #[serde(default)]
     minilm_dir: Option<PathBuf>,
+    #[serde(default)]
+    graded: bool,
 }
 
 pub struct Rubric(RubricJudge);
@@ -23,13 +27,13 @@ pub struct Rubric(RubricJudge);
 impl Plugin for Rubric {
     fn create(config_json: &str) -> PluginResult<Self> {
         let cfg: Config = serde_json::from_str(config_json)
-            .map_err(|e| PluginError::invalid(format!("bad rubric judge config: {e} (keys: minilm_dir)")))?;
+            .map_err(|e| PluginError::invalid(format!("bad rubric judge config: {e} (keys: minilm_dir, graded)")))?;
         let dir = match cfg.minilm_dir {
             Some(d) => d,
             None => crate::assets::Asset::MiniLmDir.path().map_err(|e| PluginError::io(format!("{e:#}")))?,
         };
         let enc = SentenceEncoder::load(&dir).map_err(|e| PluginError::io(format!("{e:#}")))?;
-        Ok(Rubric(RubricJudge::new(enc)))
+        Ok(Rubric(RubricJudge::new(enc, cfg.graded)))
     }
 
     fn judge_score(&mut self, request_json: &str) -> PluginResult<String> {

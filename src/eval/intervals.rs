@@ -1,0 +1,308 @@
+//! How sure the numbers of an AD-PL report are (ARCHITECTURE.md §6): 95% bootstrap intervals
+//! that resample image pairs (a pair's five questions move together, [`super::stats`]), and
+//! paired comparisons of two reports on the same pairs: the bootstrap interval of the difference
+//! (the same resampled pairs for both) and McNemar's test on the conclusions.
+//!
+//! Everything is computed from the reports' [`PairRecord`]s, so `sage demo` compares rows from
+//! the JSON reports alone.
+
+use super::adpl::PairRecord;
+use super::stats::{bootstrap, bootstrap_difference, mcnemar, Interval, McNemar};
+use crate::data::sample::Level;
+use crate::user_bail;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Bootstrap resamples and seed used everywhere (fixed: a report is reproducible).
+pub const RESAMPLES: usize = 2000;
+pub const SEED: u64 = 17;
+
+/// A number of the report that can be resampled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    StandardComparison,
+    DefectIdentification,
+    DefectDiagnosis,
+    /// The mean of the levels' accuracies.
+    Average,
+    AccG,
+    Sbert,
+    Mle,
+    ModelAuroc,
+    /// The training-free map's image AUROC on the same pairs.
+    MapAuroc,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 9] = [
+        Metric::StandardComparison,
+        Metric::DefectIdentification,
+        Metric::DefectDiagnosis,
+        Metric::Average,
+        Metric::AccG,
+        Metric::Sbert,
+        Metric::Mle,
+        Metric::ModelAuroc,
+        Metric::MapAuroc,
+    ];
+
+    fn level(self) -> Option<Level> {
+        match self {
+            Metric::StandardComparison => Some(Level::StandardComparison),
+            Metric::DefectIdentification => Some(Level::DefectIdentification),
+            Metric::DefectDiagnosis => Some(Level::DefectDiagnosis),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::StandardComparison => "standard comparison",
+            Metric::DefectIdentification => "defect identification",
+            Metric::DefectDiagnosis => "defect diagnosis",
+            Metric::Average => "accuracy (level mean)",
+            Metric::AccG => "Acc-G",
+            Metric::Sbert => "SBERT",
+            Metric::Mle => "MLE",
+            Metric::ModelAuroc => "model AUROC",
+            Metric::MapAuroc => "map AUROC",
+        }
+    }
+}
+
+/// A level's accuracy over the pairs `idx` (repeats count again).
+fn level_accuracy(pairs: &[PairRecord], idx: &[usize], level: Level) -> Option<f64> {
+    let (mut right, mut total) = (0usize, 0usize);
+    for &i in idx {
+        let p = &pairs[i];
+        for (l, r) in p.levels.iter().zip(&p.right) {
+            if let (Some(l), Some(r)) = (l, r) {
+                if *l == level {
+                    right += *r as usize;
+                    total += 1;
+                }
+            }
+        }
+    }
+    (total > 0).then(|| right as f64 / total as f64)
+}
+
+/// The mean of `f`'s values over the pairs `idx`.
+fn pooled_mean(pairs: &[PairRecord], idx: &[usize], f: fn(&PairRecord) -> &[f64]) -> Option<f64> {
+    let (sum, n) = idx.iter().flat_map(|&i| f(&pairs[i])).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The image AUROC of score `f` over the labelled pairs `idx` that have one.
+fn auroc(pairs: &[PairRecord], idx: &[usize], f: fn(&PairRecord) -> Option<f64>) -> Option<f64> {
+    let (s, l): (Vec<f32>, Vec<bool>) =
+        idx.iter().filter_map(|&i| Some((f(&pairs[i])? as f32, pairs[i].anomalous?))).unzip();
+    crate::metrics::auroc(&s, &l)
+}
+
+/// Metric `m` computed over the pairs `idx` (a resample; `0..n` is the report's own number).
+pub fn metric(pairs: &[PairRecord], idx: &[usize], m: Metric) -> Option<f64> {
+    if let Some(l) = m.level() {
+        return level_accuracy(pairs, idx, l);
+    }
+    match m {
+        Metric::Average => super::mean_of(Level::ALL.iter().map(|&l| level_accuracy(pairs, idx, l))),
+        Metric::AccG => {
+            let complete: Vec<bool> = idx
+                .iter()
+                .filter(|&&i| pairs[i].complete)
+                .map(|&i| pairs[i].right.iter().all(|r| *r == Some(true)))
+                .collect();
+            (!complete.is_empty()).then(|| complete.iter().filter(|&&r| r).count() as f64 / complete.len() as f64)
+        }
+        Metric::Sbert => pooled_mean(pairs, idx, |p| &p.sbert),
+        Metric::Mle => pooled_mean(pairs, idx, |p| &p.mle),
+        Metric::ModelAuroc => auroc(pairs, idx, |p| p.p_anomalous),
+        Metric::MapAuroc => auroc(pairs, idx, |p| p.map_score),
+        _ => unreachable!("levels handled above"),
+    }
+}
+
+/// The 95% intervals of every metric a report has, over [`RESAMPLES`] resamples of its pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdplIntervals {
+    pub resamples: usize,
+    pub seed: u64,
+    pub metrics: BTreeMap<Metric, Interval>,
+    /// The model's AUROC minus the map's, on the same resampled pairs (when both exist).
+    pub model_minus_map: Option<Interval>,
+}
+
+impl AdplIntervals {
+    pub fn compute(pairs: &[PairRecord]) -> AdplIntervals {
+        let all: Vec<usize> = (0..pairs.len()).collect();
+        let metrics = Metric::ALL
+            .iter()
+            .filter(|&&m| metric(pairs, &all, m).is_some())
+            .filter_map(|&m| Some((m, bootstrap(pairs.len(), |idx| metric(pairs, idx, m), RESAMPLES, SEED)?)))
+            .collect();
+        let model_minus_map = bootstrap_difference(
+            pairs.len(),
+            |idx| metric(pairs, idx, Metric::ModelAuroc),
+            |idx| metric(pairs, idx, Metric::MapAuroc),
+            RESAMPLES,
+            SEED,
+        );
+        AdplIntervals { resamples: RESAMPLES, seed: SEED, metrics, model_minus_map }
+    }
+
+    pub fn get(&self, m: Metric) -> Option<&Interval> {
+        self.metrics.get(&m)
+    }
+}
+
+/// Row `a` against row `b` on one metric: the difference `a − b` with its paired bootstrap
+/// interval, and, for accuracies, McNemar's test on the questions (Acc-G: on the pairs) both
+/// scored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    pub metric: Metric,
+    pub difference: Interval,
+    pub mcnemar: Option<McNemar>,
+}
+
+/// The outcomes McNemar's test pairs up for metric `m`: per question (of a level, or all) or per
+/// pair (Acc-G); `None` for metrics that are not shares of right answers.
+fn outcomes(a: &[PairRecord], b: &[PairRecord], m: Metric) -> Option<(Vec<bool>, Vec<bool>)> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    match m {
+        Metric::AccG => {
+            for (p, q) in a.iter().zip(b) {
+                if p.complete && q.complete {
+                    x.push(p.right.iter().all(|r| *r == Some(true)));
+                    y.push(q.right.iter().all(|r| *r == Some(true)));
+                }
+            }
+        }
+        Metric::Sbert | Metric::Mle | Metric::ModelAuroc | Metric::MapAuroc => return None,
+        _ => {
+            let level = m.level();
+            for (p, q) in a.iter().zip(b) {
+                for ((l, r), s) in p.levels.iter().zip(&p.right).zip(&q.right) {
+                    if let (Some(r), Some(s)) = (r, s) {
+                        if level.is_none() || *l == level {
+                            x.push(*r);
+                            y.push(*s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Some((x, y))
+}
+
+/// Compares rows `a` and `b` (two reports on the same pairs, in the same order) on metric `m`;
+/// `None` when either lacks the metric. Reports on different pairs are a user error.
+pub fn compare(a: &[PairRecord], b: &[PairRecord], m: Metric) -> Result<Option<Paired>> {
+    if a.len() != b.len() || a.iter().zip(b).any(|(p, q)| p.id != q.id || p.right.len() != q.right.len()) {
+        user_bail!(
+            "the two reports were not made on the same image pairs ({} and {} pairs); compare evaluations of one \
+             data file",
+            a.len(),
+            b.len()
+        );
+    }
+    let Some(difference) =
+        bootstrap_difference(a.len(), |idx| metric(a, idx, m), |idx| metric(b, idx, m), RESAMPLES, SEED)
+    else {
+        return Ok(None);
+    };
+    let mcnemar = match outcomes(a, b, m) {
+        Some((x, y)) => Some(mcnemar(&x, &y)?),
+        None => None,
+    };
+    Ok(Some(Paired { metric: m, difference, mcnemar }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SC: Option<Level> = Some(Level::StandardComparison);
+    const DD: Option<Level> = Some(Level::DefectDiagnosis);
+
+    fn pair(id: &str, right: &[Option<bool>], levels: &[Option<Level>], anomalous: bool, p: f64) -> PairRecord {
+        PairRecord {
+            id: id.into(),
+            anomalous: Some(anomalous),
+            levels: levels.to_vec(),
+            right: right.to_vec(),
+            complete: right.iter().all(Option::is_some),
+            p_anomalous: Some(p),
+            map_score: Some(1.0 - p),
+            sbert: vec![p],
+            mle: vec![],
+        }
+    }
+
+    fn rows() -> Vec<PairRecord> {
+        vec![
+            pair("a", &[Some(true), Some(false)], &[SC, DD], true, 0.9),
+            pair("b", &[Some(true), Some(true)], &[SC, DD], false, 0.2),
+            pair("c", &[Some(false), None], &[SC, DD], true, 0.6),
+        ]
+    }
+
+    #[test]
+    fn metrics_over_a_resample_count_repeated_pairs_again() {
+        let p = rows();
+        // All pairs: SC 2/3, DD 1/2 (c's DD unscored); average (2/3 + 1/2)/2; Acc-G over the
+        // complete a, b: 1/2.
+        let all = [0, 1, 2];
+        assert_eq!(metric(&p, &all, Metric::StandardComparison), Some(2.0 / 3.0));
+        assert_eq!(metric(&p, &all, Metric::DefectDiagnosis), Some(0.5));
+        assert_eq!(metric(&p, &all, Metric::DefectIdentification), None);
+        assert!((metric(&p, &all, Metric::Average).unwrap() - 7.0 / 12.0).abs() < 1e-12);
+        assert_eq!(metric(&p, &all, Metric::AccG), Some(0.5));
+        assert_eq!(metric(&p, &all, Metric::Mle), None);
+        // The resample [a, a, c]: SC 2/3, DD 0/2, Acc-G 0/2, SBERT (0.9 + 0.9 + 0.6)/3.
+        let r = [0, 0, 2];
+        assert_eq!(metric(&p, &r, Metric::StandardComparison), Some(2.0 / 3.0));
+        assert_eq!(metric(&p, &r, Metric::DefectDiagnosis), Some(0.0));
+        assert_eq!(metric(&p, &r, Metric::AccG), Some(0.0));
+        assert!((metric(&p, &r, Metric::Sbert).unwrap() - 0.8).abs() < 1e-12);
+        // Model AUROC: anomalous a 0.9, c 0.6 against normal b 0.2 → 1; the map (1 − p) → 0.
+        assert_eq!(metric(&p, &all, Metric::ModelAuroc), Some(1.0));
+        assert_eq!(metric(&p, &all, Metric::MapAuroc), Some(0.0));
+        // A resample without a normal pair has no AUROC.
+        assert_eq!(metric(&p, &[0, 2, 2], Metric::ModelAuroc), None);
+        let i = AdplIntervals::compute(&p);
+        let sc = i.get(Metric::StandardComparison).unwrap();
+        assert!(sc.lo <= sc.estimate && sc.estimate <= sc.hi && sc.lo >= 0.0 && sc.hi <= 1.0, "{sc:?}");
+        assert!(i.get(Metric::Mle).is_none());
+        assert!(i.model_minus_map.unwrap().estimate == 1.0);
+    }
+
+    #[test]
+    fn paired_comparisons_of_equal_and_opposite_rows() {
+        let a = rows();
+        let same = compare(&a, &a, Metric::Average).unwrap().unwrap();
+        assert_eq!((same.difference.lo, same.difference.estimate, same.difference.hi), (0.0, 0.0, 0.0));
+        let m = same.mcnemar.unwrap();
+        assert_eq!((m.b, m.c, m.exact_p), (0, 0, 1.0));
+        // b: every scored question wrong. A − B on the standard comparison is A's own accuracy.
+        let b: Vec<PairRecord> = a
+            .iter()
+            .map(|p| PairRecord { right: p.right.iter().map(|r| r.map(|_| false)).collect(), ..p.clone() })
+            .collect();
+        let d = compare(&a, &b, Metric::StandardComparison).unwrap().unwrap();
+        assert!((d.difference.estimate - 2.0 / 3.0).abs() < 1e-12);
+        // McNemar over the SC questions both scored: A right and B wrong on a and b, never the reverse.
+        let m = d.mcnemar.unwrap();
+        assert_eq!((m.b, m.c), (2, 0));
+        // Over all levels: a's SC, b's two → 3 discordant.
+        assert_eq!(compare(&a, &b, Metric::Average).unwrap().unwrap().mcnemar.unwrap().b, 3);
+        assert!(compare(&a, &b, Metric::Sbert).unwrap().unwrap().mcnemar.is_none());
+        // Reports on other pairs cannot be compared.
+        let e = compare(&a, &a[..2], Metric::Average).unwrap_err();
+        assert!(crate::error::is_user_error(&e) && e.to_string().contains("same image pairs"), "{e}");
+    }
+}
