@@ -357,3 +357,50 @@ pub fn train<O: StepOps + Clone>(run: &mut EdpoRun, ops: O, resume: bool, quiet:
         Edpo { cfg, instances, memo: reference_memo, reference_params: reference, reference: None::<Sage<O>> };
     crate::stage::train(&mut stage, session, ops, resume, quiet)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(balance: bool) -> EdpoRunConfig {
+        let text = format!(
+            "sfe = \"s\"\n[data]\ntrain = \"t.json\"\n[edpo]\nbalance_conclusions = {balance}\n[train]\nsteps = 1\nbatch = 1\n\
+             lr = 1e-4\nseed = 7\n"
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    /// Instances 0..10, whose best answers say Yes for the first 8 and No for the last 2.
+    fn instances() -> Vec<Instance> {
+        (0..10)
+            .map(|i| Instance {
+                example: ExampleRef { item: i, question: 0 },
+                entropies: vec![1.0, 0.5],
+                yes: Some(i < 8),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn balanced_instances_alternate_conclusions_and_visit_each_side_every_epoch() {
+        let (cfg, inst) = (config(true), instances());
+        let drawn: Vec<usize> = (0..16).map(|g| instance_at(&cfg, &inst, g).example.item).collect();
+        for (g, &i) in drawn.iter().enumerate() {
+            assert_eq!(inst[i].yes, Some(g % 2 == 0), "draw {g} took instance {i}: {drawn:?}");
+        }
+        // The 8 Yes instances once each in draws 0, 2, ..., 14; the 2 No ones once per two odd draws.
+        let mut yes: Vec<usize> = drawn.iter().step_by(2).copied().collect();
+        yes.sort_unstable();
+        assert_eq!(yes, (0..8).collect::<Vec<_>>());
+        let mut no: Vec<usize> = drawn[1..5].iter().step_by(2).copied().collect();
+        no.sort_unstable();
+        assert_eq!(no, vec![8, 9]);
+        // Unbalanced: one seeded order over all ten, 8 Yes to 2 No per epoch.
+        let plain: Vec<usize> = (0..10).map(|g| instance_at(&config(false), &inst, g).example.item).collect();
+        assert_eq!(plain.iter().filter(|&&i| i < 8).count(), 8);
+        // With one side empty, balancing falls back to the plain order.
+        let all_yes: Vec<Instance> = inst.iter().map(|i| Instance { yes: Some(true), ..i.clone() }).collect();
+        let fallback: Vec<usize> = (0..10).map(|g| instance_at(&cfg, &all_yes, g).example.item).collect();
+        assert_eq!(fallback, plain);
+    }
+}
