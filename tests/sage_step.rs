@@ -243,8 +243,15 @@ fn sage_generation_batches_like_single_questions_and_starts_at_the_forward_argma
         }
         assert!(lp[0][0] >= lp[0][1]);
     }
-    // In a batch (padded to the longest prompt) each question's first-token log-probabilities
-    // are its own.
+    // Together, the questions share the pair's prefix (one cached run of the system prompt,
+    // the images and the facts, each question continuing from a copy of it), and each question's
+    // first-token log-probabilities are those of its own whole forward.
+    let prefix = sage::models::sage::shared_prefix(&plans).expect("questions about one pair share a prefix");
+    assert!(
+        plans.iter().all(|p| prefix < p.t && prefix * 2 > p.t),
+        "prefix {prefix} of {:?}",
+        plans.iter().map(|p| p.t).collect::<Vec<_>>()
+    );
     let ids: Vec<u32> = batch.iter().map(|b| b[0]).collect();
     let together = dev.first_token_logprobs(&plans, &ids).unwrap();
     for (p, row) in plans.iter().zip(&together) {

@@ -88,25 +88,41 @@ impl<O: StepOps> Llama<O> {
     /// One decode step: row `n` of `x [N, d]` is the next input of cache sequence `seqs[n]`, at
     /// the position after its filled ones. Appends each layer's keys and values and returns the
     /// final hidden states `[N, d]`.
-    pub fn decode(&self, mut x: O::Buf, seqs: &[usize], cache: &mut KvCache<O>) -> Result<O::Buf> {
-        let (c, o) = (&self.config, &self.ops);
-        let n = seqs.len();
-        let s = cache.shape;
-        if let Some(&bad) = seqs.iter().find(|&&b| b >= s.seqs) {
-            bail!("decode: sequence {bad} is not in a cache of {}", s.seqs);
-        }
+    pub fn decode(&self, x: O::Buf, seqs: &[usize], cache: &mut KvCache<O>) -> Result<O::Buf> {
         let mut sorted = seqs.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        if n == 0 || sorted.len() != n {
+        if seqs.is_empty() || sorted.len() != seqs.len() {
             bail!("decode: a step needs distinct sequences (got {seqs:?})");
         }
-        if let Some(&full) = seqs.iter().find(|&&b| cache.len[b] >= s.slots) {
-            user_bail!("sequence {full} already fills all {} positions of its cache", s.slots);
+        self.extend(x, seqs, cache)
+    }
+
+    /// Appends rows to cached sequences: row `n` of `x [N, d]` goes to sequence `seqs[n]` at the
+    /// position after that sequence's filled ones and its earlier rows here, so a sequence may
+    /// take several rows at once (a prompt's continuation after a shared, cached prefix). Each row
+    /// attends to its sequence's positions up to its own. Returns the final hidden states `[N, d]`.
+    pub fn extend(&self, mut x: O::Buf, seqs: &[usize], cache: &mut KvCache<O>) -> Result<O::Buf> {
+        let (c, o) = (&self.config, &self.ops);
+        let n = seqs.len();
+        let s = cache.shape;
+        if n == 0 {
+            bail!("extend: no rows");
+        }
+        if let Some(&bad) = seqs.iter().find(|&&b| b >= s.seqs) {
+            bail!("extend: sequence {bad} is not in a cache of {}", s.seqs);
+        }
+        let mut next = cache.len.clone();
+        let mut pos = Vec::with_capacity(n);
+        for &b in seqs {
+            if next[b] >= s.slots {
+                user_bail!("sequence {b} already fills all {} positions of its cache", s.slots);
+            }
+            pos.push(next[b] as u32);
+            next[b] += 1;
         }
         let seq: Vec<u32> = seqs.iter().map(|&b| b as u32).collect();
-        // In bounds: every sequence is in the cache and has a free slot (checked above).
-        let pos: Vec<u32> = seqs.iter().map(|&b| cache.len[b] as u32).collect();
+        // In bounds: every sequence is in the cache and has a free slot for each row (checked above).
         let (seq_d, pos_d) = (o.upload_ids(&seq)?, o.upload_ids(&pos)?);
         let (eps, half, kvd) = (c.rms_norm_eps, c.head_dim / 2, c.num_kv_heads * c.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
@@ -126,10 +142,36 @@ impl<O: StepOps> Llama<O> {
             let act = o.swiglu(&gate, &up)?;
             x = self.linear(&b.ffn_down, &act, n, Some(x1))?.0;
         }
-        for &b in seqs {
-            cache.len[b] += 1;
-        }
+        cache.len = next;
         Ok(o.rmsnorm(&x, self.w(self.output_norm), n, eps)?.0)
+    }
+
+    /// Copies the first `len` positions of sequence `from_seq` of cache `from` into sequence
+    /// `to_seq` of cache `to` (every layer's keys and values), which then holds exactly those.
+    pub fn copy_prefix(
+        &self,
+        from: &KvCache<O>,
+        from_seq: usize,
+        to: &mut KvCache<O>,
+        to_seq: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (a, b) = (from.shape, to.shape);
+        let w = a.kv_heads * a.head_dim;
+        if from_seq >= a.seqs
+            || to_seq >= b.seqs
+            || len > from.len[from_seq]
+            || len > b.slots
+            || w != b.kv_heads * b.head_dim
+        {
+            bail!("copy_prefix: {len} positions of sequence {from_seq} ({a:?}) into sequence {to_seq} ({b:?})");
+        }
+        for i in 0..self.blocks.len() {
+            self.ops.copy_rows(&from.k[i], from_seq * a.slots, &mut to.k[i], to_seq * b.slots, len, w)?;
+            self.ops.copy_rows(&from.v[i], from_seq * a.slots, &mut to.v[i], to_seq * b.slots, len, w)?;
+        }
+        to.len[to_seq] = len;
+        Ok(())
     }
 
     /// The logits of rows `rows` of `hidden [*, d]`, read back to the host `[rows.len(), V]`.

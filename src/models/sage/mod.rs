@@ -33,6 +33,45 @@ use crate::train::{AdamWConfig, ParamSet};
 use anyhow::{bail, Result};
 use head::{HeadParams, LinearParams, LN_EPS};
 
+/// The number of leading rows all `plans` share (two or more plans; `None` when they share
+/// nothing or the shared rows are not a prefix every plan continues with text alone): the same
+/// images and fact rows at the same places, the same text runs, until the first text run that
+/// differs. Each plan must continue past the prefix with text runs only, covering its rows.
+pub fn shared_prefix(plans: &[SeqPlan]) -> Option<usize> {
+    let first = plans.first()?;
+    if plans.len() < 2 {
+        return None;
+    }
+    // The first row where a plan's text runs part from the first plan's.
+    let mut prefix = first.t;
+    for p in &plans[1..] {
+        let at = first.text.iter().zip(&p.text).find(|(a, b)| a != b).map(|(a, b)| a.0.min(b.0))?;
+        prefix = prefix.min(at);
+    }
+    let same_images = plans.iter().all(|p| {
+        p.images.len() == first.images.len()
+            && p.images.iter().zip(&first.images).all(|(a, b)| a.0 == b.0 && a.1.pooled == b.1.pooled)
+    });
+    let same_facts = plans.iter().all(|p| match (&p.facts, &first.facts) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1 && a.2.diff == b.2.diff && a.2.v_sel == b.2.v_sel,
+        _ => false,
+    });
+    let inside = |at: usize, rows: usize| at + rows <= prefix;
+    let before = first.images.iter().all(|(at, i)| inside(*at, i.rows))
+        && first.facts.as_ref().is_none_or(|(at, ids, _)| inside(*at, ids.len()));
+    // Past the prefix: text runs only, starting exactly at it and filling every row.
+    let continues = plans.iter().all(|p| {
+        let tail: Vec<&(usize, Vec<u32>)> = p.text.iter().filter(|(at, _)| *at >= prefix).collect();
+        let rows: usize = tail.iter().map(|(_, ids)| ids.len()).sum();
+        tail.first().is_some_and(|(at, _)| *at == prefix)
+            && prefix + rows == p.t
+            && p.text.iter().filter(|(at, _)| *at < prefix).all(|(at, ids)| at + ids.len() <= prefix)
+            && rows > 0
+    });
+    (prefix > 0 && same_images && same_facts && before && continues).then_some(prefix)
+}
+
 /// Terms of the preference loss beyond the paper's, each off when `None`.
 #[derive(Clone, Debug, Default)]
 pub struct PrefTerms {
@@ -373,13 +412,16 @@ impl<O: StepOps> Sage<O> {
     /// token of each plan's answer (plans made without an answer): `[plans.len()][candidates.len()]`
     /// from one forward, no decoding. A Yes/No conclusion or an option letter read this way is
     /// what greedy generation would start with whenever its first token is one of the candidates.
+    ///
+    /// Questions about one image pair share everything before the question (the system prompt,
+    /// the images, the facts): when the plans do, the shared rows run once ([`shared_prefix`]),
+    /// the first plan whole into a KV cache, and every other plan's own rows continue from a copy
+    /// of its prefix ([`Llama::extend`]); otherwise every plan runs whole.
     pub fn first_token_logprobs(&self, plans: &[SeqPlan], candidates: &[u32]) -> Result<Vec<Vec<f64>>> {
-        let fwd = self.forward(plans, false)?;
-        let t = plans.iter().map(|p| p.t).max().unwrap_or(0);
-        // The last prompt position predicts the first answer token (right padding is invisible
-        // to it under the causal mask).
-        let rows: Vec<u32> = plans.iter().enumerate().map(|(b, p)| (b * t + p.t - 1) as u32).collect();
-        let logits = self.llm.logits_of_rows(&fwd.llm.hidden, &rows)?;
+        let logits = match shared_prefix(plans) {
+            Some(l) => self.last_logits_sharing(plans, l)?,
+            None => self.last_logits(plans)?,
+        };
         let vocab = logits.len() / plans.len().max(1);
         if let Some(&c) = candidates.iter().find(|&&c| c as usize >= vocab) {
             bail!("candidate token {c} is outside the vocabulary ({vocab} tokens)");
@@ -392,6 +434,43 @@ impl<O: StepOps> Sage<O> {
                 candidates.iter().map(|&c| row[c as usize] as f64 - lse).collect()
             })
             .collect())
+    }
+
+    /// The logits at each plan's last position, `[plans.len(), V]`, from one padded forward.
+    pub fn last_logits(&self, plans: &[SeqPlan]) -> Result<Vec<f32>> {
+        let fwd = self.forward(plans, false)?;
+        let t = plans.iter().map(|p| p.t).max().unwrap_or(0);
+        // The last prompt position predicts the first answer token (right padding is invisible
+        // to it under the causal mask).
+        let rows: Vec<u32> = plans.iter().enumerate().map(|(b, p)| (b * t + p.t - 1) as u32).collect();
+        self.llm.logits_of_rows(&fwd.llm.hidden, &rows)
+    }
+
+    /// [`Sage::last_logits`] of plans whose first `prefix` rows are the same ([`shared_prefix`]).
+    fn last_logits_sharing(&self, plans: &[SeqPlan], prefix: usize) -> Result<Vec<f32>> {
+        let first = &plans[0];
+        let Assembled { x, .. } = self.assemble(std::slice::from_ref(first))?;
+        let mut whole = self.llm.new_cache(1, first.t)?;
+        let hidden = self.llm.prefill(x, first.t, &[first.t], &mut whole)?;
+        let mut logits = self.llm.logits_of_rows(&hidden, &[first.t as u32 - 1])?;
+        let rest = &plans[1..];
+        if rest.is_empty() {
+            return Ok(logits);
+        }
+        let slots = rest.iter().map(|p| p.t).max().unwrap_or(prefix);
+        let mut cache = self.llm.new_cache(rest.len(), slots)?;
+        let (mut ids, mut seqs, mut last) = (Vec::new(), Vec::new(), Vec::new());
+        for (q, p) in rest.iter().enumerate() {
+            self.llm.copy_prefix(&whole, 0, &mut cache, q, prefix)?;
+            for (_, run) in p.text.iter().filter(|(at, _)| *at >= prefix) {
+                ids.extend_from_slice(run);
+            }
+            seqs.resize(ids.len(), q);
+            last.push(ids.len() as u32 - 1);
+        }
+        let hidden = self.llm.extend(self.llm.embed_tokens(&ids)?, &seqs, &mut cache)?;
+        logits.extend(self.llm.logits_of_rows(&hidden, &last)?);
+        Ok(logits)
     }
 
     /// The answers' sequence log-probabilities `Σ log p(answer token)`, `[plans.len()]`, without
