@@ -170,6 +170,40 @@ fn infer_answers_from_a_checkpoint_and_config_errors_are_user_errors() {
     }
     assert_eq!(eval("a2.jsonl"), first, "eval is deterministic");
 
+    // First-token conclusions on two items, a full answer for the first only, and the HTML page.
+    let (ft, html) = (dir.path().join("ft.jsonl"), dir.path().join("page/report.html"));
+    let out = sage()
+        .args(["eval", "--json", "--judge", "none", "--max-items", "2", "--max-tokens", "6", "--first-token"])
+        .args(["--generate-items", "1", "--checkpoint"])
+        .arg(&run)
+        .arg("--data")
+        .arg(dir.path().join("test.json"))
+        .arg("--save-first-token")
+        .arg(&ft)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = &report["adpl"];
+    assert_eq!(a["conclusions"], "first_token");
+    let questions = report["questions"].as_u64().unwrap() as usize;
+    assert_eq!(a["overall"]["total"].as_u64().unwrap() as usize, questions);
+    assert_eq!(a["generated"].as_u64().unwrap() as usize, a["pairs"][0]["right"].as_array().unwrap().len());
+    assert!(a["intervals"]["metrics"]["average"]["lo"].is_number(), "{a}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&ft).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), questions);
+    for r in &records {
+        assert_eq!(r["candidates"], serde_json::json!(["Yes", "No"]));
+        let p: f64 = r["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((p - 1.0).abs() < 1e-9 && r["mass"].as_f64().unwrap() <= 1.0 + 1e-9, "{r}");
+    }
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(page.matches("<article class=\"pair\"").count(), 2, "one card per pair");
+    assert!(page.contains("data:image/") && !page.contains("http://") && !page.contains("https://"));
+
     std::fs::write(
         dir.path().join("bad.toml"),
         std::fs::read_to_string(&cfg).unwrap().replace("lora_rank", "lora_rnk"),
