@@ -19,6 +19,16 @@ pub struct StageEnv {
     pub gpu: bool,
 }
 
+/// `arg` as a POSIX shell reads it back: unchanged when it holds only safe characters, else in
+/// single quotes (a `'` inside written `'\''`).
+pub fn shell_quote(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./=:,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
 pub struct Runner {
     pub env: StageEnv,
     pub logs: PathBuf,
@@ -36,7 +46,7 @@ impl Runner {
         }
         shown.extend(args.iter().cloned());
         if !self.env.json {
-            eprintln!("▶ {}", shown.join(" "));
+            eprintln!("▶ {}", shown.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
         }
         let mut cmd = Command::new(&self.env.exe);
         cmd.args(["--threads", &self.env.threads.to_string()]);
@@ -64,5 +74,19 @@ impl Runner {
     /// Where stage `name`'s stdout goes.
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.txt"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn echoed_arguments_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote("runs/demo-quick/data/train.json"), "runs/demo-quick/data/train.json");
+        assert_eq!(shell_quote(r#"{"graded":true}"#), r#"'{"graded":true}'"#);
+        assert_eq!(shell_quote("it's"), r#"'it'\''s'"#);
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
     }
 }

@@ -7,7 +7,7 @@
 //! the JSON reports alone.
 
 use super::adpl::PairRecord;
-use super::stats::{bootstrap, bootstrap_difference, mcnemar, Interval, McNemar};
+use super::stats::{bootstrap, mcnemar, Interval, McNemar};
 use crate::data::sample::Level;
 use crate::user_bail;
 use anyhow::Result;
@@ -102,6 +102,31 @@ fn auroc(pairs: &[PairRecord], idx: &[usize], f: fn(&PairRecord) -> Option<f64>)
     crate::metrics::auroc(&s, &l)
 }
 
+/// The pairs that carry metric `m`: those with a scored question (accuracies), every question
+/// scored (Acc-G), generated answers (SBERT), judged answers (MLE), or a score and a label
+/// (AUROCs). A metric's intervals resample these pairs only: SBERT and MLE come from the
+/// generated subset, and the pairs outside it would only add empty draws.
+pub fn carriers(pairs: &[PairRecord], m: Metric) -> Vec<usize> {
+    let has = |p: &PairRecord| match m {
+        Metric::AccG => p.complete,
+        Metric::Sbert => !p.sbert.is_empty(),
+        Metric::Mle => !p.mle.is_empty(),
+        Metric::ModelAuroc => p.p_anomalous.is_some() && p.anomalous.is_some(),
+        Metric::MapAuroc => p.map_score.is_some() && p.anomalous.is_some(),
+        _ => p.right.iter().zip(&p.levels).any(|(r, l)| r.is_some() && (m.level().is_none() || *l == m.level())),
+    };
+    (0..pairs.len()).filter(|&i| has(&pairs[i])).collect()
+}
+
+/// The bootstrap of `stat` over the pairs `over` (indices into the report's pairs); `None` with
+/// fewer than two pairs, where a resample can only repeat the one there is.
+fn bootstrap_over_pairs(over: &[usize], stat: impl Fn(&[usize]) -> Option<f64>) -> Option<Interval> {
+    if over.len() < 2 {
+        return None;
+    }
+    bootstrap(over.len(), |idx| stat(&idx.iter().map(|&i| over[i]).collect::<Vec<_>>()), RESAMPLES, SEED)
+}
+
 /// Metric `m` computed over the pairs `idx` (a resample; `0..n` is the report's own number).
 pub fn metric(pairs: &[PairRecord], idx: &[usize], m: Metric) -> Option<f64> {
     if let Some(l) = m.level() {
@@ -137,19 +162,17 @@ pub struct AdplIntervals {
 
 impl AdplIntervals {
     pub fn compute(pairs: &[PairRecord]) -> AdplIntervals {
-        let all: Vec<usize> = (0..pairs.len()).collect();
         let metrics = Metric::ALL
             .iter()
-            .filter(|&&m| metric(pairs, &all, m).is_some())
-            .filter_map(|&m| Some((m, bootstrap(pairs.len(), |idx| metric(pairs, idx, m), RESAMPLES, SEED)?)))
+            .filter_map(|&m| Some((m, bootstrap_over_pairs(&carriers(pairs, m), |idx| metric(pairs, idx, m))?)))
             .collect();
-        let model_minus_map = bootstrap_difference(
-            pairs.len(),
-            |idx| metric(pairs, idx, Metric::ModelAuroc),
-            |idx| metric(pairs, idx, Metric::MapAuroc),
-            RESAMPLES,
-            SEED,
-        );
+        let both: Vec<usize> = carriers(pairs, Metric::ModelAuroc)
+            .into_iter()
+            .filter(|i| carriers(pairs, Metric::MapAuroc).contains(i))
+            .collect();
+        let model_minus_map = bootstrap_over_pairs(&both, |idx| {
+            Some(metric(pairs, idx, Metric::ModelAuroc)? - metric(pairs, idx, Metric::MapAuroc)?)
+        });
         AdplIntervals { resamples: RESAMPLES, seed: SEED, metrics, model_minus_map }
     }
 
@@ -210,9 +233,10 @@ pub fn compare(a: &[PairRecord], b: &[PairRecord], m: Metric) -> Result<Option<P
             b.len()
         );
     }
-    let Some(difference) =
-        bootstrap_difference(a.len(), |idx| metric(a, idx, m), |idx| metric(b, idx, m), RESAMPLES, SEED)
-    else {
+    // The pairs both rows carry the metric on, resampled alike for both.
+    let in_b = carriers(b, m);
+    let over: Vec<usize> = carriers(a, m).into_iter().filter(|i| in_b.contains(i)).collect();
+    let Some(difference) = bootstrap_over_pairs(&over, |idx| Some(metric(a, idx, m)? - metric(b, idx, m)?)) else {
         return Ok(None);
     };
     let mcnemar = match outcomes(a, b, m) {
@@ -301,6 +325,12 @@ mod tests {
         // Over all levels: a's SC, b's two → 3 discordant.
         assert_eq!(compare(&a, &b, Metric::Average).unwrap().unwrap().mcnemar.unwrap().b, 3);
         assert!(compare(&a, &b, Metric::Sbert).unwrap().unwrap().mcnemar.is_none());
+        // A metric only one pair carries has no interval (a resample can only repeat it).
+        let mut one = a.clone();
+        one.iter_mut().skip(1).for_each(|p| p.sbert.clear());
+        assert_eq!(carriers(&one, Metric::Sbert), vec![0]);
+        assert!(compare(&one, &one, Metric::Sbert).unwrap().is_none());
+        assert!(AdplIntervals::compute(&one).get(Metric::Sbert).is_none());
         // Reports on other pairs cannot be compared.
         let e = compare(&a, &a[..2], Metric::Average).unwrap_err();
         assert!(crate::error::is_user_error(&e) && e.to_string().contains("same image pairs"), "{e}");

@@ -1,0 +1,61 @@
+//! The standard profile's orchestration on a tiny scale: every stage `sage demo --profile
+//! standard` runs (three SFE runs, three preference runs with the standard loss options and the
+//! graded judge, first-token evaluations with intervals and a generated subset, the two
+//! unseen-kind rows, the HTML page, the map over ELPV, the table with paired differences), with
+//! two or three steps and a few pairs each. Ignored by default (about ten minutes on two cores,
+//! most of it the map over all 2,327 cells): `cargo test --release --test demo_tiny -- --ignored`.
+
+use sage::demo::profile::{Profile, STANDARD};
+use sage::demo::run_demo;
+use sage::demo::stages::StageEnv;
+
+#[test]
+#[ignore]
+fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
+    let p = Profile {
+        train_items: 12,
+        sfe_steps: 2,
+        edpo_steps: 2,
+        eval_items: 6,
+        generate_items: Some(1),
+        max_tokens: 8,
+        val_questions: 1,
+        unseen_eval_items: 4,
+        pref_items: 12,
+        ..STANDARD
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let env = StageEnv {
+        exe: assert_cmd::cargo::cargo_bin("sage"),
+        threads: 2,
+        plugin_dirs: vec![],
+        json: false,
+        gpu: false,
+    };
+    let o = run_demo(&p, &out, env.clone()).unwrap();
+    println!("{}", o.markdown);
+    assert_eq!(o.rows.len(), 8, "six ablation rows and two unseen-kind rows");
+    for r in &o.rows {
+        let i = r.intervals.as_ref().unwrap_or_else(|| panic!("{} has no intervals", r.row));
+        assert!(i.metrics.contains_key(&sage::eval::intervals::Metric::Average), "{}", r.row);
+        assert!(r.yes_share.is_some() && !r.pairs.is_empty(), "{}", r.row);
+    }
+    assert!(o.markdown.contains("### Paired differences"), "{}", o.markdown);
+    assert!(o.markdown.contains("| Full, unseen poly (trained on mono) |"), "{}", o.markdown);
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(page.matches("<article class=\"pair\"").count(), 6);
+    // The preference runs used the standard loss options and the graded judge's scores.
+    let cfg = std::fs::read_to_string(out.join("configs/edpo-fused-edpo.toml")).unwrap();
+    for key in ["length_normalize = true", "balance_conclusions = true", "graded = true"] {
+        assert!(cfg.contains(key), "{key} missing from\n{cfg}");
+    }
+    // A second run resumes: every stage is found finished and the table is the same.
+    let again = run_demo(&p, &out, env).unwrap();
+    assert_eq!(again.rows.len(), 8);
+    assert_eq!(
+        again.markdown.split("Wall time").next(),
+        o.markdown.split("Wall time").next(),
+        "a resumed demo rebuilds the same table"
+    );
+}
