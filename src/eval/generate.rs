@@ -9,6 +9,7 @@ use crate::backend::cpu::HostOps;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::data::sample::{Label, Question, Sample};
 use crate::facts::FactSet;
+use crate::models::efficientnet::PatchTokens;
 use crate::models::sage::{Example, FactsMode, Sage, SageConfig, SageModel, SeqPlan};
 use crate::models::sampling::Sampling;
 use crate::ops::similarity::mincos_topk;
@@ -175,6 +176,16 @@ impl Evaluator {
         (self.shots > 0).then_some(s.reference_image.as_ref()).flatten()
     }
 
+    /// The patch tokens of a sample's test image and (one-shot) its reference, cached.
+    fn pair_tokens(&mut self, s: &Sample) -> Result<(PatchTokens, Option<PatchTokens>)> {
+        let test = self.tokens.get(&self.model, &s.test_image)?.clone();
+        let reference = match self.reference_of(s).cloned() {
+            Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
+            None => None,
+        };
+        Ok((test, reference))
+    }
+
     /// Greedy answers to every question of `samples`; `each` sees each answer as it comes.
     pub fn generate(
         &mut self,
@@ -186,11 +197,7 @@ impl Evaluator {
         let mut out = Vec::new();
         for (item, s) in samples.iter().enumerate() {
             let facts = self.facts_for(&s.test_image)?;
-            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
-            let reference = match self.reference_of(s).cloned() {
-                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
-                None => None,
-            };
+            let (test, reference) = self.pair_tokens(s)?;
             // All questions about one pair decode together: one weight read per step for all.
             let texts: Vec<String> = s.questions.iter().map(prompt).collect();
             let exs: Vec<Example> = texts
@@ -231,11 +238,7 @@ impl Evaluator {
         let mut out = Vec::new();
         for (item, s) in samples.iter().enumerate() {
             let facts = self.facts_for(&s.test_image)?;
-            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
-            let reference = match self.reference_of(s).cloned() {
-                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
-                None => None,
-            };
+            let (test, reference) = self.pair_tokens(s)?;
             let texts: Vec<String> = s.questions.iter().map(prompt).collect();
             let plans = texts
                 .iter()
@@ -304,11 +307,7 @@ impl Evaluator {
             if anomalous.is_none() && s.mask.is_none() {
                 continue;
             }
-            let test = self.tokens.get(&self.model, &s.test_image)?.clone();
-            let reference = match self.reference_of(s).cloned() {
-                Some(p) => Some(self.tokens.get(&self.model, &p)?.clone()),
-                None => None,
-            };
+            let (test, reference) = self.pair_tokens(s)?;
             let scores = mincos_topk(
                 &test.data,
                 reference.as_ref().map(|r| r.data.as_slice()),
