@@ -110,3 +110,48 @@ fn bad_answer_files_and_missing_models_are_user_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpoint"));
 }
+
+/// `sage compare` of two hand-made reports on three pairs: row A right on every question, row B
+/// wrong on the standard-comparison question of two pairs; and its refusals.
+#[test]
+fn compare_reports_differences_and_mcnemar_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = |id: &str, right: [bool; 2], p: f64| {
+        serde_json::json!({"id": id, "anomalous": p > 0.5, "levels": ["standard_comparison", "defect_diagnosis"],
+            "right": right, "complete": true, "p_anomalous": p, "map_score": 0.5, "sbert": [], "mle": []})
+    };
+    let report = |pairs: Vec<serde_json::Value>| serde_json::json!({"adpl": {"pairs": pairs}});
+    let a = dir.path().join("a.json");
+    let b = dir.path().join("b.json");
+    let a_pairs = vec![pair("x", [true, true], 0.9), pair("y", [true, true], 0.1), pair("z", [true, true], 0.8)];
+    let b_pairs = vec![pair("x", [false, true], 0.9), pair("y", [false, true], 0.1), pair("z", [true, true], 0.8)];
+    std::fs::write(&a, report(a_pairs).to_string()).unwrap();
+    std::fs::write(&b, report(b_pairs).to_string()).unwrap();
+    let out = sage().args(["--json", "compare"]).arg(&a).arg(&b).output().unwrap();
+    let v = stdout_json(&out);
+    let row = |name: &str| v.as_array().unwrap().iter().find(|r| r["metric"] == name).unwrap().clone();
+    // Standard comparison: A 3/3, B 1/3 → +2/3; McNemar b = 2, c = 0, exact p = 2·(1/2)² = 0.5.
+    let sc = row("standard_comparison");
+    close(&sc["a"], 1.0);
+    close(&sc["b"], 1.0 / 3.0);
+    close(&sc["paired"]["difference"]["estimate"], 2.0 / 3.0);
+    assert_eq!((sc["paired"]["mcnemar"]["b"].as_u64(), sc["paired"]["mcnemar"]["c"].as_u64()), (Some(2), Some(0)));
+    close(&sc["paired"]["mcnemar"]["exact_p"], 0.5);
+    // The defect-diagnosis questions agree: no difference at all.
+    let dd = row("defect_diagnosis");
+    close(&dd["paired"]["difference"]["lo"], 0.0);
+    close(&dd["paired"]["difference"]["hi"], 0.0);
+    // No generated answers: SBERT has no value and no comparison.
+    assert!(row("sbert")["a"].is_null() && row("sbert")["paired"].is_null());
+
+    // Reports on other pairs, and a report without per-pair records, are user errors.
+    std::fs::write(&b, report(vec![pair("x", [true, true], 0.9)]).to_string()).unwrap();
+    let out = sage().args(["compare"]).arg(&a).arg(&b).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("same image pairs"));
+    std::fs::write(&b, r#"{"adpl": {"average": 0.5}}"#).unwrap();
+    let out = sage().args(["compare"]).arg(&a).arg(&b).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.json") && err.contains("evaluate again"), "{err}");
+}

@@ -4,6 +4,7 @@ mod bench;
 mod bench_kernels;
 mod bench_train;
 mod classify;
+mod compare;
 mod convert;
 mod data;
 mod demo;
@@ -93,6 +94,9 @@ pub enum Command {
     /// Score a model on a dataset: accuracy per level, Acc-G, SBERT, MLE; MMAD; anomaly-map AUROC.
     #[command(long_about = eval::LONG_ABOUT)]
     Eval(eval::Args),
+    /// Two evaluations of the same pairs, metric by metric: differences with paired intervals, McNemar.
+    #[command(long_about = compare::LONG_ABOUT)]
+    Compare(compare::Args),
     /// Answer one question about one image pair with a trained checkpoint.
     #[command(long_about = infer::LONG_ABOUT)]
     Infer(infer::Args),
@@ -178,6 +182,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Edpo(a) => edpo::run(&ctx, a),
         Command::Demo(a) => demo::run(&ctx, a),
         Command::Eval(a) => eval::run(&ctx, a),
+        Command::Compare(a) => compare::run(&ctx, a),
         Command::Infer(a) => infer::run(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),
         Command::Kernels(a) => kernels::run(&ctx, a),

@@ -246,6 +246,74 @@ pub fn compare(a: &[PairRecord], b: &[PairRecord], m: Metric) -> Result<Option<P
     Ok(Some(Paired { metric: m, difference, mcnemar }))
 }
 
+/// One metric of two reports side by side: each row's value on its pairs and the paired
+/// comparison.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReportComparison {
+    pub metric: Metric,
+    pub a: Option<f64>,
+    pub b: Option<f64>,
+    pub paired: Option<Paired>,
+}
+
+/// The pairs of the AD-PL report `sage eval --out` wrote as JSON at `path`.
+pub fn read_pairs(path: &std::path::Path) -> Result<Vec<PairRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::user_err!("cannot read {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        crate::user_err!("{} is not JSON: {e} (give the .json report `sage eval --out` writes)", path.display())
+    })?;
+    let pairs = v.get("adpl").and_then(|a| a.get("pairs")).ok_or_else(|| {
+        crate::user_err!(
+            "{} has no per-pair records (adpl.pairs): it is not an AD-PL report, or was written before sage kept \
+             them; evaluate again with this version",
+            path.display()
+        )
+    })?;
+    serde_json::from_value(pairs.clone())
+        .map_err(|e| crate::user_err!("{}: adpl.pairs does not parse: {e}", path.display()))
+}
+
+/// Every metric of the reports at `a` and `b` compared (`sage compare`).
+pub fn compare_reports(a: &std::path::Path, b: &std::path::Path) -> Result<Vec<ReportComparison>> {
+    let (pa, pb) = (read_pairs(a)?, read_pairs(b)?);
+    let (all_a, all_b): (Vec<usize>, Vec<usize>) = ((0..pa.len()).collect(), (0..pb.len()).collect());
+    Metric::ALL
+        .iter()
+        .map(|&m| {
+            Ok(ReportComparison {
+                metric: m,
+                a: metric(&pa, &all_a, m),
+                b: metric(&pb, &all_b, m),
+                paired: compare(&pa, &pb, m)
+                    .map_err(|e| crate::user_err!("{} against {}: {e}", a.display(), b.display()))?,
+            })
+        })
+        .collect()
+}
+
+/// The comparisons as a markdown table.
+pub fn comparison_markdown(rows: &[ReportComparison]) -> String {
+    let f = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.4}"));
+    let mut md = String::from(
+        "| Metric | A | B | A − B [95% paired bootstrap] | McNemar b/c, exact p |\n|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let d = r.paired.as_ref().map_or("—".to_string(), |p| {
+            let d = &p.difference;
+            let star = if d.excludes_zero() { " *" } else { "" };
+            format!("{:+.4} [{:+.4}, {:+.4}]{star}", d.estimate, d.lo, d.hi)
+        });
+        let mc = r
+            .paired
+            .as_ref()
+            .and_then(|p| p.mcnemar)
+            .map_or("—".to_string(), |m| format!("{}/{}, p = {:.4}", m.b, m.c, m.exact_p));
+        md.push_str(&format!("| {} | {} | {} | {d} | {mc} |\n", r.metric.name(), f(r.a), f(r.b)));
+    }
+    md.push_str("\n`*`: the interval excludes 0. Shares are fractions (0.5 = 50%).\n");
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
