@@ -4,7 +4,7 @@
 import json, pathlib, sys
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-order = ["sfe", "dpo-paper", "dpo-paper-lowlr", "dpo-fixed", "edpo-fixed"]
+order = ["sfe", "dpo-paper", "dpo-paper-lowlr", "dpo-sft", "dpo-norm", "dpo-fixed", "edpo-fixed"]
 names = sorted((p.stem for p in (root / "eval").glob("*.json")), key=lambda n: (order + [n]).index(n))
 def ci(a, m, scale, d):
     v = a["intervals"]["metrics"].get(m)
