@@ -98,8 +98,9 @@ pub const FULL: Profile = Profile {
 /// The preference loss of the standard and full profiles: length-normalised log-ratios (β on
 /// the per-token scale, as SimPO's) and conclusion-balanced instances, no SFT term. Measured in
 /// docs/results/pref-sweep against the paper's form (which drifts to "Yes": 86-100% Yes on a
-/// balanced test set) and with an SFT term (which drifts to "No": 18-19% Yes): the only variant
-/// that kept its SFE start's accuracy, +2.7 points [+0.4, +4.9], saying Yes to 58% (truth 53%).
+/// balanced test set) and with an SFT term as well (which drifts to "No": 18-19% Yes), it kept its
+/// SFE start's accuracy, +2.7 points [+0.4, +4.9], saying Yes to 58% (truth 53%); an SFT term
+/// alone on the paper's form did as well within noise (+2.9 [−0.1, +5.8], 45% Yes).
 pub const STANDARD_PREF: PrefOptions =
     PrefOptions { beta: 2.5, length_normalize: true, sft_weight: 0.0, balance_conclusions: true };
 
