@@ -406,7 +406,7 @@ pub fn has_ranked(samples: &[Sample], g: &Generated) -> bool {
 }
 
 /// The first-token records arranged like the samples' questions (see [`arrange`]).
-fn arrange_first<'a>(samples: &[Sample], first: &'a [FirstToken]) -> Result<Vec<Vec<Option<&'a FirstToken>>>> {
+pub fn arrange_first<'a>(samples: &[Sample], first: &'a [FirstToken]) -> Result<Vec<Vec<Option<&'a FirstToken>>>> {
     let mut out: Vec<Vec<Option<&FirstToken>>> = samples.iter().map(|s| vec![None; s.questions.len()]).collect();
     for f in first {
         let Some(slot) = out.get_mut(f.item).and_then(|row| row.get_mut(f.question)) else {

@@ -166,10 +166,8 @@ impl AdplIntervals {
             .iter()
             .filter_map(|&m| Some((m, bootstrap_over_pairs(&carriers(pairs, m), |idx| metric(pairs, idx, m))?)))
             .collect();
-        let both: Vec<usize> = carriers(pairs, Metric::ModelAuroc)
-            .into_iter()
-            .filter(|i| carriers(pairs, Metric::MapAuroc).contains(i))
-            .collect();
+        let map = carriers(pairs, Metric::MapAuroc);
+        let both: Vec<usize> = carriers(pairs, Metric::ModelAuroc).into_iter().filter(|i| map.contains(i)).collect();
         let model_minus_map = bootstrap_over_pairs(&both, |idx| {
             Some(metric(pairs, idx, Metric::ModelAuroc)? - metric(pairs, idx, Metric::MapAuroc)?)
         });

@@ -54,8 +54,11 @@ pub fn page(
     first: Option<&[FirstToken]>,
     maps: Option<&[Option<PairMap>]>,
 ) -> ReportPage {
-    let find_text = |i: usize, j: usize| texts.iter().find(|g| g.item == i && g.question == j);
-    let find_first = |i: usize, j: usize| first.and_then(|f| f.iter().find(|g| g.item == i && g.question == j));
+    // Both were arranged once already by the report (which refuses bad indices), so these cannot fail.
+    let by_text = super::arrange(samples, texts).unwrap_or_default();
+    let by_first = first.and_then(|f| super::adpl::arrange_first(samples, f).ok()).unwrap_or_default();
+    let find_text = |i: usize, j: usize| by_text.get(i).and_then(|r| r.get(j).copied().flatten());
+    let find_first = |i: usize, j: usize| by_first.get(i).and_then(|r| r.get(j).copied().flatten());
     let pairs = samples
         .iter()
         .enumerate()
@@ -78,7 +81,7 @@ pub fn page(
                 .map(|(j, q)| {
                     let ft = find_first(i, j);
                     let answer = match (find_text(i, j), ft) {
-                        (Some(g), _) => g.answer.clone(),
+                        (Some(text), _) => text.to_string(),
                         (None, Some(f)) => format!("{} (first token)", f.choice()),
                         (None, None) => String::new(),
                     };

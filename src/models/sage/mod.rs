@@ -485,8 +485,8 @@ impl<O: StepOps> Sage<O> {
     /// `pairs` against the reference log-probabilities `reference`, `∂loss/∂π` times `seq_scale`
     /// (each instance's weight in the step's mean), the optional [`PrefTerms`], the fused
     /// log-probability backward and the model's backward. Returns the margins and the policy's
-    /// sequence log-probabilities (on the op set) and the gradients; nothing waits unless an SFT
-    /// term is on (its `n` gradient values are adjusted on the host).
+    /// sequence log-probabilities (on the op set) and the gradients; nothing waits unless a
+    /// [`PrefTerms`] option is on (its `n` per-answer values are scaled or adjusted on the host).
     pub fn edpo_forward_backward(
         &self,
         plans: &[SeqPlan],
