@@ -15,8 +15,8 @@ and source dataset, Anomaly Detection balanced. Data with labels or masks: image
 training-free anomaly map. --baseline evaluates the same architecture untrained (the zero-shot rows). --answers \
 scores answers made elsewhere (JSONL lines {\"id\", \"question\", \"answer\"}) without running a model; \
 --save-answers writes this run's answers in that shape. --first-token reads every conclusion from one forward pass \
-(the probabilities of Yes/No or of the option letters as the answer's first token; several times faster than \
-generating), and --generate-items N generates full answers for SBERT and MLE on the first N items only. Every \
+(the probabilities of Yes/No or of the option letters as the answer's first token, with no decoding; the \
+questions of a pair share one cached prompt prefix), and --generate-items N generates full answers for SBERT and MLE on the first N items only. Every \
 AD-PL number comes with a 95% bootstrap interval that resamples image pairs (2000 resamples, fixed seed). --device cuda answers on the GPU (models::sage, bf16, \
 KV-cached decoding); the anomaly maps and the image encoder (run once per image, cached) stay on the CPU.";
 
