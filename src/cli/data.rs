@@ -1,10 +1,12 @@
-//! `sage data`: build an AD-PL preference dataset, check a data file, count what is in one.
+//! `sage data`: build an AD-PL preference dataset, synthesise anomalies with masks, check a data
+//! file, count what is in one.
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
 use crate::data::build::{self, Source};
 use crate::data::format::{guess_format, load_samples, DataFormat};
 use crate::data::problems::Report;
+use crate::data::synth::{self, Method};
 use crate::data::{adpl, manta, mmad, stats, Sample};
 use crate::user_err;
 use anyhow::Result;
@@ -29,6 +31,9 @@ ELPV unseen-poly/ (train on mono, test on poly) and unseen-mono/; MVTec unseen-<
 out). Image paths are written absolute. Deterministic under --seed."
     )]
     Build(BuildArgs),
+    /// Synthetic anomalies with masks (CutPaste, DRAEM, NSA) from a data set's normal images.
+    #[command(long_about = SYNTH_LONG_ABOUT)]
+    Synth(SynthArgs),
     /// Validate an AD-PL, MANTA or MMAD file and list every problem (exit 2 when any).
     Check(CheckArgs),
     /// Count items and questions per level, label, category and split.
@@ -63,6 +68,53 @@ struct BuildArgs {
     holdout: Vec<String>,
 }
 
+const SYNTH_LONG_ABOUT: &str =
+    "Synthetic anomalies with pixel masks, drawn from the normal images of ELPV (categories: \
+the cell types mono and poly) or an MVTec-layout folder (<category>/train/good and test/good). Each category's \
+normals are shuffled under --seed and shared out ([split] in --config): references to train/good, held-out normals \
+to test/good, the rest are sources, each giving --per-image anomalies. Methods: cutpaste (a jittered rectangle of \
+the image pasted elsewhere; mask = the pasted footprint), draem (a thresholded Perlin-noise region filled with a \
+texture taken from another category's normal image; mask = the region), nsa (a patch of another normal image of \
+the category, Poisson-blended; mask = the pixels the blend visibly changed). Pixels outside a mask are the \
+source's exactly. Writes OUT/<category>/{train/good,test/good,test/<method>,ground_truth/<method>} (the MVTec \
+layout `sage data build --source mvtec --root OUT` reads) and OUT/<category>/synth-<method>.json (every sample's \
+source, drawn parameters and mask boxes). Another --method into the same OUT adds its folders and leaves \
+train/good and test/good as they were. Deterministic under --seed. Parameters: configs/synth.toml.";
+
+#[derive(clap::Args, Debug)]
+struct SynthArgs {
+    /// Where the normal images come from.
+    #[arg(long, value_enum)]
+    source: Source,
+    /// The dataset folder (default for elpv: the installed ELPV package; required for mvtec).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Output folder (MVTec layout); must not overlap --root.
+    #[arg(long)]
+    out: PathBuf,
+    /// The recipe.
+    #[arg(long, value_enum)]
+    method: Method,
+    /// Anomalies drawn from each source image.
+    #[arg(long, default_value_t = 1)]
+    per_image: usize,
+    /// Seed for the split and every sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// TOML with [split], [accept], [cutpaste], [draem], [nsa] (default: configs/synth.toml's values).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Use at most this many source images per category (0 = all); the split is unchanged.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Also write a PNG grid of the first samples: source beside anomaly, mask contour in red.
+    #[arg(long)]
+    contact_sheet: Option<PathBuf>,
+    /// Samples on the contact sheet.
+    #[arg(long, default_value_t = 16)]
+    sheet_count: usize,
+}
+
 #[derive(clap::Args, Debug)]
 struct CheckArgs {
     /// The file's format.
@@ -90,6 +142,7 @@ struct StatsArgs {
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     match a.command {
         Cmd::Build(b) => run_build(ctx, b),
+        Cmd::Synth(a) => run_synth(ctx, a),
         Cmd::Check(c) => run_check(ctx, c),
         Cmd::Stats(s) => run_stats(ctx, s),
     }
@@ -136,6 +189,58 @@ fn run_build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
             f.normal,
             f.anomalous
         );
+    }
+    println!("written in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn run_synth(ctx: &Ctx, a: SynthArgs) -> Result<()> {
+    let root = match (a.root, a.source) {
+        (Some(r), _) => r,
+        (None, Source::Elpv) => Asset::ElpvDir.path()?,
+        (None, Source::Mvtec) => return Err(user_err!("--source mvtec needs --root <folder of MVTec AD categories>")),
+    };
+    let opts = synth::Options {
+        source: a.source,
+        root,
+        out: a.out,
+        method: a.method,
+        per_image: a.per_image,
+        seed: a.seed,
+        config: a.config,
+        limit: a.limit,
+        contact_sheet: a.contact_sheet,
+        sheet_count: a.sheet_count,
+    };
+    let t0 = std::time::Instant::now();
+    let s = synth::run(&opts, ctx.quiet())?;
+    if ctx.json {
+        return print_json(&s);
+    }
+    println!(
+        "{} anomalies from {} (seed {}) into {}: {} kept, {} skipped",
+        s.method.name(),
+        s.root.display(),
+        s.seed,
+        s.out.display(),
+        s.samples,
+        s.skipped
+    );
+    for c in &s.categories {
+        println!(
+            "  {:<12} {:>5} normals: {:>5} train/good {:>5} test/good {:>5} sources -> {:>5} samples ({} skipped)  {}",
+            c.category,
+            c.normals,
+            c.train_good,
+            c.test_good,
+            c.sources,
+            c.samples,
+            c.skipped,
+            c.manifest.display()
+        );
+    }
+    if let Some(p) = &s.contact_sheet {
+        println!("contact sheet: {}", p.display());
     }
     println!("written in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())

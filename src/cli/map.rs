@@ -1,10 +1,16 @@
-//! `sage map`: the training-free anomaly map for one pair, or its AUROC over ELPV.
+//! `sage map`: the training-free anomaly map for one pair, or its metrics over a dataset
+//! (`--eval --data D`: `eval::map_eval`; `--eval-elpv`: `eval::elpv`; `--eval-elpv --shots`:
+//! `eval::shots`).
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
+use crate::eval::map_eval::{self, MapEvalOptions};
+use crate::eval::shots::{self, Shots, ShotsConfig};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::EfficientNetLite;
+use crate::models::memory_bank::ImageScore;
+use crate::models::patch_encoder::{EncoderKind, PatchEncoder};
 use crate::ops::similarity::Reduce;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -13,12 +19,25 @@ pub const LONG_ABOUT: &str =
     "Training-free anomaly map (ARCHITECTURE.md §1): EfficientNet-Lite0 patch tokens (14×14 grid, \
 stride-8 and stride-16 features) of the test and reference images; each test patch scores 1 − its highest cosine \
 similarity to any reference patch; the image score is the map's maximum. Without --reference the test image is \
-compared with itself (zero-shot). --eval-elpv reports the image AUROC over ELPV instead.";
+compared with itself (zero-shot).\n\n\
+--eval --data D scores the map over a labelled dataset D, a folder in the MVTec AD layout or a data file (AD-PL as \
+`sage data build` writes it, MANTA, MMAD; format guessed): each test image against its sample's reference \
+(zero-shot without one, counted); image AUROC from the map's maximum and, where masks exist, the map upsampled to \
+the mask's pixels, smoothed (--sigma) and scored as pixel AUROC and PRO (MVTec AD's per-region overlap: the area \
+under the PRO curve up to a false-positive rate of 0.3, over 0.3); per category, pooled, and averaged over \
+categories (ARCHITECTURE.md §6). --eval-elpv is its ELPV form (image AUROC of defective against normal cells, one \
+same-type reference each), kept as it is for `sage demo`.\n\n\
+--eval-elpv --shots 1,4,16,full --encoder efficientnet,dinov2 is the few-shot protocol (ARCHITECTURE.md §6): per \
+cell type the normal cells split by position into a reference pool (even) and scored normals (odd); a k-shot \
+memory bank holds every patch of the first k pool cells, `full` a greedy coreset (--coreset) of the whole pool; \
+each scored cell's map is 1 − its patches' highest cosine similarity to the bank, its score the map's maximum or \
+AnomalyDINO's mean of the top 1% (--image-score). Every row scores the same cells; each AUROC has a 95% bootstrap \
+interval over cells and each encoder after the first its paired difference from the first.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The test image.
-    #[arg(long, required_unless_present = "eval_elpv")]
+    #[arg(long, required_unless_present_any = ["eval_elpv", "eval"])]
     test: Option<PathBuf>,
     /// A normal reference image of the same kind (omit for zero-shot).
     #[arg(long)]
@@ -34,13 +53,59 @@ pub struct Args {
     k: usize,
     /// Evaluate on ELPV: cells with defect probability ≥ 2/3 against cells with 0, each scored
     /// against one normal reference cell of the same type (mono/poly); prints the image AUROC.
-    #[arg(long, conflicts_with_all = ["test", "reference", "out"])]
+    #[arg(long, conflicts_with_all = ["test", "reference", "out", "eval"])]
     eval_elpv: bool,
-    /// With --eval-elpv: use at most this many cells of each label and type (0 = all).
+    /// With --eval-elpv: the few-shot protocol with these memory banks, comma-separated: k normal
+    /// reference cells of the cell's type, or `full` (a coreset of the whole reference pool).
+    #[arg(long, value_delimiter = ',', requires = "eval_elpv", value_name = "K|full,...")]
+    shots: Vec<Shots>,
+    /// With --shots: the patch encoders, comma-separated; the first is the one the others are
+    /// compared with.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "efficientnet", requires = "shots")]
+    encoder: Vec<EncoderKind>,
+    /// With --shots: DINOv2's input side in pixels, a multiple of 14 (224 → 16×16 patches, 448 →
+    /// 32×32).
+    #[arg(long, default_value_t = 224, requires = "shots")]
+    size: u32,
+    /// With --shots: how a cell's patch map reduces to its score.
+    #[arg(long, value_enum, default_value = "max", requires = "shots")]
+    image_score: ImageScore,
+    /// With --shots: the full-shot bank's coreset, as a share of the pool's patches (1 = all).
+    #[arg(long, default_value_t = 0.1, requires = "shots")]
+    coreset: f64,
+    /// Evaluate on the labelled dataset --data: image AUROC, and pixel AUROC and PRO where masks
+    /// exist, per category, pooled and averaged over categories.
+    #[arg(long, requires = "data", conflicts_with_all = ["test", "reference", "out"])]
+    eval: bool,
+    /// With --eval: a folder in the MVTec AD layout (<category>/train/good, <category>/test/<defect>,
+    /// <category>/ground_truth/<defect>) or a data file (AD-PL, MANTA, MMAD; format guessed).
+    #[arg(long, requires = "eval")]
+    data: Option<PathBuf>,
+    /// With a --data file: the folder its image paths are relative to [default: the file's folder].
+    #[arg(long, requires = "data")]
+    image_root: Option<PathBuf>,
+    /// With --data an MVTec AD folder: the seed that picks each test image's train/good reference;
+    /// with --shots: the seed of the coreset's random projection and of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// With --eval: the σ, in mask pixels, of the Gaussian that smooths each upsampled map before
+    /// the pixel metrics (PatchCore's 4; 0 = no smoothing).
+    #[arg(long, default_value_t = 4.0)]
+    sigma: f32,
+    /// With --eval: score pixels at this size on the shorter side when a mask is larger (masks
+    /// resized by nearest neighbour; 0 = each mask's own size, as MVTec AD's evaluation does). The
+    /// pixel metrics hold 12 bytes per pixel: full-resolution MVTec AD needs ~20 GB, 256 ~1.4 GB.
+    #[arg(long, default_value_t = 0)]
+    mask_side: usize,
+    /// With --eval: write each test image's heat map to DIR/<sample id>.png.
+    #[arg(long, value_name = "DIR", requires = "eval")]
+    out_maps: Option<PathBuf>,
+    /// With --eval-elpv: at most this many cells of each label and type; with --eval: at most this
+    /// many samples of each category and label, in data order (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    /// Read reduce, k and limit from a TOML file (e.g. configs/map-elpv.toml); keys present in
-    /// the file replace the corresponding flags.
+    /// Read reduce, k, limit and sigma from a TOML file (e.g. configs/map-elpv.toml); keys present
+    /// in the file replace the corresponding flags.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -52,6 +117,7 @@ struct MapConfig {
     reduce: Option<Reduce>,
     k: Option<usize>,
     limit: Option<usize>,
+    sigma: Option<f32>,
 }
 
 impl crate::config::CheckRanges for MapConfig {
@@ -59,6 +125,9 @@ impl crate::config::CheckRanges for MapConfig {
         let patches = crate::sfe::config::PATCH_GRID * crate::sfe::config::PATCH_GRID;
         if let Some(k) = self.k {
             c.int("k", k as u64, 1, patches);
+        }
+        if let Some(sigma) = self.sigma {
+            c.float("sigma", sigma as f64, 0.0, 64.0);
         }
     }
 }
@@ -69,11 +138,38 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
         a.reduce = c.reduce.unwrap_or(a.reduce);
         a.k = c.k.unwrap_or(a.k);
         a.limit = c.limit.unwrap_or(a.limit);
+        a.sigma = c.sigma.unwrap_or(a.sigma);
     }
+    if !a.shots.is_empty() {
+        return eval_shots(ctx, &a);
+    }
+    // The dataset is read before the encoder loads, so a wrong --data or --sigma fails at once.
+    let eval = match &a.data {
+        Some(data) if a.eval => {
+            let o = MapEvalOptions {
+                sigma: a.sigma,
+                limit: a.limit,
+                mask_side: a.mask_side,
+                out_maps: a.out_maps.clone(),
+                encoder: "efficientnet-lite0".into(),
+            };
+            o.check()?;
+            Some((map_eval::load_dataset(data, a.seed, a.image_root.as_deref())?, o))
+        }
+        _ => None,
+    };
     let net = EfficientNetLite::load(&Asset::EfficientNetPth.path()?)?;
     let mapper = AnomalyMapper { net, reduce: a.reduce, k: a.k };
     if a.eval_elpv {
         return eval_elpv(ctx, &mapper, a.limit);
+    }
+    if let Some((data, o)) = eval {
+        let r = map_eval::evaluate(&mapper, &data, &o, ctx.quiet())?;
+        if ctx.json {
+            return print_json(&r);
+        }
+        print!("{}", r.render_text());
+        return Ok(());
     }
     let test_path = a.test.expect("clap requires --test");
     let test_img = image_io::load(&test_path)?;
@@ -102,6 +198,28 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     if let Some(out) = &a.out {
         println!("heat map: {}", out.display());
     }
+    Ok(())
+}
+
+fn eval_shots(ctx: &Ctx, a: &Args) -> Result<()> {
+    if !(a.coreset > 0.0 && a.coreset <= 1.0) {
+        crate::user_bail!("--coreset {}: give the share of the pool's patches to keep, in (0, 1]", a.coreset);
+    }
+    let mut kinds = a.encoder.clone();
+    kinds.dedup();
+    let encoders = kinds.iter().map(|&k| PatchEncoder::load(k, Some(a.size))).collect::<Result<Vec<_>>>()?;
+    let cfg = ShotsConfig {
+        shots: a.shots.clone(),
+        image_score: a.image_score,
+        coreset: a.coreset,
+        limit: a.limit,
+        seed: a.seed,
+    };
+    let r = shots::evaluate(&encoders, &Asset::ElpvDir.path()?, &cfg, ctx.quiet())?;
+    if ctx.json {
+        return print_json(&r);
+    }
+    print!("{}", shots::markdown(&r));
     Ok(())
 }
 

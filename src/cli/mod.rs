@@ -1,6 +1,7 @@
 //! The `sage` command line: global flags, one module per subcommand.
 
 mod bench;
+mod bench_encoder;
 mod bench_kernels;
 mod bench_train;
 mod classify;
@@ -75,7 +76,7 @@ pub enum Command {
     /// Training-free anomaly map: each test patch's distance to its nearest reference patch.
     #[command(long_about = map::LONG_ABOUT)]
     Map(map::Args),
-    /// Convert a legacy PyTorch .pth state dict to safetensors.
+    /// Convert a legacy PyTorch .pth state dict or an ONNX DINOv2 export to safetensors.
     Convert(convert::Args),
     /// Report the backend, assets, threads and versions this machine would use.
     Doctor(doctor::Args),

@@ -1,5 +1,6 @@
 //! Defect masks → boxes and a coarse place, which the builder's answers state as the defect's
-//! location and size (only where a ground-truth mask exists; nothing is guessed).
+//! location and size (only where a ground-truth mask exists; nothing is guessed), and the
+//! connected regions PRO is averaged over ([`label_regions`], `eval::pro`).
 
 use super::templates::{place_of, Region};
 use crate::image_io;
@@ -25,40 +26,58 @@ pub fn analyze(path: &Path) -> Result<MaskInfo> {
 
 /// The analysis of a row-major boolean mask.
 pub fn from_pixels(on: &[bool], w: usize, h: usize) -> MaskInfo {
-    let mut seen = vec![false; on.len()];
-    let mut boxes = Vec::new();
+    let (labels, regions) = label_regions(on, w, h);
+    let mut bounds = vec![(usize::MAX, usize::MAX, 0, 0); regions];
     let (mut n, mut sx, mut sy) = (0usize, 0f64, 0f64);
-    let mut stack = Vec::new();
-    for start in 0..on.len() {
-        if !on[start] || seen[start] {
+    for (i, &l) in labels.iter().enumerate() {
+        if l == 0 {
             continue;
         }
-        seen[start] = true;
-        stack.push(start);
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        while let Some(i) = stack.pop() {
-            let (x, y) = (i % w, i / w);
-            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-            n += 1;
-            sx += x as f64 + 0.5;
-            sy += y as f64 + 0.5;
-            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
-                    let j = ny * w + nx;
-                    if on[j] && !seen[j] {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        boxes.push([x0 as f32, y0 as f32, (x1 + 1) as f32, (y1 + 1) as f32]);
+        let (x, y) = (i % w, i / w);
+        let b = &mut bounds[l as usize - 1];
+        *b = (b.0.min(x), b.1.min(y), b.2.max(x), b.3.max(y));
+        n += 1;
+        sx += x as f64 + 0.5;
+        sy += y as f64 + 0.5;
     }
+    let boxes =
+        bounds.iter().map(|&(x0, y0, x1, y1)| [x0 as f32, y0 as f32, (x1 + 1) as f32, (y1 + 1) as f32]).collect();
     let region = (n > 0).then(|| Region {
         place: place_of((sx / n as f64 / w as f64) as f32, (sy / n as f64 / h as f64) as f32),
         area: n as f32 / (w * h) as f32,
     });
     MaskInfo { boxes, region }
+}
+
+/// The connected regions of a row-major `w × h` boolean mask, 8-connectivity (diagonal
+/// neighbours join, as `scipy.ndimage.label` with a 3×3 structure): each pixel's region number
+/// (0 = background, regions 1..=n numbered in the raster order of their first pixel) and n.
+pub fn label_regions(on: &[bool], w: usize, h: usize) -> (Vec<u32>, usize) {
+    assert_eq!(on.len(), w * h, "a {w}×{h} mask has {} pixels", on.len());
+    let mut labels = vec![0u32; on.len()];
+    let mut regions = 0u32;
+    let mut stack = Vec::new();
+    for start in 0..on.len() {
+        if !on[start] || labels[start] != 0 {
+            continue;
+        }
+        regions += 1;
+        labels[start] = regions;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % w, i / w);
+            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    let j = ny * w + nx;
+                    if on[j] && labels[j] == 0 {
+                        labels[j] = regions;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+    }
+    (labels, regions as usize)
 }
 
 #[cfg(test)]
@@ -80,5 +99,28 @@ mod tests {
         assert_eq!(r.place, "left part");
         assert!((r.area - 6.0 / 27.0).abs() < 1e-6);
         assert_eq!(from_pixels(&[false; 4], 2, 2), MaskInfo { boxes: vec![], region: None });
+    }
+
+    #[test]
+    fn regions_are_numbered_in_raster_order_with_diagonals_joining() {
+        // 5×4: a diagonal chain (one region under 8-connectivity, three under 4), a pair, a dot.
+        #[rustfmt::skip]
+        let m = [
+            1, 0, 0, 0, 1,
+            0, 1, 0, 0, 1,
+            0, 0, 1, 0, 0,
+            1, 0, 0, 0, 0,
+        ].map(|v| v == 1);
+        let (labels, n) = label_regions(&m, 5, 4);
+        assert_eq!(n, 3);
+        #[rustfmt::skip]
+        assert_eq!(labels, [
+            1, 0, 0, 0, 2,
+            0, 1, 0, 0, 2,
+            0, 0, 1, 0, 0,
+            3, 0, 0, 0, 0,
+        ]);
+        assert_eq!(label_regions(&[false; 6], 3, 2), (vec![0; 6], 0));
+        assert_eq!(label_regions(&[true; 6], 3, 2), (vec![1; 6], 1));
     }
 }

@@ -14,6 +14,7 @@ pub mod mvtec;
 pub mod problems;
 pub mod sample;
 pub mod stats;
+pub mod synth;
 pub mod templates;
 
 pub use sample::{Label, Level, Question, Sample};

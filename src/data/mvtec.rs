@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 /// Sorted sub-folders of `dir`.
-fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| user_err!("cannot read folder {}: {e}", dir.display()))?;
     let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     v.sort();
@@ -25,7 +25,7 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Sorted image files directly in `dir`.
-fn images(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn images(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| user_err!("cannot read folder {}: {e}", dir.display()))?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok())

@@ -1,6 +1,6 @@
 //! Anomaly-map metrics (ARCHITECTURE.md §6): image AUROC from each map's maximum against the image
 //! labels, and pixel AUROC from every pixel's map value against its mask, over the images that
-//! have a mask.
+//! have a mask. PRO, the per-region overlap, is [`super::pro`].
 //!
 //! Maps are fed one at a time to [`MapMetrics`], which keeps 4 bytes per masked pixel and one
 //! score per image, so a whole test set never has to be held as maps. The map must already have
@@ -69,8 +69,22 @@ impl MapMetrics {
         Ok(())
     }
 
+    /// Adds another accumulator's images and pixels (e.g. one category's into the total).
+    pub fn merge(&mut self, other: MapMetrics) {
+        self.image_scores.extend(other.image_scores);
+        self.image_labels.extend(other.image_labels);
+        self.positive.extend(other.positive);
+        self.negative.extend(other.negative);
+        self.masked_images += other.masked_images;
+    }
+
     /// The AUROCs. Consumes the accumulator (pixel AUROC sorts the pixels in place).
     pub fn report(mut self) -> MapReport {
+        self.report_in_place()
+    }
+
+    /// [`MapMetrics::report`] keeping the accumulator (its pixels sorted), e.g. to merge it next.
+    pub fn report_in_place(&mut self) -> MapReport {
         MapReport {
             image_auroc: auroc(&self.image_scores, &self.image_labels),
             pixel_auroc: auroc_split(&mut self.positive, &mut self.negative),
@@ -98,6 +112,9 @@ mod tests {
         m.add(&[0.35, f32::NAN, 0.1, 0.1], Some(true), None).unwrap();
         // A map with neither label nor mask counts nowhere.
         m.add(&[9.0], None, None).unwrap();
+        let mut total = MapMetrics::new();
+        total.merge(m.clone());
+        assert_eq!(total.report_in_place(), m.clone().report());
         let r = m.report();
         // Image: positives {0.8, 0.35} vs negative {0.4}: 0.8 > 0.4, 0.35 < 0.4 → 1/2.
         assert_eq!(r.image_auroc, Some(0.5));

@@ -7,12 +7,15 @@
 //! - [`adpl`]: AD-PL and MANTA (Yes/No conclusions): accuracy per level, Acc-G, SBERT, MLE.
 //! - [`mmad`]: MMAD's multiple-choice protocol: per-subtask accuracy, averaged per source dataset.
 //! - [`maps`]: anomaly maps: image AUROC (max of the map) and pixel AUROC.
+//! - [`pro`]: anomaly maps: PRO, MVTec AD's per-region overlap (AUPRO up to FPR 0.3).
 //! - [`stats`]: uncertainty: cluster bootstrap intervals (paired for differences), McNemar's test.
 //!
 //! Around them: [`generate`] runs the model, [`answers`] reads and writes answers files,
 //! [`report`] is the report (markdown and JSON), [`html`] one self-contained HTML page of the
 //! pairs, their maps and answers, and [`run`] is one evaluation end to end, the function `sage
-//! eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map --eval-elpv`).
+//! eval` calls. [`elpv`] is the anomaly map's AUROC over ELPV (`sage map --eval-elpv`);
+//! [`map_eval`] its general form over any labelled dataset, with pixel AUROC and PRO where masks
+//! exist (`sage map --eval --data D`).
 
 pub mod adpl;
 pub mod answers;
@@ -20,11 +23,14 @@ pub mod elpv;
 pub mod generate;
 pub mod html;
 pub mod intervals;
+pub mod map_eval;
 pub mod maps;
 pub mod mmad;
 pub mod page;
+pub mod pro;
 pub mod report;
 pub mod run;
+pub mod shots;
 pub mod stats;
 
 use crate::data::sample::Sample;

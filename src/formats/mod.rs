@@ -1,4 +1,5 @@
-//! File formats: GGUF, safetensors, legacy PyTorch pickles, tokenizers (with [`utf8`], the
+//! File formats: GGUF, safetensors, legacy PyTorch pickles, ONNX graphs (over a small
+//! [`protobuf`] wire reader), tokenizers (with [`utf8`], the
 //! incremental UTF-8 decoding of their byte-level output) and chat templates.
 //!
 //! Every reader validates sizes and offsets before touching data and reports problems with the
@@ -6,6 +7,8 @@
 
 pub mod chat_template;
 pub mod gguf;
+pub mod onnx;
+pub mod protobuf;
 pub mod pth;
 pub mod safetensors;
 pub mod tokenizer;

