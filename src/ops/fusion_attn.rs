@@ -66,6 +66,66 @@ pub fn fusion_attn_forward(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out:
     });
 }
 
+/// Query rows per task of [`fusion_attn_forward_gemm`]: the score block stays in L2 at a few
+/// thousand keys.
+const QUERY_BLOCK: usize = 64;
+
+/// [`fusion_attn_forward`] as GEMMs (the host path; the loop above stays the reference): one task
+/// per (sample, head, block of 64 queries), each `scores = scale · Q·Kᵀ` and `out = P·V` through
+/// `ops::gemm` on strided views of the head, so a single long sequence (a ViT's 257–1025 tokens)
+/// is spread over every thread instead of one task per sample.
+pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out: &mut [f32], lse: &mut [f32]) {
+    use crate::ops::gemm::{sgemm, MatRef};
+    check_lens(&s, q.len(), k.len(), v.len());
+    assert_eq!(out.len(), s.q_len());
+    assert_eq!(lse.len(), s.lse_len());
+    let FusionShape { batch, queries: l, keys: n, heads: h, head_dim: d } = s;
+    if n == 0 {
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        return;
+    }
+    let scale = s.scale();
+    let stride = h * d;
+    let tasks: Vec<(usize, usize, usize)> = (0..batch)
+        .flat_map(|b| (0..h).flat_map(move |hh| (0..l).step_by(QUERY_BLOCK).map(move |i0| (b, hh, i0))))
+        .collect();
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(b, hh, i0)| {
+            let rows = QUERY_BLOCK.min(l - i0);
+            let qs = ((b * l + i0) * h + hh) * d;
+            let ks = (b * n * h + hh) * d;
+            let qm = MatRef { data: &q[qs..], row_stride: stride, col_stride: 1 };
+            let kt = MatRef { data: &k[ks..], row_stride: 1, col_stride: stride };
+            let vm = MatRef { data: &v[ks..], row_stride: stride, col_stride: 1 };
+            let mut p = vec![0.0f32; rows * n];
+            sgemm(rows, n, d, qm, kt, &mut p, false);
+            let mut lse_rows = Vec::with_capacity(rows);
+            for r in p.chunks_exact_mut(n) {
+                let m = r.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(scale * x));
+                let mut sum = 0.0f32;
+                for x in r.iter_mut() {
+                    *x = (scale * *x - m).exp();
+                    sum += *x;
+                }
+                r.iter_mut().for_each(|x| *x /= sum);
+                lse_rows.push(m + sum.ln());
+            }
+            let mut o = vec![0.0f32; rows * d];
+            sgemm(rows, d, n, MatRef::rows(&p, n), vm, &mut o, false);
+            (o, lse_rows)
+        })
+        .collect();
+    for (&(b, hh, i0), (o, lse_rows)) in tasks.iter().zip(&blocks) {
+        for (r, (orow, &ls)) in o.chunks_exact(d).zip(lse_rows).enumerate() {
+            let at = ((b * l + i0 + r) * h + hh) * d;
+            out[at..at + d].copy_from_slice(orow);
+            lse[(b * h + hh) * l + i0 + r] = ls;
+        }
+    }
+}
+
 /// Gradients of the fusion attention for upstream `dout`, from the forward's `out` and `lse`.
 pub struct FusionGrads {
     pub dq: Vec<f32>,
@@ -140,6 +200,25 @@ mod tests {
         let mut lse = vec![0.0; s.lse_len()];
         fusion_attn_forward(q, k, v, s, &mut out, &mut lse);
         out.iter().zip(g).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    #[test]
+    fn the_gemm_forward_matches_the_reference_loop() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        // A block boundary (130 = 2·64 + 2 queries), one query, no keys, several samples.
+        for (batch, queries, keys) in [(1, 130, 70), (3, 1, 5), (2, 7, 0), (2, 65, 9)] {
+            let s = FusionShape { batch, queries, keys, heads: 3, head_dim: 8 };
+            let (q, k, v) = (randn(&mut rng, s.q_len()), randn(&mut rng, s.kv_len()), randn(&mut rng, s.kv_len()));
+            let (mut o1, mut l1) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
+            let (mut o2, mut l2) = (vec![1.0; s.q_len()], vec![1.0; s.lse_len()]);
+            fusion_attn_forward(&q, &k, &v, s, &mut o1, &mut l1);
+            fusion_attn_forward_gemm(&q, &k, &v, s, &mut o2, &mut l2);
+            let err = o1.iter().zip(&o2).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "{s:?}: out differs by {err}");
+            for (a, b) in l1.iter().zip(&l2) {
+                assert!(a == b || (a - b).abs() < 1e-5, "{s:?}: lse {a} vs {b}");
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
 use crate::ops::conv::depthwise_conv2d;
 use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs};
 use crate::ops::embedding::embedding_backward;
-use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward};
+use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward_gemm};
 use crate::ops::gemm::{sgemm, MatRef};
 use crate::ops::loss::{cross_entropy_, IGNORE};
 use crate::ops::matmul::{linear_backward, linear_forward};
@@ -335,7 +335,7 @@ impl Attention for HostOps {
         s: FusionShape,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut out, mut lse) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
-        fusion_attn_forward(q, k, v, s, &mut out, &mut lse);
+        fusion_attn_forward_gemm(q, k, v, s, &mut out, &mut lse);
         Ok((out, lse))
     }
 
