@@ -211,3 +211,82 @@ fn dinov2_on_the_emulated_device_matches_the_cpu() {
     let stdout = common::emu::run_tests_on_emulated_device(&["--exact", "dinov2_on_the_gpu_matches_the_cpu"], &[]);
     assert!(stdout.contains("dinov2 on the gpu: max error"), "{stdout}");
 }
+
+/// `sage map --encoder dinov2` on one pair: a 16×16 map at 224 pixels, 32×32 at 448, and the
+/// test cell against itself scores (near) zero everywhere.
+#[test]
+fn the_pair_map_runs_on_dinov2_tokens() {
+    let (a, b) = (elpv_image("cell0001.png"), elpv_image("cell0002.png"));
+    for (size, grid) in [("224", 16), ("448", 32)] {
+        let o = sage()
+            .args(["--json", "map", "--encoder", "dinov2", "--size", size, "--test"])
+            .arg(&a)
+            .arg("--reference")
+            .arg(&b)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = &stdout_json(&o)["result"];
+        assert_eq!((r["grid_h"].as_u64(), r["grid_w"].as_u64()), (Some(grid), Some(grid)));
+        let score = r["score"].as_f64().unwrap();
+        assert!(score > 0.0 && score < 2.0, "{score}");
+    }
+    let o = sage()
+        .args(["--json", "map", "--encoder", "dinov2", "--test"])
+        .arg(&a)
+        .arg("--reference")
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let score = stdout_json(&o)["result"]["score"].as_f64().unwrap();
+    assert!(score.abs() < 1e-4, "a cell against itself: {score}");
+    expect_user_error(sage().args(["map", "--encoder", "dinov2", "--size", "230", "--test"]).arg(&a), "--size 230");
+}
+
+/// The few-shot protocol on a few cells of each type: one row per encoder × bank with an
+/// interval that holds its estimate, the paired difference on DINOv2's rows only, and the bank
+/// sizes it says (k cells × patches; the coreset a tenth of the pool's patches).
+#[test]
+fn few_shot_table_for_both_encoders_on_the_same_cells() {
+    let o = sage()
+        .args([
+            "--json",
+            "map",
+            "--eval-elpv",
+            "--shots",
+            "1,2,full",
+            "--encoder",
+            "efficientnet,dinov2",
+            "--limit",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = stdout_json(&o);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    for (i, r) in rows.iter().enumerate() {
+        let a = &r["image_auroc"];
+        let (e, lo, hi) = (a["estimate"].as_f64().unwrap(), a["lo"].as_f64().unwrap(), a["hi"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&e) && lo <= e && e <= hi, "{r}");
+        assert_eq!(r["minus_first_encoder"].is_null(), i < 3, "{r}");
+        let patches = if i < 3 { 196 } else { 256 };
+        let want = match r["shots"].as_str().unwrap() {
+            "1" => patches,
+            "2" => 2 * patches,
+            _ => (4 * patches) / 10,
+        } as u64;
+        for n in r["bank_patches"].as_object().unwrap().values() {
+            assert!(n.as_u64().unwrap().abs_diff(want) <= 1, "{r}");
+        }
+    }
+    for k in v["kinds"].as_array().unwrap() {
+        assert_eq!((k["pool"].as_u64(), k["normal"].as_u64(), k["defective"].as_u64()), (Some(4), Some(4), Some(4)));
+    }
+    expect_user_error(sage().args(["map", "--eval-elpv", "--shots", "1", "--coreset", "0"]), "--coreset");
+    let o = sage().args(["map", "--eval-elpv", "--shots", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`0` is not a number of references"));
+}

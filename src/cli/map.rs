@@ -8,7 +8,6 @@ use crate::eval::map_eval::{self, MapEvalOptions};
 use crate::eval::shots::{self, Shots, ShotsConfig};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
-use crate::models::efficientnet::EfficientNetLite;
 use crate::models::memory_bank::ImageScore;
 use crate::models::patch_encoder::{EncoderKind, PatchEncoder};
 use crate::ops::similarity::Reduce;
@@ -16,8 +15,9 @@ use anyhow::Result;
 use std::path::PathBuf;
 
 pub const LONG_ABOUT: &str =
-    "Training-free anomaly map (ARCHITECTURE.md §1): EfficientNet-Lite0 patch tokens (14×14 grid, \
-stride-8 and stride-16 features) of the test and reference images; each test patch scores 1 − its highest cosine \
+    "Training-free anomaly map (ARCHITECTURE.md §1): patch tokens of the test and reference images from \
+EfficientNet-Lite0 (14×14 grid, stride-8 and stride-16 features; the default) or DINOv2 ViT-S/14 (--encoder dinov2: \
+the last layer's normalised tokens, 16×16 at --size 224); each test patch scores 1 − its highest cosine \
 similarity to any reference patch; the image score is the map's maximum. Without --reference the test image is \
 compared with itself (zero-shot).\n\n\
 --eval --data D scores the map over a labelled dataset D, a folder in the MVTec AD layout or a data file (AD-PL as \
@@ -59,13 +59,12 @@ pub struct Args {
     /// reference cells of the cell's type, or `full` (a coreset of the whole reference pool).
     #[arg(long, value_delimiter = ',', requires = "eval_elpv", value_name = "K|full,...")]
     shots: Vec<Shots>,
-    /// With --shots: the patch encoders, comma-separated; the first is the one the others are
-    /// compared with.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "efficientnet", requires = "shots")]
+    /// The patch encoder (EfficientNet-Lite0's 14×14 tokens, or DINOv2 ViT-S/14's last layer);
+    /// with --shots a comma-separated list, the first being the one the others are compared with.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "efficientnet")]
     encoder: Vec<EncoderKind>,
-    /// With --shots: DINOv2's input side in pixels, a multiple of 14 (224 → 16×16 patches, 448 →
-    /// 32×32).
-    #[arg(long, default_value_t = 224, requires = "shots")]
+    /// DINOv2's input side in pixels, a multiple of 14 (224 → 16×16 patches, 448 → 32×32).
+    #[arg(long, default_value_t = 224)]
     size: u32,
     /// With --shots: how a cell's patch map reduces to its score.
     #[arg(long, value_enum, default_value = "max", requires = "shots")]
@@ -151,19 +150,29 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
                 limit: a.limit,
                 mask_side: a.mask_side,
                 out_maps: a.out_maps.clone(),
-                encoder: "efficientnet-lite0".into(),
+                encoder: String::new(),
             };
             o.check()?;
             Some((map_eval::load_dataset(data, a.seed, a.image_root.as_deref())?, o))
         }
         _ => None,
     };
-    let net = EfficientNetLite::load(&Asset::EfficientNetPth.path()?)?;
-    let mapper = AnomalyMapper { net, reduce: a.reduce, k: a.k };
+    let kind = match a.encoder[..] {
+        [kind] => kind,
+        _ => crate::user_bail!("--encoder takes one encoder here; a list is for --eval-elpv --shots"),
+    };
+    if a.eval_elpv && kind != EncoderKind::Efficientnet {
+        crate::user_bail!(
+            "--eval-elpv without --shots is the EfficientNet map `sage demo` reports; add --shots 1 for DINOv2"
+        );
+    }
+    let encoder = PatchEncoder::load(kind, Some(a.size))?;
+    let mapper = AnomalyMapper { encoder, reduce: a.reduce, k: a.k };
     if a.eval_elpv {
         return eval_elpv(ctx, &mapper, a.limit);
     }
-    if let Some((data, o)) = eval {
+    if let Some((data, mut o)) = eval {
+        o.encoder = mapper.encoder.describe();
         let r = map_eval::evaluate(&mapper, &data, &o, ctx.quiet())?;
         if ctx.json {
             return print_json(&r);
@@ -173,9 +182,9 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     }
     let test_path = a.test.expect("clap requires --test");
     let test_img = image_io::load(&test_path)?;
-    let test = mapper.tokens(&test_img);
+    let test = mapper.tokens(&test_img)?;
     let reference = match &a.reference {
-        Some(p) => Some(mapper.tokens(&image_io::load(p)?)),
+        Some(p) => Some(mapper.tokens(&image_io::load(p)?)?),
         None => None,
     };
     let m = mapper.compare(&test, reference.as_ref())?;

@@ -59,12 +59,12 @@ pub fn elpv_auroc(mapper: &AnomalyMapper, elpv_dir: &Path, limit: usize, quiet: 
         // not cherry-picked. It is not scored itself.
         let reference =
             normals.first().ok_or_else(|| user_err!("ELPV has no normal {kind} cell to use as reference"))?;
-        let ref_tokens = mapper.tokens(&image_io::load(&reference.path)?);
+        let ref_tokens = mapper.tokens(&image_io::load(&reference.path)?)?;
         let (mut ks, mut kl) = (Vec::new(), Vec::new());
         for (c, is_defect) in
             normals[1..cap(normals)].iter().map(|c| (c, false)).chain(defects[..cap(defects)].iter().map(|c| (c, true)))
         {
-            let m = mapper.compare(&mapper.tokens(&image_io::load(&c.path)?), Some(&ref_tokens))?;
+            let m = mapper.compare(&mapper.tokens(&image_io::load(&c.path)?)?, Some(&ref_tokens))?;
             ks.push(m.score);
             kl.push(is_defect);
             pb.inc(1);

@@ -776,6 +776,7 @@ mod tests {
         use crate::assets::Asset;
         use crate::models::anomaly_map::AnomalyMapper;
         use crate::models::efficientnet::EfficientNetLite;
+        use crate::models::patch_encoder::PatchEncoder;
         use crate::ops::similarity::Reduce;
         let n: usize = std::env::var("SAGE_REPORT_PAIRS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
         let out = std::env::var("SAGE_REPORT_HTML").unwrap_or_else(|_| "/tmp/sage-report-elpv.html".into());
@@ -785,12 +786,14 @@ mod tests {
         let defects: Vec<_> = cells.iter().filter(mono).filter(|c| c.is_defective()).collect();
         let reference = normals[0];
         let net = EfficientNetLite::load(&Asset::EfficientNetPth.path().unwrap()).unwrap();
-        let mapper = AnomalyMapper { net, reduce: Reduce::Nearest, k: 8 };
-        let ref_tokens = mapper.tokens(&image_io::load(&reference.path).unwrap());
+        let mapper = AnomalyMapper { encoder: PatchEncoder::EfficientNet(net), reduce: Reduce::Nearest, k: 8 };
+        let ref_tokens = mapper.tokens(&image_io::load(&reference.path).unwrap()).unwrap();
         let mut pairs = Vec::new();
         for i in 0..n {
             let (cell, anomalous) = if i % 2 == 0 { (defects[i / 2], true) } else { (normals[1 + i / 2], false) };
-            let m = mapper.compare(&mapper.tokens(&image_io::load(&cell.path).unwrap()), Some(&ref_tokens)).unwrap();
+            let m = mapper
+                .compare(&mapper.tokens(&image_io::load(&cell.path).unwrap()).unwrap(), Some(&ref_tokens))
+                .unwrap();
             // Made-up answers: the map's verdict at a fixed threshold, so some are wrong.
             let says_yes = m.score > 0.3;
             let yes_no = |b: bool| if b { "Yes" } else { "No" };

@@ -289,11 +289,11 @@ fn score_sample<'a>(
     tally: &mut Tally,
 ) -> Result<()> {
     let test_img = image_io::load(&s.test_image)?;
-    let test = mapper.tokens(&test_img);
+    let test = mapper.tokens(&test_img)?;
     let m = match &s.reference_image {
         Some(r) => {
             if !references.contains_key(r.as_path()) {
-                references.insert(r.as_path(), mapper.tokens(&image_io::load(r)?));
+                references.insert(r.as_path(), mapper.tokens(&image_io::load(r)?)?);
             }
             mapper.compare(&test, references.get(r.as_path()))?
         }

@@ -1,15 +1,16 @@
-//! The training-free anomaly map of ARCHITECTURE.md §1: EfficientNet-Lite0 patch tokens of the test
-//! and reference images, `1 − max cosine` of each test patch to the reference patches, and the
-//! map's maximum as the image score.
+//! The training-free anomaly map of ARCHITECTURE.md §1: patch tokens of the test and reference
+//! images from a frozen encoder (EfficientNet-Lite0 by default, or DINOv2: `PatchEncoder`),
+//! `1 − max cosine` of each test patch to the reference patches, and the map's maximum as the
+//! image score.
 
-use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
-use crate::image_io;
+use super::efficientnet::PatchTokens;
+use super::patch_encoder::PatchEncoder;
 use crate::ops::similarity::{mincos_topk, PatchScores, Reduce};
 use anyhow::Result;
 use image::DynamicImage;
 
 pub struct AnomalyMapper {
-    pub net: EfficientNetLite,
+    pub encoder: PatchEncoder,
     pub reduce: Reduce,
     pub k: usize,
 }
@@ -27,9 +28,8 @@ pub struct AnomalyMap {
 }
 
 impl AnomalyMapper {
-    pub fn tokens(&self, img: &DynamicImage) -> PatchTokens {
-        let size = PREPROCESS_FULL.crop as usize;
-        self.net.patch_tokens(&image_io::to_chw(img, &PREPROCESS_FULL), size)
+    pub fn tokens(&self, img: &DynamicImage) -> Result<PatchTokens> {
+        Ok(self.encoder.tokens(&[img])?.remove(0))
     }
 
     /// Scores test tokens against reference tokens (`None`: zero-shot, the test against itself).
