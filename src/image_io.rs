@@ -47,12 +47,7 @@ pub fn load_with(path: &Path, limits: &ImageLimits) -> Result<DynamicImage> {
 /// Writes `img` to `path` atomically (encoded in memory first, in the format the extension
 /// names), so a full disk or a crash never leaves a truncated picture in place of a good one.
 pub fn save_atomic(img: &RgbImage, path: &Path) -> Result<()> {
-    let format = ImageFormat::from_path(path)
-        .map_err(|_| user_err!("cannot write {}: give it a .png or .jpg extension", path.display()))?;
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), format)
-        .map_err(|e| user_err!("cannot write {}: {e}", path.display()))?;
-    crate::util::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    save_dynamic_atomic(&DynamicImage::ImageRgb8(img.clone()), path)
 }
 
 /// [`save_atomic`] for any pixel type the encoder takes (`Luma8` stays one channel, so a

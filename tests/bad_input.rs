@@ -4,16 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// Runs sage, expects exit code 2, and returns stderr after checking it names `must_name`.
-fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
-    assert!(stderr.contains(must_name), "message does not name {must_name:?}: {stderr}");
-    stderr
-}
-
 fn write_prefix(src: &Path, dst: &Path, n: usize) {
     let bytes = std::fs::read(src).unwrap();
     std::fs::write(dst, &bytes[..n.min(bytes.len())]).unwrap();

@@ -120,15 +120,6 @@ fn convert_writes_a_checkpoint_that_loads_to_the_same_model() {
     assert_eq!(ya[0].data, yb[0].data);
 }
 
-fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
-    assert!(stderr.contains(must_name), "message does not name {must_name:?}: {stderr}");
-    stderr
-}
-
 /// A truncated ONNX file (cut inside an initializer's data, and inside the header) is refused
 /// naming the file and saying it is truncated; nothing is written.
 #[test]
@@ -217,31 +208,30 @@ fn dinov2_on_the_emulated_device_matches_the_cpu() {
 #[test]
 fn the_pair_map_runs_on_dinov2_tokens() {
     let (a, b) = (elpv_image("cell0001.png"), elpv_image("cell0002.png"));
-    for (size, grid) in [("224", 16), ("448", 32)] {
+    // `sage --json map --encoder dinov2 FLAGS --test T --reference R`'s result.
+    let map = |flags: &[&str], t: &Path, r: &Path| -> serde_json::Value {
         let o = sage()
-            .args(["--json", "map", "--encoder", "dinov2", "--size", size, "--test"])
-            .arg(&a)
+            .args(["--json", "map", "--encoder", "dinov2"])
+            .args(flags)
+            .arg("--test")
+            .arg(t)
             .arg("--reference")
-            .arg(&b)
+            .arg(r)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r = &stdout_json(&o)["result"];
+        stdout_json(&o)["result"].clone()
+    };
+    for (flags, grid) in [(["--size", "224"], 16), (["--size", "448"], 32), (["--layer", "last"], 16)] {
+        let r = map(&flags, &a, &b);
         assert_eq!((r["grid_h"].as_u64(), r["grid_w"].as_u64()), (Some(grid), Some(grid)));
         let score = r["score"].as_f64().unwrap();
         assert!(score > 0.0 && score < 2.0, "{score}");
     }
-    let o = sage()
-        .args(["--json", "map", "--encoder", "dinov2", "--test"])
-        .arg(&a)
-        .arg("--reference")
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let score = stdout_json(&o)["result"]["score"].as_f64().unwrap();
+    let score = map(&[], &a, &a)["score"].as_f64().unwrap();
     assert!(score.abs() < 1e-4, "a cell against itself: {score}");
     expect_user_error(sage().args(["map", "--encoder", "dinov2", "--size", "230", "--test"]).arg(&a), "--size 230");
+    expect_user_error(sage().args(["map", "--encoder", "dinov2", "--layer", "13", "--test"]).arg(&a), "--layer 13");
 }
 
 /// The few-shot protocol on a few cells of each type: one row per encoder × bank with an

@@ -148,12 +148,17 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
 }
 
+/// `--root`, or for ELPV the installed package's folder.
+fn source_root(root: Option<PathBuf>, source: Source) -> Result<PathBuf> {
+    match (root, source) {
+        (Some(r), _) => Ok(r),
+        (None, Source::Elpv) => Asset::ElpvDir.path(),
+        (None, Source::Mvtec) => Err(user_err!("--source mvtec needs --root <folder of MVTec AD categories>")),
+    }
+}
+
 fn run_build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
-    let root = match (a.root, a.source) {
-        (Some(r), _) => r,
-        (None, Source::Elpv) => Asset::ElpvDir.path()?,
-        (None, Source::Mvtec) => return Err(user_err!("--source mvtec needs --root <folder of MVTec AD categories>")),
-    };
+    let root = source_root(a.root, a.source)?;
     let opts = build::Options {
         source: a.source,
         root,
@@ -195,11 +200,7 @@ fn run_build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
 }
 
 fn run_synth(ctx: &Ctx, a: SynthArgs) -> Result<()> {
-    let root = match (a.root, a.source) {
-        (Some(r), _) => r,
-        (None, Source::Elpv) => Asset::ElpvDir.path()?,
-        (None, Source::Mvtec) => return Err(user_err!("--source mvtec needs --root <folder of MVTec AD categories>")),
-    };
+    let root = source_root(a.root, a.source)?;
     let opts = synth::Options {
         source: a.source,
         root,

@@ -9,7 +9,7 @@ use crate::eval::shots::{self, Shots, ShotsConfig};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::memory_bank::ImageScore;
-use crate::models::patch_encoder::{EncoderKind, PatchEncoder};
+use crate::models::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
 use crate::ops::similarity::Reduce;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -66,6 +66,11 @@ pub struct Args {
     /// DINOv2's input side in pixels, a multiple of 14 (224 → 16×16 patches, 448 → 32×32).
     #[arg(long, default_value_t = 224)]
     size: u32,
+    /// DINOv2's hidden state: a block's output (1–12), or `last` (after the final LayerNorm, as
+    /// AnomalyDINO reads it). Block 6 by default: this checkpoint's late blocks were tuned for
+    /// saliency and localise far worse (docs/results/synth-elpv).
+    #[arg(long, default_value = "6")]
+    layer: DinoLayer,
     /// With --shots: how a cell's patch map reduces to its score.
     #[arg(long, value_enum, default_value = "max", requires = "shots")]
     image_score: ImageScore,
@@ -166,7 +171,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
             "--eval-elpv without --shots is the EfficientNet map `sage demo` reports; add --shots 1 for DINOv2"
         );
     }
-    let encoder = PatchEncoder::load(kind, Some(a.size))?;
+    let encoder = PatchEncoder::load(kind, Some(a.size), a.layer)?;
     let mapper = AnomalyMapper { encoder, reduce: a.reduce, k: a.k };
     if a.eval_elpv {
         return eval_elpv(ctx, &mapper, a.limit);
@@ -216,7 +221,7 @@ fn eval_shots(ctx: &Ctx, a: &Args) -> Result<()> {
     }
     let mut kinds = a.encoder.clone();
     kinds.dedup();
-    let encoders = kinds.iter().map(|&k| PatchEncoder::load(k, Some(a.size))).collect::<Result<Vec<_>>>()?;
+    let encoders = kinds.iter().map(|&k| PatchEncoder::load(k, Some(a.size), a.layer)).collect::<Result<Vec<_>>>()?;
     let cfg = ShotsConfig {
         shots: a.shots.clone(),
         image_score: a.image_score,

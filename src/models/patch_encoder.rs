@@ -1,7 +1,10 @@
 //! The frozen encoders an anomaly map can read patch tokens from: EfficientNet-Lite0 (two
 //! mid-level taps, 14×14 tokens of 152 dimensions; see `models::efficientnet`) or DINOv2 ViT-S/14
-//! (the last layer's normalised patch tokens, as AnomalyDINO uses them: 16×16 of 384 at 224
-//! pixels, 32×32 at 448).
+//! (a block's output tokens: 16×16 of 384 at 224 pixels, 32×32 at 448). DINOv2 reads block 6 by
+//! default, not the last layer after the final LayerNorm that AnomalyDINO reads: this checkpoint's
+//! late blocks were fine-tuned for saliency, and on ELPV and its synthetic anomalies block 6's
+//! tokens localise and rank far better (docs/results/map-shots, docs/results/synth-elpv) — the
+//! mid-level features PatchCore takes from its CNN, for the same reason.
 
 use super::dinov2::{self, Dinov2, Tap};
 use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
@@ -17,15 +20,39 @@ pub enum EncoderKind {
     Dinov2,
 }
 
+/// Which DINOv2 hidden state a map reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DinoLayer {
+    /// The output of block 1–12.
+    Block(usize),
+    /// The last block after the final LayerNorm (HF's `last_hidden_state`; AnomalyDINO's choice).
+    Last,
+}
+
+impl std::str::FromStr for DinoLayer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DinoLayer, String> {
+        match s.trim() {
+            "last" => Ok(DinoLayer::Last),
+            t => t
+                .parse()
+                .map(DinoLayer::Block)
+                .map_err(|_| format!("`{t}` is neither a block number (1–12) nor `last`")),
+        }
+    }
+}
+
 pub enum PatchEncoder {
     EfficientNet(EfficientNetLite),
-    /// The ViT and the side, in pixels, images are resized to (a multiple of 14).
-    Dinov2(Dinov2, u32),
+    /// The ViT, the side in pixels images are resized to (a multiple of 14), and the hidden
+    /// state read.
+    Dinov2(Dinov2, u32, Tap),
 }
 
 impl PatchEncoder {
-    /// The encoder from the installed assets; `size` is DINOv2's input side (default 224).
-    pub fn load(kind: EncoderKind, size: Option<u32>) -> Result<PatchEncoder> {
+    /// The encoder from the installed assets; `size` is DINOv2's input side (default 224), `layer`
+    /// the hidden state it reads.
+    pub fn load(kind: EncoderKind, size: Option<u32>, layer: DinoLayer) -> Result<PatchEncoder> {
         Ok(match kind {
             EncoderKind::Efficientnet => {
                 PatchEncoder::EfficientNet(EfficientNetLite::load(&Asset::EfficientNetPth.path()?)?)
@@ -37,7 +64,15 @@ impl PatchEncoder {
                         "--size {size}: DINOv2 takes a side that is a multiple of its 14-pixel patch (224, 448, ...)"
                     );
                 }
-                PatchEncoder::Dinov2(Dinov2::load(&Asset::Dinov2Onnx.path()?)?, size)
+                let net = Dinov2::load(&Asset::Dinov2Onnx.path()?)?;
+                let tap = match layer {
+                    DinoLayer::Last => Tap::Normed,
+                    DinoLayer::Block(i) if (1..=net.layers()).contains(&i) => Tap::Hidden(i),
+                    DinoLayer::Block(i) => {
+                        crate::user_bail!("--layer {i}: DINOv2 ViT-S/14 has blocks 1 to {} (or `last`)", net.layers())
+                    }
+                };
+                PatchEncoder::Dinov2(net, size, tap)
             }
         })
     }
@@ -46,7 +81,8 @@ impl PatchEncoder {
     pub fn describe(&self) -> String {
         match self {
             PatchEncoder::EfficientNet(_) => format!("efficientnet-lite0@{}", PREPROCESS_FULL.crop),
-            PatchEncoder::Dinov2(_, size) => format!("dinov2-vits14@{size}"),
+            PatchEncoder::Dinov2(_, size, Tap::Hidden(i)) => format!("dinov2-vits14@{size}/block{i}"),
+            PatchEncoder::Dinov2(_, size, _) => format!("dinov2-vits14@{size}/last"),
         }
     }
 
@@ -57,12 +93,12 @@ impl PatchEncoder {
                 let size = PREPROCESS_FULL.crop as usize;
                 images.iter().map(|img| net.try_patch_tokens(&image_io::to_chw(img, &PREPROCESS_FULL), size)).collect()
             }
-            PatchEncoder::Dinov2(net, size) => {
+            PatchEncoder::Dinov2(net, size, tap) => {
                 let p = dinov2::preprocess(*size);
                 let chw: Vec<Vec<f32>> = images.iter().map(|img| image_io::to_chw(img, &p)).collect();
                 let refs: Vec<&[f32]> = chw.iter().map(|c| c.as_slice()).collect();
                 let s = *size as usize;
-                let h = &net.forward(&refs, s, s, &[Tap::Normed])?[0];
+                let h = &net.forward(&refs, s, s, &[*tap])?[0];
                 Ok((0..images.len())
                     .map(|i| PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(i).to_vec() })
                     .collect())

