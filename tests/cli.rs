@@ -11,7 +11,7 @@ fn doctor_json_names_the_backend_and_why() {
     assert_eq!(v["backend"], "cpu");
     assert!(v["backend_reason"].as_str().unwrap().contains("--device auto"));
     assert!(v["threads"].as_u64().unwrap() >= 1);
-    assert_eq!(v["assets"].as_array().unwrap().len(), 5);
+    assert_eq!(v["assets"].as_array().unwrap().len(), sage::assets::Asset::ALL.len());
     // No GPU in CI: the CUDA status says why, and the kernel cache lists every kernel file.
     if v["cuda"]["available"] == false {
         assert!(!v["cuda"]["reason"].as_str().unwrap().is_empty());
