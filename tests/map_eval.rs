@@ -165,3 +165,22 @@ fn data_that_is_neither_a_folder_nor_a_data_file_is_the_users_to_fix() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sigma"));
 }
+
+/// `--shots K` with `--eval`: every sample of a category against one memory bank of the
+/// category's first K distinct references; the same images are scored, the report says K, and
+/// asking for more references than a category has, or for a list, is the user's to fix.
+#[test]
+fn a_memory_bank_per_category_scores_the_same_images() {
+    let data = fixture("mvtec");
+    let v = map_eval(&["--data", data.to_str().unwrap(), "--shots", "1"]);
+    assert_eq!(v["shots"], 1);
+    assert_eq!(counts(&v["overall"]), [5, 3, 5, 3, 320, 19, 0]);
+    for m in ["image_auroc", "pixel_auroc", "pro"] {
+        check_metric(&v["overall"][m], true, m);
+    }
+    assert!(map_eval(&["--data", data.to_str().unwrap()])["shots"].is_null());
+    let e = expect_user_error(sage().args(["map", "--eval", "--shots", "3", "--data"]).arg(&data), "--shots 3");
+    assert!(e.contains("distinct reference images"), "{e}");
+    expect_user_error(sage().args(["map", "--eval", "--shots", "1,2", "--data"]).arg(&data), "--shots");
+    expect_user_error(sage().args(["map", "--eval", "--shots", "full", "--data"]).arg(&data), "--shots");
+}

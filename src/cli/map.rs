@@ -57,7 +57,9 @@ pub struct Args {
     eval_elpv: bool,
     /// With --eval-elpv: the few-shot protocol with these memory banks, comma-separated: k normal
     /// reference cells of the cell's type, or `full` (a coreset of the whole reference pool).
-    #[arg(long, value_delimiter = ',', requires = "eval_elpv", value_name = "K|full,...")]
+    /// With --eval: one number k, every sample of a category scored against a memory bank of the
+    /// category's first k distinct reference images (in data order) instead of its own reference.
+    #[arg(long, value_delimiter = ',', value_name = "K|full,...")]
     shots: Vec<Shots>,
     /// The patch encoder (EfficientNet-Lite0's 14×14 tokens, or DINOv2 ViT-S/14's last layer);
     /// with --shots a comma-separated list, the first being the one the others are compared with.
@@ -144,9 +146,15 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
         a.limit = c.limit.unwrap_or(a.limit);
         a.sigma = c.sigma.unwrap_or(a.sigma);
     }
-    if !a.shots.is_empty() {
+    if !a.shots.is_empty() && a.eval_elpv {
         return eval_shots(ctx, &a);
     }
+    let bank_shots = match a.shots[..] {
+        [] => None,
+        [Shots::K(k)] if a.eval => Some(k),
+        _ if a.eval => crate::user_bail!("--shots with --eval takes one number of references (e.g. --shots 4)"),
+        _ => crate::user_bail!("--shots needs --eval-elpv or --eval --data D"),
+    };
     // The dataset is read before the encoder loads, so a wrong --data or --sigma fails at once.
     let eval = match &a.data {
         Some(data) if a.eval => {
@@ -156,6 +164,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
                 mask_side: a.mask_side,
                 out_maps: a.out_maps.clone(),
                 encoder: String::new(),
+                shots: bank_shots,
             };
             o.check()?;
             Some((map_eval::load_dataset(data, a.seed, a.image_root.as_deref())?, o))

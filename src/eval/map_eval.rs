@@ -32,6 +32,7 @@ use crate::data::sample::{Label, Sample};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::PatchTokens;
+use crate::models::memory_bank::MemoryBank;
 use crate::ops::similarity::Reduce;
 use crate::user_bail;
 use anyhow::{Context, Result};
@@ -91,6 +92,9 @@ pub struct MapEvalOptions {
     pub out_maps: Option<PathBuf>,
     /// The encoder's name, for the report.
     pub encoder: String,
+    /// Score every sample of a category against one memory bank of the category's first `k`
+    /// distinct reference images (in sample order) instead of its own reference.
+    pub shots: Option<usize>,
 }
 
 impl MapEvalOptions {
@@ -98,6 +102,9 @@ impl MapEvalOptions {
     pub fn check(&self) -> Result<()> {
         if !(self.sigma.is_finite() && (0.0..=64.0).contains(&self.sigma)) {
             user_bail!("--sigma {}: must be a number in [0, 64] (pixels; 0 = no smoothing)", self.sigma);
+        }
+        if self.shots == Some(0) {
+            user_bail!("--shots 0: a memory bank needs at least one reference image");
         }
         Ok(())
     }
@@ -121,6 +128,9 @@ pub struct MapEvalReport {
     pub mask_side: usize,
     /// The MVTec loader's reference seed (`null` for a data file).
     pub seed: Option<u64>,
+    /// With a memory bank: the references per category it holds (`null`: each sample against its
+    /// own reference).
+    pub shots: Option<usize>,
     /// Every scored image pooled.
     pub overall: Scores,
     /// Each metric's mean over the categories that have it.
@@ -246,8 +256,12 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         let mut tally = Tally::default();
         // References repeat within a category; their tokens are computed once per category.
         let mut references: HashMap<&Path, PatchTokens> = HashMap::new();
+        let bank = match o.shots {
+            Some(k) => Some(category_bank(mapper, name, samples, k)?),
+            None => None,
+        };
         for &(s, anomalous) in samples {
-            score_sample(mapper, s, anomalous, masked, o, &mut references, &mut tally)?;
+            score_sample(mapper, bank.as_ref(), s, anomalous, masked, o, &mut references, &mut tally)?;
             pb.inc(1);
         }
         per_category.push(CategoryScores { category: name.clone(), scores: tally.scores() });
@@ -270,6 +284,7 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         limit: o.limit,
         mask_side: o.mask_side,
         seed: data.seed,
+        shots: o.shots,
         overall: all.scores(),
         category_mean,
         per_category,
@@ -278,9 +293,50 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
     })
 }
 
-/// Maps one sample and adds it to `tally`.
+/// What scoring needs of a map, from a pair or a bank.
+struct BankMap {
+    grid_h: usize,
+    grid_w: usize,
+    map: Vec<f32>,
+    score: f32,
+}
+
+impl From<crate::models::anomaly_map::AnomalyMap> for BankMap {
+    fn from(m: crate::models::anomaly_map::AnomalyMap) -> BankMap {
+        BankMap { grid_h: m.grid_h, grid_w: m.grid_w, map: m.map, score: m.score }
+    }
+}
+
+/// A memory bank of every patch of the category's first `k` distinct reference images, in sample
+/// order.
+fn category_bank(mapper: &AnomalyMapper, category: &str, samples: &[(&Sample, bool)], k: usize) -> Result<MemoryBank> {
+    let mut seen: Vec<&Path> = Vec::new();
+    for (s, _) in samples {
+        if let Some(r) = &s.reference_image {
+            if !seen.contains(&r.as_path()) && seen.len() < k {
+                seen.push(r);
+            }
+        }
+    }
+    if seen.len() < k {
+        user_bail!(
+            "--shots {k}: category `{category}` has {} distinct reference images; give at most that many",
+            seen.len()
+        );
+    }
+    let mut bank: Option<MemoryBank> = None;
+    for r in seen {
+        let t = mapper.tokens(&image_io::load(r)?)?;
+        bank.get_or_insert_with(|| MemoryBank::new(t.dim)).push(&t.data)?;
+    }
+    Ok(bank.expect("k ≥ 1 references"))
+}
+
+/// Maps one sample (against `bank`, else its own reference) and adds it to `tally`.
+#[allow(clippy::too_many_arguments)]
 fn score_sample<'a>(
     mapper: &AnomalyMapper,
+    bank: Option<&MemoryBank>,
     s: &'a Sample,
     anomalous: bool,
     category_has_masks: bool,
@@ -290,16 +346,21 @@ fn score_sample<'a>(
 ) -> Result<()> {
     let test_img = image_io::load(&s.test_image)?;
     let test = mapper.tokens(&test_img)?;
-    let m = match &s.reference_image {
-        Some(r) => {
+    let m = match (bank, &s.reference_image) {
+        (Some(bank), _) => {
+            let map = bank.anomaly_map(&test.data)?;
+            let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            BankMap { grid_h: test.h, grid_w: test.w, map, score }
+        }
+        (None, Some(r)) => {
             if !references.contains_key(r.as_path()) {
                 references.insert(r.as_path(), mapper.tokens(&image_io::load(r)?)?);
             }
-            mapper.compare(&test, references.get(r.as_path()))?
+            BankMap::from(mapper.compare(&test, references.get(r.as_path()))?)
         }
-        None => {
+        (None, None) => {
             tally.zero_shot += 1;
-            mapper.compare(&test, None)?
+            BankMap::from(mapper.compare(&test, None)?)
         }
     };
     tally.maps.add(&m.map, Some(anomalous), None)?;
@@ -465,10 +526,13 @@ impl MapEvalReport {
     /// The report as a table, for people.
     pub fn render_text(&self) -> String {
         let mut t = String::new();
-        let source = match self.seed {
+        let mut source = match self.seed {
             Some(seed) => format!("{} layout, references drawn with seed {seed}", self.format),
             None => format!("{} file", self.format),
         };
+        if let Some(k) = self.shots {
+            source.push_str(&format!("; each category against a memory bank of its first {k} references"));
+        }
         let size = match self.mask_side {
             0 => "pixels at each mask's size".to_string(),
             n => format!("pixels at most {n} on the shorter side"),
