@@ -73,10 +73,11 @@ pub struct Args {
     /// saliency and localise far worse (docs/results/synth-elpv).
     #[arg(long, default_value = "6")]
     layer: DinoLayer,
-    /// With --shots: how a cell's patch map reduces to its score.
+    /// With --eval-elpv --shots: how a cell's patch map reduces to its score (--eval --shots
+    /// takes the map's maximum).
     #[arg(long, value_enum, default_value = "max", requires = "shots")]
     image_score: ImageScore,
-    /// With --shots: the full-shot bank's coreset, as a share of the pool's patches (1 = all).
+    /// With --eval-elpv --shots full: the bank's coreset, as a share of the pool's patches (1 = all).
     #[arg(long, default_value_t = 0.1, requires = "shots")]
     coreset: f64,
     /// Evaluate on the labelled dataset --data: image AUROC, and pixel AUROC and PRO where masks
