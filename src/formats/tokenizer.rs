@@ -13,8 +13,14 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, DecoderWrapper, Tokenizer};
+
+/// The pre-tokenizer pattern of Qwen2's `tokenizer.json` (llama.cpp's `qwen2` pre-tokenizer).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -80,7 +86,16 @@ impl TextTokenizer {
         // llama.cpp's pre-tokenizer table: these split digits one by one before the GPT-2 regex.
         let digits_first = matches!(pre, "smollm" | "starcoder" | "refact" | "codeshell" | "llama3" | "llama-bpe");
         let byte_level = ByteLevel::new(false, true, true);
-        if digits_first {
+        if pre == "qwen2" {
+            // Qwen2's own split (its tokenizer.json): single digits, letters with one leading
+            // non-letter, punctuation runs with their newlines; then bytes to GPT-2 characters.
+            let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| user_err!("the qwen2 pre-tokenizer regex does not compile: {e}"))?;
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+            ])));
+        } else if digits_first {
             inner.with_pre_tokenizer(Some(Sequence::new(vec![
                 PreTokenizerWrapper::Digits(Digits::new(true)),
                 PreTokenizerWrapper::ByteLevel(byte_level),

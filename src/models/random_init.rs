@@ -3,7 +3,7 @@
 //! `initializer_range`), every norm weight 1, the LM head tied to the embedding. Each tensor is
 //! drawn from its own seeded stream, so the values do not depend on the order of requests.
 
-use super::llama::LlamaConfig;
+use super::llama::{Family, LlamaConfig};
 use super::WeightSource;
 use crate::tensor::Tensor;
 use crate::train::rng::SeedRng;
@@ -15,6 +15,7 @@ use anyhow::Result;
 pub fn preset(name: &str) -> Result<LlamaConfig> {
     let cfg =
         |vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, rope_theta| LlamaConfig {
+            family: Family::Llama,
             vocab_size,
             hidden_size,
             intermediate_size,

@@ -80,3 +80,8 @@ pub fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> Stri
     assert!(stderr.contains(must_name), "message does not name {must_name:?}: {stderr}");
     stderr
 }
+
+/// Qwen2.5-Coder-0.5B-Instruct, joined by `sage fetch` from its six packages.
+pub fn qwen25_gguf() -> PathBuf {
+    package_file("qwen2.5-coder-0.5b-instruct-q4_k_m", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+}

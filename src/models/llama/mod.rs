@@ -24,7 +24,7 @@ mod decode;
 pub mod weights;
 
 pub use chat::{ChatModel, Generation};
-pub use config::LlamaConfig;
+pub use config::{Family, LlamaConfig};
 pub use decode::KvCache;
 pub use weights::{Block, Finetune, Linear, LlamaParams, LoraAdapter, LINEAR_NAMES};
 
@@ -82,6 +82,7 @@ impl<O: StepOps> Grad<O> {
 /// A linear layer: indices into [`Llama::params`], and its adapter.
 struct LinearIds {
     w: usize,
+    bias: Option<usize>,
     in_f: usize,
     out_f: usize,
     /// `(lora_a, lora_b, rank, scale)`
@@ -207,6 +208,7 @@ impl<O: StepOps> Llama<O> {
         let ix = |id: ParamId| index[&id];
         let lin = |l: &Linear| LinearIds {
             w: ix(l.weight),
+            bias: l.bias.map(ix),
             in_f: l.in_features,
             out_f: l.out_features,
             lora: l.lora.map(|a| (ix(a.lora_a), ix(a.lora_b), a.rank, a.scale)),
@@ -515,17 +517,20 @@ impl<O: StepOps> Llama<O> {
         }
     }
 
-    /// `y = x·Wᵀ (+ scale·(x·Aᵀ)·Bᵀ)`, added to `acc` when given (the residual stream). Returns
-    /// `y` and the adapter's hidden `scale·x·Aᵀ`, which the backward needs.
+    /// `y = x·Wᵀ (+ b) (+ scale·(x·Aᵀ)·Bᵀ)`, added to `acc` when given (the residual stream).
+    /// Returns `y` and the adapter's hidden `scale·x·Aᵀ`, which the backward needs.
     fn linear(&self, l: &LinearIds, x: &O::Buf, rows: usize, acc: Option<O::Buf>) -> Result<(O::Buf, Option<O::Buf>)> {
         let o = &self.ops;
         let spec = GemmSpec::linear(rows, l.out_f, l.in_f);
-        let mut y = match acc {
-            Some(mut y) => {
+        let mut y = match (acc, l.bias) {
+            (Some(mut y), None) => {
                 o.gemm(&GemmSpec { accumulate: true, ..spec }, x, self.w(l.w), &mut y)?;
                 y
             }
-            None => o.gemm_new(&spec, x, self.w(l.w))?,
+            (None, None) => o.gemm_new(&spec, x, self.w(l.w))?,
+            (None, Some(b)) => o.gemm_bias_new(&spec, x, self.w(l.w), self.w(b))?,
+            // Only q, k and v carry biases, and none of them adds to the residual stream.
+            (Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
         };
         let Some((a, b, rank, scale)) = l.lora else { return Ok((y, None)) };
         let mut u = o.gemm_new(&GemmSpec::linear(rows, rank, l.in_f), x, self.w(a))?;
@@ -559,6 +564,11 @@ impl<O: StepOps> Llama<O> {
         };
         if self.trainable(l.w) {
             grads[l.w] = Some(Grad::Buf(self.weight_grad_of(l.w, &weight_grad(l.out_f, l.in_f, rows), dy, x)?));
+        }
+        if let Some(b) = l.bias.filter(|&b| self.trainable(b)) {
+            let mut db = o.stat_zeros(l.out_f)?;
+            o.col_sum(dy, rows, &mut db)?;
+            grads[b] = Some(Grad::Stat(db));
         }
         if let Some((a, b, rank, scale)) = l.lora {
             let u = u.ok_or_else(|| anyhow::anyhow!("an adapter's forward keeps its hidden"))?;

@@ -19,6 +19,7 @@ const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
 
 fn tiny_config() -> LlamaConfig {
     LlamaConfig {
+        family: Family::Llama,
         vocab_size: V,
         hidden_size: D,
         intermediate_size: 24,
@@ -395,4 +396,55 @@ fn bad_batches_configs_and_inference_steps_are_refused() {
     let g = frozen.forward_backward(&IDS, &TARGETS, 2).unwrap();
     assert!(g.grads.iter().all(Option::is_none));
     assert!(frozen.apply(g.grads, 1e-3).is_err(), "an inference model cannot step");
+}
+
+/// [`tiny_config`] as a Qwen2 model: q/k/v biases, rotate-half RoPE in the checkpoint.
+fn tiny_qwen2() -> (LlamaConfig, StateDict) {
+    let c = LlamaConfig { family: Family::Qwen2, ..tiny_config() };
+    let mut w = tiny_weights(11, true);
+    let mut g = rng(12);
+    for i in 0..c.num_layers {
+        for (name, n) in [("attn_q", c.num_heads), ("attn_k", c.num_kv_heads), ("attn_v", c.num_kv_heads)] {
+            let t = Tensor::from_vec(uniform(&mut g, n * c.head_dim, -0.5, 0.5), &[n * c.head_dim]).unwrap();
+            w.tensors.insert(format!("blk.{i}.{name}.bias"), t);
+        }
+    }
+    (c, w)
+}
+
+#[test]
+fn qwen2_bias_gradients_match_finite_differences() {
+    let (c, w) = tiny_qwen2();
+    c.validate(std::path::Path::new("tiny"), &w).unwrap();
+    let mut ps = ParamSet::new();
+    let m = LlamaParams::load(&w, c, &Finetune::Full, &mut ps, &mut SeedRng::new(5, streams::INIT)).unwrap();
+    gradcheck(
+        &m,
+        &ps,
+        &["blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.1.attn_v.bias", "blk.1.attn_q.weight", "blk.0.attn_k.weight"],
+    );
+}
+
+#[test]
+fn qwen2_q_and_k_are_permuted_on_load_and_saved_back_in_checkpoint_order() {
+    let (c, w) = tiny_qwen2();
+    let mut ps = ParamSet::new();
+    let m = LlamaParams::load(&w, c.clone(), &Finetune::Full, &mut ps, &mut SeedRng::new(5, streams::INIT)).unwrap();
+    // Inside: row i of a head moved to 2i, row i + half to 2i + 1.
+    let q = w.tensors["blk.0.attn_q.weight"].clone().into_f32s().unwrap();
+    let inside = &ps[ps.id("blk.0.attn_q.weight").unwrap()].value;
+    let (hd, half) = (c.head_dim, c.head_dim / 2);
+    assert_eq!(inside[2 * D..3 * D], q[D..2 * D], "row 1 of head 0 is pair element 2");
+    assert_eq!(inside[D..2 * D], q[half * D..(half + 1) * D], "row half of head 0 is pair element 1");
+    assert_eq!(inside[(hd + 1) * D..(hd + 2) * D], q[(hd + half) * D..(hd + half + 1) * D], "head 1 alike");
+    // Saved: exactly the checkpoint's tensors, biases included.
+    let saved = m.merged_weights(&ps).unwrap();
+    for (name, t) in &w.tensors {
+        let got = saved.get(name).unwrap_or_else(|| panic!("{name} is not saved"));
+        assert_eq!(got.clone().into_f32s().unwrap(), t.clone().into_f32s().unwrap(), "{name}");
+    }
+    // A bias the family does not read is refused by name rather than dropped.
+    let llama = LlamaConfig { family: Family::Llama, ..c };
+    let err = llama.validate(std::path::Path::new("tiny"), &w).unwrap_err().to_string();
+    assert!(err.contains("blk.0.attn_q.bias") && err.contains("qwen2"), "{err}");
 }

@@ -21,6 +21,9 @@ use std::collections::BTreeMap;
 /// The linear layers of a block in checkpoint order: the names LoRA `targets` may use.
 pub const LINEAR_NAMES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
+/// The projections that carry a bias in a family with `qkv_bias` (Qwen2).
+const QKV: [&str; 3] = ["attn_q", "attn_k", "attn_v"];
+
 /// What the optimizer may change.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Finetune {
@@ -40,10 +43,12 @@ pub struct LoraAdapter {
     pub scale: f32,
 }
 
-/// `blk.N.<name>.weight` `[out, in]`: a bias-free linear layer, optionally with an adapter.
+/// `blk.N.<name>.weight` `[out, in]`, with `blk.N.<name>.bias` `[out]` where the family has one
+/// (Qwen2's q/k/v), optionally with an adapter.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: ParamId,
+    pub bias: Option<ParamId>,
     pub in_features: usize,
     pub out_features: usize,
     pub lora: Option<LoraAdapter>,
@@ -135,6 +140,11 @@ impl LlamaParams {
             let mut linear = |params: &mut ParamSet, name: &str, out_f: usize, in_f: usize| -> Result<Linear> {
                 let prefix = format!("blk.{i}.{name}");
                 let weight = tensor(params, &format!("{prefix}.weight"), &[out_f, in_f])?;
+                let bias = if c.family.qkv_bias() && QKV.contains(&name) {
+                    Some(tensor(params, &format!("{prefix}.bias"), &[out_f])?)
+                } else {
+                    None
+                };
                 let lora = match finetune {
                     Finetune::Lora { rank, alpha, targets } if targets.iter().any(|t| t == name) => {
                         let bound = 1.0 / (in_f as f32).sqrt();
@@ -146,7 +156,7 @@ impl LlamaParams {
                     }
                     _ => None,
                 };
-                Ok(Linear { weight, in_features: in_f, out_features: out_f, lora })
+                Ok(Linear { weight, bias, in_features: in_f, out_features: out_f, lora })
             };
             let attn_norm = tensor(params, &format!("blk.{i}.attn_norm.weight"), &[d])?;
             let attn_q = linear(params, "attn_q", qd, d)?;
@@ -157,6 +167,14 @@ impl LlamaParams {
             let ffn_gate = linear(params, "ffn_gate", c.intermediate_size, d)?;
             let ffn_up = linear(params, "ffn_up", c.intermediate_size, d)?;
             let ffn_down = linear(params, "ffn_down", d, c.intermediate_size)?;
+            if c.family.rope_halves() {
+                for (l, heads) in [(&attn_q, c.num_heads), (&attn_k, c.num_kv_heads)] {
+                    for id in std::iter::once(l.weight).chain(l.bias) {
+                        let row = params[id].value.len() / (heads * c.head_dim);
+                        params[id].value = halves_to_pairs(&params[id].value, c.head_dim, row, false);
+                    }
+                }
+            }
             blocks.push(Block { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down });
         }
         let output_norm = tensor(params, "output_norm.weight", &[d])?;
@@ -197,6 +215,7 @@ impl LlamaParams {
             ids.push(b.ffn_norm);
             for l in b.linears() {
                 ids.push(l.weight);
+                ids.extend(l.bias);
                 if let Some(a) = &l.lora {
                     ids.extend([a.lora_a, a.lora_b]);
                 }
@@ -222,8 +241,23 @@ impl LlamaParams {
         for b in &self.blocks {
             put(b.attn_norm, params[b.attn_norm].value.clone())?;
             put(b.ffn_norm, params[b.ffn_norm].value.clone())?;
-            for l in b.linears() {
-                put(l.weight, l.merged(params))?;
+            let c = &self.config;
+            for (j, l) in b.linears().into_iter().enumerate() {
+                // Back to the checkpoint's order: q and k of a rotate-half family were permuted on
+                // load (see `halves_to_pairs`).
+                let heads = match j {
+                    0 if c.family.rope_halves() => Some(c.num_heads),
+                    1 if c.family.rope_halves() => Some(c.num_kv_heads),
+                    _ => None,
+                };
+                let restore = |v: Vec<f32>| match heads {
+                    Some(h) => halves_to_pairs(&v, c.head_dim, v.len() / (h * c.head_dim), true),
+                    None => v,
+                };
+                put(l.weight, restore(l.merged(params)))?;
+                if let Some(bias) = l.bias {
+                    put(bias, restore(params[bias].value.clone()))?;
+                }
             }
         }
         put(self.output_norm, params[self.output_norm].value.clone())?;
@@ -261,4 +295,24 @@ impl LlamaParams {
         }
         Ok(())
     }
+}
+
+/// Reorders the rows of a query or key projection `[heads·head_dim, row]` (`row` = 1 for a bias)
+/// from rotate-half RoPE order, where element `i` of a head turns with element `i + head_dim/2`
+/// (HF, and GGUF files of Qwen2), to the adjacent-pair order of the decoder's RoPE
+/// (`ops::rope`), where pair `i` is elements `2i, 2i + 1`: row `i` goes to `2i` and row
+/// `i + head_dim/2` to `2i + 1`, in every head. Queries and keys move alike, so attention scores
+/// are unchanged; this is the permutation llama.cpp's converter applies to LLaMA checkpoints.
+/// `inverse` undoes it (for saving in the checkpoint's order).
+pub fn halves_to_pairs(values: &[f32], head_dim: usize, row: usize, inverse: bool) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; values.len()];
+    for (src_head, dst_head) in values.chunks_exact(head_dim * row).zip(out.chunks_exact_mut(head_dim * row)) {
+        for i in 0..head_dim {
+            let paired = if i < half { 2 * i } else { 2 * (i - half) + 1 };
+            let (from, to) = if inverse { (paired, i) } else { (i, paired) };
+            dst_head[to * row..(to + 1) * row].copy_from_slice(&src_head[from * row..(from + 1) * row]);
+        }
+    }
+    out
 }
