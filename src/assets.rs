@@ -169,7 +169,7 @@ impl Joined {
 }
 
 /// A file or folder inside an unpacked package that the code needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Asset {
     SmolLm2Gguf,
     MiniLmDir,

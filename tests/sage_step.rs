@@ -23,6 +23,7 @@ struct Pair {
 
 fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
     let cfg = SageConfig {
+        backbone: "lite".into(),
         facts: FactsMode::Fused,
         k: 5,
         reduce: Reduce::Nearest,
@@ -30,7 +31,7 @@ fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         fusion_heads: 2,
         image_pool: 5,
     };
-    SageModel::new(&efficientnet_pth(), &smollm2_gguf(), cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
+    SageModel::new(cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
 }
 
 /// The SAGE model with the real encoder, tokenizer and chat template but a small random LLM
@@ -59,8 +60,10 @@ fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
     let mut rng = SeedRng::new(3, 0);
     let llm = LlamaParams::load(&RandomLlama { config: config.clone(), seed: 5 }, config, finetune, params, &mut rng)
         .unwrap();
-    let vision = sage::models::efficientnet::EfficientNetLite::load(&efficientnet_pth()).unwrap();
+    let backbone = sage::models::backbone::Backbone::resolve("lite").unwrap();
+    let vision = backbone.encoder().unwrap();
     let cfg = SageConfig {
+        backbone: "lite".into(),
         facts: FactsMode::Fused,
         k: 5,
         reduce: Reduce::Nearest,
@@ -68,10 +71,10 @@ fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         fusion_heads: 2,
         image_pool: 5,
     };
-    let head = sage::models::sage::SageHead::new(cfg, vision.patch_dim(), 32, params, &mut rng).unwrap();
+    let head = sage::models::sage::SageHead::new(cfg, vision.dim(), 32, params, &mut rng).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&g).unwrap();
     let template = ChatTemplate::new(g.meta_str("tokenizer.chat_template").unwrap(), "", "").unwrap();
-    SageModel { head, llm, tokenizer, template, vision }
+    SageModel { head, llm, tokenizer, template, vision, backbone }
 }
 
 const FACTS: [&str; 2] = ["The cell shows a dark crack across its lower half.", "The busbars are intact."];
@@ -287,6 +290,7 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
     };
     let mut params = ParamSet::new();
     let cfg = SageConfig {
+        backbone: "lite".into(),
         facts: FactsMode::Fused,
         k: 8,
         reduce: Reduce::Nearest,
@@ -295,8 +299,7 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
         image_pool: 4,
     };
     let lora = Finetune::Lora { rank: 8, alpha: 16.0, targets: vec!["attn_q".into(), "attn_v".into()] };
-    let m =
-        SageModel::new(&efficientnet_pth(), &smollm2_gguf(), cfg, &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let m = SageModel::new(cfg, &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();
     let pairs = elpv_pairs(&m);
     let facts: Vec<String> = FACTS.iter().map(|s| s.to_string()).collect();
     let mut exs = examples(&pairs, &facts);

@@ -212,6 +212,37 @@ fn infer_answers_from_a_checkpoint_and_config_errors_are_user_errors() {
     let out = sage().args(["sfe", "--config"]).arg(dir.path().join("bad.toml")).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lora_rnk"));
+
+    // An unknown backbone is refused with the list; a checkpoint refuses another backbone by name.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        std::fs::read_to_string(&cfg).unwrap().replace("[model]\n", "[model]\nbackbone = \"internvl2\"\n"),
+    )
+    .unwrap();
+    let out = sage()
+        .args(["sfe", "--config"])
+        .arg(dir.path().join("bad.toml"))
+        .arg("--out")
+        .arg(dir.path().join("r2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown backbone `internvl2`") && err.contains("dino-qwen"), "{err}");
+    let out = sage()
+        .args(["infer", "--backbone", "dino-qwen", "--question", "Is it normal?", "--checkpoint"])
+        .arg(&run)
+        .arg("--test")
+        .arg(elpv_image("cell0002.png"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("trained on backbone `lite`, not `dino-qwen`"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["backbone"]["name"], "lite", "the checkpoint records its backbone");
+    assert_eq!(state["backbone"]["llm_sha256"].as_str().unwrap().len(), 64, "and the hashes of its files");
 }
 
 /// Exact resume: a run stopped after its second step (the test knob `SAGE_TEST_NONFINITE_STEP`

@@ -30,13 +30,19 @@ pub struct Args {
     /// The same as `--profile quick`.
     #[arg(long, conflicts_with = "profile")]
     quick: bool,
-    /// Working folder [default: runs/demo-quick or runs/demo].
+    /// Working folder [default: runs/demo-quick, runs/demo-standard or runs/demo, with
+    /// `-<backbone>` after it for a backbone other than lite].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The backbone every stage runs: `lite` (EfficientNet-Lite0 + SmolLM2-135M) or `dino-qwen`
+    /// (DINOv2 ViT-S/14 + Qwen2.5-Coder-0.5B); `sage doctor` lists them.
+    #[arg(long, default_value = crate::models::backbone::DEFAULT)]
+    backbone: String,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
-    let profile = if a.quick { &QUICK } else { Profile::named(&a.profile).expect("clap checked the name") };
+    let named = if a.quick { &QUICK } else { Profile::named(&a.profile).expect("clap checked the name") };
+    let profile = &Profile { backbone: crate::models::backbone::builtin(&a.backbone)?.name, ..named.clone() };
     let out = a.out.unwrap_or_else(|| profile.default_out());
     let env = StageEnv {
         exe: std::env::current_exe().context("locating the sage binary")?,

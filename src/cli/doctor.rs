@@ -92,6 +92,18 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         let parts: Vec<&str> = j.parts.iter().map(|(name, _)| *name).collect();
         serde_json::json!({ "package": j.file, "joined_from": parts, "installed": j.is_installed() })
     }));
+    // Each backbone is usable when both its files are present and valid.
+    let ready = |a: Asset| statuses.iter().any(|(x, st)| *x == a && matches!(st, AssetStatus::Ok));
+    let backbones: Vec<serde_json::Value> = crate::models::backbone::BUILTINS
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "name": b.name, "description": b.description,
+                "vision": b.vision_asset.location(), "llm": b.llm_asset.location(),
+                "ready": ready(b.vision_asset) && ready(b.llm_asset),
+            })
+        })
+        .collect();
     let cuda = crate::backend::cuda_status();
     let kernels = kernel_cache_report();
     let report = serde_json::json!({
@@ -107,6 +119,7 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         "cpu_features": cpu_features(),
         "sage_home": assets::sage_home(),
         "assets": assets_json,
+        "backbones": backbones,
         "packages": packages,
     });
     if ctx.json {
@@ -155,6 +168,11 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         if let AssetStatus::Invalid(msg) = st {
             println!("      {msg}");
         }
+    }
+    println!("backbones:");
+    for b in &backbones {
+        let mark = if b["ready"].as_bool() == Some(true) { "ready" } else { "missing files" };
+        println!("  [{mark}] {:<10} {}", b["name"].as_str().unwrap_or("?"), b["description"].as_str().unwrap_or(""));
     }
     if statuses.iter().any(|(_, st)| matches!(st, AssetStatus::Missing)) {
         println!("run `sage fetch` to download the missing assets");

@@ -46,6 +46,10 @@ pub struct Args {
     /// Evaluate the checkpoint's architecture untrained (or, without --checkpoint, the default one).
     #[arg(long)]
     baseline: bool,
+    /// The backbone (`lite`, `dino-qwen`): selects the untrained model of --baseline without
+    /// --checkpoint; with --checkpoint it must be the one the checkpoint was trained on.
+    #[arg(long)]
+    backbone: Option<String>,
     /// Facts JSONL from `sage facts` [default: the checkpoint's data.facts].
     #[arg(long)]
     facts: Option<PathBuf>,
@@ -95,6 +99,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             first_token: a.first_token,
             generate_items: a.generate_items,
             save_first_token: a.save_first_token,
+            backbone: a.backbone,
         }),
     };
     let req = EvalRequest {

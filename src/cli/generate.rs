@@ -1,7 +1,6 @@
-//! `sage generate`: chat with SmolLM2-135M-Instruct on the CPU engine.
+//! `sage generate`: chat with a backbone's LLM (SmolLM2-135M-Instruct by default) on the CPU engine.
 
 use super::{print_json, Ctx};
-use crate::assets::Asset;
 use crate::backend::cpu::HostOps;
 use crate::formats::chat_template::Message;
 use crate::models::llama::ChatModel;
@@ -31,7 +30,11 @@ pub struct Args {
     /// Seed for sampling (runs with the same seed give the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A GGUF model other than the embedded SmolLM2.
+    /// The backbone whose LLM answers: `lite` (SmolLM2-135M-Instruct) or `dino-qwen`
+    /// (Qwen2.5-Coder-0.5B-Instruct).
+    #[arg(long, default_value = crate::models::backbone::DEFAULT)]
+    backbone: String,
+    /// A GGUF model (LLaMA or Qwen2 family, with a chat template) instead of the backbone's.
     #[arg(long)]
     model: Option<PathBuf>,
 }
@@ -45,7 +48,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     let path = match a.model {
         Some(p) => p,
-        None => Asset::SmolLm2Gguf.path()?,
+        None => crate::models::backbone::builtin(&a.backbone)?.llm_asset.path()?,
     };
     let model = ChatModel::load(HostOps, &path, 4096)?;
     let mut messages = Vec::new();

@@ -1,7 +1,6 @@
 //! `sage infer`: one question about one image pair, from a trained checkpoint.
 
 use super::{print_json, Ctx};
-use crate::assets::Asset;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::facts::FactSet;
 use crate::image_io;
@@ -46,6 +45,9 @@ pub struct Args {
     /// Write the anomaly map (1 − max cosine to the reference) over the test image to this PNG.
     #[arg(long)]
     map: Option<PathBuf>,
+    /// The backbone the checkpoint must have been trained on [default: the checkpoint's].
+    #[arg(long)]
+    backbone: Option<String>,
     /// Maximum number of answer tokens.
     #[arg(long, default_value_t = 96)]
     max_tokens: usize,
@@ -54,17 +56,18 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let state = checkpoint::read_state(&a.checkpoint)?;
     let cfg = state.config.clone();
+    if let Some(b) = a.backbone.as_deref().filter(|b| *b != cfg.model.backbone) {
+        return Err(user_err!(
+            "checkpoint {} was trained on backbone `{}`, not `{b}`; drop --backbone or pass --backbone {}",
+            a.checkpoint.display(),
+            cfg.model.backbone,
+            cfg.model.backbone
+        ));
+    }
     let mut params = ParamSet::new();
     let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
-    let model = SageModel::new(
-        &Asset::EfficientNetPth.path()?,
-        &Asset::SmolLm2Gguf.path()?,
-        cfg.model.clone(),
-        &cfg.llm.finetune()?,
-        &mut params,
-        &mut rng,
-    )?;
-    checkpoint::load_weights(&a.checkpoint, &state, &mut params)?;
+    let model = SageModel::new(cfg.model.clone(), &cfg.llm.finetune()?, &mut params, &mut rng)?;
+    checkpoint::load_weights(&a.checkpoint, &state, &mut params, &model.backbone)?;
     let facts: Vec<String> = if !a.fact.is_empty() {
         a.fact.clone()
     } else if let Some(f) = &a.facts {

@@ -3,7 +3,7 @@
 //! is exactly what `sage sfe --config` / `sage edpo --config` load (the tests check it).
 
 use super::profile::Profile;
-use crate::edpo::config::{EdpoData, EdpoRunConfig, EdpoSection, LossKind};
+use crate::edpo::config::{EdpoData, EdpoModel, EdpoRunConfig, EdpoSection, LossKind};
 use crate::edpo::pairs::PairChoice;
 use crate::models::sage::{FactsMode, SageConfig};
 use crate::ops::similarity::Reduce;
@@ -29,7 +29,15 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
             zero_shot: false,
         },
         // A smaller head than the default (k 16, fusion_dim 256, pool 2): minutes on a CPU.
-        model: SageConfig { facts, k: 8, reduce: Reduce::Nearest, fusion_dim: 128, fusion_heads: 4, image_pool: 4 },
+        model: SageConfig {
+            backbone: p.backbone.to_string(),
+            facts,
+            k: 8,
+            reduce: Reduce::Nearest,
+            fusion_dim: 128,
+            fusion_heads: 4,
+            image_pool: 4,
+        },
         llm: LlmConfig {
             finetune: "lora".into(),
             lora_rank: 8,
@@ -45,6 +53,7 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
 pub fn edpo_config(p: &Profile, data: &Path, sfe_run: &Path, loss: LossKind) -> EdpoRunConfig {
     EdpoRunConfig {
         sfe: sfe_run.to_path_buf(),
+        model: Some(EdpoModel { backbone: p.backbone.to_string() }),
         data: EdpoData {
             train: data.join("train.json"),
             scores: Some(data.join("train.scores.jsonl")),

@@ -151,7 +151,9 @@ fn prepare_data(r: &Runner, p: &Profile, data: &Path) -> Result<()> {
     let mut facts_all = String::new();
     for split in ["train", "test"] {
         let f = data.join(format!("facts-{split}.jsonl"));
-        let args = vec!["facts".into(), "--data".into(), s(&data.join(format!("{split}.json"))), "--out".into(), s(&f)];
+        let mut args =
+            vec!["facts".into(), "--data".into(), s(&data.join(format!("{split}.json"))), "--out".into(), s(&f)];
+        args.extend(["--backbone".into(), p.backbone.into()]);
         r.sage(&format!("facts-{split}"), &args)?;
         facts_all.push_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
     }

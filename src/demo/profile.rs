@@ -10,6 +10,8 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, Serialize)]
 pub struct Profile {
     pub name: &'static str,
+    /// The backbone every stage runs (`models::backbone`; `sage demo --backbone`).
+    pub backbone: &'static str,
     /// Training items (image pairs; 5 questions each; 0 = all).
     pub train_items: usize,
     pub sfe_steps: u64,
@@ -56,6 +58,7 @@ pub const PAPER_PREF: PrefOptions =
 /// Sized for two CPU cores (minutes): a smoke test of the pipeline, not of the method.
 pub const QUICK: Profile = Profile {
     name: "quick",
+    backbone: crate::models::backbone::DEFAULT,
     train_items: 24,
     sfe_steps: 40,
     sfe_batch: 4,
@@ -77,6 +80,7 @@ pub const QUICK: Profile = Profile {
 /// Every item, for a GPU.
 pub const FULL: Profile = Profile {
     name: "full",
+    backbone: crate::models::backbone::DEFAULT,
     train_items: 0,
     sfe_steps: 2000,
     sfe_batch: 8,
@@ -135,13 +139,18 @@ impl Profile {
     }
 
     /// The working folder when none is given: `runs/demo-quick`, `runs/demo-standard` or
-    /// `runs/demo`.
+    /// `runs/demo`, with `-<backbone>` after it for a backbone other than the default.
     pub fn default_out(&self) -> PathBuf {
-        PathBuf::from(match self.name {
+        let base = match self.name {
             "quick" => "runs/demo-quick",
             "standard" => "runs/demo-standard",
             _ => "runs/demo",
-        })
+        };
+        if self.backbone == crate::models::backbone::DEFAULT {
+            PathBuf::from(base)
+        } else {
+            PathBuf::from(format!("{base}-{}", self.backbone))
+        }
     }
 
     /// The profile called `name` (`quick`, `standard` or `full`).

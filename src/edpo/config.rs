@@ -12,10 +12,21 @@ pub struct EdpoRunConfig {
     /// The `sage sfe` run folder: the policy starts from it and it stays frozen as π_ref. The
     /// model, facts and validation data are that run's.
     pub sfe: PathBuf,
+    /// Optional `[model] backbone = "..."`: the backbone this run expects, checked against the SFE
+    /// run's (the model itself is always the SFE run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<EdpoModel>,
     pub data: EdpoData,
     #[serde(default)]
     pub edpo: EdpoSection,
     pub train: TrainSection,
+}
+
+/// `[model]` of an E-DPO config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdpoModel {
+    pub backbone: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -178,6 +178,17 @@ impl EdpoRun {
                 cfg.sfe.display()
             ));
         }
+        if let Some(m) = cfg.model.as_ref().filter(|m| m.backbone != state.config.model.backbone) {
+            return Err(user_err!(
+                "[model] backbone = \"{}\", but the SFE run {} was trained on backbone `{}`; set [model] backbone = \"{}\" \
+                 (or drop the key), or point sfe at a run of backbone `{}`",
+                m.backbone,
+                cfg.sfe.display(),
+                state.config.model.backbone,
+                state.config.model.backbone,
+                m.backbone
+            ));
+        }
         // Before the model loads: a missing score file is the likeliest first-run mistake. The
         // command given writes exactly the file and judge key this run reads.
         let scores_path = cfg.data.scores_path();
@@ -203,7 +214,7 @@ impl EdpoRun {
         sfe_cfg.data.max_train_items = cfg.data.max_train_items;
         sfe_cfg.train = cfg.train.clone();
         let mut session = Session::new(sfe_cfg, out)?;
-        checkpoint::load_weights(&cfg.sfe, &state, &mut session.params)?;
+        checkpoint::load_weights(&cfg.sfe, &state, &mut session.params, &session.model.backbone)?;
         let mut reference = session.params.clone();
         reference.set_trainable_where(|_| true, false);
         session.params.set_trainable_where(|name| name.starts_with(crate::models::sage::FUSION_PREFIX), false);

@@ -4,7 +4,6 @@
 
 use super::maps::MapMetrics;
 use super::{FirstToken, Generated};
-use crate::assets::Asset;
 use crate::backend::cpu::HostOps;
 use crate::backend::cuda::step_ops::CudaOps;
 use crate::data::sample::{Label, Question, Sample};
@@ -86,15 +85,34 @@ impl Evaluator {
     /// The model of run folder `checkpoint` (an `sfe` or `edpo` run), or with `baseline` the same
     /// architecture untrained (the head freshly initialised, the LLM as released). Without a
     /// checkpoint, `baseline` uses the default head with facts = none.
-    pub fn load(checkpoint_dir: Option<&Path>, baseline: bool, facts: Option<&Path>) -> Result<Evaluator> {
+    /// `backbone`: the untrained model's without a checkpoint; with one, it must be the
+    /// checkpoint's.
+    pub fn load(
+        checkpoint_dir: Option<&Path>,
+        baseline: bool,
+        facts: Option<&Path>,
+        backbone: Option<&str>,
+    ) -> Result<Evaluator> {
         let (head, finetune, seed, facts_path, state) = match checkpoint_dir {
             Some(dir) => {
                 let state = checkpoint::read_state(dir)?;
                 let c = state.config.clone();
+                if let Some(b) = backbone.filter(|b| *b != c.model.backbone) {
+                    return Err(user_err!(
+                        "checkpoint {} was trained on backbone `{}`, not `{b}`; drop --backbone or pass --backbone {}",
+                        dir.display(),
+                        c.model.backbone,
+                        c.model.backbone
+                    ));
+                }
                 (c.model.clone(), c.llm.finetune()?, c.train.seed, c.data.facts.clone(), Some(state))
             }
             None if baseline => (
-                SageConfig { facts: FactsMode::None, ..SageConfig::default() },
+                SageConfig {
+                    facts: FactsMode::None,
+                    backbone: backbone.unwrap_or(crate::models::backbone::DEFAULT).to_string(),
+                    ..SageConfig::default()
+                },
                 crate::models::llama::Finetune::Full,
                 0,
                 None,
@@ -104,17 +122,10 @@ impl Evaluator {
         };
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(seed, streams::INIT);
-        let model = SageModel::new(
-            &Asset::EfficientNetPth.path()?,
-            &Asset::SmolLm2Gguf.path()?,
-            head.clone(),
-            &finetune,
-            &mut params,
-            &mut rng,
-        )?;
+        let model = SageModel::new(head.clone(), &finetune, &mut params, &mut rng)?;
         let describe = match (checkpoint_dir, &state) {
             (Some(dir), Some(st)) if !baseline => {
-                checkpoint::load_weights(dir, st, &mut params)?;
+                checkpoint::load_weights(dir, st, &mut params, &model.backbone)?;
                 let stage = if st.edpo.is_some() { "edpo" } else { "sfe" };
                 format!("{} ({stage}, step {}, facts = {:?})", dir.display(), st.step, head.facts)
             }

@@ -72,6 +72,9 @@ pub struct ModelAnswers {
     pub generate_items: Option<usize>,
     /// Write the first-token records here (JSONL), as they are made.
     pub save_first_token: Option<PathBuf>,
+    /// The backbone: selects it for a baseline without a checkpoint; with a checkpoint it must be
+    /// the checkpoint's (`None`: the checkpoint's, or the default).
+    pub backbone: Option<String>,
 }
 
 /// A judge plugin and its config (a JSON object).
@@ -185,7 +188,7 @@ fn load(req: &EvalRequest, format: DataFormat) -> Result<Vec<Sample>> {
 }
 
 fn load_model(m: &ModelAnswers, shots: u8, env: &EvalEnv) -> Result<Evaluator> {
-    let mut ev = Evaluator::load(m.checkpoint.as_deref(), m.baseline, m.facts.as_deref())?;
+    let mut ev = Evaluator::load(m.checkpoint.as_deref(), m.baseline, m.facts.as_deref(), m.backbone.as_deref())?;
     ev.shots = shots;
     ev.max_tokens = m.max_tokens;
     if env.gpu {

@@ -1,6 +1,7 @@
 //! One file per architecture, with field names that mirror the checkpoint's tensor tree.
 
 pub mod anomaly_map;
+pub mod backbone;
 pub mod bert;
 pub mod dinov2;
 pub mod efficientnet;

@@ -12,6 +12,7 @@ use crate::assets::Asset;
 use crate::image_io;
 use anyhow::Result;
 use image::DynamicImage;
+use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -53,10 +54,18 @@ impl PatchEncoder {
     /// The encoder from the installed assets; `size` is DINOv2's input side (default 224), `layer`
     /// the hidden state it reads.
     pub fn load(kind: EncoderKind, size: Option<u32>, layer: DinoLayer) -> Result<PatchEncoder> {
+        let weights = match kind {
+            EncoderKind::Efficientnet => Asset::EfficientNetPth.path()?,
+            EncoderKind::Dinov2 => Asset::Dinov2Onnx.path()?,
+        };
+        PatchEncoder::load_from(kind, &weights, size, layer)
+    }
+
+    /// [`PatchEncoder::load`] from a weights file of `kind` (a `.pth` for EfficientNet-Lite0, an
+    /// ONNX graph or safetensors for DINOv2).
+    pub fn load_from(kind: EncoderKind, weights: &Path, size: Option<u32>, layer: DinoLayer) -> Result<PatchEncoder> {
         Ok(match kind {
-            EncoderKind::Efficientnet => {
-                PatchEncoder::EfficientNet(EfficientNetLite::load(&Asset::EfficientNetPth.path()?)?)
-            }
+            EncoderKind::Efficientnet => PatchEncoder::EfficientNet(EfficientNetLite::load(weights)?),
             EncoderKind::Dinov2 => {
                 let size = size.unwrap_or(224);
                 if size < 14 || !size.is_multiple_of(14) {
@@ -64,7 +73,7 @@ impl PatchEncoder {
                         "--size {size}: DINOv2 takes a side that is a multiple of its 14-pixel patch (224, 448, ...)"
                     );
                 }
-                let net = Dinov2::load(&Asset::Dinov2Onnx.path()?)?;
+                let net = Dinov2::load(weights)?;
                 let tap = match layer {
                     DinoLayer::Last => Tap::Normed,
                     DinoLayer::Block(i) if (1..=net.layers()).contains(&i) => Tap::Hidden(i),
@@ -83,6 +92,35 @@ impl PatchEncoder {
             PatchEncoder::EfficientNet(_) => format!("efficientnet-lite0@{}", PREPROCESS_FULL.crop),
             PatchEncoder::Dinov2(_, size, Tap::Hidden(i)) => format!("dinov2-vits14@{size}/block{i}"),
             PatchEncoder::Dinov2(_, size, _) => format!("dinov2-vits14@{size}/last"),
+        }
+    }
+
+    /// Width of a patch token (152 for EfficientNet-Lite0's taps, 384 for ViT-S/14).
+    pub fn dim(&self) -> usize {
+        match self {
+            PatchEncoder::EfficientNet(net) => net.patch_dim(),
+            PatchEncoder::Dinov2(net, ..) => net.dim(),
+        }
+    }
+
+    /// How an image becomes the encoder's input (resize, crop, normalisation).
+    pub fn preprocess(&self) -> image_io::Preprocess {
+        match self {
+            PatchEncoder::EfficientNet(_) => PREPROCESS_FULL,
+            PatchEncoder::Dinov2(_, size, _) => dinov2::preprocess(*size),
+        }
+    }
+
+    /// Patch tokens of one preprocessed image `[3, side, side]` ([`PatchEncoder::preprocess`]).
+    pub fn tokens_chw(&self, chw: &[f32]) -> Result<PatchTokens> {
+        let side = self.preprocess().crop as usize;
+        anyhow::ensure!(chw.len() == 3 * side * side, "pixels must be [3, {side}, {side}], got {} values", chw.len());
+        match self {
+            PatchEncoder::EfficientNet(net) => net.try_patch_tokens(chw, side),
+            PatchEncoder::Dinov2(net, _, tap) => {
+                let h = &net.forward(&[chw], side, side, &[*tap])?[0];
+                Ok(PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(0).to_vec() })
+            }
         }
     }
 

@@ -11,6 +11,7 @@
 
 use super::config::SfeConfig;
 use crate::formats::safetensors::{self as st, SafetensorsFile};
+use crate::models::backbone::{Backbone, BackboneRecord};
 use crate::tensor::Tensor;
 use crate::train::{AdamWState, ParamSet};
 use crate::user_err;
@@ -33,6 +34,27 @@ pub struct State {
     /// Stage 2: the E-DPO section and the SFE run it started from (absent for SFE runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edpo: Option<serde_json::Value>,
+    /// The backbone and the sha256 of its files (absent in checkpoints made before backbones were
+    /// recorded: those were all `lite`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<BackboneRecord>,
+}
+
+impl State {
+    /// Refuses `backbone` unless it is the one this checkpoint in `dir` was made with (name and
+    /// file hashes).
+    pub fn check_backbone(&self, dir: &Path, backbone: &Backbone) -> Result<()> {
+        let what = format!("checkpoint {}", dir.display());
+        match &self.backbone {
+            Some(saved) => backbone.check_record(saved, &what),
+            None if self.config.model.backbone != backbone.name => Err(user_err!(
+                "{what} was made with backbone `{}`, not `{}`",
+                self.config.model.backbone,
+                backbone.name
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn state_path(dir: &Path) -> PathBuf {
@@ -58,6 +80,7 @@ pub fn save(
     optim_state: &AdamWState,
     config: &SfeConfig,
     edpo: Option<&serde_json::Value>,
+    backbone: &BackboneRecord,
 ) -> Result<()> {
     let weights_name = format!("weights-{step:06}.safetensors");
     let optim_name = format!("optim-{step:06}.safetensors");
@@ -94,6 +117,7 @@ pub fn save(
         optim_steps: optim_state.step,
         config: config.clone(),
         edpo: edpo.cloned(),
+        backbone: Some(backbone.clone()),
     };
     crate::util::write_atomic(&state_path(dir), serde_json::to_string_pretty(&state)?.as_bytes())?;
     // Committed: older tensors can go.
@@ -116,8 +140,10 @@ fn block_count<'a>(names: impl Iterator<Item = &'a str>) -> usize {
         .unwrap_or(0)
 }
 
-/// Loads the trainable weights of a checkpoint into `params`, and the frozen ones it holds.
-pub fn load_weights(dir: &Path, state: &State, params: &mut ParamSet) -> Result<()> {
+/// Loads the trainable weights of a checkpoint into `params`, and the frozen ones it holds, after
+/// checking that `backbone` (the model `params` belongs to) is the checkpoint's.
+pub fn load_weights(dir: &Path, state: &State, params: &mut ParamSet, backbone: &Backbone) -> Result<()> {
+    state.check_backbone(dir, backbone)?;
     let path = dir.join(&state.weights);
     let f = SafetensorsFile::open(&path)?;
     let names: Vec<String> = params
@@ -180,9 +206,9 @@ fn refuse_non_finite(dir: &Path, file: &str, name: &str, values: &[f32]) -> Resu
 }
 
 /// Restores the weights (into `params`) and the optimizer state for an exact resume.
-pub fn restore(dir: &Path, params: &mut ParamSet) -> Result<(State, AdamWState)> {
+pub fn restore(dir: &Path, params: &mut ParamSet, backbone: &Backbone) -> Result<(State, AdamWState)> {
     let state = read_state(dir)?;
-    load_weights(dir, &state, params)?;
+    load_weights(dir, &state, params, backbone)?;
     let f = SafetensorsFile::open(&dir.join(&state.optim))?;
     let mut moments = BTreeMap::new();
     for p in params.iter().filter(|p| p.trainable) {
@@ -209,26 +235,71 @@ mod tests {
         .unwrap()
     }
 
+    /// A backbone named `name` over two small files in `dir`.
+    fn backbone(dir: &Path, name: &str) -> Backbone {
+        let (vision, llm) = (dir.join("vision.bin"), dir.join("llm.gguf"));
+        for f in [&vision, &llm] {
+            if !f.exists() {
+                std::fs::write(f, f.display().to_string()).unwrap();
+            }
+        }
+        Backbone {
+            name: name.into(),
+            vision: crate::models::patch_encoder::EncoderKind::Efficientnet,
+            vision_weights: vision,
+            size: 224,
+            layer: crate::models::patch_encoder::DinoLayer::Last,
+            llm,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_refuses_another_backbone_or_changed_weights_naming_both() {
+        let (dir, files) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let lite = backbone(files.path(), "lite");
+        let mut params = ParamSet::new();
+        params.add("x", &[2], vec![1.0, 2.0], true).unwrap();
+        save(dir.path(), 1, &params, &AdamWState::default(), &config(), None, &lite.record().unwrap()).unwrap();
+        let state = read_state(dir.path()).unwrap();
+        load_weights(dir.path(), &state, &mut params, &lite).unwrap();
+
+        let other = backbone(files.path(), "dino-qwen");
+        let err = load_weights(dir.path(), &state, &mut params, &other).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(crate::error::is_user_error(&err) && s.contains("`lite`") && s.contains("`dino-qwen`"), "{s}");
+        let err = restore(dir.path(), &mut params, &other).unwrap_err();
+        assert!(format!("{err:#}").contains("made with backbone `lite`, not `dino-qwen`"), "{err:#}");
+
+        // The same name over other bytes: refused, naming the file and both hashes.
+        std::fs::write(&lite.llm, b"retrained").unwrap();
+        let err = load_weights(dir.path(), &state, &mut params, &lite).unwrap_err();
+        let s = format!("{err:#}");
+        assert!(s.contains("llm.gguf") && s.contains(&state.backbone.as_ref().unwrap().llm_sha256), "{s}");
+    }
+
     #[test]
     fn a_non_finite_weight_is_never_saved_nor_loaded() {
         let dir = tempfile::tempdir().unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let lite = backbone(files.path(), "lite");
+        let record = lite.record().unwrap();
         let cfg = config();
         let optim = AdamWState::default();
         let mut params = ParamSet::new();
         let x = params.add("x", &[2], vec![1.0, f32::NAN], true).unwrap();
-        let err = save(dir.path(), 3, &params, &optim, &cfg, None).unwrap_err();
+        let err = save(dir.path(), 3, &params, &optim, &cfg, None, &record).unwrap_err();
         let s = format!("{err:#}");
         assert!(s.contains("step 3") && s.contains("weight `x` [1] is NaN"), "{s}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
 
         // A finite checkpoint saves; the same file with an infinity in it is refused as damaged.
         params[x].value = vec![1.0, 2.0];
-        save(dir.path(), 3, &params, &optim, &cfg, None).unwrap();
+        save(dir.path(), 3, &params, &optim, &cfg, None, &record).unwrap();
         let state = read_state(dir.path()).unwrap();
         let mut bad = BTreeMap::new();
         bad.insert("x".to_string(), Tensor::from_vec(vec![f32::INFINITY, 2.0], &[2]).unwrap());
         st::write(&dir.path().join(&state.weights), &bad, None).unwrap();
-        let err = load_weights(dir.path(), &state, &mut params).unwrap_err();
+        let err = load_weights(dir.path(), &state, &mut params, &lite).unwrap_err();
         let s = format!("{err:#}");
         assert!(crate::error::is_user_error(&err) && s.contains("`x` [0] is inf") && s.contains("damaged"), "{s}");
     }

@@ -6,10 +6,10 @@
 
 use super::config::SfeConfig;
 use super::data::{ExampleRef, Split, TokenCache};
-use crate::assets::Asset;
 use crate::data::sample::conclusion;
 use crate::data::Question;
 use crate::facts::FactSet;
+use crate::models::backbone::BackboneRecord;
 use crate::models::efficientnet::PatchTokens;
 use crate::models::sage::{Example, FactsMode, Sage, SageModel};
 use crate::models::sampling::Sampling;
@@ -24,6 +24,8 @@ pub struct Session {
     pub cfg: SfeConfig,
     pub out: PathBuf,
     pub model: SageModel,
+    /// The backbone's name and file hashes, for every checkpoint this run saves.
+    pub backbone_record: BackboneRecord,
     pub params: ParamSet,
     pub train: Split,
     val: Split,
@@ -70,14 +72,8 @@ impl Session {
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
         let finetune = cfg.llm.finetune()?;
-        let model = SageModel::new(
-            &Asset::EfficientNetPth.path()?,
-            &Asset::SmolLm2Gguf.path()?,
-            cfg.model.clone(),
-            &finetune,
-            &mut params,
-            &mut rng,
-        )?;
+        let model = SageModel::new(cfg.model.clone(), &finetune, &mut params, &mut rng)?;
+        let backbone_record = model.backbone.record()?;
         let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
         let val = Split::load(&cfg.data.val, 0)?;
         let facts = match (&cfg.data.facts, cfg.model.facts) {
@@ -91,6 +87,7 @@ impl Session {
             cfg,
             out: out.to_path_buf(),
             model,
+            backbone_record,
             params,
             train,
             val,

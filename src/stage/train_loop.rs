@@ -9,6 +9,7 @@
 use super::checkpoint::{self, State};
 use super::config::TrainSection;
 use super::session::{Session, ValResult};
+use crate::models::backbone::Backbone;
 use crate::models::sage::Sage;
 use crate::opset::StepOps;
 use crate::train::{guard, AdamWState, ParamSet};
@@ -91,7 +92,8 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
 ) -> Result<Outcome> {
     let tcfg = session.cfg.train.trainer_config();
     let out = session.out.clone();
-    let Start { optim, step: start, mut log, state } = start_run(&out, &mut session.params, resume)?;
+    let Start { optim, step: start, mut log, state } =
+        start_run(&out, &mut session.params, &session.model.backbone, resume)?;
     if let Some(state) = &state {
         stage.check_resume(session, state)?;
     }
@@ -139,7 +141,15 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
         if checkpoint_due(&train, done) {
             model.llm.download_into(&mut session.params)?;
             let optim = model.llm.optimizer_state()?;
-            checkpoint::save(&out, done, &session.params, &optim, &session.cfg, mark.as_ref())?;
+            checkpoint::save(
+                &out,
+                done,
+                &session.params,
+                &optim,
+                &session.cfg,
+                mark.as_ref(),
+                &session.backbone_record,
+            )?;
             saved = Some(done);
         }
     }
@@ -169,14 +179,14 @@ struct Start {
 
 /// A fresh start at step 0 (refusing to overwrite a checkpoint), or with `resume` the checkpoint
 /// in `out` restored into `params`, its log cut back to the checkpoint's step.
-fn start_run(out: &Path, params: &mut ParamSet, resume: bool) -> Result<Start> {
+fn start_run(out: &Path, params: &mut ParamSet, backbone: &Backbone, resume: bool) -> Result<Start> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let log_path = out.join("log.jsonl");
     let (optim, state) = if resume {
         if !checkpoint::exists(out) {
             return Err(user_err!("--resume: no checkpoint in {} (run without --resume to start)", out.display()));
         }
-        let (state, optim) = checkpoint::restore(out, params)?;
+        let (state, optim) = checkpoint::restore(out, params, backbone)?;
         truncate_log(&log_path, state.step)?;
         (optim, Some(state))
     } else {

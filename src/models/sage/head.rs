@@ -39,6 +39,9 @@ pub enum FactsMode {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SageConfig {
+    /// The backbone (`models::backbone`): vision encoder + LLM. Checkpoints made before the key
+    /// existed read as `lite`, the only backbone then.
+    pub backbone: String,
     pub facts: FactsMode,
     /// Patches selected per image (K).
     pub k: usize,
@@ -61,6 +64,7 @@ impl SageConfig {
 impl Default for SageConfig {
     fn default() -> Self {
         SageConfig {
+            backbone: crate::models::backbone::DEFAULT.to_string(),
             facts: FactsMode::Fused,
             k: 16,
             reduce: Reduce::Nearest,
@@ -263,6 +267,7 @@ mod tests {
 
     fn head(params: &mut ParamSet) -> SageHead {
         let cfg = SageConfig {
+            backbone: "lite".into(),
             facts: FactsMode::Fused,
             k: 3,
             reduce: Reduce::Nearest,

@@ -20,8 +20,10 @@ use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::image_io;
-use crate::models::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
+use crate::models::backbone::Backbone;
+use crate::models::efficientnet::PatchTokens;
 use crate::models::llama::{Finetune, LlamaConfig, LlamaParams};
+use crate::models::patch_encoder::PatchEncoder;
 use crate::train::{ParamSet, SeedRng};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
@@ -47,7 +49,8 @@ pub struct SageModel {
     pub llm: LlamaParams,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
-    pub vision: EfficientNetLite,
+    pub vision: PatchEncoder,
+    pub backbone: Backbone,
 }
 
 /// One example's input sequence before any trained parameter is read: where each text run, image
@@ -80,16 +83,28 @@ enum Piece {
 }
 
 impl SageModel {
-    /// Builds the model from the vision weights and a GGUF LLM; the head is freshly initialised.
-    pub fn new(
-        vision_path: &Path,
-        llm_path: &Path,
+    /// Builds the model on the backbone `head_cfg.backbone` names (its frozen encoder and its
+    /// GGUF LLM); the head is freshly initialised.
+    pub fn new(head_cfg: SageConfig, finetune: &Finetune, params: &mut ParamSet, rng: &mut SeedRng) -> Result<Self> {
+        SageModel::on(Backbone::resolve(&head_cfg.backbone)?, head_cfg, finetune, params, rng)
+    }
+
+    /// [`SageModel::new`] on a backbone resolved to files (`head_cfg.backbone` must name it).
+    pub fn on(
+        backbone: Backbone,
         head_cfg: SageConfig,
         finetune: &Finetune,
         params: &mut ParamSet,
         rng: &mut SeedRng,
     ) -> Result<Self> {
-        let vision = EfficientNetLite::load(vision_path)?;
+        ensure!(
+            backbone.name == head_cfg.backbone,
+            "the model config names backbone `{}` but `{}` was given",
+            head_cfg.backbone,
+            backbone.name
+        );
+        let vision = backbone.encoder()?;
+        let llm_path = backbone.llm.as_path();
         let g = Gguf::open(llm_path)?;
         let cfg = LlamaConfig::from_gguf(&g)?;
         let tokenizer = TextTokenizer::from_gguf(&g)?;
@@ -97,14 +112,14 @@ impl SageModel {
         let template = ChatTemplate::new(template_src, "", "")?;
         let llm = LlamaParams::load(&g, cfg, finetune, params, rng)
             .with_context(|| format!("loading {}", llm_path.display()))?;
-        let head = SageHead::new(head_cfg, vision.patch_dim(), llm.hidden_size(), params, rng)?;
-        Ok(SageModel { head, llm, tokenizer, template, vision })
+        let head = SageHead::new(head_cfg, vision.dim(), llm.hidden_size(), params, rng)?;
+        Ok(SageModel { head, llm, tokenizer, template, vision, backbone })
     }
 
     /// Patch tokens of an image file (the frozen encoder's output; cache these).
     pub fn patch_tokens(&self, path: &Path) -> Result<PatchTokens> {
         let img = image_io::load(path)?;
-        Ok(self.vision.patch_tokens(&image_io::to_chw(&img, &PREPROCESS_FULL), PREPROCESS_FULL.crop as usize))
+        self.vision.tokens_chw(&image_io::to_chw(&img, &self.vision.preprocess()))
     }
 
     /// The layout of one example's sequence: the chat template around the user turn, the image,

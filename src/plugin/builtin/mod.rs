@@ -1,4 +1,4 @@
-//! The plugins compiled into sage: the `lite` backbone, the `rubric` judge and the dataset
+//! The plugins compiled into sage: the `lite` and `dino-qwen` backbones, the `rubric` judge and the dataset
 //! readers. Each is written against the SDK's [`Plugin`] trait, like a library plugin, and keeps
 //! a library's contract (config JSON in; descriptions, scores and samples JSON out); the host
 //! calls it in process instead of through the C ABI. Being part of sage, a built-in runs on the
@@ -6,8 +6,8 @@
 //! linked its own copy of sage, with its own pool that `--threads` did not reach — and costs no
 //! file beside the binary.
 
+pub mod backbone;
 pub mod datasets;
-pub mod lite;
 pub mod rubric;
 
 use super::instance::{Calls, Factory, Kind, PluginInfo};
@@ -25,13 +25,20 @@ pub struct Builtin {
 
 /// Every built-in. Names are unique per kind; a library of the same kind and name is refused
 /// as shadowed (see [`super::loader`]).
-pub static BUILTINS: [Builtin; 7] = [
+pub static BUILTINS: [Builtin; 8] = [
     Builtin {
         kind: Kind::Backbone,
         name: "lite",
         description:
             "embedded default: EfficientNet-Lite0 patch features -> adapter -> SmolLM2-135M-Instruct (generates text)",
-        create: create::<lite::Lite>,
+        create: create::<backbone::Builtin<backbone::Lite>>,
+    },
+    Builtin {
+        kind: Kind::Backbone,
+        name: "dino-qwen",
+        description:
+            "DINOv2 ViT-S/14 block-6 patch features -> adapter -> Qwen2.5-Coder-0.5B-Instruct (generates text)",
+        create: create::<backbone::Builtin<backbone::DinoQwen>>,
     },
     Builtin {
         kind: Kind::Judge,

@@ -1,26 +1,28 @@
-//! Backbone `lite` (built in), the embedded default: EfficientNet-Lite0 patch features (14×14 ×
-//! 152) → adapter → SmolLM2-135M-Instruct, all from $SAGE_HOME. It is not a pretrained VLM: the
-//! adapter is learned by `sage sfe`. Offers text generation (for `sage facts`) through the same
-//! plugin interface.
+//! The built-in backbones (`models::backbone`: `lite`, `dino-qwen`) as backbone plugins: the
+//! description, image encoding and text generation (for `sage facts`) through the same plugin
+//! interface an external backbone implements. Neither is a pretrained VLM: the adapter between
+//! the frozen encoder and the LLM is learned by `sage sfe`.
 //!
-//! Config (JSON): `efficientnet` and `llm` paths (default: the assets), `max_positions` (2048).
+//! Config (JSON): `vision` and `llm` paths (default: the backbone's assets), `max_positions`
+//! (2048).
 
-use crate::assets::Asset;
 use crate::backend::cpu::HostOps;
 use crate::formats::chat_template::Message;
 use crate::formats::gguf::Gguf;
-use crate::models::efficientnet::{EfficientNetLite, PATCH_TAPS, PREPROCESS_FULL};
+use crate::models::backbone::{self, BuiltinBackbone};
 use crate::models::llama::{ChatModel, LlamaConfig};
+use crate::models::patch_encoder::{EncoderKind, PatchEncoder};
 use crate::models::sampling::Sampling;
 use sage_plugin_sdk::{F32View, F32ViewMut, Plugin, PluginError, PluginResult};
 use serde::Deserialize;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default)]
-    efficientnet: Option<PathBuf>,
+    vision: Option<PathBuf>,
     #[serde(default)]
     llm: Option<PathBuf>,
     #[serde(default = "default_positions")]
@@ -53,60 +55,102 @@ fn default_top_p() -> f32 {
     0.9
 }
 
-/// Patch grid and width of the vision features (see crate::models::efficientnet).
-const GRID: usize = 14;
-const PATCH_DIM: usize = 152;
+/// Which built-in a [`Builtin`] plugin is.
+pub trait Named: Send + 'static {
+    const NAME: &'static str;
+}
 
-pub struct Lite {
-    efficientnet: PathBuf,
+pub struct Lite;
+impl Named for Lite {
+    const NAME: &'static str = "lite";
+}
+
+pub struct DinoQwen;
+impl Named for DinoQwen {
+    const NAME: &'static str = "dino-qwen";
+}
+
+pub struct Builtin<N: Named> {
+    spec: &'static BuiltinBackbone,
+    vision_path: PathBuf,
     llm: PathBuf,
     max_positions: usize,
-    vision: Option<EfficientNetLite>,
+    vision: Option<PatchEncoder>,
     chat: Option<ChatModel<HostOps>>,
+    _name: PhantomData<N>,
 }
 
 fn io(e: anyhow::Error) -> PluginError {
     PluginError::io(format!("{e:#}"))
 }
 
-impl Plugin for Lite {
+impl<N: Named> Builtin<N> {
+    fn encoder(&mut self) -> PluginResult<&PatchEncoder> {
+        if self.vision.is_none() {
+            let s = self.spec;
+            let enc = PatchEncoder::load_from(s.vision, &self.vision_path, Some(s.size), s.layer).map_err(io)?;
+            self.vision = Some(enc);
+        }
+        Ok(self.vision.as_ref().expect("loaded above"))
+    }
+}
+
+impl<N: Named> Plugin for Builtin<N> {
     fn create(config_json: &str) -> PluginResult<Self> {
         let cfg: Config = serde_json::from_str(config_json).map_err(|e| {
-            PluginError::invalid(format!("bad lite backbone config: {e} (keys: efficientnet, llm, max_positions)"))
+            PluginError::invalid(format!("bad {} backbone config: {e} (keys: vision, llm, max_positions)", N::NAME))
         })?;
-        let efficientnet = match cfg.efficientnet {
+        let spec = backbone::builtin(N::NAME).map_err(io)?;
+        let vision_path = match cfg.vision {
             Some(p) => p,
-            None => Asset::EfficientNetPth.path().map_err(io)?,
+            None => spec.vision_asset.path().map_err(io)?,
         };
         let llm = match cfg.llm {
             Some(p) => p,
-            None => Asset::SmolLm2Gguf.path().map_err(io)?,
+            None => spec.llm_asset.path().map_err(io)?,
         };
-        Ok(Lite { efficientnet, llm, max_positions: cfg.max_positions, vision: None, chat: None })
+        Ok(Builtin {
+            spec,
+            vision_path,
+            llm,
+            max_positions: cfg.max_positions,
+            vision: None,
+            chat: None,
+            _name: PhantomData,
+        })
     }
 
     fn backbone_describe(&mut self) -> PluginResult<String> {
         let g = Gguf::open(&self.llm).map_err(io)?;
         let llm = LlamaConfig::from_gguf(&g).map_err(io)?;
         let template = g.meta_str("tokenizer.chat_template").unwrap_or("").to_string();
-        let p = PREPROCESS_FULL;
+        let (family, taps) = match self.spec.vision {
+            EncoderKind::Efficientnet => {
+                ("efficientnet-lite0", serde_json::json!(crate::models::efficientnet::PATCH_TAPS))
+            }
+            EncoderKind::Dinov2 => ("dinov2-vits14", serde_json::json!(format!("{:?}", self.spec.layer))),
+        };
+        let enc = self.encoder()?;
+        let p = enc.preprocess();
+        let side = p.crop as usize;
+        let probe = enc.tokens_chw(&vec![0.0; 3 * side * side]).map_err(io)?;
         Ok(serde_json::json!({
-            "name": "lite",
+            "name": N::NAME,
             "vision_encoder": {
-                "family": "efficientnet-lite0",
-                "weights": self.efficientnet,
+                "family": family,
+                "weights": self.vision_path,
                 "frozen": true,
-                "taps": PATCH_TAPS,
-                "patch_grid": [GRID, GRID],
-                "patch_dim": PATCH_DIM,
+                "taps": taps,
+                "patch_grid": [probe.h, probe.w],
+                "patch_dim": probe.dim,
             },
             "image_preprocess": {
                 "size": p.crop, "resize_shorter": p.resize_shorter, "channels": "rgb", "scale": "0-255",
                 "mean": p.mean, "std": p.std,
             },
-            "adapter": { "in": PATCH_DIM, "out": llm.hidden_size },
+            "adapter": { "in": probe.dim, "out": llm.hidden_size },
             "llm": {
-                "family": "llama", "weights": self.llm, "format": "gguf", "config": llm,
+                "family": llm.family, "weights": self.llm, "format": "gguf", "config": llm,
                 "tensor_names": {
                     "embedding": "token_embd.weight", "output_norm": "output_norm.weight",
                     "output": "output.weight (tied to token_embd.weight when absent)",
@@ -121,21 +165,20 @@ impl Plugin for Lite {
     }
 
     fn backbone_encode_image(&mut self, pixels: F32View, out: F32ViewMut) -> PluginResult<()> {
-        let size = p_size();
+        let enc = self.encoder()?;
+        let size = enc.preprocess().crop as usize;
         if pixels.shape != [3, size, size] {
             return Err(PluginError::invalid(format!("pixels must be [3, {size}, {size}], got {:?}", pixels.shape)));
         }
-        if out.shape != [GRID * GRID, PATCH_DIM] {
+        let t = enc.tokens_chw(pixels.data).map_err(io)?;
+        if out.shape != [t.h * t.w, t.dim] {
             return Err(PluginError::invalid(format!(
-                "patches_out must be [{}, {PATCH_DIM}], got {:?}",
-                GRID * GRID,
+                "patches_out must be [{}, {}], got {:?}",
+                t.h * t.w,
+                t.dim,
                 out.shape
             )));
         }
-        if self.vision.is_none() {
-            self.vision = Some(EfficientNetLite::load(&self.efficientnet).map_err(io)?);
-        }
-        let t = self.vision.as_ref().expect("loaded above").patch_tokens(pixels.data, size);
         out.data.copy_from_slice(&t.data);
         Ok(())
     }
@@ -159,8 +202,4 @@ impl Plugin for Lite {
         let g = chat.chat(&messages, o.max_tokens, sampling, |_| {}).map_err(io)?;
         Ok(g.text)
     }
-}
-
-fn p_size() -> usize {
-    PREPROCESS_FULL.crop as usize
 }
