@@ -70,6 +70,7 @@ fn plugins_json_lists_the_builtins_and_the_in_tree_external_plugin() {
         .collect();
     for (kind, name, builtin) in [
         ("backbone", "lite", true),
+        ("backbone", "dino-qwen", true),
         ("judge", "rubric", true),
         ("judge", "openai", false),
         ("dataset", "adpl", true),
@@ -198,6 +199,24 @@ fn lite_backbone_describes_itself_encodes_and_generates() {
     assert!(text.contains("Paris"), "{text}");
     let err = lite.backbone_generate("x", &serde_json::json!({"max_tokenz": 3})).unwrap_err().to_string();
     assert!(err.contains("max_tokenz"), "{err}");
+}
+
+#[test]
+fn dino_qwen_backbone_describes_itself_and_encodes() {
+    let d = in_tree();
+    let mut b = d.get(Kind::Backbone, "dino-qwen").unwrap().instantiate(&serde_json::json!({})).unwrap();
+    let desc = b.backbone_describe().unwrap();
+    assert_eq!(desc["vision_encoder"]["family"], "dinov2-vits14");
+    assert_eq!(desc["vision_encoder"]["patch_grid"], serde_json::json!([16, 16]));
+    assert_eq!(desc["adapter"], serde_json::json!({"in": 384, "out": 896}));
+    assert_eq!(desc["llm"]["family"], "qwen2");
+    assert_eq!(desc["llm"]["config"]["rope_theta"], 1_000_000.0);
+    let pixels = vec![0.1f32; 3 * 224 * 224];
+    let mut patches = vec![0.0f32; 256 * 384];
+    b.backbone_encode_image(&pixels, (224, 224), &mut patches, (256, 384)).unwrap();
+    assert!(patches.iter().all(|v| v.is_finite()) && patches.iter().any(|v| *v != 0.0));
+    let err = b.backbone_encode_image(&pixels, (224, 224), &mut [0.0; 196 * 152], (196, 152)).unwrap_err();
+    assert!(err.to_string().contains("[256, 384]"), "{err}");
 }
 
 #[test]
