@@ -9,7 +9,7 @@
 //! selection ~3× cheaper at 384 dimensions), then repeatedly the point farthest from everything
 //! chosen so far. Points are L2-normalised first, so Euclidean distance ranks as cosine does.
 
-use crate::ops::similarity::{mincos_topk, Reduce};
+use crate::ops::similarity::{mincos_topk_unit_reference, unit_rows, Reduce};
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -44,11 +44,12 @@ impl ImageScore {
     }
 }
 
-/// Normal patch tokens `[len, dim]`, as given (the search normalises).
+/// Normal patch tokens `[len, dim]`, each scaled to unit length as it is pushed: the search
+/// compares directions only, so the bank is normalised once rather than on every query.
 #[derive(Clone, Debug)]
 pub struct MemoryBank {
     pub dim: usize,
-    pub data: Vec<f32>,
+    data: Vec<f32>,
 }
 
 impl MemoryBank {
@@ -64,7 +65,7 @@ impl MemoryBank {
             self.dim,
             tokens.len()
         );
-        self.data.extend_from_slice(tokens);
+        self.data.extend(unit_rows(tokens, self.dim));
         Ok(())
     }
 
@@ -91,7 +92,7 @@ impl MemoryBank {
     pub fn anomaly_map(&self, test: &[f32]) -> Result<Vec<f32>> {
         ensure!(!self.is_empty(), "the memory bank is empty");
         ensure!(test.len().is_multiple_of(self.dim), "test tokens do not have the bank's width {}", self.dim);
-        Ok(mincos_topk(test, Some(&self.data), self.dim, 0, Reduce::Nearest).anomaly_map())
+        Ok(mincos_topk_unit_reference(test, &self.data, self.dim, 0, Reduce::Nearest).anomaly_map())
     }
 }
 
@@ -203,5 +204,24 @@ mod tests {
         // Every coreset point is a bank point: it scores 0.
         assert!(core.anomaly_map(&core.data[..dim * 3]).unwrap().iter().all(|v| v.abs() < 1e-5));
         assert!(bank.push(&[0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn the_normalised_bank_scores_as_the_search_over_raw_tokens() {
+        // Tokens of very different lengths: the bank keeps directions, the map is unchanged.
+        let dim = 8;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut draw =
+            |n: usize, scale: f32| -> Vec<f32> { (0..n * dim).map(|_| rng.random_range(-1.0..1.0) * scale).collect() };
+        let (a, b, test) = (draw(20, 0.01), draw(30, 50.0), draw(10, 1.0));
+        let mut bank = MemoryBank::new(dim);
+        bank.push(&a).unwrap();
+        bank.push(&b).unwrap();
+        let raw: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let want = crate::ops::similarity::mincos_topk(&test, Some(&raw), dim, 0, Reduce::Nearest).anomaly_map();
+        let got = bank.anomaly_map(&test).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
     }
 }

@@ -37,17 +37,30 @@ impl PatchScores {
 
 /// `test[P, C]` against `reference[P', C]` (row-major). `reference = None` is zero-shot.
 pub fn mincos_topk(test: &[f32], reference: Option<&[f32]>, c: usize, k: usize, reduce: Reduce) -> PatchScores {
-    let normalise = |x: &[f32]| {
-        let mut v = x.to_vec();
-        v.chunks_mut(c).for_each(l2_normalize_slice);
-        v
-    };
-    let t = normalise(test);
-    let zero_shot = reference.is_none();
-    let r = match reference {
-        Some(r) => normalise(r),
-        None => t.clone(),
-    };
+    match reference {
+        Some(r) => mincos_topk_unit_reference(test, &unit_rows(r, c), c, k, reduce),
+        None => {
+            let t = unit_rows(test, c);
+            search(&t, &t, true, c, k, reduce)
+        }
+    }
+}
+
+/// [`mincos_topk`] against a reference whose rows are already unit length (a memory bank
+/// normalised once, rather than on every query).
+pub fn mincos_topk_unit_reference(test: &[f32], reference: &[f32], c: usize, k: usize, reduce: Reduce) -> PatchScores {
+    search(&unit_rows(test, c), reference, false, c, k, reduce)
+}
+
+/// `x [rows, c]` with every row scaled to unit length.
+pub fn unit_rows(x: &[f32], c: usize) -> Vec<f32> {
+    let mut v = x.to_vec();
+    v.chunks_mut(c).for_each(l2_normalize_slice);
+    v
+}
+
+/// The search over unit rows `t` and `r`; `zero_shot`: `r` is `t`, and a patch never matches itself.
+fn search(t: &[f32], r: &[f32], zero_shot: bool, c: usize, k: usize, reduce: Reduce) -> PatchScores {
     let (p, pr) = (t.len() / c, r.len() / c);
     // Rows of the similarity matrix are produced in blocks and reduced at once, so the full
     // P×P' matrix never exists (the same contract as the CUDA kernel).
@@ -58,7 +71,7 @@ pub fn mincos_topk(test: &[f32], reference: Option<&[f32]>, c: usize, k: usize, 
         let rows = sims.len();
         let mut tile = vec![0.0f32; rows * pr];
         let a = &t[b * BLOCK * c..(b * BLOCK + rows) * c];
-        sgemm(rows, pr, c, MatRef::rows(a, c), MatRef::transposed(&r, c), &mut tile, false);
+        sgemm(rows, pr, c, MatRef::rows(a, c), MatRef::transposed(r, c), &mut tile, false);
         for (i, row) in tile.chunks_exact(pr).enumerate() {
             let gi = b * BLOCK + i;
             let (mut best, mut arg) = match reduce {
