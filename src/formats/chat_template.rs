@@ -20,6 +20,7 @@ impl Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     pub bos_token: String,
     pub eos_token: String,
 }
@@ -33,7 +34,12 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| user_err!("the model's chat template does not parse: {e}"))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(ChatTemplate { env, source: source.to_owned(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the conversation; with `add_generation_prompt` it ends where the assistant speaks.

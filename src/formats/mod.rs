@@ -1,4 +1,4 @@
-//! File formats: GGUF, safetensors, legacy PyTorch pickles, ONNX graphs (over a small
+//! File formats: GGUF, safetensors, Hugging Face checkpoint folders, legacy PyTorch pickles, ONNX graphs (over a small
 //! [`protobuf`] wire reader), tokenizers (with [`utf8`], the
 //! incremental UTF-8 decoding of their byte-level output) and chat templates.
 //!
@@ -7,6 +7,7 @@
 
 pub mod chat_template;
 pub mod gguf;
+pub mod hf;
 pub mod onnx;
 pub mod protobuf;
 pub mod pth;

@@ -42,6 +42,32 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, stop_ids: vec![] })
     }
 
+    /// The tokenizer of a Hugging Face checkpoint folder: `tokenizer.json`, untruncated, stopping
+    /// at `tokenizer_config.json`'s `eos_token`, `config.json`'s `eos_token_id` (one or a list)
+    /// and `<|im_end|>` where the vocabulary has it.
+    pub fn from_hf(ck: &super::hf::HfCheckpoint) -> Result<Self> {
+        let path = ck.dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(user_err!("{}: no tokenizer.json (a language model folder needs one)", ck.dir.display()));
+        }
+        let mut t = TextTokenizer::from_json_file(&path, usize::MAX)?;
+        t.inner.with_truncation(None).map_err(|e| anyhow::anyhow!("clearing truncation: {e}"))?;
+        let mut stop: Vec<u32> = Vec::new();
+        if let Some(id) = ck.special_token("eos_token")?.and_then(|e| t.token_to_id(&e)) {
+            stop.push(id);
+        }
+        match &ck.config["eos_token_id"] {
+            serde_json::Value::Number(n) => stop.extend(n.as_u64().map(|v| v as u32)),
+            serde_json::Value::Array(a) => stop.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+            _ => {}
+        }
+        stop.extend(t.token_to_id("<|im_end|>"));
+        stop.sort_unstable();
+        stop.dedup();
+        t.stop_ids = stop;
+        Ok(t)
+    }
+
     /// Rebuilds the tokenizer that a GGUF file describes (`tokenizer.ggml.model = gpt2`).
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let model = g.meta_str("tokenizer.ggml.model")?;

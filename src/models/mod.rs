@@ -42,6 +42,18 @@ impl WeightSource for SafetensorsFile {
     }
 }
 
+impl WeightSource for crate::formats::hf::HfCheckpoint {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.tensor(name)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.tensor_shape(name).is_some()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensor_shape(name)
+    }
+}
+
 impl WeightSource for crate::formats::gguf::Gguf {
     fn get(&self, name: &str) -> Result<Tensor> {
         self.tensor(name)

@@ -114,12 +114,38 @@ impl Hidden {
 /// Reads a Hugging Face DINOv2 state dict: a `.safetensors` file, or an `.onnx` export converted
 /// on the fly.
 pub fn read_weights(path: &Path) -> Result<Box<dyn WeightSource>> {
+    if crate::formats::hf::is_hf_dir(path) {
+        return Ok(Box::new(open_hf(path)?));
+    }
     if path.extension().is_some_and(|e| e == "onnx") {
         let c = convert_onnx(path)?;
         Ok(Box::new(StateDict { path: path.to_path_buf(), tensors: c.tensors }))
     } else {
         Ok(Box::new(SafetensorsFile::open(path)?))
     }
+}
+
+/// A Hugging Face `Dinov2Model` folder (`config.json` + safetensors), refused unless its config
+/// is one this ViT runs: `model_type` dinov2, heads of 64, LayerNorm ε 1e-6, GELU MLP, no SwiGLU.
+pub fn open_hf(dir: &Path) -> Result<crate::formats::hf::HfCheckpoint> {
+    let ck = crate::formats::hf::HfCheckpoint::open(dir)?;
+    if ck.model_type != "dinov2" {
+        return Err(user_err!("{}: model_type `{}` is not a DINOv2 ViT (dinov2)", dir.display(), ck.model_type));
+    }
+    let (d, heads) = (ck.usize("hidden_size")?, ck.usize("num_attention_heads")?);
+    if heads == 0 || d != heads * checkpoint::HEAD_DIM {
+        return Err(ck.key_err("num_attention_heads", &format!("hidden_size / {} (heads of 64)", checkpoint::HEAD_DIM)));
+    }
+    if ck.f64_opt("layer_norm_eps")?.is_some_and(|e| (e - 1e-6).abs() > 1e-12) {
+        return Err(ck.key_err("layer_norm_eps", "1e-6 (the ViT's LayerNorm ε)"));
+    }
+    if ck.config["use_swiglu_ffn"].as_bool() == Some(true) {
+        return Err(ck.key_err("use_swiglu_ffn", "false (ViT-g's SwiGLU MLP is not implemented)"));
+    }
+    if let Some(act) = ck.config["hidden_act"].as_str().filter(|a| *a != "gelu") {
+        return Err(ck.key_err("hidden_act", &format!("gelu, not {act}")));
+    }
+    Ok(ck)
 }
 
 /// An ONNX export of `Dinov2Model` → its HF-named tensors (see [`onnx_names`]).
@@ -129,7 +155,8 @@ pub fn convert_onnx(path: &Path) -> Result<onnx_names::Converted> {
 }
 
 impl Dinov2<HostOps> {
-    /// Loads from `.safetensors` (made by `sage convert`) or directly from the `.onnx` export.
+    /// Loads from `.safetensors` (made by `sage convert`), a Hugging Face `Dinov2Model` folder,
+    /// or directly from the `.onnx` export.
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_on(HostOps, path)
     }

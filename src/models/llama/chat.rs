@@ -3,9 +3,9 @@
 //! handing each piece of text to the caller as it is produced (the batched generation of
 //! [`Llama::generate_rows_with`], with one sequence).
 
-use super::{Finetune, Llama, LlamaConfig, LlamaParams};
+use super::source::LlmSource;
+use super::{Finetune, Llama, LlamaParams};
 use crate::formats::chat_template::{ChatTemplate, Message};
-use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::sampling::Sampling;
 use crate::opset::StepOps;
@@ -31,26 +31,19 @@ pub struct Generation {
 }
 
 impl<O: StepOps> ChatModel<O> {
-    /// Loads the GGUF at `path` onto `ops` for inference (no optimizer state), for conversations
+    /// Loads the GGUF file or Hugging Face folder at `path` onto `ops` for inference (no optimizer state), for conversations
     /// of at most `max_positions` positions (capped by the model's context).
     pub fn load(ops: O, path: &Path, max_positions: usize) -> Result<Self> {
-        let g = Gguf::open(path)?;
-        let config = LlamaConfig::from_gguf(&g)?;
-        let tokenizer = TextTokenizer::from_gguf(&g)?;
-        let template_src = g.meta_str("tokenizer.chat_template").map_err(|_| {
-            user_err!("{} has no chat template (tokenizer.chat_template); use an instruct model", path.display())
-        })?;
-        let tok = |key: &str| {
-            g.meta_u64(key).ok().and_then(|id| tokenizer.decode(&[id as u32], false).ok()).unwrap_or_default()
-        };
+        let LlmSource { config, weights, tokenizer, template } = LlmSource::open(path)?;
         let template =
-            ChatTemplate::new(template_src, &tok("tokenizer.ggml.bos_token_id"), &tok("tokenizer.ggml.eos_token_id"))?;
+            template.ok_or_else(|| user_err!("{} has no chat template; use an instruct model", path.display()))?;
         let max_positions = max_positions.min(config.context_length);
         let model = {
             let mut params = ParamSet::new();
             // Full fine-tuning's layout with no optimizer: every tensor, none trained.
-            let layout = LlamaParams::load(&g, config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
-                .with_context(|| format!("loading {}", path.display()))?;
+            let layout =
+                LlamaParams::load(weights.as_ref(), config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
+                    .with_context(|| format!("loading {}", path.display()))?;
             Llama::new(ops, &layout, &params, None)?
         };
         Ok(ChatModel { model, tokenizer, template, max_positions })

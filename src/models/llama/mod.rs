@@ -21,11 +21,13 @@
 pub mod chat;
 pub mod config;
 mod decode;
+pub mod source;
 pub mod weights;
 
 pub use chat::{ChatModel, Generation};
 pub use config::{Family, LlamaConfig};
 pub use decode::KvCache;
+pub use source::LlmSource;
 pub use weights::{Block, Finetune, Linear, LlamaParams, LoraAdapter, LINEAR_NAMES};
 
 use crate::ops::loss::IGNORE;

@@ -17,12 +17,11 @@
 
 use super::head::{FactsMode, FusionInput, ImageInput, SageConfig, SageHead};
 use crate::formats::chat_template::{ChatTemplate, Message};
-use crate::formats::gguf::Gguf;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::image_io;
 use crate::models::backbone::Backbone;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::llama::{Finetune, LlamaConfig, LlamaParams};
+use crate::models::llama::{Finetune, LlamaParams, LlmSource};
 use crate::models::patch_encoder::PatchEncoder;
 use crate::train::{ParamSet, SeedRng};
 use anyhow::{ensure, Context, Result};
@@ -105,12 +104,14 @@ impl SageModel {
         );
         let vision = backbone.encoder()?;
         let llm_path = backbone.llm.as_path();
-        let g = Gguf::open(llm_path)?;
-        let cfg = LlamaConfig::from_gguf(&g)?;
-        let tokenizer = TextTokenizer::from_gguf(&g)?;
-        let template_src = g.meta_str("tokenizer.chat_template")?;
-        let template = ChatTemplate::new(template_src, "", "")?;
-        let llm = LlamaParams::load(&g, cfg, finetune, params, rng)
+        let src = LlmSource::open(llm_path)?;
+        let template = src
+            .template
+            .ok_or_else(|| crate::user_err!("{} has no chat template; use an instruct model", llm_path.display()))?;
+        // The SAGE prompt's template renders its own turn markers; no BOS/EOS text is inserted.
+        let template = ChatTemplate::new(template.source(), "", "")?;
+        let tokenizer = src.tokenizer;
+        let llm = LlamaParams::load(src.weights.as_ref(), src.config, finetune, params, rng)
             .with_context(|| format!("loading {}", llm_path.display()))?;
         let head = SageHead::new(head_cfg, vision.dim(), llm.hidden_size(), params, rng)?;
         Ok(SageModel { head, llm, tokenizer, template, vision, backbone })
