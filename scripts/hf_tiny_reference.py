@@ -79,7 +79,7 @@ def main():
     out = {"source": "scripts/hf_tiny_reference.py (transformers %s, torch %s)" % (
         __import__("transformers").__version__, torch.__version__)}
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     llm("llama", LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)), tok, out)
     llm("qwen2", Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)), tok, out)

@@ -386,7 +386,7 @@ fn check_edpo_gradient(extra: &str) {
     let s = setup();
     let cfg_path = edpo_config_with(&s, "edpo.toml", &s.scores, 4, extra);
     let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
-    let mut run = EdpoRun::new(cfg, &s.path("gc")).unwrap();
+    let mut run = EdpoRun::new(cfg, &s.path("gc"), &[]).unwrap();
     let eta = run.cfg.edpo.eta;
     for p in run.session.params.iter().filter(|p| p.name.starts_with("sage.fusion.")) {
         assert!(!p.trainable, "{} is trainable in stage 2", p.name);
@@ -582,7 +582,7 @@ fn edpo_non_finite_step_stops_the_loop() {
     {
         let out = s.path("run");
         let cfg: EdpoRunConfig = sage::config::load(&cfg_path).unwrap();
-        let mut run = EdpoRun::new(cfg, &out).unwrap();
+        let mut run = EdpoRun::new(cfg, &out, &[]).unwrap();
         let result = sage::edpo::run::train(&mut run, HostOps, false, true).map(|_| ());
         let err = result.expect_err("the poisoned step stops the run");
         let msg = format!("{err:#}");

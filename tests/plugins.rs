@@ -537,3 +537,88 @@ fn a_library_that_crashes_or_exits_while_loading_is_refused_and_the_listing_surv
     assert!(d.get(Kind::Backbone, "example-c").is_ok());
     assert_eq!(d.refused.iter().filter(|r| r.reason.contains("probe process")).count(), 3, "{:?}", d.refused);
 }
+
+/// The C example built with an `engine` section (a tiny random-weight DINOv2 + Qwen2 in the
+/// Hugging Face layout, tests/fixtures/hf): `[model] backbone = "example-c"` trains one SFE step
+/// on it through the plugin's description, the checkpoint records it, `sage infer` answers with
+/// it, and without the plugin's folder the name is refused.
+#[test]
+fn the_c_plugins_backbone_trains_one_sfe_step_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let target = env!("SAGE_BUILD_TARGET");
+    let compiler =
+        cc::Build::new().cargo_metadata(false).opt_level(2).debug(false).target(target).host(target).get_compiler();
+    let weights = repo("tests/fixtures/hf");
+    let status = compiler
+        .to_command()
+        .args(["-shared", "-fPIC", "-Wall", "-Werror"])
+        .arg(format!("-DSAGE_EXAMPLE_WEIGHTS=\"{}\"", weights.display()))
+        .arg("-I")
+        .arg(repo("plugins/include"))
+        .arg(repo("plugins/example-c/example_backbone.c"))
+        .arg("-o")
+        .arg(plugin_dir.join("libsage_plugin_example_c.so"))
+        .arg("-lm")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let data = dir.path().join("data");
+    let out = sage()
+        .args(["data", "build", "--source", "elpv", "--limit", "2", "--seed", "0", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = dir.path().join("sfe.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\ntrain = \"{d}/train.json\"\nval = \"{d}/test.json\"\n[model]\nbackbone = \"example-c\"\n\
+             facts = \"none\"\nk = 2\nimage_pool = 1\nfusion_dim = 16\nfusion_heads = 2\n[llm]\nfinetune = \"lora\"\n\
+             lora_rank = 2\n[train]\nsteps = 1\nbatch = 1\nlr = 1e-3\nval_questions = 1\n",
+            d = data.display()
+        ),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let out = sage()
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .args(["sfe", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 1);
+    assert_eq!(state["backbone"]["name"], "example-c");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(first["loss"].as_f64().unwrap().is_finite(), "{log}");
+
+    let out = sage()
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .args(["infer", "--json", "--max-tokens", "4", "--question", "Is there a defect?", "--checkpoint"])
+        .arg(&run)
+        .arg("--test")
+        .arg(elpv_image("cell0002.png"))
+        .arg("--reference")
+        .arg(elpv_image("cell0004.png"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["answer"].is_string(), "{v}");
+
+    // Without the plugin's folder the backbone is unknown, and the message lists the built-ins.
+    let out = sage().args(["sfe", "--config"]).arg(&cfg).arg("--out").arg(dir.path().join("r2")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown backbone `example-c`") && err.contains("lite, dino-qwen"), "{err}");
+}

@@ -364,7 +364,7 @@ fn non_finite_step_stops_training_before_anything_is_written() {
     {
         let out = dir.path().join("run");
         let cfg: sage::sfe::config::SfeConfig = sage::config::load(&cfg_path).unwrap();
-        let mut run = sage::stage::Session::new(cfg, &out).unwrap();
+        let mut run = sage::stage::Session::new(cfg, &out, &[]).unwrap();
         let result = sage::sfe::run::train(&mut run, sage::backend::cpu::HostOps, false, true);
         let err = result.err().expect("the poisoned step stops the run");
         let msg = format!("{err:#}");

@@ -1,7 +1,12 @@
 /*
  * A backbone plugin written in plain C against plugins/include/sage_plugin.h: the proof that
- * integrators can write plugins in C or C++. It describes a toy "colour grid" vision encoder:
- * each patch of a g x g grid becomes the mean RGB of its pixels.
+ * integrators can write plugins in C or C++. Its own encode call is a toy "colour grid" vision
+ * encoder: each patch of a g x g grid becomes the mean RGB of its pixels.
+ *
+ * Built with -DSAGE_EXAMPLE_WEIGHTS='"/abs/folder"', its description also carries an `engine`
+ * section: a tiny random-weight backbone the engine runs in every stage (sfe, edpo, eval,
+ * infer), a DINOv2 ViT in the Hugging Face layout at FOLDER/dinov2 (28-pixel input, last layer)
+ * and a Qwen2 decoder at FOLDER/qwen2 (the repository's tests/fixtures/hf has both).
  *
  * Build: cc -shared -fPIC -O2 -I plugins/include plugins/example-c/example_backbone.c \
  *           -o libsage_plugin_example_c.so
@@ -15,7 +20,7 @@
 
 typedef struct SageInstance {
     char last_error[256];
-    char output[1024];
+    char output[4096];
 } Example;
 
 static char g_error[256];
@@ -40,9 +45,22 @@ static void example_destroy(SageInstance *inst) { free(inst); }
 static const char *example_last_error(const SageInstance *inst) { return inst ? inst->last_error : g_error; }
 
 static SageStatus example_describe(SageInstance *inst, const char **json_out) {
+#ifdef SAGE_EXAMPLE_WEIGHTS
+    int n = snprintf(inst->output, sizeof inst->output,
+             "{\"name\":\"example-c\",\"vision_encoder\":{\"family\":\"colour-grid\",\"patch_dim\":3},"
+             "\"image_preprocess\":{\"channels\":\"rgb\",\"scale\":\"0-1\"},\"generates\":false,"
+             "\"engine\":{\"vision\":{\"family\":\"dinov2\",\"weights\":\"%s/dinov2\",\"size\":28,\"layer\":\"last\"},"
+             "\"llm\":{\"family\":\"qwen2\",\"weights\":\"%s/qwen2\"}}}",
+             SAGE_EXAMPLE_WEIGHTS, SAGE_EXAMPLE_WEIGHTS);
+    if (n < 0 || (size_t)n >= sizeof inst->output) {
+        snprintf(inst->last_error, sizeof inst->last_error, "the weights folder path is too long");
+        return SAGE_ERROR;
+    }
+#else
     snprintf(inst->output, sizeof inst->output,
              "{\"name\":\"example-c\",\"vision_encoder\":{\"family\":\"colour-grid\",\"patch_dim\":3},"
              "\"image_preprocess\":{\"channels\":\"rgb\",\"scale\":\"0-1\"},\"generates\":false}");
+#endif
     *json_out = inst->output;
     return SAGE_OK;
 }

@@ -55,7 +55,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             return super::sfe::report_finished(ctx, "edpo", &out, step);
         }
     }
-    let mut r = crate::edpo::run::EdpoRun::new(cfg, &out)?;
+    let mut r = crate::edpo::run::EdpoRun::new(cfg, &out, &ctx.plugin_dirs)?;
     let o = if ctx.backend.backend == "cuda" {
         let gpu = crate::backend::cuda::Gpu::global()?;
         train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?

@@ -72,7 +72,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             return report_finished(ctx, "sfe", &out, step);
         }
     }
-    let mut r = Session::new(cfg, &out)?;
+    let mut r = Session::new(cfg, &out, &ctx.plugin_dirs)?;
     if a.eval_only {
         let v = if ctx.backend.backend == "cuda" {
             let gpu = crate::backend::cuda::Gpu::global()?;

@@ -168,7 +168,7 @@ pub type Memo = HashMap<(usize, usize, usize), f32>;
 impl EdpoRun {
     /// Loads the SFE run (policy and frozen reference), freezes the fusion attention and reads
     /// the judge scores of every instance.
-    pub fn new(cfg: EdpoRunConfig, out: &Path) -> Result<EdpoRun> {
+    pub fn new(cfg: EdpoRunConfig, out: &Path, plugin_dirs: &[std::path::PathBuf]) -> Result<EdpoRun> {
         let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
             user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
         })?;
@@ -213,7 +213,7 @@ impl EdpoRun {
         sfe_cfg.data.train = cfg.data.train.clone();
         sfe_cfg.data.max_train_items = cfg.data.max_train_items;
         sfe_cfg.train = cfg.train.clone();
-        let mut session = Session::new(sfe_cfg, out)?;
+        let mut session = Session::new(sfe_cfg, out, plugin_dirs)?;
         checkpoint::load_weights(&cfg.sfe, &state, &mut session.params, &session.model.backbone)?;
         let mut reference = session.params.clone();
         reference.set_trainable_where(|_| true, false);

@@ -92,6 +92,7 @@ impl Evaluator {
         baseline: bool,
         facts: Option<&Path>,
         backbone: Option<&str>,
+        plugin_dirs: &[std::path::PathBuf],
     ) -> Result<Evaluator> {
         let (head, finetune, seed, facts_path, state) = match checkpoint_dir {
             Some(dir) => {
@@ -122,7 +123,8 @@ impl Evaluator {
         };
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(seed, streams::INIT);
-        let model = SageModel::new(head.clone(), &finetune, &mut params, &mut rng)?;
+        let bb = crate::plugin::backbones::resolve(&head.backbone, plugin_dirs)?;
+        let model = SageModel::on(bb, head.clone(), &finetune, &mut params, &mut rng)?;
         let describe = match (checkpoint_dir, &state) {
             (Some(dir), Some(st)) if !baseline => {
                 checkpoint::load_weights(dir, st, &mut params, &model.backbone)?;

@@ -188,7 +188,13 @@ fn load(req: &EvalRequest, format: DataFormat) -> Result<Vec<Sample>> {
 }
 
 fn load_model(m: &ModelAnswers, shots: u8, env: &EvalEnv) -> Result<Evaluator> {
-    let mut ev = Evaluator::load(m.checkpoint.as_deref(), m.baseline, m.facts.as_deref(), m.backbone.as_deref())?;
+    let mut ev = Evaluator::load(
+        m.checkpoint.as_deref(),
+        m.baseline,
+        m.facts.as_deref(),
+        m.backbone.as_deref(),
+        &env.plugin_dirs,
+    )?;
     ev.shots = shots;
     ev.max_tokens = m.max_tokens;
     if env.gpu {

@@ -63,8 +63,12 @@ pub struct Backbone {
     pub vision_weights: PathBuf,
     pub size: u32,
     pub layer: DinoLayer,
-    /// A GGUF decoder (LLaMA or Qwen2 family) with its tokenizer and chat template.
+    /// A GGUF decoder (LLaMA or Qwen2 family) with its tokenizer and chat template, or a
+    /// Hugging Face folder of one.
     pub llm: PathBuf,
+    /// The LLM family a plugin's description promised (`llama`, `qwen2`), checked against the
+    /// file when it loads; `None` for the built-ins.
+    pub llm_family: Option<String>,
 }
 
 /// What a checkpoint records of its backbone: the name and each file's sha256.
@@ -86,6 +90,93 @@ impl Backbone {
             size: b.size,
             layer: b.layer,
             llm: b.llm_asset.path()?,
+            llm_family: None,
+        })
+    }
+
+    /// A backbone an external plugin describes: its description's `engine` object names the
+    /// families the engine runs and their files,
+    ///
+    /// ```json
+    /// "engine": {
+    ///   "vision": {"family": "dinov2", "weights": "DIR or .safetensors or .onnx", "size": 224, "layer": 6},
+    ///   "llm": {"family": "qwen2", "weights": "HF folder or .gguf"}
+    /// }
+    /// ```
+    ///
+    /// (`family`: `dinov2` or `efficientnet-lite0`; `layer`: a block number or `"last"`; the LLM's
+    /// family is checked against the file when it loads). Relative paths are refused.
+    pub fn from_description(name: &str, desc: &serde_json::Value) -> Result<Backbone> {
+        let e = &desc["engine"];
+        if !e.is_object() {
+            return Err(user_err!(
+                "backbone plugin `{name}` describes no `engine` section (vision and llm families and files), so \
+                 sage cannot build a model from it; it can still serve `sage facts` if it generates"
+            ));
+        }
+        let field = |obj: &str, key: &str| -> Result<&serde_json::Value> {
+            let v = &e[obj][key];
+            if v.is_null() {
+                return Err(user_err!("backbone plugin `{name}`: engine.{obj}.{key} is missing"));
+            }
+            Ok(v)
+        };
+        let path = |obj: &str| -> Result<PathBuf> {
+            let p = PathBuf::from(
+                field(obj, "weights")?
+                    .as_str()
+                    .ok_or_else(|| user_err!("backbone plugin `{name}`: engine.{obj}.weights is not a path"))?,
+            );
+            if !p.is_absolute() {
+                return Err(user_err!(
+                    "backbone plugin `{name}`: engine.{obj}.weights `{}` is not absolute",
+                    p.display()
+                ));
+            }
+            if !p.exists() {
+                return Err(user_err!("backbone plugin `{name}`: engine.{obj}.weights {} does not exist", p.display()));
+            }
+            Ok(p)
+        };
+        let vision = match field("vision", "family")?.as_str() {
+            Some("dinov2") => EncoderKind::Dinov2,
+            Some("efficientnet-lite0") => EncoderKind::Efficientnet,
+            other => {
+                return Err(user_err!(
+                    "backbone plugin `{name}`: engine.vision.family {other:?} is not one the engine runs (dinov2, efficientnet-lite0)"
+                ))
+            }
+        };
+        let size = match &e["vision"]["size"] {
+            serde_json::Value::Null => 224,
+            v => v
+                .as_u64()
+                .map(|s| s as u32)
+                .ok_or_else(|| user_err!("backbone plugin `{name}`: engine.vision.size is not a number"))?,
+        };
+        let layer = match &e["vision"]["layer"] {
+            serde_json::Value::Null => DinoLayer::Last,
+            serde_json::Value::Number(n) => DinoLayer::Block(n.as_u64().unwrap_or(0) as usize),
+            v => v
+                .as_str()
+                .unwrap_or("")
+                .parse()
+                .map_err(|why| user_err!("backbone plugin `{name}`: engine.vision.layer: {why}"))?,
+        };
+        let llm_family = field("llm", "family")?.as_str().unwrap_or("");
+        if !["llama", "qwen2"].contains(&llm_family) {
+            return Err(user_err!(
+                "backbone plugin `{name}`: engine.llm.family `{llm_family}` is not one the engine runs (llama, qwen2)"
+            ));
+        }
+        Ok(Backbone {
+            name: name.to_string(),
+            vision,
+            vision_weights: path("vision")?,
+            size,
+            layer,
+            llm: path("llm")?,
+            llm_family: Some(llm_family.to_string()),
         })
     }
 
@@ -142,11 +233,39 @@ pub fn builtin(name: &str) -> Result<&'static BuiltinBackbone> {
     })
 }
 
+/// sha256 of a file, or of a folder (a Hugging Face checkpoint): every file below it in name
+/// order, each as its relative path, a zero byte, its length and its bytes.
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    if path.is_dir() {
+        let mut files = Vec::new();
+        collect_files(path, path, &mut files)?;
+        files.sort();
+        for rel in files {
+            let full = path.join(&rel);
+            h.update(rel.to_string_lossy().as_bytes());
+            h.update([0u8]);
+            h.update(std::fs::metadata(&full)?.len().to_le_bytes());
+            let mut f = std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
+            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", full.display()))?;
+        }
+    } else {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    }
     Ok(format!("{:x}", h.finalize()))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root).expect("below the root").to_path_buf());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

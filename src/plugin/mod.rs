@@ -2,6 +2,7 @@
 //! (`plugins/include/sage_plugin.h`) — discovery, loading with every refusal explained — behind
 //! one instance interface, so callers do not care whether a plugin is built in or loaded.
 
+pub mod backbones;
 pub mod builtin;
 pub mod host;
 pub mod instance;

@@ -250,6 +250,7 @@ mod tests {
             size: 224,
             layer: crate::models::patch_encoder::DinoLayer::Last,
             llm,
+            llm_family: None,
         }
     }
 

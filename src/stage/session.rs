@@ -66,13 +66,15 @@ pub struct ValResult {
 }
 
 impl Session {
-    /// Builds the model (fresh head, seeded) and loads the data named by the config.
-    pub fn new(cfg: SfeConfig, out: &Path) -> Result<Session> {
+    /// Builds the model (fresh head, seeded) on the backbone the config names (a built-in, or a
+    /// backbone plugin found in `plugin_dirs`) and loads the data named by the config.
+    pub fn new(cfg: SfeConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<Session> {
         let writer = crate::lock::WriterLock::for_dir(out)?;
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
         let finetune = cfg.llm.finetune()?;
-        let model = SageModel::new(cfg.model.clone(), &finetune, &mut params, &mut rng)?;
+        let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, plugin_dirs)?;
+        let model = SageModel::on(backbone, cfg.model.clone(), &finetune, &mut params, &mut rng)?;
         let backbone_record = model.backbone.record()?;
         let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
         let val = Split::load(&cfg.data.val, 0)?;

@@ -105,6 +105,14 @@ impl SageModel {
         let vision = backbone.encoder()?;
         let llm_path = backbone.llm.as_path();
         let src = LlmSource::open(llm_path)?;
+        let family = serde_json::to_value(src.config.family)?;
+        if let Some(promised) = backbone.llm_family.as_deref().filter(|f| family != *f) {
+            return Err(crate::user_err!(
+                "backbone `{}` describes an LLM of family `{promised}`, but {} is a {family} model",
+                backbone.name,
+                llm_path.display()
+            ));
+        }
         let template = src
             .template
             .ok_or_else(|| crate::user_err!("{} has no chat template; use an instruct model", llm_path.display()))?;
