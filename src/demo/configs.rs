@@ -53,7 +53,8 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
 pub fn edpo_config(p: &Profile, data: &Path, sfe_run: &Path, loss: LossKind) -> EdpoRunConfig {
     EdpoRunConfig {
         sfe: sfe_run.to_path_buf(),
-        model: Some(EdpoModel { backbone: p.backbone.to_string() }),
+        // Checked against the SFE run's backbone; the default's configs stay as they were.
+        model: (p.backbone != crate::models::backbone::DEFAULT).then(|| EdpoModel { backbone: p.backbone.to_string() }),
         data: EdpoData {
             train: data.join("train.json"),
             scores: Some(data.join("train.scores.jsonl")),
