@@ -29,6 +29,11 @@ fn in_tree() -> sage::plugin::Discovery {
 
 /// Compiles a C file into a shared library with the `cc` crate's view of the C compiler.
 fn build_c(src: &Path, out: &Path) {
+    build_c_with(src, out, &[]);
+}
+
+/// [`build_c`] with extra compiler flags (`-D` definitions).
+fn build_c_with(src: &Path, out: &Path, flags: &[String]) {
     let target = env!("SAGE_BUILD_TARGET");
     let compiler =
         cc::Build::new().cargo_metadata(false).opt_level(2).debug(false).target(target).host(target).get_compiler();
@@ -36,6 +41,7 @@ fn build_c(src: &Path, out: &Path) {
     let status = compiler
         .to_command()
         .args(["-shared", "-fPIC", "-Wall", "-Werror"])
+        .args(flags)
         .arg("-I")
         .arg(&include)
         .arg(src)
@@ -547,23 +553,12 @@ fn the_c_plugins_backbone_trains_one_sfe_step_and_answers() {
     let dir = tempfile::tempdir().unwrap();
     let plugin_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugin_dir).unwrap();
-    let target = env!("SAGE_BUILD_TARGET");
-    let compiler =
-        cc::Build::new().cargo_metadata(false).opt_level(2).debug(false).target(target).host(target).get_compiler();
     let weights = repo("tests/fixtures/hf");
-    let status = compiler
-        .to_command()
-        .args(["-shared", "-fPIC", "-Wall", "-Werror"])
-        .arg(format!("-DSAGE_EXAMPLE_WEIGHTS=\"{}\"", weights.display()))
-        .arg("-I")
-        .arg(repo("plugins/include"))
-        .arg(repo("plugins/example-c/example_backbone.c"))
-        .arg("-o")
-        .arg(plugin_dir.join("libsage_plugin_example_c.so"))
-        .arg("-lm")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    build_c_with(
+        &repo("plugins/example-c/example_backbone.c"),
+        &plugin_dir.join("libsage_plugin_example_c.so"),
+        &[format!("-DSAGE_EXAMPLE_WEIGHTS=\"{}\"", weights.display())],
+    );
     let data = dir.path().join("data");
     let out = sage()
         .args(["data", "build", "--source", "elpv", "--limit", "2", "--seed", "0", "--out"])

