@@ -614,17 +614,29 @@ fn checkpoint_of_another_block_count_is_refused_naming_both_counts() {
         sage_cmd().args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"]).arg(&base).output().unwrap();
     assert!(ok.status.success(), "the 29-block base must load: {}", String::from_utf8_lossy(&ok.stderr));
 
-    let mut infer = sage_cmd();
-    infer
-        .env("SAGE_HOME", &home)
-        .args(["infer", "--max-tokens", "2", "--question", "Is there a defect?", "--checkpoint"])
-        .arg(&run)
-        .arg("--test")
-        .arg(elpv_image("cell0002.png"))
-        .arg("--reference")
-        .arg(elpv_image("cell0004.png"));
+    let infer = || {
+        let mut infer = sage_cmd();
+        infer
+            .env("SAGE_HOME", &home)
+            .args(["infer", "--max-tokens", "2", "--question", "Is there a defect?", "--checkpoint"])
+            .arg(&run)
+            .arg("--test")
+            .arg(elpv_image("cell0002.png"))
+            .arg("--reference")
+            .arg(elpv_image("cell0004.png"));
+        infer
+    };
+    // The checkpoint recorded its backbone's file hashes: the changed base is refused by them.
+    check_user_error(&mut infer(), "infer", &["backbone `lite`", "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A checkpoint from before backbones were recorded has no hashes: the block counts still
+    // refuse it.
+    let state_path = run.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state.as_object_mut().unwrap().remove("backbone");
+    std::fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap()).unwrap();
     check_user_error(
-        &mut infer,
+        &mut infer(),
         "infer",
         &["weights-000001.safetensors", "30 LLM blocks", "has 29", "llama.block_count"],
     )
