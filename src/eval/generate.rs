@@ -98,14 +98,7 @@ impl Evaluator {
             Some(dir) => {
                 let state = checkpoint::read_state(dir)?;
                 let c = state.config.clone();
-                if let Some(b) = backbone.filter(|b| *b != c.model.backbone) {
-                    return Err(user_err!(
-                        "checkpoint {} was trained on backbone `{}`, not `{b}`; drop --backbone or pass --backbone {}",
-                        dir.display(),
-                        c.model.backbone,
-                        c.model.backbone
-                    ));
-                }
+                state.require_backbone_name(dir, backbone)?;
                 (c.model.clone(), c.llm.finetune()?, c.train.seed, c.data.facts.clone(), Some(state))
             }
             None if baseline => (

@@ -13,10 +13,11 @@
 use super::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
 use crate::assets::Asset;
 use crate::user_err;
+use crate::util::sha256_path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// The default backbone: what a config without `[model] backbone` runs.
 pub const DEFAULT: &str = "lite";
@@ -69,6 +70,8 @@ pub struct Backbone {
     /// The LLM family a plugin's description promised (`llama`, `qwen2`), checked against the
     /// file when it loads; `None` for the built-ins.
     pub llm_family: Option<String>,
+    /// [`Backbone::record`], computed once: a run records it and checks a checkpoint against it.
+    pub(crate) hashes: OnceLock<BackboneRecord>,
 }
 
 /// What a checkpoint records of its backbone: the name and each file's sha256.
@@ -91,6 +94,7 @@ impl Backbone {
             layer: b.layer,
             llm: b.llm_asset.path()?,
             llm_family: None,
+            hashes: OnceLock::new(),
         })
     }
 
@@ -177,6 +181,7 @@ impl Backbone {
             layer,
             llm: path("llm")?,
             llm_family: Some(llm_family.to_string()),
+            hashes: OnceLock::new(),
         })
     }
 
@@ -188,11 +193,15 @@ impl Backbone {
 
     /// The name and the sha256 of both files (reads them whole: about a second per 500 MB).
     pub fn record(&self) -> Result<BackboneRecord> {
-        Ok(BackboneRecord {
+        if let Some(r) = self.hashes.get() {
+            return Ok(r.clone());
+        }
+        let r = BackboneRecord {
             name: self.name.clone(),
-            vision_sha256: sha256_file(&self.vision_weights)?,
-            llm_sha256: sha256_file(&self.llm)?,
-        })
+            vision_sha256: sha256_path(&self.vision_weights)?,
+            llm_sha256: sha256_path(&self.llm)?,
+        };
+        Ok(self.hashes.get_or_init(|| r).clone())
     }
 
     /// Refuses to go on from a checkpoint made with another backbone or other weights.
@@ -231,41 +240,6 @@ pub fn builtin(name: &str) -> Result<&'static BuiltinBackbone> {
         let names: Vec<&str> = BUILTINS.iter().map(|b| b.name).collect();
         user_err!("unknown backbone `{name}`; the backbones are {}", names.join(", "))
     })
-}
-
-/// sha256 of a file, or of a folder (a Hugging Face checkpoint): every file below it in name
-/// order, each as its relative path, a zero byte, its length and its bytes.
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    if path.is_dir() {
-        let mut files = Vec::new();
-        collect_files(path, path, &mut files)?;
-        files.sort();
-        for rel in files {
-            let full = path.join(&rel);
-            h.update(rel.to_string_lossy().as_bytes());
-            h.update([0u8]);
-            h.update(std::fs::metadata(&full)?.len().to_le_bytes());
-            let mut f = std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
-            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", full.display()))?;
-        }
-    } else {
-        let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let p = e?.path();
-        if p.is_dir() {
-            collect_files(root, &p, out)?;
-        } else {
-            out.push(p.strip_prefix(root).expect("below the root").to_path_buf());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -103,6 +103,16 @@ impl PatchEncoder {
         }
     }
 
+    /// The patch grid `(h, w)` of one image: EfficientNet's stride-16 grid (its taps are pooled
+    /// to it), DINOv2's `side / patch`.
+    pub fn grid(&self) -> (usize, usize) {
+        let g = match self {
+            PatchEncoder::EfficientNet(_) => PREPROCESS_FULL.crop as usize / 16,
+            PatchEncoder::Dinov2(net, size, _) => *size as usize / net.patch(),
+        };
+        (g, g)
+    }
+
     /// How an image becomes the encoder's input (resize, crop, normalisation).
     pub fn preprocess(&self) -> image_io::Preprocess {
         match self {

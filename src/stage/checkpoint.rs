@@ -41,6 +41,19 @@ pub struct State {
 }
 
 impl State {
+    /// Refuses `wanted` (a `--backbone` flag; `None`: no wish) unless it names the backbone this
+    /// checkpoint in `dir` was trained on.
+    pub fn require_backbone_name(&self, dir: &Path, wanted: Option<&str>) -> Result<()> {
+        let trained = &self.config.model.backbone;
+        match wanted.filter(|b| b != trained) {
+            Some(b) => Err(user_err!(
+                "checkpoint {} was trained on backbone `{trained}`, not `{b}`; drop --backbone or pass --backbone {trained}",
+                dir.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses `backbone` unless it is the one this checkpoint in `dir` was made with (name and
     /// file hashes).
     pub fn check_backbone(&self, dir: &Path, backbone: &Backbone) -> Result<()> {
@@ -251,6 +264,7 @@ mod tests {
             layer: crate::models::patch_encoder::DinoLayer::Last,
             llm,
             llm_family: None,
+            hashes: Default::default(),
         }
     }
 
@@ -271,8 +285,10 @@ mod tests {
         let err = restore(dir.path(), &mut params, &other).unwrap_err();
         assert!(format!("{err:#}").contains("made with backbone `lite`, not `dino-qwen`"), "{err:#}");
 
-        // The same name over other bytes: refused, naming the file and both hashes.
+        // The same name over other bytes: refused, naming the file and both hashes (a backbone
+        // hashes its files once, so the changed file is seen by a new one, as by a new process).
         std::fs::write(&lite.llm, b"retrained").unwrap();
+        let lite = backbone(files.path(), "lite");
         let err = load_weights(dir.path(), &state, &mut params, &lite).unwrap_err();
         let s = format!("{err:#}");
         assert!(s.contains("llm.gguf") && s.contains(&state.backbone.as_ref().unwrap().llm_sha256), "{s}");

@@ -132,8 +132,7 @@ impl<N: Named> Plugin for Builtin<N> {
         };
         let enc = self.encoder()?;
         let p = enc.preprocess();
-        let side = p.crop as usize;
-        let probe = enc.tokens_chw(&vec![0.0; 3 * side * side]).map_err(io)?;
+        let ((gh, gw), dim) = (enc.grid(), enc.dim());
         Ok(serde_json::json!({
             "name": N::NAME,
             "vision_encoder": {
@@ -141,14 +140,14 @@ impl<N: Named> Plugin for Builtin<N> {
                 "weights": self.vision_path,
                 "frozen": true,
                 "taps": taps,
-                "patch_grid": [probe.h, probe.w],
-                "patch_dim": probe.dim,
+                "patch_grid": [gh, gw],
+                "patch_dim": dim,
             },
             "image_preprocess": {
                 "size": p.crop, "resize_shorter": p.resize_shorter, "channels": "rgb", "scale": "0-255",
                 "mean": p.mean, "std": p.std,
             },
-            "adapter": { "in": probe.dim, "out": llm.hidden_size },
+            "adapter": { "in": dim, "out": llm.hidden_size },
             "llm": {
                 "family": llm.family, "weights": self.llm, "format": "gguf", "config": llm,
                 "tensor_names": {
@@ -170,15 +169,11 @@ impl<N: Named> Plugin for Builtin<N> {
         if pixels.shape != [3, size, size] {
             return Err(PluginError::invalid(format!("pixels must be [3, {size}, {size}], got {:?}", pixels.shape)));
         }
-        let t = enc.tokens_chw(pixels.data).map_err(io)?;
-        if out.shape != [t.h * t.w, t.dim] {
-            return Err(PluginError::invalid(format!(
-                "patches_out must be [{}, {}], got {:?}",
-                t.h * t.w,
-                t.dim,
-                out.shape
-            )));
+        let ((gh, gw), dim) = (enc.grid(), enc.dim());
+        if out.shape != [gh * gw, dim] {
+            return Err(PluginError::invalid(format!("patches_out must be [{}, {dim}], got {:?}", gh * gw, out.shape)));
         }
+        let t = enc.tokens_chw(pixels.data).map_err(io)?;
         out.data.copy_from_slice(&t.data);
         Ok(())
     }
