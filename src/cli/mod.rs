@@ -78,7 +78,7 @@ pub enum Command {
     Map(map::Args),
     /// Convert a legacy PyTorch .pth state dict or an ONNX DINOv2 export to safetensors.
     Convert(convert::Args),
-    /// Report the backend, assets, threads and versions this machine would use.
+    /// Report the backend, assets, backbones, threads and versions this machine would use.
     Doctor(doctor::Args),
     /// List the plugins found (backbones, judges, datasets) and every file refused, with why.
     #[command(long_about = plugins::LONG_ABOUT)]

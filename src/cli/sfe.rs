@@ -12,7 +12,8 @@ use std::path::PathBuf;
 pub const LONG_ABOUT: &str =
     "Fine-tunes the SAGE model on an AD-PL dataset: the best-ranked answer of every question is the \
 target (cross-entropy). The adapter, the fusion attention and the LLM (LoRA or full) train; the vision encoder is \
-frozen. Writes log.jsonl (one line per step, plus validation lines), atomic checkpoints (weights, optimizer state, \
+frozen. `[model] backbone` picks the vision encoder and LLM: `lite` (default), `dino-qwen`, or a backbone plugin \
+whose description names its files; the checkpoint records it with its files' sha256. Writes log.jsonl (one line per step, plus validation lines), atomic checkpoints (weights, optimizer state, \
 state.json) and final.json into --out. --resume continues a run exactly where its last checkpoint left it; \
 --eval-only measures the untrained model (the Baseline row). Configs: configs/sfe-lite-quick.toml (minutes on two \
 CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage: \
