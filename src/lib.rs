@@ -23,6 +23,7 @@ pub mod models;
 pub mod ops;
 pub mod opset;
 pub mod plugin;
+pub mod quant;
 pub mod sfe;
 pub mod stage;
 pub mod tensor;

@@ -8,7 +8,7 @@ mod common;
 use sage::backend::cpu::HostOps;
 use sage::formats::chat_template::Message;
 use sage::models::dinov2::{Dinov2, Tap};
-use sage::models::llama::ChatModel;
+use sage::models::llama::{BaseWeights, ChatModel};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ const LOGIT_TOL: f32 = 1e-4;
 
 fn llm_matches_transformers(name: &str) {
     let r = &reference()[name];
-    let m = ChatModel::load(HostOps, &fixture(name), 128).unwrap();
+    let m = ChatModel::load(HostOps, &fixture(name), 128, BaseWeights::F32).unwrap();
     let prompt = m.template.render(&[Message::new("user", "Is there a crack in the cell?")], true).unwrap();
     assert_eq!(prompt, r["prompt"].as_str().unwrap(), "{name}: the chat template renders as transformers'");
     let ids = m.tokenizer.encode(&prompt, false).unwrap();
@@ -85,7 +85,7 @@ fn unknown_architectures_and_broken_folders_are_refused_by_name() {
         }
         d
     };
-    let err_of = |p: &Path| format!("{:#}", ChatModel::load(HostOps, p, 128).err().expect("refused"));
+    let err_of = |p: &Path| format!("{:#}", ChatModel::load(HostOps, p, 128, BaseWeights::F32).err().expect("refused"));
     let q = copy("qwen2");
     let cfg = std::fs::read_to_string(q.join("config.json")).unwrap();
     std::fs::write(q.join("config.json"), cfg.replace("\"model_type\": \"qwen2\"", "\"model_type\": \"mistral\""))
@@ -104,7 +104,7 @@ fn unknown_architectures_and_broken_folders_are_refused_by_name() {
     let e = err_of(&q);
     assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
     let d = copy("dinov2");
-    let e = format!("{:#}", ChatModel::load(HostOps, &d, 128).err().unwrap());
+    let e = format!("{:#}", ChatModel::load(HostOps, &d, 128, BaseWeights::F32).err().unwrap());
     assert!(e.contains("model_type `dinov2`"), "{e}");
     let e = format!("{:#}", Dinov2::load(&fixture("llama")).err().unwrap());
     assert!(e.contains("model_type `llama` is not a DINOv2"), "{e}");

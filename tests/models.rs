@@ -137,9 +137,9 @@ fn map_elpv_auroc_beats_chance_on_a_subset() {
 #[test]
 fn smollm2_batched_generation_matches_one_sequence_at_a_time() {
     use sage::backend::cpu::HostOps;
-    use sage::models::llama::ChatModel;
+    use sage::models::llama::{BaseWeights, ChatModel};
     use sage::models::sampling::Sampling;
-    let m = ChatModel::load(HostOps, &smollm2_gguf(), 256).unwrap();
+    let m = ChatModel::load(HostOps, &smollm2_gguf(), 256, BaseWeights::F32).unwrap();
     let texts = ["The capital of France is", "Solar cells crack when", "1, 2, 3, 4,", "Describe a scratch on metal:"];
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t, false).unwrap()).collect();
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };

@@ -8,7 +8,7 @@ mod common;
 
 use sage::backend::cpu::HostOps;
 use sage::formats::chat_template::Message;
-use sage::models::llama::{ChatModel, Finetune};
+use sage::models::llama::{BaseWeights, ChatModel, Finetune};
 use sage::models::sage::{Example, FactsMode, Sage, SageConfig, SageModel};
 use sage::train::{AdamWConfig, ParamSet, SeedRng};
 use serde_json::Value;
@@ -22,7 +22,7 @@ fn qwen2_tokens_template_and_top10_logits_match_the_numpy_reference() {
     let fixture: Value =
         serde_json::from_str(include_str!("fixtures/qwen2/reference.json")).expect("the fixture is JSON");
     assert_eq!(fixture["gguf_sha256"], sage::assets::JOINED[0].sha256, "the fixture was made from the pinned file");
-    let m = ChatModel::load(HostOps, &common::qwen25_gguf(), 256).unwrap();
+    let m = ChatModel::load(HostOps, &common::qwen25_gguf(), 256, BaseWeights::F32).unwrap();
 
     // The ChatML template from the GGUF, with its default system message.
     let prompt = m.template.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();

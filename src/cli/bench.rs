@@ -22,6 +22,11 @@ decode tokens/s.\n\n\
 `sage bench encoder`: the DINOv2 ViT-S/14 encoder's CPU images/s (batch 1) at 224 and 448 pixels beside onnxruntime \
 running the original ONNX graph in the same run with the same threads (benches/onnxruntime_vit.py; needs onnx and \
 onnxruntime from PyPI, else the reference column is empty).\n\n\
+`sage bench infer`: LLM inference on the CPU from the GGUF's quantized blocks (llama.cpp's way) beside the same \
+model dequantized to f32 and, with --llama-cpp, llama.cpp itself on the same file with the same token ids and threads \
+(benches/llama_cpp_infer.py; needs llama-cpp-python from PyPI): prefill tokens/s, greedy decode tokens/s at each \
+--batch, the perplexity of a fixed text, the largest logit difference between the two sage paths, and the weights' \
+memory. `bash benches/run_infer.sh` installs llama-cpp-python and writes the report to benches/results/.\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
 KV-cached decode attention and depthwise convolution forward+backward), medians of CUDA-event timings and the device \
@@ -90,6 +95,36 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         gen_batch: Vec<usize>,
     },
+    /// LLM inference on the CPU from the GGUF's quantized blocks beside the same model in f32
+    /// and llama.cpp on the same file (same token ids, same threads): prefill and greedy decode
+    /// tokens/s per batch size, the perplexity of a fixed text, the logit difference, the
+    /// weights' memory.
+    Infer {
+        /// Backbone names (their LLM) or GGUF paths.
+        #[arg(long, value_delimiter = ',', default_value = "lite,dino-qwen")]
+        models: Vec<String>,
+        /// Weight modes to measure.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "quantized,f32")]
+        weights: Vec<crate::models::llama::BaseWeights>,
+        /// Prompt tokens for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Greedy decode steps per batch size.
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        /// Decode batch sizes (sequences decoded together).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batch: Vec<usize>,
+        /// Tokens of the fixed text (benches/ppl_text.txt) whose perplexity is scored.
+        #[arg(long, default_value_t = 128)]
+        ppl_tokens: usize,
+        /// Timed prefill repetitions; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Also run llama.cpp (llama-cpp-python, benches/llama_cpp_infer.py) on the same file.
+        #[arg(long)]
+        llama_cpp: bool,
+    },
     /// The CUDA kernels at ARCHITECTURE.md §9's shapes (needs a GPU).
     Kernels {
         /// Small shapes that check the harness in seconds instead of the §9 ones.
@@ -117,6 +152,19 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         What::Cpu { sizes, repeats, decode_tokens } => run_cpu(ctx, sizes, repeats, decode_tokens),
         What::Kernels { quick, warmup, repeats } => run_kernels(ctx, quick, warmup, repeats),
         What::Encoder { sizes, repeats } => super::bench_encoder::run(ctx, &sizes, repeats),
+        What::Infer { models, weights, prompt_tokens, decode_tokens, batch, ppl_tokens, repeats, llama_cpp } => {
+            let cfg = super::bench_infer::InferBench {
+                models,
+                weights,
+                prompt_tokens,
+                decode_tokens,
+                batches: batch,
+                ppl_tokens,
+                repeats,
+                llama_cpp,
+            };
+            super::bench_infer::run(ctx, &cfg)
+        }
         What::Train { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batch } => {
             let gen_batches = if gen_tokens == 0 { Vec::new() } else { gen_batch };
             let cfg = super::bench_train::TrainBench { models, batch, seq, steps, gen_prompt, gen_tokens, gen_batches };
@@ -305,7 +353,7 @@ fn numpy_gemm(ctx: &Ctx, sizes: &[usize], repeats: usize) -> Result<serde_json::
 /// (decode tokens/s, prefill tokens/s) for SmolLM2 on a fixed prompt, greedy, no early stop, on
 /// the CPU op set.
 fn decode_tokens_per_sec(n: usize) -> Result<(f64, f64)> {
-    let m = ChatModel::load(HostOps, &Asset::SmolLm2Gguf.path()?, 1024)?;
+    let m = ChatModel::load(HostOps, &Asset::SmolLm2Gguf.path()?, 1024, crate::models::llama::BaseWeights::F32)?;
     let ids = m.tokenizer.encode("Describe, in detail, how a solar cell can crack during manufacturing.", false)?;
     let llm = &m.model;
     let mut cache = llm.new_cache(1, ids.len() + n)?;

@@ -3,7 +3,7 @@
 use super::{print_json, Ctx};
 use crate::backend::cpu::HostOps;
 use crate::formats::chat_template::Message;
-use crate::models::llama::ChatModel;
+use crate::models::llama::{BaseWeights, ChatModel};
 use crate::models::sampling::Sampling;
 use crate::user_err;
 use anyhow::Result;
@@ -37,6 +37,10 @@ pub struct Args {
     /// A GGUF model (LLaMA or Qwen2 family, with a chat template) instead of the backbone's.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// `quantized` multiplies straight from the GGUF's quantized blocks (llama.cpp's way: less
+    /// memory, faster decode); `f32` dequantizes every tensor at load, for comparison.
+    #[arg(long, value_enum, default_value = "quantized")]
+    weights: BaseWeights,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
@@ -50,7 +54,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         Some(p) => p,
         None => crate::models::backbone::builtin(&a.backbone)?.llm_asset.path()?,
     };
-    let model = ChatModel::load(HostOps, &path, 4096)?;
+    let model = ChatModel::load(HostOps, &path, 4096, a.weights)?;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(Message::new("system", s));
@@ -72,6 +76,8 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             "new_tokens": g.tokens.len(),
             "prefill_seconds": g.prefill_secs,
             "decode_tokens_per_second": tps,
+            "weights": a.weights,
+            "weight_memory": model.model.weight_memory(),
         }))?;
     } else {
         println!();

@@ -60,7 +60,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let mut params = ParamSet::new();
     let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
     let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, &ctx.plugin_dirs)?;
-    let model = SageModel::on(backbone, cfg.model.clone(), &cfg.llm.finetune()?, &mut params, &mut rng)?;
+    let model = SageModel::on(backbone, cfg.model.clone(), &cfg.llm.finetune()?, cfg.llm.base, &mut params, &mut rng)?;
     checkpoint::load_weights(&a.checkpoint, &state, &mut params, &model.backbone)?;
     let facts: Vec<String> = if !a.fact.is_empty() {
         a.fact.clone()

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_encoder;
+mod bench_infer;
 mod bench_kernels;
 mod bench_train;
 mod classify;

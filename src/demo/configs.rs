@@ -43,6 +43,7 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_targets: vec!["attn_q".into(), "attn_v".into()],
+            base: crate::models::llama::BaseWeights::F32,
         },
         train: train_section(p, p.sfe_steps, p.sfe_batch, p.sfe_lr, 10),
     }

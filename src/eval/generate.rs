@@ -94,12 +94,13 @@ impl Evaluator {
         backbone: Option<&str>,
         plugin_dirs: &[std::path::PathBuf],
     ) -> Result<Evaluator> {
-        let (head, finetune, seed, facts_path, state) = match checkpoint_dir {
+        // The base weights as the checkpoint trained them (`llm.base`); an untrained baseline in f32.
+        let (head, finetune, base, seed, facts_path, state) = match checkpoint_dir {
             Some(dir) => {
                 let state = checkpoint::read_state(dir)?;
                 let c = state.config.clone();
                 state.require_backbone_name(dir, backbone)?;
-                (c.model.clone(), c.llm.finetune()?, c.train.seed, c.data.facts.clone(), Some(state))
+                (c.model.clone(), c.llm.finetune()?, c.llm.base, c.train.seed, c.data.facts.clone(), Some(state))
             }
             None if baseline => (
                 SageConfig {
@@ -108,6 +109,7 @@ impl Evaluator {
                     ..SageConfig::default()
                 },
                 crate::models::llama::Finetune::Full,
+                crate::models::llama::BaseWeights::F32,
                 0,
                 None,
                 None,
@@ -117,7 +119,7 @@ impl Evaluator {
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(seed, streams::INIT);
         let bb = crate::plugin::backbones::resolve(&head.backbone, plugin_dirs)?;
-        let model = SageModel::on(bb, head.clone(), &finetune, &mut params, &mut rng)?;
+        let model = SageModel::on(bb, head.clone(), &finetune, base, &mut params, &mut rng)?;
         let describe = match (checkpoint_dir, &state) {
             (Some(dir), Some(st)) if !baseline => {
                 checkpoint::load_weights(dir, st, &mut params, &model.backbone)?;

@@ -3,6 +3,7 @@
 //! Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K. Block layouts follow
 //! ggml's `ggml-quants.c`. The file is memory-mapped; a tensor is dequantised when asked for.
 
+use crate::quant::{self, QMatrix, QType};
 use crate::tensor::Tensor;
 use crate::user_err;
 use anyhow::{Context, Result};
@@ -101,6 +102,21 @@ impl GgmlType {
             _ => return None,
         })
     }
+    /// The block type of a quantized type (`None` for F32, F16, BF16).
+    pub fn quant(self) -> Option<QType> {
+        Some(match self {
+            GgmlType::Q4_0 => QType::Q4_0,
+            GgmlType::Q4_1 => QType::Q4_1,
+            GgmlType::Q5_0 => QType::Q5_0,
+            GgmlType::Q5_1 => QType::Q5_1,
+            GgmlType::Q8_0 => QType::Q8_0,
+            GgmlType::Q4K => QType::Q4K,
+            GgmlType::Q5K => QType::Q5K,
+            GgmlType::Q6K => QType::Q6K,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+        })
+    }
+
     /// (elements per block, bytes per block)
     pub fn block(self) -> (usize, usize) {
         match self {
@@ -393,6 +409,16 @@ impl Gguf {
             .ok_or_else(|| user_err!("{}: metadata key `{key}` is not a string", self.path.display()))
     }
 
+    /// A 2-D tensor's quantized blocks as they are in the file (`None` for an unquantized or
+    /// absent tensor): what inference from the blocks multiplies with.
+    pub fn quantized(&self, name: &str) -> Option<QMatrix> {
+        let info = self.tensors.get(name)?;
+        let ty = info.ggml_type.quant()?;
+        let [rows, cols] = info.shape[..] else { return None };
+        let bytes: std::sync::Arc<[u8]> = self.mmap[info.offset..info.offset + info.n_bytes].into();
+        QMatrix::new(ty, rows, cols, bytes).ok()
+    }
+
     /// Reads and dequantises a tensor to f32.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| {
@@ -404,124 +430,13 @@ impl Gguf {
     }
 }
 
-/// Dequantises a whole buffer of `ty` blocks to f32.
+/// Dequantises a whole buffer of `ty` blocks to f32 (the block types in `crate::quant`).
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
-    let (be, bb) = ty.block();
-    let mut out = vec![0.0f32; bytes.len() / bb * be];
-    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match ty {
-        GgmlType::F32 => {
-            out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes(b.try_into().unwrap()))
-        }
-        GgmlType::F16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = h(b, 0)),
-        GgmlType::BF16 => {
-            out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        }
-        GgmlType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-                let d = h(b, 0);
-                o.iter_mut().zip(&b[2..]).for_each(|(o, &q)| *o = d * (q as i8) as f32);
-            }
-        }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let with_min = ty == GgmlType::Q4_1;
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(bb)) {
-                let d = h(b, 0);
-                let (m, qs) = if with_min { (h(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
-                for (j, &q) in qs.iter().enumerate() {
-                    o[j] = (q & 0x0F) as f32 * d + m;
-                    o[j + 16] = (q >> 4) as f32 * d + m;
-                }
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            // d (and m), 32 high bits, 16 bytes of low nibbles: element j < 16 takes the low
-            // nibble of byte j and bit j; element j + 16 the high nibble and bit j + 16.
-            let with_min = ty == GgmlType::Q5_1;
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(bb)) {
-                let d = h(b, 0);
-                let at = if with_min { 4 } else { 2 };
-                let (m, offset) = if with_min { (h(b, 2), 0.0) } else { (0.0, 16.0) };
-                let qh = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
-                for (j, &q) in b[at + 4..at + 20].iter().enumerate() {
-                    let lo = (q & 0x0F) as u32 | (((qh >> j) & 1) << 4);
-                    let hi = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
-                    o[j] = (lo as f32 - offset) * d + m;
-                    o[j + 16] = (hi as f32 - offset) * d + m;
-                }
-            }
-        }
-        GgmlType::Q5K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(176)) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-                for chunk in 0..4 {
-                    let (sc1, m1) = q4k_scale_min(2 * chunk, scales);
-                    let (sc2, m2) = q4k_scale_min(2 * chunk + 1, scales);
-                    let (d1, d2) = (d * sc1 as f32, d * sc2 as f32);
-                    let (m1, m2) = (dmin * m1 as f32, dmin * m2 as f32);
-                    let q = &qs[chunk * 32..chunk * 32 + 32];
-                    let y = &mut o[chunk * 64..chunk * 64 + 64];
-                    // Bit 2·chunk of qh[l] is the fifth bit of the low nibble, bit 2·chunk + 1
-                    // of the high one.
-                    for l in 0..32 {
-                        let hi1 = if qh[l] & (1 << (2 * chunk)) != 0 { 16 } else { 0 };
-                        let hi2 = if qh[l] & (2 << (2 * chunk)) != 0 { 16 } else { 0 };
-                        y[l] = d1 * ((q[l] & 0xF) + hi1) as f32 - m1;
-                        y[l + 32] = d2 * ((q[l] >> 4) + hi2) as f32 - m2;
-                    }
-                }
-            }
-        }
-        GgmlType::Q4K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(144)) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                for chunk in 0..4 {
-                    let (sc1, m1) = q4k_scale_min(2 * chunk, scales);
-                    let (sc2, m2) = q4k_scale_min(2 * chunk + 1, scales);
-                    let q = &qs[chunk * 32..chunk * 32 + 32];
-                    let y = &mut o[chunk * 64..chunk * 64 + 64];
-                    for l in 0..32 {
-                        y[l] = d * sc1 as f32 * (q[l] & 0xF) as f32 - dmin * m1 as f32;
-                        y[l + 32] = d * sc2 as f32 * (q[l] >> 4) as f32 - dmin * m2 as f32;
-                    }
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(bytes.chunks_exact(210)) {
-                let (ql_all, qh_all, sc_all) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = h(b, 208);
-                for half in 0..2 {
-                    let (ql, qh) = (&ql_all[half * 64..], &qh_all[half * 32..]);
-                    let sc = &sc_all[half * 8..];
-                    let y = &mut o[half * 128..half * 128 + 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
-fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        GgmlType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => quant::dequantize(ty.quant().expect("every other type is a block type"), bytes),
     }
 }
 

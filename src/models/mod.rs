@@ -26,6 +26,11 @@ pub trait WeightSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.get(name).ok().map(|t| t.shape().to_vec())
     }
+    /// A 2-D tensor's quantized blocks, when the source stores it quantized (a GGUF file);
+    /// `None` otherwise, and the caller reads f32 with [`WeightSource::get`].
+    fn quantized(&self, _name: &str) -> Option<crate::quant::QMatrix> {
+        None
+    }
 }
 
 use crate::formats::safetensors::SafetensorsFile;
@@ -63,6 +68,9 @@ impl WeightSource for crate::formats::gguf::Gguf {
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.tensors.get(name).map(|t| t.shape.clone())
+    }
+    fn quantized(&self, name: &str) -> Option<crate::quant::QMatrix> {
+        crate::formats::gguf::Gguf::quantized(self, name)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod loss;
 pub mod norm;
 pub mod optim;
+pub mod quant;
 
 pub use activation::Activations;
 pub use attention::{Attention, CausalShape, FusionShape};
@@ -27,6 +28,7 @@ pub use gemm::{Gemm, GemmSpec};
 pub use loss::{CrossEntropyOut, EdpoConfig, Losses, Pair};
 pub use norm::Norms;
 pub use optim::{clip_rule, AdamWScalars, GradRef, Optimizer};
+pub use quant::QuantOps;
 
 use anyhow::Result;
 
@@ -74,6 +76,12 @@ pub trait Buffers {
 
 /// Every op family: what the models are written against. Implemented for any type that
 /// implements each family.
-pub trait StepOps: Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv {}
+pub trait StepOps:
+    Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps
+{
+}
 
-impl<T> StepOps for T where T: Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv {}
+impl<T> StepOps for T where
+    T: Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps
+{
+}

@@ -2,7 +2,7 @@
 //! range-checked ([`CheckRanges`]).
 
 use crate::config::{CheckRanges, RangeCheck};
-use crate::models::llama::Finetune;
+use crate::models::llama::{BaseWeights, Finetune};
 use crate::models::sage::SageConfig;
 use crate::train::{AdamWConfig, CosineSchedule, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,11 @@ pub struct LlmConfig {
     pub lora_alpha: f32,
     #[serde(default = "default_targets")]
     pub lora_targets: Vec<String>,
+    /// `f32` (default): the base weights dequantized at load. `quantized`: QLoRA, the frozen
+    /// linear layers stay in the GGUF's blocks (forward and input gradient from them; only the
+    /// adapters, the SAGE head and their optimizer state in f32). Needs `finetune = "lora"`.
+    #[serde(default)]
+    pub base: BaseWeights,
 }
 
 fn default_rank() -> usize {
@@ -156,6 +161,11 @@ impl CheckRanges for SageConfig {
 
 impl CheckRanges for LlmConfig {
     fn check_ranges(&self, c: &mut RangeCheck) {
+        c.require(
+            "llm.base",
+            self.base == BaseWeights::F32 || self.finetune == "lora",
+            "= \"quantized\" keeps the base frozen in its blocks: it needs llm.finetune = \"lora\" (QLoRA)".to_string(),
+        );
         if self.finetune == "lora" {
             c.int("llm.lora_rank", self.lora_rank as u64, 1, 1024);
             c.positive_float("llm.lora_alpha", self.lora_alpha as f64, 1e4);

@@ -74,7 +74,7 @@ impl Session {
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
         let finetune = cfg.llm.finetune()?;
         let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, plugin_dirs)?;
-        let model = SageModel::on(backbone, cfg.model.clone(), &finetune, &mut params, &mut rng)?;
+        let model = SageModel::on(backbone, cfg.model.clone(), &finetune, cfg.llm.base, &mut params, &mut rng)?;
         let backbone_record = model.backbone.record()?;
         let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
         let val = Split::load(&cfg.data.val, 0)?;

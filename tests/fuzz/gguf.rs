@@ -276,7 +276,7 @@ fn run(p: &Path) -> anyhow::Result<()> {
     use sage::formats::chat_template::Message;
     use sage::models::llama::ChatModel;
     use sage::models::sampling::Sampling;
-    let m = ChatModel::load(sage::backend::cpu::HostOps, p, 256)?;
+    let m = ChatModel::load(sage::backend::cpu::HostOps, p, 256, sage::models::llama::BaseWeights::Quantized)?;
     m.chat(&[Message::new("user", "Hi!")], 2, Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }, |_| {})?;
     Ok(())
 }

@@ -16,8 +16,9 @@ use crate::ops::relu6_;
 use crate::ops::rope::rotate_pairs_;
 use crate::opset::{
     clip_rule, Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape,
-    DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair,
+    DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, QuantOps,
 };
+use crate::quant::{qmatmul, qmatmul_group, qmatmul_input_grad, qrows, QMatrix};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -143,6 +144,82 @@ impl Gemm for HostOps {
             out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
         }
         Ok(())
+    }
+}
+
+/// Quantized weights stay in their blocks: `y = x·Wᵀ` by `crate::quant`'s integer kernels.
+impl QuantOps for HostOps {
+    type QBuf = QMatrix;
+
+    fn upload_quant(&self, w: &QMatrix) -> Result<QMatrix> {
+        Ok(w.clone())
+    }
+
+    fn quant_bytes(&self, w: &QMatrix) -> usize {
+        w.nbytes()
+    }
+
+    fn qlinear(
+        &self,
+        x: &Vec<f32>,
+        w: &QMatrix,
+        rows: usize,
+        bias: Option<&Vec<f32>>,
+        acc: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        if x.len() < rows * w.cols {
+            bail!("quantized linear: {} inputs for {rows} rows of {}", x.len(), w.cols);
+        }
+        let x = &x[..rows * w.cols];
+        match (acc, bias) {
+            (Some(mut y), None) => {
+                qmatmul(x, rows, w, &mut y, true);
+                Ok(y)
+            }
+            (None, bias) => {
+                let mut y = vec![0.0; rows * w.rows];
+                qmatmul(x, rows, w, &mut y, false);
+                if let Some(b) = bias {
+                    y.chunks_exact_mut(w.rows).for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                }
+                Ok(y)
+            }
+            (Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
+        }
+    }
+
+    fn qlinear_input_grad(&self, dy: &Vec<f32>, w: &QMatrix, rows: usize, acc: Option<Vec<f32>>) -> Result<Vec<f32>> {
+        let accumulate = acc.is_some();
+        let mut dx = acc.unwrap_or_else(|| vec![0.0; rows * w.cols]);
+        qmatmul_input_grad(&dy[..rows * w.rows], rows, w, &mut dx, accumulate);
+        Ok(dx)
+    }
+
+    fn qlinear_group(
+        &self,
+        x: &Vec<f32>,
+        ws: &[&QMatrix],
+        rows: usize,
+        biases: &[Option<&Vec<f32>>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let cols = ws.first().map_or(0, |w| w.cols);
+        if ws.iter().any(|w| w.cols != cols) || x.len() < rows * cols || biases.len() != ws.len() {
+            bail!("quantized linear group: weights of different widths or {} inputs for {rows} rows", x.len());
+        }
+        let mut ys = qmatmul_group(&x[..rows * cols], rows, ws);
+        for ((y, w), b) in ys.iter_mut().zip(ws).zip(biases) {
+            if let Some(b) = b {
+                y.chunks_exact_mut(w.rows).for_each(|r| r.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b));
+            }
+        }
+        Ok(ys)
+    }
+
+    fn qembed(&self, w: &QMatrix, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= w.rows) {
+            bail!("token id {bad} is outside the vocabulary of {}", w.rows);
+        }
+        Ok(qrows(w, ids))
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`Llama::generate_rows_with`], with one sequence).
 
 use super::source::LlmSource;
-use super::{Finetune, Llama, LlamaParams};
+use super::{BaseWeights, Finetune, Llama, LlamaParams};
 use crate::formats::chat_template::{ChatTemplate, Message};
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::sampling::Sampling;
@@ -31,9 +31,10 @@ pub struct Generation {
 }
 
 impl<O: StepOps> ChatModel<O> {
-    /// Loads the GGUF file or Hugging Face folder at `path` onto `ops` for inference (no optimizer state), for conversations
-    /// of at most `max_positions` positions (capped by the model's context).
-    pub fn load(ops: O, path: &Path, max_positions: usize) -> Result<Self> {
+    /// Loads the GGUF file or Hugging Face folder at `path` onto `ops` for inference (no
+    /// optimizer state), for conversations of at most `max_positions` positions (capped by the
+    /// model's context), with the base weights held as `base` says.
+    pub fn load(ops: O, path: &Path, max_positions: usize, base: BaseWeights) -> Result<Self> {
         let LlmSource { config, weights, tokenizer, template } = LlmSource::open(path)?;
         let template =
             template.ok_or_else(|| user_err!("{} has no chat template; use an instruct model", path.display()))?;
@@ -41,10 +42,19 @@ impl<O: StepOps> ChatModel<O> {
         let model = {
             let mut params = ParamSet::new();
             // Full fine-tuning's layout with no optimizer: every tensor, none trained.
-            let layout =
-                LlamaParams::load(weights.as_ref(), config, &Finetune::Full, &mut params, &mut SeedRng::new(0, 0))
-                    .with_context(|| format!("loading {}", path.display()))?;
-            Llama::new(ops, &layout, &params, None)?
+            let layout = LlamaParams::load_with(
+                weights.as_ref(),
+                config,
+                &Finetune::Full,
+                base,
+                &mut params,
+                &mut SeedRng::new(0, 0),
+            )
+            .with_context(|| format!("loading {}", path.display()))?;
+            let mut model = Llama::new(ops, &layout, &params, None)?;
+            // Generation reads the token table and head from their blocks.
+            model.drop_dense_tables()?;
+            model
         };
         Ok(ChatModel { model, tokenizer, template, max_positions })
     }
@@ -108,7 +118,7 @@ mod tests {
     #[test]
     fn smollm2_streams_characters_split_across_tokens_whole() {
         let path = Asset::SmolLm2Gguf.path().unwrap_or_else(|e| panic!("{e:#}"));
-        let m = ChatModel::load(HostOps, &path, 256).unwrap();
+        let m = ChatModel::load(HostOps, &path, 256, BaseWeights::F32).unwrap();
         let mut pieces = Vec::new();
         let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let prompt = [Message::new("user", "Write 'thank you' in Japanese, Chinese and Korean.")];

@@ -127,9 +127,10 @@ impl<O: StepOps> Llama<O> {
         let (eps, half, kvd) = (c.rms_norm_eps, c.head_dim / 2, c.num_kv_heads * c.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let (h1, _) = o.rmsnorm(&x, self.w(b.attn_norm), n, eps)?;
-            let (mut q, _) = self.linear(&b.attn_q, &h1, n, None)?;
-            let (mut k, _) = self.linear(&b.attn_k, &h1, n, None)?;
-            let (v, _) = self.linear(&b.attn_v, &h1, n, None)?;
+            let [mut q, mut k, v]: [O::Buf; 3] = self
+                .linears_of(&[&b.attn_q, &b.attn_k, &b.attn_v], &h1, n)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("three projections"))?;
             o.rope_at(&mut q, &self.rope, half, c.num_heads, &pos_d, n)?;
             o.rope_at(&mut k, &self.rope, half, c.num_kv_heads, &pos_d, n)?;
             o.kv_append(&k, &seq_d, &pos_d, n, kvd, s.slots, &mut cache.k[i])?;
@@ -137,8 +138,10 @@ impl<O: StepOps> Llama<O> {
             let ctx = o.decode_attention(&q, &cache.k[i], &cache.v[i], s, &seq_d, &pos_d, n)?;
             let (x1, _) = self.linear(&b.attn_output, &ctx, n, Some(x))?;
             let (h2, _) = o.rmsnorm(&x1, self.w(b.ffn_norm), n, eps)?;
-            let (gate, _) = self.linear(&b.ffn_gate, &h2, n, None)?;
-            let (up, _) = self.linear(&b.ffn_up, &h2, n, None)?;
+            let [gate, up]: [O::Buf; 2] = self
+                .linears_of(&[&b.ffn_gate, &b.ffn_up], &h2, n)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("two projections"))?;
             let act = o.swiglu(&gate, &up)?;
             x = self.linear(&b.ffn_down, &act, n, Some(x1))?.0;
         }
@@ -179,7 +182,11 @@ impl<O: StepOps> Llama<O> {
         let (o, d) = (&self.ops, self.config.hidden_size);
         // Gathering rows is an embedding lookup with `hidden` as the table.
         let h = o.embed(hidden, rows, d)?;
-        o.download(&o.gemm_new(&GemmSpec::linear(rows.len(), self.config.vocab_size, d), &h, self.lm_head())?)
+        let logits = match self.head_q {
+            Some(q) => o.qlinear(&h, &self.qweights[q], rows.len(), None, None)?,
+            None => o.gemm_new(&GemmSpec::linear(rows.len(), self.config.vocab_size, d), &h, self.lm_head()?)?,
+        };
+        o.download(&logits)
     }
 
     /// Generates after each prompt of `x [B·T, d]` (right-padded to `T`, `lens[b]` positions each):
@@ -248,7 +255,7 @@ impl<O: StepOps> Llama<O> {
                 return Ok(outs);
             }
             let ids: Vec<u32> = active.iter().map(|&b| next[b]).collect();
-            let x = self.ops.embed(self.w(self.token_embd), &ids, self.config.hidden_size)?;
+            let x = self.embed_tokens(&ids)?;
             let hidden = self.decode(x, &active, &mut cache)?;
             let rows: Vec<u32> = (0..active.len() as u32).collect();
             logits = self.logits_of_rows(&hidden, &rows)?;
@@ -272,7 +279,7 @@ impl<O: StepOps> Llama<O> {
         }
         let ids: Vec<u32> =
             prompts.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, t - p.len()))).collect();
-        let x = self.ops.embed(self.w(self.token_embd), &ids, self.config.hidden_size)?;
+        let x = self.embed_tokens(&ids)?;
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         self.generate_rows(x, t, &lens, max_new, stop_ids, sampling)
     }

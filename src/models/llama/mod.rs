@@ -28,7 +28,7 @@ pub use chat::{ChatModel, Generation};
 pub use config::{Family, LlamaConfig};
 pub use decode::KvCache;
 pub use source::LlmSource;
-pub use weights::{Block, Finetune, Linear, LlamaParams, LoraAdapter, LINEAR_NAMES};
+pub use weights::{BaseWeights, Block, Finetune, Linear, LinearWeight, LlamaParams, LoraAdapter, LINEAR_NAMES};
 
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
@@ -81,9 +81,17 @@ impl<O: StepOps> Grad<O> {
     }
 }
 
-/// A linear layer: indices into [`Llama::params`], and its adapter.
+/// Where a linear layer's weight sits: [`Llama::params`] (dense) or [`Llama::qweights`] (frozen
+/// quantized blocks).
+#[derive(Clone, Copy)]
+enum Wix {
+    Dense(usize),
+    Quant(usize),
+}
+
+/// A linear layer: indices into [`Llama::params`] / [`Llama::qweights`], and its adapter.
 struct LinearIds {
-    w: usize,
+    w: Wix,
     bias: Option<usize>,
     in_f: usize,
     out_f: usize,
@@ -139,6 +147,14 @@ pub struct RowsForward<O: StepOps> {
     shape: CausalShape,
 }
 
+/// See [`Llama::weight_memory`].
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct WeightMemory {
+    pub dense_values: usize,
+    pub quant_bytes: usize,
+    pub quant_tensors: usize,
+}
+
 /// The loss of a step, still on the device, and the gradients by parameter index.
 pub struct StepGrads<O: StepOps> {
     seq_logp: O::Stat,
@@ -167,6 +183,13 @@ pub struct Llama<O: StepOps> {
     blocks: Vec<BlockIds>,
     output_norm: usize,
     output: usize,
+    /// Frozen quantized weights (`BaseWeights::Quantized`): linear layers, and the LM head's and
+    /// token table's blocks, which decoding reads instead of the f32 copies the losses use.
+    qweights: Vec<O::QBuf>,
+    head_q: Option<usize>,
+    embd_q: Option<usize>,
+    /// False after [`Llama::drop_dense_tables`].
+    dense_tables: bool,
     rope: (O::Stat, O::Stat),
     /// `None`: an inference model, where nothing trains and no optimizer state is held.
     adamw: Option<AdamWConfig>,
@@ -197,6 +220,10 @@ impl<O: StepOps> Llama<O> {
             blocks: Vec::new(),
             output_norm: 0,
             output: 0,
+            qweights: Vec::new(),
+            head_q: None,
+            embd_q: None,
+            dense_tables: true,
             rope,
             adamw,
             max_grad_norm: None,
@@ -207,29 +234,59 @@ impl<O: StepOps> Llama<O> {
         for id in model.param_ids() {
             index.insert(id, dev.add_param(&params[id])?);
         }
+        let quantized =
+            model.blocks.iter().flat_map(|b| b.linears()).any(|l| matches!(l.weight, LinearWeight::Quant(_)));
+        if quantized && dev.adamw.is_some() && model.finetune == Finetune::Full {
+            user_bail!(
+                "a quantized base is frozen: it trains through LoRA adapters (QLoRA), not full fine-tuning; \
+                 use LoRA or keep the base in f32"
+            );
+        }
         let ix = |id: ParamId| index[&id];
-        let lin = |l: &Linear| LinearIds {
-            w: ix(l.weight),
-            bias: l.bias.map(ix),
-            in_f: l.in_features,
-            out_f: l.out_features,
-            lora: l.lora.map(|a| (ix(a.lora_a), ix(a.lora_b), a.rank, a.scale)),
-        };
-        dev.blocks = model
-            .blocks
-            .iter()
-            .map(|b| BlockIds {
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for b in &model.blocks {
+            let mut lin = |l: &Linear| -> Result<LinearIds> {
+                let w = match &l.weight {
+                    LinearWeight::Param(id) => Wix::Dense(ix(*id)),
+                    LinearWeight::Quant(q) => {
+                        dev.qweights.push(dev.ops.upload_quant(q)?);
+                        Wix::Quant(dev.qweights.len() - 1)
+                    }
+                };
+                Ok(LinearIds {
+                    w,
+                    bias: l.bias.map(ix),
+                    in_f: l.in_features,
+                    out_f: l.out_features,
+                    lora: l.lora.map(|a| (ix(a.lora_a), ix(a.lora_b), a.rank, a.scale)),
+                })
+            };
+            blocks.push(BlockIds {
                 attn_norm: ix(b.attn_norm),
-                attn_q: lin(&b.attn_q),
-                attn_k: lin(&b.attn_k),
-                attn_v: lin(&b.attn_v),
-                attn_output: lin(&b.attn_output),
+                attn_q: lin(&b.attn_q)?,
+                attn_k: lin(&b.attn_k)?,
+                attn_v: lin(&b.attn_v)?,
+                attn_output: lin(&b.attn_output)?,
                 ffn_norm: ix(b.ffn_norm),
-                ffn_gate: lin(&b.ffn_gate),
-                ffn_up: lin(&b.ffn_up),
-                ffn_down: lin(&b.ffn_down),
-            })
-            .collect();
+                ffn_gate: lin(&b.ffn_gate)?,
+                ffn_up: lin(&b.ffn_up)?,
+                ffn_down: lin(&b.ffn_down)?,
+            });
+        }
+        dev.blocks = blocks;
+        if let Some(q) = &model.head_q {
+            dev.qweights.push(dev.ops.upload_quant(q)?);
+            dev.head_q = Some(dev.qweights.len() - 1);
+        }
+        // A tied head is the token table: one copy serves both.
+        dev.embd_q = match (&model.embd_q, model.output == model.token_embd) {
+            (Some(_), true) => dev.head_q,
+            (Some(q), false) => {
+                dev.qweights.push(dev.ops.upload_quant(q)?);
+                Some(dev.qweights.len() - 1)
+            }
+            (None, _) => None,
+        };
         dev.token_embd = ix(model.token_embd);
         dev.output_norm = ix(model.output_norm);
         dev.output = ix(model.output);
@@ -292,9 +349,39 @@ impl<O: StepOps> Llama<O> {
         self.token_embd
     }
 
-    /// The token table's rows of `ids`, `[ids.len(), d]`.
+    /// The token table's rows of `ids`, `[ids.len(), d]` (from its quantized blocks when the
+    /// model keeps them: the same values the f32 table holds).
     pub fn embed_tokens(&self, ids: &[u32]) -> Result<O::Buf> {
-        self.ops.embed(self.w(self.token_embd), ids, self.config.hidden_size)
+        match self.embd_q {
+            Some(q) => self.ops.qembed(&self.qweights[q], ids),
+            None => self.ops.embed(self.w(self.token_embd), ids, self.config.hidden_size),
+        }
+    }
+
+    /// Frees the f32 token table and LM head of an inference model that has them as quantized
+    /// blocks (decode reads the blocks; only the losses read the f32 copies): a generation-only
+    /// model then holds no f32 copy of its largest tensors. Returns whether it did; afterwards
+    /// the losses refuse to run.
+    pub fn drop_dense_tables(&mut self) -> Result<bool> {
+        if self.adamw.is_some() || self.embd_q.is_none() || self.head_q.is_none() {
+            return Ok(false);
+        }
+        for i in [self.token_embd, self.output] {
+            self.params[i].w = self.ops.zeros(1)?;
+            self.params[i].numel = 0;
+        }
+        self.dense_tables = false;
+        Ok(true)
+    }
+
+    /// What the weights take on the backend: f32 (or bf16) values of the dense tensors and bytes
+    /// of the quantized ones.
+    pub fn weight_memory(&self) -> WeightMemory {
+        WeightMemory {
+            dense_values: self.params.iter().map(|p| p.numel).sum(),
+            quant_bytes: self.qweights.iter().map(|q| self.ops.quant_bytes(q)).sum(),
+            quant_tensors: self.qweights.len(),
+        }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> CausalShape {
@@ -343,14 +430,18 @@ impl<O: StepOps> Llama<O> {
     ) -> Result<(StepGrads<O>, O::Buf)> {
         let fwd = self.forward_rows(x, targets, seq_weights.len(), true)?;
         let mut d_head = self.lm_head_grad()?;
-        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head(), targets, seq_weights, d_head.as_mut())?;
+        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head()?, targets, seq_weights, d_head.as_mut())?;
         let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, d_head)?;
         Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
     }
 
-    /// The LM head's working copy (`output.weight`, or the tied token table).
-    pub fn lm_head(&self) -> &O::Buf {
-        self.w(self.output)
+    /// The LM head's working copy (`output.weight`, or the tied token table), for the losses;
+    /// an error after [`Llama::drop_dense_tables`].
+    pub fn lm_head(&self) -> Result<&O::Buf> {
+        if !self.dense_tables {
+            bail!("this generation-only model freed its f32 LM head; load it for scoring or training");
+        }
+        Ok(self.w(self.output))
     }
 
     /// Whether the LM head gets a gradient.
@@ -524,21 +615,42 @@ impl<O: StepOps> Llama<O> {
     fn linear(&self, l: &LinearIds, x: &O::Buf, rows: usize, acc: Option<O::Buf>) -> Result<(O::Buf, Option<O::Buf>)> {
         let o = &self.ops;
         let spec = GemmSpec::linear(rows, l.out_f, l.in_f);
-        let mut y = match (acc, l.bias) {
-            (Some(mut y), None) => {
-                o.gemm(&GemmSpec { accumulate: true, ..spec }, x, self.w(l.w), &mut y)?;
+        let mut y = match (l.w, acc, l.bias) {
+            (Wix::Quant(q), acc, bias) => o.qlinear(x, &self.qweights[q], rows, bias.map(|b| self.w(b)), acc)?,
+            (Wix::Dense(w), Some(mut y), None) => {
+                o.gemm(&GemmSpec { accumulate: true, ..spec }, x, self.w(w), &mut y)?;
                 y
             }
-            (None, None) => o.gemm_new(&spec, x, self.w(l.w))?,
-            (None, Some(b)) => o.gemm_bias_new(&spec, x, self.w(l.w), self.w(b))?,
+            (Wix::Dense(w), None, None) => o.gemm_new(&spec, x, self.w(w))?,
+            (Wix::Dense(w), None, Some(b)) => o.gemm_bias_new(&spec, x, self.w(w), self.w(b))?,
             // Only q, k and v carry biases, and none of them adds to the residual stream.
-            (Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
+            (Wix::Dense(_), Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
         };
         let Some((a, b, rank, scale)) = l.lora else { return Ok((y, None)) };
         let mut u = o.gemm_new(&GemmSpec::linear(rows, rank, l.in_f), x, self.w(a))?;
         o.scale(&mut u, scale)?;
         o.gemm(&GemmSpec { accumulate: true, ..GemmSpec::linear(rows, l.out_f, rank) }, &u, self.w(b), &mut y)?;
         Ok((y, Some(u)))
+    }
+
+    /// Linear layers that read the same input `x` (no residual): quantized ones without an
+    /// adapter go through one [`QuantOps::qlinear_group`] call (the decode step's q/k/v and
+    /// gate/up), anything else layer by layer.
+    fn linears_of(&self, ls: &[&LinearIds], x: &O::Buf, rows: usize) -> Result<Vec<O::Buf>> {
+        let quant: Option<Vec<&O::QBuf>> = ls
+            .iter()
+            .map(|l| match (l.w, l.lora) {
+                (Wix::Quant(q), None) => Some(&self.qweights[q]),
+                _ => None,
+            })
+            .collect();
+        match quant {
+            Some(ws) => {
+                let biases: Vec<Option<&O::Buf>> = ls.iter().map(|l| l.bias.map(|b| self.w(b))).collect();
+                self.ops.qlinear_group(x, &ws, rows, &biases)
+            }
+            None => ls.iter().map(|l| Ok(self.linear(l, x, rows, None)?.0)).collect(),
+        }
     }
 
     /// Backward of [`Llama::linear`] from `dy`: `dx` (new, or added to `acc`), and the
@@ -557,15 +669,19 @@ impl<O: StepOps> Llama<O> {
         let o = &self.ops;
         // dx (+)= dy·W and dW = dyᵀ·x for a linear layer W [out, in].
         let input_grad = GemmSpec::nn(rows, l.in_f, l.out_f);
-        let mut dx = match acc {
-            Some(mut dx) => {
-                o.gemm(&GemmSpec { accumulate: true, ..input_grad }, dy, self.w(l.w), &mut dx)?;
+        let mut dx = match (l.w, acc) {
+            // A quantized weight is frozen: only the input gradient, from its blocks.
+            (Wix::Quant(q), acc) => o.qlinear_input_grad(dy, &self.qweights[q], rows, acc)?,
+            (Wix::Dense(w), Some(mut dx)) => {
+                o.gemm(&GemmSpec { accumulate: true, ..input_grad }, dy, self.w(w), &mut dx)?;
                 dx
             }
-            None => o.gemm_new(&input_grad, dy, self.w(l.w))?,
+            (Wix::Dense(w), None) => o.gemm_new(&input_grad, dy, self.w(w))?,
         };
-        if self.trainable(l.w) {
-            grads[l.w] = Some(Grad::Buf(self.weight_grad_of(l.w, &weight_grad(l.out_f, l.in_f, rows), dy, x)?));
+        if let Wix::Dense(w) = l.w {
+            if self.trainable(w) {
+                grads[w] = Some(Grad::Buf(self.weight_grad_of(w, &weight_grad(l.out_f, l.in_f, rows), dy, x)?));
+            }
         }
         if let Some(b) = l.bias.filter(|&b| self.trainable(b)) {
             let mut db = o.stat_zeros(l.out_f)?;

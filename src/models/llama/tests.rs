@@ -448,3 +448,169 @@ fn qwen2_q_and_k_are_permuted_on_load_and_saved_back_in_checkpoint_order() {
     let err = llama.validate(std::path::Path::new("tiny"), &w).unwrap_err().to_string();
     assert!(err.contains("blk.0.attn_q.bias") && err.contains("qwen2"), "{err}");
 }
+
+/// A model whose widths are whole 32-value blocks, for the quantized base.
+fn block_config(family: Family) -> LlamaConfig {
+    LlamaConfig { family, hidden_size: 32, intermediate_size: 64, head_dim: 8, ..tiny_config() }
+}
+
+/// Q8_0 blocks of `x` (ggml's layout: an f16 scale, 32 int8 values).
+fn q8_0_blocks(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = half::f16::from_f32(amax / 127.0);
+        out.extend(d.to_le_bytes());
+        let id = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+        out.extend(b.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8 as u8));
+    }
+    out
+}
+
+/// Random weights for `c` whose 2-D tensors are served as Q8_0 blocks, and as those blocks
+/// dequantized to f32: the f32 and quantized paths hold the same weights.
+struct Q8Source(StateDict);
+
+impl WeightSource for Q8Source {
+    fn get(&self, name: &str) -> anyhow::Result<Tensor> {
+        match self.quantized(name) {
+            Some(q) => Tensor::from_vec(q.dequantize(), &[q.rows, q.cols]),
+            None => self.0.get(name),
+        }
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn quantized(&self, name: &str) -> Option<crate::quant::QMatrix> {
+        let t = self.0.tensors.get(name)?;
+        let [rows, cols] = t.shape()[..] else { return None };
+        let bytes = q8_0_blocks(&t.clone().into_f32s().ok()?);
+        crate::quant::QMatrix::new(crate::quant::QType::Q8_0, rows, cols, bytes.into()).ok()
+    }
+}
+
+fn block_weights(c: &LlamaConfig, seed: u64) -> Q8Source {
+    let (qd, kvd, f, d) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.hidden_size);
+    let mut g = rng(seed);
+    let mut tensors = BTreeMap::new();
+    let mut put = |name: String, shape: &[usize], lo: f32, hi: f32| {
+        let t = Tensor::from_vec(uniform(&mut g, shape.iter().product(), lo, hi), shape).unwrap();
+        tensors.insert(name, t);
+    };
+    put("token_embd.weight".into(), &[V, d], -1.0, 1.0);
+    for i in 0..c.num_layers {
+        put(format!("blk.{i}.attn_norm.weight"), &[d], 0.5, 1.5);
+        for (name, out_f, in_f) in [
+            ("attn_q", qd, d),
+            ("attn_k", kvd, d),
+            ("attn_v", kvd, d),
+            ("attn_output", d, qd),
+            ("ffn_gate", f, d),
+            ("ffn_up", f, d),
+            ("ffn_down", d, f),
+        ] {
+            put(format!("blk.{i}.{name}.weight"), &[out_f, in_f], -0.4, 0.4);
+        }
+        if c.family.qkv_bias() {
+            for (name, n) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {
+                put(format!("blk.{i}.{name}.bias"), &[n], -0.5, 0.5);
+            }
+        }
+        put(format!("blk.{i}.ffn_norm.weight"), &[d], 0.5, 1.5);
+    }
+    put("output_norm.weight".into(), &[d], 0.5, 1.5);
+    Q8Source(StateDict { path: "blocks".into(), tensors })
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// QLoRA against its f32 twin on identical weights (the quantized blocks, dequantized): the
+/// losses, the adapters' gradients, the decode logits agree up to the activations' int8
+/// rounding; merging gives the same checkpoint; Qwen2's q/k row permutation moves whole rows of
+/// blocks; full fine-tuning of a quantized base is refused.
+#[test]
+fn quantized_base_trains_lora_and_decodes_like_its_f32_twin() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let c = block_config(family);
+        let src = block_weights(&c, 21);
+        let targets = LINEAR_NAMES;
+        let ft = lora(4, &targets);
+        let build = |base: BaseWeights| {
+            let mut ps = ParamSet::new();
+            let mut seed = SeedRng::new(5, streams::INIT);
+            let m = LlamaParams::load_with(&src, c.clone(), &ft, base, &mut ps, &mut seed).unwrap();
+            randomise_lora_b(&mut ps, 9);
+            (m, ps)
+        };
+        let (mf, psf) = build(BaseWeights::F32);
+        let (mq, psq) = build(BaseWeights::Quantized);
+        let (lf, lq) = (on_host(&mf, &psf), on_host(&mq, &psq));
+        let mem = lq.weight_memory();
+        assert_eq!(mem.quant_tensors, 7 * c.num_layers + 1, "{family:?}: every linear layer and the tied head");
+        assert!(mem.dense_values < lf.weight_memory().dense_values / 2, "{family:?}: {mem:?}");
+
+        let (gf, gq) =
+            (lf.forward_backward(&IDS, &TARGETS, 2).unwrap(), lq.forward_backward(&IDS, &TARGETS, 2).unwrap());
+        let (loss_f, loss_q) = (lf.loss(&gf).unwrap(), lq.loss(&gq).unwrap());
+        // 12 rows: the int8-activation path (below `TILE_GEMM_ROWS`), whose rounding (half a
+        // step of 1/127 of each 32-block's largest input) is the whole difference.
+        assert!((loss_f - loss_q).abs() < 2e-2 * loss_f.abs(), "{family:?}: loss {loss_q} vs f32 {loss_f}");
+        for (i, p) in lq.params.iter().enumerate() {
+            let j = lf.params.iter().position(|x| x.name == p.name).unwrap();
+            match (&gq.grads[i], &gf.grads[j]) {
+                (Some(a), Some(b)) => {
+                    let (a, b) = (lq.download_grad(a).unwrap(), lf.download_grad(b).unwrap());
+                    let e = rel_l2(&a, &b);
+                    assert!(e < 1e-1, "{family:?} {}: gradient off by {e:.3e} (relative L2)", p.name);
+                }
+                (None, None) => {}
+                _ => panic!("{family:?} {}: a gradient on one path only", p.name),
+            }
+        }
+        // 36 rows: dequantized tiles and the f32 GEMM, exact up to summation order.
+        let (ids, targets) = (IDS.repeat(3), TARGETS.repeat(3));
+        let (gf, gq) =
+            (lf.forward_backward(&ids, &targets, 6).unwrap(), lq.forward_backward(&ids, &targets, 6).unwrap());
+        let (loss_f, loss_q) = (lf.loss(&gf).unwrap(), lq.loss(&gq).unwrap());
+        assert!((loss_f - loss_q).abs() < 1e-4 * loss_f.abs(), "{family:?}, tiles: loss {loss_q} vs f32 {loss_f}");
+        for (i, p) in lq.params.iter().enumerate() {
+            let j = lf.params.iter().position(|x| x.name == p.name).unwrap();
+            if let (Some(a), Some(b)) = (&gq.grads[i], &gf.grads[j]) {
+                let e = rel_l2(&lq.download_grad(a).unwrap(), &lf.download_grad(b).unwrap());
+                assert!(e < 1e-4, "{family:?} {}, tiles: gradient off by {e:.3e}", p.name);
+            }
+        }
+        // Decode logits from the quantized head and blocks.
+        let (mut cf, mut cq) = (lf.new_cache(1, T).unwrap(), lq.new_cache(1, T).unwrap());
+        let hf = lf.prefill(lf.embed_tokens(&IDS[..T]).unwrap(), T, &[T], &mut cf).unwrap();
+        let hq = lq.prefill(lq.embed_tokens(&IDS[..T]).unwrap(), T, &[T], &mut cq).unwrap();
+        let rows: Vec<u32> = (0..T as u32).collect();
+        let (zf, zq) = (lf.logits_of_rows(&hf, &rows).unwrap(), lq.logits_of_rows(&hq, &rows).unwrap());
+        let e = rel_l2(&zq, &zf);
+        assert!(e < 3e-2, "{family:?}: decode logits off by {e:.3e} (relative L2)");
+
+        let (sf, sq) = (mf.merged_weights(&psf).unwrap(), mq.merged_weights(&psq).unwrap());
+        assert_eq!(sf.keys().collect::<Vec<_>>(), sq.keys().collect::<Vec<_>>());
+        for (name, t) in &sf {
+            let (a, b) = (t.clone().into_f32s().unwrap(), sq[name].clone().into_f32s().unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{family:?}: merged {name} differs");
+        }
+        let mut ps = ParamSet::new();
+        let full = LlamaParams::load_with(
+            &src,
+            c.clone(),
+            &Finetune::Full,
+            BaseWeights::Quantized,
+            &mut ps,
+            &mut SeedRng::new(0, 0),
+        )
+        .unwrap();
+        let err = Llama::new(HostOps, &full, &ps, Some(AdamWConfig::default())).err().expect("refused").to_string();
+        assert!(err.contains("QLoRA"), "{err}");
+        assert!(Llama::new(HostOps, &full, &ps, None).is_ok(), "inference from a quantized base");
+    }
+}

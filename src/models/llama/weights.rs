@@ -12,6 +12,7 @@ use super::config::LlamaConfig;
 use crate::models::WeightSource;
 use crate::ops::gemm::{sgemm, MatRef};
 use crate::ops::rope::RopeTable;
+use crate::quant::QMatrix;
 use crate::tensor::{DType, Tensor};
 use crate::train::{ParamId, ParamSet, SeedRng};
 use crate::user_bail;
@@ -34,6 +35,27 @@ pub enum Finetune {
     Lora { rank: usize, alpha: f32, targets: Vec<String> },
 }
 
+/// How the frozen base weights are held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseWeights {
+    /// Every tensor dequantized to f32 at load.
+    #[default]
+    F32,
+    /// The linear layers keep the checkpoint's quantized blocks (GGUF Q4_0 … Q6_K) and multiply
+    /// from them; the LM head also does when decoding (the losses read it in f32). Tensors stored
+    /// unquantized, and every tensor of a source without blocks, stay f32. Frozen: it trains only
+    /// through LoRA adapters (QLoRA).
+    Quantized,
+}
+
+/// A linear layer's weight: a parameter, or frozen quantized blocks.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    Param(ParamId),
+    Quant(QMatrix),
+}
+
 /// A low-rank adapter beside a frozen weight: adds `scale · B·A` to it.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraAdapter {
@@ -47,7 +69,7 @@ pub struct LoraAdapter {
 /// (Qwen2's q/k/v), optionally with an adapter.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: ParamId,
+    pub weight: LinearWeight,
     pub bias: Option<ParamId>,
     pub in_features: usize,
     pub out_features: usize,
@@ -57,7 +79,10 @@ pub struct Linear {
 impl Linear {
     /// The effective weight `W + scale·B·A` `[out, in]`.
     fn merged(&self, ps: &ParamSet) -> Vec<f32> {
-        let mut w = ps[self.weight].value.clone();
+        let mut w = match &self.weight {
+            LinearWeight::Param(id) => ps[*id].value.clone(),
+            LinearWeight::Quant(q) => q.dequantize(),
+        };
         if let Some(l) = &self.lora {
             let b: Vec<f32> = ps[l.lora_b].value.iter().map(|v| v * l.scale).collect();
             let a = MatRef::rows(&ps[l.lora_a].value, self.in_features);
@@ -97,6 +122,10 @@ pub struct LlamaParams {
     /// The LM head: `output.weight` when the checkpoint has one, else `token_embd` (tied, as in
     /// SmolLM2).
     pub output: ParamId,
+    /// With [`BaseWeights::Quantized`], the LM head's blocks (decode logits) and the token
+    /// table's (embedding lookups), when the checkpoint stores them quantized.
+    pub head_q: Option<QMatrix>,
+    pub embd_q: Option<QMatrix>,
     rope: RopeTable,
 }
 
@@ -113,6 +142,24 @@ impl LlamaParams {
         params: &mut ParamSet,
         rng: &mut SeedRng,
     ) -> Result<Self> {
+        Self::load_with(weights, config, finetune, BaseWeights::F32, params, rng)
+    }
+
+    /// [`LlamaParams::load`] with the base weights held as `base` says.
+    pub fn load_with(
+        weights: &dyn WeightSource,
+        config: LlamaConfig,
+        finetune: &Finetune,
+        base: BaseWeights,
+        params: &mut ParamSet,
+        rng: &mut SeedRng,
+    ) -> Result<Self> {
+        let quantized = base == BaseWeights::Quantized;
+        // A quantized tensor of the expected shape, or None (then it is read in f32).
+        let quant_of = |name: &str, shape: [usize; 2]| -> Option<QMatrix> {
+            let q = weights.quantized(name).filter(|_| quantized)?;
+            (q.rows == shape[0] && q.cols == shape[1]).then_some(q)
+        };
         if let Finetune::Lora { rank, alpha, targets } = finetune {
             if *rank == 0 || !alpha.is_finite() {
                 user_bail!("LoRA needs rank ≥ 1 and a finite alpha, got rank {rank}, alpha {alpha}");
@@ -139,7 +186,11 @@ impl LlamaParams {
         for i in 0..c.num_layers {
             let mut linear = |params: &mut ParamSet, name: &str, out_f: usize, in_f: usize| -> Result<Linear> {
                 let prefix = format!("blk.{i}.{name}");
-                let weight = tensor(params, &format!("{prefix}.weight"), &[out_f, in_f])?;
+                let wname = format!("{prefix}.weight");
+                let weight = match quant_of(&wname, [out_f, in_f]) {
+                    Some(q) => LinearWeight::Quant(q),
+                    None => LinearWeight::Param(tensor(params, &wname, &[out_f, in_f])?),
+                };
                 let bias = if c.family.qkv_bias() && QKV.contains(&name) {
                     Some(tensor(params, &format!("{prefix}.bias"), &[out_f])?)
                 } else {
@@ -159,8 +210,8 @@ impl LlamaParams {
                 Ok(Linear { weight, bias, in_features: in_f, out_features: out_f, lora })
             };
             let attn_norm = tensor(params, &format!("blk.{i}.attn_norm.weight"), &[d])?;
-            let attn_q = linear(params, "attn_q", qd, d)?;
-            let attn_k = linear(params, "attn_k", kvd, d)?;
+            let mut attn_q = linear(params, "attn_q", qd, d)?;
+            let mut attn_k = linear(params, "attn_k", kvd, d)?;
             let attn_v = linear(params, "attn_v", kvd, d)?;
             let attn_output = linear(params, "attn_output", d, qd)?;
             let ffn_norm = tensor(params, &format!("blk.{i}.ffn_norm.weight"), &[d])?;
@@ -168,8 +219,18 @@ impl LlamaParams {
             let ffn_up = linear(params, "ffn_up", c.intermediate_size, d)?;
             let ffn_down = linear(params, "ffn_down", d, c.intermediate_size)?;
             if c.family.rope_halves() {
-                for (l, heads) in [(&attn_q, c.num_heads), (&attn_k, c.num_kv_heads)] {
-                    for id in std::iter::once(l.weight).chain(l.bias) {
+                for (l, heads) in [(&mut attn_q, c.num_heads), (&mut attn_k, c.num_kv_heads)] {
+                    let ids = match &mut l.weight {
+                        LinearWeight::Param(id) => Some(*id),
+                        LinearWeight::Quant(q) => {
+                            // Whole rows of blocks move: the same permutation of output rows.
+                            let rows: Vec<f32> = (0..q.rows).map(|r| r as f32).collect();
+                            let order = halves_to_pairs(&rows, c.head_dim, 1, false);
+                            *q = q.permute_rows(&order.iter().map(|&r| r as usize).collect::<Vec<_>>());
+                            None
+                        }
+                    };
+                    for id in ids.into_iter().chain(l.bias) {
                         let row = params[id].value.len() / (heads * c.head_dim);
                         params[id].value = halves_to_pairs(&params[id].value, c.head_dim, row, false);
                     }
@@ -178,15 +239,28 @@ impl LlamaParams {
             blocks.push(Block { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down });
         }
         let output_norm = tensor(params, "output_norm.weight", &[d])?;
-        let output = if weights.contains("output.weight") {
+        let head_name = if weights.contains("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let output = if head_name == "output.weight" {
             tensor(params, "output.weight", &[c.vocab_size, d])?
         } else {
             token_embd
         };
+        let head_q = quant_of(head_name, [c.vocab_size, d]);
+        let embd_q = quant_of("token_embd.weight", [c.vocab_size, d]);
         // Every position the model can take: sin/cos are computed per position, so the values do
         // not depend on the table's length (the inference model's shorter table agrees).
         let rope = RopeTable::new(c.head_dim, c.rope_theta, c.context_length);
-        Ok(LlamaParams { config, finetune: finetune.clone(), token_embd, blocks, output_norm, output, rope })
+        Ok(LlamaParams {
+            config,
+            finetune: finetune.clone(),
+            token_embd,
+            blocks,
+            output_norm,
+            output,
+            head_q,
+            embd_q,
+            rope,
+        })
     }
 
     /// The RoPE table (every position the model can take).
@@ -214,7 +288,9 @@ impl LlamaParams {
             ids.push(b.attn_norm);
             ids.push(b.ffn_norm);
             for l in b.linears() {
-                ids.push(l.weight);
+                if let LinearWeight::Param(id) = l.weight {
+                    ids.push(id);
+                }
                 ids.extend(l.bias);
                 if let Some(a) = &l.lora {
                     ids.extend([a.lora_a, a.lora_b]);
@@ -233,14 +309,18 @@ impl LlamaParams {
     /// [`super::llama::Llama::from_weights`] or `LlamaParams::load(.., Finetune::Full, ..)` reads.
     pub fn merged_weights(&self, params: &ParamSet) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        let mut put = |id: ParamId, value: Vec<f32>| -> Result<()> {
-            out.insert(params[id].name.clone(), Tensor::from_vec(value, &params[id].shape)?);
+        let mut put = |name: &str, value: Vec<f32>, shape: &[usize]| -> Result<()> {
+            out.insert(name.to_string(), Tensor::from_vec(value, shape)?);
             Ok(())
         };
-        put(self.token_embd, params[self.token_embd].value.clone())?;
-        for b in &self.blocks {
-            put(b.attn_norm, params[b.attn_norm].value.clone())?;
-            put(b.ffn_norm, params[b.ffn_norm].value.clone())?;
+        let p = |id: ParamId| (&params[id].name, params[id].value.clone(), &params[id].shape);
+        let (n, v, sh) = p(self.token_embd);
+        put(n, v, sh)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            for id in [b.attn_norm, b.ffn_norm] {
+                let (n, v, sh) = p(id);
+                put(n, v, sh)?;
+            }
             let c = &self.config;
             for (j, l) in b.linears().into_iter().enumerate() {
                 // Back to the checkpoint's order: q and k of a rotate-half family were permuted on
@@ -254,15 +334,20 @@ impl LlamaParams {
                     Some(h) => halves_to_pairs(&v, c.head_dim, v.len() / (h * c.head_dim), true),
                     None => v,
                 };
-                put(l.weight, restore(l.merged(params)))?;
+                // A quantized base is saved dequantized, with its adapter folded in.
+                let name = format!("blk.{i}.{}.weight", LINEAR_NAMES[j]);
+                put(&name, restore(l.merged(params)), &[l.out_features, l.in_features])?;
                 if let Some(bias) = l.bias {
-                    put(bias, restore(params[bias].value.clone()))?;
+                    let (n, v, sh) = p(bias);
+                    put(n, restore(v), sh)?;
                 }
             }
         }
-        put(self.output_norm, params[self.output_norm].value.clone())?;
+        let (n, v, sh) = p(self.output_norm);
+        put(n, v, sh)?;
         if self.output != self.token_embd {
-            put(self.output, params[self.output].value.clone())?;
+            let (n, v, sh) = p(self.output);
+            put(n, v, sh)?;
         }
         Ok(out)
     }

@@ -261,7 +261,7 @@ impl<O: StepOps> Sage<O> {
         let fwd = self.forward(plans, true)?;
         let mut d_head = self.llm.lm_head_grad()?;
         let ce =
-            self.ops().cross_entropy(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, &weights, d_head.as_mut())?;
+            self.ops().cross_entropy(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, &weights, d_head.as_mut())?;
         let grads = self.backward(fwd, &ce.d_hidden, d_head)?;
         Ok(StepGrads::new(ce.seq_logp, weights, grads))
     }
@@ -271,7 +271,7 @@ impl<O: StepOps> Sage<O> {
     pub fn loss(&self, plans: &[SeqPlan]) -> Result<f32> {
         let fwd = self.forward(plans, false)?;
         let o = self.ops();
-        let (seq_logp, _) = o.seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?;
+        let (seq_logp, _) = o.seq_logprobs(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, plans.len())?;
         let seq_logp = o.download_stat(&seq_logp)?;
         let loss: f64 =
             plans.iter().zip(&seq_logp).map(|(p, &lp)| -(lp as f64) / (plans.len() * p.counted().max(1)) as f64).sum();
@@ -477,7 +477,7 @@ impl<O: StepOps> Sage<O> {
     /// a backward (E-DPO's frozen reference model).
     pub fn answer_logprobs(&self, plans: &[SeqPlan]) -> Result<O::Stat> {
         let fwd = self.forward(plans, false)?;
-        Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head(), &fwd.targets, plans.len())?.0)
+        Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, plans.len())?.0)
     }
 
     /// The E-DPO loss's forward and backward (ARCHITECTURE.md §1) over the answers `plans` of a
@@ -506,7 +506,7 @@ impl<O: StepOps> Sage<O> {
         }
         let fwd = self.forward(plans, true)?;
         let o = self.ops();
-        let head = self.llm.lm_head();
+        let head = self.llm.lm_head()?;
         let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
         // Length-normalised log-ratios: the loss op sees π_i·s_i and r_i·s_i, and its gradient
         // with respect to π_i·s_i is scaled by s_i on the way back.

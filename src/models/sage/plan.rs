@@ -21,7 +21,7 @@ use crate::formats::tokenizer::TextTokenizer;
 use crate::image_io;
 use crate::models::backbone::Backbone;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::llama::{Finetune, LlamaParams, LlmSource};
+use crate::models::llama::{BaseWeights, Finetune, LlamaParams, LlmSource};
 use crate::models::patch_encoder::PatchEncoder;
 use crate::train::{ParamSet, SeedRng};
 use anyhow::{ensure, Context, Result};
@@ -85,7 +85,7 @@ impl SageModel {
     /// Builds the model on the backbone `head_cfg.backbone` names (its frozen encoder and its
     /// GGUF LLM); the head is freshly initialised.
     pub fn new(head_cfg: SageConfig, finetune: &Finetune, params: &mut ParamSet, rng: &mut SeedRng) -> Result<Self> {
-        SageModel::on(Backbone::resolve(&head_cfg.backbone)?, head_cfg, finetune, params, rng)
+        SageModel::on(Backbone::resolve(&head_cfg.backbone)?, head_cfg, finetune, BaseWeights::F32, params, rng)
     }
 
     /// [`SageModel::new`] on a backbone resolved to files (`head_cfg.backbone` must name it).
@@ -93,6 +93,7 @@ impl SageModel {
         backbone: Backbone,
         head_cfg: SageConfig,
         finetune: &Finetune,
+        base: BaseWeights,
         params: &mut ParamSet,
         rng: &mut SeedRng,
     ) -> Result<Self> {
@@ -119,7 +120,7 @@ impl SageModel {
         // The SAGE prompt's template renders its own turn markers; no BOS/EOS text is inserted.
         let template = ChatTemplate::new(template.source(), "", "")?;
         let tokenizer = src.tokenizer;
-        let llm = LlamaParams::load(src.weights.as_ref(), src.config, finetune, params, rng)
+        let llm = LlamaParams::load_with(src.weights.as_ref(), src.config, finetune, base, params, rng)
             .with_context(|| format!("loading {}", llm_path.display()))?;
         let head = SageHead::new(head_cfg, vision.dim(), llm.hidden_size(), params, rng)?;
         Ok(SageModel { head, llm, tokenizer, template, vision, backbone })

@@ -185,7 +185,10 @@ impl<N: Named> Plugin for Builtin<N> {
             ))
         })?;
         if self.chat.is_none() {
-            self.chat = Some(ChatModel::load(HostOps, &self.llm, self.max_positions).map_err(io)?);
+            self.chat = Some(
+                ChatModel::load(HostOps, &self.llm, self.max_positions, crate::models::llama::BaseWeights::Quantized)
+                    .map_err(io)?,
+            );
         }
         let chat = self.chat.as_ref().expect("loaded above");
         let mut messages = Vec::new();

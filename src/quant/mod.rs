@@ -1,0 +1,54 @@
+//! ggml's quantized block formats, and matrix products computed straight from them.
+//!
+//! A GGUF checkpoint stores most weight matrices as blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+//! or 256 (the K-quants Q4_K, Q5_K, Q6_K) values sharing one or two f16 scales. Decode reads every
+//! weight once per token, so its speed is the bytes per weight: 4.5–6.6 bits here against 32 for
+//! f32. This module keeps the blocks and multiplies with them the way llama.cpp does:
+//!
+//! - [`blocks`]: the layouts, [`QType`], and dequantisation (the reference every kernel is tested
+//!   against, and what the GGUF reader uses to produce f32);
+//! - [`act`]: the activations quantized per block to int8 (`Q8` for the 32-blocks, `Q8K` with
+//!   16-element sums for the K-quants), so that a block's dot product is integer arithmetic;
+//! - [`dot`]: the portable block dot products (the fallback, and the reference of the SIMD ones);
+//! - [`avx2`]: the same dot products on AVX2 (`maddubs` of unsigned weights by signed
+//!   activations), chosen at run time;
+//! - [`matmul`]: `y = x·Wᵀ` over all threads, the input gradient `dx = dy·W` (tiles of `W`
+//!   dequantized one at a time, never the whole matrix), and row gathers (an embedding table).
+//!
+//! Not here: AVX-512 / VNNI variants (this project's machines have AVX2 only, and code that
+//! cannot be run is not shipped), and the GPU's fused dequantising GEMM.
+
+pub mod act;
+pub mod avx2;
+pub mod blocks;
+pub mod dot;
+pub mod matmul;
+
+pub use blocks::{dequantize, dequantize_into, QMatrix, QType};
+pub use matmul::{qmatmul, qmatmul_group, qmatmul_input_grad, qrows};
+
+/// Which dot-product implementation runs on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 with AVX2 and FMA.
+    Avx2,
+}
+
+/// The best [`Isa`] this CPU supports, unless `SAGE_QUANT_ISA=portable` forces the fallback
+/// (for comparisons and for testing the fallback on an AVX2 machine). Checked once.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("SAGE_QUANT_ISA").is_ok_and(|v| v == "portable") {
+            return Isa::Portable;
+        }
+        if avx2::available() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    })
+}
