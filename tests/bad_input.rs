@@ -179,6 +179,12 @@ fn config_values_out_of_range_are_refused_naming_key_line_and_range() {
     std::fs::write(&p, "reduce = \"nearest\"\nk = 100000\n").unwrap();
     let err = expect_user_error(sage().args(["map", "--eval-elpv", "--config"]).arg(&p), "map.toml");
     assert!(err.contains("k (line 2) = 100000, must be in [1, 196]"), "{err}");
+    // A quantized base is frozen: it trains only through LoRA (QLoRA).
+    let p = dir.path().join("qfull.toml");
+    std::fs::write(&p, sfe.replace("finetune = \"lora\"", "finetune = \"full\"\nbase = \"quantized\"")).unwrap();
+    let err =
+        expect_user_error(sage().args(["sfe", "--config"]).arg(&p).arg("--out").arg(dir.path().join("q")), "llm.base");
+    assert!(err.contains("QLoRA"), "{err}");
     // --steps 0 is refused by the flag's own range.
     let out = sage()
         .args(["sfe", "--steps", "0", "--config"])

@@ -80,6 +80,53 @@ fn bench_train_reports_tokens_per_second_and_memory() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+/// `bench infer` on SmolLM2 at toy sizes: both weight modes, the quantized one a fraction of the
+/// f32 one's memory with a perplexity near it (the int8 activations' rounding); llama.cpp is
+/// reported unavailable when not asked for.
+#[test]
+fn bench_infer_reports_both_weight_modes() {
+    let out = sage()
+        .args(["--json", "bench", "infer", "--models", "lite", "--prompt-tokens", "8", "--decode-tokens", "2"])
+        .args(["--batch", "1,2", "--ppl-tokens", "24", "--repeats", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let m = &v["models"][0];
+    let modes = m["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2);
+    let (q, f) = (&modes[0], &modes[1]);
+    assert_eq!((q["weights"].as_str(), f["weights"].as_str()), (Some("quantized"), Some("f32")));
+    assert!(q["weight_mib"].as_f64().unwrap() < 0.25 * f["weight_mib"].as_f64().unwrap(), "{m}");
+    assert_eq!(q["weight_memory"]["quant_tensors"], 30 * 7 + 1, "SmolLM2: every linear layer and the tied head");
+    let rel = m["ppl_relative_diff"].as_f64().unwrap();
+    assert!(rel.abs() < 0.05, "perplexity {rel:+} relative to f32");
+    assert!(q["decode_tokens_per_second"]["2"].as_f64().unwrap() > 0.0);
+    assert!(m["llama_cpp"]["unavailable"].is_string());
+}
+
+/// `generate --weights` picks the path and says so; the quantized model holds its table and head
+/// only as blocks.
+#[test]
+fn generate_reports_its_weights() {
+    for w in ["quantized", "f32"] {
+        let out = sage()
+            .args(["--json", "generate", "--prompt", "Say hi.", "--max-tokens", "3", "--weights", w])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v = stdout_json(&out);
+        assert_eq!(v["weights"], w);
+        let dense = v["weight_memory"]["dense_values"].as_u64().unwrap();
+        if w == "quantized" {
+            // Norms only: 30 blocks × 2 × 576 + 576.
+            assert_eq!(dense, 61 * 576, "{v}");
+        } else {
+            assert_eq!(dense, 134_515_008);
+        }
+    }
+}
+
 #[test]
 fn fetch_is_idempotent_once_assets_are_present() {
     let _ = smollm2_gguf(); // fails with "run sage fetch" if absent

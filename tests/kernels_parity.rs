@@ -612,17 +612,59 @@ fn kernel_parity_llm_attn() {
 /// each step's loss within 2% (bf16 weights and activations against f32).
 #[test]
 fn kernel_parity_llama_train_step_ten_steps() {
-    llama_train_step_ten_steps(sage::models::llama::Finetune::Full);
+    llama_train_step_ten_steps(sage::models::llama::Finetune::Full, BaseWeights::F32);
+}
+
+/// QLoRA: the base's linear layers as Q8_0 blocks (`QuantOps`: the CPU keeps the blocks, the GPU
+/// dequantizes them to bf16 at upload), adapters on every linear layer.
+#[test]
+fn kernel_parity_llama_train_step_ten_steps_qlora() {
+    let targets = sage::models::llama::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
+    llama_train_step_ten_steps(
+        sage::models::llama::Finetune::Lora { rank: 4, alpha: 8.0, targets },
+        BaseWeights::Quantized,
+    );
+}
+
+use sage::models::llama::BaseWeights;
+
+/// [`sage::models::random_init::RandomLlama`] with every 2-D tensor served as Q8_0 blocks, and as
+/// those blocks dequantized to f32 (so both bases hold the same weights).
+struct Q8Blocks(sage::models::random_init::RandomLlama);
+
+impl sage::models::WeightSource for Q8Blocks {
+    fn get(&self, name: &str) -> anyhow::Result<sage::Tensor> {
+        match self.quantized(name) {
+            Some(q) => sage::Tensor::from_vec(q.dequantize(), &[q.rows, q.cols]),
+            None => self.0.get(name),
+        }
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn quantized(&self, name: &str) -> Option<sage::quant::QMatrix> {
+        let t = self.0.get(name).ok()?;
+        let [rows, cols] = t.shape()[..] else { return None };
+        let x = t.into_f32s().ok()?;
+        let mut bytes = Vec::new();
+        for b in x.chunks_exact(32) {
+            let d = half::f16::from_f32(b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0);
+            bytes.extend(d.to_le_bytes());
+            let id = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            bytes.extend(b.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8 as u8));
+        }
+        sage::quant::QMatrix::new(sage::quant::QType::Q8_0, rows, cols, bytes.into()).ok()
+    }
 }
 
 /// The same with LoRA adapters on every linear layer (frozen base weights, no gradient for them).
 #[test]
 fn kernel_parity_llama_train_step_ten_steps_lora() {
     let targets = sage::models::llama::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
-    llama_train_step_ten_steps(sage::models::llama::Finetune::Lora { rank: 4, alpha: 8.0, targets });
+    llama_train_step_ten_steps(sage::models::llama::Finetune::Lora { rank: 4, alpha: 8.0, targets }, BaseWeights::F32);
 }
 
-fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
+fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune, base: BaseWeights) {
     let Some(gpu) = gpu("llama train step") else { return };
     use sage::backend::cpu::HostOps;
     use sage::backend::cuda::step_ops::CudaOps;
@@ -642,9 +684,10 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
         rms_norm_eps: 1e-6,
         context_length: 128,
     };
-    let weights = RandomLlama { config: config.clone(), seed: 9 };
+    let weights = Q8Blocks(RandomLlama { config: config.clone(), seed: 9 });
     let mut params = ParamSet::new();
-    let model = LlamaParams::load(&weights, config.clone(), &finetune, &mut params, &mut SeedRng::new(0, 0)).unwrap();
+    let model = LlamaParams::load_with(&weights, config.clone(), &finetune, base, &mut params, &mut SeedRng::new(0, 0))
+        .unwrap();
     let mut host = Llama::new(HostOps, &model, &params, Some(AdamWConfig::default())).unwrap();
     let mut dev = Llama::new(CudaOps::new(gpu.clone()), &model, &params, Some(AdamWConfig::default())).unwrap();
     let (batch, t) = (2, 33);
@@ -661,7 +704,7 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune) {
         losses.push((a, b));
     }
     assert!(losses[9].1 < losses[0].1, "the GPU loss should fall over ten steps: {losses:?}");
-    println!("llama train step ({finetune:?}): ten steps, (cpu, gpu) losses {losses:?}");
+    println!("llama train step ({finetune:?}, {base:?} base): ten steps, (cpu, gpu) losses {losses:?}");
 }
 
 /// `got` within `tol` × the largest magnitude of `want`, element by element.

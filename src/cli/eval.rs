@@ -50,6 +50,11 @@ pub struct Args {
     /// --checkpoint; with --checkpoint it must be the one the checkpoint was trained on.
     #[arg(long)]
     backbone: Option<String>,
+    /// The untrained model's base weights with --baseline: `quantized` (the GGUF's blocks, as
+    /// generation reads them) or `f32`. A checkpoint is evaluated on the base it trained with
+    /// (its `llm.base`).
+    #[arg(long, value_enum, default_value = "quantized")]
+    weights: crate::models::llama::BaseWeights,
     /// Facts JSONL from `sage facts` [default: the checkpoint's data.facts].
     #[arg(long)]
     facts: Option<PathBuf>,
@@ -100,6 +105,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
             generate_items: a.generate_items,
             save_first_token: a.save_first_token,
             backbone: a.backbone,
+            baseline_weights: a.weights,
         }),
     };
     let req = EvalRequest {

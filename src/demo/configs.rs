@@ -43,7 +43,9 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_targets: vec!["attn_q".into(), "attn_v".into()],
-            base: crate::models::llama::BaseWeights::F32,
+            // QLoRA: the base stays in the GGUF's blocks (exact dequantized tiles in training,
+            // int8 decoding in validation and eval).
+            base: crate::models::llama::BaseWeights::Quantized,
         },
         train: train_section(p, p.sfe_steps, p.sfe_batch, p.sfe_lr, 10),
     }

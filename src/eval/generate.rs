@@ -92,9 +92,11 @@ impl Evaluator {
         baseline: bool,
         facts: Option<&Path>,
         backbone: Option<&str>,
+        baseline_weights: crate::models::llama::BaseWeights,
         plugin_dirs: &[std::path::PathBuf],
     ) -> Result<Evaluator> {
-        // The base weights as the checkpoint trained them (`llm.base`); an untrained baseline in f32.
+        // The base weights as the checkpoint trained them (`llm.base`); an untrained baseline as
+        // `baseline_weights` says.
         let (head, finetune, base, seed, facts_path, state) = match checkpoint_dir {
             Some(dir) => {
                 let state = checkpoint::read_state(dir)?;
@@ -109,7 +111,7 @@ impl Evaluator {
                     ..SageConfig::default()
                 },
                 crate::models::llama::Finetune::Full,
-                crate::models::llama::BaseWeights::F32,
+                baseline_weights,
                 0,
                 None,
                 None,

@@ -75,6 +75,8 @@ pub struct ModelAnswers {
     /// The backbone: selects it for a baseline without a checkpoint; with a checkpoint it must be
     /// the checkpoint's (`None`: the checkpoint's, or the default).
     pub backbone: Option<String>,
+    /// The base weights of the untrained model of `baseline` (a checkpoint keeps its own).
+    pub baseline_weights: crate::models::llama::BaseWeights,
 }
 
 /// A judge plugin and its config (a JSON object).
@@ -193,6 +195,7 @@ fn load_model(m: &ModelAnswers, shots: u8, env: &EvalEnv) -> Result<Evaluator> {
         m.baseline,
         m.facts.as_deref(),
         m.backbone.as_deref(),
+        m.baseline_weights,
         &env.plugin_dirs,
     )?;
     ev.shots = shots;

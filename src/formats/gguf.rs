@@ -69,20 +69,13 @@ impl Value {
     }
 }
 
-/// ggml tensor types this reader understands.
+/// ggml tensor types this reader understands: plain floats, or a quantized block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
     F16,
     BF16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q4K,
-    Q5K,
-    Q6K,
+    Quant(QType),
 }
 
 impl GgmlType {
@@ -90,31 +83,25 @@ impl GgmlType {
         Some(match id {
             0 => GgmlType::F32,
             1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            6 => GgmlType::Q5_0,
-            7 => GgmlType::Q5_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4K,
-            13 => GgmlType::Q5K,
-            14 => GgmlType::Q6K,
+            2 => GgmlType::Quant(QType::Q4_0),
+            3 => GgmlType::Quant(QType::Q4_1),
+            6 => GgmlType::Quant(QType::Q5_0),
+            7 => GgmlType::Quant(QType::Q5_1),
+            8 => GgmlType::Quant(QType::Q8_0),
+            12 => GgmlType::Quant(QType::Q4K),
+            13 => GgmlType::Quant(QType::Q5K),
+            14 => GgmlType::Quant(QType::Q6K),
             30 => GgmlType::BF16,
             _ => return None,
         })
     }
+
     /// The block type of a quantized type (`None` for F32, F16, BF16).
     pub fn quant(self) -> Option<QType> {
-        Some(match self {
-            GgmlType::Q4_0 => QType::Q4_0,
-            GgmlType::Q4_1 => QType::Q4_1,
-            GgmlType::Q5_0 => QType::Q5_0,
-            GgmlType::Q5_1 => QType::Q5_1,
-            GgmlType::Q8_0 => QType::Q8_0,
-            GgmlType::Q4K => QType::Q4K,
-            GgmlType::Q5K => QType::Q5K,
-            GgmlType::Q6K => QType::Q6K,
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
-        })
+        match self {
+            GgmlType::Quant(q) => Some(q),
+            _ => None,
+        }
     }
 
     /// (elements per block, bytes per block)
@@ -122,14 +109,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q5_0 => (32, 22),
-            GgmlType::Q5_1 => (32, 24),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4K => (256, 144),
-            GgmlType::Q5K => (256, 176),
-            GgmlType::Q6K => (256, 210),
+            GgmlType::Quant(q) => (q.block_len(), q.block_bytes()),
         }
     }
 }
@@ -436,7 +416,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
         GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
         GgmlType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         GgmlType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => quant::dequantize(ty.quant().expect("every other type is a block type"), bytes),
+        GgmlType::Quant(q) => quant::dequantize(q, bytes),
     }
 }
 
@@ -452,14 +432,14 @@ mod tests {
     fn q8_0_and_q4_blocks_dequantise_by_hand() {
         let mut b = f16b(0.5).to_vec();
         b.extend((0..32).map(|i| (i as i8 - 16) as u8));
-        let y = dequantize(GgmlType::Q8_0, &b);
+        let y = dequantize(GgmlType::Quant(QType::Q8_0), &b);
         assert_eq!(y[0], -8.0);
         assert_eq!(y[31], 7.5);
 
         // Q4_1: d = 2, m = -1; byte j holds element j (low nibble) and j + 16 (high nibble).
         let mut b = [f16b(2.0), f16b(-1.0)].concat();
         b.extend((0..16u8).map(|j| (j % 16) | ((15 - j) << 4)));
-        let y = dequantize(GgmlType::Q4_1, &b);
+        let y = dequantize(GgmlType::Quant(QType::Q4_1), &b);
         assert_eq!(y[0], -1.0);
         assert_eq!(y[5], 9.0);
         assert_eq!(y[16], 29.0);
@@ -467,7 +447,7 @@ mod tests {
         // Q4_0: x = (q − 8) · d.
         let mut b = f16b(1.0).to_vec();
         b.extend([0x8Fu8; 16]);
-        let y = dequantize(GgmlType::Q4_0, &b);
+        let y = dequantize(GgmlType::Quant(QType::Q4_0), &b);
         assert_eq!((y[0], y[16]), (7.0, 0.0));
     }
 
@@ -482,7 +462,7 @@ mod tests {
         let mut b = [f16b(1.0), f16b(1.0)].concat();
         b.extend(scales);
         b.extend([0x53u8; 128]); // low nibble 3, high nibble 5
-        let y = dequantize(GgmlType::Q4K, &b);
+        let y = dequantize(GgmlType::Quant(QType::Q4K), &b);
         assert_eq!(y[0], 3.0); // sub-block 0: 1·3 − 0
         assert_eq!(y[32], 5.0); // sub-block 1: 1·5 − 0
         assert_eq!(y[128], 2.0 * 3.0 - 1.0); // sub-block 4
@@ -493,7 +473,7 @@ mod tests {
         b.extend([0u8; 64]);
         b.extend((1..=16u8).collect::<Vec<_>>());
         b.extend(f16b(0.5));
-        let y = dequantize(GgmlType::Q6K, &b);
+        let y = dequantize(GgmlType::Quant(QType::Q6K), &b);
         assert_eq!(y[0], 0.5 * 1.0 * -31.0);
         assert_eq!(y[64], 0.5 * 5.0 * -30.0);
         assert_eq!(y[128], 0.5 * 9.0 * -31.0);
@@ -509,14 +489,14 @@ mod tests {
         assert_eq!(cases.len(), 8);
         for case in cases {
             let ty = match case["type"].as_str().unwrap() {
-                "Q4_0" => GgmlType::Q4_0,
-                "Q4_1" => GgmlType::Q4_1,
-                "Q5_0" => GgmlType::Q5_0,
-                "Q5_1" => GgmlType::Q5_1,
-                "Q8_0" => GgmlType::Q8_0,
-                "Q4_K" => GgmlType::Q4K,
-                "Q5_K" => GgmlType::Q5K,
-                "Q6_K" => GgmlType::Q6K,
+                "Q4_0" => GgmlType::Quant(QType::Q4_0),
+                "Q4_1" => GgmlType::Quant(QType::Q4_1),
+                "Q5_0" => GgmlType::Quant(QType::Q5_0),
+                "Q5_1" => GgmlType::Quant(QType::Q5_1),
+                "Q8_0" => GgmlType::Quant(QType::Q8_0),
+                "Q4_K" => GgmlType::Quant(QType::Q4K),
+                "Q5_K" => GgmlType::Quant(QType::Q5K),
+                "Q6_K" => GgmlType::Quant(QType::Q6K),
                 other => panic!("unexpected type {other}"),
             };
             let hex = case["bytes"].as_str().unwrap();

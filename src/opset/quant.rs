@@ -59,6 +59,7 @@ pub struct DenseQuant<B> {
 pub mod dense {
     use super::*;
 
+    /// Dequantizes `w` and uploads it; `bytes` counts 2 per value (the GPU's bf16 buffers).
     pub fn upload<O: Buffers>(o: &O, w: &QMatrix) -> Result<DenseQuant<O::Buf>> {
         let bytes = w.rows * w.cols * 2;
         Ok(DenseQuant { w: o.upload(&w.dequantize())?, rows: w.rows, cols: w.cols, bytes })

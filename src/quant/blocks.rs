@@ -247,18 +247,18 @@ pub mod testing {
     pub struct Bytes(pub u64);
 
     impl Bytes {
-        pub fn next(&mut self) -> u64 {
+        pub fn bits(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
         pub fn byte(&mut self) -> u8 {
-            (self.next() >> 24) as u8
+            (self.bits() >> 24) as u8
         }
         /// Uniform in (-1, 1).
         pub fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            (self.bits() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         }
     }
 

@@ -12,8 +12,10 @@
 //! - [`dot`]: the portable block dot products (the fallback, and the reference of the SIMD ones);
 //! - [`avx2`]: the same dot products on AVX2 (`maddubs` of unsigned weights by signed
 //!   activations), chosen at run time;
-//! - [`matmul`]: `y = x·Wᵀ` over all threads, the input gradient `dx = dy·W` (tiles of `W`
-//!   dequantized one at a time, never the whole matrix), and row gathers (an embedding table).
+//! - [`matmul`]: `y = x·Wᵀ` over all threads (integer dot products for the few rows of a decode
+//!   step, dequantized tiles of `W` and the f32 GEMM from [`matmul::TILE_GEMM_ROWS`] rows on),
+//!   the grouped product of weights that read one input, the input gradient `dx = dy·W` (tiles
+//!   again, never the whole matrix in f32), and row gathers (an embedding table).
 //!
 //! Not here: AVX-512 / VNNI variants (this project's machines have AVX2 only, and code that
 //! cannot be run is not shipped), and the GPU's fused dequantising GEMM.

@@ -101,7 +101,17 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
     let mut model = Sage::new(ops, &session.model, &session.params, Some(tcfg.adamw), tcfg.max_grad_norm)?;
     model.llm.restore_optimizer(&optim)?;
     if !quiet {
-        eprintln!("{}: training on {}", S::NAME, model.llm.ops.describe());
+        let mem = model.llm.weight_memory();
+        let base = if mem.quant_tensors > 0 {
+            format!(
+                ", base: {} tensors in quantized blocks ({:.0} MiB)",
+                mem.quant_tensors,
+                mem.quant_bytes as f64 / 1048576.0
+            )
+        } else {
+            String::new()
+        };
+        eprintln!("{}: training on {}{base}", S::NAME, model.llm.ops.describe());
     }
     let train = session.cfg.train.clone();
     let pb = crate::util::progress_bar(train.steps, S::NAME, quiet);
