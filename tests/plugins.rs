@@ -200,9 +200,11 @@ fn lite_backbone_describes_itself_encodes_and_generates() {
     lite.backbone_encode_image(&pixels, (224, 224), &mut patches, (196, 152)).unwrap();
     let norm: f32 = patches[..40].iter().map(|v| v * v).sum::<f32>();
     assert!((norm - 1.0).abs() < 1e-3, "each token part is unit length, got {norm}");
+    // The backbone generates from the GGUF's quantized blocks: llama.cpp's greedy answer on the
+    // same file (tests/models.rs).
     let text =
         lite.backbone_generate("What is the capital of France?", &serde_json::json!({"max_tokens": 16})).unwrap();
-    assert!(text.contains("Paris"), "{text}");
+    assert!(text.starts_with("L'Étoile, la Marseillaise"), "{text}");
     let err = lite.backbone_generate("x", &serde_json::json!({"max_tokenz": 3})).unwrap_err().to_string();
     assert!(err.contains("max_tokenz"), "{err}");
 }
