@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod facts;
 pub mod formats;
+pub mod grpo;
 pub mod image_io;
 pub mod jsonl_log;
 pub mod judge;

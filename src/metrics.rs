@@ -89,3 +89,29 @@ mod tests {
         assert!(a > 0.5 && a < 1.0);
     }
 }
+
+/// The 95% Wilson score interval of a proportion of `k` successes in `n` trials (`[0, 1]` when
+/// `n` is 0): unlike the normal approximation it stays inside [0, 1] and is sound near 0 and 1.
+pub fn wilson(k: usize, n: usize) -> [f64; 2] {
+    if n == 0 {
+        return [0.0, 1.0];
+    }
+    let (z, n, p) = (1.959_963_984_540_054f64, n as f64, k as f64 / n as f64);
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    [(centre - half).max(0.0), (centre + half).min(1.0)]
+}
+
+#[cfg(test)]
+mod wilson_tests {
+    #[test]
+    fn wilson_matches_hand_computed_values() {
+        // 81 of 263: [0.2553, 0.3662], worked by hand from the formula.
+        let [lo, hi] = super::wilson(81, 263);
+        assert!((lo - 0.2553).abs() < 5e-4 && (hi - 0.3662).abs() < 5e-4, "{lo} {hi}");
+        assert_eq!(super::wilson(0, 0), [0.0, 1.0]);
+        let [lo, hi] = super::wilson(10, 10);
+        assert!((hi - 1.0).abs() < 1e-12 && (lo - 0.7225).abs() < 5e-4, "{lo}");
+    }
+}

@@ -140,7 +140,7 @@ fn fetch_is_idempotent_once_assets_are_present() {
 fn every_subcommand_has_help() {
     for sub in [
         "fetch", "generate", "embed", "classify", "map", "convert", "doctor", "plugins", "sfe", "infer", "bench",
-        "data", "facts", "score", "edpo", "eval", "demo", "kernels",
+        "data", "facts", "score", "edpo", "grpo", "eval", "demo", "kernels",
     ] {
         let out = sage().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help failed");
@@ -154,6 +154,7 @@ fn long_help_explains_the_training_and_evaluation_commands() {
     for (sub, phrase) in [
         ("sfe", "best-ranked answer"),
         ("edpo", "frozen SFE model"),
+        ("grpo", "Hungarian algorithm"),
         ("eval", "Acc-G"),
         ("demo", "ablation table"),
         ("score", "resume"),

@@ -22,7 +22,7 @@ KV-cached decoding); the anomaly maps and the image encoder (run once per image,
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A run folder written by `sage sfe` or `sage edpo`.
+    /// A run folder written by `sage sfe`, `sage edpo` or `sage grpo`.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// The dataset: AD-PL, MANTA or MMAD JSON.

@@ -17,6 +17,7 @@ mod eval;
 mod facts;
 mod fetch;
 mod generate;
+mod grpo;
 mod infer;
 mod kernels;
 mod map;
@@ -93,6 +94,9 @@ pub enum Command {
     /// Stage 2: align an SFE model with Entropy-aware DPO over judge-scored ranked answers.
     #[command(long_about = edpo::LONG_ABOUT)]
     Edpo(edpo::Args),
+    /// After SFE: GRPO on multi-stage answers (think, rethink, answer) with format, verdict and box rewards.
+    #[command(long_about = grpo::LONG_ABOUT)]
+    Grpo(grpo::Args),
     /// Score a model on a dataset: accuracy per level, Acc-G, SBERT, MLE; MMAD; anomaly-map AUROC.
     #[command(long_about = eval::LONG_ABOUT)]
     Eval(eval::Args),
@@ -150,14 +154,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 | Command::Kernels(_)
                 | Command::Sfe(_)
                 | Command::Edpo(_)
+                | Command::Grpo(_)
                 | Command::Infer(_)
                 | Command::Eval(_)
                 | Command::Demo(_)
         )
     {
         return Err(crate::user_err!(
-            "--device cuda: this command's model ops have no CUDA path in this build (sfe, edpo, infer, eval, demo \
-             and bench run on the GPU); run it with --device cpu or auto"
+            "--device cuda: this command's model ops have no CUDA path in this build (sfe, edpo, grpo, infer, eval, \
+             demo and bench run on the GPU); run it with --device cpu or auto"
         ));
     }
     let ctx = Ctx {
@@ -182,6 +187,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins(a) => plugins::run(&ctx, a),
         Command::Sfe(a) => sfe::run(&ctx, a),
         Command::Edpo(a) => edpo::run(&ctx, a),
+        Command::Grpo(a) => grpo::run(&ctx, a),
         Command::Demo(a) => demo::run(&ctx, a),
         Command::Eval(a) => eval::run(&ctx, a),
         Command::Compare(a) => compare::run(&ctx, a),

@@ -5,6 +5,7 @@
 use super::profile::Profile;
 use crate::edpo::config::{EdpoData, EdpoModel, EdpoRunConfig, EdpoSection, LossKind};
 use crate::edpo::pairs::PairChoice;
+use crate::grpo::config::{GrpoData, GrpoRunConfig, GrpoSection};
 use crate::models::sage::{FactsMode, SageConfig};
 use crate::ops::similarity::Reduce;
 use crate::sfe::config::{DataConfig, LlmConfig, SfeConfig, TrainSection};
@@ -78,6 +79,25 @@ pub fn edpo_config(p: &Profile, data: &Path, sfe_run: &Path, loss: LossKind) -> 
     }
 }
 
+/// GRPO from the SFE run folder `sfe_run` on the demo's ELPV split: the defaults of `[grpo]`
+/// (G = 4, 80 tokens, μ = 2) with a quarter of the steps (rounded to whole batches) the format
+/// cold start; steps are rounded up to an even count (μ = 2).
+pub fn grpo_config(p: &Profile, data: &Path, sfe_run: &Path) -> GrpoRunConfig {
+    let steps = p.grpo_steps.div_ceil(2) * 2;
+    let grpo =
+        GrpoSection { max_new: 80, sft_steps: (steps / 4) / 2 * 2, updates_per_batch: 2, ..GrpoSection::default() };
+    GrpoRunConfig {
+        sfe: sfe_run.to_path_buf(),
+        data: GrpoData {
+            train: data.join("train.json"),
+            val: Some(data.join("test.json")),
+            max_train_items: p.train_items,
+        },
+        grpo,
+        train: train_section(p, steps, 2, 5e-4, 4),
+    }
+}
+
 /// The schedule: 10% warm-up, cosine to a tenth of `lr`, clipping at 1, no weight decay (the
 /// stages' defaults), validation only at the end.
 fn train_section(p: &Profile, steps: u64, batch: usize, lr: f32, checkpoint_every: u64) -> TrainSection {
@@ -142,6 +162,10 @@ mod tests {
                     round_trip(p, &c);
                 }
             }
+            // GRPO: steps and cold start in whole batches of μ = 2 (the loader refuses others).
+            let g = grpo_config(p, data, Path::new("runs/sfe-fused"));
+            assert!(g.train.steps >= p.grpo_steps && g.grpo.sft_steps < g.train.steps, "{}", p.name);
+            round_trip(p, &g);
         }
     }
 

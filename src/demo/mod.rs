@@ -1,5 +1,5 @@
 //! `sage demo`: the whole method on ELPV in one call — data, facts, judge scores, three SFE
-//! runs, three preference runs, six evaluations and the training-free anomaly map — ending with
+//! runs, three preference runs, a GRPO run, seven evaluations and the training-free anomaly map — ending with
 //! the ablation table. Every stage is a `sage` subcommand run as a child process
 //! ([`stages`]: printed as it starts, so a user can rerun any of them by hand), and every stage
 //! resumes: a second demo after an interruption skips what finished and continues what did not.
@@ -105,6 +105,14 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         // Every row answers the same questions: their majority class is the same.
         majority = v["adpl"]["majority"].clone();
         rows.push(TableRow::from_report(row.name, ckpt, &v));
+    }
+    // GRPO (multi-stage answers, fine-grained rewards) from the facts-fused SFE run; the row is
+    // evaluated like the others, on the AD-PL questions.
+    if p.grpo_steps > 0 {
+        let cfg = configs::to_toml(p, &configs::grpo_config(p, &data, &sfe_runs["fused"]))?;
+        let ckpt = train("fused", "grpo", cfg)?;
+        let v = evaluate(&r, p, &test, p.eval_items, &facts, &evals, &ckpt, None)?;
+        rows.push(TableRow::from_report(profile::GRPO_ROW, ckpt, &v));
     }
     // Generalisation: the full method trained on one cell kind, tested on the other.
     if p.unseen_eval_items > 0 {

@@ -20,6 +20,9 @@ pub struct Profile {
     pub edpo_steps: u64,
     pub edpo_batch: usize,
     pub edpo_lr: f32,
+    /// Steps of the SFE+GRPO row (`sage grpo` from the facts-fused SFE run: a quarter of them the
+    /// format cold start, the rest GRPO updates, two per sampled batch); 0 = no such row.
+    pub grpo_steps: u64,
     /// Evaluated test items (0 = all).
     pub eval_items: usize,
     pub max_tokens: usize,
@@ -66,6 +69,7 @@ pub const QUICK: Profile = Profile {
     edpo_steps: 15,
     edpo_batch: 2,
     edpo_lr: 5e-4,
+    grpo_steps: 12,
     eval_items: 10,
     max_tokens: 32,
     val_questions: 10,
@@ -88,6 +92,7 @@ pub const FULL: Profile = Profile {
     edpo_steps: 500,
     edpo_batch: 4,
     edpo_lr: 2e-4,
+    grpo_steps: 200,
     eval_items: 0,
     max_tokens: 96,
     val_questions: 200,
@@ -121,6 +126,7 @@ pub const STANDARD: Profile = Profile {
     sfe_steps: 80,
     edpo_steps: 30,
     edpo_lr: 1e-4,
+    grpo_steps: 24,
     eval_items: 0,
     max_tokens: 48,
     first_token: true,
@@ -173,6 +179,9 @@ pub struct Row {
 
 /// The row of the whole method (its evaluation gets the HTML page).
 pub const FULL_ROW: &str = "Full (E-DPO)";
+
+/// The GRPO row (after [`ROWS`], before the unseen-kind rows).
+pub const GRPO_ROW: &str = "SFE+GRPO";
 
 /// A generalisation row: the full method (fused facts, E-DPO) trained on the `train.json` of
 /// the data subfolder `split` and tested on its `test.json`, a cell kind it never saw.

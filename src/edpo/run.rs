@@ -172,10 +172,11 @@ impl EdpoRun {
         let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
             user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
         })?;
-        if state.edpo.is_some() {
+        if state.stage() != "sfe" {
             return Err(user_err!(
-                "{} is an E-DPO run; the reference must be a stage-1 (`sage sfe`) run",
-                cfg.sfe.display()
+                "{} is a `sage {}` run; the reference must be a stage-1 (`sage sfe`) run",
+                cfg.sfe.display(),
+                state.stage()
             ));
         }
         if let Some(m) = cfg.model.as_ref().filter(|m| m.backbone != state.config.model.backbone) {
@@ -268,7 +269,7 @@ pub fn finished_edpo(out: &Path, cfg: &EdpoRunConfig) -> Result<Option<u64>> {
 /// Refuses a checkpoint of another stage, or of this stage with another sfe run, data or [edpo].
 fn check_stage(out: &Path, saved: Option<&serde_json::Value>, cfg: &EdpoRunConfig) -> Result<()> {
     match saved {
-        None => Err(user_err!("{} holds an SFE checkpoint, not an E-DPO one", out.display())),
+        None => Err(user_err!("{} holds a {} checkpoint, not an E-DPO one", out.display(), checkpoint::read_state(out)?.stage())),
         Some(saved) if *saved != stage_json(cfg) => Err(user_err!(
             "--resume: {} was trained with another sfe run, data or [edpo] section ({saved}); resume with the same config, or start a new --out",
             out.display()
@@ -326,8 +327,8 @@ impl<O: StepOps> Stage<O> for Edpo<'_, O> {
         Ok(StepOut { loss: b.loss(&margins) + sft, grad_norm, tokens: b.tokens(), extra })
     }
 
-    fn mark(&self) -> Option<serde_json::Value> {
-        Some(stage_json(self.cfg))
+    fn mark(&self) -> Option<checkpoint::Mark> {
+        Some(checkpoint::Mark::Edpo(stage_json(self.cfg)))
     }
 
     fn check_resume(&self, session: &Session, state: &State) -> Result<()> {

@@ -116,7 +116,11 @@ impl Evaluator {
                 None,
                 None,
             ),
-            None => return Err(user_err!("give --checkpoint (a `sage sfe` or `sage edpo` run folder), or --baseline")),
+            None => {
+                return Err(user_err!(
+                    "give --checkpoint (a `sage sfe`, `sage edpo` or `sage grpo` run folder), or --baseline"
+                ))
+            }
         };
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(seed, streams::INIT);
@@ -125,7 +129,7 @@ impl Evaluator {
         let describe = match (checkpoint_dir, &state) {
             (Some(dir), Some(st)) if !baseline => {
                 checkpoint::load_weights(dir, st, &mut params, &model.backbone)?;
-                let stage = if st.edpo.is_some() { "edpo" } else { "sfe" };
+                let stage = st.stage();
                 format!("{} ({stage}, step {}, facts = {:?})", dir.display(), st.step, head.facts)
             }
             _ => format!("untrained baseline (facts = {:?})", head.facts),

@@ -11,6 +11,13 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl Sampling {
+    /// The settings of row `row` of a batch: the seed mixed with the row (row 0 keeps it).
+    pub fn for_row(self, row: usize) -> Sampling {
+        Sampling { seed: self.seed ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), ..self }
+    }
+}
+
 pub struct Sampler {
     cfg: Sampling,
     rng: rand_chacha::ChaCha8Rng,

@@ -30,7 +30,7 @@ impl<O: StepOps> Stage<O> for Sfe {
         Ok(StepOut { loss, grad_norm, tokens, extra: Default::default() })
     }
 
-    fn mark(&self) -> Option<serde_json::Value> {
+    fn mark(&self) -> Option<crate::stage::checkpoint::Mark> {
         None
     }
 
@@ -55,8 +55,12 @@ pub fn validate_untrained<O: StepOps>(run: &mut Session, ops: O) -> Result<ValRe
 /// saved ones. Only `steps` (to train longer), the validation settings and `checkpoint_every` may
 /// change.
 fn check_resume_config(out: &Path, state: &State, cfg: &SfeConfig) -> Result<()> {
-    if state.edpo.is_some() {
-        return Err(user_err!("{} holds an E-DPO checkpoint; resume it with `sage edpo --resume`", out.display()));
+    if state.stage() != "sfe" {
+        return Err(user_err!(
+            "{} holds a `sage {stage}` checkpoint; resume it with `sage {stage} --resume`",
+            out.display(),
+            stage = state.stage()
+        ));
     }
     let comparable = |c: &SfeConfig| -> Result<serde_json::Value> {
         let mut v = serde_json::to_value(c)?;

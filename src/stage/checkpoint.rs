@@ -34,13 +34,33 @@ pub struct State {
     /// Stage 2: the E-DPO section and the SFE run it started from (absent for SFE runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edpo: Option<serde_json::Value>,
+    /// GRPO: its section and the SFE run it started from (absent for SFE and E-DPO runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<serde_json::Value>,
     /// The backbone and the sha256 of its files (absent in checkpoints made before backbones were
     /// recorded: those were all `lite`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backbone: Option<BackboneRecord>,
 }
 
+/// Which later stage made a checkpoint, with what it records of its config (stage 1, SFE,
+/// records nothing beyond the session's config).
+#[derive(Clone, Debug)]
+pub enum Mark {
+    Edpo(serde_json::Value),
+    Grpo(serde_json::Value),
+}
+
 impl State {
+    /// The stage that made the checkpoint: `sfe`, `edpo` or `grpo`.
+    pub fn stage(&self) -> &'static str {
+        match (&self.edpo, &self.grpo) {
+            (Some(_), _) => "edpo",
+            (None, Some(_)) => "grpo",
+            (None, None) => "sfe",
+        }
+    }
+
     /// Refuses `wanted` (a `--backbone` flag; `None`: no wish) unless it names the backbone this
     /// checkpoint in `dir` was trained on.
     pub fn require_backbone_name(&self, dir: &Path, wanted: Option<&str>) -> Result<()> {
@@ -92,7 +112,7 @@ pub fn save(
     params: &ParamSet,
     optim_state: &AdamWState,
     config: &SfeConfig,
-    edpo: Option<&serde_json::Value>,
+    mark: Option<&Mark>,
     backbone: &BackboneRecord,
 ) -> Result<()> {
     let weights_name = format!("weights-{step:06}.safetensors");
@@ -129,7 +149,14 @@ pub fn save(
         optim: optim_name.clone(),
         optim_steps: optim_state.step,
         config: config.clone(),
-        edpo: edpo.cloned(),
+        edpo: match mark {
+            Some(Mark::Edpo(v)) => Some(v.clone()),
+            _ => None,
+        },
+        grpo: match mark {
+            Some(Mark::Grpo(v)) => Some(v.clone()),
+            _ => None,
+        },
         backbone: Some(backbone.clone()),
     };
     crate::util::write_atomic(&state_path(dir), serde_json::to_string_pretty(&state)?.as_bytes())?;
@@ -140,6 +167,41 @@ pub fn save(
         if ours && name != weights_name && name != optim_name {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+    Ok(())
+}
+
+/// Writes the tensors a checkpoint would hold of `params` (the trainable ones and the whole head)
+/// to one safetensors file at `path`, atomically: a stage's extra frozen model (GRPO's KL
+/// reference after its cold start), read back by [`load_tensors`].
+pub fn save_tensors(path: &Path, params: &ParamSet) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    for p in params.iter().filter(|p| p.trainable || p.name.starts_with(crate::models::sage::PARAM_PREFIX)) {
+        tensors.insert(p.name.clone(), Tensor::from_vec(p.value.clone(), &p.shape)?);
+    }
+    st::write(path, &tensors, None)
+}
+
+/// Loads every tensor of a [`save_tensors`] file into `params` (each must exist there, same size).
+pub fn load_tensors(path: &Path, params: &mut ParamSet) -> Result<()> {
+    let f = SafetensorsFile::open(path)?;
+    for name in f.names() {
+        let id = params.id(&name).ok_or_else(|| {
+            user_err!(
+                "{} holds `{name}`, which this model does not have: was it made with another config?",
+                path.display()
+            )
+        })?;
+        let v = f.tensor(&name)?.into_f32s()?;
+        if v.len() != params[id].value.len() {
+            return Err(user_err!(
+                "{}: `{name}` has {} values, the model {}; was it made with another config?",
+                path.display(),
+                v.len(),
+                params[id].value.len()
+            ));
+        }
+        params[id].value = v;
     }
     Ok(())
 }

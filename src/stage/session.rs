@@ -55,14 +55,22 @@ impl Inputs {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ValResult {
     pub questions: usize,
     pub accuracy: f64,
+    /// The accuracy's 95% Wilson score interval over the questions.
+    pub interval: [f64; 2],
     /// Share of the most common ground-truth conclusion: what always answering it would score.
     pub majority_rate: f64,
-    /// Answers that did not start with Yes or No.
+    /// Answers that did not start with Yes or No (GRPO: without a verdict).
     pub unparsed: usize,
+    /// GRPO: the mean reward of the greedy answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_reward: Option<f64>,
+    /// GRPO: whether each question (in a fixed order) was answered right, for paired comparisons.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub right: Vec<bool>,
 }
 
 impl Session {
@@ -97,6 +105,15 @@ impl Session {
             tokens: TokenCache::default(),
             _writer: writer,
         })
+    }
+
+    /// The training split, or (`val`) the validation split.
+    pub fn split(&self, val: bool) -> &Split {
+        if val {
+            &self.val
+        } else {
+            &self.train
+        }
     }
 
     /// The example for global micro-batch index `g`: epochs visit every example once, each
@@ -164,8 +181,10 @@ impl Session {
         Ok(ValResult {
             questions: picks.len(),
             accuracy: right as f64 / n,
+            interval: crate::metrics::wilson(right, picks.len()),
             majority_rate: (yes.max(picks.len() - yes)) as f64 / n,
             unparsed,
+            ..ValResult::default()
         })
     }
 }

@@ -45,8 +45,14 @@ pub trait Stage<O: StepOps> {
     /// Optimizer step `step` (0-based) of `model` at learning rate `lr`.
     fn step(&mut self, session: &mut Session, model: &mut Sage<O>, step: u64, lr: f32) -> Result<StepOut>;
 
+    /// The held-out check run every `train.val_every` steps and at the end (default: the
+    /// session's conclusion accuracy on the AD-PL validation questions).
+    fn validate(&mut self, session: &mut Session, model: &Sage<O>, limit: usize) -> Result<ValResult> {
+        session.validate(limit, model)
+    }
+
     /// What a checkpoint records of the stage beyond the session's config (`None`: stage 1).
-    fn mark(&self) -> Option<serde_json::Value>;
+    fn mark(&self) -> Option<checkpoint::Mark>;
 
     /// Refuses to resume `state` when it is another stage's or was made with another config.
     fn check_resume(&self, session: &Session, state: &State) -> Result<()>;
@@ -143,7 +149,7 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
         pb.set_message(format!("loss {:.3}", o.loss));
         pb.inc(1);
         if train.val_every > 0 && done.is_multiple_of(train.val_every) && done < train.steps {
-            let v = session.validate(train.val_questions, &model)?;
+            let v = stage.validate(session, &model, train.val_questions)?;
             let val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
             writeln!(log, "{val}")?;
             log.flush()?;
@@ -164,7 +170,7 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
         }
     }
     pb.finish_and_clear();
-    let val = session.validate(train.val_questions, &model)?;
+    let val = stage.validate(session, &model, train.val_questions)?;
     let t = log_totals(&out.join("log.jsonl"))?;
     Ok(Outcome {
         steps: train.steps,

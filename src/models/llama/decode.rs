@@ -233,7 +233,10 @@ impl<O: StepOps> Llama<O> {
         let mut logits = self.logits_of_rows(&hidden, &last)?;
         drop(hidden);
         let vocab = self.config.vocab_size;
-        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(sampling)).collect();
+        // One generator per row, each with its own stream: rows with the same prompt (GRPO's
+        // groups) must draw different answers. Row 0 keeps the seed, so a single prompt samples
+        // as it always did.
+        let mut samplers: Vec<Sampler> = (0..n).map(|b| Sampler::new(sampling.for_row(b))).collect();
         let mut next = vec![0u32; n];
         let mut active: Vec<usize> = (0..n).collect();
         loop {

@@ -558,6 +558,36 @@ impl<O: StepOps> Sage<O> {
         Ok((margins, policy, norm))
     }
 
+    /// One step on a loss of whole answers' log-probabilities (GRPO's policy gradient): the
+    /// sequence log-probabilities `log π(a_i)` of `plans` (with their answers) under this model,
+    /// `loss_of(log π)` on the host returning the loss and `∂loss/∂log π(a_i)` per answer, the
+    /// fused log-probability backward, the model's backward and the clipped AdamW at `lr`.
+    /// Returns the log-probabilities (before the update), the loss and the gradient norm.
+    pub fn sequence_step(
+        &mut self,
+        plans: &[SeqPlan],
+        loss_of: impl FnOnce(&[f32]) -> Result<(f32, Vec<f32>)>,
+        lr: f32,
+    ) -> Result<(Vec<f32>, f32, f32)> {
+        let n = plans.len();
+        let fwd = self.forward(plans, true)?;
+        let o = self.ops();
+        let head = self.llm.lm_head()?;
+        let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
+        let policy = o.download_stat(&policy)?;
+        let (loss, grad) = loss_of(&policy)?;
+        if grad.len() != n {
+            bail!("sequence step: {n} answers, {} gradient values", grad.len());
+        }
+        let grad = o.upload_stat(&grad)?;
+        let mut d_head = self.llm.lm_head_grad()?;
+        let dh = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
+        let grads = self.backward(fwd, &dh, d_head)?;
+        let applied = self.llm.apply(grads, lr)?;
+        let norm = self.llm.finish(&applied)?;
+        Ok((policy, loss, norm))
+    }
+
     /// `fc1` and GELU of the adapter (the caller runs `fc2`).
     fn adapter_forward(&self, row: usize, rows: usize, pooled: &[f32]) -> Result<ImageActs<O>> {
         let pooled = self.ops().upload(pooled)?;

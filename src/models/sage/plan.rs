@@ -135,6 +135,31 @@ impl SageModel {
     /// The layout of one example's sequence: the chat template around the user turn, the image,
     /// fact and question pieces tokenized or prepared, the answer and its targets.
     pub fn plan(&self, ex: &Example) -> Result<SeqPlan> {
+        let answer_ids = match ex.answer {
+            Some(a) => {
+                let end = self.tokenizer.stop_ids.first().copied().context("the tokenizer has no end-of-turn token")?;
+                let mut ids = self.tokenizer.encode(a, false)?;
+                ids.push(end);
+                ids
+            }
+            None => vec![],
+        };
+        self.plan_ids(ex, answer_ids)
+    }
+
+    /// The plan of a generated answer, its token ids as sampled (decoding and re-encoding the text
+    /// could give other ids, and a policy gradient must score the tokens that were drawn); with
+    /// `stopped`, the end-of-turn token the sampler chose ends it. `ex.answer` is ignored.
+    pub fn plan_generated(&self, ex: &Example, ids: &[u32], stopped: bool) -> Result<SeqPlan> {
+        let mut answer_ids = ids.to_vec();
+        if stopped {
+            answer_ids
+                .push(self.tokenizer.stop_ids.first().copied().context("the tokenizer has no end-of-turn token")?);
+        }
+        self.plan_ids(ex, answer_ids)
+    }
+
+    fn plan_ids(&self, ex: &Example, answer_ids: Vec<u32>) -> Result<SeqPlan> {
         let mode = self.head.config.facts;
         let mut user_pieces: Vec<Piece> = vec![Piece::Text("Test image: ".into())];
         user_pieces.push(Piece::Image(self.head.pool(ex.test)));
@@ -171,15 +196,6 @@ impl SageModel {
         let mut pieces = vec![Piece::Text(before.to_string())];
         pieces.extend(user_pieces);
         pieces.push(Piece::Text(after.to_string()));
-        let answer_ids = match ex.answer {
-            Some(a) => {
-                let end = self.tokenizer.stop_ids.first().copied().context("the tokenizer has no end-of-turn token")?;
-                let mut ids = self.tokenizer.encode(a, false)?;
-                ids.push(end);
-                ids
-            }
-            None => vec![],
-        };
 
         let (mut at, mut text, mut images, mut facts) = (0usize, Vec::new(), Vec::new(), None);
         for p in pieces {

@@ -1,0 +1,99 @@
+//! `sage grpo`: GRPO with multi-stage answers and fine-grained rewards, from an SFE run.
+
+use super::{print_json, Ctx};
+use crate::backend::cpu::HostOps;
+use crate::grpo::config::{GrpoRunConfig, UniformGroups};
+use crate::grpo::run::{finished_grpo, train, GrpoRun};
+use anyhow::Result;
+use std::path::PathBuf;
+
+pub const LONG_ABOUT: &str = "Trains an SFE model with GRPO (group relative policy optimisation) on AD-FM's \
+multi-stage answers. Each training image pair is asked to answer in three stages, <think> (candidate regions as \
+[x1, y1, x2, y2] boxes in the test image's pixels) then <rethink> (a closer look) then <answer> (normal, or \
+anomalous with the defect's type and box). The policy samples grpo.group answers per pair (grpo.temperature, \
+grpo.top_p, batched KV-cached decode); each answer is parsed leniently and rewarded: format (the stages present \
+and in order), classification (1 for the right verdict and type, grpo.reward.partial_type for the right verdict \
+with another type) and localisation (answer boxes matched to the sample's mask boxes by the Hungarian algorithm, \
+mean GIoU plus a box-count term), their weighted mean the reward. Advantages are rewards relative to their group \
+(minus the mean, over the std); a group whose answers all score the same is sampled again or skipped \
+(grpo.uniform), and counted. The update is the clipped policy ratio (grpo.epsilon, per answer on its mean \
+per-token log-ratio) with a k3 KL penalty (grpo.kl_beta) to the frozen SFE model, grpo.updates_per_batch \
+optimizer steps per sampled batch. The held-out verdict accuracy (with its 95% Wilson interval) is logged before \
+the first step (val_before in the first log line) and at the end (final.json). Writes log.jsonl (reward and \
+its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \
+--resume continues exactly. `sage eval --checkpoint` reads the run. Config: configs/grpo-elpv-quick.toml.";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    run: super::sfe::RunArgs,
+    /// Override `sfe` (the stage-1 run folder to start from and to use as the KL reference).
+    #[arg(long)]
+    sfe: Option<PathBuf>,
+    /// Override grpo.group (answers sampled per prompt).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=64))]
+    group: Option<u64>,
+    /// Override grpo.uniform (what a group of equal rewards gets).
+    #[arg(long, value_enum)]
+    uniform: Option<UniformGroups>,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
+    let mut cfg: GrpoRunConfig = crate::config::load(&a.run.config)?;
+    if let Some(s) = a.sfe {
+        cfg.sfe = s;
+    }
+    if let Some(g) = a.group {
+        cfg.grpo.group = g as usize;
+    }
+    if let Some(u) = a.uniform {
+        cfg.grpo.uniform = u;
+    }
+    if let Some(s) = a.run.steps {
+        cfg.train.steps = s;
+    }
+    let out = a.run.out_dir();
+    if a.run.resume {
+        if let Some(step) = finished_grpo(&out, &cfg)? {
+            return super::sfe::report_finished(ctx, "grpo", &out, step);
+        }
+    }
+    let mut r = GrpoRun::new(cfg, &out, &ctx.plugin_dirs)?;
+    let o = if ctx.backend.backend == "cuda" {
+        let gpu = crate::backend::cuda::Gpu::global()?;
+        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
+    } else {
+        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
+    };
+    let summary = serde_json::json!({
+        "out": out, "sfe": r.cfg.sfe, "grpo": r.cfg.grpo, "prompts": r.items.len(),
+        "val_items": r.val_items.len(), "steps": o.steps, "final_loss": o.final_loss, "val": o.val,
+        "seconds_per_step": o.step_seconds, "trainable_parameters": r.session.params.num_trainable(),
+    });
+    crate::util::write_atomic(&out.join(crate::stage::FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if ctx.json {
+        return print_json(&summary);
+    }
+    let v = o.val.as_ref().expect("train validates at the end");
+    println!(
+        "GRPO from {}: {} steps over {} prompts, {} answers each, {:.1} s/step",
+        r.cfg.sfe.display(),
+        o.steps,
+        r.items.len(),
+        r.cfg.grpo.group,
+        o.step_seconds
+    );
+    println!(
+        "held-out verdicts: accuracy {:.3} [{:.3}, {:.3}] on {} images (majority rate {:.3}, {} without a verdict), \
+         mean reward {:.3}",
+        v.accuracy,
+        v.interval[0],
+        v.interval[1],
+        v.questions,
+        v.majority_rate,
+        v.unparsed,
+        v.mean_reward.unwrap_or(f64::NAN)
+    );
+    println!("log: {}  checkpoint: {}", out.join("log.jsonl").display(), out.display());
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The GRPO run description (`configs/grpo-*.toml`); unknown keys are refused.
+
+use super::reward::RewardConfig;
+use crate::config::{CheckRanges, RangeCheck};
+use crate::stage::config::TrainSection;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoRunConfig {
+    /// The SFE run the policy starts from; its weights are also the frozen KL reference.
+    pub sfe: PathBuf,
+    pub data: GrpoData,
+    #[serde(default)]
+    pub grpo: GrpoSection,
+    pub train: TrainSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoData {
+    /// Samples (a `sage data build` file): each one's label, defect type and boxes are the truth.
+    pub train: PathBuf,
+    /// Held-out samples for the verdict accuracy before and after (default: the SFE run's val).
+    #[serde(default)]
+    pub val: Option<PathBuf>,
+    /// At most this many training samples, in file order (0 = all).
+    #[serde(default)]
+    pub max_train_items: usize,
+}
+
+/// What a group with one reward for every answer gets (its advantages would all be zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum UniformGroups {
+    /// Sample the group again (new seeds), up to `resample_tries` times, then skip it.
+    Resample,
+    /// Leave it out of the step (no gradient, no KL); counted in the log.
+    Skip,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Answers sampled per prompt (G).
+    pub group: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Most tokens per answer.
+    pub max_new: usize,
+    /// The policy ratio is clipped to [1 − ε, 1 + ε].
+    pub epsilon: f32,
+    /// Weight of the KL penalty to the frozen start model (k3 estimator).
+    pub kl_beta: f32,
+    /// Optimizer steps on each batch of sampled groups (μ; 1 = on-policy, the ratio stays 1 and
+    /// the clip never acts).
+    pub updates_per_batch: u64,
+    pub uniform: UniformGroups,
+    pub resample_tries: usize,
+    /// Supervised steps on the ground truth written in the format before GRPO starts (a format
+    /// cold start: a model that never closes a stage gets no format or box reward to learn
+    /// from); each on `batch × group` items. 0 = none.
+    pub sft_steps: u64,
+    pub reward: RewardConfig,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        GrpoSection {
+            group: 4,
+            temperature: 1.0,
+            top_p: 0.95,
+            max_new: 96,
+            epsilon: 0.2,
+            kl_beta: 0.04,
+            updates_per_batch: 1,
+            uniform: UniformGroups::Resample,
+            resample_tries: 1,
+            sft_steps: 0,
+            reward: RewardConfig::default(),
+        }
+    }
+}
+
+impl CheckRanges for GrpoRunConfig {
+    fn check_ranges(&self, c: &mut RangeCheck) {
+        let g = &self.grpo;
+        c.int("grpo.group", g.group as u64, 2, 64);
+        c.positive_float("grpo.temperature", g.temperature as f64, 10.0);
+        c.positive_float("grpo.top_p", g.top_p as f64, 1.0);
+        c.int("grpo.max_new", g.max_new as u64, 1, 4096);
+        c.float("grpo.epsilon", g.epsilon as f64, 0.0, 1.0);
+        c.float("grpo.kl_beta", g.kl_beta as f64, 0.0, 100.0);
+        c.int("grpo.updates_per_batch", g.updates_per_batch, 1, 64);
+        c.int("grpo.resample_tries", g.resample_tries as u64, 0, 16);
+        let r = &g.reward;
+        for (key, v) in [
+            ("grpo.reward.format_weight", r.format_weight),
+            ("grpo.reward.class_weight", r.class_weight),
+            ("grpo.reward.loc_weight", r.loc_weight),
+        ] {
+            c.float(key, v as f64, 0.0, 100.0);
+        }
+        c.require(
+            "grpo.reward",
+            r.format_weight + r.class_weight + r.loc_weight > 0.0,
+            "at least one reward weight must be positive".into(),
+        );
+        c.float("grpo.reward.partial_type", r.partial_type as f64, 0.0, 1.0);
+        c.float("grpo.reward.count_share", r.count_share as f64, 0.0, 1.0);
+        // A resume starts at a checkpoint: a checkpoint inside a batch's μ updates would need the
+        // batch's samples, which are drawn with the weights at the batch's first update.
+        let mu = g.updates_per_batch.max(1);
+        c.require(
+            "train.checkpoint_every",
+            self.train.checkpoint_every.is_multiple_of(mu)
+                && self.train.steps.is_multiple_of(mu)
+                && g.sft_steps.is_multiple_of(mu),
+            format!(
+                "train.checkpoint_every, train.steps and grpo.sft_steps must be multiples of grpo.updates_per_batch ({mu})"
+            ),
+        );
+        c.require(
+            "grpo.sft_steps",
+            g.sft_steps < self.train.steps,
+            format!("grpo.sft_steps ({}) must leave GRPO steps in train.steps ({})", g.sft_steps, self.train.steps),
+        );
+        self.train.check_ranges(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_config_parses_and_a_bad_mu_is_refused() {
+        let cfg: GrpoRunConfig = crate::config::load(std::path::Path::new("configs/grpo-elpv-quick.toml")).unwrap();
+        assert!(cfg.grpo.group >= 2);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(
+            &p,
+            "sfe = \"s\"\n[data]\ntrain = \"t.json\"\n[grpo]\nupdates_per_batch = 2\n[train]\nsteps = 5\nbatch = 1\nlr = 1e-4\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", crate::config::load::<GrpoRunConfig>(&p).unwrap_err());
+        assert!(e.contains("multiples of grpo.updates_per_batch"), "{e}");
+    }
+}

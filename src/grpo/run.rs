@@ -1,0 +1,545 @@
+//! The GRPO loop on the shared trainer: each batch of prompts is answered `G` times by the policy
+//! (sampled, batched KV-cached decode), every answer is parsed and rewarded, advantages are the
+//! rewards relative to their group, and `updates_per_batch` optimizer steps follow on the clipped
+//! ratio and a k3 KL penalty to the frozen SFE model.
+//!
+//! The ratio is per answer (sequence level, on the answer's mean per-token log-ratio, as GSPO
+//! does) rather than per token: the op set's fused log-probability backward takes one weight per
+//! sequence, and a sequence ratio needs nothing more. The k3 KL is taken on the same mean
+//! log-ratio. A resume starts at a checkpoint, which the config places at a batch boundary, so
+//! the batch's samples are drawn again from the restored weights with the same seeds.
+
+use super::config::{GrpoRunConfig, UniformGroups};
+use super::format::{parse, prompt, written_truth, ANSWER_PREFIX};
+use super::reward::{reward, Reward, Truth};
+use crate::data::sample::Label;
+use crate::models::sage::{Example, Sage, SeqPlan};
+use crate::models::sampling::Sampling;
+use crate::opset::StepOps;
+use crate::stage::checkpoint::{self, Mark, State};
+use crate::stage::data::{epoch_pick, ExampleRef};
+use crate::stage::{finished_step, Inputs, Outcome, Session, Stage, StepOut, ValResult};
+use crate::train::{streams, ParamSet, SeedRng};
+use crate::user_err;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// One prompt: a sample with a label, its GRPO question and its truth.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub example: ExampleRef,
+    pub prompt: String,
+    pub truth: Truth,
+}
+
+pub struct GrpoRun {
+    pub cfg: GrpoRunConfig,
+    pub session: Session,
+    reference: ParamSet,
+    pub items: Vec<Item>,
+    pub val_items: Vec<Item>,
+}
+
+/// The labelled samples of a split as GRPO items (the first question of each sample carries the
+/// image pair; its text is replaced by the GRPO prompt).
+fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
+    let split = session.split(val);
+    let mut seen = std::collections::HashSet::new();
+    let mut items = Vec::new();
+    for &e in &split.examples {
+        if !seen.insert(e.item) {
+            continue;
+        }
+        let s = &split.samples[e.item];
+        let Some(label) = s.label else { continue };
+        let (w, h) = image::image_dimensions(&s.test_image)
+            .map_err(|err| user_err!("cannot read the size of {}: {err}", s.test_image.display()))?;
+        let truth = Truth {
+            anomalous: label == Label::Anomalous,
+            defect_type: s.defect_type.clone().filter(|_| label == Label::Anomalous),
+            boxes: s.boxes.clone(),
+        };
+        items.push(Item { example: e, prompt: prompt(w, h), truth });
+    }
+    Ok(items)
+}
+
+impl GrpoRun {
+    /// Loads the SFE run (policy and frozen reference) and the labelled samples.
+    pub fn new(cfg: GrpoRunConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<GrpoRun> {
+        let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
+            user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
+        })?;
+        if state.stage() != "sfe" {
+            return Err(user_err!(
+                "{} is a `sage {}` run; GRPO starts from a stage-1 (`sage sfe`) run",
+                cfg.sfe.display(),
+                state.stage()
+            ));
+        }
+        let mut sfe_cfg = state.config.clone();
+        sfe_cfg.data.train = cfg.data.train.clone();
+        sfe_cfg.data.max_train_items = cfg.data.max_train_items;
+        if let Some(v) = &cfg.data.val {
+            sfe_cfg.data.val = v.clone();
+        }
+        sfe_cfg.train = cfg.train.clone();
+        let mut session = Session::new(sfe_cfg, out, plugin_dirs)?;
+        checkpoint::load_weights(&cfg.sfe, &state, &mut session.params, &session.model.backbone)?;
+        let mut reference = session.params.clone();
+        reference.set_trainable_where(|_| true, false);
+        let items = items_of(&session, false)?;
+        if items.is_empty() {
+            return Err(user_err!(
+                "{} has no sample with a label (normal or anomalous): GRPO rewards verdicts against labels",
+                cfg.data.train.display()
+            ));
+        }
+        // Held-out items in a seeded order: `val_questions` takes a sample of both labels, not the
+        // file's first (often one-label) run.
+        let mut val_items = items_of(&session, true)?;
+        SeedRng::new(cfg.train.seed, streams::SAMPLING).shuffle(&mut val_items);
+        Ok(GrpoRun { cfg, session, reference, items, val_items })
+    }
+}
+
+/// What a GRPO checkpoint records of its config: a resume must match it.
+fn stage_json(cfg: &GrpoRunConfig) -> serde_json::Value {
+    serde_json::json!({"sfe": cfg.sfe, "grpo": cfg.grpo, "data": cfg.data})
+}
+
+/// The checkpoint step when the GRPO run in `out` is finished for `cfg`.
+pub fn finished_grpo(out: &Path, cfg: &GrpoRunConfig) -> Result<Option<u64>> {
+    let Some(step) = finished_step(out, cfg.train.steps)? else { return Ok(None) };
+    check_stage(out, &checkpoint::read_state(out)?, cfg)?;
+    Ok(Some(step))
+}
+
+fn check_stage(out: &Path, state: &State, cfg: &GrpoRunConfig) -> Result<()> {
+    match &state.grpo {
+        None => Err(user_err!("{} holds a `sage {}` checkpoint, not a GRPO one", out.display(), state.stage())),
+        Some(saved) if *saved != stage_json(cfg) => Err(user_err!(
+            "--resume: {} was trained with another sfe run, data or [grpo] section ({saved}); resume with the same \
+             config, or start a new --out",
+            out.display()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The answers of one batch of prompts, sampled once and trained on `updates_per_batch` times.
+struct Rollout {
+    /// The kept groups' answers (prompt and sampled ids), group after group.
+    plans: Vec<SeqPlan>,
+    advantages: Vec<f32>,
+    /// Each kept answer's log-probability under the frozen reference.
+    reference: Vec<f32>,
+    /// Under the policy that sampled them (set by the first update).
+    old: Option<Vec<f32>>,
+    /// The batch's log fields (rewards over every answer, kept or not).
+    stats: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The step's loss on the answers' log-probabilities and its gradient (see the module's note):
+/// per answer `i` with `n_i` tokens, `ρ = exp((log π − log π_old)/n_i)`, the clipped surrogate
+/// `min(ρA, clip(ρ, 1 ± ε)A)`, `δ = (log π_ref − log π)/n_i`, `k3 = e^δ − δ − 1`; the loss is the
+/// mean over answers of `−surrogate + β·k3`. Returns the loss, `∂loss/∂log π`, the mean k3 and the
+/// share of answers whose ratio was clipped.
+pub fn grpo_loss(
+    policy: &[f32],
+    old: &[f32],
+    reference: &[f32],
+    advantages: &[f32],
+    tokens: &[usize],
+    epsilon: f32,
+    beta: f32,
+) -> (f32, Vec<f32>, f32, f32) {
+    let n = policy.len().max(1) as f64;
+    let (mut loss, mut kl_sum, mut clipped) = (0.0f64, 0.0f64, 0usize);
+    let mut grad = Vec::with_capacity(policy.len());
+    for i in 0..policy.len() {
+        let t = tokens[i].max(1) as f64;
+        let a = advantages[i] as f64;
+        let rho = ((policy[i] as f64 - old[i] as f64) / t).exp();
+        let eps = epsilon as f64;
+        let (unclipped, clip) = (rho * a, rho.clamp(1.0 - eps, 1.0 + eps) * a);
+        // The min takes the unclipped branch unless clipping lowers the objective; inside the
+        // clip range the two agree and the gradient is the unclipped one.
+        let d_surrogate = if unclipped <= clip { a * rho / t } else { 0.0 };
+        clipped += (unclipped > clip) as usize;
+        let delta = (reference[i] as f64 - policy[i] as f64) / t;
+        let k3 = delta.exp() - delta - 1.0;
+        let d_k3 = (1.0 - delta.exp()) / t;
+        loss += -unclipped.min(clip) + beta as f64 * k3;
+        kl_sum += k3;
+        grad.push(((-d_surrogate + beta as f64 * d_k3) / n) as f32);
+    }
+    ((loss / n) as f32, grad, (kl_sum / n) as f32, clipped as f32 / n as f32)
+}
+
+/// Group-relative advantages: `(r − mean) / (std + 1e-4)` with the group's population std.
+pub fn advantages(rewards: &[f32]) -> Vec<f32> {
+    let n = rewards.len().max(1) as f64;
+    let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / n;
+    let std = (rewards.iter().map(|&r| (r as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    rewards.iter().map(|&r| ((r as f64 - mean) / (std + 1e-4)) as f32).collect()
+}
+
+/// Whether every reward of a group is the same (no advantage to learn from).
+fn uniform(rewards: &[f32]) -> bool {
+    rewards.iter().all(|&r| (r - rewards[0]).abs() < 1e-6)
+}
+
+/// A seed for the samples of step `step`, try `attempt`, group `group`, fixed by the run's seed.
+fn sample_seed(seed: u64, step: u64, attempt: usize, group: usize) -> u64 {
+    let mut z = seed ^ 0x6772_706f ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z ^= (attempt as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (group as u64).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The GRPO step on the op set.
+struct Grpo<'r, O: StepOps> {
+    cfg: &'r GrpoRunConfig,
+    items: &'r [Item],
+    val_items: &'r [Item],
+    reference_params: &'r mut ParamSet,
+    reference: Option<Sage<O>>,
+    rollout: Option<Rollout>,
+    /// The op set, for the reference rebuilt after the cold start.
+    ops: Option<O>,
+}
+
+/// The KL reference of a run with a cold start: the policy as GRPO began (the SFE model would
+/// pull the answers back out of the format it was just taught), kept for a resume.
+pub const REFERENCE_FILE: &str = "grpo-reference.safetensors";
+
+/// The inputs of an item with the GRPO prompt as its question.
+fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<Inputs> {
+    let mut inputs = session.inputs(val, item.example)?;
+    inputs.question.text = item.prompt.clone();
+    Ok(inputs)
+}
+
+/// One answer: its ids (the [`ANSWER_PREFIX`]'s included), whether it stopped by itself, and its
+/// text (with the prefix).
+type Answer = (Vec<u32>, bool, String);
+
+/// An answer to each of `exs` (one row each, sharing the decode steps), each begun with the
+/// [`ANSWER_PREFIX`].
+fn answer_rows<O: StepOps>(
+    session: &Session,
+    model: &Sage<O>,
+    exs: &[Example],
+    sampling: Sampling,
+    max_new: usize,
+) -> Result<Vec<Answer>> {
+    let prefix = session.model.tokenizer.encode(ANSWER_PREFIX, false)?;
+    let plans = exs.iter().map(|e| session.model.plan_generated(e, &prefix, false)).collect::<Result<Vec<_>>>()?;
+    let ids = model.generate(&plans, max_new, &session.model.tokenizer.stop_ids, sampling)?;
+    ids.into_iter()
+        .map(|ids| {
+            let text = format!("{ANSWER_PREFIX}{}", session.model.tokenizer.decode(&ids, true)?);
+            let stopped = ids.len() < max_new;
+            Ok(([prefix.as_slice(), &ids].concat(), stopped, text))
+        })
+        .collect()
+}
+
+impl<O: StepOps> Grpo<'_, O> {
+    /// Samples, rewards and keeps the groups of the batch of step `step`.
+    fn rollout(&mut self, session: &mut Session, model: &Sage<O>, step: u64) -> Result<Rollout> {
+        let g = &self.cfg.grpo;
+        let batch = self.cfg.train.batch.max(1) as u64;
+        let first = step / g.updates_per_batch.max(1) * batch;
+        let (mut plans, mut advs) = (Vec::new(), Vec::new());
+        let (mut all, mut uniform_groups, mut resampled, mut answer_tokens, mut unparsed) =
+            (Vec::<Reward>::new(), 0usize, 0usize, 0usize, 0usize);
+        let mut problems: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut example_text = String::new();
+        for m in 0..batch {
+            let item = &self.items[epoch_pick(self.cfg.train.seed, self.items.len(), first + m)];
+            let inputs = item_inputs(session, false, item)?;
+            let mut attempt = 0;
+            let (answers, rewards) = loop {
+                let sampling = Sampling {
+                    temperature: g.temperature,
+                    top_p: g.top_p,
+                    seed: sample_seed(self.cfg.train.seed, step, attempt, m as usize),
+                };
+                let exs: Vec<Example> = (0..g.group).map(|_| inputs.example(None)).collect();
+                let answers = answer_rows(session, model, &exs, sampling, g.max_new)?;
+                let parsed: Vec<_> = answers.iter().map(|(_, _, t)| parse(t)).collect();
+                let rewards: Vec<Reward> = parsed.iter().map(|p| reward(p, &item.truth, &g.reward)).collect();
+                let totals: Vec<f32> = rewards.iter().map(|r| r.total).collect();
+                let again = uniform(&totals) && g.uniform == UniformGroups::Resample && attempt < g.resample_tries;
+                if !again {
+                    for p in &parsed {
+                        unparsed += p.verdict.is_none() as usize;
+                        for q in &p.problems {
+                            // "`[…]` is not a box …" varies with the text: count by kind.
+                            let kind = q.split('`').next().unwrap_or(q).trim().to_string();
+                            *problems.entry(kind).or_default() += 1;
+                        }
+                    }
+                    break (answers, rewards);
+                }
+                resampled += 1;
+                attempt += 1;
+            };
+            let totals: Vec<f32> = rewards.iter().map(|r| r.total).collect();
+            all.extend(&rewards);
+            if m == 0 {
+                example_text = answers[0].2.clone();
+            }
+            answer_tokens += answers.iter().map(|a| a.0.len()).sum::<usize>();
+            if uniform(&totals) {
+                uniform_groups += 1;
+                continue;
+            }
+            let ex = inputs.example(None);
+            for (ids, stopped, _) in &answers {
+                plans.push(session.model.plan_generated(&ex, ids, *stopped)?);
+            }
+            advs.extend(advantages(&totals));
+        }
+        let reference = if plans.is_empty() {
+            Vec::new()
+        } else {
+            let r = self.reference.as_ref().expect("prepared before the first step");
+            r.ops().download_stat(&r.answer_logprobs(&plans)?)?
+        };
+        let n = all.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&Reward) -> Option<f32>| -> serde_json::Value {
+            let v: Vec<f64> = all.iter().filter_map(f).map(|x| x as f64).collect();
+            if v.is_empty() {
+                serde_json::Value::Null
+            } else {
+                (v.iter().sum::<f64>() / v.len() as f64).into()
+            }
+        };
+        let mut stats = serde_json::Map::new();
+        stats.insert("reward".into(), mean(&|r| Some(r.total)));
+        stats.insert("reward_format".into(), mean(&|r| Some(r.format)));
+        stats.insert("reward_class".into(), mean(&|r| Some(r.class)));
+        stats.insert("reward_loc".into(), mean(&|r| r.loc));
+        stats.insert("uniform_groups".into(), (uniform_groups as f64 / batch as f64).into());
+        stats.insert("resampled_groups".into(), resampled.into());
+        stats.insert("answer_tokens".into(), (answer_tokens as f64 / n).into());
+        stats.insert("unparsed_verdicts".into(), (unparsed as f64 / n).into());
+        stats.insert("parse_problems".into(), serde_json::to_value(&problems)?);
+        stats.insert("sample_answer".into(), example_text.into());
+        Ok(Rollout { plans, advantages: advs, reference, old: None, stats })
+    }
+
+    /// A cold-start step: the cross-entropy of the ground truth written in the format, on the
+    /// `batch × group` items of the step (the same sequence count as a GRPO step).
+    fn sft_step(
+        &mut self,
+        session: &mut Session,
+        model: &mut Sage<O>,
+        step: u64,
+        lr: f32,
+        mut extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<StepOut> {
+        let n = (self.cfg.train.batch.max(1) * self.cfg.grpo.group) as u64;
+        let mut plans = Vec::with_capacity(n as usize);
+        for m in 0..n {
+            // Its own seeded order (GRPO's batches start again at the first item).
+            let item = &self.items[epoch_pick(self.cfg.train.seed ^ 0x5f7, self.items.len(), step * n + m)];
+            let inputs = item_inputs(session, false, item)?;
+            let t = &item.truth;
+            let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes);
+            plans.push(session.model.plan(&inputs.example(Some(&target)))?);
+        }
+        let (loss, grad_norm) = model.train_step(&plans, lr)?;
+        extra.insert("phase".into(), "sft".into());
+        Ok(StepOut { loss, grad_norm, tokens: plans.iter().map(|p| p.counted()).sum(), extra })
+    }
+
+    /// Verdict accuracy (greedy answers to the GRPO prompt) and mean reward on the held-out items.
+    fn held_out(&self, session: &mut Session, model: &Sage<O>, limit: usize) -> Result<ValResult> {
+        let items: Vec<&Item> = self.val_items.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        let (mut right, mut unparsed, mut anomalous, mut reward_sum) = (Vec::new(), 0usize, 0usize, 0.0f64);
+        for chunk in items.chunks(16) {
+            let inputs: Vec<Inputs> =
+                chunk.iter().map(|it| item_inputs(session, true, it)).collect::<Result<Vec<_>>>()?;
+            let exs: Vec<Example> = inputs.iter().map(|i| i.example(None)).collect();
+            let answers = answer_rows(session, model, &exs, greedy, self.cfg.grpo.max_new)?;
+            for ((_, _, text), item) in answers.iter().zip(chunk) {
+                let p = parse(text);
+                unparsed += p.verdict.is_none() as usize;
+                anomalous += item.truth.anomalous as usize;
+                right.push(p.verdict == Some(item.truth.anomalous));
+                reward_sum += reward(&p, &item.truth, &self.cfg.grpo.reward).total as f64;
+            }
+        }
+        let n = right.len();
+        let k = right.iter().filter(|&&r| r).count();
+        Ok(ValResult {
+            questions: n,
+            accuracy: k as f64 / n.max(1) as f64,
+            interval: crate::metrics::wilson(k, n),
+            majority_rate: anomalous.max(n - anomalous) as f64 / n.max(1) as f64,
+            unparsed,
+            mean_reward: Some(reward_sum / n.max(1) as f64),
+            right,
+        })
+    }
+}
+
+impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
+    const NAME: &'static str = "grpo";
+
+    fn prepare(&mut self, session: &mut Session, ops: O) -> Result<()> {
+        let mut params = std::mem::take(self.reference_params);
+        // A checkpoint exists here only when resuming (a fresh start refuses one); past the cold
+        // start, the reference is the one written when GRPO began.
+        let sft = self.cfg.grpo.sft_steps;
+        let resumed = if checkpoint::exists(&session.out) { checkpoint::read_state(&session.out)?.step } else { 0 };
+        if sft > 0 && resumed > sft {
+            let path = session.out.join(REFERENCE_FILE);
+            checkpoint::load_tensors(&path, &mut params).map_err(|e| {
+                user_err!("{e:#}\n--resume: {} is the run's KL reference, written when GRPO began; it is missing or damaged, so start a new --out", path.display())
+            })?;
+        }
+        self.reference = Some(Sage::new(ops.clone(), &session.model, &params, None, None)?);
+        self.ops = Some(ops);
+        Ok(())
+    }
+
+    fn step(&mut self, session: &mut Session, model: &mut Sage<O>, step: u64, lr: f32) -> Result<StepOut> {
+        let mu = self.cfg.grpo.updates_per_batch.max(1);
+        let sft = self.cfg.grpo.sft_steps;
+        let mut extra = serde_json::Map::new();
+        if step == 0 && sft > 0 {
+            let v = self.held_out(session, model, self.cfg.train.val_questions)?;
+            extra.insert("val_start".into(), serde_json::to_value(&v)?);
+        }
+        if step < sft {
+            return self.sft_step(session, model, step, lr, extra);
+        }
+        let step = step - sft;
+        if step == 0 {
+            // The start model's held-out figures (after any cold start), logged with the first
+            // GRPO step: "before" for the run's "after" in final.json, on the same items in the
+            // same order.
+            let v = self.held_out(session, model, self.cfg.train.val_questions)?;
+            extra.insert("val_before".into(), serde_json::to_value(&v)?);
+            if sft > 0 {
+                let mut params = session.params.clone();
+                model.llm.download_into(&mut params)?;
+                checkpoint::save_tensors(&session.out.join(REFERENCE_FILE), &params)?;
+                params.set_trainable_where(|_| true, false);
+                let ops = self.ops.clone().expect("prepared before the first step");
+                self.reference = Some(Sage::new(ops, &session.model, &params, None, None)?);
+            }
+        }
+        if step.is_multiple_of(mu) || self.rollout.is_none() {
+            self.rollout = Some(self.rollout(session, model, step)?);
+        }
+        let r = self.rollout.as_mut().expect("sampled above");
+        extra.extend(r.stats.clone());
+        extra.insert("phase".into(), "grpo".into());
+        extra.insert("update".into(), (step % mu + 1).into());
+        if r.plans.is_empty() {
+            // Every group was uniform: nothing to learn from, no optimizer step.
+            extra.insert("updated".into(), false.into());
+            return Ok(StepOut { loss: 0.0, grad_norm: 0.0, tokens: 0, extra });
+        }
+        let tokens: Vec<usize> = r.plans.iter().map(|p| p.counted()).collect();
+        let g = &self.cfg.grpo;
+        let (old, reference, adv) = (r.old.clone(), r.reference.clone(), r.advantages.clone());
+        let mut diag = (0.0f32, 0.0f32);
+        let (policy, loss, grad_norm) = model.sequence_step(
+            &r.plans,
+            |policy| {
+                let old = old.as_deref().unwrap_or(policy);
+                let (loss, grad, kl, clip) = grpo_loss(policy, old, &reference, &adv, &tokens, g.epsilon, g.kl_beta);
+                diag = (kl, clip);
+                Ok((loss, grad))
+            },
+            lr,
+        )?;
+        if r.old.is_none() {
+            r.old = Some(policy);
+        }
+        extra.insert("updated".into(), true.into());
+        extra.insert("kl".into(), diag.0.into());
+        extra.insert("clip_fraction".into(), diag.1.into());
+        Ok(StepOut { loss, grad_norm, tokens: tokens.iter().sum(), extra })
+    }
+
+    fn validate(&mut self, session: &mut Session, model: &Sage<O>, limit: usize) -> Result<ValResult> {
+        self.held_out(session, model, limit)
+    }
+
+    fn mark(&self) -> Option<Mark> {
+        Some(Mark::Grpo(stage_json(self.cfg)))
+    }
+
+    fn check_resume(&self, session: &Session, state: &State) -> Result<()> {
+        check_stage(&session.out, state, self.cfg)
+    }
+}
+
+/// Trains from the SFE run, or from the checkpoint in the run folder (`resume`), on `ops`.
+pub fn train<O: StepOps + Clone>(run: &mut GrpoRun, ops: O, resume: bool, quiet: bool) -> Result<Outcome> {
+    let GrpoRun { cfg, session, reference, items, val_items } = run;
+    if val_items.is_empty() {
+        return Err(user_err!("the validation samples have no label: give data.val with labelled samples"))
+            .context("GRPO reports held-out verdict accuracy before and after");
+    }
+    let mut stage = Grpo {
+        cfg,
+        items,
+        val_items,
+        reference_params: reference,
+        reference: None::<Sage<O>>,
+        rollout: None,
+        ops: None,
+    };
+    crate::stage::train(&mut stage, session, ops, resume, quiet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advantages_are_relative_to_the_group() {
+        let a = advantages(&[1.0, 0.0, 0.0, 1.0]);
+        assert!(a.iter().zip([1.0, -1.0, -1.0, 1.0]).all(|(x, y)| (x - y).abs() < 1e-3), "{a:?}");
+        assert!(advantages(&[0.5, 0.5]).iter().all(|&x| x == 0.0));
+        assert!(uniform(&[0.3, 0.3, 0.3]) && !uniform(&[0.3, 0.31]));
+    }
+
+    #[test]
+    fn grpo_loss_gradient_matches_finite_differences_and_the_clip_acts() {
+        let (old, reference) = ([-10.0f32, -12.0, -8.0], [-10.5f32, -11.0, -9.0]);
+        let (adv, tokens) = ([1.0f32, -1.0, 0.5], [4usize, 5, 2]);
+        // Away from the clip boundary: policies within and beyond the clip range.
+        let policy = [-9.7f32, -12.3, -6.0];
+        let (_, grad, _, clip) = grpo_loss(&policy, &old, &reference, &adv, &tokens, 0.2, 0.1);
+        assert!((clip - 1.0 / 3.0).abs() < 1e-6, "answer 3's ratio e^(2/2) > 1.2 with A > 0 is clipped");
+        // The clipped answer keeps only the KL's gradient.
+        let d = (reference[2] as f64 - policy[2] as f64) / 2.0;
+        assert!((grad[2] as f64 - 0.1 * (1.0 - d.exp()) / 2.0 / 3.0).abs() < 1e-7, "{}", grad[2]);
+        for i in 0..3 {
+            let h = 1e-3f32;
+            let at = |x: f32| {
+                let mut p = policy;
+                p[i] = x;
+                grpo_loss(&p, &old, &reference, &adv, &tokens, 0.2, 0.1).0 as f64
+            };
+            let fd = (at(policy[i] + h) - at(policy[i] - h)) / (2.0 * h as f64);
+            assert!((fd - grad[i] as f64).abs() < 1e-4, "answer {i}: {fd} vs {}", grad[i]);
+        }
+        // On policy (ratio 1) with no KL the gradient is −A/(n·tokens): the policy gradient.
+        let (_, g, kl, _) = grpo_loss(&old, &old, &old, &adv, &tokens, 0.2, 0.0);
+        assert_eq!(kl, 0.0);
+        for i in 0..3 {
+            assert!((g[i] + adv[i] / 3.0 / tokens[i] as f32).abs() < 1e-7);
+        }
+    }
+}
