@@ -1,6 +1,6 @@
 //! The standard profile's orchestration on a tiny scale: every stage `sage demo --profile
 //! standard` runs (three SFE runs, three preference runs with the standard loss options and the
-//! graded judge, first-token evaluations with intervals and a generated subset, the two
+//! graded judge, a GRPO run, first-token evaluations with intervals and a generated subset, the two
 //! unseen-kind rows, the HTML page, the map over ELPV, the table with paired differences), with
 //! two or three steps and a few pairs each. Ignored by default (about ten minutes on two cores,
 //! most of it the map over all 2,327 cells): `cargo test --release --test demo_tiny -- --ignored`.
@@ -16,6 +16,7 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
         train_items: 12,
         sfe_steps: 2,
         edpo_steps: 2,
+        grpo_steps: 4,
         eval_items: 6,
         generate_items: Some(1),
         max_tokens: 8,
@@ -35,7 +36,7 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     };
     let o = run_demo(&p, &out, env.clone()).unwrap();
     println!("{}", o.markdown);
-    assert_eq!(o.rows.len(), 8, "six ablation rows and two unseen-kind rows");
+    assert_eq!(o.rows.len(), 9, "six ablation rows, the GRPO row and two unseen-kind rows");
     for r in &o.rows {
         let i = r.intervals.as_ref().unwrap_or_else(|| panic!("{} has no intervals", r.row));
         assert!(i.metrics.contains_key(&sage::eval::intervals::Metric::Average), "{}", r.row);
@@ -43,6 +44,10 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     }
     assert!(o.markdown.contains("### Paired differences"), "{}", o.markdown);
     assert!(o.markdown.contains("| Full, unseen poly (trained on mono) |"), "{}", o.markdown);
+    assert!(o.markdown.contains("| SFE+GRPO |"), "{}", o.markdown);
+    let grpo: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs/grpo-fused/final.json")).unwrap()).unwrap();
+    assert_eq!(grpo["steps"], 4, "{grpo}");
     let page = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert_eq!(page.matches("<article class=\"pair\"").count(), 6);
     // The preference runs used the standard loss options and the graded judge's scores.
@@ -52,7 +57,7 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     }
     // A second run resumes: every stage is found finished and the table is the same.
     let again = run_demo(&p, &out, env).unwrap();
-    assert_eq!(again.rows.len(), 8);
+    assert_eq!(again.rows.len(), 9);
     assert_eq!(
         again.markdown.split("Wall time").next(),
         o.markdown.split("Wall time").next(),

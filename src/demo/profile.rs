@@ -69,7 +69,7 @@ pub const QUICK: Profile = Profile {
     edpo_steps: 15,
     edpo_batch: 2,
     edpo_lr: 5e-4,
-    grpo_steps: 12,
+    grpo_steps: 8,
     eval_items: 10,
     max_tokens: 32,
     val_questions: 10,

@@ -155,7 +155,7 @@ fn boxes(text: &str) -> (Vec<[f32; 4]>, Vec<String>) {
             [Some(a), Some(b), Some(c), Some(d)] if [a, b, c, d].iter().all(|v| v.is_finite()) => {
                 out.push([a.min(*c), b.min(*d), a.max(*c), b.max(*d)])
             }
-            _ => bad.push(format!("`[{inner}]` is not a box of four numbers")),
+            _ => bad.push(format!("a box that is not four numbers: `[{inner}]`")),
         }
         rest = &rest[open + close + 1..];
     }

@@ -276,7 +276,7 @@ impl<O: StepOps> Grpo<'_, O> {
                     for p in &parsed {
                         unparsed += p.verdict.is_none() as usize;
                         for q in &p.problems {
-                            // "`[…]` is not a box …" varies with the text: count by kind.
+                            // The quoted text varies: count by the kind before it.
                             let kind = q.split('`').next().unwrap_or(q).trim().to_string();
                             *problems.entry(kind).or_default() += 1;
                         }

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Summarises a `sage grpo` run folder as Markdown: the held-out verdict accuracy at the start,
+when GRPO began and at the end (95% Wilson intervals; the exact McNemar test of before vs after on
+the same images), and the per-step log (loss, reward and its parts, uniform groups, KL, clip
+fraction), with the mean of the first and the last half of the GRPO steps.
+
+    python3 docs/results/grpo/summarize.py RUN_DIR > RUN_DIR.md
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def mcnemar_exact(a, b):
+    """Two-sided exact (binomial) McNemar p-value of paired right/wrong lists a (before), b (after)."""
+    n01 = sum(1 for x, y in zip(a, b) if not x and y)  # wrong before, right after
+    n10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n = n01 + n10
+    if n == 0:
+        return n01, n10, 1.0
+    k = min(n01, n10)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return n01, n10, min(1.0, 2 * p)
+
+
+def fmt_val(v):
+    lo, hi = v["interval"]
+    return (f"{v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {v['questions']} images "
+            f"(majority {v['majority_rate']:.3f}, {v['unparsed']} without a verdict, "
+            f"mean reward {v.get('mean_reward', float('nan')):.3f})")
+
+
+def main(run):
+    run = Path(run)
+    lines = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+    final = json.loads((run / "final.json").read_text())
+    out = [f"# `sage grpo` run {run.name}", ""]
+    start = next((l["val_start"] for l in lines if "val_start" in l), None)
+    before = next(l["val_before"] for l in lines if "val_before" in l)
+    after = final["val"]
+    out.append("## Held-out verdicts (greedy answers to the GRPO prompt)")
+    out.append("")
+    if start:
+        out.append(f"- start (the SFE model): {fmt_val(start)}")
+    out.append(f"- GRPO begins{' (after the cold start)' if start else ''}: {fmt_val(before)}")
+    out.append(f"- end: {fmt_val(after)}")
+    n01, n10, p = mcnemar_exact(before["right"], after["right"])
+    out.append(f"- before → after on the same images: {n01} wrong→right, {n10} right→wrong, "
+               f"exact McNemar p = {p:.3f}")
+    out.append("")
+    out.append("## Steps")
+    out.append("")
+    cols = ["step", "phase", "loss", "reward", "reward_format", "reward_class", "reward_loc",
+            "uniform_groups", "resampled_groups", "kl", "clip_fraction", "answer_tokens", "seconds"]
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "---|" * len(cols))
+    for l in lines:
+        if "loss" not in l:
+            continue
+        cells = []
+        for c in cols:
+            v = l.get(c)
+            cells.append("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        out.append("| " + " | ".join(cells) + " |")
+    grpo = [l for l in lines if l.get("phase") == "grpo" and l.get("update") == 1]
+    if grpo:
+        h = len(grpo) // 2 or 1
+        out.append("")
+        out.append(f"Sampled batches: {len(grpo)} (each trained on twice or more; the rollout figures are per batch).")
+        for k in ["reward", "reward_format", "reward_class", "reward_loc", "uniform_groups"]:
+            vals = [l[k] for l in grpo if l.get(k) is not None]
+            if len(vals) >= 2:
+                a, b = vals[:h], vals[h:]
+                out.append(f"- {k}: first half {sum(a)/len(a):.3f}, second half {sum(b)/len(b):.3f} "
+                           f"(batches {len(a)} + {len(b)})")
+        out.append("")
+        out.append("Sample answers (the first answer of each sampled batch):")
+        out.append("")
+        for l in grpo:
+            out.append(f"- step {l['step']}: `{l.get('sample_answer', '')[:200]}`")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
