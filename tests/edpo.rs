@@ -23,7 +23,7 @@ use sage::models::sage::Sage;
 use sage::opset::Buffers;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Items of train.json used everywhere (each has 5 questions with 4 ranked answers).
 const ITEMS: usize = 2;
@@ -240,34 +240,7 @@ fn sigkill_mid_edpo_then_resume_reproduces_the_uninterrupted_run() {
     let cfg_b = s.path("edpo-b.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg_b, text.replace("checkpoint_every = 1", "checkpoint_every = 2")).unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("sage");
-    let mut child = std::process::Command::new(&bin)
-        .env_remove("SAGE_THREADS")
-        .args(["edpo", "--json", "--config"])
-        .arg(&cfg_b)
-        .arg("--out")
-        .arg(&b)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        // state.json is replaced atomically: it is absent or whole.
-        let step = std::fs::read_to_string(b.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64());
-        let logged = std::fs::read_to_string(b.join("log.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
-        if step.is_some_and(|s| s >= 2) && logged >= 3 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "edpo ended before it was killed");
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint of step 2 appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_checkpoint(&["edpo", "--json"], &cfg_b, &b, 2, 3, Duration::from_secs(300));
     assert_eq!(state(&b)["step"], 2, "killed after the step-4 checkpoint");
     assert_eq!(losses(&b), full[..3], "steps 1-3 before the kill");
     assert!(!b.join("final.json").exists(), "the run finished before the kill");

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -153,33 +153,7 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
     // logged: the resume drops step 5's line, samples batch 2 again from the step-4 weights with
     // the same seeds, and must land on the same log and weights.
     let cfg_b = grpo_config(&s, "grpo-b.toml", 2);
-    let bin = assert_cmd::cargo::cargo_bin("sage");
-    let mut child = std::process::Command::new(&bin)
-        .env_remove("SAGE_THREADS")
-        .args(["grpo", "--json", "--config"])
-        .arg(&cfg_b)
-        .arg("--out")
-        .arg(&b)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let step = std::fs::read_to_string(b.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64());
-        let logged = std::fs::read_to_string(b.join("log.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
-        if step.is_some_and(|s| s >= 4) && logged >= 5 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "grpo ended before it was killed");
-        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint of step 4 appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_checkpoint(&["grpo", "--json"], &cfg_b, &b, 4, 5, Duration::from_secs(600));
     assert_eq!(state(&b)["step"], 4, "killed after the step-6 checkpoint");
     assert_eq!(log(&b), full[..5], "steps 1-5 before the kill");
     let out = sage().args(["grpo", "--config"]).arg(&cfg_b).arg("--out").arg(&b).output().unwrap();

@@ -85,3 +85,44 @@ pub fn expect_user_error(cmd: &mut assert_cmd::Command, must_name: &str) -> Stri
 pub fn qwen25_gguf() -> PathBuf {
     package_file("qwen2.5-coder-0.5b-instruct-q4_k_m", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 }
+
+/// Runs `sage <args> --config <cfg> --out <out>` in the background (output discarded) and
+/// SIGKILLs it once `out` holds a checkpoint of step `step` or later and its `log.jsonl` has
+/// `logged` lines or more (state.json is replaced atomically: absent or whole). Panics when the
+/// run ends first or nothing appears within `timeout`.
+pub fn kill_after_checkpoint(
+    args: &[&str],
+    cfg: &std::path::Path,
+    out: &std::path::Path,
+    step: u64,
+    logged: usize,
+    timeout: std::time::Duration,
+) {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sage"))
+        .env_remove("SAGE_THREADS")
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let saved = std::fs::read_to_string(out.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64());
+        let lines = std::fs::read_to_string(out.join("log.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if saved.is_some_and(|s| s >= step) && lines >= logged {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{args:?} ended before it was killed");
+        assert!(t0.elapsed() < timeout, "no checkpoint of step {step} appeared in {}", out.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
