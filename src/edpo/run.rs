@@ -173,10 +173,10 @@ impl EdpoRun {
             user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
         })?;
         if state.stage() != "sfe" {
+            let run = if state.stage() == "grpo" { "a GRPO" } else { "an E-DPO" };
             return Err(user_err!(
-                "{} is a `sage {}` run; the reference must be a stage-1 (`sage sfe`) run",
-                cfg.sfe.display(),
-                state.stage()
+                "{} is {run} run; the reference must be a stage-1 (`sage sfe`) run",
+                cfg.sfe.display()
             ));
         }
         if let Some(m) = cfg.model.as_ref().filter(|m| m.backbone != state.config.model.backbone) {
@@ -269,7 +269,13 @@ pub fn finished_edpo(out: &Path, cfg: &EdpoRunConfig) -> Result<Option<u64>> {
 /// Refuses a checkpoint of another stage, or of this stage with another sfe run, data or [edpo].
 fn check_stage(out: &Path, saved: Option<&serde_json::Value>, cfg: &EdpoRunConfig) -> Result<()> {
     match saved {
-        None => Err(user_err!("{} holds a {} checkpoint, not an E-DPO one", out.display(), checkpoint::read_state(out)?.stage())),
+        None => {
+            let holds = match checkpoint::read_state(out)?.stage() {
+                "grpo" => "a GRPO",
+                _ => "an SFE",
+            };
+            Err(user_err!("{} holds {holds} checkpoint, not an E-DPO one", out.display()))
+        }
         Some(saved) if *saved != stage_json(cfg) => Err(user_err!(
             "--resume: {} was trained with another sfe run, data or [edpo] section ({saved}); resume with the same config, or start a new --out",
             out.display()

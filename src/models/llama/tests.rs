@@ -346,11 +346,14 @@ fn a_batch_generates_what_each_sequence_generates_alone() {
     // Prompts of different lengths; one stops early on a stop id, one runs into the context length
     // (32 positions), one into max_new.
     let prompts: Vec<Vec<u32>> = vec![vec![4, 30, 11], vec![7], (0..27).map(|i| (i * 5 % 37) as u32).collect()];
+    // Row b of a batch draws from its own stream (`Sampling::for_row(b)`): alone, with that
+    // stream, a sequence generates what it generates in the batch.
     for sampling in [GREEDY, Sampling { temperature: 0.9, top_p: 0.95, seed: 11 }] {
         let alone = |stop: &[u32]| -> Vec<Vec<u32>> {
             prompts
                 .iter()
-                .map(|p| llm.generate(std::slice::from_ref(p), 9, stop, sampling).unwrap().remove(0))
+                .enumerate()
+                .map(|(b, p)| llm.generate(std::slice::from_ref(p), 9, stop, sampling.for_row(b)).unwrap().remove(0))
                 .collect()
         };
         let one = alone(&[]);
@@ -360,6 +363,12 @@ fn a_batch_generates_what_each_sequence_generates_alone() {
         assert_eq!(llm.generate(&prompts, 9, &stop, sampling).unwrap(), alone(&stop), "{sampling:?} with a stop id");
     }
     assert!(llm.generate(&prompts, 0, &[], GREEDY).unwrap().iter().all(|o| o.is_empty()));
+    // Copies of one prompt in a batch (GRPO's groups) sample different answers; row 0 samples
+    // what the prompt alone samples with the seed.
+    let sampled = Sampling { temperature: 0.9, top_p: 0.95, seed: 11 };
+    let copies = llm.generate(&vec![prompts[0].clone(); 3], 9, &[], sampled).unwrap();
+    assert!(copies[0] != copies[1] || copies[1] != copies[2], "three copies drew one answer: {copies:?}");
+    assert_eq!(copies[0], llm.generate(&prompts[..1], 9, &[], sampled).unwrap()[0]);
 }
 
 #[test]
