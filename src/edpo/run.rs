@@ -169,16 +169,7 @@ impl EdpoRun {
     /// Loads the SFE run (policy and frozen reference), freezes the fusion attention and reads
     /// the judge scores of every instance.
     pub fn new(cfg: EdpoRunConfig, out: &Path, plugin_dirs: &[std::path::PathBuf]) -> Result<EdpoRun> {
-        let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
-            user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
-        })?;
-        if state.stage() != "sfe" {
-            let run = if state.stage() == "grpo" { "a GRPO" } else { "an E-DPO" };
-            return Err(user_err!(
-                "{} is {run} run; the reference must be a stage-1 (`sage sfe`) run",
-                cfg.sfe.display()
-            ));
-        }
+        let state = crate::stage::sfe_start(&cfg.sfe, "E-DPO")?;
         if let Some(m) = cfg.model.as_ref().filter(|m| m.backbone != state.config.model.backbone) {
             return Err(user_err!(
                 "[model] backbone = \"{}\", but the SFE run {} was trained on backbone `{}`; set [model] backbone = \"{}\" \
@@ -214,10 +205,7 @@ impl EdpoRun {
         sfe_cfg.data.train = cfg.data.train.clone();
         sfe_cfg.data.max_train_items = cfg.data.max_train_items;
         sfe_cfg.train = cfg.train.clone();
-        let mut session = Session::new(sfe_cfg, out, plugin_dirs)?;
-        checkpoint::load_weights(&cfg.sfe, &state, &mut session.params, &session.model.backbone)?;
-        let mut reference = session.params.clone();
-        reference.set_trainable_where(|_| true, false);
+        let (mut session, reference) = Session::from_sfe(&cfg.sfe, &state, sfe_cfg, out, plugin_dirs)?;
         session.params.set_trainable_where(|name| name.starts_with(crate::models::sage::FUSION_PREFIX), false);
         let cache = ScoreCache::open(&scores_path)?;
         let table = load_scores(&cache, &session.train.samples, &cfg.data.judge_key())?;

@@ -10,5 +10,5 @@ pub mod data;
 pub mod session;
 pub mod train_loop;
 
-pub use session::{Inputs, Session, ValResult};
+pub use session::{sfe_start, Inputs, Session, ValResult};
 pub use train_loop::{finished_step, log_totals, train, Outcome, Stage, StepOut, FINAL_FILE};

@@ -73,9 +73,38 @@ pub struct ValResult {
     pub right: Vec<bool>,
 }
 
+/// The checkpoint state of the SFE run a later stage (`stage`, e.g. "E-DPO") starts from; a run of
+/// another stage is refused (its weights are not a stage-1 model).
+pub fn sfe_start(sfe: &Path, stage: &str) -> Result<super::checkpoint::State> {
+    let state = super::checkpoint::read_state(sfe)
+        .map_err(|e| user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", sfe.display()))?;
+    if state.stage() != "sfe" {
+        let run = if state.stage() == "grpo" { "a GRPO" } else { "an E-DPO" };
+        return Err(user_err!("{} is {run} run; {stage} starts from a stage-1 (`sage sfe`) run", sfe.display()));
+    }
+    Ok(state)
+}
+
 impl Session {
     /// Builds the model (fresh head, seeded) on the backbone the config names (a built-in, or a
     /// backbone plugin found in `plugin_dirs`) and loads the data named by the config.
+    /// A later stage's session: the SFE run `sfe` (its [`sfe_start`] state) with `cfg` (its config
+    /// with the later stage's data and schedule), the SFE weights loaded; and a frozen copy of them
+    /// (the stage's reference model).
+    pub fn from_sfe(
+        sfe: &Path,
+        state: &super::checkpoint::State,
+        cfg: SfeConfig,
+        out: &Path,
+        plugin_dirs: &[PathBuf],
+    ) -> Result<(Session, ParamSet)> {
+        let mut session = Session::new(cfg, out, plugin_dirs)?;
+        super::checkpoint::load_weights(sfe, state, &mut session.params, &session.model.backbone)?;
+        let mut reference = session.params.clone();
+        reference.set_trainable_where(|_| true, false);
+        Ok((session, reference))
+    }
+
     pub fn new(cfg: SfeConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<Session> {
         let writer = crate::lock::WriterLock::for_dir(out)?;
         let mut params = ParamSet::new();
