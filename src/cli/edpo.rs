@@ -1,7 +1,7 @@
 //! `sage edpo`: stage-2 training (Entropy-aware DPO) from an SFE run.
 
+use super::training::{report_finished, with_step_ops, write_final, RunArgs};
 use super::{print_json, Ctx};
-use crate::backend::cpu::HostOps;
 use crate::edpo::config::{EdpoRunConfig, LossKind};
 use crate::edpo::pairs::PairChoice;
 use crate::edpo::run::train;
@@ -23,7 +23,7 @@ validation answers on the GPU too); --device auto and cpu train on the CPU.";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    run: super::sfe::RunArgs,
+    run: RunArgs,
     /// Override `sfe` (the stage-1 run folder to start from and to use as the reference).
     #[arg(long)]
     sfe: Option<PathBuf>,
@@ -52,23 +52,18 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let out = a.run.out_dir();
     if a.run.resume {
         if let Some(step) = crate::edpo::run::finished_edpo(&out, &cfg)? {
-            return super::sfe::report_finished(ctx, "edpo", &out, step);
+            return report_finished(ctx, "edpo", &out, step);
         }
     }
     let mut r = crate::edpo::run::EdpoRun::new(cfg, &out, &ctx.plugin_dirs)?;
-    let o = if ctx.backend.backend == "cuda" {
-        let gpu = crate::backend::cuda::Gpu::global()?;
-        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
-    } else {
-        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
-    };
+    let o = with_step_ops!(ctx, |ops| train(&mut r, ops, a.run.resume, ctx.quiet())?);
     let summary = serde_json::json!({
         "out": out, "sfe": r.cfg.sfe, "loss": r.cfg.edpo.loss, "beta": r.cfg.edpo.beta,
         "eta": r.cfg.edpo.loss_config().eta, "pairs": r.cfg.edpo.pairs, "instances": r.instances.len(),
         "steps": o.steps, "final_loss": o.final_loss, "val": o.val, "seconds_per_step": o.step_seconds,
         "trainable_parameters": r.session.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join(crate::stage::FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_final(&out, &summary)?;
     if ctx.json {
         return print_json(&summary);
     }

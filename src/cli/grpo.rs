@@ -1,7 +1,7 @@
 //! `sage grpo`: GRPO with multi-stage answers and fine-grained rewards, from an SFE run.
 
+use super::training::{report_finished, with_step_ops, write_final, RunArgs};
 use super::{print_json, Ctx};
-use crate::backend::cpu::HostOps;
 use crate::grpo::config::{GrpoRunConfig, UniformGroups};
 use crate::grpo::run::{finished_grpo, train, GrpoRun};
 use anyhow::Result;
@@ -14,7 +14,7 @@ anomalous with the defect's type and box). The policy samples grpo.group answers
 grpo.top_p, batched KV-cached decode); each answer is parsed leniently and rewarded: format (the stages present \
 and in order), classification (1 for the right verdict and type, grpo.reward.partial_type for the right verdict \
 with another type) and localisation (answer boxes matched to the sample's mask boxes by the Hungarian algorithm, \
-mean GIoU plus a box-count term), their weighted mean the reward. Advantages are rewards relative to their group \
+mean GIoU plus a box-count term), their weighted mean the reward; by default the verdict and boxes count only from a complete <answer> stage (grpo.reward.answer_only) and an answer near or at grpo.max_new loses up to grpo.reward.overlong_penalty (DAPO's soft overlong punishment), so rambling to the token cap does not pay. Advantages are rewards relative to their group \
 (minus the mean, over the std); a group whose answers all score the same is sampled again or skipped \
 (grpo.uniform), and counted. The update is the clipped policy ratio (grpo.epsilon, per answer on its mean \
 per-token log-ratio) with a k3 KL penalty (grpo.kl_beta) to the frozen SFE model, grpo.updates_per_batch \
@@ -26,7 +26,7 @@ its parts, the share of uniform groups, KL, clip fraction per step), atomic chec
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    run: super::sfe::RunArgs,
+    run: RunArgs,
     /// Override `sfe` (the stage-1 run folder to start from and to use as the KL reference).
     #[arg(long)]
     sfe: Option<PathBuf>,
@@ -55,22 +55,17 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let out = a.run.out_dir();
     if a.run.resume {
         if let Some(step) = finished_grpo(&out, &cfg)? {
-            return super::sfe::report_finished(ctx, "grpo", &out, step);
+            return report_finished(ctx, "grpo", &out, step);
         }
     }
     let mut r = GrpoRun::new(cfg, &out, &ctx.plugin_dirs)?;
-    let o = if ctx.backend.backend == "cuda" {
-        let gpu = crate::backend::cuda::Gpu::global()?;
-        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
-    } else {
-        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
-    };
+    let o = with_step_ops!(ctx, |ops| train(&mut r, ops, a.run.resume, ctx.quiet())?);
     let summary = serde_json::json!({
         "out": out, "sfe": r.cfg.sfe, "grpo": r.cfg.grpo, "prompts": r.items.len(),
         "val_items": r.val_items.len(), "steps": o.steps, "final_loss": o.final_loss, "val": o.val,
         "seconds_per_step": o.step_seconds, "trainable_parameters": r.session.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join(crate::stage::FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_final(&out, &summary)?;
     if ctx.json {
         return print_json(&summary);
     }

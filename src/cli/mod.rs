@@ -24,6 +24,7 @@ mod map;
 mod plugins;
 mod score;
 mod sfe;
+mod training;
 
 use crate::backend::{self, DeviceChoice, Selection};
 use anyhow::Result;

@@ -1,13 +1,11 @@
 //! `sage sfe`: stage-1 training (Self-Guided Fact Enhancement).
 
+use super::training::{report_finished, with_step_ops, write_final, RunArgs};
 use super::{print_json, Ctx};
-use crate::backend::cpu::HostOps;
 use crate::sfe::config::SfeConfig;
 use crate::sfe::run::{train, validate_untrained};
 use crate::stage::Session;
-use crate::stage::FINAL_FILE;
 use anyhow::Result;
-use std::path::PathBuf;
 
 pub const LONG_ABOUT: &str =
     "Fine-tunes the SAGE model on an AD-PL dataset: the best-ranked answer of every question is the \
@@ -19,33 +17,6 @@ state.json) and final.json into --out. --resume continues a run exactly where it
 CPU cores), configs/sfe-lite.toml (the full run, for a GPU). --device cuda trains on the GPU (models::sage: \
 bf16 CUDA kernels and cuBLASLt, the same loss, schedule, clipping, logs and checkpoints; validation answers on the GPU \
 too); --device auto and cpu train on the CPU.";
-
-/// The arguments every training command (`sfe`, `edpo`) takes.
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    /// The run description (TOML).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Output folder [default: runs/<config name>].
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    pub resume: bool,
-    /// Override train.steps.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=crate::sfe::config::MAX_STEPS))]
-    pub steps: Option<u64>,
-}
-
-impl RunArgs {
-    /// --out, or `runs/<config file stem>`.
-    pub fn out_dir(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| {
-            let stem = self.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-            PathBuf::from("runs").join(stem)
-        })
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,12 +46,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     let mut r = Session::new(cfg, &out, &ctx.plugin_dirs)?;
     if a.eval_only {
-        let v = if ctx.backend.backend == "cuda" {
-            let gpu = crate::backend::cuda::Gpu::global()?;
-            validate_untrained(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu))?
-        } else {
-            validate_untrained(&mut r, HostOps)?
-        };
+        let v = with_step_ops!(ctx, |ops| validate_untrained(&mut r, ops)?);
         if ctx.json {
             return print_json(&serde_json::json!({"mode": "eval-only", "facts": r.cfg.model.facts, "val": v}));
         }
@@ -90,18 +56,13 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         );
         return Ok(());
     }
-    let o = if ctx.backend.backend == "cuda" {
-        let gpu = crate::backend::cuda::Gpu::global()?;
-        train(&mut r, crate::backend::cuda::step_ops::CudaOps::new(gpu), a.run.resume, ctx.quiet())?
-    } else {
-        train(&mut r, HostOps, a.run.resume, ctx.quiet())?
-    };
+    let o = with_step_ops!(ctx, |ops| train(&mut r, ops, a.run.resume, ctx.quiet())?);
     let summary = serde_json::json!({
         "out": out, "facts": r.cfg.model.facts, "steps": o.steps, "final_loss": o.final_loss, "val": o.val,
         "seconds_per_step": o.step_seconds, "tokens_per_second": o.tokens_per_second,
         "trainable_parameters": r.params.num_trainable(),
     });
-    crate::util::write_atomic(&out.join(FINAL_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_final(&out, &summary)?;
     if ctx.json {
         return print_json(&summary);
     }
@@ -115,18 +76,5 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         v.accuracy, v.questions, v.majority_rate, v.unparsed
     );
     println!("checkpoint: {}", out.display());
-    Ok(())
-}
-
-/// `--resume` of a finished run (`stage`: the command): says so, and touches nothing in `out`.
-pub fn report_finished(ctx: &Ctx, stage: &str, out: &std::path::Path, step: u64) -> Result<()> {
-    if ctx.json {
-        return print_json(&serde_json::json!({"out": out, "finished": true, "step": step}));
-    }
-    println!(
-        "{stage}: {} is finished (checkpoint at step {step}, {FINAL_FILE} written); nothing to do. Pass a larger \
-         --steps to train further",
-        out.display()
-    );
     Ok(())
 }
