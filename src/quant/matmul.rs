@@ -36,17 +36,26 @@ pub fn qmatmul(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumulate: b
     }
 }
 
+/// Calls `f(o0, n, tile)` for each tile of [`GRAD_TILE`] output rows `o0..o0 + n` of `W`,
+/// `tile [n, in]` dequantized to f32 (in parallel over its rows), one buffer reused for all.
+fn for_each_tile(w: &QMatrix, mut f: impl FnMut(usize, usize, &[f32])) {
+    let (out, cols) = (w.rows, w.cols);
+    let mut tile = vec![0.0f32; GRAD_TILE.min(out) * cols];
+    for o0 in (0..out).step_by(GRAD_TILE) {
+        let n = GRAD_TILE.min(out - o0);
+        let t = &mut tile[..n * cols];
+        t.par_chunks_mut(cols).enumerate().for_each(|(i, row)| dequantize_into(w.qtype, w.row(o0 + i), row));
+        f(o0, n, t);
+    }
+}
+
 /// [`qmatmul`] by dequantized tiles of [`GRAD_TILE`] rows of `W` and the f32 GEMM.
 pub fn qmatmul_tiles(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumulate: bool) {
     assert_eq!(x.len(), rows * w.cols, "qmatmul: x is not [rows, in]");
     assert!(y.len() >= rows * w.rows, "qmatmul: y is smaller than [rows, out]");
     let (out, cols) = (w.rows, w.cols);
-    let mut tile = vec![0.0f32; GRAD_TILE.min(out) * cols];
     let mut part = vec![0.0f32; rows * GRAD_TILE.min(out)];
-    for o0 in (0..out).step_by(GRAD_TILE) {
-        let n = GRAD_TILE.min(out - o0);
-        let t = &mut tile[..n * cols];
-        t.par_chunks_mut(cols).enumerate().for_each(|(i, row)| dequantize_into(w.qtype, w.row(o0 + i), row));
+    for_each_tile(w, |o0, n, t| {
         // part [rows, n] = x · tileᵀ, then into columns o0..o0+n of y.
         let p = &mut part[..rows * n];
         sgemm(rows, n, cols, MatRef::rows(x, cols), MatRef::transposed(t, cols), p, false);
@@ -57,6 +66,17 @@ pub fn qmatmul_tiles(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumul
             } else {
                 dst.copy_from_slice(pr);
             }
+        }
+    });
+}
+
+/// `y [rows, out]` from the integer path's `yt [out, rows]` (`+ y` with `accumulate`).
+fn untranspose(yt: &[f32], out: usize, rows: usize, y: &mut [f32], accumulate: bool) {
+    for (r, yr) in y[..rows * out].chunks_exact_mut(out).enumerate() {
+        if accumulate {
+            yr.iter_mut().enumerate().for_each(|(o, v)| *v += yt[o * rows + r]);
+        } else {
+            yr.iter_mut().enumerate().for_each(|(o, v)| *v = yt[o * rows + r]);
         }
     }
 }
@@ -69,14 +89,7 @@ pub fn qmatmul_int8(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumula
         return;
     }
     let yt = int8_group(x, rows, &[w]).pop().expect("one product");
-    let out = w.rows;
-    for (r, yr) in y[..rows * out].chunks_exact_mut(out).enumerate() {
-        if accumulate {
-            yr.iter_mut().enumerate().for_each(|(o, v)| *v += yt[o * rows + r]);
-        } else {
-            yr.iter_mut().enumerate().for_each(|(o, v)| *v = yt[o * rows + r]);
-        }
-    }
+    untranspose(&yt, w.rows, rows, y, accumulate);
 }
 
 /// `x·Wᵢᵀ` for several weights that read the same input (a block's q, k and v; gate and up): the
@@ -97,7 +110,8 @@ pub fn qmatmul_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
     if rows > 1 {
         for (y, w) in outs.iter_mut().zip(ws) {
             let yt = std::mem::take(y);
-            *y = (0..rows * w.rows).map(|i| yt[(i % w.rows) * rows + i / w.rows]).collect();
+            *y = vec![0.0; rows * w.rows];
+            untranspose(&yt, w.rows, rows, y, false);
         }
     }
     outs
@@ -180,15 +194,11 @@ pub fn qmatmul_input_grad(dy: &[f32], rows: usize, w: &QMatrix, dx: &mut [f32], 
     assert_eq!(dy.len(), rows * w.rows, "qmatmul_input_grad: dy is not [rows, out]");
     assert!(dx.len() >= rows * w.cols, "qmatmul_input_grad: dx is smaller than [rows, in]");
     let (out, cols) = (w.rows, w.cols);
-    let mut tile = vec![0.0f32; GRAD_TILE.min(out) * cols];
-    for o0 in (0..out).step_by(GRAD_TILE) {
-        let n = GRAD_TILE.min(out - o0);
-        let t = &mut tile[..n * cols];
-        t.par_chunks_mut(cols).enumerate().for_each(|(i, row)| dequantize_into(w.qtype, w.row(o0 + i), row));
+    for_each_tile(w, |o0, n, t| {
         // dy[:, o0..o0+n] is a strided view of dy.
         let a = MatRef { data: &dy[o0..], row_stride: out, col_stride: 1 };
         sgemm(rows, cols, n, a, MatRef::rows(t, cols), &mut dx[..rows * cols], accumulate || o0 > 0);
-    }
+    });
 }
 
 /// Rows `ids` of `W`, dequantized: `[ids.len(), in]` (an embedding lookup in a quantized table).

@@ -224,9 +224,7 @@ impl LlamaParams {
                         LinearWeight::Param(id) => Some(*id),
                         LinearWeight::Quant(q) => {
                             // Whole rows of blocks move: the same permutation of output rows.
-                            let rows: Vec<f32> = (0..q.rows).map(|r| r as f32).collect();
-                            let order = halves_to_pairs(&rows, c.head_dim, 1, false);
-                            *q = q.permute_rows(&order.iter().map(|&r| r as usize).collect::<Vec<_>>());
+                            *q = q.permute_rows(&halves_to_pairs_order(q.rows, c.head_dim, false));
                             None
                         }
                     };
@@ -390,14 +388,21 @@ impl LlamaParams {
 /// are unchanged; this is the permutation llama.cpp's converter applies to LLaMA checkpoints.
 /// `inverse` undoes it (for saving in the checkpoint's order).
 pub fn halves_to_pairs(values: &[f32], head_dim: usize, row: usize, inverse: bool) -> Vec<f32> {
+    let order = halves_to_pairs_order(values.len() / row, head_dim, inverse);
+    order.iter().flat_map(|&r| &values[r * row..(r + 1) * row]).copied().collect()
+}
+
+/// The row order of [`halves_to_pairs`] over `rows` rows (whole heads): destination row `t` is
+/// source row `order[t]`. A quantized projection moves its rows of blocks by it.
+pub fn halves_to_pairs_order(rows: usize, head_dim: usize, inverse: bool) -> Vec<usize> {
     let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
-    for (src_head, dst_head) in values.chunks_exact(head_dim * row).zip(out.chunks_exact_mut(head_dim * row)) {
+    let mut order = vec![0; rows];
+    for h in (0..rows).step_by(head_dim) {
         for i in 0..head_dim {
             let paired = if i < half { 2 * i } else { 2 * (i - half) + 1 };
             let (from, to) = if inverse { (paired, i) } else { (i, paired) };
-            dst_head[to * row..(to + 1) * row].copy_from_slice(&src_head[from * row..(from + 1) * row]);
+            order[h + to] = h + from;
         }
     }
-    out
+    order
 }
