@@ -84,6 +84,12 @@ top_p = 1.0
 updates_per_batch = 2
 sft_steps = 2
 uniform = "resample"
+# Six-token answers are all cut off: with the length penalty and answer-only scoring every
+# answer would score the same, every group would be skipped and no GRPO update would be tested.
+[grpo.reward]
+answer_only = false
+overlong_buffer = 0
+overlong_penalty = 0.0
 [train]
 steps = 6
 batch = 1

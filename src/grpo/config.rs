@@ -109,6 +109,12 @@ impl CheckRanges for GrpoRunConfig {
         );
         c.float("grpo.reward.partial_type", r.partial_type as f64, 0.0, 1.0);
         c.float("grpo.reward.count_share", r.count_share as f64, 0.0, 1.0);
+        c.float("grpo.reward.overlong_penalty", r.overlong_penalty as f64, 0.0, 10.0);
+        c.require(
+            "grpo.reward.overlong_buffer",
+            r.overlong_buffer <= g.max_new,
+            format!("grpo.reward.overlong_buffer ({}) must be at most grpo.max_new ({})", r.overlong_buffer, g.max_new),
+        );
         // A resume starts at a checkpoint: a checkpoint inside a batch's μ updates would need the
         // batch's samples, which are drawn with the weights at the batch's first update.
         let mu = g.updates_per_batch.max(1);
@@ -147,5 +153,12 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", crate::config::load::<GrpoRunConfig>(&p).unwrap_err());
         assert!(e.contains("multiples of grpo.updates_per_batch"), "{e}");
+        std::fs::write(
+            &p,
+            "sfe = \"s\"\n[data]\ntrain = \"t.json\"\n[grpo]\nmax_new = 8\n[train]\nsteps = 4\nbatch = 1\nlr = 1e-4\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", crate::config::load::<GrpoRunConfig>(&p).unwrap_err());
+        assert!(e.contains("grpo.reward.overlong_buffer (16) must be at most grpo.max_new (8)"), "{e}");
     }
 }

@@ -27,22 +27,77 @@ pub struct RewardConfig {
     /// The share of the localisation reward given to the box count (`1 − |n̂ − n| / max(n̂, n)`);
     /// the rest is the matched boxes' mean GIoU mapped to [0, 1].
     pub count_share: f32,
+    /// Score the verdict, type and boxes only from a complete `<answer>…</answer>` stage. The
+    /// parser also finds a verdict in the text after the last stage, which is right for reading
+    /// a model's answer but wrong to reward: a policy learns that "<think>no</think>" followed by
+    /// rambling until the token cap passes for a normal verdict (seen on ELPV, where the answers
+    /// grew to the cap and the held-out accuracy fell).
+    pub answer_only: bool,
+    /// DAPO's soft overlong punishment: over the last `overlong_buffer` tokens before
+    /// `grpo.max_new` the total falls linearly, by up to `overlong_penalty`, which an answer cut
+    /// off at the cap gets in full. 0 tokens: only a cut-off answer is punished.
+    pub overlong_buffer: usize,
+    pub overlong_penalty: f32,
 }
 
 impl Default for RewardConfig {
     fn default() -> Self {
-        RewardConfig { format_weight: 0.2, class_weight: 1.0, loc_weight: 0.5, partial_type: 0.8, count_share: 0.2 }
+        RewardConfig {
+            format_weight: 0.2,
+            class_weight: 1.0,
+            loc_weight: 0.5,
+            partial_type: 0.8,
+            count_share: 0.2,
+            answer_only: true,
+            overlong_buffer: 16,
+            overlong_penalty: 0.5,
+        }
     }
 }
 
-/// One answer's reward, each part in [0, 1], and their weighted mean over the parts that apply.
+/// One answer's reward: each part in [0, 1], the length penalty, and the total (the weighted mean
+/// of the parts that apply, less the penalty).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Reward {
     pub format: f32,
     pub class: f32,
     /// `None` when the truth has no boxes (a normal image, or an anomaly without a mask).
     pub loc: Option<f32>,
+    /// What [`overlong_penalty`] took off the total.
+    pub overlong: f32,
     pub total: f32,
+}
+
+impl Reward {
+    /// The reward less a length penalty.
+    pub fn less_overlong(self, penalty: f32) -> Reward {
+        Reward { overlong: penalty, total: self.total - penalty, ..self }
+    }
+}
+
+/// How long an answer was: tokens generated (the prefilled prefix not counted), whether it ended
+/// by itself, and the cap it was sampled under.
+#[derive(Clone, Copy, Debug)]
+pub struct Length {
+    pub generated: usize,
+    pub stopped: bool,
+    pub max_new: usize,
+}
+
+/// DAPO's soft overlong punishment (Yu et al. 2025): 0 up to `max_new − overlong_buffer` tokens,
+/// then rising linearly to `overlong_penalty` at the cap; an answer cut off by the cap gets the
+/// full penalty. Without it a cut-off answer is scored on a fragment, and the rambling that
+/// reaches the cap is never pushed back.
+pub fn overlong_penalty(len: Length, cfg: &RewardConfig) -> f32 {
+    if !len.stopped {
+        return cfg.overlong_penalty;
+    }
+    let buffer = cfg.overlong_buffer.min(len.max_new);
+    let start = len.max_new - buffer;
+    if buffer == 0 || len.generated <= start {
+        return 0.0;
+    }
+    cfg.overlong_penalty * ((len.generated - start) as f32 / buffer as f32).min(1.0)
 }
 
 /// The share of the three stages present as complete tags and in order: the longest
@@ -102,18 +157,20 @@ pub fn loc_reward(pred: &[[f32; 4]], truth: &[[f32; 4]], count_share: f32) -> Op
     Some(((1.0 - count_share as f64) * mean + count_share as f64 * count) as f32)
 }
 
-/// The weighted mean of the parts that apply.
+/// The weighted mean of the parts that apply (no length penalty: see [`Reward::less_overlong`]).
+/// With `answer_only`, an answer without a complete `<answer>` stage has no verdict and no boxes.
 pub fn reward(p: &Parsed, truth: &Truth, cfg: &RewardConfig) -> Reward {
     let format = format_reward(p);
-    let class = class_reward(p, truth, cfg.partial_type);
-    let loc = loc_reward(&p.boxes, &truth.boxes, cfg.count_share);
+    let answered = !cfg.answer_only || p.stages.contains(&"answer");
+    let class = if answered { class_reward(p, truth, cfg.partial_type) } else { 0.0 };
+    let loc = loc_reward(if answered { &p.boxes } else { &[] }, &truth.boxes, cfg.count_share);
     let mut sum = cfg.format_weight * format + cfg.class_weight * class;
     let mut weights = cfg.format_weight + cfg.class_weight;
     if let Some(l) = loc {
         sum += cfg.loc_weight * l;
         weights += cfg.loc_weight;
     }
-    Reward { format, class, loc, total: if weights > 0.0 { sum / weights } else { 0.0 } }
+    Reward { format, class, loc, overlong: 0.0, total: if weights > 0.0 { sum / weights } else { 0.0 } }
 }
 
 /// Generalised IoU (Rezatofighi et al. 2019): IoU minus the share of the smallest enclosing box
@@ -322,5 +379,37 @@ mod tests {
         assert_eq!(r.loc, None);
         let want = (0.2 * (1.0 / 3.0)) / 1.2;
         assert!((r.total - want).abs() < 1e-6, "{r:?}");
+    }
+
+    #[test]
+    fn only_a_complete_answer_stage_is_scored_when_answer_only() {
+        let t = Truth { anomalous: false, ..Truth::default() };
+        // The exploit seen on ELPV: a verdict word outside any answer stage, then text until
+        // the cap.
+        let p = parse("<think>a dark line</think> no, it looks good and the");
+        assert_eq!(p.verdict, Some(false), "the parser still reads the verdict");
+        let strict = RewardConfig::default();
+        let lenient = RewardConfig { answer_only: false, ..strict };
+        assert_eq!(reward(&p, &t, &strict).class, 0.0);
+        assert_eq!(reward(&p, &t, &lenient).class, 1.0);
+        let boxed = Truth { anomalous: true, defect_type: None, boxes: vec![[0., 0., 2., 2.]] };
+        let p = parse("<think>a</think> anomalous [0, 0, 2, 2]");
+        assert_eq!((reward(&p, &boxed, &strict).class, reward(&p, &boxed, &strict).loc), (0.0, Some(0.0)));
+        assert_eq!((reward(&p, &boxed, &lenient).class, reward(&p, &boxed, &lenient).loc), (1.0, Some(1.0)));
+    }
+
+    #[test]
+    fn overlong_penalty_ramps_over_the_buffer_and_is_full_when_cut_off() {
+        let cfg = RewardConfig { overlong_buffer: 16, overlong_penalty: 0.5, ..RewardConfig::default() };
+        let at = |generated, stopped| overlong_penalty(Length { generated, stopped, max_new: 80 }, &cfg);
+        assert_eq!(at(64, true), 0.0);
+        assert_eq!(at(72, true), 0.25);
+        assert_eq!(at(79, true), 0.5 * 15.0 / 16.0);
+        assert_eq!(at(80, false), 0.5);
+        assert_eq!(at(10, false), 0.5, "cut off is cut off, however short the cap");
+        let none = RewardConfig { overlong_buffer: 0, ..cfg };
+        assert_eq!(overlong_penalty(Length { generated: 79, stopped: true, max_new: 80 }, &none), 0.0);
+        let r = Reward { total: 0.9, ..Reward::default() }.less_overlong(0.25);
+        assert!((r.total - 0.65).abs() < 1e-6 && r.overlong == 0.25, "{r:?}");
     }
 }

@@ -10,10 +10,10 @@
 //! the batch's samples are drawn again from the restored weights with the same seeds.
 
 use super::config::{GrpoRunConfig, UniformGroups};
-use super::format::{parse, prompt, written_truth, ANSWER_PREFIX};
-use super::reward::{reward, Reward, Truth};
+use super::format::{parse, prompt, written_truth, Parsed, ANSWER_PREFIX};
+use super::reward::{overlong_penalty, reward, Length, Reward, RewardConfig, Truth};
 use crate::data::sample::Label;
-use crate::models::sage::{Example, Sage, SeqPlan};
+use crate::models::sage::{Sage, SeqPlan};
 use crate::models::sampling::Sampling;
 use crate::opset::StepOps;
 use crate::stage::checkpoint::{self, Mark, State};
@@ -67,16 +67,7 @@ fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
 impl GrpoRun {
     /// Loads the SFE run (policy and frozen reference) and the labelled samples.
     pub fn new(cfg: GrpoRunConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<GrpoRun> {
-        let state = checkpoint::read_state(&cfg.sfe).map_err(|e| {
-            user_err!("{e:#}\nsfe = {} must be a `sage sfe` run folder (train one first)", cfg.sfe.display())
-        })?;
-        if state.stage() != "sfe" {
-            return Err(user_err!(
-                "{} is a `sage {}` run; GRPO starts from a stage-1 (`sage sfe`) run",
-                cfg.sfe.display(),
-                state.stage()
-            ));
-        }
+        let state = crate::stage::sfe_start(&cfg.sfe, "GRPO")?;
         let mut sfe_cfg = state.config.clone();
         sfe_cfg.data.train = cfg.data.train.clone();
         sfe_cfg.data.max_train_items = cfg.data.max_train_items;
@@ -84,10 +75,7 @@ impl GrpoRun {
             sfe_cfg.data.val = v.clone();
         }
         sfe_cfg.train = cfg.train.clone();
-        let mut session = Session::new(sfe_cfg, out, plugin_dirs)?;
-        checkpoint::load_weights(&cfg.sfe, &state, &mut session.params, &session.model.backbone)?;
-        let mut reference = session.params.clone();
-        reference.set_trainable_where(|_| true, false);
+        let (session, reference) = Session::from_sfe(&cfg.sfe, &state, sfe_cfg, out, plugin_dirs)?;
         let items = items_of(&session, false)?;
         if items.is_empty() {
             return Err(user_err!(
@@ -220,29 +208,48 @@ fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<Inputs> 
     Ok(inputs)
 }
 
-/// One answer: its ids (the [`ANSWER_PREFIX`]'s included), whether it stopped by itself, and its
-/// text (with the prefix).
-type Answer = (Vec<u32>, bool, String);
+/// One sampled or greedy answer.
+struct Answer {
+    /// Its ids, the [`ANSWER_PREFIX`]'s included.
+    ids: Vec<u32>,
+    /// Its text, the prefix included.
+    text: String,
+    /// Its length against the cap it was drawn under.
+    length: Length,
+}
 
-/// An answer to each of `exs` (one row each, sharing the decode steps), each begun with the
-/// [`ANSWER_PREFIX`].
+impl Answer {
+    /// The parsed answer and its reward (the length penalty included) against `truth`.
+    fn score(&self, truth: &Truth, cfg: &RewardConfig) -> (Parsed, Reward) {
+        let p = parse(&self.text);
+        let r = reward(&p, truth, cfg).less_overlong(overlong_penalty(self.length, cfg));
+        (p, r)
+    }
+}
+
+/// An answer to each of `plans` (one row each, sharing the decode steps), each begun with the
+/// [`ANSWER_PREFIX`], whose ids are `prefix`.
 fn answer_rows<O: StepOps>(
     session: &Session,
     model: &Sage<O>,
-    exs: &[Example],
+    plans: &[SeqPlan],
+    prefix: &[u32],
     sampling: Sampling,
     max_new: usize,
 ) -> Result<Vec<Answer>> {
-    let prefix = session.model.tokenizer.encode(ANSWER_PREFIX, false)?;
-    let plans = exs.iter().map(|e| session.model.plan_generated(e, &prefix, false)).collect::<Result<Vec<_>>>()?;
-    let ids = model.generate(&plans, max_new, &session.model.tokenizer.stop_ids, sampling)?;
+    let ids = model.generate(plans, max_new, &session.model.tokenizer.stop_ids, sampling)?;
     ids.into_iter()
         .map(|ids| {
             let text = format!("{ANSWER_PREFIX}{}", session.model.tokenizer.decode(&ids, true)?);
-            let stopped = ids.len() < max_new;
-            Ok(([prefix.as_slice(), &ids].concat(), stopped, text))
+            let length = Length { generated: ids.len(), stopped: ids.len() < max_new, max_new };
+            Ok(Answer { ids: [prefix, &ids].concat(), text, length })
         })
         .collect()
+}
+
+/// The ids of [`ANSWER_PREFIX`], which every answer's plan starts its answer with.
+fn prefix_ids(session: &Session) -> Result<Vec<u32>> {
+    session.model.tokenizer.encode(ANSWER_PREFIX, false)
 }
 
 impl<O: StepOps> Grpo<'_, O> {
@@ -252,24 +259,28 @@ impl<O: StepOps> Grpo<'_, O> {
         let batch = self.cfg.train.batch.max(1) as u64;
         let first = step / g.updates_per_batch.max(1) * batch;
         let (mut plans, mut advs) = (Vec::new(), Vec::new());
-        let (mut all, mut uniform_groups, mut resampled, mut answer_tokens, mut unparsed) =
-            (Vec::<Reward>::new(), 0usize, 0usize, 0usize, 0usize);
+        let (mut all, mut uniform_groups, mut resampled, mut answer_tokens, mut unparsed, mut cut_off) =
+            (Vec::<Reward>::new(), 0usize, 0usize, 0usize, 0usize, 0usize);
         let mut problems: std::collections::BTreeMap<String, usize> = Default::default();
         let mut example_text = String::new();
+        let prefix = prefix_ids(session)?;
         for m in 0..batch {
             let item = &self.items[epoch_pick(self.cfg.train.seed, self.items.len(), first + m)];
             let inputs = item_inputs(session, false, item)?;
+            let ex = inputs.example(None);
+            // One prompt plan, decoded as G rows.
+            let prompt = session.model.plan_generated(&ex, &prefix, false)?;
+            let rows = vec![prompt; g.group];
             let mut attempt = 0;
-            let (answers, rewards) = loop {
+            let (answers, rewards, totals) = loop {
                 let sampling = Sampling {
                     temperature: g.temperature,
                     top_p: g.top_p,
                     seed: sample_seed(self.cfg.train.seed, step, attempt, m as usize),
                 };
-                let exs: Vec<Example> = (0..g.group).map(|_| inputs.example(None)).collect();
-                let answers = answer_rows(session, model, &exs, sampling, g.max_new)?;
-                let parsed: Vec<_> = answers.iter().map(|(_, _, t)| parse(t)).collect();
-                let rewards: Vec<Reward> = parsed.iter().map(|p| reward(p, &item.truth, &g.reward)).collect();
+                let answers = answer_rows(session, model, &rows, &prefix, sampling, g.max_new)?;
+                let (parsed, rewards): (Vec<Parsed>, Vec<Reward>) =
+                    answers.iter().map(|a| a.score(&item.truth, &g.reward)).unzip();
                 let totals: Vec<f32> = rewards.iter().map(|r| r.total).collect();
                 let again = uniform(&totals) && g.uniform == UniformGroups::Resample && attempt < g.resample_tries;
                 if !again {
@@ -281,24 +292,23 @@ impl<O: StepOps> Grpo<'_, O> {
                             *problems.entry(kind).or_default() += 1;
                         }
                     }
-                    break (answers, rewards);
+                    break (answers, rewards, totals);
                 }
                 resampled += 1;
                 attempt += 1;
             };
-            let totals: Vec<f32> = rewards.iter().map(|r| r.total).collect();
             all.extend(&rewards);
             if m == 0 {
-                example_text = answers[0].2.clone();
+                example_text = answers[0].text.clone();
             }
-            answer_tokens += answers.iter().map(|a| a.0.len()).sum::<usize>();
+            answer_tokens += answers.iter().map(|a| a.ids.len()).sum::<usize>();
+            cut_off += answers.iter().filter(|a| !a.length.stopped).count();
             if uniform(&totals) {
                 uniform_groups += 1;
                 continue;
             }
-            let ex = inputs.example(None);
-            for (ids, stopped, _) in &answers {
-                plans.push(session.model.plan_generated(&ex, ids, *stopped)?);
+            for a in &answers {
+                plans.push(session.model.plan_generated(&ex, &a.ids, a.length.stopped)?);
             }
             advs.extend(advantages(&totals));
         }
@@ -322,9 +332,11 @@ impl<O: StepOps> Grpo<'_, O> {
         stats.insert("reward_format".into(), mean(&|r| Some(r.format)));
         stats.insert("reward_class".into(), mean(&|r| Some(r.class)));
         stats.insert("reward_loc".into(), mean(&|r| r.loc));
+        stats.insert("overlong_penalty".into(), mean(&|r| Some(r.overlong)));
         stats.insert("uniform_groups".into(), (uniform_groups as f64 / batch as f64).into());
         stats.insert("resampled_groups".into(), resampled.into());
         stats.insert("answer_tokens".into(), (answer_tokens as f64 / n).into());
+        stats.insert("cut_off".into(), (cut_off as f64 / n).into());
         stats.insert("unparsed_verdicts".into(), (unparsed as f64 / n).into());
         stats.insert("parse_problems".into(), serde_json::to_value(&problems)?);
         stats.insert("sample_answer".into(), example_text.into());
@@ -361,17 +373,22 @@ impl<O: StepOps> Grpo<'_, O> {
         let items: Vec<&Item> = self.val_items.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
         let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let (mut right, mut unparsed, mut anomalous, mut reward_sum) = (Vec::new(), 0usize, 0usize, 0.0f64);
+        let prefix = prefix_ids(session)?;
         for chunk in items.chunks(16) {
-            let inputs: Vec<Inputs> =
-                chunk.iter().map(|it| item_inputs(session, true, it)).collect::<Result<Vec<_>>>()?;
-            let exs: Vec<Example> = inputs.iter().map(|i| i.example(None)).collect();
-            let answers = answer_rows(session, model, &exs, greedy, self.cfg.grpo.max_new)?;
-            for ((_, _, text), item) in answers.iter().zip(chunk) {
-                let p = parse(text);
+            let mut plans = Vec::with_capacity(chunk.len());
+            for it in chunk {
+                let inputs = item_inputs(session, true, it)?;
+                plans.push(session.model.plan_generated(&inputs.example(None), &prefix, false)?);
+            }
+            let answers = answer_rows(session, model, &plans, &prefix, greedy, self.cfg.grpo.max_new)?;
+            for (answer, item) in answers.iter().zip(chunk) {
+                // The verdict is read leniently (wherever the answer states it): the accuracy
+                // measures what the model says, the reward what it is trained toward.
+                let (p, r) = answer.score(&item.truth, &self.cfg.grpo.reward);
                 unparsed += p.verdict.is_none() as usize;
                 anomalous += item.truth.anomalous as usize;
                 right.push(p.verdict == Some(item.truth.anomalous));
-                reward_sum += reward(&p, &item.truth, &self.cfg.grpo.reward).total as f64;
+                reward_sum += r.total as f64;
             }
         }
         let n = right.len();
@@ -449,13 +466,13 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
         }
         let tokens: Vec<usize> = r.plans.iter().map(|p| p.counted()).collect();
         let g = &self.cfg.grpo;
-        let (old, reference, adv) = (r.old.clone(), r.reference.clone(), r.advantages.clone());
+        let (old, reference, adv) = (&r.old, &r.reference, &r.advantages);
         let mut diag = (0.0f32, 0.0f32);
         let (policy, loss, grad_norm) = model.sequence_step(
             &r.plans,
             |policy| {
                 let old = old.as_deref().unwrap_or(policy);
-                let (loss, grad, kl, clip) = grpo_loss(policy, old, &reference, &adv, &tokens, g.epsilon, g.kl_beta);
+                let (loss, grad, kl, clip) = grpo_loss(policy, old, reference, adv, &tokens, g.epsilon, g.kl_beta);
                 diag = (kl, clip);
                 Ok((loss, grad))
             },

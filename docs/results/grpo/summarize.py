@@ -52,7 +52,8 @@ def main(run):
     out.append("## Steps")
     out.append("")
     cols = ["step", "phase", "loss", "reward", "reward_format", "reward_class", "reward_loc",
-            "uniform_groups", "resampled_groups", "kl", "clip_fraction", "answer_tokens", "seconds"]
+            "overlong_penalty", "cut_off", "uniform_groups", "resampled_groups", "kl", "clip_fraction",
+            "answer_tokens", "seconds"]
     out.append("| " + " | ".join(cols) + " |")
     out.append("|" + "---|" * len(cols))
     for l in lines:
@@ -68,7 +69,8 @@ def main(run):
         h = len(grpo) // 2 or 1
         out.append("")
         out.append(f"Sampled batches: {len(grpo)} (each trained on twice or more; the rollout figures are per batch).")
-        for k in ["reward", "reward_format", "reward_class", "reward_loc", "uniform_groups"]:
+        for k in ["reward", "reward_format", "reward_class", "reward_loc", "overlong_penalty", "cut_off",
+                  "answer_tokens", "uniform_groups"]:
             vals = [l[k] for l in grpo if l.get(k) is not None]
             if len(vals) >= 2:
                 a, b = vals[:h], vals[h:]
