@@ -110,3 +110,75 @@ fn demo_runs_its_model_stages_with_device_cuda() {
     // The stages before it stay on the CPU.
     assert!(seen.iter().all(|l| !l.contains("--device cuda")), "{seen:#?}");
 }
+
+/// `sage grpo --device cuda` trains on the device: a format cold-start step (supervised, no
+/// sampling: its loss is the CPU run's to bf16 precision) and a GRPO step (sampled groups on the
+/// device's batched decode, rewards, the clipped update with its KL), validation before and after.
+/// Ignored by default: the emulated device runs the kernels one thread at a time on the CPU, and
+/// these two steps take about 20 minutes on two cores; run it with
+/// `cargo nextest run --release --run-ignored all -E 'test(grpo_trains_on_the_device)'`.
+#[test]
+#[ignore = "about 20 minutes on the emulated device"]
+fn grpo_trains_on_the_device_with_device_cuda() {
+    let lib = common::emu::emulated_device();
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path());
+    let cfg = dir.path().join("grpo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "sfe = \"{run}\"\n[data]\ntrain = \"{d}/train.json\"\nval = \"{d}/test.json\"\nmax_train_items = 2\n\
+             [grpo]\ngroup = 3\nmax_new = 8\nsft_steps = 1\nresample_tries = 3\n\
+             [grpo.reward]\nanswer_only = false\noverlong_buffer = 0\noverlong_penalty = 0.0\n\
+             [train]\nsteps = 2\nbatch = 1\nlr = 1e-3\nseed = 1\nval_questions = 1\ncheckpoint_every = 1\n",
+            run = run.display(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (cpu, gpu) = (dir.path().join("grpo-cpu"), dir.path().join("grpo-gpu"));
+    let out = sage().args(["--device", "cpu", "grpo", "--json", "--config"]).arg(&cfg).arg("--out").arg(&cpu).output();
+    let out = out.unwrap();
+    assert!(out.status.success(), "grpo on the CPU: {}", String::from_utf8_lossy(&out.stderr));
+    // Without --json: the line naming the op set goes to stderr.
+    let out = on_emulated_device(
+        sage().args(["--device", "cuda", "grpo", "--config"]).arg(&cfg).arg("--out").arg(&gpu),
+        &lib,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "grpo --device cuda: {stderr}");
+    assert!(stderr.contains(&format!("grpo: training on {EMULATED}")), "grpo did not train on the device: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(gpu.join("final.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 2, "{summary}");
+    let lines = |run: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (c, g) = (lines(&cpu), lines(&gpu));
+    assert_eq!((c.len(), g.len()), (2, 2));
+    let (lc, lg) = (c[0]["loss"].as_f64().unwrap(), g[0]["loss"].as_f64().unwrap());
+    // bf16 weights and activations on the device, f32 on the CPU.
+    assert!((lc - lg).abs() <= 0.03 * lc.abs(), "cold-start loss: CPU {lc}, device {lg}");
+    assert_eq!(g[1]["phase"], "grpo");
+    for k in ["reward", "reward_format", "reward_class", "uniform_groups", "loss"] {
+        assert!(g[1][k].as_f64().is_some_and(f64::is_finite), "{k}: {}", g[1]);
+    }
+    // Eight-token answers of a tiny model may all score alike; then the group was sampled again
+    // three times before it was skipped. Otherwise the update ran on the device.
+    if g[1]["updated"] == true {
+        assert!(
+            g[1]["kl"].as_f64().is_some_and(f64::is_finite) && g[1]["grad_norm"].as_f64().unwrap() > 0.0,
+            "{}",
+            g[1]
+        );
+    } else {
+        assert_eq!(
+            (g[1]["resampled_groups"].as_u64(), g[1]["uniform_groups"].as_f64()),
+            (Some(3), Some(1.0)),
+            "{}",
+            g[1]
+        );
+    }
+    assert!(g[1]["sample_answer"].as_str().unwrap().starts_with("<think>"), "{}", g[1]);
+    assert!(gpu.join("weights-000002.safetensors").exists());
+}
