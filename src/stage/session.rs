@@ -86,8 +86,6 @@ pub fn sfe_start(sfe: &Path, stage: &str) -> Result<super::checkpoint::State> {
 }
 
 impl Session {
-    /// Builds the model (fresh head, seeded) on the backbone the config names (a built-in, or a
-    /// backbone plugin found in `plugin_dirs`) and loads the data named by the config.
     /// A later stage's session: the SFE run `sfe` (its [`sfe_start`] state) with `cfg` (its config
     /// with the later stage's data and schedule), the SFE weights loaded; and a frozen copy of them
     /// (the stage's reference model).
@@ -105,6 +103,8 @@ impl Session {
         Ok((session, reference))
     }
 
+    /// Builds the model (fresh head, seeded) on the backbone the config names (a built-in, or a
+    /// backbone plugin found in `plugin_dirs`) and loads the data named by the config.
     pub fn new(cfg: SfeConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<Session> {
         let writer = crate::lock::WriterLock::for_dir(out)?;
         let mut params = ParamSet::new();
