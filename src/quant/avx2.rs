@@ -3,9 +3,13 @@
 //! i16, no saturation for values < 64) and widened with `madd` (by one, or by a sub-block's
 //! scale), then scaled once per block in f32. Offsets (`q − 8`, `q − 16`, `q − 32`) and the
 //! K-quants' mins are applied once per block from the activations' precomputed sums.
+//!
+//! Every kernel is written once, generic over `N`, the rows of activations one weight row meets
+//! per pass: `N = 1` is the decode step's dot product, `N = `[`ROWS`] the batched one, where a
+//! block's unpacking, scales and mins are paid once for all `N` rows instead of once per row.
 
 use super::blocks::QType;
-use super::dot::{DotQ8, DotQ8K};
+use super::dot::{DotQ8, DotQ8K, DotQ8Kx4, DotQ8x4};
 
 /// Whether this CPU runs these kernels (AVX2, FMA and F16C, checked at run time).
 pub fn available() -> bool {
@@ -19,19 +23,20 @@ pub fn available() -> bool {
     }
 }
 
-/// The AVX2 kernel of a 32-block type; `None` when this CPU lacks AVX2 (or for a K-quant).
-pub fn q8_kernel(ty: QType) -> Option<DotQ8> {
+/// The AVX2 kernels of a 32-block type, for one row and for [`super::dot::ROWS`] rows of
+/// activations; `None` when this CPU lacks AVX2 (or for a K-quant).
+pub fn q8_kernels(ty: QType) -> Option<(DotQ8, DotQ8x4)> {
     if !available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
         Some(match ty {
-            QType::Q4_0 => imp::q4_0,
-            QType::Q4_1 => imp::q4_1,
-            QType::Q5_0 => imp::q5_0,
-            QType::Q5_1 => imp::q5_1,
-            QType::Q8_0 => imp::q8_0,
+            QType::Q4_0 => (imp::q4_0, imp::q4_0_x4),
+            QType::Q4_1 => (imp::q4_1, imp::q4_1_x4),
+            QType::Q5_0 => (imp::q5_0, imp::q5_0_x4),
+            QType::Q5_1 => (imp::q5_1, imp::q5_1_x4),
+            QType::Q8_0 => (imp::q8_0, imp::q8_0_x4),
             _ => return None,
         })
     }
@@ -42,17 +47,18 @@ pub fn q8_kernel(ty: QType) -> Option<DotQ8> {
     }
 }
 
-/// The AVX2 kernel of a K-quant; `None` when this CPU lacks AVX2 (or for a 32-block type).
-pub fn q8k_kernel(ty: QType) -> Option<DotQ8K> {
+/// The AVX2 kernels of a K-quant, for one row and for `ROWS` rows of activations; `None` when
+/// this CPU lacks AVX2 (or for a 32-block type).
+pub fn q8k_kernels(ty: QType) -> Option<(DotQ8K, DotQ8Kx4)> {
     if !available() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
         Some(match ty {
-            QType::Q4K => imp::q4_k,
-            QType::Q5K => imp::q5_k,
-            QType::Q6K => imp::q6_k,
+            QType::Q4K => (imp::q4_k, imp::q4_k_x4),
+            QType::Q5K => (imp::q5_k, imp::q5_k_x4),
+            QType::Q6K => (imp::q6_k, imp::q6_k_x4),
             _ => return None,
         })
     }
@@ -67,26 +73,33 @@ pub fn q8k_kernel(ty: QType) -> Option<DotQ8K> {
 mod imp {
     use super::super::act::{Q8, Q8K};
     use super::super::blocks::{k_scale_min, QType};
+    use super::super::dot::ROWS;
     use std::arch::x86_64::*;
 
-    // The safe entry points: `q8_kernel` / `q8k_kernel` hand them out only after `available()`
-    // confirmed AVX2, FMA and F16C, so the target-feature functions they call may run.
+    // The safe entry points, one row and `ROWS` rows per type: `q8_kernels` / `q8k_kernels` hand
+    // them out only after `available()` confirmed AVX2, FMA and F16C, so the target-feature
+    // functions they call may run.
     macro_rules! entry {
-        ($name:ident, $inner:ident, $act:ty) => {
-            pub fn $name(w: &[u8], a: &[$act]) -> f32 {
-                // SAFETY: see above; the slices are bounds-checked by `chunks_exact` / `zip`.
-                unsafe { $inner(w, a) }
+        ($one:ident, $many:ident, $inner:ident, $act:ty) => {
+            pub fn $one(w: &[u8], a: &[$act]) -> f32 {
+                // SAFETY: see above; every block index is below the blocks in `w` and in `a`.
+                let [y] = unsafe { $inner::<1>(w, [a]) };
+                y
+            }
+            pub fn $many(w: &[u8], a: [&[$act]; ROWS]) -> [f32; ROWS] {
+                // SAFETY: as above, with the shortest of the activation rows.
+                unsafe { $inner::<ROWS>(w, a) }
             }
         };
     }
-    entry!(q4_0, q4_0_avx2, Q8);
-    entry!(q4_1, q4_1_avx2, Q8);
-    entry!(q5_0, q5_0_avx2, Q8);
-    entry!(q5_1, q5_1_avx2, Q8);
-    entry!(q8_0, q8_0_avx2, Q8);
-    entry!(q4_k, q4_k_avx2, Q8K);
-    entry!(q5_k, q5_k_avx2, Q8K);
-    entry!(q6_k, q6_k_avx2, Q8K);
+    entry!(q4_0, q4_0_x4, q4_0_avx2, Q8);
+    entry!(q4_1, q4_1_x4, q4_1_avx2, Q8);
+    entry!(q5_0, q5_0_x4, q5_0_avx2, Q8);
+    entry!(q5_1, q5_1_x4, q5_1_avx2, Q8);
+    entry!(q8_0, q8_0_x4, q8_0_avx2, Q8);
+    entry!(q4_k, q4_k_x4, q4_k_avx2, Q8K);
+    entry!(q5_k, q5_k_x4, q5_k_avx2, Q8K);
+    entry!(q6_k, q6_k_x4, q6_k_avx2, Q8K);
 
     #[inline(always)]
     unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -110,6 +123,12 @@ mod imp {
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    /// The blocks every row has: the weight row's, or fewer if an activation row is shorter.
+    #[inline(always)]
+    fn blocks<A, const N: usize>(w: &[u8], block_bytes: usize, a: &[&[A]; N]) -> usize {
+        a.iter().fold(w.len() / block_bytes, |n, a| n.min(a.len()))
     }
 
     /// The 32 nibbles of 16 bytes in element order: low nibbles (elements 0..16) in the low lane,
@@ -138,11 +157,19 @@ mod imp {
         _mm256_or_si256(nibbles(&b[qh_at + 4..qh_at + 20]), high)
     }
 
-    /// One 32-block: `dw·da·Σq·a` added to `acc`; the offset (`q − 8`, `q − 16`) or the min
-    /// `m·Σx = m·(da·Σa)` added to `extra`. `ty` is a constant at each call, so the branches fold
-    /// away.
+    /// One 32-block of a Q4_0, Q4_1, Q5_0 or Q5_1 row against `N` rows: the values are unpacked
+    /// once, then each row adds `dw·da·Σq·a` to its accumulator and the offset (`q − 8`,
+    /// `q − 16`) or the min (`m·Σx = m·(da·Σa)`) to its `extra`. `ty` is a constant at each
+    /// call, so the branches fold away.
     #[inline(always)]
-    unsafe fn block32(b: &[u8], a: &Q8, ty: QType, acc: __m256, extra: &mut f32) -> __m256 {
+    unsafe fn block32<const N: usize>(
+        b: &[u8],
+        a: &[&[Q8]; N],
+        j: usize,
+        ty: QType,
+        acc: &mut [__m256; N],
+        extra: &mut [f32; N],
+    ) {
         let dw = f16_at(b, 0);
         let values = match ty {
             QType::Q4_0 => nibbles(&b[2..18]),
@@ -150,91 +177,111 @@ mod imp {
             QType::Q5_0 => five_bit(b, 2),
             _ => five_bit(b, 4),
         };
-        let s = dot_u8_i8(values, load(a.qs.as_ptr() as *const u8));
-        *extra += match ty {
-            QType::Q4_0 => -8.0 * dw * a.s,
-            QType::Q5_0 => -16.0 * dw * a.s,
-            _ => f16_at(b, 2) * a.s,
+        let offset = match ty {
+            QType::Q4_0 => -8.0 * dw,
+            QType::Q5_0 => -16.0 * dw,
+            _ => f16_at(b, 2),
         };
-        _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc)
+        for r in 0..N {
+            let x = a[r].get_unchecked(j);
+            let s = dot_u8_i8(values, load(x.qs.as_ptr() as *const u8));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), _mm256_cvtepi32_ps(s), acc[r]);
+            extra[r] += offset * x.s;
+        }
     }
 
-    /// The 32-block types, two blocks per iteration into two accumulators (registers: an
-    /// indexed pair would live on the stack).
+    /// The 32-block types against `N` rows. At `N = 1` two blocks per iteration go to two
+    /// accumulators (named ones: an indexed pair would live on the stack), so that one block's
+    /// `fmadd` need not wait for the previous one's; at `N = 4` the rows give that independence.
     #[inline(always)]
-    unsafe fn blocks32(w: &[u8], a: &[Q8], ty: QType) -> f32 {
+    unsafe fn blocks32<const N: usize>(w: &[u8], a: [&[Q8]; N], ty: QType) -> [f32; N] {
         let bb = ty.block_bytes();
-        let n = a.len().min(w.len() / bb);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut extra0, mut extra1) = (0f32, 0f32);
+        let n = blocks(w, bb, &a);
+        let block = |j: usize| w.get_unchecked(j * bb..(j + 1) * bb);
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        let (mut extra0, mut extra1) = ([0f32; N], [0f32; N]);
         let mut j = 0;
-        while j + 1 < n {
-            acc0 = block32(&w[j * bb..(j + 1) * bb], &a[j], ty, acc0, &mut extra0);
-            acc1 = block32(&w[(j + 1) * bb..(j + 2) * bb], &a[j + 1], ty, acc1, &mut extra1);
-            j += 2;
+        if N == 1 {
+            while j + 1 < n {
+                block32(block(j), &a, j, ty, &mut acc0, &mut extra0);
+                block32(block(j + 1), &a, j + 1, ty, &mut acc1, &mut extra1);
+                j += 2;
+            }
         }
-        if j < n {
-            acc0 = block32(&w[j * bb..(j + 1) * bb], &a[j], ty, acc0, &mut extra0);
+        for j in j..n {
+            block32(block(j), &a, j, ty, &mut acc0, &mut extra0);
         }
-        hsum(_mm256_add_ps(acc0, acc1)) + extra0 + extra1
+        std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + extra0[r] + extra1[r])
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_avx2(w: &[u8], a: &[Q8]) -> f32 {
+    unsafe fn q4_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
         blocks32(w, a, QType::Q4_0)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_avx2(w: &[u8], a: &[Q8]) -> f32 {
+    unsafe fn q4_1_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
         blocks32(w, a, QType::Q4_1)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_0_avx2(w: &[u8], a: &[Q8]) -> f32 {
+    unsafe fn q5_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
         blocks32(w, a, QType::Q5_0)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_1_avx2(w: &[u8], a: &[Q8]) -> f32 {
+    unsafe fn q5_1_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
         blocks32(w, a, QType::Q5_1)
     }
 
+    /// Q8_0: signed × signed as `|q| × (a with q's sign)`; `|q|` is computed once per block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_avx2(w: &[u8], a: &[Q8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (b, a) in w.chunks_exact(34).zip(a) {
-            let d = f16_at(b, 0) * a.d;
+    unsafe fn q8_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
+        let n = blocks(w, 34, &a);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for j in 0..n {
+            let b = w.get_unchecked(j * 34..(j + 1) * 34);
+            let dw = f16_at(b, 0);
             let q = load(b[2..34].as_ptr());
-            let y = load(a.qs.as_ptr() as *const u8);
-            // Signed × signed as |q| × (y with q's sign).
-            let s = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
+            let magnitude = _mm256_sign_epi8(q, q);
+            for r in 0..N {
+                let x = a[r].get_unchecked(j);
+                let s = dot_u8_i8(magnitude, _mm256_sign_epi8(load(x.qs.as_ptr() as *const u8), q));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), _mm256_cvtepi32_ps(s), acc[r]);
+            }
         }
-        hsum(acc)
+        acc.map(|v| hsum(v))
     }
 
-    /// Q4_K and Q5_K: per 64 values, one 32-byte load of nibbles holds sub-blocks `2c` (low) and
-    /// `2c + 1` (high); each is multiplied and weighted by its 6-bit scale in the `madd`.
+    /// `Σ m_j·(bsums[2j] + bsums[2j + 1])`: a K-quant block's mins against one row's sums.
     #[inline(always)]
-    unsafe fn k_quant_4_5(w: &[u8], a: &[Q8K], five: bool) -> f32 {
+    fn mins_dot(m: &[i32; 8], bsums: &[i16; 16]) -> i32 {
+        (0..8).map(|j| m[j] * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32)).sum()
+    }
+
+    /// Q4_K and Q5_K against `N` rows: per 64 values, one 32-byte load of nibbles holds
+    /// sub-blocks `2c` (low) and `2c + 1` (high), unpacked once; each row multiplies them and
+    /// weights them by their 6-bit scales in the `madd`.
+    #[inline(always)]
+    unsafe fn k_quant_4_5<const N: usize>(w: &[u8], a: [&[Q8K]; N], five: bool) -> [f32; N] {
         let bb = if five { 176 } else { 144 };
+        let n = blocks(w, bb, &a);
         let mask = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (b, a) in w.chunks_exact(bb).zip(a) {
-            let (d, dmin) = (f16_at(b, 0) * a.d, f16_at(b, 2) * a.d);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [0f32; N];
+        for j in 0..n {
+            let b = w.get_unchecked(j * bb..(j + 1) * bb);
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let mut sc = [0i16; 8];
-            let mut summ = 0i32;
-            for (j, s) in sc.iter_mut().enumerate() {
-                let (scale, m) = k_scale_min(j, &b[4..16]);
-                *s = scale as i16;
-                summ += m as i32 * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32);
+            let mut m = [0i32; 8];
+            for k in 0..8 {
+                let (scale, min) = k_scale_min(k, &b[4..16]);
+                (sc[k], m[k]) = (scale as i16, min as i32);
             }
-            mins += dmin * summ as f32;
             let qs = if five { &b[48..176] } else { &b[16..144] };
             let qh = if five { load(b[16..48].as_ptr()) } else { _mm256_setzero_si256() };
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); N];
             for c in 0..4 {
                 let q = load(qs[32 * c..32 * c + 32].as_ptr());
                 let mut lo = _mm256_and_si256(q, mask);
@@ -245,24 +292,34 @@ mod imp {
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4));
                 }
-                let y_lo = load(a.qs[64 * c..].as_ptr() as *const u8);
-                let y_hi = load(a.qs[64 * c + 32..].as_ptr() as *const u8);
-                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y_lo), _mm256_set1_epi16(sc[2 * c]));
-                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y_hi), _mm256_set1_epi16(sc[2 * c + 1]));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
+                let (sc_lo, sc_hi) = (_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+                for r in 0..N {
+                    let y = &a[r].get_unchecked(j).qs;
+                    let p_lo =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(y[64 * c..].as_ptr() as *const u8)), sc_lo);
+                    let p_hi = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, load(y[64 * c + 32..].as_ptr() as *const u8)),
+                        sc_hi,
+                    );
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p_lo, p_hi));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..N {
+                let x = a[r].get_unchecked(j);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                mins[r] += dmin * x.d * mins_dot(&m, &x.bsums) as f32;
+            }
         }
-        hsum(acc) - mins
+        std::array::from_fn(|r| hsum(acc[r]) - mins[r])
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k_avx2(w: &[u8], a: &[Q8K]) -> f32 {
+    unsafe fn q4_k_avx2<const N: usize>(w: &[u8], a: [&[Q8K]; N]) -> [f32; N] {
         k_quant_4_5(w, a, false)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_k_avx2(w: &[u8], a: &[Q8K]) -> f32 {
+    unsafe fn q5_k_avx2<const N: usize>(w: &[u8], a: [&[Q8K]; N]) -> [f32; N] {
         k_quant_4_5(w, a, true)
     }
 
@@ -273,21 +330,22 @@ mod imp {
         _mm256_slli_epi16(_mm256_and_si256(h, three), 4)
     }
 
-    /// Q6_K: per half (128 values), 64 bytes of low nibbles and 32 of 2-bit highs make four
-    /// vectors of 32 six-bit values; each covers two 16-value sub-blocks, whose int8 scales sit
-    /// in the two lanes of the `madd` multiplier. The `− 32` comes off once per block.
+    /// Q6_K against `N` rows: per half (128 values), 64 bytes of low nibbles and 32 of 2-bit
+    /// highs make four vectors of 32 six-bit values, unpacked once; each covers two 16-value
+    /// sub-blocks, whose int8 scales sit in the two lanes of the `madd` multiplier. The `− 32`
+    /// comes off once per block and row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_avx2(w: &[u8], a: &[Q8K]) -> f32 {
+    unsafe fn q6_k_avx2<const N: usize>(w: &[u8], a: [&[Q8K]; N]) -> [f32; N] {
+        let n = blocks(w, 210, &a);
         let mask = _mm256_set1_epi8(0x0F);
         let three = _mm256_set1_epi8(3);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for (b, a) in w.chunks_exact(210).zip(a) {
-            let d = f16_at(b, 208) * a.d;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        for j in 0..n {
+            let b = w.get_unchecked(j * 210..(j + 1) * 210);
+            let d = f16_at(b, 208);
             let sc: [i16; 16] = std::array::from_fn(|g| b[192 + g] as i8 as i16);
-            let off: i32 = sc.iter().zip(&a.bsums).map(|(&s, &x)| s as i32 * x as i32).sum();
-            offsets += d * (32 * off) as f32;
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); N];
             for half in 0..2 {
                 let ql0 = load(b[64 * half..].as_ptr());
                 let ql1 = load(b[64 * half + 32..].as_ptr());
@@ -300,14 +358,21 @@ mod imp {
                 ];
                 for (k, q) in q.into_iter().enumerate() {
                     let g = 8 * half + 2 * k;
-                    let y = load(a.qs[128 * half + 32 * k..].as_ptr() as *const u8);
                     let scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), scales));
+                    for r in 0..N {
+                        let y = load(a[r].get_unchecked(j).qs[128 * half + 32 * k..].as_ptr() as *const u8);
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), scales));
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..N {
+                let x = a[r].get_unchecked(j);
+                let off: i32 = sc.iter().zip(&x.bsums).map(|(&s, &t)| s as i32 * t as i32).sum();
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                offsets[r] += d * x.d * (32 * off) as f32;
+            }
         }
-        hsum(acc) - offsets
+        std::array::from_fn(|r| hsum(acc[r]) - offsets[r])
     }
 }
 
@@ -315,11 +380,40 @@ mod imp {
 mod tests {
     use super::super::act::{quantize_q8, quantize_q8k};
     use super::super::blocks::testing::{random_matrix, Bytes};
-    use super::super::dot;
+    use super::super::blocks::QMatrix;
+    use super::super::dot::{self, ROWS};
     use super::*;
 
-    /// Every AVX2 kernel against the portable one on the same quantized inputs, at several
-    /// lengths (skipped, and said so, on a CPU without AVX2).
+    /// Row `r` of `w` against `x` with every kernel of its type: `(portable, one-row AVX2,
+    /// each of the ROWS-row kernel's results for `x` placed at every position among other rows)`.
+    pub(super) fn kernels_on(w: &QMatrix, r: usize, x: &[f32], others: &[Vec<f32>]) -> (f32, f32, Vec<f32>) {
+        let ty = w.qtype;
+        // The ROWS-row kernel sees `x` at position p and the other rows elsewhere: a result
+        // must not depend on its neighbours.
+        macro_rules! run {
+            ($quant:ident, $portable:ident, $simd:ident) => {{
+                let a = $quant(x);
+                let rest: Vec<_> = others.iter().map(|o| $quant(o)).collect();
+                let (one, many) = $simd(ty).unwrap();
+                let batched = (0..ROWS)
+                    .map(|p| {
+                        let rows: [&[_]; ROWS] =
+                            std::array::from_fn(|i| if i == p { &a[..] } else { &rest[i % rest.len()][..] });
+                        many(w.row(r), rows)[p]
+                    })
+                    .collect();
+                (dot::$portable(ty).unwrap()(w.row(r), &a), one(w.row(r), &a), batched)
+            }};
+        }
+        if ty.k_quant() {
+            run!(quantize_q8k, q8k_kernel, q8k_kernels)
+        } else {
+            run!(quantize_q8, q8_kernel, q8_kernels)
+        }
+    }
+
+    /// Every AVX2 kernel, one row and ROWS rows, against the portable one on the same quantized
+    /// inputs, at several lengths (skipped, and said so, on a CPU without AVX2).
     #[test]
     fn avx2_kernels_match_the_portable_ones() {
         if !available() {
@@ -327,24 +421,26 @@ mod tests {
             return;
         }
         for ty in QType::ALL {
-            for nblocks in [1, 3, 11] {
+            for nblocks in [1, 2, 3, 11] {
                 let cols = ty.block_len() * nblocks;
                 let w = random_matrix(ty, 3, cols, 1234 + nblocks as u64);
                 let mut g = Bytes(5 + nblocks as u64);
-                let x: Vec<f32> = (0..cols).map(|_| g.unit() * 3.0).collect();
+                let mut vector = |scale: f32| -> Vec<f32> { (0..cols).map(|_| g.unit() * scale).collect() };
+                let x = vector(3.0);
+                let others = vec![vector(1.0), vector(10.0), vector(0.1)];
                 for r in 0..3 {
-                    let (fast, slow) = if ty.k_quant() {
-                        let a = quantize_q8k(&x);
-                        (q8k_kernel(ty).unwrap()(w.row(r), &a), dot::q8k_kernel(ty).unwrap()(w.row(r), &a))
-                    } else {
-                        let a = quantize_q8(&x);
-                        (q8_kernel(ty).unwrap()(w.row(r), &a), dot::q8_kernel(ty).unwrap()(w.row(r), &a))
-                    };
+                    let (slow, fast, batched) = kernels_on(&w, r, &x, &others);
                     let tol = 1e-5 * slow.abs().max(1.0);
                     assert!(
                         (fast - slow).abs() <= tol,
                         "{ty}, {nblocks} blocks, row {r}: avx2 {fast} vs portable {slow}"
                     );
+                    for (p, b) in batched.iter().enumerate() {
+                        assert!(
+                            (b - slow).abs() <= tol,
+                            "{ty}, {nblocks} blocks, row {r}: x{ROWS} at {p} {b} vs portable {slow}"
+                        );
+                    }
                 }
             }
         }
@@ -353,12 +449,12 @@ mod tests {
 
 #[cfg(test)]
 mod real_weights {
-    use super::super::act::{quantize_q8, quantize_q8k};
-    use super::super::dot;
+    use super::tests::kernels_on;
     use super::*;
 
-    /// The AVX2 and portable kernels on the real SmolLM2 and Qwen2.5 blocks (every tensor type in
-    /// them) with activations shaped like a decoder's (a few large outliers).
+    /// The AVX2 kernels (one row and four) and the portable ones on the real SmolLM2 and Qwen2.5
+    /// blocks (every tensor type in them) with activations shaped like a decoder's (a few large
+    /// outliers).
     #[test]
     fn avx2_kernels_match_the_portable_ones_on_real_weights() {
         if !available() {
@@ -373,19 +469,20 @@ mod real_weights {
                 let x: Vec<f32> = (0..w.cols)
                     .map(|i| if i % 97 == 5 { 40.0 } else { ((i * 37 % 23) as f32 - 11.0) * 0.05 })
                     .collect();
-                for r in 0..w.rows {
-                    let (fast, slow) = if w.qtype.k_quant() {
-                        let a = quantize_q8k(&x);
-                        (q8k_kernel(w.qtype).unwrap()(w.row(r), &a), dot::q8k_kernel(w.qtype).unwrap()(w.row(r), &a))
-                    } else {
-                        let a = quantize_q8(&x);
-                        (q8_kernel(w.qtype).unwrap()(w.row(r), &a), dot::q8_kernel(w.qtype).unwrap()(w.row(r), &a))
-                    };
-                    assert!(
-                        (fast - slow).abs() <= 1e-4 * slow.abs().max(1.0),
-                        "{name} ({}) row {r}: {fast} vs {slow}",
-                        w.qtype
-                    );
+                let other: Vec<f32> = (0..w.cols).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.2).collect();
+                for r in (0..w.rows).step_by(7) {
+                    let (slow, fast, batched) = kernels_on(&w, r, &x, std::slice::from_ref(&other));
+                    // The kernels sum the same block products in different orders: the error
+                    // bound scales with the terms' magnitudes, not with their (cancelling) sum.
+                    let row = super::super::dequantize(w.qtype, w.row(r));
+                    let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                    for v in std::iter::once(fast).chain(batched) {
+                        assert!(
+                            (v - slow).abs() <= 1e-5 * mag.max(1.0),
+                            "{name} ({}) row {r}: {v} vs {slow} (Σ|wx| {mag})",
+                            w.qtype
+                        );
+                    }
                 }
             }
             eprintln!("{asset:?}: {seen:?}");

@@ -6,10 +6,23 @@ use super::act::{Q8, Q8K};
 use super::blocks::{k_scale_min, QType};
 use half::f16;
 
+/// A weight row's dot product with one row of activation blocks `A`.
+pub type DotRow<A> = fn(&[u8], &[A]) -> f32;
+/// A weight row's dot products with [`ROWS`] rows of activation blocks `A`.
+pub type DotRows<A> = fn(&[u8], [&[A]; ROWS]) -> [f32; ROWS];
+
+/// Rows of activations the batched kernels take per weight row: a block is unpacked once for
+/// all of them (SIMD only; the portable path calls the one-row kernel per row).
+pub const ROWS: usize = 4;
+
 /// A row dot product against 32-blocks of activations.
-pub type DotQ8 = fn(&[u8], &[Q8]) -> f32;
+pub type DotQ8 = DotRow<Q8>;
 /// A row dot product against 256-blocks of activations.
-pub type DotQ8K = fn(&[u8], &[Q8K]) -> f32;
+pub type DotQ8K = DotRow<Q8K>;
+/// One weight row against [`ROWS`] rows of 32-block activations.
+pub type DotQ8x4 = DotRows<Q8>;
+/// One weight row against [`ROWS`] rows of 256-block activations.
+pub type DotQ8Kx4 = DotRows<Q8K>;
 
 /// The portable kernel of a 32-block type (`None` for a K-quant).
 pub fn q8_kernel(ty: QType) -> Option<DotQ8> {
