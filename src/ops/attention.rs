@@ -4,6 +4,7 @@
 //! rows), output `[T, H, D]`. Query head `h` reads key/value head `h / (H / H_kv)`.
 
 use super::activation::softmax_;
+use super::dot::dot;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -44,7 +45,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, mask: Mask, out:
                 }
             }
             let kv = &k[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
-            *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+            *sc = dot(qv, kv) * scale;
         }
         softmax_(&mut scores);
         o.fill(0.0);
@@ -94,7 +95,6 @@ pub fn attention_backward(
     let t_len = q.len() / (heads * d);
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     fn row(x: &[f32], i: usize, d: usize) -> &[f32] {
         &x[i * d..(i + 1) * d]
     }
@@ -129,7 +129,7 @@ pub fn attention_backward(
             // δ = dout·o with o = Σ P_j v_j, without materialising o.
             let dp: Vec<f32> =
                 (0..s_len).map(|j| if p[j] == 0.0 { 0.0 } else { dot(go, row(v, j * kv_heads + kvh, d)) }).collect();
-            let del: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            let del = dot(&p, &dp);
             *delta_r = del;
             for j in 0..s_len {
                 if p[j] == 0.0 {

@@ -12,6 +12,7 @@
 //! `ds_ij = p_ij (dp_ij − delta_i)`; `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_i ds_ij q_i`,
 //! `dv_j = Σ_i p_ij dout_i`.
 
+use super::dot::dot;
 pub use crate::opset::FusionShape;
 use rayon::prelude::*;
 
@@ -19,10 +20,6 @@ fn check_lens(s: &FusionShape, q: usize, k: usize, v: usize) {
     assert_eq!(q, s.q_len(), "fusion attention: q has the wrong length for {s:?}");
     assert_eq!(k, s.kv_len(), "fusion attention: k has the wrong length for {s:?}");
     assert_eq!(v, s.kv_len(), "fusion attention: v has the wrong length for {s:?}");
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Forward: writes `out [B, L, H, D]` and `lse [B, H, L]`. With no keys (S = 0) the output is

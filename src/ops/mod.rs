@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv;
 #[cfg(test)]
 mod decoder_block_grad;
+pub mod dot;
 pub mod edpo;
 pub mod elementwise;
 pub mod embedding;
