@@ -14,11 +14,25 @@ pub fn init_threads(requested: Option<usize>) -> usize {
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
             .max(1);
         // Another part of the process may already have built the global pool; that is fine.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        // The stack is the main thread's (8 MiB), as [`on_pool`] runs a whole command on a
+        // worker.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).stack_size(8 << 20).build_global();
         n
     })
 }
 
 pub fn threads() -> usize {
     init_threads(None)
+}
+
+/// Runs `f` on one of the pool's workers and waits for it.
+///
+/// A parallel op called from outside the pool hands its tasks to the workers and puts the
+/// caller to sleep until they finish: two context switches per op, and a decode step runs a
+/// few hundred ops. Called from a worker, the op splits its work with the other workers and the
+/// caller takes a share itself. The CLI runs each command this way; a command's own threads
+/// (if any) reach the pool the other way, which stays correct.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    threads();
+    rayon::scope(|_| f())
 }

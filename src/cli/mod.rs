@@ -177,7 +177,9 @@ pub fn run(cli: Cli) -> Result<()> {
     if ctx.verbose > 0 {
         eprintln!("backend: {} ({}); {} threads", ctx.backend.backend, ctx.backend.reason, ctx.threads);
     }
-    match cli.command {
+    // The whole command on a pool worker: its parallel ops then cost no sleep and wake-up of
+    // this thread (see `threads::on_pool`).
+    crate::threads::on_pool(move || match cli.command {
         Command::Fetch(a) => fetch::run(&ctx, a),
         Command::Generate(a) => generate::run(&ctx, a),
         Command::Embed(a) => embed::run(&ctx, a),
@@ -198,7 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(a) => data::run(&ctx, a),
         Command::Facts(a) => facts::run(&ctx, a),
         Command::Score(a) => score::run(&ctx, a),
-    }
+    })
 }
 
 /// Prints a serialisable value as pretty JSON on stdout.
