@@ -17,6 +17,15 @@ fn doctor_json_names_the_backend_and_why() {
         assert!(!v["cuda"]["reason"].as_str().unwrap().is_empty());
     }
     assert_eq!(v["kernels_cache"].as_array().unwrap().len(), sage::backend::cuda::kernels::ALL.len());
+    // Each present GGUF says what its weights take in memory, kept as blocks and in f32: the
+    // figures `sage bench infer` measures on the loaded model (SmolLM2 Q4_1: 92.1 and 513.1 MiB).
+    let smollm2 = sage::assets::Asset::SmolLm2Gguf.describe();
+    let entry = v["assets"].as_array().unwrap().iter().find(|a| a["asset"] == smollm2).unwrap();
+    if entry["present"] == true {
+        let m = &entry["weights_memory"];
+        let (q, f) = (m["quantized_mib"].as_f64().unwrap(), m["f32_mib"].as_f64().unwrap());
+        assert!((q - 92.1).abs() < 0.1 && (f - 513.1).abs() < 0.1, "SmolLM2 weights: {q} / {f} MiB");
+    }
 }
 
 /// Without a working GPU, the GPU commands refuse with the reason instead of falling back.

@@ -28,33 +28,59 @@ fn cpu_features() -> Vec<&'static str> {
 /// What doctor found for one asset.
 enum AssetStatus {
     Missing,
-    Ok,
+    /// Loads; for a GGUF, what its weights take in memory.
+    Ok(Option<WeightMemory>),
     /// Present, but its loader refuses it: the loader's message.
     Invalid(String),
 }
 
+/// A GGUF's weights in memory, from its tensor table: with `[llm] base = "quantized"` the
+/// quantized tensors stay as their blocks (the others become f32), and every tensor in f32.
+/// A training or scoring model also keeps the token table in f32 for its losses
+/// (ARCHITECTURE.md §15), which is not counted here.
+#[derive(Clone, Copy, serde::Serialize)]
+struct WeightMemory {
+    quantized_mib: f64,
+    f32_mib: f64,
+}
+
+impl WeightMemory {
+    fn of(g: &crate::formats::gguf::Gguf) -> WeightMemory {
+        let mib = |bytes: usize| bytes as f64 / (1u64 << 20) as f64;
+        let (mut quantized, mut dense) = (0usize, 0usize);
+        for t in g.tensors.values() {
+            let f32_bytes = 4 * t.shape.iter().product::<usize>();
+            dense += f32_bytes;
+            quantized += if t.ggml_type.quant().is_some() { t.n_bytes } else { f32_bytes };
+        }
+        WeightMemory { quantized_mib: mib(quantized), f32_mib: mib(dense) }
+    }
+}
+
 /// Opens a present model asset as its loader does, with the same validation (hyperparameters in
 /// range and consistent with the tensors, offsets, pickle limits); data assets only need to exist.
-fn check(a: Asset, path: &Path) -> Result<()> {
+fn check(a: Asset, path: &Path) -> Result<Option<WeightMemory>> {
     use crate::formats::{gguf::Gguf, tokenizer::TextTokenizer};
     use crate::models::{bert, efficientnet::EfficientNetLite, llama::LlamaConfig};
     match a {
         Asset::SmolLm2Gguf | Asset::Qwen25Gguf => {
             let g = Gguf::open(path)?;
             LlamaConfig::from_gguf(&g)?;
-            TextTokenizer::from_gguf(&g).map(|_| ())
+            TextTokenizer::from_gguf(&g)?;
+            return Ok(Some(WeightMemory::of(&g)));
         }
-        Asset::MiniLmDir => bert::open_checked(path).map(|_| ()),
-        Asset::EfficientNetPth => EfficientNetLite::load(path).map(|_| ()),
-        _ => Ok(()),
+        Asset::MiniLmDir => bert::open_checked(path).map(|_| ())?,
+        Asset::EfficientNetPth => EfficientNetLite::load(path).map(|_| ())?,
+        _ => {}
     }
+    Ok(None)
 }
 
 fn status(a: Asset) -> AssetStatus {
     match a.path() {
         Err(_) => AssetStatus::Missing,
         Ok(p) => match check(a, &p) {
-            Ok(()) => AssetStatus::Ok,
+            Ok(memory) => AssetStatus::Ok(memory),
             Err(e) => AssetStatus::Invalid(format!("{e:#}")),
         },
     }
@@ -65,12 +91,15 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
     let assets_json: Vec<serde_json::Value> = statuses
         .iter()
         .map(|(a, st)| {
-            let (present, valid, problem) = match st {
-                AssetStatus::Missing => (false, None, None),
-                AssetStatus::Ok => (true, Some(true), None),
-                AssetStatus::Invalid(msg) => (true, Some(false), Some(msg.as_str())),
+            let (present, valid, problem, memory) = match st {
+                AssetStatus::Missing => (false, None, None, None),
+                AssetStatus::Ok(memory) => (true, Some(true), None, *memory),
+                AssetStatus::Invalid(msg) => (true, Some(false), Some(msg.as_str()), None),
             };
-            serde_json::json!({ "asset": a.describe(), "present": present, "valid": valid, "problem": problem, "path": a.location() })
+            serde_json::json!({
+                "asset": a.describe(), "present": present, "valid": valid, "problem": problem, "path": a.location(),
+                "weights_memory": memory,
+            })
         })
         .collect();
     let invalid = statuses.iter().filter(|(_, st)| matches!(st, AssetStatus::Invalid(_))).count();
@@ -93,7 +122,7 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         serde_json::json!({ "package": j.file, "joined_from": parts, "installed": j.is_installed() })
     }));
     // Each backbone is usable when both its files are present and valid.
-    let ready = |a: Asset| statuses.iter().any(|(x, st)| *x == a && matches!(st, AssetStatus::Ok));
+    let ready = |a: Asset| statuses.iter().any(|(x, st)| *x == a && matches!(st, AssetStatus::Ok(_)));
     let backbones: Vec<serde_json::Value> = crate::models::backbone::BUILTINS
         .iter()
         .map(|b| {
@@ -117,6 +146,7 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
         "kernels_cache": kernels,
         "threads": ctx.threads,
         "cpu_features": cpu_features(),
+        "quant_isa": crate::quant::isa(),
         "sage_home": assets::sage_home(),
         "assets": assets_json,
         "backbones": backbones,
@@ -155,18 +185,28 @@ pub fn run(ctx: &Ctx, _a: Args) -> Result<()> {
             |arch: &str| if k[arch]["cached"].as_bool() == Some(true) { "cached" } else { "compiled on first use" };
         println!("  {:<16} sm_80: {:<22} sm_90: {}", k["file"].as_str().unwrap_or("?"), mark("sm_80"), mark("sm_90"));
     }
-    println!("threads:  {} (CPU features: {})", ctx.threads, cpu_features().join(", "));
+    println!(
+        "threads:  {} (CPU features: {}; quantized kernels: {:?})",
+        ctx.threads,
+        cpu_features().join(", "),
+        crate::quant::isa()
+    );
     println!("SAGE_HOME: {}", assets::sage_home().display());
     println!("assets:");
     for (a, st) in &statuses {
         let mark = match st {
             AssetStatus::Missing => "missing",
-            AssetStatus::Ok => "ok",
+            AssetStatus::Ok(_) => "ok",
             AssetStatus::Invalid(_) => "invalid",
         };
         println!("  [{mark}] {:<50} {}", a.describe(), a.location().display());
-        if let AssetStatus::Invalid(msg) = st {
-            println!("      {msg}");
+        match st {
+            AssetStatus::Invalid(msg) => println!("      {msg}"),
+            AssetStatus::Ok(Some(m)) => println!(
+                "      weights in memory: {:.1} MiB from the quantized blocks ([llm] base = \"quantized\"), {:.1} MiB in f32",
+                m.quantized_mib, m.f32_mib
+            ),
+            _ => {}
         }
     }
     println!("backbones:");
