@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,35 +15,20 @@ fn on_emulated_device(cmd: &mut assert_cmd::Command, lib: &Path) -> std::process
     cmd.env("LD_LIBRARY_PATH", common::emu::library_path(lib)).output().unwrap()
 }
 
-/// A one-step SFE run on the CPU: enough of a checkpoint for the answering paths.
-fn tiny_run(dir: &Path) -> std::path::PathBuf {
-    let out =
-        sage().args(["data", "build", "--source", "elpv", "--limit", "2", "--seed", "0", "--out"]).arg(dir).output();
-    let out = out.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let cfg = dir.join("sfe.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[data]\ntrain = \"{d}/train.json\"\nval = \"{d}/test.json\"\n[model]\nfacts = \"none\"\nk = 4\n\
-             image_pool = 7\nfusion_dim = 32\nfusion_heads = 2\n[llm]\nfinetune = \"lora\"\nlora_rank = 4\n\
-             [train]\nsteps = 1\nbatch = 1\nlr = 1e-3\nseed = 5\nval_questions = 0\ncheckpoint_every = 1\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let run = dir.join("run");
-    let out = sage().args(["--device", "cpu", "sfe", "--json", "--config"]).arg(&cfg).arg("--out").arg(&run).output();
-    let out = out.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    run
+/// A one-step SFE run on the CPU over two ELPV pairs: enough of a checkpoint for the answering
+/// paths. Returns the data folder and the run.
+fn tiny_run(dir: &Path) -> (PathBuf, PathBuf) {
+    let tables = "[model]\nfacts = \"none\"\nk = 4\nimage_pool = 7\nfusion_dim = 32\nfusion_heads = 2\n\
+                  [llm]\nfinetune = \"lora\"\nlora_rank = 4\n\
+                  [train]\nsteps = 1\nbatch = 1\nlr = 1e-3\nseed = 5\nval_questions = 0\ncheckpoint_every = 1\n";
+    tiny_sfe_run(dir, 2, "", tables)
 }
 
 #[test]
 fn infer_and_eval_answer_on_the_device_with_device_cuda() {
     let lib = common::emu::emulated_device();
     let dir = tempfile::tempdir().unwrap();
-    let run = tiny_run(dir.path());
+    let (data, run) = tiny_run(dir.path());
     let out = on_emulated_device(
         sage()
             .args(["--device", "cuda", "--json", "infer", "--max-tokens", "2", "--question", "Is there a defect?"])
@@ -65,7 +50,7 @@ fn infer_and_eval_answer_on_the_device_with_device_cuda() {
             .arg("--checkpoint")
             .arg(&run)
             .arg("--data")
-            .arg(dir.path().join("test.json")),
+            .arg(data.join("test.json")),
         &lib,
     );
     assert!(out.status.success(), "eval --device cuda: {}", String::from_utf8_lossy(&out.stderr));
@@ -122,7 +107,7 @@ fn demo_runs_its_model_stages_with_device_cuda() {
 fn grpo_trains_on_the_device_with_device_cuda() {
     let lib = common::emu::emulated_device();
     let dir = tempfile::tempdir().unwrap();
-    let run = tiny_run(dir.path());
+    let (data, run) = tiny_run(dir.path());
     let cfg = dir.path().join("grpo.toml");
     std::fs::write(
         &cfg,
@@ -132,7 +117,7 @@ fn grpo_trains_on_the_device_with_device_cuda() {
              [grpo.reward]\nanswer_only = false\noverlong_buffer = 0\noverlong_penalty = 0.0\n\
              [train]\nsteps = 2\nbatch = 1\nlr = 1e-3\nseed = 1\nval_questions = 1\ncheckpoint_every = 1\n",
             run = run.display(),
-            d = dir.path().display()
+            d = data.display()
         ),
     )
     .unwrap();

@@ -73,21 +73,9 @@ fn write_facts(data: &Path, out: &Path) {
 fn setup() -> Setup {
     let _ = minilm_dir(); // the rubric judge needs it
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ok(&sage()
-        .args(["data", "build", "--source", "elpv", "--limit", "3", "--seed", "0", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap());
+    // The facts file is written from the built data before the SFE run reads it.
     let facts = dir.path().join("facts.jsonl");
-    write_facts(&data, &facts);
-    let cfg = format!(
-        r#"
-[data]
-train = "{d}/train.json"
-val = "{d}/test.json"
-facts = "{f}"
-max_train_items = {ITEMS}
+    let tables = r#"
 [model]
 facts = "fused"
 k = 4
@@ -104,14 +92,9 @@ lr = 1e-3
 seed = 5
 val_questions = 2
 checkpoint_every = 2
-"#,
-        d = data.display(),
-        f = facts.display()
-    );
-    let sfe_cfg = dir.path().join("sfe.toml");
-    std::fs::write(&sfe_cfg, cfg).unwrap();
-    let sfe = dir.path().join("sfe");
-    ok(&sage().args(["sfe", "--json", "--config"]).arg(&sfe_cfg).arg("--out").arg(&sfe).output().unwrap());
+"#;
+    let data_extra = format!("facts = \"{}\"\nmax_train_items = {ITEMS}", facts.display());
+    let (data, sfe) = tiny_sfe_run_with(dir.path(), 3, &data_extra, tables, |data| write_facts(data, &facts));
     let train = data.join("train.json");
     let scores = dir.path().join("scores.jsonl");
     let items = ITEMS.to_string();

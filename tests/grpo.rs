@@ -30,18 +30,7 @@ fn ok(out: &std::process::Output) {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ok(&sage()
-        .args(["data", "build", "--source", "elpv", "--limit", "3", "--seed", "0", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap());
-    let cfg = format!(
-        r#"
-[data]
-train = "{d}/train.json"
-val = "{d}/test.json"
-max_train_items = 4
+    let tables = r#"
 [model]
 facts = "none"
 image_pool = 7
@@ -56,13 +45,8 @@ lr = 1e-3
 seed = 5
 val_questions = 1
 checkpoint_every = 2
-"#,
-        d = data.display()
-    );
-    let sfe_cfg = dir.path().join("sfe.toml");
-    std::fs::write(&sfe_cfg, cfg).unwrap();
-    let sfe = dir.path().join("sfe");
-    ok(&sage().args(["sfe", "--json", "--config"]).arg(&sfe_cfg).arg("--out").arg(&sfe).output().unwrap());
+"#;
+    let (data, sfe) = tiny_sfe_run(dir.path(), 3, "max_train_items = 4", tables);
     Setup { dir, data, sfe }
 }
 

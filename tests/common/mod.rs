@@ -126,3 +126,44 @@ pub fn kill_after_checkpoint(
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 }
+
+/// A tiny SFE run for the later stages' tests: `sage data build --source elpv --limit {limit}`
+/// into `dir/data`, then `sage sfe` into `dir/sfe` with the config's `[data]` table (the built
+/// train and test files, plus `data_extra` lines) followed by `tables` (its `[model]`, `[llm]`
+/// and `[train]` tables). Returns the data folder and the run folder.
+pub fn tiny_sfe_run(dir: &std::path::Path, limit: usize, data_extra: &str, tables: &str) -> (PathBuf, PathBuf) {
+    tiny_sfe_run_with(dir, limit, data_extra, tables, |_| {})
+}
+
+/// [`tiny_sfe_run`], calling `prepare(data folder)` between the data build and the SFE run (to
+/// write a facts file the config names).
+pub fn tiny_sfe_run_with(
+    dir: &std::path::Path,
+    limit: usize,
+    data_extra: &str,
+    tables: &str,
+    prepare: impl FnOnce(&std::path::Path),
+) -> (PathBuf, PathBuf) {
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = dir.join("data");
+    let limit = limit.to_string();
+    ok(sage()
+        .args(["data", "build", "--source", "elpv", "--limit", &limit, "--seed", "0", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap());
+    prepare(&data);
+    let cfg = dir.join("sfe.toml");
+    let data_table =
+        format!("[data]\ntrain = \"{d}/train.json\"\nval = \"{d}/test.json\"\n{data_extra}\n", d = data.display());
+    std::fs::write(&cfg, data_table + tables).unwrap();
+    let run = dir.join("sfe");
+    ok(sage()
+        .args(["--device", "cpu", "sfe", "--json", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap());
+    (data, run)
+}
