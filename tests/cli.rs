@@ -114,6 +114,34 @@ fn bench_infer_reports_both_weight_modes() {
     assert!(m["llama_cpp"]["unavailable"].is_string());
 }
 
+/// `bench quant` on SmolLM2's two block types at 1 and 5 rows (the four-row kernel and a
+/// one-row remainder): every variant timed, and the outputs agree — the integer variants within
+/// the int8 activations' rounding of one another, the exact tiles within it of them.
+#[test]
+fn bench_quant_times_every_variant_and_they_agree() {
+    let out = sage()
+        .args(["--json", "bench", "quant", "--models", "lite", "--rows", "1,5", "--repeats", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = stdout_json(&out);
+    let cases = v["cases"].as_array().unwrap();
+    let types: std::collections::BTreeSet<&str> = cases.iter().map(|c| c["qtype"].as_str().unwrap()).collect();
+    assert_eq!(types, ["Q4_1", "Q8_0"].into_iter().collect(), "SmolLM2's block types");
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        let t = c["timings"].as_array().unwrap();
+        let names: Vec<&str> = t.iter().map(|x| x["variant"].as_str().unwrap()).collect();
+        assert_eq!(names, ["four-row", "one-row", "portable", "tiles"]);
+        for x in t {
+            assert!(x["gmac_per_second"].as_f64().unwrap() > 0.0, "{c}");
+            let d = x["max_relative_difference"].as_f64().unwrap();
+            let bound = if x["variant"] == "tiles" { 2e-2 } else { 1e-4 };
+            assert!(d <= bound, "{} {} at {} rows: {d} from the four-row output", c["tensor"], x["variant"], c["rows"]);
+        }
+    }
+}
+
 /// `generate --weights` picks the path and says so; the quantized model holds its table and head
 /// only as blocks.
 #[test]

@@ -27,6 +27,10 @@ model dequantized to f32 and, with --llama-cpp, llama.cpp itself on the same fil
 (benches/llama_cpp_infer.py; needs llama-cpp-python from PyPI): prefill tokens/s, greedy decode tokens/s at each \
 --batch, the perplexity of a fixed text, the largest logit difference between the two sage paths, and the weights' \
 memory. `bash benches/run_infer.sh` installs llama-cpp-python and writes the report to benches/results/.\n\n\
+`sage bench quant`: the quantized matrix product y = x·Wᵀ on the largest tensor of each block type in the GGUF \
+files, at each --rows: the four-row AVX2 kernels the models run, the one-row AVX2 kernels, the portable kernels, and \
+the dequantized tiles with the f32 GEMM, timed in rotation in one run; GMAC/s, weight GB/s, and each variant's largest \
+difference from the four-row output.\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
 KV-cached decode attention and depthwise convolution forward+backward), medians of CUDA-event timings and the device \
@@ -125,6 +129,20 @@ enum What {
         #[arg(long)]
         llama_cpp: bool,
     },
+    /// The quantized matrix product's variants side by side on the largest GGUF tensor of each
+    /// block type: four-row SIMD kernels (what the models run), one-row SIMD kernels, portable
+    /// kernels, dequantized tiles + f32 GEMM; GMAC/s and weight GB/s at each row count.
+    Quant {
+        /// Backbone names (their LLM) or GGUF paths.
+        #[arg(long, value_delimiter = ',', default_value = "lite,dino-qwen")]
+        models: Vec<String>,
+        /// Rows of activations (1 = a decode step, 16 = batch-16 decode, 32+ = prefill).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+        rows: Vec<usize>,
+        /// Timed rounds (after one untimed); the median is reported.
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+    },
     /// The CUDA kernels at ARCHITECTURE.md §9's shapes (needs a GPU).
     Kernels {
         /// Small shapes that check the harness in seconds instead of the §9 ones.
@@ -152,6 +170,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         What::Cpu { sizes, repeats, decode_tokens } => run_cpu(ctx, sizes, repeats, decode_tokens),
         What::Kernels { quick, warmup, repeats } => run_kernels(ctx, quick, warmup, repeats),
         What::Encoder { sizes, repeats } => super::bench_encoder::run(ctx, &sizes, repeats),
+        What::Quant { models, rows, repeats } => super::bench_quant::run(ctx, &models, &rows, repeats),
         What::Infer { models, weights, prompt_tokens, decode_tokens, batch, ppl_tokens, repeats, llama_cpp } => {
             let cfg = super::bench_infer::InferBench {
                 models,

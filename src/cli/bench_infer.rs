@@ -67,7 +67,7 @@ struct ModelReport {
     ratios: BTreeMap<String, f64>,
 }
 
-fn resolve(model: &str) -> Result<PathBuf> {
+pub(super) fn resolve(model: &str) -> Result<PathBuf> {
     if model.ends_with(".gguf") || model.contains('/') {
         let p = PathBuf::from(model);
         if !p.exists() {

@@ -4,6 +4,7 @@ mod bench;
 mod bench_encoder;
 mod bench_infer;
 mod bench_kernels;
+mod bench_quant;
 mod bench_train;
 mod classify;
 mod compare;

@@ -85,11 +85,29 @@ fn untranspose(yt: &[f32], out: usize, rows: usize, y: &mut [f32], accumulate: b
 /// [`qmatmul`] by integer dot products: each row of `x` quantized per block to int8 (as
 /// llama.cpp does), each weight row against four rows of `x` per kernel call.
 pub fn qmatmul_int8(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumulate: bool) {
+    qmatmul_int8_with(Kernels::Best, x, rows, w, y, accumulate)
+}
+
+/// Which dot-product kernels the integer path uses: the variants `sage bench quant` times side
+/// by side (the model always runs [`Kernels::Best`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kernels {
+    /// SIMD where this CPU has it, four activation rows per call while four remain.
+    Best,
+    /// SIMD where this CPU has it, one activation row per call.
+    OneRow,
+    /// The portable kernels.
+    Portable,
+}
+
+/// [`qmatmul_int8`] with the chosen [`Kernels`].
+pub fn qmatmul_int8_with(kernels: Kernels, x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumulate: bool) {
     assert!(y.len() >= rows * w.rows, "qmatmul: y is smaller than [rows, out]");
     if rows == 0 {
         return;
     }
-    let yt = int8_group(x, rows, &[w]).pop().expect("one product");
+    let yt = int8_group(x, rows, &[w], kernels).pop().expect("one product");
     untranspose(&yt, w.rows, rows, y, accumulate);
 }
 
@@ -107,7 +125,7 @@ pub fn qmatmul_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
             })
             .collect();
     }
-    let mut outs = int8_group(x, rows, ws);
+    let mut outs = int8_group(x, rows, ws, Kernels::Best);
     if rows > 1 {
         for (y, w) in outs.iter_mut().zip(ws) {
             let yt = std::mem::take(y);
@@ -126,16 +144,17 @@ enum Kernel {
     Q8K(DotQ8K, Option<DotQ8Kx4>),
 }
 
-fn kernel(ty: super::QType) -> Kernel {
-    let avx2 = isa() == Isa::Avx2;
+fn kernel(ty: super::QType, kernels: Kernels) -> Kernel {
+    let avx2 = isa() == Isa::Avx2 && kernels != Kernels::Portable;
+    let rows4 = kernels == Kernels::Best;
     if ty.k_quant() {
         match avx2.then(|| avx2::q8k_kernels(ty)).flatten() {
-            Some((one, many)) => Kernel::Q8K(one, Some(many)),
+            Some((one, four)) => Kernel::Q8K(one, rows4.then_some(four)),
             None => Kernel::Q8K(dot::q8k_kernel(ty).expect("every K-quant has a portable kernel"), None),
         }
     } else {
         match avx2.then(|| avx2::q8_kernels(ty)).flatten() {
-            Some((one, many)) => Kernel::Q8(one, Some(many)),
+            Some((one, four)) => Kernel::Q8(one, rows4.then_some(four)),
             None => Kernel::Q8(dot::q8_kernel(ty).expect("every 32-block type has a portable kernel"), None),
         }
     }
@@ -169,7 +188,7 @@ fn quantize_rows<A: Send>(x: &[f32], rows: usize, q: fn(&[f32]) -> Vec<A>) -> Ve
 /// `yt_i [out_i, rows]` with `yt_i[o, r] = dot(W_i[o], x[r])`, parallel over chunks of output
 /// rows of every `W_i` at once: each task reads its rows of `W` once (they stay in L1 across the
 /// activation rows).
-fn int8_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
+fn int8_group(x: &[f32], rows: usize, ws: &[&QMatrix], kernels: Kernels) -> Vec<Vec<f32>> {
     let cols = ws[0].cols;
     assert!(ws.iter().all(|w| w.cols == cols), "qmatmul_group: weights of different widths");
     assert_eq!(x.len(), rows * cols, "qmatmul: x is not [rows, in]");
@@ -189,7 +208,7 @@ fn int8_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
     let work: usize = ws.iter().map(|w| w.nbytes()).sum::<usize>() * rows;
     if work < PARALLEL_MIN_WORK || threads() == 1 {
         for (w, yt) in ws.iter().zip(outs.iter_mut()) {
-            compute(w, kernel(w.qtype), 0, yt);
+            compute(w, kernel(w.qtype, kernels), 0, yt);
         }
         return outs;
     }
@@ -199,7 +218,7 @@ fn int8_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
     let chunk = total.div_ceil(threads() * 4).max(8);
     let mut tasks = Vec::new();
     for (w, yt) in ws.iter().zip(outs.iter_mut()) {
-        let k = kernel(w.qtype);
+        let k = kernel(w.qtype, kernels);
         for (c, part) in yt.chunks_mut(chunk * rows).enumerate() {
             tasks.push((*w, k, c * chunk, part));
         }
