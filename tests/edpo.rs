@@ -450,7 +450,7 @@ fn check_edpo_gradient(extra: &str) {
                 break;
             }
         }
-        let (_, h, d1, d2) = best.expect("at least one step");
+        let (spread, h, d1, d2) = best.expect("at least one step");
         policy.llm.write_param(*i, &w0).unwrap();
         let fd = (4.0 * d2 - d1) / 3.0;
         // Measured against the span of the three estimates: where rounding noise moves D(h/2)
@@ -458,7 +458,6 @@ fn check_edpo_gradient(extra: &str) {
         // gradient can sit beside D(h) yet a percent off `fd` (seen once, 1.7e-2 off `fd` and
         // 1.5e-3 off D(h)). The span is 4/3 of the kept step's spread, under 2e-2 whenever a
         // step reaches that (every probe so far): a gradient 5% off still lies outside it.
-        let (spread, _, _, _) = best.expect("at least one step");
         assert!(spread < 5e-2, "{name}[{j}]: no step gives two central differences within 5% ({d1:.6e}, {d2:.6e})");
         let (lo, hi) = (d1.min(d2).min(fd), d1.max(d2).max(fd));
         let gap =

@@ -38,14 +38,19 @@ struct Case {
     timings: Vec<Timing>,
 }
 
-const VARIANTS: [&str; 4] = ["four-row", "one-row", "portable", "tiles"];
+/// The variants by name: the integer path with its kernels, or (`None`) the dequantized tiles.
+/// The first is the reference the others' outputs are compared with.
+const VARIANTS: [(&str, Option<Kernels>); 4] = [
+    ("four-row", Some(Kernels::Best)),
+    ("one-row", Some(Kernels::OneRow)),
+    ("portable", Some(Kernels::Portable)),
+    ("tiles", None),
+];
 
-fn product(variant: &str, x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32]) {
-    match variant {
-        "four-row" => qmatmul_int8_with(Kernels::Best, x, rows, w, y, false),
-        "one-row" => qmatmul_int8_with(Kernels::OneRow, x, rows, w, y, false),
-        "portable" => qmatmul_int8_with(Kernels::Portable, x, rows, w, y, false),
-        _ => qmatmul_tiles(x, rows, w, y, false),
+fn product(kernels: Option<Kernels>, x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32]) {
+    match kernels {
+        Some(k) => qmatmul_int8_with(k, x, rows, w, y, false),
+        None => qmatmul_tiles(x, rows, w, y, false),
     }
 }
 
@@ -76,9 +81,9 @@ pub fn run(ctx: &Ctx, models: &[String], row_counts: &[usize], repeats: usize) -
                 let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(repeats); VARIANTS.len()];
                 // One untimed round, then the variants in rotation.
                 for round in 0..=repeats {
-                    for (v, variant) in VARIANTS.iter().enumerate() {
+                    for (v, (_, kernels)) in VARIANTS.iter().enumerate() {
                         let t = Instant::now();
-                        product(variant, &x, rows, &w, &mut ys[v]);
+                        product(*kernels, &x, rows, &w, &mut ys[v]);
                         if round > 0 {
                             times[v].push(t.elapsed().as_secs_f64());
                         }
@@ -89,7 +94,7 @@ pub fn run(ctx: &Ctx, models: &[String], row_counts: &[usize], repeats: usize) -
                     .iter()
                     .zip(&times)
                     .zip(&ys)
-                    .map(|((variant, t), y)| {
+                    .map(|((&(variant, _), t), y)| {
                         let s = median(t);
                         let diff = y.iter().zip(&ys[0]).fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
                         Timing {

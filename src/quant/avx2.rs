@@ -8,8 +8,9 @@
 //! per pass: `N = 1` is the decode step's dot product, `N = `[`ROWS`] the batched one, where a
 //! block's unpacking, scales and mins are paid once for all `N` rows instead of once per row.
 
+use super::act::{Q8, Q8K};
 use super::blocks::QType;
-use super::dot::{DotQ8, DotQ8K, DotQ8Kx4, DotQ8x4};
+use super::dot::{DotQ8, DotQ8K, DotRows};
 
 /// Whether this CPU runs these kernels (AVX2, FMA and F16C, checked at run time).
 pub fn available() -> bool {
@@ -25,7 +26,7 @@ pub fn available() -> bool {
 
 /// The AVX2 kernels of a 32-block type, for one row and for [`super::dot::ROWS`] rows of
 /// activations; `None` when this CPU lacks AVX2 (or for a K-quant).
-pub fn q8_kernels(ty: QType) -> Option<(DotQ8, DotQ8x4)> {
+pub fn q8_kernels(ty: QType) -> Option<(DotQ8, DotRows<Q8>)> {
     if !available() {
         return None;
     }
@@ -49,7 +50,7 @@ pub fn q8_kernels(ty: QType) -> Option<(DotQ8, DotQ8x4)> {
 
 /// The AVX2 kernels of a K-quant, for one row and for `ROWS` rows of activations; `None` when
 /// this CPU lacks AVX2 (or for a 32-block type).
-pub fn q8k_kernels(ty: QType) -> Option<(DotQ8K, DotQ8Kx4)> {
+pub fn q8k_kernels(ty: QType) -> Option<(DotQ8K, DotRows<Q8K>)> {
     if !available() {
         return None;
     }

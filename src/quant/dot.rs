@@ -19,10 +19,6 @@ pub const ROWS: usize = 4;
 pub type DotQ8 = DotRow<Q8>;
 /// A row dot product against 256-blocks of activations.
 pub type DotQ8K = DotRow<Q8K>;
-/// One weight row against [`ROWS`] rows of 32-block activations.
-pub type DotQ8x4 = DotRows<Q8>;
-/// One weight row against [`ROWS`] rows of 256-block activations.
-pub type DotQ8Kx4 = DotRows<Q8K>;
 
 /// The portable kernel of a 32-block type (`None` for a K-quant).
 pub fn q8_kernel(ty: QType) -> Option<DotQ8> {

@@ -4,8 +4,9 @@
 //! by the f32 GEMM: a backward is GEMM-bound and needs full-precision `dy`), and row gathers.
 
 use super::act::{quantize_q8, quantize_q8k};
+use super::act::{Q8, Q8K};
 use super::blocks::{dequantize_into, QMatrix};
-use super::dot::{DotQ8, DotQ8K, DotQ8Kx4, DotQ8x4, DotRow, DotRows, ROWS};
+use super::dot::{DotQ8, DotQ8K, DotRow, DotRows, ROWS};
 use super::{avx2, dot, isa, Isa};
 use crate::ops::gemm::{sgemm, MatRef};
 use crate::threads::threads;
@@ -90,8 +91,7 @@ pub fn qmatmul_int8(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumula
 
 /// Which dot-product kernels the integer path uses: the variants `sage bench quant` times side
 /// by side (the model always runs [`Kernels::Best`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     /// SIMD where this CPU has it, four activation rows per call while four remain.
     Best,
@@ -140,8 +140,8 @@ pub fn qmatmul_group(x: &[f32], rows: usize, ws: &[&QMatrix]) -> Vec<Vec<f32>> {
 /// [`ROWS`] rows at once where a SIMD kernel exists.
 #[derive(Clone, Copy)]
 enum Kernel {
-    Q8(DotQ8, Option<DotQ8x4>),
-    Q8K(DotQ8K, Option<DotQ8Kx4>),
+    Q8(DotQ8, Option<DotRows<Q8>>),
+    Q8K(DotQ8K, Option<DotRows<Q8K>>),
 }
 
 fn kernel(ty: super::QType, kernels: Kernels) -> Kernel {
