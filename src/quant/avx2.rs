@@ -254,10 +254,20 @@ mod imp {
         acc.map(|v| hsum(v))
     }
 
-    /// `Σ m_j·(bsums[2j] + bsums[2j + 1])`: a K-quant block's mins against one row's sums.
+    /// The sum of eight i32 lanes.
     #[inline(always)]
-    fn mins_dot(m: &[i32; 8], bsums: &[i16; 16]) -> i32 {
-        (0..8).map(|j| m[j] * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32)).sum()
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)))
+    }
+
+    /// `Σ_g w[g]·bsums[g]` over a row's sixteen 16-value sums, `w` sixteen i16 weights (a
+    /// K-quant block's mins, each twice; Q6_K's scales): one `madd`, where the scalar loop
+    /// cost more than the block's vector work.
+    #[inline(always)]
+    unsafe fn weighted_bsums(w: __m256i, bsums: &[i16; 16]) -> __m256i {
+        _mm256_madd_epi16(w, _mm256_loadu_si256(bsums.as_ptr() as *const __m256i))
     }
 
     /// Q4_K and Q5_K against `N` rows: per 64 values, one 32-byte load of nibbles holds
@@ -275,11 +285,12 @@ mod imp {
             let b = w.get_unchecked(j * bb..(j + 1) * bb);
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let mut sc = [0i16; 8];
-            let mut m = [0i32; 8];
+            let mut m = [0i16; 16];
             for k in 0..8 {
                 let (scale, min) = k_scale_min(k, &b[4..16]);
-                (sc[k], m[k]) = (scale as i16, min as i32);
+                (sc[k], m[2 * k], m[2 * k + 1]) = (scale as i16, min as i16, min as i16);
             }
+            let m = _mm256_loadu_si256(m.as_ptr() as *const __m256i);
             let qs = if five { &b[48..176] } else { &b[16..144] };
             let qh = if five { load(b[16..48].as_ptr()) } else { _mm256_setzero_si256() };
             let mut sumi = [_mm256_setzero_si256(); N];
@@ -308,7 +319,7 @@ mod imp {
             for r in 0..N {
                 let x = a[r].get_unchecked(j);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-                mins[r] += dmin * x.d * mins_dot(&m, &x.bsums) as f32;
+                mins[r] += dmin * x.d * hsum_i32(weighted_bsums(m, &x.bsums)) as f32;
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) - mins[r])
@@ -334,18 +345,18 @@ mod imp {
     /// Q6_K against `N` rows: per half (128 values), 64 bytes of low nibbles and 32 of 2-bit
     /// highs make four vectors of 32 six-bit values, unpacked once; each covers two 16-value
     /// sub-blocks, whose int8 scales sit in the two lanes of the `madd` multiplier. The `− 32`
-    /// comes off once per block and row.
+    /// comes off once per block and row, from the row's 16-value sums.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_avx2<const N: usize>(w: &[u8], a: [&[Q8K]; N]) -> [f32; N] {
         let n = blocks(w, 210, &a);
         let mask = _mm256_set1_epi8(0x0F);
         let three = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); N];
-        let mut offsets = [0f32; N];
         for j in 0..n {
             let b = w.get_unchecked(j * 210..(j + 1) * 210);
             let d = f16_at(b, 208);
             let sc: [i16; 16] = std::array::from_fn(|g| b[192 + g] as i8 as i16);
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b[192..208].as_ptr() as *const __m128i));
             let mut sumi = [_mm256_setzero_si256(); N];
             for half in 0..2 {
                 let ql0 = load(b[64 * half..].as_ptr());
@@ -366,14 +377,14 @@ mod imp {
                     }
                 }
             }
+            // The − 32 in integers, lane-wise: |Σ| < 2³¹ (256 values × 63 × 127 × 128 ≈ 2.6e8).
             for r in 0..N {
                 let x = a[r].get_unchecked(j);
-                let off: i32 = sc.iter().zip(&x.bsums).map(|(&s, &t)| s as i32 * t as i32).sum();
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-                offsets[r] += d * x.d * (32 * off) as f32;
+                let sum = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(weighted_bsums(sc16, &x.bsums), 5));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sum), acc[r]);
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]) - offsets[r])
+        acc.map(|v| hsum(v))
     }
 }
 
