@@ -275,6 +275,27 @@ fn few_shot_table_for_both_encoders_on_the_same_cells() {
     for k in v["kinds"].as_array().unwrap() {
         assert_eq!((k["pool"].as_u64(), k["normal"].as_u64(), k["defective"].as_u64()), (Some(4), Some(4), Some(4)));
     }
+    // Augmented references: a set of k-shot rows per views setting, each against the plain
+    // bank; the full-shot bank is not augmented.
+    let o = sage()
+        .args(["--json", "map", "--eval-elpv", "--shots", "1,full", "--limit", "2"])
+        .args(["--reference-views", "rotations,identity"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = stdout_json(&o);
+    let rows: Vec<(String, String, u64, bool)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let views = r["reference_views"].as_str().unwrap().to_string();
+            let patches = r["bank_patches"]["mono"].as_u64().unwrap();
+            (r["shots"].as_str().unwrap().to_string(), views, patches, r["minus_identity_views"].is_object())
+        })
+        .collect();
+    let want = [("1", "identity", 196, false), ("full", "identity", 40, false), ("1", "rotations", 4 * 196, true)];
+    assert_eq!(rows, want.map(|(s, v, n, d)| (s.to_string(), v.to_string(), n, d)));
     expect_user_error(sage().args(["map", "--eval-elpv", "--shots", "1", "--coreset", "0"]), "--coreset");
     let o = sage().args(["map", "--eval-elpv", "--shots", "0"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));

@@ -184,3 +184,49 @@ fn a_memory_bank_per_category_scores_the_same_images() {
     expect_user_error(sage().args(["map", "--eval", "--shots", "1,2", "--data"]).arg(&data), "--shots");
     expect_user_error(sage().args(["map", "--eval", "--shots", "full", "--data"]).arg(&data), "--shots");
 }
+
+/// AnomalyDINO's augmented references: a bank of a reference's rotations holds the exact tokens
+/// of its quarter-turned copy, so that copy scores ~0 against it, and clearly more against the
+/// bank of the reference as it is (the encoder is not rotation-invariant).
+#[test]
+fn a_turned_reference_is_normal_only_to_a_bank_of_its_rotations() {
+    use sage::models::memory_bank::{ImageScore, MemoryBank};
+    use sage::models::patch_encoder::{EncoderKind, PatchEncoder};
+    use sage::models::reference_views::ReferenceViews;
+    let _ = efficientnet_pth();
+    let enc = PatchEncoder::load(EncoderKind::Efficientnet, Some(224), "6".parse().unwrap()).unwrap();
+    // Horizontal stripes that thin out downwards: a quarter turn makes vertical ones.
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(224, 224, |_, y| {
+        let v = if (y * y / 400) % 2 == 0 { 220 } else { 30 };
+        image::Rgb([v, v, v])
+    }));
+    let turned = enc.tokens(&[&img.rotate90()]).unwrap().remove(0);
+    let score = |views: ReferenceViews| {
+        let imgs = views.of(&img);
+        let mut bank = MemoryBank::new(turned.dim);
+        for t in enc.tokens(&imgs.iter().collect::<Vec<_>>()).unwrap() {
+            bank.push(&t.data).unwrap();
+        }
+        assert_eq!(bank.len(), views.count() * turned.data.len() / turned.dim);
+        ImageScore::Max.of(&bank.anomaly_map(&turned.data).unwrap())
+    };
+    let (plain, rotations, dihedral) =
+        (score(ReferenceViews::Identity), score(ReferenceViews::Rotations), score(ReferenceViews::Dihedral));
+    eprintln!(
+        "a turned copy against the bank of: itself {plain}, its rotations {rotations}, dihedral views {dihedral}"
+    );
+    assert!(rotations.abs() < 1e-4 && dihedral.abs() < 1e-4, "{rotations} {dihedral}");
+    assert!(plain > 0.1, "the plain bank: {plain}");
+}
+
+/// `--reference-views` with `--eval --shots`: the report names the views; a list is refused.
+#[test]
+fn an_augmented_bank_is_reported_and_takes_one_set() {
+    let data = fixture("mvtec");
+    let v = map_eval(&["--data", data.to_str().unwrap(), "--shots", "1", "--reference-views", "dihedral"]);
+    assert_eq!(v["reference_views"], "dihedral");
+    assert_eq!(counts(&v["overall"]), [5, 3, 5, 3, 320, 19, 0]);
+    assert!(map_eval(&["--data", data.to_str().unwrap()])["reference_views"].is_null());
+    let args = ["map", "--eval", "--shots", "1", "--reference-views", "identity,dihedral", "--data"];
+    expect_user_error(sage().args(args).arg(&data), "--reference-views");
+}

@@ -10,6 +10,7 @@ use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::memory_bank::ImageScore;
 use crate::models::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
+use crate::models::reference_views::ReferenceViews;
 use crate::ops::similarity::Reduce;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -32,7 +33,9 @@ cell type the normal cells split by position into a reference pool (even) and sc
 memory bank holds every patch of the first k pool cells, `full` a greedy coreset (--coreset) of the whole pool; \
 each scored cell's map is 1 − its patches' highest cosine similarity to the bank, its score the map's maximum or \
 AnomalyDINO's mean of the top 1% (--image-score). Every row scores the same cells; each AUROC has a 95% bootstrap \
-interval over cells and each encoder after the first its paired difference from the first.";
+interval over cells and each encoder after the first its paired difference from the first. --reference-views \
+identity,rotations,dihedral adds each k-shot reference's right-angle rotations (and their mirror images) to its bank, \
+AnomalyDINO's augmented references: a set of rows per setting, each with its paired difference from the plain bank.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -77,6 +80,13 @@ pub struct Args {
     /// takes the map's maximum).
     #[arg(long, value_enum, default_value = "max", requires = "shots")]
     image_score: ImageScore,
+    /// With --shots: the views of each reference a k-shot bank holds (AnomalyDINO's augmented
+    /// references): `identity` (as it is), `rotations` (0°, 90°, 180°, 270°), `dihedral` (the
+    /// rotations and their mirror images). With --eval-elpv a comma-separated list, each a set of
+    /// rows with its paired difference from `identity` (include it); the full-shot bank is never
+    /// augmented. With --eval one set.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "identity", requires = "shots")]
+    reference_views: Vec<ReferenceViews>,
     /// With --eval-elpv --shots full: the bank's coreset, as a share of the pool's patches (1 = all).
     #[arg(long, default_value_t = 0.1, requires = "shots")]
     coreset: f64,
@@ -156,6 +166,10 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
         _ if a.eval => crate::user_bail!("--shots with --eval takes one number of references (e.g. --shots 4)"),
         _ => crate::user_bail!("--shots needs --eval-elpv or --eval --data D"),
     };
+    let reference_views = match a.reference_views[..] {
+        [v] => v,
+        _ => crate::user_bail!("--reference-views with --eval takes one set (e.g. --reference-views dihedral)"),
+    };
     // The dataset is read before the encoder loads, so a wrong --data or --sigma fails at once.
     let eval = match &a.data {
         Some(data) if a.eval => {
@@ -166,6 +180,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
                 out_maps: a.out_maps.clone(),
                 encoder: String::new(),
                 shots: bank_shots,
+                reference_views,
             };
             o.check()?;
             Some((map_eval::load_dataset(data, a.seed, a.image_root.as_deref())?, o))
@@ -238,6 +253,7 @@ fn eval_shots(ctx: &Ctx, a: &Args) -> Result<()> {
         coreset: a.coreset,
         limit: a.limit,
         seed: a.seed,
+        views: a.reference_views.clone(),
     };
     let r = shots::evaluate(&encoders, &Asset::ElpvDir.path()?, &cfg, ctx.quiet())?;
     if ctx.json {

@@ -33,6 +33,7 @@ use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::PatchTokens;
 use crate::models::memory_bank::MemoryBank;
+use crate::models::reference_views::ReferenceViews;
 use crate::ops::similarity::Reduce;
 use crate::user_bail;
 use anyhow::{Context, Result};
@@ -95,6 +96,8 @@ pub struct MapEvalOptions {
     /// Score every sample of a category against one memory bank of the category's first `k`
     /// distinct reference images (in sample order) instead of its own reference.
     pub shots: Option<usize>,
+    /// The views of each reference that bank holds.
+    pub reference_views: ReferenceViews,
 }
 
 impl MapEvalOptions {
@@ -131,6 +134,8 @@ pub struct MapEvalReport {
     /// With a memory bank: the references per category it holds (`null`: each sample against its
     /// own reference).
     pub shots: Option<usize>,
+    /// The views of each reference in that bank (`null` without one).
+    pub reference_views: Option<ReferenceViews>,
     /// Every scored image pooled.
     pub overall: Scores,
     /// Each metric's mean over the categories that have it.
@@ -257,7 +262,7 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         // References repeat within a category; their tokens are computed once per category.
         let mut references: HashMap<&Path, PatchTokens> = HashMap::new();
         let bank = match o.shots {
-            Some(k) => Some(category_bank(mapper, name, samples, k)?),
+            Some(k) => Some(category_bank(mapper, name, samples, k, o.reference_views)?),
             None => None,
         };
         for &(s, anomalous) in samples {
@@ -285,6 +290,7 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         mask_side: o.mask_side,
         seed: data.seed,
         shots: o.shots,
+        reference_views: o.shots.map(|_| o.reference_views),
         overall: all.scores(),
         category_mean,
         per_category,
@@ -307,9 +313,15 @@ impl From<crate::models::anomaly_map::AnomalyMap> for BankMap {
     }
 }
 
-/// A memory bank of every patch of the category's first `k` distinct reference images, in sample
-/// order.
-fn category_bank(mapper: &AnomalyMapper, category: &str, samples: &[(&Sample, bool)], k: usize) -> Result<MemoryBank> {
+/// A memory bank of every patch of each view of the category's first `k` distinct reference
+/// images, in sample order.
+fn category_bank(
+    mapper: &AnomalyMapper,
+    category: &str,
+    samples: &[(&Sample, bool)],
+    k: usize,
+    views: ReferenceViews,
+) -> Result<MemoryBank> {
     let mut seen: Vec<&Path> = Vec::new();
     for (s, _) in samples {
         if let Some(r) = &s.reference_image {
@@ -326,8 +338,10 @@ fn category_bank(mapper: &AnomalyMapper, category: &str, samples: &[(&Sample, bo
     }
     let mut bank: Option<MemoryBank> = None;
     for r in seen {
-        let t = mapper.tokens(&image_io::load(r)?)?;
-        bank.get_or_insert_with(|| MemoryBank::new(t.dim)).push(&t.data)?;
+        let imgs = views.of(&image_io::load(r)?);
+        for t in mapper.encoder.tokens(&imgs.iter().collect::<Vec<_>>())? {
+            bank.get_or_insert_with(|| MemoryBank::new(t.dim)).push(&t.data)?;
+        }
     }
     Ok(bank.expect("k ≥ 1 references"))
 }
@@ -532,6 +546,9 @@ impl MapEvalReport {
         };
         if let Some(k) = self.shots {
             source.push_str(&format!("; each category against a memory bank of its first {k} references"));
+            if let Some(v) = self.reference_views.filter(|&v| v != ReferenceViews::Identity) {
+                source.push_str(&format!(" ({} {v} views of each)", v.count()));
+            }
         }
         let size = match self.mask_side {
             0 => "pixels at each mask's size".to_string(),

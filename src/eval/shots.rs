@@ -9,6 +9,10 @@
 //! are left out, as everywhere in sage). A k-shot bank is every patch of the first k pool cells;
 //! the full-shot bank is the greedy coreset of every pool cell's patches. So every row scores the
 //! same cells, and no reference is ever scored.
+//!
+//! A k-shot bank may hold several views of each reference (`ReferenceViews`: rotations, mirror
+//! images), AnomalyDINO's augmentation; each such row also gets its paired difference from the
+//! same encoder's plain bank. The full-shot bank is never augmented (its pool is large already).
 
 use crate::data::elpv::{self, Cell};
 use crate::eval::stats::{bootstrap, bootstrap_difference, Interval, DEFAULT_RESAMPLES};
@@ -17,6 +21,7 @@ use crate::metrics::auroc;
 use crate::models::efficientnet::PatchTokens;
 use crate::models::memory_bank::{ImageScore, MemoryBank};
 use crate::models::patch_encoder::PatchEncoder;
+use crate::models::reference_views::ReferenceViews;
 use crate::user_err;
 use anyhow::Result;
 use serde::Serialize;
@@ -62,6 +67,8 @@ pub struct ShotsConfig {
     /// At most this many cells of each type in the pool and in each scored label (0 = all).
     pub limit: usize,
     pub seed: u64,
+    /// The views of each reference a k-shot bank holds, one set of rows per entry.
+    pub views: Vec<ReferenceViews>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -87,6 +94,8 @@ pub struct KindCounts {
 pub struct ShotsRow {
     pub encoder: String,
     pub shots: String,
+    /// The views of each reference in the bank.
+    pub reference_views: ReferenceViews,
     /// Patches in the bank, per type.
     pub bank_patches: BTreeMap<String, usize>,
     /// Image AUROC over both types, with its 95% bootstrap interval over cells.
@@ -95,13 +104,17 @@ pub struct ShotsRow {
     /// This row minus the first encoder's row with the same bank (paired bootstrap), when this
     /// is not the first encoder.
     pub minus_first_encoder: Option<Interval>,
+    /// This row minus the same encoder's row with the same shots and the references as they are
+    /// (paired bootstrap), for an augmented bank when that row was run.
+    pub minus_identity_views: Option<Interval>,
     /// Seconds to build the banks and score the cells (encoding excluded; see `encode_seconds`).
     pub seconds: f64,
     pub encode_seconds: f64,
 }
 
 const PROTOCOL: &str = "per type: normal cells (p = 0) in file order, even positions = reference pool, odd positions \
-= scored normals; scored anomalies p >= 2/3; k-shot bank = the first k pool cells, full = greedy coreset of the pool";
+= scored normals; scored anomalies p >= 2/3; k-shot bank = the first k pool cells (with their views when augmented), \
+full = greedy coreset of the pool (never augmented)";
 
 struct Split<'a> {
     pool: Vec<&'a Cell>,
@@ -133,9 +146,22 @@ fn split(cells: &[Cell], limit: usize) -> BTreeMap<String, Split<'_>> {
 
 /// Patch tokens of `cells`, in order, in batches, with a progress bar.
 fn encode(enc: &PatchEncoder, cells: &[&Cell], pb: &indicatif::ProgressBar) -> Result<Vec<PatchTokens>> {
-    let mut out = Vec::with_capacity(cells.len());
-    for chunk in cells.chunks(8) {
-        let imgs = chunk.iter().map(|c| image_io::load(&c.path)).collect::<Result<Vec<_>>>()?;
+    encode_views(enc, cells, ReferenceViews::Identity, pb)
+}
+
+/// Patch tokens of each view of each of `cells`, cell by cell (a cell's views together).
+fn encode_views(
+    enc: &PatchEncoder,
+    cells: &[&Cell],
+    views: ReferenceViews,
+    pb: &indicatif::ProgressBar,
+) -> Result<Vec<PatchTokens>> {
+    let mut out = Vec::with_capacity(cells.len() * views.count());
+    for chunk in cells.chunks(8usize.div_ceil(views.count())) {
+        let mut imgs = Vec::with_capacity(chunk.len() * views.count());
+        for c in chunk {
+            imgs.extend(views.of(&image_io::load(&c.path)?));
+        }
         out.extend(enc.tokens(&imgs.iter().collect::<Vec<_>>())?);
         pb.inc(chunk.len() as u64);
     }
@@ -157,6 +183,15 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
         }
     }
     let has_full = cfg.shots.contains(&Shots::Full);
+    // The plain bank first: the augmented rows are compared with it.
+    let mut views = if cfg.views.is_empty() { vec![ReferenceViews::Identity] } else { cfg.views.clone() };
+    views.sort();
+    views.dedup();
+    let augmented: Vec<ReferenceViews> = if max_k == 0 {
+        Vec::new()
+    } else {
+        views.iter().copied().filter(|&v| v != ReferenceViews::Identity).collect()
+    };
     // Cell order of every score vector: type by type, the scored cells in order.
     let labels: Vec<bool> = kinds.values().flat_map(|s| s.scored.iter().map(|(_, d)| *d)).collect();
     let mut rows: Vec<ShotsRow> = Vec::new();
@@ -165,7 +200,11 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
         let te = std::time::Instant::now();
         let needed: usize = kinds
             .values()
-            .map(|s| s.scored.len() + if has_full { s.pool.len() } else { max_k.min(s.pool.len()) })
+            .map(|s| {
+                s.scored.len()
+                    + if has_full { s.pool.len() } else { max_k.min(s.pool.len()) }
+                    + augmented.len() * max_k.min(s.pool.len())
+            })
             .sum();
         let pb = crate::util::progress_bar(needed as u64, &format!("encode {}", enc.describe()), quiet);
         let mut tokens: BTreeMap<&str, (Vec<PatchTokens>, Vec<PatchTokens>)> = BTreeMap::new();
@@ -174,18 +213,35 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
             let scored_cells: Vec<&Cell> = s.scored.iter().map(|(c, _)| *c).collect();
             tokens.insert(kind, (encode(enc, pool_cells, &pb)?, encode(enc, &scored_cells, &pb)?));
         }
+        // Each augmented view set's tokens of the first max_k pool cells, a cell's views together.
+        let mut view_tokens: BTreeMap<(ReferenceViews, &str), Vec<PatchTokens>> = BTreeMap::new();
+        for &v in &augmented {
+            for (kind, s) in &kinds {
+                view_tokens.insert((v, kind), encode_views(enc, &s.pool[..max_k.min(s.pool.len())], v, &pb)?);
+            }
+        }
         pb.finish_and_clear();
         let encode_seconds = te.elapsed().as_secs_f64();
-        for &shots in &cfg.shots {
+        let mut identity_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let settings = views.iter().flat_map(|&v| cfg.shots.iter().map(move |&k| (v, k)));
+        for (views, shots) in settings {
+            if views != ReferenceViews::Identity && shots == Shots::Full {
+                continue;
+            }
             let ts = std::time::Instant::now();
             let (mut scores, mut bank_patches, mut per_kind) = (Vec::new(), BTreeMap::new(), BTreeMap::new());
-            let pb = crate::util::progress_bar(labels.len() as u64, &format!("{} {shots}-shot", enc.describe()), quiet);
+            let pb = crate::util::progress_bar(
+                labels.len() as u64,
+                &format!("{} {shots}-shot, {views} views", enc.describe()),
+                quiet,
+            );
             for (kind, s) in &kinds {
                 let (pool, scored) = &tokens[kind.as_str()];
                 let mut bank = MemoryBank::new(scored[0].dim);
-                let refs = match shots {
-                    Shots::K(k) => &pool[..k],
-                    Shots::Full => &pool[..],
+                let refs = match (shots, views) {
+                    (Shots::Full, _) => &pool[..],
+                    (Shots::K(k), ReferenceViews::Identity) => &pool[..k],
+                    (Shots::K(k), v) => &view_tokens[&(v, kind.as_str())][..k * v.count()],
                 };
                 for t in refs {
                     bank.push(&t.data)?;
@@ -215,7 +271,16 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
             };
             let image_auroc = bootstrap(labels.len(), stat(&scores), DEFAULT_RESAMPLES, cfg.seed)
                 .ok_or_else(|| user_err!("ELPV evaluation needs both normal and defective cells"))?;
-            let key = shots.to_string();
+            let key = format!("{views}/{shots}");
+            let minus_identity_views = match identity_scores.get(&shots.to_string()) {
+                Some(plain) if views != ReferenceViews::Identity => {
+                    bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
+                }
+                _ => None,
+            };
+            if views == ReferenceViews::Identity {
+                identity_scores.insert(shots.to_string(), scores.clone());
+            }
             let minus_first_encoder = if e == 0 {
                 first_scores.insert(key.clone(), scores.clone());
                 None
@@ -230,11 +295,13 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
             };
             rows.push(ShotsRow {
                 encoder: enc.describe(),
-                shots: key,
+                shots: shots.to_string(),
+                reference_views: views,
                 bank_patches,
                 image_auroc,
                 per_kind,
                 minus_first_encoder,
+                minus_identity_views,
                 seconds: ts.elapsed().as_secs_f64(),
                 encode_seconds,
             });
@@ -265,16 +332,20 @@ pub fn markdown(r: &ShotsReport) -> String {
     let kinds: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
     let mut s = String::new();
     s.push_str(&format!(
-        "| encoder | shots | bank patches | image AUROC [95% CI] | {} | − first encoder [95% CI] |\n",
+        "| encoder | shots | reference views | bank patches | image AUROC [95% CI] | {} | − first encoder [95% CI] | − identity views [95% CI] |\n",
         kinds.iter().map(|k| format!("{k} AUROC")).collect::<Vec<_>>().join(" | ")
     ));
-    s.push_str(&format!("|---|---|---|---|{}---|\n", "---|".repeat(kinds.len())));
+    s.push_str(&format!("|---|---|---|---|---|{}---|---|\n", "---|".repeat(kinds.len())));
+    let diff = |i: &Option<Interval>| {
+        i.as_ref().map_or("–".into(), |i| format!("{:+.4} [{:+.4}, {:+.4}]", i.estimate, i.lo, i.hi))
+    };
     for row in &r.rows {
         let ci = |i: &Interval| format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.lo, i.hi);
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.encoder,
             row.shots,
+            row.reference_views,
             row.bank_patches.values().map(|n| n.to_string()).collect::<Vec<_>>().join(" / "),
             ci(&row.image_auroc),
             kinds
@@ -282,9 +353,8 @@ pub fn markdown(r: &ShotsReport) -> String {
                 .map(|k| row.per_kind.get(*k).copied().flatten().map_or("–".into(), |v| format!("{v:.4}")))
                 .collect::<Vec<_>>()
                 .join(" | "),
-            row.minus_first_encoder
-                .as_ref()
-                .map_or("–".into(), |i| format!("{:+.4} [{:+.4}, {:+.4}]", i.estimate, i.lo, i.hi)),
+            diff(&row.minus_first_encoder),
+            diff(&row.minus_identity_views),
         ));
     }
     s.push_str(&format!(

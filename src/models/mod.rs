@@ -10,6 +10,7 @@ pub mod llama;
 pub mod memory_bank;
 pub mod patch_encoder;
 pub mod random_init;
+pub mod reference_views;
 pub mod sage;
 pub mod sampling;
 
