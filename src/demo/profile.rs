@@ -110,7 +110,9 @@ pub const FULL: Profile = Profile {
 /// +2.9 points [−0.1, +5.8] over its SFE start, 45 % Yes (truth 53 %). Standard size
 /// (docs/results/standard/pref-sft): −1.5 [−4.0, +0.9] (DPO) and −2.0 [−4.4, +0.3] (E-DPO), 35 %
 /// Yes (truth 45 %), where the length-normalised, balanced loss without the SFT term, the former
-/// default, collapsed to 0.6 % Yes and −4.8 [−7.2, −2.4].
+/// default, collapsed to 0.6 % Yes and −4.8 [−7.2, −2.4]. The whole standard table rerun with
+/// this form on the quantized base (docs/results/standard/rerun-20261204) no longer collapses (33 %
+/// Yes) but falls below its start, −7.9 [−10.9, −4.8]: no form measured so far holds it there.
 pub const STANDARD_PREF: PrefOptions =
     PrefOptions { beta: 0.1, length_normalize: false, sft_weight: 1.0, balance_conclusions: false };
 
