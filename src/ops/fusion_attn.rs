@@ -13,6 +13,7 @@
 //! `dv_j = Σ_i p_ij dout_i`.
 
 use super::dot::dot;
+use super::vmath;
 pub use crate::opset::FusionShape;
 use rayon::prelude::*;
 
@@ -72,7 +73,7 @@ const QUERY_BLOCK: usize = 64;
 /// `ops::gemm` on strided views of the head, so a single long sequence (a ViT's 257–1025 tokens)
 /// is spread over every thread instead of one task per sample.
 pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out: &mut [f32], lse: &mut [f32]) {
-    use crate::ops::gemm::{sgemm, MatRef};
+    use crate::ops::gemm::{sgemm_serial as sgemm, MatRef};
     check_lens(&s, q.len(), k.len(), v.len());
     assert_eq!(out.len(), s.q_len());
     assert_eq!(lse.len(), s.lse_len());
@@ -98,20 +99,16 @@ pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape,
             let vm = MatRef { data: &v[ks..], row_stride: stride, col_stride: 1 };
             let mut p = vec![0.0f32; rows * n];
             sgemm(rows, n, d, qm, kt, &mut p, false);
-            let mut lse_rows = Vec::with_capacity(rows);
-            for r in p.chunks_exact_mut(n) {
-                let m = r.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(scale * x));
-                let mut sum = 0.0f32;
-                for x in r.iter_mut() {
-                    *x = (scale * *x - m).exp();
-                    sum += *x;
-                }
-                r.iter_mut().for_each(|x| *x /= sum);
-                lse_rows.push(m + sum.ln());
-            }
+            // Unnormalised probabilities through the second GEMM, then each output row divided
+            // by its sum: d wide instead of n.
+            let stats: Vec<(f32, f32)> = p.chunks_exact_mut(n).map(|r| vmath::softmax_numerators_(r, scale)).collect();
             let mut o = vec![0.0f32; rows * d];
             sgemm(rows, d, n, MatRef::rows(&p, n), vm, &mut o, false);
-            (o, lse_rows)
+            for (orow, &(_, sum)) in o.chunks_exact_mut(d).zip(&stats) {
+                let inv = 1.0 / sum;
+                orow.iter_mut().for_each(|x| *x *= inv);
+            }
+            (o, stats.iter().map(|&(m, sum)| m + sum.ln()).collect::<Vec<f32>>())
         })
         .collect();
     for (&(b, hh, i0), (o, lse_rows)) in tasks.iter().zip(&blocks) {

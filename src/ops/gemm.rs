@@ -28,8 +28,21 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `c[m×n] = a[m×k] · b[k×n] (+ c if accumulate)`, `c` row-major and contiguous.
+/// `c[m×n] = a[m×k] · b[k×n] (+ c if accumulate)`, `c` row-major and contiguous. Large products
+/// run on every thread.
 pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1;
+    sgemm_on(m, n, k, a, b, c, accumulate, parallel)
+}
+
+/// [`sgemm`] on the calling thread only: for callers that already split their work into one task
+/// per thread (the fusion attention's blocks), where a GEMM that forks again only adds joins.
+pub fn sgemm_serial(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    sgemm_on(m, n, k, a, b, c, accumulate, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_on(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(c.len() >= m * n, "gemm output too small");
     if m == 0 || n == 0 {
         return;
@@ -44,11 +57,7 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], 
     let last = |r: MatRef, rows: usize, cols: usize| (rows - 1) * r.row_stride + (cols - 1) * r.col_stride;
     assert!(last(a, m, k) < a.data.len(), "gemm lhs out of bounds");
     assert!(last(b, k, n) < b.data.len(), "gemm rhs out of bounds");
-    let par = if m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1 {
-        gemm::Parallelism::Rayon(threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = if parallel { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
     // SAFETY: all three operands were bounds-checked above for the given strides, and `c` is
     // exclusively borrowed.
     unsafe {

@@ -21,6 +21,7 @@ pub mod norm;
 pub mod pool;
 pub mod rope;
 pub mod similarity;
+pub mod vmath;
 
 pub use activation::{gelu, relu6_, silu, softmax_rows_, swiglu};
 pub use elementwise::{add, add_};

@@ -2,6 +2,7 @@
 //! projection) and L2 normalisation (sentence embeddings, cosine similarity).
 
 use super::expect_last_dim;
+use super::vmath;
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -58,9 +59,10 @@ fn accumulate_columns(acc: &mut [f32], rows: usize, f: impl Fn(usize, usize) -> 
 /// CPU reference: `y = (x − mean) / sqrt(var + eps) · w + b`, row by row.
 pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     let c = w.len();
-    y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(yr, xr)| {
-        let mean = xr.iter().sum::<f32>() / c as f32;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+    y.par_chunks_mut(c).zip(x.par_chunks(c)).with_min_len(16).for_each(|(yr, xr)| {
+        // Eight-lane sums: a serial chain of f32 adds cannot be vectorized.
+        let mean = vmath::sum(xr) / c as f32;
+        let var = vmath::sum_sq_dev(xr, mean) / c as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for (i, o) in yr.iter_mut().enumerate() {
             *o = (xr[i] - mean) * inv * w[i] + b[i];
