@@ -56,8 +56,9 @@ pub fn silu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
 
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let x32 = x.to_dtype(DType::F32);
-    let mut y = vec![0.0; x32.f32s()?.len()];
-    gelu_forward(&mut y, x32.f32s()?);
+    let xs = x32.f32s()?;
+    let mut y = vec![0.0; xs.len()];
+    gelu_forward(&mut y, xs);
     Tensor::from_vec(y, x.shape())
 }
 
@@ -117,19 +118,13 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dy: &[f32], gate: &[f
         });
 }
 
-/// Numerically stable softmax over one row, in place.
+/// Numerically stable softmax over one row, in place (an all −∞ row becomes zeros).
 pub fn softmax_(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
+    let (_, sum) = vmath::softmax_numerators_(row, 1.0);
+    if sum > 0.0 {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
     }
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    row.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// Softmax over every row of a `[rows, cols]` buffer, in place.

@@ -73,7 +73,8 @@ const QUERY_BLOCK: usize = 64;
 /// `ops::gemm` on strided views of the head, so a single long sequence (a ViT's 257–1025 tokens)
 /// is spread over every thread instead of one task per sample.
 pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out: &mut [f32], lse: &mut [f32]) {
-    use crate::ops::gemm::{sgemm_serial as sgemm, MatRef};
+    // Serial GEMMs: the blocks are already one task per thread.
+    use crate::ops::gemm::{sgemm_serial, MatRef};
     check_lens(&s, q.len(), k.len(), v.len());
     assert_eq!(out.len(), s.q_len());
     assert_eq!(lse.len(), s.lse_len());
@@ -98,12 +99,12 @@ pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape,
             let kt = MatRef { data: &k[ks..], row_stride: 1, col_stride: stride };
             let vm = MatRef { data: &v[ks..], row_stride: stride, col_stride: 1 };
             let mut p = vec![0.0f32; rows * n];
-            sgemm(rows, n, d, qm, kt, &mut p, false);
+            sgemm_serial(rows, n, d, qm, kt, &mut p, false);
             // Unnormalised probabilities through the second GEMM, then each output row divided
             // by its sum: d wide instead of n.
             let stats: Vec<(f32, f32)> = p.chunks_exact_mut(n).map(|r| vmath::softmax_numerators_(r, scale)).collect();
             let mut o = vec![0.0f32; rows * d];
-            sgemm(rows, d, n, MatRef::rows(&p, n), vm, &mut o, false);
+            sgemm_serial(rows, d, n, MatRef::rows(&p, n), vm, &mut o, false);
             for (orow, &(_, sum)) in o.chunks_exact_mut(d).zip(&stats) {
                 let inv = 1.0 / sum;
                 orow.iter_mut().for_each(|x| *x *= inv);

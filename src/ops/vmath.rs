@@ -93,7 +93,7 @@ pub fn map(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
 /// The numerators of a softmax of `scale·row` (`scale > 0`), in place: `row[i] = e^{scale·row[i]
 /// − m}` with `m = max(scale·row)`; returns `(m, Σ)`. The caller divides where it is cheapest (the
 /// fusion attention divides its output rows, `head_dim` wide, not these `keys`-wide rows, and so
-/// saves a pass over the largest buffer it has). An empty or all −∞ row becomes zeros, `(−∞, 0)`.
+/// saves a pass over the largest buffer it has; `activation::softmax_` divides the row). An empty or all −∞ row becomes zeros, `(−∞, 0)`.
 pub fn softmax_numerators_(row: &mut [f32], scale: f32) -> (f32, f32) {
     debug_assert!(scale > 0.0, "softmax_numerators_ takes a positive scale");
     let m = max(row) * scale;
