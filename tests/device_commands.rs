@@ -167,3 +167,57 @@ fn grpo_trains_on_the_device_with_device_cuda() {
     assert!(g[1]["sample_answer"].as_str().unwrap().starts_with("<think>"), "{}", g[1]);
     assert!(gpu.join("weights-000002.safetensors").exists());
 }
+
+/// `sage map --device cuda`: DINOv2 and the memory-bank search (the fused min-cosine kernel,
+/// through the op set) run on the device, for one pair, `--eval` on the MVTec-layout fixture with
+/// a one-reference bank, and the ELPV few-shot protocol with a coreset bank; each against the same
+/// command on the CPU. At 112 px (8×8 patches) the emulated device takes seconds. Tolerances: the
+/// device's encoder runs in bf16 (patch tokens at cosine ≥ 0.9998 to the CPU's, tests/dinov2.rs),
+/// which moved the pair's map by 0.005 at most when this test was written; 0.02 is allowed.
+#[test]
+fn map_runs_on_the_device_with_device_cuda() {
+    let lib = common::emu::emulated_device();
+    let fixture = common::emu::root().join("tests/fixtures/mvtec");
+    let both = |args: &[&str]| -> (serde_json::Value, serde_json::Value) {
+        let mut cpu = sage();
+        let cpu = cpu.args(["--device", "cpu", "--json", "map", "--encoder", "dinov2", "--size", "112"]).args(args);
+        let cpu = cpu.output().unwrap();
+        assert!(cpu.status.success(), "map {args:?} on the CPU: {}", String::from_utf8_lossy(&cpu.stderr));
+        let mut dev = sage();
+        let dev = dev.args(["--device", "cuda", "--json", "map", "--encoder", "dinov2", "--size", "112"]).args(args);
+        let dev = on_emulated_device(dev, &lib);
+        assert!(dev.status.success(), "map {args:?} --device cuda: {}", String::from_utf8_lossy(&dev.stderr));
+        let (c, d) = (stdout_json(&cpu), stdout_json(&dev));
+        assert!(d["device"].as_str().unwrap().starts_with(EMULATED), "map {args:?} did not run on the device: {d}");
+        assert_eq!(c["device"], "cpu reference ops (f32)");
+        (c, d)
+    };
+    let near = |what: &str, a: &serde_json::Value, b: &serde_json::Value, tol: f64| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!((a - b).abs() <= tol, "{what}: CPU {a}, device {b}");
+    };
+
+    let (test, reference) =
+        (fixture.join("bottle/test/broken_large/000.png"), fixture.join("bottle/train/good/000.png"));
+    let (c, d) = both(&["--test", test.to_str().unwrap(), "--reference", reference.to_str().unwrap()]);
+    let (cm, dm) = (c["result"]["map"].as_array().unwrap(), d["result"]["map"].as_array().unwrap());
+    assert_eq!(cm.len(), 64);
+    for (i, (a, b)) in cm.iter().zip(dm).enumerate() {
+        near(&format!("map[{i}]"), a, b, 0.02);
+    }
+    near("image score", &c["result"]["score"], &d["result"]["score"], 0.02);
+
+    let (c, d) = both(&["--eval", "--data", fixture.to_str().unwrap(), "--shots", "1", "--mask-side", "64"]);
+    assert_eq!(c["overall"]["images"], d["overall"]["images"]);
+    for key in ["image_auroc", "pixel_auroc", "pro"] {
+        near(key, &c["overall"][key], &d["overall"][key], 0.02);
+    }
+
+    let (c, d) = both(&["--eval-elpv", "--shots", "1,full", "--limit", "3"]);
+    let (cr, dr) = (c["rows"].as_array().unwrap(), d["rows"].as_array().unwrap());
+    assert_eq!((cr.len(), dr.len()), (2, 2));
+    for (a, b) in cr.iter().zip(dr) {
+        assert_eq!(a["bank_patches"], b["bank_patches"], "bank sizes");
+        assert!(b["image_auroc"]["estimate"].as_f64().is_some_and(f64::is_finite), "{b}");
+    }
+}

@@ -31,7 +31,7 @@ fn kernel_parity_on_the_emulated_device() {
     }
     let stdout = common::emu::run_tests_on_emulated_device(&["kernel_parity_"], &[("SAGE_PARITY_SMALL", "1")]);
     let ran = stdout.lines().filter(|l| l.contains(": running on sage emulated device")).count();
-    assert!(ran >= 12, "only {ran} GPU tests ran on the emulated device:\n{stdout}");
+    assert!(ran >= 13, "only {ran} GPU tests ran on the emulated device:\n{stdout}");
 }
 
 /// `sage bench kernels --quick --json` on the emulated device: the benchmark harness the GPU
@@ -705,6 +705,56 @@ fn llama_train_step_ten_steps(finetune: sage::models::llama::Finetune, base: Bas
     }
     assert!(losses[9].1 < losses[0].1, "the GPU loss should fall over ten steps: {losses:?}");
     println!("llama train step ({finetune:?}, {base:?} base): ten steps, (cpu, gpu) losses {losses:?}");
+}
+
+/// The similarity family through the op set (`CudaOps` on the fused min-cosine kernel against
+/// `HostOps`), as the anomaly map and the memory bank call it: bank searches of several test
+/// images at once with K = 0 (the map only), zero-shot, and a memory bank uploaded once
+/// (`MemoryBank::on`) against the CPU bank's own search. Inputs of the op calls are bf16-exact, so
+/// the kernel's `SIM_TOL` holds; the memory bank's rows are unit f32 rows rounded to bf16 on upload,
+/// which moves a cosine by up to about 2 × 2⁻⁹ (1e-2 allowed).
+#[test]
+fn kernel_parity_similarity_through_the_op_set() {
+    let Some(gpu) = gpu("similarity (op set)") else { return };
+    use sage::backend::cpu::HostOps;
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::models::memory_bank::MemoryBank;
+    use sage::opset::{Buffers, Similarity, SimilarityShape};
+    let (dev, host) = (CudaOps::new(gpu), HostOps);
+    // (test patches, reference patches, channels, K): a bank larger than one 64-row tile, several
+    // test images' rows at once, K = 0 and K > 0, a width that is not a multiple of 8 (v1).
+    for &(p, pr, c, k) in
+        &[(1usize, 1usize, 8usize, 0usize), (196 * 3, 700, 152, 0), (256, 130, 384, 8), (70, 65, 37, 5)]
+    {
+        for zero_shot in [false, true] {
+            let (_, tf) = rnd(p * c, 21 + p as u64);
+            let (_, rf) = rnd(pr * c, 23 + c as u64);
+            let s = SimilarityShape { patches: p, ref_patches: pr, channels: c, k, reduce: Reduce::Nearest };
+            let (t_d, r_d) = (dev.upload(&tf).unwrap(), dev.upload(&rf).unwrap());
+            let got = dev.mincos_topk(&t_d, (!zero_shot).then_some(&r_d), s).unwrap();
+            let want = host.mincos_topk(&tf, (!zero_shot).then_some(&rf), s).unwrap();
+            let ctx = format!("{s:?} zero-shot {zero_shot}");
+            assert_eq!(got.similarity.len(), p, "{ctx}");
+            for (i, (g, w)) in got.similarity.iter().zip(&want.similarity).enumerate() {
+                assert!((g - w).abs() <= SIM_TOL, "{ctx}: sim[{i}] {g} vs {w}");
+            }
+            assert_eq!(got.topk.len(), k.min(p), "{ctx}: K = {k} patches");
+            let kth = want.topk.last().map_or(f32::INFINITY, |&i| want.similarity[i as usize]);
+            assert!(got.topk.iter().all(|&i| want.similarity[i as usize] <= kth + SIM_TOL), "{ctx}: {:?}", got.topk);
+        }
+    }
+    let (_, bank_rows) = rnd(700 * 152, 5);
+    let (_, tests) = rnd(196 * 3 * 152, 6);
+    let mut bank = MemoryBank::new(152);
+    bank.push(&bank_rows).unwrap();
+    let images: Vec<&[f32]> = tests.chunks(196 * 152).collect();
+    let on_dev = bank.on(&dev).unwrap().anomaly_maps(&images).unwrap();
+    for (img, got) in images.iter().zip(&on_dev) {
+        let want = bank.anomaly_map(img).unwrap();
+        let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(got.len() == want.len() && err <= 1e-2, "memory bank map: max |Δ| {err}");
+    }
+    println!("similarity (op set): 8 searches and a 700-patch memory bank against HostOps");
 }
 
 /// `got` within `tol` × the largest magnitude of `want`, element by element.

@@ -4,6 +4,8 @@
 
 use super::{print_json, Ctx};
 use crate::assets::Asset;
+use crate::backend::cpu::HostOps;
+use crate::backend::cuda::step_ops::CudaOps;
 use crate::eval::map_eval::{self, MapEvalOptions};
 use crate::eval::shots::{self, Shots, ShotsConfig};
 use crate::image_io;
@@ -11,7 +13,7 @@ use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::memory_bank::ImageScore;
 use crate::models::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
 use crate::models::reference_views::ReferenceViews;
-use crate::ops::similarity::Reduce;
+use crate::opset::{Reduce, StepOps};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -35,7 +37,9 @@ each scored cell's map is 1 − its patches' highest cosine similarity to the ba
 AnomalyDINO's mean of the top 1% (--image-score). Every row scores the same cells; each AUROC has a 95% bootstrap \
 interval over cells and each encoder after the first its paired difference from the first. --reference-views \
 identity,rotations,dihedral adds each k-shot reference's right-angle rotations (and their mirror images) to its bank, \
-AnomalyDINO's augmented references: a set of rows per setting, each with its paired difference from the plain bank.";
+AnomalyDINO's augmented references: a set of rows per setting, each with its paired difference from the plain bank.\n\n\
+--device cuda runs the encoder and the nearest-neighbour search on the GPU (bf16 tokens; the fused min-cosine kernel, \
+a memory bank uploaded once); the reports name the device. The coreset is chosen on the CPU.";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -149,7 +153,17 @@ impl crate::config::CheckRanges for MapConfig {
     }
 }
 
-pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
+/// On `--device cuda` the encoder and the nearest-neighbour search (the fused min-cosine kernel)
+/// run on the GPU; otherwise on the CPU.
+pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
+    if ctx.backend.backend == "cuda" {
+        run_on(ctx, a, CudaOps::new(crate::backend::cuda::Gpu::global()?))
+    } else {
+        run_on(ctx, a, HostOps)
+    }
+}
+
+fn run_on<O: StepOps + Clone>(ctx: &Ctx, mut a: Args, ops: O) -> Result<()> {
     if let Some(path) = &a.config {
         let c: MapConfig = crate::config::load(path)?;
         a.reduce = c.reduce.unwrap_or(a.reduce);
@@ -158,7 +172,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
         a.sigma = c.sigma.unwrap_or(a.sigma);
     }
     if !a.shots.is_empty() && a.eval_elpv {
-        return eval_shots(ctx, &a);
+        return eval_shots(ctx, &a, ops);
     }
     let bank_shots = match a.shots[..] {
         [] => None,
@@ -196,7 +210,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
             "--eval-elpv without --shots is the EfficientNet map `sage demo` reports; add --shots 1 for DINOv2"
         );
     }
-    let encoder = PatchEncoder::load(kind, Some(a.size), a.layer)?;
+    let encoder = PatchEncoder::load_on(ops, kind, Some(a.size), a.layer)?;
     let mapper = AnomalyMapper { encoder, reduce: a.reduce, k: a.k };
     if a.eval_elpv {
         return eval_elpv(ctx, &mapper, a.limit);
@@ -226,6 +240,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     if ctx.json {
         return print_json(&serde_json::json!({
             "test": test_path, "reference": a.reference, "reduce": a.reduce, "out": a.out, "result": m,
+            "device": mapper.encoder.ops().describe(),
         }));
     }
     println!("image score (max of map): {:.4}", m.score);
@@ -240,13 +255,16 @@ pub fn run(ctx: &Ctx, mut a: Args) -> Result<()> {
     Ok(())
 }
 
-fn eval_shots(ctx: &Ctx, a: &Args) -> Result<()> {
+fn eval_shots<O: StepOps + Clone>(ctx: &Ctx, a: &Args, ops: O) -> Result<()> {
     if !(a.coreset > 0.0 && a.coreset <= 1.0) {
         crate::user_bail!("--coreset {}: give the share of the pool's patches to keep, in (0, 1]", a.coreset);
     }
     let mut kinds = a.encoder.clone();
     kinds.dedup();
-    let encoders = kinds.iter().map(|&k| PatchEncoder::load(k, Some(a.size), a.layer)).collect::<Result<Vec<_>>>()?;
+    let encoders = kinds
+        .iter()
+        .map(|&k| PatchEncoder::load_on(ops.clone(), k, Some(a.size), a.layer))
+        .collect::<Result<Vec<_>>>()?;
     let cfg = ShotsConfig {
         shots: a.shots.clone(),
         image_score: a.image_score,
@@ -263,7 +281,7 @@ fn eval_shots(ctx: &Ctx, a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn eval_elpv(ctx: &Ctx, mapper: &AnomalyMapper, limit: usize) -> Result<()> {
+fn eval_elpv<O: StepOps>(ctx: &Ctx, mapper: &AnomalyMapper<O>, limit: usize) -> Result<()> {
     let r = crate::eval::elpv::elpv_auroc(mapper, &Asset::ElpvDir.path()?, limit, ctx.quiet())?;
     if ctx.json {
         return print_json(&r);

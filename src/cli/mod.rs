@@ -153,6 +153,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cli.command,
             Command::Bench(_)
                 | Command::Doctor(_)
+                | Command::Map(_)
                 | Command::Kernels(_)
                 | Command::Sfe(_)
                 | Command::Edpo(_)
@@ -164,7 +165,7 @@ pub fn run(cli: Cli) -> Result<()> {
     {
         return Err(crate::user_err!(
             "--device cuda: this command's model ops have no CUDA path in this build (sfe, edpo, grpo, infer, eval, \
-             demo and bench run on the GPU); run it with --device cpu or auto"
+             map, demo and bench run on the GPU); run it with --device cpu or auto"
         ));
     }
     let ctx = Ctx {

@@ -6,7 +6,7 @@ use crate::data::elpv::{self, Cell};
 use crate::image_io;
 use crate::metrics::auroc;
 use crate::models::anomaly_map::AnomalyMapper;
-use crate::ops::similarity::Reduce;
+use crate::opset::{Reduce, StepOps};
 use crate::user_err;
 use anyhow::Result;
 use serde::Serialize;
@@ -37,7 +37,12 @@ pub struct KindReport {
 }
 
 /// Scores the ELPV cells under `elpv_dir`, at most `limit` of each label and type (0 = all).
-pub fn elpv_auroc(mapper: &AnomalyMapper, elpv_dir: &Path, limit: usize, quiet: bool) -> Result<ElpvReport> {
+pub fn elpv_auroc<O: StepOps>(
+    mapper: &AnomalyMapper<O>,
+    elpv_dir: &Path,
+    limit: usize,
+    quiet: bool,
+) -> Result<ElpvReport> {
     let cells = elpv::load(elpv_dir)?;
     let mut by_kind: BTreeMap<String, (Vec<&Cell>, Vec<&Cell>)> = BTreeMap::new();
     for c in &cells {

@@ -32,9 +32,10 @@ use crate::data::sample::{Label, Sample};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::memory_bank::MemoryBank;
+use crate::models::memory_bank::{DeviceBank, MemoryBank};
 use crate::models::reference_views::ReferenceViews;
 use crate::ops::similarity::Reduce;
+use crate::opset::StepOps;
 use crate::user_bail;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -120,6 +121,8 @@ pub struct MapEvalReport {
     /// `mvtec`, `adpl`, `manta` or `mmad`.
     pub format: &'static str,
     pub encoder: String,
+    /// What ran the encoder and the search (`Buffers::describe`).
+    pub device: String,
     pub reduce: Reduce,
     /// The smoothing Gaussian's σ in evaluated pixels (0: none).
     pub sigma: f32,
@@ -225,7 +228,12 @@ impl Tally {
 }
 
 /// Scores every labelled sample of `data` (at most `o.limit` of each category and label).
-pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, quiet: bool) -> Result<MapEvalReport> {
+pub fn evaluate<O: StepOps>(
+    mapper: &AnomalyMapper<O>,
+    data: &MapDataset,
+    o: &MapEvalOptions,
+    quiet: bool,
+) -> Result<MapEvalReport> {
     o.check()?;
     let t0 = std::time::Instant::now();
     let category = |s: &Sample| s.category.clone().unwrap_or_else(|| NO_CATEGORY.to_string());
@@ -262,7 +270,7 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         // References repeat within a category; their tokens are computed once per category.
         let mut references: HashMap<&Path, PatchTokens> = HashMap::new();
         let bank = match o.shots {
-            Some(k) => Some(category_bank(mapper, name, samples, k, o.reference_views)?),
+            Some(k) => Some(category_bank(mapper, name, samples, k, o.reference_views)?.on(mapper.encoder.ops())?),
             None => None,
         };
         for &(s, anomalous) in samples {
@@ -283,6 +291,7 @@ pub fn evaluate(mapper: &AnomalyMapper, data: &MapDataset, o: &MapEvalOptions, q
         data: data.path.clone(),
         format: data.format,
         encoder: o.encoder.clone(),
+        device: mapper.encoder.ops().describe(),
         reduce: mapper.reduce,
         sigma: o.sigma,
         pro_fpr_limit: FPR_LIMIT,
@@ -315,8 +324,8 @@ impl From<crate::models::anomaly_map::AnomalyMap> for BankMap {
 
 /// A memory bank of every patch of each view of the category's first `k` distinct reference
 /// images, in sample order.
-fn category_bank(
-    mapper: &AnomalyMapper,
+fn category_bank<O: StepOps>(
+    mapper: &AnomalyMapper<O>,
     category: &str,
     samples: &[(&Sample, bool)],
     k: usize,
@@ -348,9 +357,9 @@ fn category_bank(
 
 /// Maps one sample (against `bank`, else its own reference) and adds it to `tally`.
 #[allow(clippy::too_many_arguments)]
-fn score_sample<'a>(
-    mapper: &AnomalyMapper,
-    bank: Option<&MemoryBank>,
+fn score_sample<'a, O: StepOps>(
+    mapper: &AnomalyMapper<O>,
+    bank: Option<&DeviceBank<O>>,
     s: &'a Sample,
     anomalous: bool,
     category_has_masks: bool,
@@ -362,7 +371,7 @@ fn score_sample<'a>(
     let test = mapper.tokens(&test_img)?;
     let m = match (bank, &s.reference_image) {
         (Some(bank), _) => {
-            let map = bank.anomaly_map(&test.data)?;
+            let map = bank.anomaly_maps(&[&test.data])?.remove(0);
             let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             BankMap { grid_h: test.h, grid_w: test.w, map, score }
         }
@@ -558,9 +567,10 @@ impl MapEvalReport {
             serde_json::to_value(self.reduce).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         let _ = writeln!(
             t,
-            "Anomaly maps on {} ({source}): {}, reduce {reduce}, σ {} px, {size}; PRO = AUPRO up to FPR {}",
+            "Anomaly maps on {} ({source}): {} on {}, reduce {reduce}, σ {} px, {size}; PRO = AUPRO up to FPR {}",
             self.data.display(),
             self.encoder,
+            self.device,
             self.sigma,
             self.pro_fpr_limit
         );

@@ -22,6 +22,7 @@ use crate::models::efficientnet::PatchTokens;
 use crate::models::memory_bank::{ImageScore, MemoryBank};
 use crate::models::patch_encoder::PatchEncoder;
 use crate::models::reference_views::ReferenceViews;
+use crate::opset::StepOps;
 use crate::user_err;
 use anyhow::Result;
 use serde::Serialize;
@@ -75,6 +76,8 @@ pub struct ShotsConfig {
 pub struct ShotsReport {
     pub dataset: &'static str,
     pub protocol: &'static str,
+    /// What ran the encoders and the search (`Buffers::describe`).
+    pub device: String,
     pub image_score: ImageScore,
     pub coreset: f64,
     pub kinds: Vec<KindCounts>,
@@ -145,13 +148,13 @@ fn split(cells: &[Cell], limit: usize) -> BTreeMap<String, Split<'_>> {
 }
 
 /// Patch tokens of `cells`, in order, in batches, with a progress bar.
-fn encode(enc: &PatchEncoder, cells: &[&Cell], pb: &indicatif::ProgressBar) -> Result<Vec<PatchTokens>> {
+fn encode<O: StepOps>(enc: &PatchEncoder<O>, cells: &[&Cell], pb: &indicatif::ProgressBar) -> Result<Vec<PatchTokens>> {
     encode_views(enc, cells, ReferenceViews::Identity, pb)
 }
 
 /// Patch tokens of each view of each of `cells`, cell by cell (a cell's views together).
-fn encode_views(
-    enc: &PatchEncoder,
+fn encode_views<O: StepOps>(
+    enc: &PatchEncoder<O>,
     cells: &[&Cell],
     views: ReferenceViews,
     pb: &indicatif::ProgressBar,
@@ -169,7 +172,12 @@ fn encode_views(
 }
 
 /// Runs the protocol for each encoder (the first is the one the others are compared with).
-pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, quiet: bool) -> Result<ShotsReport> {
+pub fn evaluate<O: StepOps>(
+    encoders: &[PatchEncoder<O>],
+    elpv_dir: &Path,
+    cfg: &ShotsConfig,
+    quiet: bool,
+) -> Result<ShotsReport> {
     let t0 = std::time::Instant::now();
     let cells = elpv::load(elpv_dir)?;
     let kinds = split(&cells, cfg.limit);
@@ -250,10 +258,13 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
                     bank = bank.coreset(cfg.coreset, cfg.seed);
                 }
                 bank_patches.insert(kind.clone(), bank.len());
+                let bank = bank.on(enc.ops())?;
                 let mut ks = Vec::with_capacity(scored.len());
-                for t in scored {
-                    ks.push(cfg.image_score.of(&bank.anomaly_map(&t.data)?));
-                    pb.inc(1);
+                // A few cells per search: fewer launches on the GPU, a visible bar on the CPU.
+                for chunk in scored.chunks(8) {
+                    let maps = bank.anomaly_maps(&chunk.iter().map(|t| t.data.as_slice()).collect::<Vec<_>>())?;
+                    ks.extend(maps.iter().map(|m| cfg.image_score.of(m)));
+                    pb.inc(chunk.len() as u64);
                 }
                 let kl: Vec<bool> = s.scored.iter().map(|(_, d)| *d).collect();
                 per_kind.insert(kind.clone(), auroc(&ks, &kl));
@@ -319,6 +330,7 @@ pub fn evaluate(encoders: &[PatchEncoder], elpv_dir: &Path, cfg: &ShotsConfig, q
     Ok(ShotsReport {
         dataset: "elpv",
         protocol: PROTOCOL,
+        device: encoders.first().map_or_else(String::new, |e| e.ops().describe()),
         image_score: cfg.image_score,
         coreset: cfg.coreset,
         kinds: counts,

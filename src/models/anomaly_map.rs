@@ -5,12 +5,15 @@
 
 use super::efficientnet::PatchTokens;
 use super::patch_encoder::PatchEncoder;
-use crate::ops::similarity::{mincos_topk, PatchScores, Reduce};
+use crate::backend::cpu::HostOps;
+use crate::opset::{PatchScores, Reduce, SimilarityShape, StepOps};
 use anyhow::Result;
 use image::DynamicImage;
 
-pub struct AnomalyMapper {
-    pub encoder: PatchEncoder,
+/// The encoder and the search run on the same op set (on the GPU: the encoder's kernels, then the
+/// fused min-cosine kernel).
+pub struct AnomalyMapper<O: StepOps = HostOps> {
+    pub encoder: PatchEncoder<O>,
     pub reduce: Reduce,
     pub k: usize,
 }
@@ -27,7 +30,7 @@ pub struct AnomalyMap {
     pub patches: PatchScores,
 }
 
-impl AnomalyMapper {
+impl<O: StepOps> AnomalyMapper<O> {
     pub fn tokens(&self, img: &DynamicImage) -> Result<PatchTokens> {
         Ok(self.encoder.tokens(&[img])?.remove(0))
     }
@@ -37,7 +40,16 @@ impl AnomalyMapper {
         if let Some(r) = reference {
             anyhow::ensure!(r.dim == test.dim, "token widths differ: {} vs {}", test.dim, r.dim);
         }
-        let patches = mincos_topk(&test.data, reference.map(|r| r.data.as_slice()), test.dim, self.k, self.reduce);
+        let ops = self.encoder.ops();
+        let shape = SimilarityShape {
+            patches: test.data.len() / test.dim.max(1),
+            ref_patches: reference.map_or(0, |r| r.data.len() / r.dim.max(1)),
+            channels: test.dim,
+            k: self.k,
+            reduce: self.reduce,
+        };
+        let reference = reference.map(|r| ops.upload(&r.data)).transpose()?;
+        let patches = ops.mincos_topk(&ops.upload(&test.data)?, reference.as_ref(), shape)?;
         let map = patches.anomaly_map();
         let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         Ok(AnomalyMap { grid_h: test.h, grid_w: test.w, map, score, patches })

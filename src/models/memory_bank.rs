@@ -9,7 +9,8 @@
 //! selection ~3× cheaper at 384 dimensions), then repeatedly the point farthest from everything
 //! chosen so far. Points are L2-normalised first, so Euclidean distance ranks as cosine does.
 
-use crate::ops::similarity::{mincos_topk_unit_reference, unit_rows, Reduce};
+use crate::ops::similarity::{mincos_topk_unit_reference, unit_rows};
+use crate::opset::{Buffers, Reduce, Similarity, SimilarityShape};
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -93,6 +94,61 @@ impl MemoryBank {
         ensure!(!self.is_empty(), "the memory bank is empty");
         ensure!(test.len().is_multiple_of(self.dim), "test tokens do not have the bank's width {}", self.dim);
         Ok(mincos_topk_unit_reference(test, &self.data, self.dim, 0, Reduce::Nearest).anomaly_map())
+    }
+
+    /// The bank copied to `ops`' memory once, to score many test images there.
+    pub fn on<'o, O: Buffers + Similarity>(&self, ops: &'o O) -> Result<DeviceBank<'o, O>> {
+        ensure!(!self.is_empty(), "the memory bank is empty");
+        Ok(DeviceBank { ops, buf: ops.upload(&self.data)?, len: self.len(), dim: self.dim })
+    }
+}
+
+/// A [`MemoryBank`] in a backend's memory: the search is the op set's [`Similarity`] (on the GPU
+/// the fused min-cosine kernel; on the CPU its reference, as [`MemoryBank::anomaly_map`]).
+pub struct DeviceBank<'o, O: Buffers> {
+    ops: &'o O,
+    buf: O::Buf,
+    len: usize,
+    dim: usize,
+}
+
+impl<O: Buffers + Similarity> DeviceBank<'_, O> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `1 − max cos` to the bank of each patch of each test image, every image `[patches, dim]`:
+    /// one search over all their rows (a patch's nearest neighbour does not depend on the others).
+    pub fn anomaly_maps(&self, tests: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        let mut rows = Vec::with_capacity(tests.iter().map(|t| t.len()).sum());
+        for t in tests {
+            ensure!(t.len().is_multiple_of(self.dim), "test tokens do not have the bank's width {}", self.dim);
+            rows.extend_from_slice(t);
+        }
+        if rows.is_empty() {
+            return Ok(vec![Vec::new(); tests.len()]);
+        }
+        let shape = SimilarityShape {
+            patches: rows.len() / self.dim,
+            ref_patches: self.len,
+            channels: self.dim,
+            k: 0,
+            reduce: Reduce::Nearest,
+        };
+        let map = self.ops.mincos_topk(&self.ops.upload(&rows)?, Some(&self.buf), shape)?.anomaly_map();
+        let mut at = 0;
+        Ok(tests
+            .iter()
+            .map(|t| {
+                let n = t.len() / self.dim;
+                at += n;
+                map[at - n..at].to_vec()
+            })
+            .collect())
     }
 }
 

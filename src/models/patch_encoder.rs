@@ -9,7 +9,9 @@
 use super::dinov2::{self, Dinov2, Tap};
 use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
 use crate::assets::Asset;
+use crate::backend::cpu::HostOps;
 use crate::image_io;
+use crate::opset::StepOps;
 use anyhow::Result;
 use image::DynamicImage;
 use std::path::Path;
@@ -43,29 +45,48 @@ impl std::str::FromStr for DinoLayer {
     }
 }
 
-pub enum PatchEncoder {
-    EfficientNet(EfficientNetLite),
+/// A frozen encoder on the op set `O` (the CPU's by default; `load_on` puts it on another).
+pub enum PatchEncoder<O: StepOps = HostOps> {
+    EfficientNet(EfficientNetLite<O>),
     /// The ViT, the side in pixels images are resized to (a multiple of 14), and the hidden
     /// state read.
-    Dinov2(Dinov2, u32, Tap),
+    Dinov2(Dinov2<O>, u32, Tap),
 }
 
-impl PatchEncoder {
+impl PatchEncoder<HostOps> {
     /// The encoder from the installed assets; `size` is DINOv2's input side (default 224), `layer`
     /// the hidden state it reads.
     pub fn load(kind: EncoderKind, size: Option<u32>, layer: DinoLayer) -> Result<PatchEncoder> {
-        let weights = match kind {
-            EncoderKind::Efficientnet => Asset::EfficientNetPth.path()?,
-            EncoderKind::Dinov2 => Asset::Dinov2Onnx.path()?,
-        };
-        PatchEncoder::load_from(kind, &weights, size, layer)
+        PatchEncoder::load_on(HostOps, kind, size, layer)
     }
 
     /// [`PatchEncoder::load`] from a weights file of `kind` (a `.pth` for EfficientNet-Lite0, an
     /// ONNX graph or safetensors for DINOv2).
     pub fn load_from(kind: EncoderKind, weights: &Path, size: Option<u32>, layer: DinoLayer) -> Result<PatchEncoder> {
+        PatchEncoder::load_from_on(HostOps, kind, weights, size, layer)
+    }
+}
+
+impl<O: StepOps> PatchEncoder<O> {
+    /// [`PatchEncoder::load`] on `ops`.
+    pub fn load_on(ops: O, kind: EncoderKind, size: Option<u32>, layer: DinoLayer) -> Result<Self> {
+        let weights = match kind {
+            EncoderKind::Efficientnet => Asset::EfficientNetPth.path()?,
+            EncoderKind::Dinov2 => Asset::Dinov2Onnx.path()?,
+        };
+        PatchEncoder::load_from_on(ops, kind, &weights, size, layer)
+    }
+
+    /// [`PatchEncoder::load_from`] on `ops`.
+    pub fn load_from_on(
+        ops: O,
+        kind: EncoderKind,
+        weights: &Path,
+        size: Option<u32>,
+        layer: DinoLayer,
+    ) -> Result<Self> {
         Ok(match kind {
-            EncoderKind::Efficientnet => PatchEncoder::EfficientNet(EfficientNetLite::load(weights)?),
+            EncoderKind::Efficientnet => PatchEncoder::EfficientNet(EfficientNetLite::load_on(ops, weights)?),
             EncoderKind::Dinov2 => {
                 let size = size.unwrap_or(224);
                 if size < 14 || !size.is_multiple_of(14) {
@@ -73,7 +94,7 @@ impl PatchEncoder {
                         "--size {size}: DINOv2 takes a side that is a multiple of its 14-pixel patch (224, 448, ...)"
                     );
                 }
-                let net = Dinov2::load(weights)?;
+                let net = Dinov2::load_on(ops, weights)?;
                 let tap = match layer {
                     DinoLayer::Last => Tap::Normed,
                     DinoLayer::Block(i) if (1..=net.layers()).contains(&i) => Tap::Hidden(i),
@@ -84,6 +105,14 @@ impl PatchEncoder {
                 PatchEncoder::Dinov2(net, size, tap)
             }
         })
+    }
+
+    /// The op set it runs on (the anomaly map's search runs there too).
+    pub fn ops(&self) -> &O {
+        match self {
+            PatchEncoder::EfficientNet(net) => net.ops(),
+            PatchEncoder::Dinov2(net, ..) => net.ops(),
+        }
     }
 
     /// What it is, for reports: `efficientnet-lite0@224`, `dinov2-vits14@448`.

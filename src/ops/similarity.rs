@@ -8,32 +8,7 @@ use crate::ops::gemm::{sgemm, MatRef};
 use crate::ops::norm::l2_normalize_slice;
 use rayon::prelude::*;
 
-/// How a test patch's similarities to the reference patches become one number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reduce {
-    /// Max over the reference: similarity to the nearest normal patch (PatchCore; the default).
-    Nearest,
-    /// Min over the reference: Eq. 1 of the paper read literally.
-    Min,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PatchScores {
-    /// `s_i` per test patch.
-    pub similarity: Vec<f32>,
-    /// The reference patch that attained `s_i`.
-    pub ref_index: Vec<u32>,
-    /// The K test patches with the lowest `s_i`, lowest first.
-    pub topk: Vec<u32>,
-}
-
-impl PatchScores {
-    /// `1 − s_i`: high where the test patch has no close normal counterpart.
-    pub fn anomaly_map(&self) -> Vec<f32> {
-        self.similarity.iter().map(|s| 1.0 - s).collect()
-    }
-}
+pub use crate::opset::similarity::{PatchScores, Reduce};
 
 /// `test[P, C]` against `reference[P', C]` (row-major). `reference = None` is zero-shot.
 pub fn mincos_topk(test: &[f32], reference: Option<&[f32]>, c: usize, k: usize, reduce: Reduce) -> PatchScores {

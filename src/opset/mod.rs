@@ -19,6 +19,7 @@ pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod quant;
+pub mod similarity;
 
 pub use activation::Activations;
 pub use attention::{Attention, CausalShape, FusionShape};
@@ -29,6 +30,7 @@ pub use loss::{CrossEntropyOut, EdpoConfig, Losses, Pair};
 pub use norm::Norms;
 pub use optim::{clip_rule, AdamWScalars, GradRef, Optimizer};
 pub use quant::QuantOps;
+pub use similarity::{PatchScores, Reduce, Similarity, SimilarityShape};
 
 use anyhow::Result;
 
@@ -77,11 +79,11 @@ pub trait Buffers {
 /// Every op family: what the models are written against. Implemented for any type that
 /// implements each family.
 pub trait StepOps:
-    Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps
+    Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps + Similarity
 {
 }
 
 impl<T> StepOps for T where
-    T: Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps
+    T: Buffers + Gemm + Norms + Activations + Attention + Decode + Losses + Optimizer + Conv + QuantOps + Similarity
 {
 }

@@ -14,9 +14,11 @@ use crate::ops::matmul::{linear_backward, linear_forward};
 use crate::ops::norm::{layer_norm_backward, layer_norm_rows, rms_norm_backward, rms_norm_rows};
 use crate::ops::relu6_;
 use crate::ops::rope::rotate_pairs_;
+use crate::ops::similarity::mincos_topk;
 use crate::opset::{
     clip_rule, Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape,
-    DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, QuantOps,
+    DwShape, EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, PatchScores, QuantOps,
+    Similarity, SimilarityShape,
 };
 use crate::quant::{qmatmul, qmatmul_group, qmatmul_input_grad, qrows, QMatrix};
 use anyhow::{bail, Result};
@@ -706,6 +708,23 @@ impl Conv for HostOps {
             relu6_(&mut out);
         }
         Ok(out)
+    }
+}
+
+impl Similarity for HostOps {
+    fn mincos_topk(&self, test: &Vec<f32>, reference: Option<&Vec<f32>>, s: SimilarityShape) -> Result<PatchScores> {
+        let c = s.channels;
+        if c == 0 || s.patches == 0 || test.len() < s.patches * c {
+            bail!("similarity search: test holds {} values, {s:?} needs {}", test.len(), s.patches * c);
+        }
+        let reference = match reference {
+            Some(r) if s.ref_patches == 0 || r.len() < s.ref_patches * c => {
+                bail!("similarity search: reference holds {} values, {s:?} needs {}", r.len(), s.ref_patches * c)
+            }
+            Some(r) => Some(&r[..s.ref_patches * c]),
+            None => None,
+        };
+        Ok(mincos_topk(&test[..s.patches * c], reference, c, s.k, s.reduce))
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::kernels::MINCOS_TOPK;
 use super::{blocks, cfg, int, Gpu};
-use crate::ops::similarity::Reduce;
+use crate::opset::Reduce;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;

@@ -4,13 +4,15 @@
 use super::edpo::{self, SeqShape};
 use super::gemm::gemm;
 use super::llm::{self, MixedGrad};
+use super::mincos::{self, MincosShape};
 use super::Gpu;
 use super::{dwconv, fusion, head, llm_attn, llm_decode};
 use crate::ops::loss::IGNORE;
 use crate::opset::quant::{dense, DenseQuant};
 use crate::opset::{
     Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape, DwShape,
-    EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, QuantOps,
+    EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, PatchScores, QuantOps,
+    Similarity, SimilarityShape,
 };
 use crate::quant::QMatrix;
 use anyhow::{anyhow, bail, Result};
@@ -459,6 +461,29 @@ impl Optimizer for CudaOps {
 impl Conv for CudaOps {
     fn dwconv(&self, x: &Self::Buf, w: &Self::Buf, bias: &Self::Stat, s: DwShape, relu6: bool) -> Result<Self::Buf> {
         dwconv::forward(&self.gpu, x, w, bias, s, relu6)
+    }
+}
+
+impl Similarity for CudaOps {
+    /// The fused min-cosine kernel (`mincos::mincos_topk`, batch 1, its kept variant where the width
+    /// allows); only the scores come back.
+    fn mincos_topk(&self, test: &Self::Buf, reference: Option<&Self::Buf>, s: SimilarityShape) -> Result<PatchScores> {
+        let shape = MincosShape {
+            batch: 1,
+            patches: s.patches,
+            ref_patches: if reference.is_some() { s.ref_patches } else { s.patches },
+            channels: s.channels,
+            // The kernel selects at least one patch; the host keeps `s.k`.
+            k: s.k.clamp(1, s.patches.max(1)),
+            reduce: s.reduce,
+            zero_shot: reference.is_none(),
+        };
+        let nsplit = mincos::default_splits(&shape, self.gpu.info().sm_count);
+        let out = mincos::mincos_topk(&self.gpu, test, reference, shape, mincos::default_variant(s.channels), nsplit)?;
+        let similarity = self.gpu.download(&out.sim)?;
+        let ref_index = self.gpu.download(&out.ref_index)?.into_iter().map(|j| j as u32).collect();
+        let topk = self.gpu.download(&out.topk)?.into_iter().take(s.k).filter(|&i| i >= 0).map(|i| i as u32).collect();
+        Ok(PatchScores { similarity, ref_index, topk })
     }
 }
 
