@@ -296,7 +296,28 @@ fn few_shot_table_for_both_encoders_on_the_same_cells() {
         .collect();
     let want = [("1", "identity", 196, false), ("full", "identity", 40, false), ("1", "rotations", 4 * 196, true)];
     assert_eq!(rows, want.map(|(s, v, n, d)| (s.to_string(), v.to_string(), n, d)));
+    // Background masking: the unmasked rows first, then the masked ones, each against its
+    // unmasked row; a masked bank holds only the references' foreground patches.
+    let o = sage()
+        .args(["--json", "map", "--eval-elpv", "--shots", "1", "--limit", "2", "--masking", "pca"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = stdout_json(&o);
+    let rows = v["rows"].as_array().unwrap();
+    let masking: Vec<&str> = rows.iter().map(|r| r["masking"].as_str().unwrap()).collect();
+    assert_eq!(masking, ["none", "pca"]);
+    assert!(rows[0]["minus_unmasked"].is_null() && rows[1]["minus_unmasked"].is_object(), "{v}");
+    for kind in ["mono", "poly"] {
+        let (plain, masked) = (&rows[0]["bank_patches"][kind], &rows[1]["bank_patches"][kind]);
+        assert!(masked.as_u64().unwrap() > 0 && masked.as_u64() <= plain.as_u64(), "{kind}: {masked} of {plain}");
+    }
     expect_user_error(sage().args(["map", "--eval-elpv", "--shots", "1", "--coreset", "0"]), "--coreset");
+    let data = common::emu::root().join("tests/fixtures/mvtec");
+    expect_user_error(
+        sage().args(["map", "--eval", "--shots", "1", "--masking", "pca", "--data"]).arg(&data),
+        "--masking",
+    );
     let o = sage().args(["map", "--eval-elpv", "--shots", "0"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("`0` is not a number of references"));

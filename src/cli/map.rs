@@ -10,6 +10,7 @@ use crate::eval::map_eval::{self, MapEvalOptions};
 use crate::eval::shots::{self, Shots, ShotsConfig};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
+use crate::models::foreground::Masking;
 use crate::models::memory_bank::ImageScore;
 use crate::models::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
 use crate::models::reference_views::ReferenceViews;
@@ -91,6 +92,13 @@ pub struct Args {
     /// augmented. With --eval one set.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "identity", requires = "shots")]
     reference_views: Vec<ReferenceViews>,
+    /// With --eval-elpv --shots: background masking, comma-separated, a set of rows per entry:
+    /// `none`, or `pca` (AnomalyDINO's zero-shot mask: each image's first principal component of
+    /// its patch tokens, split by Otsu's threshold, the side holding the centre kept, dilated and
+    /// closed; background patches neither enter the bank nor score). Masked rows get their paired
+    /// difference from the unmasked ones (always run).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none", requires = "shots")]
+    masking: Vec<Masking>,
     /// With --eval-elpv --shots full: the bank's coreset, as a share of the pool's patches (1 = all).
     #[arg(long, default_value_t = 0.1, requires = "shots")]
     coreset: f64,
@@ -173,6 +181,9 @@ fn run_on<O: StepOps + Clone>(ctx: &Ctx, mut a: Args, ops: O) -> Result<()> {
     }
     if !a.shots.is_empty() && a.eval_elpv {
         return eval_shots(ctx, &a, ops);
+    }
+    if a.masking.iter().any(|&m| m != Masking::None) {
+        crate::user_bail!("--masking is for the ELPV few-shot table (--eval-elpv --shots); --eval does not mask yet");
     }
     let bank_shots = match a.shots[..] {
         [] => None,
@@ -272,6 +283,7 @@ fn eval_shots<O: StepOps + Clone>(ctx: &Ctx, a: &Args, ops: O) -> Result<()> {
         limit: a.limit,
         seed: a.seed,
         views: a.reference_views.clone(),
+        masking: a.masking.clone(),
     };
     let r = shots::evaluate(&encoders, &Asset::ElpvDir.path()?, &cfg, ctx.quiet())?;
     if ctx.json {

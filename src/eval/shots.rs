@@ -13,12 +13,18 @@
 //! A k-shot bank may hold several views of each reference (`ReferenceViews`: rotations, mirror
 //! images), AnomalyDINO's augmentation; each such row also gets its paired difference from the
 //! same encoder's plain bank. The full-shot bank is never augmented (its pool is large already).
+//!
+//! Background masking (`Masking::Pca`, AnomalyDINO's zero-shot mask, `models::foreground`) keeps
+//! each reference's background patches out of the bank and sets each scored cell's background
+//! patches to 0 before its image score; each masked row gets its paired difference from the
+//! unmasked row with the same bank.
 
 use crate::data::elpv::{self, Cell};
 use crate::eval::stats::{bootstrap, bootstrap_difference, Interval, DEFAULT_RESAMPLES};
 use crate::image_io;
 use crate::metrics::auroc;
 use crate::models::efficientnet::PatchTokens;
+use crate::models::foreground::{foreground_masks, Masking};
 use crate::models::memory_bank::{ImageScore, MemoryBank};
 use crate::models::patch_encoder::PatchEncoder;
 use crate::models::reference_views::ReferenceViews;
@@ -70,6 +76,9 @@ pub struct ShotsConfig {
     pub seed: u64,
     /// The views of each reference a k-shot bank holds, one set of rows per entry.
     pub views: Vec<ReferenceViews>,
+    /// Background masking, one set of rows per entry (`none` is always run: the others are
+    /// compared with it).
+    pub masking: Vec<Masking>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -99,6 +108,8 @@ pub struct ShotsRow {
     pub shots: String,
     /// The views of each reference in the bank.
     pub reference_views: ReferenceViews,
+    /// Whether background patches were left out of the bank and the scores.
+    pub masking: Masking,
     /// Patches in the bank, per type.
     pub bank_patches: BTreeMap<String, usize>,
     /// Image AUROC over both types, with its 95% bootstrap interval over cells.
@@ -110,6 +121,9 @@ pub struct ShotsRow {
     /// This row minus the same encoder's row with the same shots and the references as they are
     /// (paired bootstrap), for an augmented bank when that row was run.
     pub minus_identity_views: Option<Interval>,
+    /// This row minus the same encoder's unmasked row with the same bank (paired bootstrap), for a
+    /// masked row.
+    pub minus_unmasked: Option<Interval>,
     /// Seconds to build the banks and score the cells (encoding excluded; see `encode_seconds`).
     pub seconds: f64,
     pub encode_seconds: f64,
@@ -191,6 +205,11 @@ pub fn evaluate<O: StepOps>(
         }
     }
     let has_full = cfg.shots.contains(&Shots::Full);
+    // The unmasked rows first: the masked ones are compared with them.
+    let mut maskings = cfg.masking.clone();
+    maskings.push(Masking::None);
+    maskings.sort();
+    maskings.dedup();
     // The plain bank first: the augmented rows are compared with it.
     let mut views = if cfg.views.is_empty() { vec![ReferenceViews::Identity] } else { cfg.views.clone() };
     views.sort();
@@ -229,10 +248,27 @@ pub fn evaluate<O: StepOps>(
             }
         }
         pb.finish_and_clear();
+        // Foreground masks of every encoded image, when a masked setting is asked for.
+        let masks_of = |t: &[PatchTokens]| {
+            let rows: Vec<&[f32]> = t.iter().map(|t| t.data.as_slice()).collect();
+            t.first().map_or_else(Vec::new, |f| foreground_masks(&rows, f.dim, f.h, f.w))
+        };
+        let mut masks: BTreeMap<(&str, &str), Vec<Vec<bool>>> = BTreeMap::new();
+        if maskings.contains(&Masking::Pca) {
+            for (kind, (pool, scored)) in &tokens {
+                masks.insert((kind, "pool"), masks_of(pool));
+                masks.insert((kind, "scored"), masks_of(scored));
+            }
+            for ((v, kind), t) in &view_tokens {
+                masks.insert((kind, v.label()), masks_of(t));
+            }
+        }
         let encode_seconds = te.elapsed().as_secs_f64();
         let mut identity_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        let settings = views.iter().flat_map(|&v| cfg.shots.iter().map(move |&k| (v, k)));
-        for (views, shots) in settings {
+        let mut unmasked_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let settings =
+            maskings.iter().flat_map(|&m| views.iter().flat_map(move |&v| cfg.shots.iter().map(move |&k| (m, v, k))));
+        for (masking, views, shots) in settings {
             if views != ReferenceViews::Identity && shots == Shots::Full {
                 continue;
             }
@@ -240,19 +276,22 @@ pub fn evaluate<O: StepOps>(
             let (mut scores, mut bank_patches, mut per_kind) = (Vec::new(), BTreeMap::new(), BTreeMap::new());
             let pb = crate::util::progress_bar(
                 labels.len() as u64,
-                &format!("{} {shots}-shot, {views} views", enc.describe()),
+                &format!("{} {shots}-shot, {views} views, masking {masking}", enc.describe()),
                 quiet,
             );
             for (kind, s) in &kinds {
                 let (pool, scored) = &tokens[kind.as_str()];
                 let mut bank = MemoryBank::new(scored[0].dim);
-                let refs = match (shots, views) {
-                    (Shots::Full, _) => &pool[..],
-                    (Shots::K(k), ReferenceViews::Identity) => &pool[..k],
-                    (Shots::K(k), v) => &view_tokens[&(v, kind.as_str())][..k * v.count()],
+                let (refs, set) = match (shots, views) {
+                    (Shots::Full, _) => (&pool[..], "pool"),
+                    (Shots::K(k), ReferenceViews::Identity) => (&pool[..k], "pool"),
+                    (Shots::K(k), v) => (&view_tokens[&(v, kind.as_str())][..k * v.count()], v.label()),
                 };
-                for t in refs {
-                    bank.push(&t.data)?;
+                for (i, t) in refs.iter().enumerate() {
+                    match masking {
+                        Masking::None => bank.push(&t.data)?,
+                        Masking::Pca => bank.push_masked(&t.data, &masks[&(kind.as_str(), set)][i])?,
+                    }
                 }
                 if shots == Shots::Full {
                     bank = bank.coreset(cfg.coreset, cfg.seed);
@@ -261,8 +300,14 @@ pub fn evaluate<O: StepOps>(
                 let bank = bank.on(enc.ops())?;
                 let mut ks = Vec::with_capacity(scored.len());
                 // A few cells per search: fewer launches on the GPU, a visible bar on the CPU.
-                for chunk in scored.chunks(8) {
-                    let maps = bank.anomaly_maps(&chunk.iter().map(|t| t.data.as_slice()).collect::<Vec<_>>())?;
+                for (c, chunk) in scored.chunks(8).enumerate() {
+                    let mut maps = bank.anomaly_maps(&chunk.iter().map(|t| t.data.as_slice()).collect::<Vec<_>>())?;
+                    if masking == Masking::Pca {
+                        // Background patches do not score (AnomalyDINO leaves them out of the search).
+                        for (m, keep) in maps.iter_mut().zip(&masks[&(kind.as_str(), "scored")][c * 8..]) {
+                            m.iter_mut().zip(keep).filter(|(_, &k)| !k).for_each(|(v, _)| *v = 0.0);
+                        }
+                    }
                     ks.extend(maps.iter().map(|m| cfg.image_score.of(m)));
                     pb.inc(chunk.len() as u64);
                 }
@@ -282,15 +327,24 @@ pub fn evaluate<O: StepOps>(
             };
             let image_auroc = bootstrap(labels.len(), stat(&scores), DEFAULT_RESAMPLES, cfg.seed)
                 .ok_or_else(|| user_err!("ELPV evaluation needs both normal and defective cells"))?;
-            let key = format!("{views}/{shots}");
-            let minus_identity_views = match identity_scores.get(&shots.to_string()) {
+            let key = format!("{masking}/{views}/{shots}");
+            let minus_identity_views = match identity_scores.get(&format!("{masking}/{shots}")) {
                 Some(plain) if views != ReferenceViews::Identity => {
                     bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
                 }
                 _ => None,
             };
             if views == ReferenceViews::Identity {
-                identity_scores.insert(shots.to_string(), scores.clone());
+                identity_scores.insert(format!("{masking}/{shots}"), scores.clone());
+            }
+            let minus_unmasked = match unmasked_scores.get(&format!("{views}/{shots}")) {
+                Some(plain) if masking != Masking::None => {
+                    bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
+                }
+                _ => None,
+            };
+            if masking == Masking::None {
+                unmasked_scores.insert(format!("{views}/{shots}"), scores.clone());
             }
             let minus_first_encoder = if e == 0 {
                 first_scores.insert(key.clone(), scores.clone());
@@ -308,11 +362,13 @@ pub fn evaluate<O: StepOps>(
                 encoder: enc.describe(),
                 shots: shots.to_string(),
                 reference_views: views,
+                masking,
                 bank_patches,
                 image_auroc,
                 per_kind,
                 minus_first_encoder,
                 minus_identity_views,
+                minus_unmasked,
                 seconds: ts.elapsed().as_secs_f64(),
                 encode_seconds,
             });
@@ -344,20 +400,21 @@ pub fn markdown(r: &ShotsReport) -> String {
     let kinds: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
     let mut s = String::new();
     s.push_str(&format!(
-        "| encoder | shots | reference views | bank patches | image AUROC [95% CI] | {} | − first encoder [95% CI] | − identity views [95% CI] |\n",
+        "| encoder | shots | reference views | masking | bank patches | image AUROC [95% CI] | {} | − first encoder [95% CI] | − identity views [95% CI] | − unmasked [95% CI] |\n",
         kinds.iter().map(|k| format!("{k} AUROC")).collect::<Vec<_>>().join(" | ")
     ));
-    s.push_str(&format!("|---|---|---|---|---|{}---|---|\n", "---|".repeat(kinds.len())));
+    s.push_str(&format!("|---|---|---|---|---|---|{}---|---|---|\n", "---|".repeat(kinds.len())));
     let diff = |i: &Option<Interval>| {
         i.as_ref().map_or("–".into(), |i| format!("{:+.4} [{:+.4}, {:+.4}]", i.estimate, i.lo, i.hi))
     };
     for row in &r.rows {
         let ci = |i: &Interval| format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.lo, i.hi);
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.encoder,
             row.shots,
             row.reference_views,
+            row.masking,
             row.bank_patches.values().map(|n| n.to_string()).collect::<Vec<_>>().join(" / "),
             ci(&row.image_auroc),
             kinds
@@ -367,6 +424,7 @@ pub fn markdown(r: &ShotsReport) -> String {
                 .join(" | "),
             diff(&row.minus_first_encoder),
             diff(&row.minus_identity_views),
+            diff(&row.minus_unmasked),
         ));
     }
     s.push_str(&format!(

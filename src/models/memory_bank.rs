@@ -70,6 +70,22 @@ impl MemoryBank {
         Ok(())
     }
 
+    /// Adds the rows of one image's tokens `[patches, dim]` whose `keep` is true (a foreground
+    /// mask).
+    pub fn push_masked(&mut self, tokens: &[f32], keep: &[bool]) -> Result<()> {
+        ensure!(
+            tokens.len() == keep.len() * self.dim,
+            "a mask of {} patches does not fit {} values of width {}",
+            keep.len(),
+            tokens.len(),
+            self.dim
+        );
+        for (row, _) in tokens.chunks_exact(self.dim).zip(keep).filter(|(_, &k)| k) {
+            self.push(row)?;
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.data.len() / self.dim
     }

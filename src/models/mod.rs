@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod bert;
 pub mod dinov2;
 pub mod efficientnet;
+pub mod foreground;
 pub mod imagenet;
 pub mod llama;
 pub mod memory_bank;

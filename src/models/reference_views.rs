@@ -47,13 +47,20 @@ impl ReferenceViews {
     }
 }
 
-impl std::fmt::Display for ReferenceViews {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl ReferenceViews {
+    /// Its name on the command line and in reports.
+    pub fn label(self) -> &'static str {
+        match self {
             ReferenceViews::Identity => "identity",
             ReferenceViews::Rotations => "rotations",
             ReferenceViews::Dihedral => "dihedral",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for ReferenceViews {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }
 
