@@ -237,6 +237,26 @@ fn the_pair_map_runs_on_dinov2_tokens() {
 /// The few-shot protocol on a few cells of each type: one row per encoder × bank with an
 /// interval that holds its estimate, the paired difference on DINOv2's rows only, and the bank
 /// sizes it says (k cells × patches; the coreset a tenth of the pool's patches).
+/// AnomalyDINO's foreground mask on a real photograph (a mug on a table, 224 px, 16×16 patches),
+/// read from DINOv2's last layer whichever layer the map uses: the mug's centre is in, the four
+/// corners are out, and the mask covers a plausible share of the image (145 of 256 patches when
+/// this test was written).
+#[test]
+fn the_foreground_mask_outlines_the_mug() {
+    use sage::models::patch_encoder::{DinoLayer, EncoderKind, PatchEncoder};
+    let enc = PatchEncoder::load_from(EncoderKind::Dinov2, &dinov2_onnx(), Some(224), DinoLayer::Block(6)).unwrap();
+    let img = sage::image_io::load(&test_image("coffee.png")).unwrap();
+    let m = enc.foreground(&[&img]).unwrap().remove(0);
+    assert_eq!(m.len(), 256);
+    let at = |y: usize, x: usize| m[y * 16 + x];
+    let picture: String =
+        m.chunks(16).map(|r| r.iter().map(|&b| if b { '#' } else { '.' }).collect::<String>() + "\n").collect();
+    assert!((6..10).all(|y| (6..10).all(|x| at(y, x))), "the centre is the mug:\n{picture}");
+    assert!(!at(0, 0) && !at(0, 15) && !at(15, 0) && !at(15, 15), "the corners are the table:\n{picture}");
+    let share = m.iter().filter(|&&b| b).count() as f64 / 256.0;
+    assert!((0.3..0.8).contains(&share), "{share}:\n{picture}");
+}
+
 #[test]
 fn few_shot_table_for_both_encoders_on_the_same_cells() {
     let o = sage()

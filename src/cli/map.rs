@@ -94,8 +94,9 @@ pub struct Args {
     reference_views: Vec<ReferenceViews>,
     /// With --eval-elpv --shots: background masking, comma-separated, a set of rows per entry:
     /// `none`, or `pca` (AnomalyDINO's zero-shot mask: each image's first principal component of
-    /// its patch tokens, split by Otsu's threshold, the side holding the centre kept, dilated and
-    /// closed; background patches neither enter the bank nor score). Masked rows get their paired
+    /// its patch tokens — DINOv2's last layer whatever --layer is, EfficientNet's own tokens —
+    /// split by Otsu's threshold, the side holding the centre kept, dilated and closed; background
+    /// patches neither enter the bank nor score; DINOv2 then runs a second, full forward). Masked rows get their paired
     /// difference from the unmasked ones (always run).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none", requires = "shots")]
     masking: Vec<Masking>,

@@ -24,7 +24,7 @@ use crate::eval::stats::{bootstrap, bootstrap_difference, Interval, DEFAULT_RESA
 use crate::image_io;
 use crate::metrics::auroc;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::foreground::{foreground_masks, Masking};
+use crate::models::foreground::Masking;
 use crate::models::memory_bank::{ImageScore, MemoryBank};
 use crate::models::patch_encoder::PatchEncoder;
 use crate::models::reference_views::ReferenceViews;
@@ -110,6 +110,8 @@ pub struct ShotsRow {
     pub reference_views: ReferenceViews,
     /// Whether background patches were left out of the bank and the scores.
     pub masking: Masking,
+    /// With masking: the share of the scored cells' patches on the foreground (that score).
+    pub foreground_share: Option<f64>,
     /// Patches in the bank, per type.
     pub bank_patches: BTreeMap<String, usize>,
     /// Image AUROC over both types, with its 95% bootstrap interval over cells.
@@ -161,28 +163,46 @@ fn split(cells: &[Cell], limit: usize) -> BTreeMap<String, Split<'_>> {
         .collect()
 }
 
-/// Patch tokens of `cells`, in order, in batches, with a progress bar.
-fn encode<O: StepOps>(enc: &PatchEncoder<O>, cells: &[&Cell], pb: &indicatif::ProgressBar) -> Result<Vec<PatchTokens>> {
-    encode_views(enc, cells, ReferenceViews::Identity, pb)
+/// Patch tokens of `cells` and, when `masks`, their foreground masks; in order, in batches, with a
+/// progress bar.
+fn encode<O: StepOps>(
+    enc: &PatchEncoder<O>,
+    cells: &[&Cell],
+    masks: bool,
+    pb: &indicatif::ProgressBar,
+) -> Result<Encoded> {
+    encode_views(enc, cells, ReferenceViews::Identity, masks, pb)
 }
 
-/// Patch tokens of each view of each of `cells`, cell by cell (a cell's views together).
+/// Patch tokens of each view of each of `cells`, cell by cell (a cell's views together), and, when
+/// `masks`, each view's foreground mask (empty otherwise).
 fn encode_views<O: StepOps>(
     enc: &PatchEncoder<O>,
     cells: &[&Cell],
     views: ReferenceViews,
+    masks: bool,
     pb: &indicatif::ProgressBar,
-) -> Result<Vec<PatchTokens>> {
-    let mut out = Vec::with_capacity(cells.len() * views.count());
+) -> Result<Encoded> {
+    let (mut tokens, mut fg) = (Vec::with_capacity(cells.len() * views.count()), Vec::new());
     for chunk in cells.chunks(8usize.div_ceil(views.count())) {
         let mut imgs = Vec::with_capacity(chunk.len() * views.count());
         for c in chunk {
             imgs.extend(views.of(&image_io::load(&c.path)?));
         }
-        out.extend(enc.tokens(&imgs.iter().collect::<Vec<_>>())?);
+        let imgs: Vec<&image::DynamicImage> = imgs.iter().collect();
+        tokens.extend(enc.tokens(&imgs)?);
+        if masks {
+            fg.extend(enc.foreground(&imgs)?);
+        }
         pb.inc(chunk.len() as u64);
     }
-    Ok(out)
+    Ok(Encoded { tokens, masks: fg })
+}
+
+/// Encoded cells: tokens and (when asked for) foreground masks, in the same order.
+struct Encoded {
+    tokens: Vec<PatchTokens>,
+    masks: Vec<Vec<bool>>,
 }
 
 /// Runs the protocol for each encoder (the first is the one the others are compared with).
@@ -234,35 +254,21 @@ pub fn evaluate<O: StepOps>(
             })
             .sum();
         let pb = crate::util::progress_bar(needed as u64, &format!("encode {}", enc.describe()), quiet);
-        let mut tokens: BTreeMap<&str, (Vec<PatchTokens>, Vec<PatchTokens>)> = BTreeMap::new();
+        // Tokens, and foreground masks when a masked setting is asked for, by (type, set): the
+        // pool, the scored cells, and each augmented view set of the first max_k pool cells.
+        let with_masks = maskings.contains(&Masking::Pca);
+        let mut encoded: BTreeMap<(&str, &str), Encoded> = BTreeMap::new();
         for (kind, s) in &kinds {
             let pool_cells = if has_full { &s.pool[..] } else { &s.pool[..max_k.min(s.pool.len())] };
             let scored_cells: Vec<&Cell> = s.scored.iter().map(|(c, _)| *c).collect();
-            tokens.insert(kind, (encode(enc, pool_cells, &pb)?, encode(enc, &scored_cells, &pb)?));
-        }
-        // Each augmented view set's tokens of the first max_k pool cells, a cell's views together.
-        let mut view_tokens: BTreeMap<(ReferenceViews, &str), Vec<PatchTokens>> = BTreeMap::new();
-        for &v in &augmented {
-            for (kind, s) in &kinds {
-                view_tokens.insert((v, kind), encode_views(enc, &s.pool[..max_k.min(s.pool.len())], v, &pb)?);
+            encoded.insert((kind, "pool"), encode(enc, pool_cells, with_masks, &pb)?);
+            encoded.insert((kind, "scored"), encode(enc, &scored_cells, with_masks, &pb)?);
+            for &v in &augmented {
+                let views = encode_views(enc, &s.pool[..max_k.min(s.pool.len())], v, with_masks, &pb)?;
+                encoded.insert((kind, v.label()), views);
             }
         }
         pb.finish_and_clear();
-        // Foreground masks of every encoded image, when a masked setting is asked for.
-        let masks_of = |t: &[PatchTokens]| {
-            let rows: Vec<&[f32]> = t.iter().map(|t| t.data.as_slice()).collect();
-            t.first().map_or_else(Vec::new, |f| foreground_masks(&rows, f.dim, f.h, f.w))
-        };
-        let mut masks: BTreeMap<(&str, &str), Vec<Vec<bool>>> = BTreeMap::new();
-        if maskings.contains(&Masking::Pca) {
-            for (kind, (pool, scored)) in &tokens {
-                masks.insert((kind, "pool"), masks_of(pool));
-                masks.insert((kind, "scored"), masks_of(scored));
-            }
-            for ((v, kind), t) in &view_tokens {
-                masks.insert((kind, v.label()), masks_of(t));
-            }
-        }
         let encode_seconds = te.elapsed().as_secs_f64();
         let mut identity_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut unmasked_scores: BTreeMap<String, Vec<f32>> = BTreeMap::new();
@@ -274,23 +280,24 @@ pub fn evaluate<O: StepOps>(
             }
             let ts = std::time::Instant::now();
             let (mut scores, mut bank_patches, mut per_kind) = (Vec::new(), BTreeMap::new(), BTreeMap::new());
+            let (mut kept, mut patches) = (0usize, 0usize);
             let pb = crate::util::progress_bar(
                 labels.len() as u64,
                 &format!("{} {shots}-shot, {views} views, masking {masking}", enc.describe()),
                 quiet,
             );
             for (kind, s) in &kinds {
-                let (pool, scored) = &tokens[kind.as_str()];
-                let mut bank = MemoryBank::new(scored[0].dim);
-                let (refs, set) = match (shots, views) {
-                    (Shots::Full, _) => (&pool[..], "pool"),
-                    (Shots::K(k), ReferenceViews::Identity) => (&pool[..k], "pool"),
-                    (Shots::K(k), v) => (&view_tokens[&(v, kind.as_str())][..k * v.count()], v.label()),
+                let scored = &encoded[&(kind.as_str(), "scored")];
+                let mut bank = MemoryBank::new(scored.tokens[0].dim);
+                let (refs, n) = match (shots, views) {
+                    (Shots::Full, _) => (&encoded[&(kind.as_str(), "pool")], usize::MAX),
+                    (Shots::K(k), ReferenceViews::Identity) => (&encoded[&(kind.as_str(), "pool")], k),
+                    (Shots::K(k), v) => (&encoded[&(kind.as_str(), v.label())], k * v.count()),
                 };
-                for (i, t) in refs.iter().enumerate() {
+                for (i, t) in refs.tokens.iter().take(n).enumerate() {
                     match masking {
                         Masking::None => bank.push(&t.data)?,
-                        Masking::Pca => bank.push_masked(&t.data, &masks[&(kind.as_str(), set)][i])?,
+                        Masking::Pca => bank.push_masked(&t.data, &refs.masks[i])?,
                     }
                 }
                 if shots == Shots::Full {
@@ -298,13 +305,15 @@ pub fn evaluate<O: StepOps>(
                 }
                 bank_patches.insert(kind.clone(), bank.len());
                 let bank = bank.on(enc.ops())?;
-                let mut ks = Vec::with_capacity(scored.len());
+                let mut ks = Vec::with_capacity(scored.tokens.len());
                 // A few cells per search: fewer launches on the GPU, a visible bar on the CPU.
-                for (c, chunk) in scored.chunks(8).enumerate() {
+                for (c, chunk) in scored.tokens.chunks(8).enumerate() {
                     let mut maps = bank.anomaly_maps(&chunk.iter().map(|t| t.data.as_slice()).collect::<Vec<_>>())?;
                     if masking == Masking::Pca {
                         // Background patches do not score (AnomalyDINO leaves them out of the search).
-                        for (m, keep) in maps.iter_mut().zip(&masks[&(kind.as_str(), "scored")][c * 8..]) {
+                        for (m, keep) in maps.iter_mut().zip(&scored.masks[c * 8..]) {
+                            kept += keep.iter().filter(|&&k| k).count();
+                            patches += keep.len();
                             m.iter_mut().zip(keep).filter(|(_, &k)| !k).for_each(|(v, _)| *v = 0.0);
                         }
                     }
@@ -363,6 +372,7 @@ pub fn evaluate<O: StepOps>(
                 shots: shots.to_string(),
                 reference_views: views,
                 masking,
+                foreground_share: (patches > 0).then(|| kept as f64 / patches as f64),
                 bank_patches,
                 image_auroc,
                 per_kind,
@@ -414,7 +424,11 @@ pub fn markdown(r: &ShotsReport) -> String {
             row.encoder,
             row.shots,
             row.reference_views,
-            row.masking,
+            row.foreground_share.map_or(row.masking.to_string(), |f| format!(
+                "{} ({:.1}% kept)",
+                row.masking,
+                100.0 * f
+            )),
             row.bank_patches.values().map(|n| n.to_string()).collect::<Vec<_>>().join(" / "),
             ci(&row.image_auroc),
             kinds

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 pub enum Masking {
     /// Every patch enters the bank and scores.
     None,
-    /// AnomalyDINO's PCA mask ([`foreground_mask`]) on every reference and test image.
+    /// AnomalyDINO's PCA mask ([`foreground_mask`]) on every reference and test image, from the
+    /// encoder's mask tokens (`PatchEncoder::foreground`: DINOv2's last layer).
     Pca,
 }
 

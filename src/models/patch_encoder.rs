@@ -8,6 +8,7 @@
 
 use super::dinov2::{self, Dinov2, Tap};
 use super::efficientnet::{EfficientNetLite, PatchTokens, PREPROCESS_FULL};
+use super::foreground;
 use crate::assets::Asset;
 use crate::backend::cpu::HostOps;
 use crate::image_io;
@@ -161,6 +162,29 @@ impl<O: StepOps> PatchEncoder<O> {
                 Ok(PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(0).to_vec() })
             }
         }
+    }
+
+    /// AnomalyDINO's foreground masks ([`foreground::foreground_mask`]) of a batch of images,
+    /// from the tokens AnomalyDINO reads them from: DINOv2's last layer after the final LayerNorm
+    /// whichever layer the map reads (block 6's first component follows texture, not the object:
+    /// on a mug on a table it cut away half the mug where the last layer outlined it), and
+    /// EfficientNet's own patch tokens.
+    pub fn foreground(&self, images: &[&DynamicImage]) -> Result<Vec<Vec<bool>>> {
+        let tokens = match self {
+            PatchEncoder::EfficientNet(_) => self.tokens(images)?,
+            PatchEncoder::Dinov2(net, size, _) => {
+                let p = dinov2::preprocess(*size);
+                let chw: Vec<Vec<f32>> = images.iter().map(|img| image_io::to_chw(img, &p)).collect();
+                let refs: Vec<&[f32]> = chw.iter().map(|c| c.as_slice()).collect();
+                let s = *size as usize;
+                let h = &net.forward(&refs, s, s, &[Tap::Normed])?[0];
+                (0..images.len())
+                    .map(|i| PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(i).to_vec() })
+                    .collect()
+            }
+        };
+        let rows: Vec<&[f32]> = tokens.iter().map(|t| t.data.as_slice()).collect();
+        Ok(tokens.first().map_or_else(Vec::new, |t| foreground::foreground_masks(&rows, t.dim, t.h, t.w)))
     }
 
     /// Patch tokens of a batch of images (DINOv2 runs them as one batch).
