@@ -96,8 +96,8 @@ pub struct Args {
     /// `none`, or `pca` (AnomalyDINO's zero-shot mask: each image's first principal component of
     /// its patch tokens — DINOv2's last layer whatever --layer is, EfficientNet's own tokens —
     /// split by Otsu's threshold, the side holding the centre kept, dilated and closed; background
-    /// patches neither enter the bank nor score; DINOv2 then runs a second, full forward). Masked rows get their paired
-    /// difference from the unmasked ones (always run).
+    /// patches neither enter the bank nor score; DINOv2's forward then runs to its last layer).
+    /// Masked rows get their paired difference from the unmasked ones (always run).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none", requires = "shots")]
     masking: Vec<Masking>,
     /// With --eval-elpv --shots full: the bank's coreset, as a share of the pool's patches (1 = all).

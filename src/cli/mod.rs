@@ -39,9 +39,9 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Compute device. `sage bench kernels` and `sage bench train` run on the GPU (`auto` takes
-    /// one when it works); `sage sfe`, `edpo`, `infer` and `eval` run their model on the GPU with
-    /// `--device cuda` (`auto` keeps them on the CPU: their GPU path has not yet run on a device),
-    /// and `sage demo --device cuda` runs those stages on it; the other commands (facts, map,
+    /// one when it works); `sage sfe`, `edpo`, `infer`, `eval` and `map` run their model on the GPU
+    /// with `--device cuda` (`auto` keeps them on the CPU: their GPU path has not yet run on a
+    /// device), and `sage demo --device cuda` runs those stages on it; the other commands (facts,
     /// ...) run on the CPU and refuse `cuda`.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub device: DeviceChoice,

@@ -190,9 +190,12 @@ fn encode_views<O: StepOps>(
             imgs.extend(views.of(&image_io::load(&c.path)?));
         }
         let imgs: Vec<&image::DynamicImage> = imgs.iter().collect();
-        tokens.extend(enc.tokens(&imgs)?);
         if masks {
-            fg.extend(enc.foreground(&imgs)?);
+            let (t, m) = enc.tokens_and_foreground(&imgs)?;
+            tokens.extend(t);
+            fg.extend(m);
+        } else {
+            tokens.extend(enc.tokens(&imgs)?);
         }
         pb.inc(chunk.len() as u64);
     }
@@ -337,24 +340,19 @@ pub fn evaluate<O: StepOps>(
             let image_auroc = bootstrap(labels.len(), stat(&scores), DEFAULT_RESAMPLES, cfg.seed)
                 .ok_or_else(|| user_err!("ELPV evaluation needs both normal and defective cells"))?;
             let key = format!("{masking}/{views}/{shots}");
-            let minus_identity_views = match identity_scores.get(&format!("{masking}/{shots}")) {
-                Some(plain) if views != ReferenceViews::Identity => {
-                    bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
+            // This row against its baseline row (same encoder, same bank but for one setting), or
+            // recorded as the baseline when it is one.
+            let against = |baselines: &mut BTreeMap<String, Vec<f32>>, key: String, is_baseline: bool| {
+                if is_baseline {
+                    baselines.insert(key, scores.clone());
+                    return None;
                 }
-                _ => None,
+                let plain = baselines.get(&key)?;
+                bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
             };
-            if views == ReferenceViews::Identity {
-                identity_scores.insert(format!("{masking}/{shots}"), scores.clone());
-            }
-            let minus_unmasked = match unmasked_scores.get(&format!("{views}/{shots}")) {
-                Some(plain) if masking != Masking::None => {
-                    bootstrap_difference(labels.len(), stat(&scores), stat(plain), DEFAULT_RESAMPLES, cfg.seed)
-                }
-                _ => None,
-            };
-            if masking == Masking::None {
-                unmasked_scores.insert(format!("{views}/{shots}"), scores.clone());
-            }
+            let minus_identity_views =
+                against(&mut identity_scores, format!("{masking}/{shots}"), views == ReferenceViews::Identity);
+            let minus_unmasked = against(&mut unmasked_scores, format!("{views}/{shots}"), masking == Masking::None);
             let minus_first_encoder = if e == 0 {
                 first_scores.insert(key.clone(), scores.clone());
                 None

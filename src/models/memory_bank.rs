@@ -129,14 +129,6 @@ pub struct DeviceBank<'o, O: Buffers> {
 }
 
 impl<O: Buffers + Similarity> DeviceBank<'_, O> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// `1 − max cos` to the bank of each patch of each test image, every image `[patches, dim]`:
     /// one search over all their rows (a patch's nearest neighbour does not depend on the others).
     pub fn anomaly_maps(&self, tests: &[&[f32]]) -> Result<Vec<Vec<f32>>> {

@@ -164,27 +164,30 @@ impl<O: StepOps> PatchEncoder<O> {
         }
     }
 
-    /// AnomalyDINO's foreground masks ([`foreground::foreground_mask`]) of a batch of images,
-    /// from the tokens AnomalyDINO reads them from: DINOv2's last layer after the final LayerNorm
-    /// whichever layer the map reads (block 6's first component follows texture, not the object:
-    /// on a mug on a table it cut away half the mug where the last layer outlined it), and
-    /// EfficientNet's own patch tokens.
-    pub fn foreground(&self, images: &[&DynamicImage]) -> Result<Vec<Vec<bool>>> {
-        let tokens = match self {
-            PatchEncoder::EfficientNet(_) => self.tokens(images)?,
-            PatchEncoder::Dinov2(net, size, _) => {
-                let p = dinov2::preprocess(*size);
-                let chw: Vec<Vec<f32>> = images.iter().map(|img| image_io::to_chw(img, &p)).collect();
-                let refs: Vec<&[f32]> = chw.iter().map(|c| c.as_slice()).collect();
-                let s = *size as usize;
-                let h = &net.forward(&refs, s, s, &[Tap::Normed])?[0];
-                (0..images.len())
-                    .map(|i| PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(i).to_vec() })
-                    .collect()
+    /// Patch tokens of a batch of images and AnomalyDINO's foreground masks
+    /// ([`foreground::foreground_mask`]), from one pass of the encoder. The masks come from the
+    /// tokens AnomalyDINO reads them from: DINOv2's last layer after the final LayerNorm whichever
+    /// layer the map reads (block 6's first component follows texture, not the object: on a mug on
+    /// a table it cut away half the mug where the last layer outlined it), and EfficientNet's own
+    /// patch tokens.
+    pub fn tokens_and_foreground(&self, images: &[&DynamicImage]) -> Result<(Vec<PatchTokens>, Vec<Vec<bool>>)> {
+        let (tokens, mask_tokens) = match self {
+            PatchEncoder::EfficientNet(_) => (self.tokens(images)?, None),
+            PatchEncoder::Dinov2(net, size, tap) => {
+                let mut taps = dinov2_tokens(net, *size, images, &[*tap, Tap::Normed])?;
+                let normed = taps.pop();
+                (taps.pop().expect("two taps"), normed)
             }
         };
-        let rows: Vec<&[f32]> = tokens.iter().map(|t| t.data.as_slice()).collect();
-        Ok(tokens.first().map_or_else(Vec::new, |t| foreground::foreground_masks(&rows, t.dim, t.h, t.w)))
+        let source = mask_tokens.as_ref().unwrap_or(&tokens);
+        let rows: Vec<&[f32]> = source.iter().map(|t| t.data.as_slice()).collect();
+        let masks = source.first().map_or_else(Vec::new, |t| foreground::foreground_masks(&rows, t.dim, t.h, t.w));
+        Ok((tokens, masks))
+    }
+
+    /// The foreground masks of [`PatchEncoder::tokens_and_foreground`] alone.
+    pub fn foreground(&self, images: &[&DynamicImage]) -> Result<Vec<Vec<bool>>> {
+        Ok(self.tokens_and_foreground(images)?.1)
     }
 
     /// Patch tokens of a batch of images (DINOv2 runs them as one batch).
@@ -194,16 +197,29 @@ impl<O: StepOps> PatchEncoder<O> {
                 let size = PREPROCESS_FULL.crop as usize;
                 images.iter().map(|img| net.try_patch_tokens(&image_io::to_chw(img, &PREPROCESS_FULL), size)).collect()
             }
-            PatchEncoder::Dinov2(net, size, tap) => {
-                let p = dinov2::preprocess(*size);
-                let chw: Vec<Vec<f32>> = images.iter().map(|img| image_io::to_chw(img, &p)).collect();
-                let refs: Vec<&[f32]> = chw.iter().map(|c| c.as_slice()).collect();
-                let s = *size as usize;
-                let h = &net.forward(&refs, s, s, &[*tap])?[0];
-                Ok((0..images.len())
-                    .map(|i| PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(i).to_vec() })
-                    .collect())
-            }
+            PatchEncoder::Dinov2(net, size, tap) => Ok(dinov2_tokens(net, *size, images, &[*tap])?.remove(0)),
         }
     }
+}
+
+/// Each of `taps`' patch tokens of a batch of images, from one DINOv2 forward at `size` pixels.
+fn dinov2_tokens<O: StepOps>(
+    net: &Dinov2<O>,
+    size: u32,
+    images: &[&DynamicImage],
+    taps: &[Tap],
+) -> Result<Vec<Vec<PatchTokens>>> {
+    let p = dinov2::preprocess(size);
+    let chw: Vec<Vec<f32>> = images.iter().map(|img| image_io::to_chw(img, &p)).collect();
+    let refs: Vec<&[f32]> = chw.iter().map(|c| c.as_slice()).collect();
+    let s = size as usize;
+    Ok(net
+        .forward(&refs, s, s, taps)?
+        .iter()
+        .map(|h| {
+            (0..images.len())
+                .map(|i| PatchTokens { h: h.grid_h, w: h.grid_w, dim: h.dim, data: h.patches(i).to_vec() })
+                .collect()
+        })
+        .collect())
 }
