@@ -230,3 +230,29 @@ fn an_augmented_bank_is_reported_and_takes_one_set() {
     let args = ["map", "--eval", "--shots", "1", "--reference-views", "identity,dihedral", "--data"];
     expect_user_error(sage().args(args).arg(&data), "--reference-views");
 }
+
+/// `--masking pca` with `--eval --shots`: AnomalyDINO's background masking on a memory bank. The
+/// report names it and the share of scored patches on the foreground; the masked-out patches
+/// score 0, so the maps (and here the pixel metrics) differ from the unmasked run's on the same
+/// images. One value only, and only with a bank.
+#[test]
+fn background_masking_reaches_the_bank_evaluation() {
+    let data = fixture("mvtec");
+    let plain = map_eval(&["--data", data.to_str().unwrap(), "--shots", "1"]);
+    assert_eq!(plain["masking"], "none");
+    assert!(plain["foreground_share"].is_null());
+    let masked = map_eval(&["--data", data.to_str().unwrap(), "--shots", "1", "--masking", "pca"]);
+    assert_eq!(masked["masking"], "pca");
+    let share = masked["foreground_share"].as_f64().unwrap();
+    // The fixture's 8×8 images, upsampled, still have a background the mask finds.
+    assert!(share > 0.0 && share < 1.0, "foreground share {share}");
+    assert_eq!(counts(&masked["overall"]), counts(&plain["overall"]));
+    for m in ["image_auroc", "pixel_auroc", "pro"] {
+        check_metric(&masked["overall"][m], true, m);
+    }
+    assert_ne!(masked["overall"]["pixel_auroc"], plain["overall"]["pixel_auroc"]);
+    let args = ["map", "--eval", "--shots", "1", "--masking", "pca,none", "--data"];
+    expect_user_error(sage().args(args).arg(&data), "--masking");
+    let out = sage().args(["map", "--eval", "--masking", "pca", "--data"]).arg(&data).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--shots"));
+}

@@ -92,12 +92,13 @@ pub struct Args {
     /// augmented. With --eval one set.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "identity", requires = "shots")]
     reference_views: Vec<ReferenceViews>,
-    /// With --eval-elpv --shots: background masking, comma-separated, a set of rows per entry:
-    /// `none`, or `pca` (AnomalyDINO's zero-shot mask: each image's first principal component of
-    /// its patch tokens — DINOv2's last layer whatever --layer is, EfficientNet's own tokens —
-    /// split by Otsu's threshold, the side holding the centre kept, dilated and closed; background
-    /// patches neither enter the bank nor score; DINOv2's forward then runs to its last layer).
-    /// Masked rows get their paired difference from the unmasked ones (always run).
+    /// With --shots: background masking, `none` or `pca` (AnomalyDINO's zero-shot mask: each
+    /// image's first principal component of its patch tokens — DINOv2's last layer whatever
+    /// --layer is, EfficientNet's own tokens — split by Otsu's threshold, the side holding the
+    /// centre kept, dilated and closed; background patches neither enter the bank nor score;
+    /// DINOv2's forward then runs to its last layer). With --eval-elpv a comma-separated list, a
+    /// set of rows per entry, each masked row with its paired difference from the unmasked one
+    /// (always run); with --eval one value.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none", requires = "shots")]
     masking: Vec<Masking>,
     /// With --eval-elpv --shots full: the bank's coreset, as a share of the pool's patches (1 = all).
@@ -183,9 +184,6 @@ fn run_on<O: StepOps + Clone>(ctx: &Ctx, mut a: Args, ops: O) -> Result<()> {
     if !a.shots.is_empty() && a.eval_elpv {
         return eval_shots(ctx, &a, ops);
     }
-    if a.masking.iter().any(|&m| m != Masking::None) {
-        crate::user_bail!("--masking is for the ELPV few-shot table (--eval-elpv --shots); --eval does not mask yet");
-    }
     let bank_shots = match a.shots[..] {
         [] => None,
         [Shots::K(k)] if a.eval => Some(k),
@@ -195,6 +193,10 @@ fn run_on<O: StepOps + Clone>(ctx: &Ctx, mut a: Args, ops: O) -> Result<()> {
     let reference_views = match a.reference_views[..] {
         [v] => v,
         _ => crate::user_bail!("--reference-views with --eval takes one set (e.g. --reference-views dihedral)"),
+    };
+    let masking = match a.masking[..] {
+        [m] => m,
+        _ => crate::user_bail!("--masking with --eval takes one value (none or pca)"),
     };
     // The dataset is read before the encoder loads, so a wrong --data or --sigma fails at once.
     let eval = match &a.data {
@@ -207,6 +209,7 @@ fn run_on<O: StepOps + Clone>(ctx: &Ctx, mut a: Args, ops: O) -> Result<()> {
                 encoder: String::new(),
                 shots: bank_shots,
                 reference_views,
+                masking,
             };
             o.check()?;
             Some((map_eval::load_dataset(data, a.seed, a.image_root.as_deref())?, o))

@@ -32,6 +32,7 @@ use crate::data::sample::{Label, Sample};
 use crate::image_io;
 use crate::models::anomaly_map::AnomalyMapper;
 use crate::models::efficientnet::PatchTokens;
+use crate::models::foreground::Masking;
 use crate::models::memory_bank::{DeviceBank, MemoryBank};
 use crate::models::reference_views::ReferenceViews;
 use crate::ops::similarity::Reduce;
@@ -99,6 +100,9 @@ pub struct MapEvalOptions {
     pub shots: Option<usize>,
     /// The views of each reference that bank holds.
     pub reference_views: ReferenceViews,
+    /// With a bank: background masking (`Masking::Pca`: the references' background patches stay
+    /// out of the bank and a test image's background patches score 0, as AnomalyDINO does).
+    pub masking: Masking,
 }
 
 impl MapEvalOptions {
@@ -109,6 +113,9 @@ impl MapEvalOptions {
         }
         if self.shots == Some(0) {
             user_bail!("--shots 0: a memory bank needs at least one reference image");
+        }
+        if self.masking != Masking::None && self.shots.is_none() {
+            user_bail!("--masking {}: masking needs a memory bank (--shots K)", self.masking);
         }
         Ok(())
     }
@@ -139,6 +146,10 @@ pub struct MapEvalReport {
     pub shots: Option<usize>,
     /// The views of each reference in that bank (`null` without one).
     pub reference_views: Option<ReferenceViews>,
+    /// Background masking (`none` without a bank).
+    pub masking: Masking,
+    /// With masking: the share of the scored images' patches on the foreground (the rest score 0).
+    pub foreground_share: Option<f64>,
     /// Every scored image pooled.
     pub overall: Scores,
     /// Each metric's mean over the categories that have it.
@@ -171,6 +182,13 @@ pub struct Scores {
     pub anomalous_unmasked: usize,
     /// Images compared with themselves: their sample has no reference.
     pub zero_shot: usize,
+}
+
+/// Patches kept by the foreground mask, of all scored patches.
+#[derive(Default)]
+struct Foreground {
+    kept: usize,
+    patches: usize,
 }
 
 /// One category's [`Scores`].
@@ -263,6 +281,7 @@ pub fn evaluate<O: StepOps>(
     }
     let pb = crate::util::progress_bar(total as u64, "map eval", quiet);
     let mut all = Tally::default();
+    let mut foreground = Foreground::default();
     let mut per_category = Vec::new();
     for (name, samples) in &by_category {
         let masked = with_masks.contains(name);
@@ -270,11 +289,14 @@ pub fn evaluate<O: StepOps>(
         // References repeat within a category; their tokens are computed once per category.
         let mut references: HashMap<&Path, PatchTokens> = HashMap::new();
         let bank = match o.shots {
-            Some(k) => Some(category_bank(mapper, name, samples, k, o.reference_views)?.on(mapper.encoder.ops())?),
+            Some(k) => {
+                Some(category_bank(mapper, name, samples, k, o.reference_views, o.masking)?.on(mapper.encoder.ops())?)
+            }
             None => None,
         };
         for &(s, anomalous) in samples {
-            score_sample(mapper, bank.as_ref(), s, anomalous, masked, o, &mut references, &mut tally)?;
+            let scored = Scored { anomalous, category_has_masks: masked };
+            score_sample(mapper, bank.as_ref(), s, scored, o, &mut references, &mut tally, &mut foreground)?;
             pb.inc(1);
         }
         per_category.push(CategoryScores { category: name.clone(), scores: tally.scores() });
@@ -300,6 +322,9 @@ pub fn evaluate<O: StepOps>(
         seed: data.seed,
         shots: o.shots,
         reference_views: o.shots.map(|_| o.reference_views),
+        masking: o.masking,
+        foreground_share: (o.masking != Masking::None)
+            .then(|| foreground.kept as f64 / foreground.patches.max(1) as f64),
         overall: all.scores(),
         category_mean,
         per_category,
@@ -323,13 +348,14 @@ impl From<crate::models::anomaly_map::AnomalyMap> for BankMap {
 }
 
 /// A memory bank of every patch of each view of the category's first `k` distinct reference
-/// images, in sample order.
+/// images, in sample order (with masking, their foreground patches only).
 fn category_bank<O: StepOps>(
     mapper: &AnomalyMapper<O>,
     category: &str,
     samples: &[(&Sample, bool)],
     k: usize,
     views: ReferenceViews,
+    masking: Masking,
 ) -> Result<MemoryBank> {
     let mut seen: Vec<&Path> = Vec::new();
     for (s, _) in samples {
@@ -348,11 +374,34 @@ fn category_bank<O: StepOps>(
     let mut bank: Option<MemoryBank> = None;
     for r in seen {
         let imgs = views.of(&image_io::load(r)?);
-        for t in mapper.encoder.tokens(&imgs.iter().collect::<Vec<_>>())? {
-            bank.get_or_insert_with(|| MemoryBank::new(t.dim)).push(&t.data)?;
+        let imgs: Vec<_> = imgs.iter().collect();
+        let (tokens, masks) = match masking {
+            Masking::None => (mapper.encoder.tokens(&imgs)?, Vec::new()),
+            Masking::Pca => mapper.encoder.tokens_and_foreground(&imgs)?,
+        };
+        for (i, t) in tokens.iter().enumerate() {
+            let bank = bank.get_or_insert_with(|| MemoryBank::new(t.dim));
+            match masks.get(i) {
+                Some(keep) => bank.push_masked(&t.data, keep)?,
+                None => bank.push(&t.data)?,
+            }
         }
     }
-    Ok(bank.expect("k ≥ 1 references"))
+    let bank = bank.expect("k ≥ 1 references");
+    if bank.is_empty() {
+        user_bail!(
+            "--masking {masking}: the foreground masks of category `{category}`'s {k} references left no patch for \
+             the bank; run without masking"
+        );
+    }
+    Ok(bank)
+}
+
+/// A scored sample's label and whether its category has masks.
+#[derive(Clone, Copy)]
+struct Scored {
+    anomalous: bool,
+    category_has_masks: bool,
 }
 
 /// Maps one sample (against `bank`, else its own reference) and adds it to `tally`.
@@ -361,17 +410,29 @@ fn score_sample<'a, O: StepOps>(
     mapper: &AnomalyMapper<O>,
     bank: Option<&DeviceBank<O>>,
     s: &'a Sample,
-    anomalous: bool,
-    category_has_masks: bool,
+    Scored { anomalous, category_has_masks }: Scored,
     o: &MapEvalOptions,
     references: &mut HashMap<&'a Path, PatchTokens>,
     tally: &mut Tally,
+    foreground: &mut Foreground,
 ) -> Result<()> {
     let test_img = image_io::load(&s.test_image)?;
-    let test = mapper.tokens(&test_img)?;
+    let (test, keep) = match o.masking {
+        Masking::None => (mapper.tokens(&test_img)?, None),
+        Masking::Pca => {
+            let (mut t, mut m) = mapper.encoder.tokens_and_foreground(&[&test_img])?;
+            (t.remove(0), m.pop())
+        }
+    };
     let m = match (bank, &s.reference_image) {
         (Some(bank), _) => {
-            let map = bank.anomaly_maps(&[&test.data])?.remove(0);
+            let mut map = bank.anomaly_maps(&[&test.data])?.remove(0);
+            if let Some(keep) = &keep {
+                // Background patches do not score (AnomalyDINO leaves them out of the search).
+                foreground.kept += keep.iter().filter(|&&k| k).count();
+                foreground.patches += keep.len();
+                map.iter_mut().zip(keep).filter(|(_, &k)| !k).for_each(|(v, _)| *v = 0.0);
+            }
             let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             BankMap { grid_h: test.h, grid_w: test.w, map, score }
         }
@@ -558,6 +619,13 @@ impl MapEvalReport {
             if let Some(v) = self.reference_views.filter(|&v| v != ReferenceViews::Identity) {
                 source.push_str(&format!(" ({} {v} views of each)", v.count()));
             }
+        }
+        if let Some(f) = self.foreground_share {
+            source.push_str(&format!(
+                "; background masked ({}): {:.1}% of the scored patches on the foreground, the rest score 0",
+                self.masking,
+                100.0 * f
+            ));
         }
         let size = match self.mask_side {
             0 => "pixels at each mask's size".to_string(),
