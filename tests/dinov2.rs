@@ -334,11 +334,6 @@ fn few_shot_table_for_both_encoders_on_the_same_cells() {
         assert!(masked.as_u64().unwrap() > 0 && masked.as_u64() <= plain.as_u64(), "{kind}: {masked} of {plain}");
     }
     expect_user_error(sage().args(["map", "--eval-elpv", "--shots", "1", "--coreset", "0"]), "--coreset");
-    let data = common::emu::root().join("tests/fixtures/mvtec");
-    expect_user_error(
-        sage().args(["map", "--eval", "--shots", "1", "--masking", "pca", "--data"]).arg(&data),
-        "--masking",
-    );
     let o = sage().args(["map", "--eval-elpv", "--shots", "0"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("`0` is not a number of references"));
