@@ -61,6 +61,10 @@ pub struct Args {
     /// Evaluate only the first N items (image pairs).
     #[arg(long)]
     max_items: Option<usize>,
+    /// With --max-items N: the first N/2 anomalous and the first N/2 normal items, in file
+    /// order, instead of the first N (a small subset then has both labels and an image AUROC).
+    #[arg(long, requires = "max_items")]
+    balanced: bool,
     /// Maximum answer tokens.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
@@ -113,6 +117,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         format: a.format,
         image_root: a.image_root,
         max_items: a.max_items,
+        balanced: a.balanced,
         shots: a.shots,
         answers,
         judge: (a.judge != "none").then_some(JudgeSpec { name: a.judge, config }),

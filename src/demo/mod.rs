@@ -179,7 +179,8 @@ fn score(r: &Runner, p: &Profile, train: &Path, name: &str) -> Result<()> {
     r.sage(name, &args)
 }
 
-/// `sage eval` of checkpoint `ckpt` on the first `eval_items` items (0: all) of `test` (skipped
+/// `sage eval` of checkpoint `ckpt` on the first `eval_items` items (0: all; label-balanced with
+/// the profile's `balanced_eval`) of `test` (skipped
 /// when its report exists), with the profile's first-token conclusions and generated subset, and
 /// the HTML page when `html` is given; its JSON report.
 #[allow(clippy::too_many_arguments)]
@@ -214,6 +215,9 @@ fn evaluate(
         }
         args.extend(["--out".into(), s(&report)]);
         args.extend(items(eval_items));
+        if p.balanced_eval && eval_items > 0 {
+            args.push("--balanced".into());
+        }
         r.sage(&format!("eval-{stem}"), &args)?;
     }
     read_json(&report.with_extension("json"))

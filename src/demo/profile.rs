@@ -25,6 +25,9 @@ pub struct Profile {
     pub grpo_steps: u64,
     /// Evaluated test items (0 = all).
     pub eval_items: usize,
+    /// With `eval_items`: half anomalous and half normal items (`sage eval --balanced`) instead
+    /// of the first ones (ELPV's test split lists its defective cells first).
+    pub balanced_eval: bool,
     pub max_tokens: usize,
     /// Validation questions at the end of each training run.
     pub val_questions: usize,
@@ -71,6 +74,7 @@ pub const QUICK: Profile = Profile {
     edpo_lr: 5e-4,
     grpo_steps: 8,
     eval_items: 10,
+    balanced_eval: true,
     max_tokens: 32,
     val_questions: 10,
     first_token: false,
@@ -94,6 +98,7 @@ pub const FULL: Profile = Profile {
     edpo_lr: 2e-4,
     grpo_steps: 200,
     eval_items: 0,
+    balanced_eval: false,
     max_tokens: 96,
     val_questions: 200,
     first_token: true,
@@ -130,6 +135,8 @@ pub const STANDARD: Profile = Profile {
     edpo_lr: 1e-4,
     grpo_steps: 24,
     eval_items: 0,
+    // The unseen-kind rows keep their first 100 test items, as in the committed run.
+    balanced_eval: false,
     max_tokens: 48,
     first_token: true,
     generate_items: Some(20),

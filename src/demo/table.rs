@@ -91,7 +91,7 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
     let all_or = |n: usize| if n == 0 { "all".to_string() } else { n.to_string() };
     let mut md = format!(
         "# sage demo ({} profile)\n\nELPV, backbone `{}` ({}), LoRA r8; {} training items, \
-         {} evaluated questions ({} test items), rubric judge. Accuracy is the mean of the three levels' conclusion \
+         {} evaluated questions ({} test items{}), rubric judge. Accuracy is the mean of the three levels' conclusion \
          accuracies.\n\n",
         p.name,
         p.backbone,
@@ -99,6 +99,7 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
         all_or(p.train_items),
         rows.first().map_or(0, |r| r.questions),
         all_or(p.eval_items),
+        if p.balanced_eval && p.eval_items > 0 { ", half of them anomalous" } else { "" },
     );
     if rows.iter().any(|r| r.intervals.is_some()) {
         md.push_str(&format!(
@@ -138,7 +139,7 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
 
 #[cfg(test)]
 mod tests {
-    use super::super::profile::{QUICK, ROWS};
+    use super::super::profile::{Profile, QUICK, ROWS};
     use super::*;
 
     fn read(p: &Path) -> Value {
@@ -171,7 +172,9 @@ mod tests {
             .and_then(|rest| rest.split(" min").next())
             .and_then(|m| m.parse().ok())
             .expect("demo.md states its wall time");
-        let md = markdown(&QUICK, &rows, &majority, &map, minutes * 60.0, Path::new("runs/demo-quick"));
+        // That run evaluated the first ten test items, before the quick profile balanced them.
+        let then = Profile { balanced_eval: false, ..QUICK };
+        let md = markdown(&then, &rows, &majority, &map, minutes * 60.0, Path::new("runs/demo-quick"));
         // That demo.md was written before the header named the backbone by its registry entry.
         let committed = committed.replace(
             "ELPV, SmolLM2-135M-Instruct + EfficientNet-Lite0 (`lite`)",
@@ -185,7 +188,7 @@ mod tests {
         let rows = [TableRow::from_report("+DPO", "b".into(), &serde_json::json!({"adpl": {}}))];
         let md = markdown(&QUICK, &rows, &Value::Null, &Value::Null, 6.0, Path::new("o"));
         assert!(md.contains("| +DPO | — | — | — | — |\n"), "{md}");
-        assert!(md.contains("0 evaluated questions (10 test items)"), "{md}");
+        assert!(md.contains("0 evaluated questions (10 test items, half of them anomalous)"), "{md}");
         assert!(md.contains("questions: — —%.\nTraining-free anomaly map (all 0 ELPV cells): image AUROC —."), "{md}");
     }
 }

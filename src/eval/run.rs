@@ -32,6 +32,9 @@ pub struct EvalRequest {
     pub image_root: Option<PathBuf>,
     /// Evaluate only the first N items (image pairs); 0 is refused.
     pub max_items: Option<usize>,
+    /// With `max_items`: the first N/2 anomalous and the first N/2 normal items (in file order)
+    /// instead of the first N, so that a small subset has both labels.
+    pub balanced: bool,
     /// 1: the model sees the reference image (one-shot); 0: zero-shot. Also reported.
     pub shots: u8,
     /// Where the answers come from.
@@ -177,16 +180,46 @@ pub fn evaluate(req: &EvalRequest, env: &EvalEnv) -> Result<EvalReport> {
     Ok(report)
 }
 
-/// The samples of `req.data`, cut to `req.max_items`.
+/// The samples of `req.data`, cut to `req.max_items` (label-balanced with `req.balanced`).
 fn load(req: &EvalRequest, format: DataFormat) -> Result<Vec<Sample>> {
-    let mut samples = load_samples(&req.data, Some(format), req.image_root.as_deref())?;
-    if let Some(n) = req.max_items {
-        if n == 0 {
-            return Err(user_err!("--max-items must be at least 1"));
-        }
-        samples.truncate(n);
+    let samples = load_samples(&req.data, Some(format), req.image_root.as_deref())?;
+    match req.max_items {
+        Some(0) => Err(user_err!("--max-items must be at least 1")),
+        Some(n) if req.balanced => balanced_subset(samples, n, &req.data),
+        Some(n) => Ok(samples.into_iter().take(n).collect()),
+        None if req.balanced => Err(user_err!("--balanced chooses among --max-items N items; give --max-items")),
+        None => Ok(samples),
     }
-    Ok(samples)
+}
+
+/// The first ⌈n/2⌉ anomalous and the first ⌊n/2⌋ normal samples, in file order; when one label
+/// has too few, the other fills the rest. A file's first items are often all of one label (ELPV's
+/// test split lists its defective cells first), which leaves a small subset's image AUROC
+/// undefined and its accuracy a question-form prior.
+pub fn balanced_subset(samples: Vec<Sample>, n: usize, path: &std::path::Path) -> Result<Vec<Sample>> {
+    use crate::data::sample::Label;
+    if let Some(s) = samples.iter().find(|s| s.label.is_none()) {
+        return Err(user_err!(
+            "{}: item `{}` has no label, so --balanced cannot choose by label; drop --balanced or label every item",
+            path.display(),
+            s.id
+        ));
+    }
+    let count = |l: Label| samples.iter().filter(|s| s.label == Some(l)).count();
+    let (anomalous, normal) = (count(Label::Anomalous), count(Label::Normal));
+    let want_a = n.div_ceil(2).min(anomalous);
+    let want_a = want_a.max(n.saturating_sub(normal)).min(anomalous);
+    let want_n = n.saturating_sub(want_a).min(normal);
+    let (mut a, mut m) = (0, 0);
+    Ok(samples
+        .into_iter()
+        .filter(|s| {
+            let take = if s.label == Some(Label::Anomalous) { &mut a } else { &mut m };
+            let want = if s.label == Some(Label::Anomalous) { want_a } else { want_n };
+            *take += 1;
+            *take <= want
+        })
+        .collect())
 }
 
 fn load_model(m: &ModelAnswers, shots: u8, env: &EvalEnv) -> Result<Evaluator> {
@@ -269,4 +302,45 @@ fn score_adpl(
     let encoder = SentenceEncoder::load(&crate::assets::Asset::MiniLmDir.path()?)?;
     let mut embed = |t: &str| encoder.embed(t);
     AdplReport::compute(samples, generated, first, Some(&mut embed), judged.then_some(&scores[..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::sample::Label;
+
+    fn samples(labels: &str) -> Vec<Sample> {
+        labels
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                let label = match c {
+                    'a' => Some(Label::Anomalous),
+                    'n' => Some(Label::Normal),
+                    _ => None,
+                };
+                serde_json::from_value::<Sample>(serde_json::json!({"id": format!("{i}{c}"), "test_image": "t.png"}))
+                    .map(|s| Sample { label, ..s })
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn ids(s: &[Sample]) -> String {
+        s.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn a_balanced_subset_takes_the_first_of_each_label_in_file_order() {
+        let p = std::path::Path::new("d.json");
+        // Five anomalous items first, as in ELPV's test split, then normal ones.
+        assert_eq!(ids(&balanced_subset(samples("aaaaannnn"), 4, p).unwrap()), "0a 1a 5n 6n");
+        // An odd N gives the extra item to the anomalous side.
+        assert_eq!(ids(&balanced_subset(samples("nanana"), 3, p).unwrap()), "0n 1a 3a");
+        // One label short: the other fills the rest.
+        assert_eq!(ids(&balanced_subset(samples("naaaa"), 4, p).unwrap()), "0n 1a 2a 3a");
+        assert_eq!(ids(&balanced_subset(samples("an"), 5, p).unwrap()), "0a 1n");
+        let err = balanced_subset(samples("an?"), 2, p).unwrap_err().to_string();
+        assert!(err.contains("d.json") && err.contains("`2?`") && err.contains("no label"), "{err}");
+    }
 }
