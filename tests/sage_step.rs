@@ -30,6 +30,7 @@ fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         fusion_dim: 32,
         fusion_heads: 2,
         image_pool: 5,
+        anomaly_channel: false,
     };
     SageModel::new(cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
 }
@@ -70,6 +71,8 @@ fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         fusion_dim: 16,
         fusion_heads: 2,
         image_pool: 5,
+        // The widest adapter input: the anomaly channel's column is checked with the rest.
+        anomaly_channel: true,
     };
     let head = sage::models::sage::SageHead::new(cfg, vision.dim(), 32, params, &mut rng).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&g).unwrap();
@@ -297,6 +300,7 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
         fusion_dim: 128,
         fusion_heads: 4,
         image_pool: 4,
+        anomaly_channel: false,
     };
     let lora = Finetune::Lora { rank: 8, alpha: 16.0, targets: vec!["attn_q".into(), "attn_v".into()] };
     let m = SageModel::new(cfg, &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();

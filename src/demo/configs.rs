@@ -38,6 +38,7 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
             fusion_dim: 128,
             fusion_heads: 4,
             image_pool: 4,
+            anomaly_channel: false,
         },
         llm: LlmConfig {
             finetune: "lora".into(),

@@ -51,6 +51,13 @@ pub struct SageConfig {
     pub fusion_heads: usize,
     /// Average `pool × pool` patch tokens before the adapter (1 keeps the full grid).
     pub image_pool: usize,
+    /// Give the adapter each test patch's anomaly score as one more input channel: `1 − s_i`
+    /// (the patch selection's map: the distance to the nearest reference patch), max-pooled over
+    /// the `pool × pool` window so one defective patch is not averaged away, times the test
+    /// image's mean patch-token norm so the channel weighs like the features at the adapter's
+    /// initialisation. The reference image's channel is 0. Off in checkpoints made before the key
+    /// existed.
+    pub anomaly_channel: bool,
 }
 
 impl SageConfig {
@@ -71,6 +78,7 @@ impl Default for SageConfig {
             fusion_dim: 256,
             fusion_heads: 4,
             image_pool: 2,
+            anomaly_channel: false,
         }
     }
 }
@@ -177,7 +185,14 @@ impl SageHead {
         ensure!(config.k > 0 && config.image_pool > 0, "k and image_pool must be positive");
         let f = config.fusion_dim;
         Ok(SageHead {
-            adapter_fc1: Linear::new(params, "sage.adapter.fc1", vision_dim, llm_dim, 1.0, rng)?,
+            adapter_fc1: Linear::new(
+                params,
+                "sage.adapter.fc1",
+                vision_dim + config.anomaly_channel as usize,
+                llm_dim,
+                1.0,
+                rng,
+            )?,
             adapter_fc2: Linear::new(params, "sage.adapter.fc2", llm_dim, llm_dim, 1.0, rng)?,
             fusion_q: Linear::new(params, "sage.fusion.q", llm_dim, f, 1.0, rng)?,
             fusion_k: Linear::new(params, "sage.fusion.k", vision_dim, f, 1.0, rng)?,
@@ -197,8 +212,44 @@ impl SageHead {
         grid.0.div_ceil(p) * grid.1.div_ceil(p)
     }
 
-    /// Patch tokens → the adapter's input: `pool × pool` average pooling of the patch grid.
-    pub fn pool(&self, v: &PatchTokens) -> ImageInput {
+    /// The adapter's input width: the patch tokens' channels and the anomaly channel when on.
+    pub fn adapter_input_dim(&self) -> usize {
+        self.vision_dim + self.config.anomaly_channel as usize
+    }
+
+    /// Patch tokens → the adapter's input: `pool × pool` average pooling of the patch grid, and
+    /// with [`SageConfig::anomaly_channel`] the anomaly channel after each pooled token: from
+    /// `anomaly` (one score per patch of the grid; `None`, as for the reference image, gives 0).
+    pub fn pool(&self, v: &PatchTokens, anomaly: Option<&[f32]>) -> Result<ImageInput> {
+        let pooled = self.pool_features(v);
+        if !self.config.anomaly_channel {
+            return Ok(pooled);
+        }
+        let p = self.config.image_pool;
+        let (oh, ow) = (v.h.div_ceil(p), v.w.div_ceil(p));
+        let mut channel = vec![0.0f32; pooled.rows];
+        if let Some(a) = anomaly {
+            ensure!(a.len() == v.h * v.w, "anomaly map of {} values for a {}x{} patch grid", a.len(), v.h, v.w);
+            let tokens = (v.h * v.w).max(1) as f32;
+            let norm =
+                v.data.chunks_exact(v.dim).map(|t| t.iter().map(|x| x * x).sum::<f32>().sqrt()).sum::<f32>() / tokens;
+            for (i, &score) in a.iter().enumerate() {
+                let cell = &mut channel[(i / v.w / p) * ow + (i % v.w) / p];
+                *cell = cell.max(score * norm);
+            }
+        }
+        debug_assert_eq!(channel.len(), oh * ow);
+        let c = self.vision_dim;
+        let mut rows = Vec::with_capacity(pooled.rows * (c + 1));
+        for (tok, a) in pooled.pooled.chunks_exact(c).zip(&channel) {
+            rows.extend_from_slice(tok);
+            rows.push(*a);
+        }
+        Ok(ImageInput { rows: pooled.rows, pooled: rows })
+    }
+
+    /// The patch tokens' `pool × pool` average.
+    fn pool_features(&self, v: &PatchTokens) -> ImageInput {
         let p = self.config.image_pool;
         let (oh, ow) = (v.h.div_ceil(p), v.w.div_ceil(p));
         // [P, C] → [C, h, w] for pooling, then back to rows.
@@ -217,6 +268,13 @@ impl SageHead {
             }
         }
         ImageInput { rows, pooled }
+    }
+
+    /// Each test patch's anomaly score against the reference (`1 − s_i`, zero-shot against the
+    /// test's other patches), on the full grid: what [`SageConfig::anomaly_channel`] feeds.
+    pub fn anomaly_scores(&self, test: &PatchTokens, reference: Option<&PatchTokens>) -> Result<Vec<f32>> {
+        ensure!(test.dim == self.vision_dim, "patch width {} differs from the head's {}", test.dim, self.vision_dim);
+        Ok(mincos_topk(&test.data, reference.map(|r| r.data.as_slice()), test.dim, 1, self.config.reduce).anomaly_map())
     }
 
     /// The patch selection (fused min-cosine top-K) and the fusion attention's keys' and values'
@@ -274,6 +332,7 @@ mod tests {
             fusion_dim: 8,
             fusion_heads: 2,
             image_pool: 2,
+            anomaly_channel: false,
         };
         SageHead::new(cfg, 6, 10, params, &mut SeedRng::new(7, 1)).unwrap()
     }
@@ -298,11 +357,39 @@ mod tests {
     }
 
     #[test]
+    fn the_anomaly_channel_is_the_window_maximum_times_the_mean_token_norm() {
+        let mut params = ParamSet::new();
+        let cfg = SageConfig { anomaly_channel: true, ..head(&mut ParamSet::new()).config };
+        let h = SageHead::new(cfg, 6, 10, &mut params, &mut SeedRng::new(7, 1)).unwrap();
+        assert_eq!(h.adapter_input_dim(), 7);
+        assert_eq!(params[params.id("sage.adapter.fc1.weight").unwrap()].shape, vec![10, 7]);
+        // A 3×3 grid pooled by 2 gives windows {0,1,3,4}, {2,5}, {6,7}, {8}.
+        let v = tokens(3, 3, 6, 4);
+        let norm = v.data.chunks(6).map(|t| t.iter().map(|x| x * x).sum::<f32>().sqrt()).sum::<f32>() / 9.0;
+        let map = [0.1, 0.4, 0.2, 0.3, 0.0, 0.5, 0.05, 0.0, 0.7];
+        let test = h.pool(&v, Some(&map)).unwrap();
+        let channel: Vec<f32> = test.pooled.chunks(7).map(|r| r[6]).collect();
+        let want = [0.4 * norm, 0.5 * norm, 0.05 * norm, 0.7 * norm];
+        assert!(channel.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5), "{channel:?} vs {want:?}");
+        // The features are the plain average; the reference's channel is 0.
+        let plain = h.pool_features(&v);
+        assert!(test.pooled.chunks(7).zip(plain.pooled.chunks(6)).all(|(a, b)| &a[..6] == b));
+        assert!(h.pool(&v, None).unwrap().pooled.chunks(7).all(|r| r[6] == 0.0));
+        assert!(h.pool(&v, Some(&map[..4])).is_err(), "a map of the wrong size is refused");
+        // The scores are the selection's map: the patch that differs scores highest.
+        let mut t = v.clone();
+        t.data[4 * 6..5 * 6].copy_from_slice(&[5.0, -5.0, 5.0, -5.0, 5.0, -5.0]);
+        let scores = h.anomaly_scores(&t, Some(&v)).unwrap();
+        assert_eq!(scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0, 4);
+        assert_eq!(scores, h.fusion_inputs(&t, Some(&v)).unwrap().selection.anomaly_map);
+    }
+
+    #[test]
     fn pooling_averages_each_window_of_the_patch_grid() {
         let mut params = ParamSet::new();
         let h = head(&mut params);
         let v = tokens(4, 4, 6, 1);
-        let input = h.pool(&v);
+        let input = h.pool(&v, None).unwrap();
         assert_eq!((input.rows, h.image_token_count((4, 4)), h.image_token_count((5, 4))), (4, 4, 6));
         // The first pooled token is the mean of patches (0,0), (0,1), (1,0), (1,1).
         for c in 0..6 {

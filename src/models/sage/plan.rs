@@ -161,11 +161,21 @@ impl SageModel {
 
     fn plan_ids(&self, ex: &Example, answer_ids: Vec<u32>) -> Result<SeqPlan> {
         let mode = self.head.config.facts;
+        // The patch selection, when facts are fused, also gives the anomaly channel its map.
+        let fusion = match mode {
+            FactsMode::Fused => Some(self.head.fusion_inputs(ex.test, ex.reference)?),
+            _ => None,
+        };
+        let anomaly = match (&fusion, self.head.config.anomaly_channel) {
+            (_, false) => None,
+            (Some(f), true) => Some(f.selection.anomaly_map.clone()),
+            (None, true) => Some(self.head.anomaly_scores(ex.test, ex.reference)?),
+        };
         let mut user_pieces: Vec<Piece> = vec![Piece::Text("Test image: ".into())];
-        user_pieces.push(Piece::Image(self.head.pool(ex.test)));
+        user_pieces.push(Piece::Image(self.head.pool(ex.test, anomaly.as_deref())?));
         if let Some(r) = ex.reference {
             user_pieces.push(Piece::Text("\nReference image: ".into()));
-            user_pieces.push(Piece::Image(self.head.pool(r)));
+            user_pieces.push(Piece::Image(self.head.pool(r, None)?));
         }
         match mode {
             FactsMode::None => {}
@@ -181,7 +191,7 @@ impl SageModel {
                     ensure!(!t.is_empty(), "a fact sentence is empty");
                     ids.push(t);
                 }
-                let input = self.head.fusion_inputs(ex.test, ex.reference)?;
+                let input = fusion.context("the patch selection is made when facts are fused")?;
                 user_pieces.push(Piece::Text("\nFacts: ".into()));
                 user_pieces.push(Piece::Facts(ids, input));
             }
