@@ -196,7 +196,7 @@ fn load(req: &EvalRequest, format: DataFormat) -> Result<Vec<Sample>> {
 /// has too few, the other fills the rest. A file's first items are often all of one label (ELPV's
 /// test split lists its defective cells first), which leaves a small subset's image AUROC
 /// undefined and its accuracy a question-form prior.
-pub fn balanced_subset(samples: Vec<Sample>, n: usize, path: &std::path::Path) -> Result<Vec<Sample>> {
+fn balanced_subset(samples: Vec<Sample>, n: usize, path: &std::path::Path) -> Result<Vec<Sample>> {
     use crate::data::sample::Label;
     if let Some(s) = samples.iter().find(|s| s.label.is_none()) {
         return Err(user_err!(
