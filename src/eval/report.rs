@@ -15,6 +15,10 @@ pub struct EvalReport {
     pub data: PathBuf,
     pub format: DataFormat,
     pub items: usize,
+    /// Which items, when not all of the file: `first N`, or `first A anomalous and first B
+    /// normal` (`--balanced`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     pub questions: usize,
     pub shots: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -30,11 +34,12 @@ pub struct EvalReport {
 impl EvalReport {
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "# sage eval\n\nModel: {}\nData: {} ({:?}, {} items, {} questions, {}-shot)\n\n",
+            "# sage eval\n\nModel: {}\nData: {} ({:?}, {} items{}, {} questions, {}-shot)\n\n",
             self.model,
             self.data.display(),
             self.format,
             self.items,
+            self.subset.as_ref().map_or(String::new(), |s| format!(": the {s}")),
             self.questions,
             self.shots
         );

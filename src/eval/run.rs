@@ -166,6 +166,7 @@ pub fn evaluate(req: &EvalRequest, env: &EvalEnv) -> Result<EvalReport> {
         data: req.data.clone(),
         format,
         items: samples.len(),
+        subset: subset(req, &samples),
         questions,
         shots: req.shots,
         adpl,
@@ -190,6 +191,17 @@ fn load(req: &EvalRequest, format: DataFormat) -> Result<Vec<Sample>> {
         None if req.balanced => Err(user_err!("--balanced chooses among --max-items N items; give --max-items")),
         None => Ok(samples),
     }
+}
+
+/// How the report names the evaluated items when `--max-items` chose them.
+fn subset(req: &EvalRequest, samples: &[Sample]) -> Option<String> {
+    use crate::data::sample::Label;
+    req.max_items?;
+    if !req.balanced {
+        return Some(format!("first {}", samples.len()));
+    }
+    let anomalous = samples.iter().filter(|s| s.label == Some(Label::Anomalous)).count();
+    Some(format!("first {anomalous} anomalous and first {} normal", samples.len() - anomalous))
 }
 
 /// The first ⌈n/2⌉ anomalous and the first ⌊n/2⌋ normal samples, in file order; when one label
@@ -342,5 +354,43 @@ mod tests {
         assert_eq!(ids(&balanced_subset(samples("an"), 5, p).unwrap()), "0a 1n");
         let err = balanced_subset(samples("an?"), 2, p).unwrap_err().to_string();
         assert!(err.contains("d.json") && err.contains("`2?`") && err.contains("no label"), "{err}");
+    }
+
+    /// The report says which items were evaluated when `--max-items` chose them.
+    #[test]
+    fn the_report_names_the_subset_it_evaluated() {
+        let req = |max_items, balanced| EvalRequest {
+            data: "d.json".into(),
+            format: None,
+            image_root: None,
+            max_items,
+            balanced,
+            shots: 1,
+            answers: AnswerSource::File("a.jsonl".into()),
+            judge: None,
+            out: None,
+            html: None,
+        };
+        let chosen = balanced_subset(samples("aaaaannnn"), 5, std::path::Path::new("d.json")).unwrap();
+        assert_eq!(subset(&req(None, false), &samples("aan")), None);
+        assert_eq!(subset(&req(Some(3), false), &samples("aan")).as_deref(), Some("first 3"));
+        let named = subset(&req(Some(5), true), &chosen);
+        assert_eq!(named.as_deref(), Some("first 3 anomalous and first 2 normal"));
+        let report = EvalReport {
+            model: "m".into(),
+            data: "d.json".into(),
+            format: DataFormat::Adpl,
+            items: 5,
+            subset: named,
+            questions: 0,
+            shots: 1,
+            adpl: None,
+            mmad: None,
+            maps: None,
+            judge: None,
+            seconds: 0.0,
+        };
+        let md = report.to_markdown();
+        assert!(md.contains("(Adpl, 5 items: the first 3 anomalous and first 2 normal, 0 questions, 1-shot)"), "{md}");
     }
 }
