@@ -219,17 +219,16 @@ fn balanced_subset(samples: Vec<Sample>, n: usize, path: &std::path::Path) -> Re
     }
     let count = |l: Label| samples.iter().filter(|s| s.label == Some(l)).count();
     let (anomalous, normal) = (count(Label::Anomalous), count(Label::Normal));
-    let want_a = n.div_ceil(2).min(anomalous);
-    let want_a = want_a.max(n.saturating_sub(normal)).min(anomalous);
+    // Half each, unless the normal items are too few to fill their half.
+    let want_a = n.div_ceil(2).max(n.saturating_sub(normal)).min(anomalous);
     let want_n = n.saturating_sub(want_a).min(normal);
     let (mut a, mut m) = (0, 0);
     Ok(samples
         .into_iter()
         .filter(|s| {
-            let take = if s.label == Some(Label::Anomalous) { &mut a } else { &mut m };
-            let want = if s.label == Some(Label::Anomalous) { want_a } else { want_n };
-            *take += 1;
-            *take <= want
+            let (taken, want) = if s.label == Some(Label::Anomalous) { (&mut a, want_a) } else { (&mut m, want_n) };
+            *taken += 1;
+            *taken <= want
         })
         .collect())
 }

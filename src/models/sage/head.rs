@@ -226,7 +226,7 @@ impl SageHead {
             return Ok(pooled);
         }
         let p = self.config.image_pool;
-        let (oh, ow) = (v.h.div_ceil(p), v.w.div_ceil(p));
+        let ow = v.w.div_ceil(p);
         let mut channel = vec![0.0f32; pooled.rows];
         if let Some(a) = anomaly {
             ensure!(a.len() == v.h * v.w, "anomaly map of {} values for a {}x{} patch grid", a.len(), v.h, v.w);
@@ -238,7 +238,6 @@ impl SageHead {
                 *cell = cell.max(score * norm);
             }
         }
-        debug_assert_eq!(channel.len(), oh * ow);
         let c = self.vision_dim;
         let mut rows = Vec::with_capacity(pooled.rows * (c + 1));
         for (tok, a) in pooled.pooled.chunks_exact(c).zip(&channel) {
