@@ -132,7 +132,9 @@ fn bench_quant_times_every_variant_and_they_agree() {
     for c in cases {
         let t = c["timings"].as_array().unwrap();
         let names: Vec<&str> = t.iter().map(|x| x["variant"].as_str().unwrap()).collect();
-        assert_eq!(names, ["four-row", "one-row", "portable", "tiles"]);
+        assert_eq!(names, ["four-row", "one-row", "four-row-avx2", "portable", "tiles"]);
+        // The AVX2 build gives the models' kernels (VNNI's, or the same AVX2 ones) bit for bit.
+        assert_eq!(t[2]["max_relative_difference"].as_f64(), Some(0.0), "{c}");
         for x in t {
             assert!(x["gmac_per_second"].as_f64().unwrap() > 0.0, "{c}");
             let d = x["max_relative_difference"].as_f64().unwrap();

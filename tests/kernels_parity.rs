@@ -347,7 +347,8 @@ fn kernel_parity_gemm_cublaslt() {
             (true, false, false, false, true),
             (true, true, false, true, false),
         ] {
-            let spec = GemmSpec { m, n, k, trans_a, trans_b, batch, broadcast_b: false, accumulate, gelu };
+            let spec =
+                GemmSpec { m, n, k, trans_a, trans_b, batch, broadcast_b: false, accumulate, gelu, b_prepared: false };
             let (ab, af) = rnd(batch * m * k, 41);
             let (bb, bf) = rnd(batch * k * n, 42);
             let (cb, cf) = rnd(batch * m * n, 43);

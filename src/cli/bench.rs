@@ -18,7 +18,8 @@ const NUMPY_SCRIPT: &str = include_str!("../../benches/numpy_gemm.py");
 
 pub const LONG_ABOUT: &str = "Throughput measurements; performance claims live here, never in timed tests.\n\n\
 `sage bench cpu`: f32 GEMM GFLOP/s against numpy's BLAS in the same run with the same threads, and SmolLM2-135M \
-decode tokens/s.\n\n\
+decode tokens/s. On a CPU with AVX-512F the GEMM's large products run sage's AVX-512 kernel; SAGE_GEMM=crate keeps \
+them on the gemm crate's AVX2 kernels, for a side-by-side run (it applies to every command, and to `bench encoder`).\n\n\
 `sage bench encoder`: the DINOv2 ViT-S/14 encoder's CPU images/s (batch 1) at 224 and 448 pixels beside onnxruntime \
 running the original ONNX graph with the same threads (benches/onnxruntime_vit.py; needs onnx and onnxruntime from \
 PyPI, else the reference column is empty). The two engines' forwards are interleaved round by round, and the ratio is \
@@ -29,8 +30,9 @@ model dequantized to f32 and, with --llama-cpp, llama.cpp itself on the same fil
 --batch, the perplexity of a fixed text, the largest logit difference between the two sage paths, and the weights' \
 memory. `bash benches/run_infer.sh` installs llama-cpp-python and writes the report to benches/results/.\n\n\
 `sage bench quant`: the quantized matrix product y = x·Wᵀ on the largest tensor of each block type in the GGUF \
-files, at each --rows: the four-row AVX2 kernels the models run, the one-row AVX2 kernels, the portable kernels, and \
-the dequantized tiles with the f32 GEMM, timed in rotation in one run; GMAC/s, weight GB/s, and each variant's largest \
+files, at each --rows: the four-row SIMD kernels the models run (the AVX-512 VNNI build where the CPU has it, else \
+AVX2's), the one-row SIMD kernels, the four-row AVX2 build (the same as the first on a CPU without VNNI), the portable \
+kernels, and the dequantized tiles with the f32 GEMM, timed in rotation in one run; GMAC/s, weight GB/s, and each variant's largest \
 difference from the four-row output.\n\n\
 `sage bench kernels`: the CUDA kernels at the shapes of ARCHITECTURE.md §9 (min-cos top-K v2 and v1, fusion attention \
 forward+backward, cuBLASLt bf16 GEMM at 4096³ and 8192³, the fused E-DPO loss forward+backward; for information, \
@@ -132,8 +134,9 @@ enum What {
         llama_cpp: bool,
     },
     /// The quantized matrix product's variants side by side on the largest GGUF tensor of each
-    /// block type: four-row SIMD kernels (what the models run), one-row SIMD kernels, portable
-    /// kernels, dequantized tiles + f32 GEMM; GMAC/s and weight GB/s at each row count.
+    /// block type: four-row SIMD kernels (what the models run), one-row SIMD kernels, four-row
+    /// AVX2 kernels, portable kernels, dequantized tiles + f32 GEMM; GMAC/s and weight GB/s at
+    /// each row count.
     Quant {
         /// Backbone names (their LLM) or GGUF paths.
         #[arg(long, value_delimiter = ',', default_value = "lite,dino-qwen")]

@@ -1,6 +1,7 @@
 //! `sage bench quant`: the quantized matrix product's variants side by side on real GGUF
 //! tensors — the four-row SIMD kernels (what the models run), the one-row SIMD kernels, the
-//! portable kernels, and the dequantized tiles with the f32 GEMM — at each row count, timed in
+//! four-row AVX2 build (beside VNNI's on a CPU that has both), the portable kernels, and the
+//! dequantized tiles with the f32 GEMM — at each row count, timed in
 //! rotation within one run so that the machine's drift hits every variant alike.
 
 use super::{print_json, Ctx};
@@ -40,9 +41,10 @@ struct Case {
 
 /// The variants by name: the integer path with its kernels, or (`None`) the dequantized tiles.
 /// The first is the reference the others' outputs are compared with.
-const VARIANTS: [(&str, Option<Kernels>); 4] = [
+const VARIANTS: [(&str, Option<Kernels>); 5] = [
     ("four-row", Some(Kernels::Best)),
     ("one-row", Some(Kernels::OneRow)),
+    ("four-row-avx2", Some(Kernels::Avx2)),
     ("portable", Some(Kernels::Portable)),
     ("tiles", None),
 ];
@@ -129,8 +131,8 @@ pub fn run(ctx: &Ctx, models: &[String], row_counts: &[usize], repeats: usize) -
         crate::quant::isa()
     );
     println!(
-        "  {:<10} {:<28} {:<5} {:>11} {:>4}  {:>9} {:>16} {:>16} {:>16}",
-        "model", "tensor", "type", "out×in", "rows", "four-row", "one-row", "portable", "tiles"
+        "  {:<10} {:<28} {:<5} {:>11} {:>4}  {:>9} {:>16} {:>16} {:>16} {:>16}",
+        "model", "tensor", "type", "out×in", "rows", "four-row", "one-row", "four-row avx2", "portable", "tiles"
     );
     for c in &cases {
         let best = c.timings[0].gmac_per_second;
@@ -139,7 +141,7 @@ pub fn run(ctx: &Ctx, models: &[String], row_counts: &[usize], repeats: usize) -
             format!("{g:.2} ({:.2}×)", best / g)
         };
         println!(
-            "  {:<10} {:<28} {:<5} {:>11} {:>4}  {:>9.2} {:>16} {:>16} {:>16}",
+            "  {:<10} {:<28} {:<5} {:>11} {:>4}  {:>9.2} {:>16} {:>16} {:>16} {:>16}",
             c.model,
             c.tensor,
             c.qtype,
@@ -148,7 +150,8 @@ pub fn run(ctx: &Ctx, models: &[String], row_counts: &[usize], repeats: usize) -
             best,
             other(1),
             other(2),
-            other(3)
+            other(3),
+            other(4)
         );
     }
     Ok(())

@@ -1,8 +1,10 @@
 //! The CPU GEMM every linear layer and convolution uses: `c = a·b` over strided f32 operands.
 //!
-//! It goes through the `gemm` crate (the one candle uses): runtime-dispatched AVX2/AVX-512/NEON
-//! micro-kernels with cache blocking and rayon parallelism. `sage bench cpu` measures it against
-//! numpy's BLAS on the same machine.
+//! It goes through the `gemm` crate (the one candle uses): runtime-dispatched AVX2/NEON
+//! micro-kernels with cache blocking and rayon parallelism (its AVX-512 kernels need its
+//! `nightly` feature, which stable Rust cannot build). On a CPU with AVX-512F, products large
+//! enough to fill its tiles go to [`super::gemm_avx512`] instead. `sage bench cpu` measures it
+//! against numpy's BLAS on the same machine.
 
 use crate::threads::threads;
 
@@ -57,6 +59,9 @@ fn sgemm_on(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], a
     let last = |r: MatRef, rows: usize, cols: usize| (rows - 1) * r.row_stride + (cols - 1) * r.col_stride;
     assert!(last(a, m, k) < a.data.len(), "gemm lhs out of bounds");
     assert!(last(b, k, n) < b.data.len(), "gemm rhs out of bounds");
+    if super::gemm_avx512::worth_it(m, n, k) {
+        return super::gemm_avx512::sgemm(m, n, k, a, b, c, accumulate, parallel);
+    }
     let par = if parallel { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
     // SAFETY: all three operands were bounds-checked above for the given strides, and `c` is
     // exclusively borrowed.
@@ -82,6 +87,28 @@ fn sgemm_on(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], a
             false,
             par,
         );
+    }
+}
+
+/// A linear layer's weight `W [n, k]` in the layout [`sgemm_linear_prepared`] reads: packed once
+/// for the AVX-512 GEMM where it runs ([`super::gemm_avx512::pack_weight`]), else `W` as it is.
+/// For frozen weights only: the result is no longer `W` row by row.
+pub fn prepare_linear_weight(w: Vec<f32>, n: usize, k: usize) -> Vec<f32> {
+    if super::gemm_avx512::available() {
+        super::gemm_avx512::pack_weight(&w, n, k)
+    } else {
+        w
+    }
+}
+
+/// `c [m, n] = x [m, k] · Wᵀ (+ c if accumulate)` with `W` from [`prepare_linear_weight`].
+pub fn sgemm_linear_prepared(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], c: &mut [f32], accumulate: bool) {
+    let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1;
+    assert!(x.len() >= m * k, "gemm lhs out of bounds");
+    if super::gemm_avx512::available() {
+        super::gemm_avx512::sgemm_packed(m, n, k, MatRef::rows(x, k), w, c, accumulate, parallel)
+    } else {
+        sgemm_on(m, n, k, MatRef::rows(x, k), MatRef::transposed(w, k), c, accumulate, parallel)
     }
 }
 
@@ -112,6 +139,26 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
+    }
+
+    /// A prepared weight (packed for AVX-512 where the CPU has it, else as it is) gives
+    /// `x·Wᵀ` within f32 rounding of the triple loop, accumulating or not.
+    #[test]
+    fn a_prepared_linear_weight_gives_x_times_w_transposed() {
+        for &(m, n, k) in &[(1, 3, 2), (200, 70, 300), (9, 384, 40)] {
+            let x = lcg(m * k, 7);
+            let w = lcg(n * k, 8);
+            let prepared = prepare_linear_weight(w.clone(), n, k);
+            for accumulate in [false, true] {
+                let mut fast = lcg(m * n, 9);
+                let mut slow = fast.clone();
+                sgemm_linear_prepared(m, n, k, &x, &prepared, &mut fast, accumulate);
+                sgemm_reference(m, n, k, MatRef::rows(&x, k), MatRef::transposed(&w, k), &mut slow, accumulate);
+                for (a, b) in fast.iter().zip(&slow) {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{n}x{k}: {a} vs {b}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod fusion_attn;
 pub mod gemm;
+pub mod gemm_avx512;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 pub mod loss;

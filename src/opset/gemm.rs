@@ -21,6 +21,9 @@ pub struct GemmSpec {
     pub accumulate: bool,
     /// cuBLASLt's GELU epilogue (tanh approximation), after the bias.
     pub gelu: bool,
+    /// `b` came from [`Gemm::prepare_linear_weight`] (a linear layer's frozen weight, so
+    /// `trans_b`), in whatever layout this op set prepared it.
+    pub b_prepared: bool,
 }
 
 impl GemmSpec {
@@ -69,6 +72,13 @@ pub trait Gemm: Buffers {
         let mut c = self.zeros(spec.m * spec.n * spec.batch.max(1))?;
         self.gemm(&GemmSpec { accumulate: false, ..*spec }, a, b, &mut c)?;
         Ok(c)
+    }
+    /// A frozen linear layer's weight `W [n, k]` in the layout this op set's GEMM reads fastest
+    /// as `b` with [`GemmSpec::b_prepared`] (the host op set packs it once for its AVX-512 GEMM;
+    /// by default it stays as it is). Only GEMMs may read the result.
+    fn prepare_linear_weight(&self, w: Self::Buf, n: usize, k: usize) -> Result<Self::Buf> {
+        let _ = (n, k);
+        Ok(w)
     }
     /// A linear layer with bias: `op(a)·op(b) + bias` (one bias value per output column), new.
     fn gemm_bias_new(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf) -> Result<Self::Buf>;

@@ -4,6 +4,12 @@
 //! scale), then scaled once per block in f32. Offsets (`q − 8`, `q − 16`, `q − 32`) and the
 //! K-quants' mins are applied once per block from the activations' precomputed sums.
 //!
+//! On CPUs with AVX-512 VNNI (and VL) the 32-block types run a second build of the same kernels
+//! in which `vpdpbusd` sums four u8 × i8 products into i32 in one instruction, where AVX2 needs
+//! `maddubs` then `madd` by one: the integer sums are the same (no i16 step saturates here), so
+//! the two builds agree bit for bit. The K-quants keep the AVX2 build on every CPU: their `madd`
+//! multiplies by a sub-block's scale, which `vpdpbusd` cannot fold in.
+//!
 //! Every kernel is written once, generic over `N`, the rows of activations one weight row meets
 //! per pass: `N = 1` is the decode step's dot product, `N = `[`ROWS`] the batched one, where a
 //! block's unpacking, scales and mins are paid once for all `N` rows instead of once per row.
@@ -24,20 +30,39 @@ pub fn available() -> bool {
     }
 }
 
-/// The AVX2 kernels of a 32-block type, for one row and for [`super::dot::ROWS`] rows of
-/// activations; `None` when this CPU lacks AVX2 (or for a K-quant).
-pub fn q8_kernels(ty: QType) -> Option<(DotQ8, DotRows<Q8>)> {
-    if !available() {
+/// Whether this CPU also runs the VNNI build of the 32-block kernels (AVX-512 VNNI and VL on
+/// top of [`available`]).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernels of a 32-block type, for one row and for [`super::dot::ROWS`] rows of
+/// activations: the VNNI build with `vnni` (`None` when this CPU lacks AVX-512 VNNI), else the
+/// AVX2 one (`None` when this CPU lacks AVX2); `None` for a K-quant.
+pub fn q8_kernels(ty: QType, vnni: bool) -> Option<(DotQ8, DotRows<Q8>)> {
+    if !(if vnni { vnni_available() } else { available() }) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        Some(match ty {
-            QType::Q4_0 => (imp::q4_0, imp::q4_0_x4),
-            QType::Q4_1 => (imp::q4_1, imp::q4_1_x4),
-            QType::Q5_0 => (imp::q5_0, imp::q5_0_x4),
-            QType::Q5_1 => (imp::q5_1, imp::q5_1_x4),
-            QType::Q8_0 => (imp::q8_0, imp::q8_0_x4),
+        Some(match (ty, vnni) {
+            (QType::Q4_0, false) => (imp::q4_0, imp::q4_0_x4),
+            (QType::Q4_1, false) => (imp::q4_1, imp::q4_1_x4),
+            (QType::Q5_0, false) => (imp::q5_0, imp::q5_0_x4),
+            (QType::Q5_1, false) => (imp::q5_1, imp::q5_1_x4),
+            (QType::Q8_0, false) => (imp::q8_0, imp::q8_0_x4),
+            (QType::Q4_0, true) => (imp::q4_0_vnni, imp::q4_0_vnni_x4),
+            (QType::Q4_1, true) => (imp::q4_1_vnni, imp::q4_1_vnni_x4),
+            (QType::Q5_0, true) => (imp::q5_0_vnni, imp::q5_0_vnni_x4),
+            (QType::Q5_1, true) => (imp::q5_1_vnni, imp::q5_1_vnni_x4),
+            (QType::Q8_0, true) => (imp::q8_0_vnni, imp::q8_0_vnni_x4),
             _ => return None,
         })
     }
@@ -78,8 +103,8 @@ mod imp {
     use std::arch::x86_64::*;
 
     // The safe entry points, one row and `ROWS` rows per type: `q8_kernels` / `q8k_kernels` hand
-    // them out only after `available()` confirmed AVX2, FMA and F16C, so the target-feature
-    // functions they call may run.
+    // them out only after `available()` confirmed AVX2, FMA and F16C (and `vnni_available()`
+    // AVX-512 VNNI and VL for the `_vnni` ones), so the target-feature functions they call may run.
     macro_rules! entry {
         ($one:ident, $many:ident, $inner:ident, $act:ty) => {
             pub fn $one(w: &[u8], a: &[$act]) -> f32 {
@@ -98,6 +123,11 @@ mod imp {
     entry!(q5_0, q5_0_x4, q5_0_avx2, Q8);
     entry!(q5_1, q5_1_x4, q5_1_avx2, Q8);
     entry!(q8_0, q8_0_x4, q8_0_avx2, Q8);
+    entry!(q4_0_vnni, q4_0_vnni_x4, q4_0_avx512vnni, Q8);
+    entry!(q4_1_vnni, q4_1_vnni_x4, q4_1_avx512vnni, Q8);
+    entry!(q5_0_vnni, q5_0_vnni_x4, q5_0_avx512vnni, Q8);
+    entry!(q5_1_vnni, q5_1_vnni_x4, q5_1_avx512vnni, Q8);
+    entry!(q8_0_vnni, q8_0_vnni_x4, q8_0_avx512vnni, Q8);
     entry!(q4_k, q4_k_x4, q4_k_avx2, Q8K);
     entry!(q5_k, q5_k_x4, q5_k_avx2, Q8K);
     entry!(q6_k, q6_k_x4, q6_k_avx2, Q8K);
@@ -115,10 +145,15 @@ mod imp {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Eight i32 sums of `u[i]·s[i]` (u8 × i8) over groups of four bytes.
+    /// Eight i32 sums of `u[i]·s[i]` (u8 × i8) over groups of four bytes: one `vpdpbusd` with
+    /// `VNNI` (only inside an `avx512vnni,avx512vl` function), else `maddubs` and `madd` by one.
     #[inline(always)]
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    unsafe fn dot_u8_i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
     }
 
     #[inline(always)]
@@ -163,7 +198,7 @@ mod imp {
     /// `q − 16`) or the min (`m·Σx = m·(da·Σa)`) to its `extra`. `ty` is a constant at each
     /// call, so the branches fold away.
     #[inline(always)]
-    unsafe fn block32<const N: usize>(
+    unsafe fn block32<const N: usize, const VNNI: bool>(
         b: &[u8],
         a: &[&[Q8]; N],
         j: usize,
@@ -185,7 +220,7 @@ mod imp {
         };
         for r in 0..N {
             let x = a[r].get_unchecked(j);
-            let s = dot_u8_i8(values, load(x.qs.as_ptr() as *const u8));
+            let s = dot_u8_i8::<VNNI>(values, load(x.qs.as_ptr() as *const u8));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), _mm256_cvtepi32_ps(s), acc[r]);
             extra[r] += offset * x.s;
         }
@@ -195,7 +230,7 @@ mod imp {
     /// accumulators (named ones: an indexed pair would live on the stack), so that one block's
     /// `fmadd` need not wait for the previous one's; at `N = 4` the rows give that independence.
     #[inline(always)]
-    unsafe fn blocks32<const N: usize>(w: &[u8], a: [&[Q8]; N], ty: QType) -> [f32; N] {
+    unsafe fn blocks32<const N: usize, const VNNI: bool>(w: &[u8], a: [&[Q8]; N], ty: QType) -> [f32; N] {
         let bb = ty.block_bytes();
         let n = blocks(w, bb, &a);
         let block = |j: usize| w.get_unchecked(j * bb..(j + 1) * bb);
@@ -204,40 +239,40 @@ mod imp {
         let mut j = 0;
         if N == 1 {
             while j + 1 < n {
-                block32(block(j), &a, j, ty, &mut acc0, &mut extra0);
-                block32(block(j + 1), &a, j + 1, ty, &mut acc1, &mut extra1);
+                block32::<N, VNNI>(block(j), &a, j, ty, &mut acc0, &mut extra0);
+                block32::<N, VNNI>(block(j + 1), &a, j + 1, ty, &mut acc1, &mut extra1);
                 j += 2;
             }
         }
         for j in j..n {
-            block32(block(j), &a, j, ty, &mut acc0, &mut extra0);
+            block32::<N, VNNI>(block(j), &a, j, ty, &mut acc0, &mut extra0);
         }
         std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + extra0[r] + extra1[r])
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
-        blocks32(w, a, QType::Q4_0)
+    // The two builds of each 32-block kernel: the same code, compiled for AVX2 and for AVX-512
+    // VNNI (whose `dot_u8_i8` is one instruction).
+    macro_rules! builds32 {
+        ($avx2:ident, $vnni:ident, $body:ident, $($ty:expr)?) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
+                $body::<N, false>(w, a $(, $ty)?)
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+            unsafe fn $vnni<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
+                $body::<N, true>(w, a $(, $ty)?)
+            }
+        };
     }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
-        blocks32(w, a, QType::Q4_1)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
-        blocks32(w, a, QType::Q5_0)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_1_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
-        blocks32(w, a, QType::Q5_1)
-    }
+    builds32!(q4_0_avx2, q4_0_avx512vnni, blocks32, QType::Q4_0);
+    builds32!(q4_1_avx2, q4_1_avx512vnni, blocks32, QType::Q4_1);
+    builds32!(q5_0_avx2, q5_0_avx512vnni, blocks32, QType::Q5_0);
+    builds32!(q5_1_avx2, q5_1_avx512vnni, blocks32, QType::Q5_1);
+    builds32!(q8_0_avx2, q8_0_avx512vnni, q8_0_blocks,);
 
     /// Q8_0: signed × signed as `|q| × (a with q's sign)`; `|q|` is computed once per block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_avx2<const N: usize>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
+    #[inline(always)]
+    unsafe fn q8_0_blocks<const N: usize, const VNNI: bool>(w: &[u8], a: [&[Q8]; N]) -> [f32; N] {
         let n = blocks(w, 34, &a);
         let mut acc = [_mm256_setzero_ps(); N];
         for j in 0..n {
@@ -247,7 +282,7 @@ mod imp {
             let magnitude = _mm256_sign_epi8(q, q);
             for r in 0..N {
                 let x = a[r].get_unchecked(j);
-                let s = dot_u8_i8(magnitude, _mm256_sign_epi8(load(x.qs.as_ptr() as *const u8), q));
+                let s = dot_u8_i8::<VNNI>(magnitude, _mm256_sign_epi8(load(x.qs.as_ptr() as *const u8), q));
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), _mm256_cvtepi32_ps(s), acc[r]);
             }
         }
@@ -396,10 +431,18 @@ mod tests {
     use super::super::dot::{self, ROWS};
     use super::*;
 
-    /// Row `r` of `w` against `x` with every kernel of its type: `(portable, one-row AVX2,
-    /// each of the ROWS-row kernel's results for `x` placed at every position among other rows)`.
-    pub(super) fn kernels_on(w: &QMatrix, r: usize, x: &[f32], others: &[Vec<f32>]) -> (f32, f32, Vec<f32>) {
+    /// Row `r` of `w` against `x` with every kernel of its type: `(portable, one-row SIMD,
+    /// each of the ROWS-row kernel's results for `x` placed at every position among other rows)`;
+    /// the SIMD kernels are the VNNI build with `vnni` (for a 32-block type), else AVX2's.
+    pub(super) fn kernels_on(
+        w: &QMatrix,
+        r: usize,
+        x: &[f32],
+        others: &[Vec<f32>],
+        vnni: bool,
+    ) -> (f32, f32, Vec<f32>) {
         let ty = w.qtype;
+        let simd8 = |ty| q8_kernels(ty, vnni);
         // The ROWS-row kernel sees `x` at position p and the other rows elsewhere: a result
         // must not depend on its neighbours.
         macro_rules! run {
@@ -420,7 +463,7 @@ mod tests {
         if ty.k_quant() {
             run!(quantize_q8k, q8k_kernel, q8k_kernels)
         } else {
-            run!(quantize_q8, q8_kernel, q8_kernels)
+            run!(quantize_q8, q8_kernel, simd8)
         }
     }
 
@@ -432,7 +475,37 @@ mod tests {
             eprintln!("no AVX2 on this CPU: the AVX2 kernels are not tested here");
             return;
         }
-        for ty in QType::ALL {
+        for_each_case(QType::ALL.iter().copied(), false, |what, simd, portable| {
+            let tol = 1e-5 * portable.abs().max(1.0);
+            assert!((simd - portable).abs() <= tol, "{what}: avx2 {simd} vs portable {portable}");
+        });
+    }
+
+    /// The VNNI build of every 32-block kernel, one row and ROWS rows, gives the AVX2 build's
+    /// result bit for bit: the same integer sums, scaled and added in the same order (skipped,
+    /// and said so, on a CPU without AVX-512 VNNI).
+    #[test]
+    fn vnni_kernels_equal_the_avx2_ones_bit_for_bit() {
+        if !vnni_available() {
+            eprintln!("no AVX-512 VNNI on this CPU: the VNNI kernels are not tested here");
+            return;
+        }
+        let blocks32 = QType::ALL.iter().copied().filter(|t| !t.k_quant());
+        let mut avx2 = Vec::new();
+        for_each_case(blocks32.clone(), false, |_, simd, _| avx2.push(simd));
+        let mut vnni = Vec::new();
+        for_each_case(blocks32, true, |_, simd, _| vnni.push(simd));
+        assert_eq!(avx2.len(), vnni.len());
+        for (i, (a, v)) in avx2.iter().zip(&vnni).enumerate() {
+            assert_eq!(a.to_bits(), v.to_bits(), "case {i}: avx2 {a} vs vnni {v}");
+        }
+    }
+
+    /// Calls `check(what, simd, portable)` for each SIMD result (one row, and the ROWS-row
+    /// kernel with the row at each position) of three weight rows of each type at 1, 2, 3 and 11
+    /// blocks against the portable kernel's.
+    fn for_each_case(types: impl Iterator<Item = QType>, vnni: bool, mut check: impl FnMut(&str, f32, f32)) {
+        for ty in types {
             for nblocks in [1, 2, 3, 11] {
                 let cols = ty.block_len() * nblocks;
                 let w = random_matrix(ty, 3, cols, 1234 + nblocks as u64);
@@ -441,17 +514,10 @@ mod tests {
                 let x = vector(3.0);
                 let others = vec![vector(1.0), vector(10.0), vector(0.1)];
                 for r in 0..3 {
-                    let (slow, fast, batched) = kernels_on(&w, r, &x, &others);
-                    let tol = 1e-5 * slow.abs().max(1.0);
-                    assert!(
-                        (fast - slow).abs() <= tol,
-                        "{ty}, {nblocks} blocks, row {r}: avx2 {fast} vs portable {slow}"
-                    );
+                    let (slow, fast, batched) = kernels_on(&w, r, &x, &others, vnni);
+                    check(&format!("{ty}, {nblocks} blocks, row {r}, one row"), fast, slow);
                     for (p, b) in batched.iter().enumerate() {
-                        assert!(
-                            (b - slow).abs() <= tol,
-                            "{ty}, {nblocks} blocks, row {r}: x{ROWS} at {p} {b} vs portable {slow}"
-                        );
+                        check(&format!("{ty}, {nblocks} blocks, row {r}, x{ROWS} at {p}"), *b, slow);
                     }
                 }
             }
@@ -464,14 +530,16 @@ mod real_weights {
     use super::tests::kernels_on;
     use super::*;
 
-    /// The AVX2 kernels (one row and four) and the portable ones on the real SmolLM2 and Qwen2.5
-    /// blocks (every tensor type in them) with activations shaped like a decoder's (a few large
+    /// The kernels this CPU runs (one row and four: VNNI's for the 32-block types where it has
+    /// AVX-512 VNNI, else AVX2's) and the portable ones on the real SmolLM2 and Qwen2.5 blocks
+    /// (every tensor type in them) with activations shaped like a decoder's (a few large
     /// outliers).
     #[test]
-    fn avx2_kernels_match_the_portable_ones_on_real_weights() {
+    fn simd_kernels_match_the_portable_ones_on_real_weights() {
         if !available() {
             return;
         }
+        let vnni = vnni_available();
         for asset in [crate::assets::Asset::SmolLm2Gguf, crate::assets::Asset::Qwen25Gguf] {
             let g = crate::formats::gguf::Gguf::open(&asset.path().unwrap()).unwrap();
             let mut seen = std::collections::BTreeSet::new();
@@ -483,7 +551,7 @@ mod real_weights {
                     .collect();
                 let other: Vec<f32> = (0..w.cols).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.2).collect();
                 for r in (0..w.rows).step_by(7) {
-                    let (slow, fast, batched) = kernels_on(&w, r, &x, std::slice::from_ref(&other));
+                    let (slow, fast, batched) = kernels_on(&w, r, &x, std::slice::from_ref(&other), vnni);
                     // The kernels sum the same block products in different orders: the error
                     // bound scales with the terms' magnitudes, not with their (cancelling) sum.
                     let row = super::super::dequantize(w.qtype, w.row(r));

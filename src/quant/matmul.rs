@@ -93,10 +93,13 @@ pub fn qmatmul_int8(x: &[f32], rows: usize, w: &QMatrix, y: &mut [f32], accumula
 /// by side (the model always runs [`Kernels::Best`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
-    /// SIMD where this CPU has it, four activation rows per call while four remain.
+    /// The best SIMD build this CPU has ([`isa`]), four activation rows per call while four remain.
     Best,
-    /// SIMD where this CPU has it, one activation row per call.
+    /// The same, one activation row per call.
     OneRow,
+    /// The AVX2 build, four rows per call, also where VNNI's would run (the portable kernels on
+    /// a CPU without AVX2).
+    Avx2,
     /// The portable kernels.
     Portable,
 }
@@ -145,15 +148,16 @@ enum Kernel {
 }
 
 fn kernel(ty: super::QType, kernels: Kernels) -> Kernel {
-    let avx2 = isa() == Isa::Avx2 && kernels != Kernels::Portable;
-    let rows4 = kernels == Kernels::Best;
+    let simd = isa() != Isa::Portable && kernels != Kernels::Portable;
+    let vnni = isa() == Isa::Avx512Vnni && kernels != Kernels::Avx2;
+    let rows4 = kernels != Kernels::OneRow;
     if ty.k_quant() {
-        match avx2.then(|| avx2::q8k_kernels(ty)).flatten() {
+        match simd.then(|| avx2::q8k_kernels(ty)).flatten() {
             Some((one, four)) => Kernel::Q8K(one, rows4.then_some(four)),
             None => Kernel::Q8K(dot::q8k_kernel(ty).expect("every K-quant has a portable kernel"), None),
         }
     } else {
-        match avx2.then(|| avx2::q8_kernels(ty)).flatten() {
+        match simd.then(|| avx2::q8_kernels(ty, vnni)).flatten() {
             Some((one, four)) => Kernel::Q8(one, rows4.then_some(four)),
             None => Kernel::Q8(dot::q8_kernel(ty).expect("every 32-block type has a portable kernel"), None),
         }

@@ -11,14 +11,14 @@
 //!   16-element sums for the K-quants), so that a block's dot product is integer arithmetic;
 //! - [`dot`]: the portable block dot products (the fallback, and the reference of the SIMD ones);
 //! - [`avx2`]: the same dot products on AVX2 (`maddubs` of unsigned weights by signed
-//!   activations), chosen at run time;
+//!   activations), and for the 32-block types a build with AVX-512 VNNI's `vpdpbusd`; chosen at
+//!   run time;
 //! - [`matmul`]: `y = x·Wᵀ` over all threads (integer dot products for the few rows of a decode
 //!   step, dequantized tiles of `W` and the f32 GEMM from [`matmul::TILE_GEMM_ROWS`] rows on),
 //!   the grouped product of weights that read one input, the input gradient `dx = dy·W` (tiles
 //!   again, never the whole matrix in f32), and row gathers (an embedding table).
 //!
-//! Not here: AVX-512 / VNNI variants (this project's machines have AVX2 only, and code that
-//! cannot be run is not shipped), and the GPU's fused dequantising GEMM.
+//! Not here: 512-bit kernels (two blocks per register) and the GPU's fused dequantising GEMM.
 
 pub mod act;
 pub mod avx2;
@@ -37,20 +37,27 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2 and FMA.
     Avx2,
+    /// AVX2 and AVX-512 VNNI (with VL): the 32-block types' VNNI build, the K-quants' AVX2 one.
+    Avx512Vnni,
 }
 
-/// The best [`Isa`] this CPU supports, unless `SAGE_QUANT_ISA=portable` forces the fallback
-/// (for comparisons and for testing the fallback on an AVX2 machine). Checked once.
+/// The best [`Isa`] this CPU supports, unless `SAGE_QUANT_ISA` (`portable` or `avx2`) asks for a
+/// lesser one (for comparisons, and for testing a fallback on a CPU that has more). Checked once.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("SAGE_QUANT_ISA").is_ok_and(|v| v == "portable") {
-            return Isa::Portable;
-        }
-        if avx2::available() {
+        let cap = std::env::var("SAGE_QUANT_ISA").ok();
+        let best = if avx2::vnni_available() {
+            Isa::Avx512Vnni
+        } else if avx2::available() {
             Isa::Avx2
         } else {
             Isa::Portable
+        };
+        match cap.as_deref() {
+            Some("portable") => Isa::Portable,
+            Some("avx2") if best != Isa::Portable => Isa::Avx2,
+            _ => best,
         }
     })
 }

@@ -128,10 +128,24 @@ impl Gemm for HostOps {
         if spec.batch > 1 || spec.gelu {
             bail!("the host op set has plain GEMMs only ({spec:?})");
         }
+        if spec.b_prepared {
+            if trans_a || !trans_b {
+                bail!("a prepared weight is the b of x·Wᵀ only ({spec:?})");
+            }
+            crate::ops::gemm::sgemm_linear_prepared(m, n, k, a, b, c, accumulate);
+            return Ok(());
+        }
         let a = if trans_a { MatRef::transposed(a, m) } else { MatRef::rows(a, k) };
         let b = if trans_b { MatRef::transposed(b, k) } else { MatRef::rows(b, n) };
         sgemm(m, n, k, a, b, c, accumulate);
         Ok(())
+    }
+
+    fn prepare_linear_weight(&self, w: Vec<f32>, n: usize, k: usize) -> Result<Vec<f32>> {
+        if w.len() != n * k {
+            bail!("a linear weight [{n}, {k}] needs {} values, got {}", n * k, w.len());
+        }
+        Ok(crate::ops::gemm::prepare_linear_weight(w, n, k))
     }
 
     fn gemm_bias_new(&self, spec: &GemmSpec, a: &Vec<f32>, b: &Vec<f32>, bias: &Vec<f32>) -> Result<Vec<f32>> {
@@ -739,6 +753,29 @@ fn seq_len(rows: usize, seqs: usize) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A linear layer through a prepared weight gives the plain `x·Wᵀ + b` (bit for bit where
+    /// the weight stays as it is, within f32 rounding where it was packed), and the host op set
+    /// refuses a prepared weight where it is not the `b` of `x·Wᵀ`, and a weight of the wrong size.
+    #[test]
+    fn a_prepared_weight_is_the_b_of_a_linear_layer_only() {
+        let ops = HostOps;
+        let (m, n, k) = (130, 70, 40);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.01).collect();
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
+        let plain = ops.gemm_bias_new(&GemmSpec::linear(m, n, k), &x, &w, &bias).unwrap();
+        let prepared = ops.prepare_linear_weight(w.clone(), n, k).unwrap();
+        let spec = GemmSpec { b_prepared: true, ..GemmSpec::linear(m, n, k) };
+        let got = ops.gemm_bias_new(&spec, &x, &prepared, &bias).unwrap();
+        for (a, b) in got.iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let mut c = vec![0.0; m * n];
+        let err = ops.gemm(&GemmSpec { trans_b: false, ..spec }, &x, &prepared, &mut c).unwrap_err();
+        assert!(err.to_string().contains("prepared weight"), "{err}");
+        assert!(ops.prepare_linear_weight(w, n, k + 1).is_err());
+    }
 
     /// Two AdamW steps against the update computed by hand (PyTorch's AdamW: decoupled decay,
     /// bias-corrected moments), with the working copy as its own master and with a separate one;

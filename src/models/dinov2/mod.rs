@@ -172,7 +172,9 @@ impl<O: StepOps> Dinov2<O> {
     pub fn from_weights_on(ops: O, w: &dyn WeightSource) -> Result<Self> {
         let ck = Checkpoint::from_weights(w)?;
         let linear = |l: &checkpoint::Linear, out: usize, inp: usize| -> Result<Linear<O>> {
-            Ok(Linear { w: ops.upload(&l.weight)?, b: ops.upload(&l.bias)?, out, inp })
+            // Frozen: packed once for the op set's GEMM (the host's AVX-512 path).
+            let w = ops.prepare_linear_weight(ops.upload(&l.weight)?, out, inp)?;
+            Ok(Linear { w, b: ops.upload(&l.bias)?, out, inp })
         };
         let norm = |n: &checkpoint::Norm| -> Result<Norm<O>> {
             Ok(Norm { w: ops.upload(&n.weight)?, b: ops.upload(&n.bias)? })
@@ -266,7 +268,8 @@ impl<O: StepOps> Dinov2<O> {
     }
 
     fn linear(&self, l: &Linear<O>, x: &O::Buf, rows: usize) -> Result<O::Buf> {
-        self.ops.gemm_bias_new(&GemmSpec::linear(rows, l.out, l.inp), x, &l.w, &l.b)
+        let spec = GemmSpec { b_prepared: true, ..GemmSpec::linear(rows, l.out, l.inp) };
+        self.ops.gemm_bias_new(&spec, x, &l.w, &l.b)
     }
 
     /// One pre-norm block over `batch` sequences of `t` tokens.
