@@ -16,7 +16,18 @@ out=${OUT:-benches/results}
 threads=${SAGE_THREADS:-$(nproc)}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
   python3 -m venv "$VENV"
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install -q numpy llama-cpp-python==0.3.36
+  cmake_args="-DGGML_NATIVE=ON"
+  if grep -qw amx_tile /proc/cpuinfo; then
+    # llama.cpp 0.3.36 built natively on an AMX Xeon (this project's VM, 2026-12-05) crashed in
+    # its AMX matmul (ggml_backend_amx_mul_mat, SIGSEGV at the first decode). Build every other
+    # x86 extension the CPU has instead; sage has no AMX path either.
+    cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+    for f in avx512f:GGML_AVX512 avx512vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI \
+             avx512_bf16:GGML_AVX512_BF16 avx_vnni:GGML_AVX_VNNI; do
+      grep -qw "${f%%:*}" /proc/cpuinfo && cmake_args="$cmake_args -D${f#*:}=ON"
+    done
+  fi
+  CMAKE_ARGS="$cmake_args" "$VENV/bin/pip" install -q numpy llama-cpp-python==0.3.36
 fi
 mkdir -p "$out"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
