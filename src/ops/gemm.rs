@@ -127,19 +127,21 @@ pub fn sgemm_reference(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &m
     }
 }
 
+/// `n` values in [-0.5, 0.5) from a seeded LCG: the GEMM tests' operands.
+#[cfg(test)]
+pub(crate) fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// A prepared weight (packed for AVX-512 where the CPU has it, else as it is) gives
     /// `x·Wᵀ` within f32 rounding of the triple loop, accumulating or not.

@@ -370,18 +370,8 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::sgemm_reference;
+    use super::super::gemm::{lcg, sgemm_reference};
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// A weight packed once gives the per-call product bit for bit, at shapes with partial
     /// column panels and several blocks of `k`, serial and parallel.
