@@ -63,9 +63,9 @@ pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
 /// The fewest rows of `c` [`worth_it`] sends here.
 pub const MIN_ROWS: usize = 128;
 
-/// `c[m×n] = a·b (+ c if accumulate)`, as [`super::gemm::sgemm`]; the caller checked that the
-/// CPU has AVX-512F ([`available`]) and the operands' bounds. Column panels run on the rayon
-/// pool when `parallel`.
+/// `c[m×n] = a·b (+ c if accumulate)`, as [`super::gemm::sgemm`], on a CPU with AVX-512F
+/// ([`available`]; panics elsewhere, and on operands too small for their shape). Column panels
+/// run on the rayon pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool, parallel: bool) {
     product(m, n, k, a, Rhs::Strided(b), c, accumulate, parallel)
@@ -120,6 +120,14 @@ enum Rhs<'a> {
 fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, c: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(available(), "gemm_avx512 on a CPU without AVX-512F");
     assert!(c.len() >= m * n, "gemm output too small");
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // The micro-kernel reads `a` through raw pointers: its furthest element must be inside.
+    assert!((m - 1) * a.row_stride + (k - 1) * a.col_stride < a.data.len(), "gemm lhs out of bounds");
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     // A row-major `a` is read in place (its rows are the micro-kernel's broadcast streams);
     // any other layout is packed once, block by block of `k`: `[k block][row panel][kk][MR]`.
