@@ -33,8 +33,12 @@ impl<'a> MatRef<'a> {
 /// `c[m×n] = a[m×k] · b[k×n] (+ c if accumulate)`, `c` row-major and contiguous. Large products
 /// run on every thread.
 pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
-    let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1;
-    sgemm_on(m, n, k, a, b, c, accumulate, parallel)
+    sgemm_on(m, n, k, a, b, c, accumulate, worth_threads(m, n, k))
+}
+
+/// Whether a product is large enough to run on every thread.
+fn worth_threads(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1
 }
 
 /// [`sgemm`] on the calling thread only: for callers that already split their work into one task
@@ -103,12 +107,11 @@ pub fn prepare_linear_weight(w: Vec<f32>, n: usize, k: usize) -> Vec<f32> {
 
 /// `c [m, n] = x [m, k] · Wᵀ (+ c if accumulate)` with `W` from [`prepare_linear_weight`].
 pub fn sgemm_linear_prepared(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], c: &mut [f32], accumulate: bool) {
-    let parallel = m * n * k >= PARALLEL_MIN_FLOPS && threads() > 1;
-    assert!(x.len() >= m * k, "gemm lhs out of bounds");
     if super::gemm_avx512::available() {
+        let parallel = worth_threads(m, n, k);
         super::gemm_avx512::sgemm_packed(m, n, k, MatRef::rows(x, k), w, c, accumulate, parallel)
     } else {
-        sgemm_on(m, n, k, MatRef::rows(x, k), MatRef::transposed(w, k), c, accumulate, parallel)
+        sgemm(m, n, k, MatRef::rows(x, k), MatRef::transposed(w, k), c, accumulate)
     }
 }
 

@@ -220,8 +220,8 @@ fn pack_b(b: MatRef, p0: usize, kc: usize, j0: usize, cols: usize, panel: &mut [
                     &[]
                 }
             });
-            // SAFETY: AVX-512F was checked by `sgemm`'s caller; each column slice holds `kc`
-            // floats (or none: read as zeros), and `panel` holds `kc × NR`.
+            // SAFETY: AVX-512F was checked by `product` or `pack_weight`; each column slice
+            // holds `kc` floats (or none: read as zeros), and `panel` holds `kc × NR`.
             unsafe { imp::transpose_into(&columns, kc, &mut panel[16 * g..]) };
         }
     } else {

@@ -47,7 +47,8 @@ pub fn vnni_available() -> bool {
 /// activations: the VNNI build with `vnni` (`None` when this CPU lacks AVX-512 VNNI), else the
 /// AVX2 one (`None` when this CPU lacks AVX2); `None` for a K-quant.
 pub fn q8_kernels(ty: QType, vnni: bool) -> Option<(DotQ8, DotRows<Q8>)> {
-    if !(if vnni { vnni_available() } else { available() }) {
+    let runs_here = if vnni { vnni_available() } else { available() };
+    if !runs_here {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
