@@ -115,6 +115,24 @@ pub fn sgemm_linear_prepared(m: usize, n: usize, k: usize, x: &[f32], w: &[f32],
     }
 }
 
+/// `x [m, k] · Wᵀ + bias` (the bias added to every row) in a new buffer, with `W` from
+/// [`prepare_linear_weight`]: the AVX-512 kernel starts its sums from the bias and writes the
+/// output once; elsewhere the bias rows are written first (on every thread) and the product
+/// added.
+pub fn sgemm_linear_prepared_bias(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+    assert!(bias.len() >= n, "linear layer: {} bias values for {n} outputs", bias.len());
+    if super::gemm_avx512::available() {
+        return super::gemm_avx512::sgemm_packed_bias(m, n, k, MatRef::rows(x, k), w, bias, worth_threads(m, n, k));
+    }
+    let mut c = vec![0.0f32; m * n];
+    if n > 0 {
+        use rayon::prelude::*;
+        c.par_chunks_mut(n).with_min_len(64).for_each(|r| r.copy_from_slice(&bias[..n]));
+    }
+    sgemm_linear_prepared(m, n, k, x, w, &mut c, true);
+    c
+}
+
 /// The textbook triple loop: the reference the fast path is tested against.
 pub fn sgemm_reference(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
     for i in 0..m {
@@ -147,7 +165,7 @@ mod tests {
     use super::*;
 
     /// A prepared weight (packed for AVX-512 where the CPU has it, else as it is) gives
-    /// `x·Wᵀ` within f32 rounding of the triple loop, accumulating or not.
+    /// `x·Wᵀ` within f32 rounding of the triple loop, accumulating or not, and with a bias.
     #[test]
     fn a_prepared_linear_weight_gives_x_times_w_transposed() {
         for &(m, n, k) in &[(1, 3, 2), (200, 70, 300), (9, 384, 40)] {
@@ -162,6 +180,15 @@ mod tests {
                 for (a, b) in fast.iter().zip(&slow) {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{n}x{k}: {a} vs {b}");
                 }
+            }
+            // With a bias: `x·Wᵀ + bias` on every row.
+            let bias = lcg(n, 10);
+            let got = sgemm_linear_prepared_bias(m, n, k, &x, &prepared, &bias);
+            let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+            sgemm_reference(m, n, k, MatRef::rows(&x, k), MatRef::transposed(&w, k), &mut want, true);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{n}x{k} with bias: {a} vs {b}");
             }
         }
     }

@@ -53,22 +53,24 @@ pub fn available() -> bool {
 
 /// Whether a product of this shape goes to this kernel: the CPU has it, the tiles are mostly
 /// full (a thin `n` would spend most lanes on padding), and `m` is large enough that packing `b`
-/// (`k·n` floats, reused by `m / MR` tiles) is a small share of the work. Below [`MIN_ROWS`]
-/// (an attention block's 64 queries against its keys, a decode step) the crate's kernels, which
-/// read small operands unpacked, were faster in `sage bench encoder`.
+/// (`k·n` floats, reused by `m / MR` tiles) is a small share of the work. An attention block's 64
+/// queries against its keys come here: with the 16 × 16 transposes inlined they ran faster than on
+/// the crate's kernels in `sage bench encoder` (at 128 rows, the earlier bound, they did not:
+/// the transposes were out-of-line calls then).
 pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
     available() && m >= MIN_ROWS && n >= NR && k >= 16
 }
 
 /// The fewest rows of `c` [`worth_it`] sends here.
-pub const MIN_ROWS: usize = 128;
+pub const MIN_ROWS: usize = 16;
 
 /// `c[m×n] = a·b (+ c if accumulate)`, as [`super::gemm::sgemm`], on a CPU with AVX-512F
 /// ([`available`]; panics elsewhere, and on operands too small for their shape). Column panels
 /// run on the rayon pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool, parallel: bool) {
-    product(m, n, k, a, Rhs::Strided(b), c, accumulate, parallel)
+    let start = if accumulate { Start::Accumulate } else { Start::Zero };
+    product(m, n, k, a, Rhs::Strided(b), Out::Slice(c), start, parallel)
 }
 
 /// A linear layer's weight `W [n, k]` packed once as the `b = Wᵀ` of [`sgemm_packed`]: column
@@ -80,6 +82,9 @@ pub fn pack_weight(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "pack_weight: W is not [n, k]");
     let b = MatRef::transposed(w, k);
     let mut packed = vec![0.0f32; n.div_ceil(NR) * k * NR];
+    if packed.is_empty() {
+        return packed;
+    }
     packed.par_chunks_mut(k * NR).enumerate().for_each(|(jp, panels)| {
         let cols = NR.min(n - jp * NR);
         for p0 in (0..k).step_by(KC) {
@@ -104,7 +109,40 @@ pub fn sgemm_packed(
     parallel: bool,
 ) {
     assert!(w.len() >= n.div_ceil(NR) * k * NR, "sgemm_packed: the weight was packed for another shape");
-    product(m, n, k, a, Rhs::Packed(w), c, accumulate, parallel)
+    let start = if accumulate { Start::Accumulate } else { Start::Zero };
+    product(m, n, k, a, Rhs::Packed(w), Out::Slice(c), start, parallel)
+}
+
+/// A linear layer's output `a·Wᵀ + bias` (the bias added to every row) in a new buffer, with `W
+/// [n, k]` from [`pack_weight`]. The bias is where each tile's sums start, so the output is
+/// written once, without a zero fill or a bias pass over it first (at 448 px DINOv2's MLP output
+/// is 6 MB, far past L2).
+pub fn sgemm_packed_bias(m: usize, n: usize, k: usize, a: MatRef, w: &[f32], bias: &[f32], parallel: bool) -> Vec<f32> {
+    assert!(w.len() >= n.div_ceil(NR) * k * NR, "sgemm_packed_bias: the weight was packed for another shape");
+    assert!(bias.len() >= n, "sgemm_packed_bias: {} bias values for {n} columns", bias.len());
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    product(m, n, k, a, Rhs::Packed(w), Out::Spare(&mut c), Start::Bias(bias), parallel);
+    // SAFETY: `product` with `Start::Bias` wrote all `m × n` elements (every tile of every column
+    // panel is stored at its first block of `k`; with `k = 0` the bias rows are copied).
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// What each element of `c` starts from before its products are added.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Zero,
+    /// `c`'s own value.
+    Accumulate,
+    /// `bias[column]`.
+    Bias(&'a [f32]),
+}
+
+/// Where the product is written: an initialised slice, or the spare capacity of a new buffer
+/// (written only, never read, when the start is not [`Start::Accumulate`]).
+enum Out<'a> {
+    Slice(&'a mut [f32]),
+    Spare(&'a mut Vec<f32>),
 }
 
 /// Where the micro-kernel's `b` panels come from.
@@ -117,12 +155,31 @@ enum Rhs<'a> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, c: &mut [f32], accumulate: bool, parallel: bool) {
+fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, out: Out, start: Start, parallel: bool) {
     assert!(available(), "gemm_avx512 on a CPU without AVX-512F");
-    assert!(c.len() >= m * n, "gemm output too small");
+    let c_base = match out {
+        Out::Slice(c) => {
+            assert!(c.len() >= m * n, "gemm output too small");
+            c.as_mut_ptr()
+        }
+        Out::Spare(c) => {
+            assert!(
+                c.capacity() >= m * n && !matches!(start, Start::Accumulate),
+                "gemm: a new output cannot accumulate"
+            );
+            c.as_mut_ptr()
+        }
+    };
     if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
+        for i in 0..m {
+            // SAFETY: row `i` of `c` (`n` elements at `i·n`) is inside the `m × n` checked above.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(c_base.add(i * n) as *mut std::mem::MaybeUninit<f32>, n) };
+            match start {
+                Start::Zero => row.iter_mut().for_each(|v| *v = std::mem::MaybeUninit::new(0.0)),
+                Start::Bias(bias) => row.iter_mut().zip(bias).for_each(|(v, &b)| *v = std::mem::MaybeUninit::new(b)),
+                Start::Accumulate => {}
+            }
         }
         return;
     }
@@ -143,7 +200,7 @@ fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, c: &mut [f32], accum
             }
         }
     }
-    let c_ptr = SharedOut(c.as_mut_ptr());
+    let c_ptr = SharedOut(c_base);
     // One column panel of `c` per task: for each block of `k`, its `b` panel (packed here, or
     // taken from the packed weight) stays in L1 and meets every row panel of `a` in turn.
     let column_panel = |jp: usize| {
@@ -161,7 +218,13 @@ fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, c: &mut [f32], accum
                 }
                 Rhs::Packed(w) => &w[jp * k * NR + p0 * NR..][..kc * NR],
             };
-            let add = accumulate || p0 > 0;
+            // The first block of `k` starts each tile from zero, `c` or the bias; later ones add.
+            let tile_start = match start {
+                _ if p0 > 0 => imp::TileStart::AddC,
+                Start::Accumulate => imp::TileStart::AddC,
+                Start::Zero => imp::TileStart::Store,
+                Start::Bias(bias) => imp::TileStart::AddRow(bias[jp * NR..].as_ptr()),
+            };
             for ip in 0..row_panels {
                 let rows = MR.min(m - ip * MR);
                 let out = c_ptr.at(ip * MR * n + jp * NR);
@@ -174,11 +237,11 @@ fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, c: &mut [f32], accum
                     if direct {
                         let rows_at: [*const f32; MR] =
                             std::array::from_fn(|i| a.data[(ip * MR + i.min(rows - 1)) * a.row_stride + p0..].as_ptr());
-                        imp::tile::<1>(kc, rows_at, bpanel.as_ptr(), out, n, rows, cols, add)
+                        imp::tile::<1>(kc, rows_at, bpanel.as_ptr(), out, n, rows, cols, tile_start)
                     } else {
                         let panel = &apack[row_panels * MR * p0 + ip * kc * MR..];
                         let rows_at: [*const f32; MR] = std::array::from_fn(|i| panel[i..].as_ptr());
-                        imp::tile::<MR>(kc, rows_at, bpanel.as_ptr(), out, n, rows, cols, add)
+                        imp::tile::<MR>(kc, rows_at, bpanel.as_ptr(), out, n, rows, cols, tile_start)
                     }
                 };
             }
@@ -225,11 +288,17 @@ fn pack_b(b: MatRef, p0: usize, kc: usize, j0: usize, cols: usize, panel: &mut [
             unsafe { imp::transpose_into(&columns, kc, &mut panel[16 * g..]) };
         }
     } else {
-        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+        for (kk, row) in panel.chunks_exact_mut(NR).take(kc).enumerate() {
             let base = (p0 + kk) * b.row_stride + j0 * b.col_stride;
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = if j < cols { b.data[base + j * b.col_stride] } else { 0.0 };
+            if b.col_stride == 1 {
+                // Row-contiguous `b` (an attention block's values): one copy per row.
+                row[..cols].copy_from_slice(&b.data[base..base + cols]);
+            } else {
+                for (j, v) in row[..cols].iter_mut().enumerate() {
+                    *v = b.data[base + j * b.col_stride];
+                }
             }
+            row[cols..].fill(0.0);
         }
     }
 }
@@ -255,9 +324,19 @@ mod imp {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// The `rows × cols` tile of `c` at `c` (row stride `ldc`) `= a·b (+ itself with add)`:
-    /// `a`'s row `i` is read at `a[i] + kk·KS` (`KS = 1` in place, `MR` packed), `b` is packed
-    /// `[kc][NR]`.
+    /// What a tile's sums are added to before they are stored.
+    #[derive(Clone, Copy)]
+    pub enum TileStart {
+        /// Nothing: `c` is overwritten (and never read).
+        Store,
+        /// `c`'s current values.
+        AddC,
+        /// A row of `cols` values (the bias), the same for every row of the tile.
+        AddRow(*const f32),
+    }
+
+    /// The `rows × cols` tile of `c` at `c` (row stride `ldc`) `= a·b (+ the start)`: `a`'s row
+    /// `i` is read at `a[i] + kk·KS` (`KS = 1` in place, `MR` packed), `b` is packed `[kc][NR]`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile<const KS: usize>(
@@ -268,7 +347,7 @@ mod imp {
         ldc: usize,
         rows: usize,
         cols: usize,
-        add: bool,
+        start: TileStart,
     ) {
         const NV: usize = NR / 16;
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
@@ -285,13 +364,20 @@ mod imp {
             let n = cols.saturating_sub(16 * v).min(16);
             ((1u32 << n) - 1) as __mmask16
         });
+        let mut bias = [_mm512_setzero_ps(); NV];
+        if let TileStart::AddRow(b) = start {
+            for v in 0..NV {
+                bias[v] = _mm512_maskz_loadu_ps(masks[v], b.add(16 * v));
+            }
+        }
         for (i, acc) in acc.iter().enumerate().take(rows) {
             let row = c.add(i * ldc);
             for v in 0..NV {
-                let mut out = acc[v];
-                if add {
-                    out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(masks[v], row.add(16 * v)));
-                }
+                let out = match start {
+                    TileStart::Store => acc[v],
+                    TileStart::AddC => _mm512_add_ps(acc[v], _mm512_maskz_loadu_ps(masks[v], row.add(16 * v))),
+                    TileStart::AddRow(_) => _mm512_add_ps(acc[v], bias[v]),
+                };
                 _mm512_mask_storeu_ps(row.add(16 * v), masks[v], out);
             }
         }
@@ -299,20 +385,22 @@ mod imp {
 
     /// `panel[kk·NR + t] = columns[t][kk]` for `kk < kc`, `t < 16` (an empty column reads as
     /// zeros): 16 × 16 blocks transposed in registers.
+    // Plain loops, no closures: a closure (`array::from_fn`'s) is a function of its own that does
+    // not inherit `target_feature`, so its intrinsics became calls (seen in `perf`: the
+    // transposes ran as out-of-line `_mm512_shuffle_f32x4` calls).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn transpose_into(columns: &[&[f32]; 16], kc: usize, panel: &mut [f32]) {
         debug_assert!(panel.len() >= (kc.max(1) - 1) * NR + 16);
         for kk0 in (0..kc).step_by(16) {
             let rem = (kc - kk0).min(16);
             let mask = ((1u32 << rem) - 1) as __mmask16;
-            let r: [__m512; 16] = std::array::from_fn(|t| {
-                if columns[t].is_empty() {
-                    _mm512_setzero_ps()
-                } else {
-                    _mm512_maskz_loadu_ps(mask, columns[t].as_ptr().add(kk0))
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (t, col) in columns.iter().enumerate() {
+                if !col.is_empty() {
+                    r[t] = _mm512_maskz_loadu_ps(mask, col.as_ptr().add(kk0));
                 }
-            });
-            let out = transpose16(r);
+            }
+            let out = transpose16(&r);
             for (c, v) in out.iter().enumerate().take(rem) {
                 _mm512_storeu_ps(panel.as_mut_ptr().add((kk0 + c) * NR), *v);
             }
@@ -322,42 +410,50 @@ mod imp {
     /// The transpose of 16 rows of 16 floats: `out[c][t] = r[t][c]`. Unpacks of 32- then
     /// 64-bit pairs gather each column's values four rows at a time within 128-bit lanes;
     /// two rounds of lane shuffles put the four groups in row order.
-    #[inline(always)]
-    unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
         // t[2p] holds elements 4L, 4L+1 of rows 2p, 2p+1 in lane L; t[2p+1] elements 4L+2, 4L+3.
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
         // u[4q + s] holds, in lane L, element 4L + s of rows 4q..4q+4.
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (q, s) = (i / 4, i % 4);
-            let (a, b) = (_mm512_castps_pd(t[4 * q + s / 2]), _mm512_castps_pd(t[4 * q + 2 + s / 2]));
-            _mm512_castpd_ps(if s % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
-        });
-        // out[4L + s] = [u[s].L, u[4 + s].L, u[8 + s].L, u[12 + s].L].
-        std::array::from_fn(|c| {
-            let (lane, s) = (c / 4, c % 4);
-            let (lo, hi) = if lane < 2 {
-                (_mm512_shuffle_f32x4(u[s], u[4 + s], 0x44), _mm512_shuffle_f32x4(u[8 + s], u[12 + s], 0x44))
-            } else {
-                (_mm512_shuffle_f32x4(u[s], u[4 + s], 0xEE), _mm512_shuffle_f32x4(u[8 + s], u[12 + s], 0xEE))
-            };
-            if lane % 2 == 0 {
-                _mm512_shuffle_f32x4(lo, hi, 0x88)
-            } else {
-                _mm512_shuffle_f32x4(lo, hi, 0xDD)
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            for half in 0..2 {
+                let a = _mm512_castps_pd(t[4 * q + half]);
+                let b = _mm512_castps_pd(t[4 * q + 2 + half]);
+                u[4 * q + 2 * half] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                u[4 * q + 2 * half + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
             }
-        })
+        }
+        // out[4L + s] = [u[s].L, u[4 + s].L, u[8 + s].L, u[12 + s].L]: lanes 0, 1 of each
+        // pair of sources, then lanes 2, 3.
+        let mut out = [_mm512_setzero_ps(); 16];
+        for s in 0..4 {
+            let lo01 = _mm512_shuffle_f32x4(u[s], u[4 + s], 0x44);
+            let hi01 = _mm512_shuffle_f32x4(u[8 + s], u[12 + s], 0x44);
+            let lo23 = _mm512_shuffle_f32x4(u[s], u[4 + s], 0xEE);
+            let hi23 = _mm512_shuffle_f32x4(u[8 + s], u[12 + s], 0xEE);
+            out[s] = _mm512_shuffle_f32x4(lo01, hi01, 0x88);
+            out[4 + s] = _mm512_shuffle_f32x4(lo01, hi01, 0xDD);
+            out[8 + s] = _mm512_shuffle_f32x4(lo23, hi23, 0x88);
+            out[12 + s] = _mm512_shuffle_f32x4(lo23, hi23, 0xDD);
+        }
+        out
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod imp {
+    #[derive(Clone, Copy)]
+    pub enum TileStart {
+        Store,
+        AddC,
+        AddRow(*const f32),
+    }
     pub unsafe fn transpose_into(_: &[&[f32]; 16], _: usize, _: &mut [f32]) {
         unreachable!("gemm_avx512 is only used where AVX-512F was detected")
     }
@@ -370,7 +466,7 @@ mod imp {
         _: usize,
         _: usize,
         _: usize,
-        _: bool,
+        _: TileStart,
     ) {
         unreachable!("gemm_avx512 is only used where AVX-512F was detected")
     }
@@ -404,6 +500,29 @@ mod tests {
         }
     }
 
+    /// A bias as the start of the sums gives what a bias written into `c` and then accumulated
+    /// gives, bit for bit: partial column panels, several blocks of `k`, `k = 0`, serial and
+    /// parallel.
+    #[test]
+    fn a_bias_start_equals_a_bias_filled_output_accumulated() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU (or SAGE_GEMM=crate): the bias start is not tested here");
+            return;
+        }
+        for &(m, n, k) in &[(1, 5, 3), (7, 70, 2 * KC + 5), (130, 384, 384), (13, NR, KC), (4, 9, 0)] {
+            let x = lcg(m * k, 4);
+            let w = lcg(n * k, 5);
+            let bias = lcg(n, 6);
+            let packed = pack_weight(&w, n, k);
+            let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+            sgemm_packed(m, n, k, MatRef::rows(&x, k), &packed, &mut want, true, false);
+            for parallel in [false, true] {
+                let got = sgemm_packed_bias(m, n, k, MatRef::rows(&x, k), &packed, &bias, parallel);
+                assert_eq!(got, want, "{m}x{n}x{k} parallel {parallel}");
+            }
+        }
+    }
+
     /// Every layout the model code passes (`a` row-major or transposed, `b` row-major or a
     /// transposed weight), edge tiles in both directions, `k` across several blocks, with and
     /// without accumulation, serial and parallel (bit-equal to each other), against the f64
@@ -414,7 +533,9 @@ mod tests {
             eprintln!("no AVX-512F on this CPU (or SAGE_GEMM=crate): the AVX-512 GEMM is not tested here");
             return;
         }
-        for &(m, n, k) in &[(8, 32, 16), (9, 33, 17), (257, 384, 384), (31, 70, 2 * KC + 5), (100, 257, 64)] {
+        for &(m, n, k) in
+            &[(8, 32, 16), (9, 33, 17), (257, 384, 384), (31, 70, 2 * KC + 5), (100, 257, 64), (64, 1025, 64)]
+        {
             let a = lcg(m * k, 1);
             let b = lcg(k * n, 2);
             let layouts: [(MatRef, MatRef); 4] = [

@@ -60,13 +60,15 @@ fn accumulate_columns(acc: &mut [f32], rows: usize, f: impl Fn(usize, usize) -> 
 pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     let c = w.len();
     y.par_chunks_mut(c).zip(x.par_chunks(c)).with_min_len(16).for_each(|(yr, xr)| {
-        // Eight-lane sums: a serial chain of f32 adds cannot be vectorized.
-        let mean = vmath::sum(xr) / c as f32;
-        let var = vmath::sum_sq_dev(xr, mean) / c as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for (i, o) in yr.iter_mut().enumerate() {
-            *o = (xr[i] - mean) * inv * w[i] + b[i];
-        }
+        vmath::wide(|| {
+            // Eight-lane sums: a serial chain of f32 adds cannot be vectorized.
+            let mean = vmath::sum(xr) / c as f32;
+            let var = vmath::sum_sq_dev(xr, mean) / c as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (i, o) in yr.iter_mut().enumerate() {
+                *o = (xr[i] - mean) * inv * w[i] + b[i];
+            }
+        })
     });
 }
 

@@ -83,6 +83,11 @@ pub fn erf(a: f32) -> f32 {
 #[inline(always)]
 pub fn map(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
     #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F and FMA (checked above).
+        return unsafe { map_avx512(y, x, f) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above).
         return unsafe { map_avx2(y, x, f) };
@@ -96,15 +101,25 @@ pub fn map(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
 /// saves a pass over the largest buffer it has; `activation::softmax_` divides the row). An empty or all −∞ row becomes zeros, `(−∞, 0)`.
 pub fn softmax_numerators_(row: &mut [f32], scale: f32) -> (f32, f32) {
     debug_assert!(scale > 0.0, "softmax_numerators_ takes a positive scale");
-    let m = max(row) * scale;
-    if row.is_empty() || m == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return (f32::NEG_INFINITY, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F and FMA (checked above).
+        return unsafe { softmax_numerators_avx512(row, scale) };
     }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return (m, unsafe { exp_sum_avx2(row, scale, m) });
+        return unsafe { softmax_numerators_avx2(row, scale) };
+    }
+    softmax_numerators_generic(row, scale)
+}
+
+#[inline(always)]
+fn softmax_numerators_generic(row: &mut [f32], scale: f32) -> (f32, f32) {
+    let m = max(row) * scale;
+    if row.is_empty() || m == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return (f32::NEG_INFINITY, 0.0);
     }
     (m, exp_sum(row, scale, m))
 }
@@ -161,6 +176,58 @@ fn avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Runs `f` compiled for sixteen lanes (AVX-512F) or eight (AVX2 + FMA) where the CPU has them,
+/// else as it is: for loops in plain Rust that the compiler widens. `f` is inlined into the
+/// wrapper that enables the features (a closure called once is; one that is not stays at the
+/// baseline).
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            // SAFETY: the CPU has AVX-512F and FMA (checked).
+            return unsafe { wide_avx512(f) };
+        }
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            return unsafe { wide_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn wide_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Whether the CPU has AVX-512F (and FMA): the loops below are then compiled for 16 lanes.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn map_avx512(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
+    y.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> (f32, f32) {
+    softmax_numerators_generic(row, scale)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn map_avx2(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
@@ -169,8 +236,8 @@ unsafe fn map_avx2(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sum_avx2(row: &mut [f32], scale: f32, m: f32) -> f32 {
-    exp_sum(row, scale, m)
+unsafe fn softmax_numerators_avx2(row: &mut [f32], scale: f32) -> (f32, f32) {
+    softmax_numerators_generic(row, scale)
 }
 
 #[cfg(test)]
