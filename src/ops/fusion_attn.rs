@@ -74,7 +74,7 @@ const QUERY_BLOCK: usize = 64;
 /// is spread over every thread instead of one task per sample.
 pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape, out: &mut [f32], lse: &mut [f32]) {
     // Serial GEMMs: the blocks are already one task per thread.
-    use crate::ops::gemm::{sgemm_serial, MatRef};
+    use crate::ops::gemm::{prepare_rhs, sgemm_serial_prepared, MatRef};
     check_lens(&s, q.len(), k.len(), v.len());
     assert_eq!(out.len(), s.q_len());
     assert_eq!(lse.len(), s.lse_len());
@@ -89,22 +89,33 @@ pub fn fusion_attn_forward_gemm(q: &[f32], k: &[f32], v: &[f32], s: FusionShape,
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| (0..h).flat_map(move |hh| (0..l).step_by(QUERY_BLOCK).map(move |i0| (b, hh, i0))))
         .collect();
-    let blocks: Vec<(Vec<f32>, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(b, hh, i0)| {
-            let rows = QUERY_BLOCK.min(l - i0);
-            let qs = ((b * l + i0) * h + hh) * d;
-            let ks = (b * n * h + hh) * d;
-            let qm = MatRef { data: &q[qs..], row_stride: stride, col_stride: 1 };
+    // Each head's keys (as `Kᵀ`) and values prepared once for all its blocks of queries: packed
+    // for the AVX-512 kernel, they are not transposed again by every block.
+    let heads: Vec<_> = (0..batch * h)
+        .into_par_iter()
+        .map(|bh| {
+            let ks = ((bh / h) * n * h + bh % h) * d;
             let kt = MatRef { data: &k[ks..], row_stride: 1, col_stride: stride };
             let vm = MatRef { data: &v[ks..], row_stride: stride, col_stride: 1 };
-            let mut p = vec![0.0f32; rows * n];
-            sgemm_serial(rows, n, d, qm, kt, &mut p, false);
+            (prepare_rhs(kt, d, n), prepare_rhs(vm, n, d))
+        })
+        .collect();
+    // Each worker reuses one score buffer (`QUERY_BLOCK × keys`, 262 KB at 1025 keys): a new
+    // zeroed one per block was a memset of the whole buffer that the product then overwrote.
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map_init(Vec::new, |p, &(b, hh, i0)| {
+            let rows = QUERY_BLOCK.min(l - i0);
+            let qs = ((b * l + i0) * h + hh) * d;
+            let qm = MatRef { data: &q[qs..], row_stride: stride, col_stride: 1 };
+            let (kt, vm) = &heads[b * h + hh];
+            p.resize(rows * n, 0.0);
+            sgemm_serial_prepared(rows, n, d, qm, kt, p, false);
             // Unnormalised probabilities through the second GEMM, then each output row divided
             // by its sum: d wide instead of n.
             let stats: Vec<(f32, f32)> = p.chunks_exact_mut(n).map(|r| vmath::softmax_numerators_(r, scale)).collect();
             let mut o = vec![0.0f32; rows * d];
-            sgemm_serial(rows, d, n, MatRef::rows(&p, n), vm, &mut o, false);
+            sgemm_serial_prepared(rows, d, n, MatRef::rows(p, n), vm, &mut o, false);
             for (orow, &(_, sum)) in o.chunks_exact_mut(d).zip(&stats) {
                 let inv = 1.0 / sum;
                 orow.iter_mut().for_each(|x| *x *= inv);
@@ -200,9 +211,13 @@ mod tests {
     #[test]
     fn the_gemm_forward_matches_the_reference_loop() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        // A block boundary (130 = 2·64 + 2 queries), one query, no keys, several samples.
-        for (batch, queries, keys) in [(1, 130, 70), (3, 1, 5), (2, 7, 0), (2, 65, 9)] {
-            let s = FusionShape { batch, queries, keys, heads: 3, head_dim: 8 };
+        // A block boundary (130 = 2·64 + 2 queries), one query, no keys, several samples; heads
+        // of 64 with ≥ 64 keys, whose keys and values are packed once per head where the CPU has
+        // AVX-512.
+        for (batch, queries, keys, head_dim) in
+            [(1, 130, 70, 8), (3, 1, 5, 8), (2, 7, 0, 8), (2, 65, 9, 8), (2, 130, 200, 64), (1, 3, 64, 64)]
+        {
+            let s = FusionShape { batch, queries, keys, heads: 3, head_dim };
             let (q, k, v) = (randn(&mut rng, s.q_len()), randn(&mut rng, s.kv_len()), randn(&mut rng, s.kv_len()));
             let (mut o1, mut l1) = (vec![0.0; s.q_len()], vec![0.0; s.lse_len()]);
             let (mut o2, mut l2) = (vec![1.0; s.q_len()], vec![1.0; s.lse_len()]);

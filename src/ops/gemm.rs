@@ -115,6 +115,39 @@ pub fn sgemm_linear_prepared(m: usize, n: usize, k: usize, x: &[f32], w: &[f32],
     }
 }
 
+/// A `b [k, n]` operand prepared once for many products with different `a`s (an attention head's
+/// keys and values meet every block of queries): packed for the AVX-512 kernel where products of
+/// its width go there, else the operand as it is.
+pub enum PreparedRhs<'a> {
+    Packed(Vec<f32>),
+    Plain(MatRef<'a>),
+}
+
+/// [`PreparedRhs`] for `b [k, n]`.
+pub fn prepare_rhs<'a>(b: MatRef<'a>, k: usize, n: usize) -> PreparedRhs<'a> {
+    if super::gemm_avx512::worth_it(super::gemm_avx512::MIN_ROWS, n, k) {
+        PreparedRhs::Packed(super::gemm_avx512::pack_rhs(b, k, n))
+    } else {
+        PreparedRhs::Plain(b)
+    }
+}
+
+/// [`sgemm_serial`] with a `b` from [`prepare_rhs`].
+pub fn sgemm_serial_prepared(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: &PreparedRhs,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    match b {
+        PreparedRhs::Packed(w) => super::gemm_avx512::sgemm_packed(m, n, k, a, w, c, accumulate, false),
+        PreparedRhs::Plain(b) => sgemm_serial(m, n, k, a, *b, c, accumulate),
+    }
+}
+
 /// `x [m, k] · Wᵀ + bias` (the bias added to every row) in a new buffer, with `W` from
 /// [`prepare_linear_weight`]: the AVX-512 kernel starts its sums from the bias and writes the
 /// output once; elsewhere the bias rows are written first (on every thread) and the product

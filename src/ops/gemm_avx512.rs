@@ -56,13 +56,14 @@ pub fn available() -> bool {
 /// (`k·n` floats, reused by `m / MR` tiles) is a small share of the work. An attention block's 64
 /// queries against its keys come here: with the 16 × 16 transposes inlined they ran faster than on
 /// the crate's kernels in `sage bench encoder` (at 128 rows, the earlier bound, they did not:
-/// the transposes were out-of-line calls then).
+/// the transposes were out-of-line calls then). Below 64 rows a packed `b` panel meets too few
+/// tiles to pay for its packing, and the crate's kernels read small operands unpacked.
 pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
     available() && m >= MIN_ROWS && n >= NR && k >= 16
 }
 
 /// The fewest rows of `c` [`worth_it`] sends here.
-pub const MIN_ROWS: usize = 16;
+pub const MIN_ROWS: usize = 64;
 
 /// `c[m×n] = a·b (+ c if accumulate)`, as [`super::gemm::sgemm`], on a CPU with AVX-512F
 /// ([`available`]; panics elsewhere, and on operands too small for their shape). Column panels
@@ -78,13 +79,19 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], 
 /// call. A frozen weight (the DINOv2 encoder's) is then read contiguously, and never transposed
 /// again.
 pub fn pack_weight(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    assert!(available(), "gemm_avx512::pack_weight on a CPU without AVX-512F");
     assert_eq!(w.len(), n * k, "pack_weight: W is not [n, k]");
-    let b = MatRef::transposed(w, k);
+    pack_rhs(MatRef::transposed(w, k), k, n)
+}
+
+/// Any `b [k, n]` packed once as [`pack_weight`] packs a weight: for an operand that meets many
+/// `a`s (an attention head's keys and values, one product per block of queries).
+pub fn pack_rhs(b: MatRef, k: usize, n: usize) -> Vec<f32> {
+    assert!(available(), "gemm_avx512::pack_rhs on a CPU without AVX-512F");
     let mut packed = vec![0.0f32; n.div_ceil(NR) * k * NR];
     if packed.is_empty() {
         return packed;
     }
+    assert!((k - 1) * b.row_stride + (n - 1) * b.col_stride < b.data.len(), "pack_rhs: b out of bounds");
     packed.par_chunks_mut(k * NR).enumerate().for_each(|(jp, panels)| {
         let cols = NR.min(n - jp * NR);
         for p0 in (0..k).step_by(KC) {
@@ -95,8 +102,8 @@ pub fn pack_weight(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     packed
 }
 
-/// `c[m×n] = a·Wᵀ (+ c if accumulate)` with `W [n, k]` from [`pack_weight`]; bit-equal to
-/// [`sgemm`] with `b = Wᵀ`.
+/// `c[m×n] = a·Wᵀ (+ c if accumulate)` with `W [n, k]` from [`pack_weight`] (or `a·b` with `b`
+/// from [`pack_rhs`]); bit-equal to [`sgemm`] with the same `b`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_packed(
     m: usize,

@@ -60,16 +60,46 @@ fn accumulate_columns(acc: &mut [f32], rows: usize, f: impl Fn(usize, usize) -> 
 pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     let c = w.len();
     y.par_chunks_mut(c).zip(x.par_chunks(c)).with_min_len(16).for_each(|(yr, xr)| {
-        vmath::wide(|| {
-            // Eight-lane sums: a serial chain of f32 adds cannot be vectorized.
-            let mean = vmath::sum(xr) / c as f32;
-            let var = vmath::sum_sq_dev(xr, mean) / c as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (i, o) in yr.iter_mut().enumerate() {
-                *o = (xr[i] - mean) * inv * w[i] + b[i];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if vmath::avx512() {
+                // SAFETY: the CPU has AVX-512F and FMA (checked).
+                return unsafe { layer_norm_row_avx512(xr, w, b, eps, yr) };
             }
-        })
+            if vmath::avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked).
+                return unsafe { layer_norm_row_avx2(xr, w, b, eps, yr) };
+            }
+        }
+        layer_norm_row(xr, w, b, eps, yr)
     });
+}
+
+/// One row of [`layer_norm_rows`]; inlined into a build for each instruction set below, where
+/// the compiler widens its loops (sixteen or eight lanes; the same sums in the same lanes, so the
+/// same result).
+#[inline(always)]
+fn layer_norm_row(xr: &[f32], w: &[f32], b: &[f32], eps: f32, yr: &mut [f32]) {
+    let c = w.len();
+    // Eight-lane sums: a serial chain of f32 adds cannot be vectorized.
+    let mean = vmath::sum(xr) / c as f32;
+    let var = vmath::sum_sq_dev(xr, mean) / c as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (i, o) in yr.iter_mut().enumerate() {
+        *o = (xr[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn layer_norm_row_avx512(xr: &[f32], w: &[f32], b: &[f32], eps: f32, yr: &mut [f32]) {
+    layer_norm_row(xr, w, b, eps, yr)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn layer_norm_row_avx2(xr: &[f32], w: &[f32], b: &[f32], eps: f32, yr: &mut [f32]) {
+    layer_norm_row(xr, w, b, eps, yr)
 }
 
 /// Backward of [`layer_norm_rows`], accumulating into `dx`, `dw` and `db`; mean and `1/σ` are

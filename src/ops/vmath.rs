@@ -47,6 +47,36 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `eˣ` for the shifted scores of a softmax (`x ≤ 0`, up to a rounding residue above): [`exp`]
+/// without its overflow select and with `2ⁿ` as one factor, which `n ≤ 0` keeps in range —
+/// bit-identical to [`exp`] there (tested). Inputs are clamped to `[−87.3, ln 2 / 2]`, so a
+/// larger `x` (not a softmax's) gives `e^{ln 2 / 2}`, not `eˣ`.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LO: f32 = -87.33654;
+    const HI: f32 = 0.346_573_6; // ln 2 / 2: n ≤ 0 after rounding
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.clamp(LO, HI);
+    let n = (c * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, c));
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = (p * r).mul_add(r, r) + 1.0;
+    // n ∈ [−126, 0]: 2ⁿ is a normal number.
+    let k = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let y = er * f32::from_bits(((k + 127) << 23) as u32);
+    if x < LO {
+        0.0
+    } else {
+        y
+    }
+}
+
 /// The error function for f32 (a faithfully rounded minimax pair: an odd polynomial below
 /// |x| = 0.9277, `1 − e^{poly}` above), both halves evaluated and one selected so the loop stays
 /// branch-free.
@@ -129,11 +159,12 @@ fn softmax_numerators_generic(row: &mut [f32], scale: f32) -> (f32, f32) {
 /// keeps `exp`'s range selects as branches; the loop vectorizer turns them into blends).
 #[inline(always)]
 fn exp_sum(row: &mut [f32], scale: f32, m: f32) -> f32 {
-    row.iter_mut().for_each(|v| *v = exp(scale.mul_add(*v, -m)));
+    row.iter_mut().for_each(|v| *v = exp_nonpositive(scale.mul_add(*v, -m)));
     sum(row)
 }
 
 /// The maximum of a slice (−∞ when empty), in eight lanes.
+#[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -147,11 +178,13 @@ pub fn max(x: &[f32]) -> f32 {
 }
 
 /// `Σ x[i]` in eight lanes.
+#[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
     lanes_sum(x, |v| v)
 }
 
 /// `Σ (x[i] − mean)²` in eight lanes.
+#[inline(always)]
 pub fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
     lanes_sum(x, |v| (v - mean) * (v - mean))
 }
@@ -170,47 +203,15 @@ fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// Runs `f` compiled for sixteen lanes (AVX-512F) or eight (AVX2 + FMA) where the CPU has them,
-/// else as it is: for loops in plain Rust that the compiler widens. `f` is inlined into the
-/// wrapper that enables the features (a closure called once is; one that is not stays at the
-/// baseline).
-#[inline(always)]
-pub fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx512() {
-            // SAFETY: the CPU has AVX-512F and FMA (checked).
-            return unsafe { wide_avx512(f) };
-        }
-        if avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked).
-            return unsafe { wide_avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn wide_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn wide_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
 /// Whether the CPU has AVX-512F (and FMA): the loops below are then compiled for 16 lanes.
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
@@ -266,6 +267,18 @@ mod tests {
         for (&x, &e) in xs.iter().zip(&y).step_by(997) {
             assert_eq!(exp(x).to_bits(), e.to_bits(), "exp({x})");
         }
+    }
+
+    /// The softmax's exponential is [`exp`] bit for bit on `x ≤ 0` (down to where both give 0),
+    /// and on the rounding residues just above 0 that a row's maximum can leave.
+    #[test]
+    fn exp_nonpositive_is_exp_bit_for_bit_below_zero() {
+        let mut xs = grid(-90.0, 0.0, 400_000);
+        xs.extend([0.0, -0.0, 1e-7, 3e-7, f32::MIN_POSITIVE, -87.33654, -87.3366, f32::NEG_INFINITY]);
+        for &x in &xs {
+            assert_eq!(exp_nonpositive(x).to_bits(), exp(x).to_bits(), "x = {x}");
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]
