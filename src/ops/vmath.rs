@@ -9,36 +9,25 @@
 //! `erf` within 2 ulp. Both are rounded differently from libm, so a result can move in its last
 //! bit; nothing here is used where bit-equality with another engine is asserted.
 
+/// Below this `eˣ` is 0 in f32 (`2ⁿ` leaves the normal range).
+const EXP_LO: f32 = -87.33654;
+
 /// `eˣ` for f32: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (ln 2 split in two for an exact
 /// reduction), a degree-7 polynomial for `eʳ` (Cephes' `expf` coefficients), `2ⁿ` built in the
 /// exponent bits. Below −87.3 (where `2ⁿ` leaves the normal range) the result is 0, above 88.7
 /// it is +∞; NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LO: f32 = -87.33654;
     const HI: f32 = 88.72283;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let c = x.clamp(LO, HI);
-    let n = (c * std::f32::consts::LOG2_E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, c));
-    let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let er = (p * r).mul_add(r, r) + 1.0;
-    // n ∈ [−126, 128] read as an integer by the 1.5·2²³ trick (exact for |n| < 2²²; `as i32`
-    // would saturate NaN and so not vectorize), and 2ⁿ built as 2^⌊n/2⌋·2^⌈n/2⌉ so that n = 128
-    // (reached just below the clamp) keeps both exponent fields in range.
-    let k = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let (er, k) = exp_parts(x.clamp(EXP_LO, HI));
+    // 2ⁿ built as 2^⌊n/2⌋·2^⌈n/2⌉ so that n = 128 (reached just below the clamp) keeps both
+    // exponent fields in range.
     let (k1, k2) = (k >> 1, k - (k >> 1));
     let s1 = f32::from_bits(((k1 + 127) << 23) as u32);
     let s2 = f32::from_bits(((k2 + 127) << 23) as u32);
     let y = er * s1 * s2;
     // NaN passes through the clamp and the polynomial as NaN.
-    if x < LO {
+    if x < EXP_LO {
         0.0
     } else if x > HI {
         f32::INFINITY
@@ -53,11 +42,22 @@ pub fn exp(x: f32) -> f32 {
 /// larger `x` (not a softmax's) gives `e^{ln 2 / 2}`, not `eˣ`.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    const LO: f32 = -87.33654;
     const HI: f32 = 0.346_573_6; // ln 2 / 2: n ≤ 0 after rounding
+    let (er, k) = exp_parts(x.clamp(EXP_LO, HI));
+    // n ∈ [−126, 0]: 2ⁿ is a normal number.
+    let y = er * f32::from_bits(((k + 127) << 23) as u32);
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `(eʳ, n)` with `c = n·ln 2 + r` for a clamped `c`: the reduction and polynomial of [`exp`].
+#[inline(always)]
+fn exp_parts(c: f32) -> (f32, i32) {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let c = x.clamp(LO, HI);
     let n = (c * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, c));
     let mut p = 1.987_569_1e-4f32;
@@ -67,14 +67,9 @@ fn exp_nonpositive(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let er = (p * r).mul_add(r, r) + 1.0;
-    // n ∈ [−126, 0]: 2ⁿ is a normal number.
-    let k = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-    let y = er * f32::from_bits(((k + 127) << 23) as u32);
-    if x < LO {
-        0.0
-    } else {
-        y
-    }
+    // n ∈ [−126, 128] read as an integer by the 1.5·2²³ trick (exact for |n| < 2²²; `as i32`
+    // would saturate NaN and so not vectorize).
+    (er, (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000)
 }
 
 /// The error function for f32 (a faithfully rounded minimax pair: an odd polynomial below
