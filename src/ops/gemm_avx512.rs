@@ -227,10 +227,10 @@ fn product(m: usize, n: usize, k: usize, a: MatRef, b: Rhs, out: Out, start: Sta
             };
             // The first block of `k` starts each tile from zero, `c` or the bias; later ones add.
             let tile_start = match start {
-                _ if p0 > 0 => imp::TileStart::AddC,
-                Start::Accumulate => imp::TileStart::AddC,
-                Start::Zero => imp::TileStart::Store,
-                Start::Bias(bias) => imp::TileStart::AddRow(bias[jp * NR..].as_ptr()),
+                _ if p0 > 0 => TileStart::AddC,
+                Start::Accumulate => TileStart::AddC,
+                Start::Zero => TileStart::Store,
+                Start::Bias(bias) => TileStart::AddRow(bias[jp * NR..].as_ptr()),
             };
             for ip in 0..row_panels {
                 let rows = MR.min(m - ip * MR);
@@ -326,21 +326,21 @@ fn pack_a(a: MatRef, i0: usize, rows: usize, p0: usize, kc: usize, out: &mut [f3
     }
 }
 
+/// What a tile's sums are added to before they are stored.
+#[derive(Clone, Copy)]
+enum TileStart {
+    /// Nothing: `c` is overwritten (and never read).
+    Store,
+    /// `c`'s current values.
+    AddC,
+    /// A row of `cols` values (the bias), the same for every row of the tile.
+    AddRow(*const f32),
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    use super::{MR, NR};
+    use super::{TileStart, MR, NR};
     use std::arch::x86_64::*;
-
-    /// What a tile's sums are added to before they are stored.
-    #[derive(Clone, Copy)]
-    pub enum TileStart {
-        /// Nothing: `c` is overwritten (and never read).
-        Store,
-        /// `c`'s current values.
-        AddC,
-        /// A row of `cols` values (the bias), the same for every row of the tile.
-        AddRow(*const f32),
-    }
 
     /// The `rows × cols` tile of `c` at `c` (row stride `ldc`) `= a·b (+ the start)`: `a`'s row
     /// `i` is read at `a[i] + kk·KS` (`KS = 1` in place, `MR` packed), `b` is packed `[kc][NR]`.
@@ -455,12 +455,7 @@ mod imp {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod imp {
-    #[derive(Clone, Copy)]
-    pub enum TileStart {
-        Store,
-        AddC,
-        AddRow(*const f32),
-    }
+    use super::TileStart;
     pub unsafe fn transpose_into(_: &[&[f32]; 16], _: usize, _: &mut [f32]) {
         unreachable!("gemm_avx512 is only used where AVX-512F was detected")
     }
