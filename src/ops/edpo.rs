@@ -27,6 +27,34 @@ pub const VOCAB_CHUNK: usize = 4096;
 /// Token rows per block.
 const ROW_BLOCK: usize = 64;
 
+/// Where the LM head's rows `W [V, C]` come from: f32 values (`[f32]`), or a table that writes
+/// a block of rows as f32 into a buffer when asked (a frozen head kept as quantized blocks, which
+/// `crate::quant` implements), so the losses never hold the whole head in f32.
+pub trait HeadRows: Sync {
+    /// `V`, for rows of `c` values.
+    fn vocab(&self, c: usize) -> usize;
+    /// Rows `v0..v0 + n` as `[n, c]` f32, in `buf` if they have to be made.
+    fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl HeadRows for [f32] {
+    fn vocab(&self, c: usize) -> usize {
+        self.len() / c
+    }
+    fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
+        &self[v0 * c..(v0 + n) * c]
+    }
+}
+
+impl HeadRows for Vec<f32> {
+    fn vocab(&self, c: usize) -> usize {
+        self.as_slice().vocab(c)
+    }
+    fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        self.as_slice().rows(v0, n, c, buf)
+    }
+}
+
 /// Per-token target log-probabilities and log-sum-exps (0 at masked positions).
 #[derive(Clone, Debug)]
 pub struct TokenLogprobs {
@@ -36,14 +64,20 @@ pub struct TokenLogprobs {
 
 /// `hidden [R, C]`, `weight [V, C]`, `targets [R]`, `mask [R]`: log-softmax of `hidden·weightᵀ`
 /// at the targets, for the unmasked rows, with an online max/sum over vocabulary blocks.
-pub fn token_logprobs(hidden: &[f32], weight: &[f32], c: usize, targets: &[u32], mask: &[bool]) -> TokenLogprobs {
+pub fn token_logprobs<W: HeadRows + ?Sized>(
+    hidden: &[f32],
+    weight: &W,
+    c: usize,
+    targets: &[u32],
+    mask: &[bool],
+) -> TokenLogprobs {
     token_logprobs_chunked(hidden, weight, c, targets, mask, VOCAB_CHUNK)
 }
 
 /// [`token_logprobs`] with an explicit vocabulary block size (tests use tiny ones).
-pub fn token_logprobs_chunked(
+pub fn token_logprobs_chunked<W: HeadRows + ?Sized>(
     hidden: &[f32],
-    weight: &[f32],
+    weight: &W,
     c: usize,
     targets: &[u32],
     mask: &[bool],
@@ -52,41 +86,42 @@ pub fn token_logprobs_chunked(
     let r = targets.len();
     assert_eq!(hidden.len(), r * c, "edpo: hidden must be [R, C]");
     assert_eq!(mask.len(), r, "edpo: mask must be [R]");
-    assert!(c > 0 && weight.len().is_multiple_of(c), "edpo: weight must be [V, C]");
-    let v = weight.len() / c;
+    assert!(c > 0, "edpo: weight must be [V, C]");
+    let v = weight.vocab(c);
     let rows: Vec<usize> = (0..r).filter(|&i| mask[i]).collect();
     for &i in &rows {
         assert!((targets[i] as usize) < v, "edpo: target {} at row {i} is outside the vocabulary ({v})", targets[i]);
     }
+    // Vocabulary chunks outside, row blocks inside: each chunk of the head is made once
+    // (dequantized, for a head kept as blocks) for every row. Each row keeps a running max, sum
+    // and target logit, updated chunk by chunk in order.
     let chunk = vocab_chunk.max(1);
-    let per_block: Vec<Vec<(usize, f32, f32)>> = rows
-        .par_chunks(ROW_BLOCK)
-        .map(|blk| {
-            let hb = gather_rows(hidden, c, blk);
-            let (mut m, mut s, mut tgt) =
-                (vec![f32::NEG_INFINITY; blk.len()], vec![0.0f32; blk.len()], vec![0.0; blk.len()]);
-            let mut z = vec![0.0f32; blk.len() * chunk.min(v)];
-            for v0 in (0..v).step_by(chunk) {
-                let vc = chunk.min(v - v0);
-                let w = &weight[v0 * c..(v0 + vc) * c];
-                sgemm(blk.len(), vc, c, MatRef::rows(&hb, c), MatRef::transposed(w, c), &mut z, false);
-                for (k, &row) in blk.iter().enumerate() {
-                    let zr = &z[k * vc..(k + 1) * vc];
+    let hb = gather_rows(hidden, c, &rows);
+    let mut state = vec![(f32::NEG_INFINITY, 0.0f32, 0.0f32); rows.len()];
+    let mut wbuf = Vec::new();
+    for v0 in (0..v).step_by(chunk) {
+        let vc = chunk.min(v - v0);
+        let w = weight.rows(v0, vc, c, &mut wbuf);
+        hb.par_chunks(ROW_BLOCK * c).zip(state.par_chunks_mut(ROW_BLOCK)).zip(rows.par_chunks(ROW_BLOCK)).for_each(
+            |((h, st), blk)| {
+                let mut z = vec![0.0f32; blk.len() * vc];
+                sgemm(blk.len(), vc, c, MatRef::rows(h, c), MatRef::transposed(w, c), &mut z, false);
+                for ((zr, (m, s, tgt)), &row) in z.chunks_exact(vc).zip(st.iter_mut()).zip(blk) {
                     let cm = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mn = m[k].max(cm);
-                    s[k] = s[k] * (m[k] - mn).exp() + zr.iter().map(|&x| (x - mn).exp()).sum::<f32>();
-                    m[k] = mn;
+                    let mn = m.max(cm);
+                    *s = *s * (*m - mn).exp() + zr.iter().map(|&x| (x - mn).exp()).sum::<f32>();
+                    *m = mn;
                     let y = targets[row] as usize;
                     if (v0..v0 + vc).contains(&y) {
-                        tgt[k] = zr[y - v0];
+                        *tgt = zr[y - v0];
                     }
                 }
-            }
-            blk.iter().enumerate().map(|(k, &row)| (row, tgt[k], m[k] + s[k].ln())).collect()
-        })
-        .collect();
+            },
+        );
+    }
     let mut out = TokenLogprobs { logp: vec![0.0; r], lse: vec![0.0; r] };
-    for (row, t, l) in per_block.into_iter().flatten() {
+    for (&row, &(m, s, t)) in rows.iter().zip(&state) {
+        let l = m + s.ln();
         out.logp[row] = t - l;
         out.lse[row] = l;
     }
@@ -165,9 +200,9 @@ pub fn edpo_loss(policy: &[f32], reference: &[f32], pairs: &[Pair], cfg: EdpoCon
 /// `dw` is given, `weight [V, C]` (added to `dw`; skipped for a frozen LM head, a third of the
 /// work), given the forward's `lse`: `∂z_v = g_t (1[v = target] − exp(z_v − lse_t))`. Rows with
 /// a zero upstream gradient are skipped.
-pub fn logprob_backward(
+pub fn logprob_backward<W: HeadRows + ?Sized>(
     hidden: &[f32],
-    weight: &[f32],
+    weight: &W,
     c: usize,
     targets: &[u32],
     lse: &[f32],
@@ -176,22 +211,25 @@ pub fn logprob_backward(
 ) -> Vec<f32> {
     let r = targets.len();
     assert!(hidden.len() == r * c && lse.len() == r && grad_token.len() == r);
-    let v = weight.len() / c;
+    let v = weight.vocab(c);
     assert!(dw.as_ref().is_none_or(|dw| dw.len() == v * c));
     let mut dh = vec![0.0f32; r * c];
     let rows: Vec<usize> = (0..r).filter(|&i| grad_token[i] != 0.0).collect();
     let chunk = VOCAB_CHUNK.min(v.max(1));
     let mut z = vec![0.0f32; ROW_BLOCK * chunk];
-    let mut dhb = vec![0.0f32; ROW_BLOCK * c];
-    for blk in rows.chunks(ROW_BLOCK) {
-        let hb = gather_rows(hidden, c, blk);
-        let nb = blk.len();
-        dhb[..nb * c].fill(0.0);
-        for v0 in (0..v).step_by(chunk) {
-            let vc = chunk.min(v - v0);
-            let w = &weight[v0 * c..(v0 + vc) * c];
+    // As in the forward, vocabulary chunks outside (each made once), row blocks inside: each
+    // row's `∂h` sums the chunks in order, each chunk's `∂W` the row blocks in order.
+    let hb = gather_rows(hidden, c, &rows);
+    let mut dh_rows = vec![0.0f32; rows.len() * c];
+    let mut wbuf = Vec::new();
+    for v0 in (0..v).step_by(chunk) {
+        let vc = chunk.min(v - v0);
+        let w = weight.rows(v0, vc, c, &mut wbuf);
+        for (i, blk) in rows.chunks(ROW_BLOCK).enumerate() {
+            let nb = blk.len();
+            let h = &hb[i * ROW_BLOCK * c..][..nb * c];
             let zb = &mut z[..nb * vc];
-            sgemm(nb, vc, c, MatRef::rows(&hb, c), MatRef::transposed(w, c), zb, false);
+            sgemm(nb, vc, c, MatRef::rows(h, c), MatRef::transposed(w, c), zb, false);
             // In place: logits → ∂loss/∂logits.
             zb.par_chunks_mut(vc).zip(blk.par_iter()).for_each(|(zr, &row)| {
                 let (g, l, y) = (grad_token[row], lse[row], targets[row] as usize);
@@ -201,22 +239,15 @@ pub fn logprob_backward(
                 }
             });
             // dh_blk += dz · W_chunk;  dW_chunk += dzᵀ · h_blk.
-            sgemm(nb, c, vc, MatRef::rows(zb, vc), MatRef::rows(w, c), &mut dhb[..nb * c], true);
+            let dhb = &mut dh_rows[i * ROW_BLOCK * c..][..nb * c];
+            sgemm(nb, c, vc, MatRef::rows(zb, vc), MatRef::rows(w, c), dhb, true);
             if let Some(dw) = dw.as_deref_mut() {
-                sgemm(
-                    vc,
-                    c,
-                    nb,
-                    MatRef::transposed(zb, vc),
-                    MatRef::rows(&hb, c),
-                    &mut dw[v0 * c..(v0 + vc) * c],
-                    true,
-                );
+                sgemm(vc, c, nb, MatRef::transposed(zb, vc), MatRef::rows(h, c), &mut dw[v0 * c..(v0 + vc) * c], true);
             }
         }
-        for (k, &row) in blk.iter().enumerate() {
-            dh[row * c..(row + 1) * c].copy_from_slice(&dhb[k * c..(k + 1) * c]);
-        }
+    }
+    for (k, &row) in rows.iter().enumerate() {
+        dh[row * c..(row + 1) * c].copy_from_slice(&dh_rows[k * c..(k + 1) * c]);
     }
     dh
 }

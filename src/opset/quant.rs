@@ -1,8 +1,9 @@
 //! Linear layers whose frozen weight stays in a checkpoint's quantized blocks
 //! ([`crate::quant::QMatrix`]): inference from the blocks, and the input gradient QLoRA's
-//! backward needs (a quantized weight never gets a gradient of its own).
+//! backward needs (a quantized weight never gets a gradient of its own), and the losses through a
+//! frozen LM head kept as blocks.
 
-use super::{Buffers, Gemm, GemmSpec};
+use super::{Buffers, Gemm, GemmSpec, Losses};
 use crate::quant::QMatrix;
 use anyhow::{bail, Result};
 
@@ -44,6 +45,25 @@ pub trait QuantOps: Buffers {
     }
     /// Rows `ids` of the table `w`, `[ids.len(), in]` (an embedding lookup).
     fn qembed(&self, w: &Self::QBuf, ids: &[u32]) -> Result<Self::Buf>;
+    /// [`Losses::seq_logprobs`] through a frozen LM head `w` kept as blocks: `(seq [N], lse [N·T])`.
+    fn q_seq_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::QBuf,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Self::Stat, Self::Stat)>;
+    /// [`Losses::logprob_backward`] through a frozen LM head kept as blocks: `∂/∂hidden` only
+    /// (a quantized head never gets a gradient).
+    fn q_logprob_backward(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::QBuf,
+        targets: &[u32],
+        lse: &Self::Stat,
+        grad_seq: &Self::Stat,
+        seqs: usize,
+    ) -> Result<Self::Buf>;
 }
 
 /// A quantized weight dequantized at upload, for a backend without quantized kernels (the GPU
@@ -83,6 +103,28 @@ pub mod dense {
             (None, Some(b)) => o.gemm_bias_new(&spec, x, &w.w, b),
             (Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
         }
+    }
+
+    pub fn seq_logprobs<O: Losses>(
+        o: &O,
+        hidden: &O::Buf,
+        w: &DenseQuant<O::Buf>,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(O::Stat, O::Stat)> {
+        o.seq_logprobs(hidden, &w.w, targets, seqs)
+    }
+
+    pub fn logprob_backward<O: Losses>(
+        o: &O,
+        hidden: &O::Buf,
+        w: &DenseQuant<O::Buf>,
+        targets: &[u32],
+        lse: &O::Stat,
+        grad_seq: &O::Stat,
+        seqs: usize,
+    ) -> Result<O::Buf> {
+        o.logprob_backward(hidden, &w.w, targets, lse, grad_seq, seqs, None)
     }
 
     pub fn input_grad<O: Gemm>(

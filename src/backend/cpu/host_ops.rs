@@ -5,7 +5,7 @@
 use crate::ops::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention, attention_backward, AttnShape, Mask};
 use crate::ops::conv::depthwise_conv2d;
-use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs};
+use crate::ops::edpo::{edpo_loss, logprob_backward, token_logprobs, HeadRows};
 use crate::ops::embedding::embedding_backward;
 use crate::ops::fusion_attn::{fusion_attn_backward, fusion_attn_forward_gemm};
 use crate::ops::gemm::{sgemm, MatRef};
@@ -245,6 +245,30 @@ impl QuantOps for HostOps {
             bail!("token id {bad} is outside the vocabulary of {}", w.rows);
         }
         Ok(qrows(w, ids))
+    }
+
+    fn q_seq_logprobs(
+        &self,
+        hidden: &Vec<f32>,
+        w: &QMatrix,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        check_head_width(hidden, w, targets)?;
+        seq_logprobs_through(hidden, w, targets, seqs)
+    }
+
+    fn q_logprob_backward(
+        &self,
+        hidden: &Vec<f32>,
+        w: &QMatrix,
+        targets: &[u32],
+        lse: &Vec<f32>,
+        grad_seq: &Vec<f32>,
+        seqs: usize,
+    ) -> Result<Vec<f32>> {
+        check_head_width(hidden, w, targets)?;
+        logprob_backward_through(hidden, w, targets, lse, grad_seq, seqs, None)
     }
 }
 
@@ -583,20 +607,7 @@ impl Losses for HostOps {
         targets: &[u32],
         seqs: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let t = seq_len(targets.len(), seqs)?;
-        let c = hidden.len() / targets.len();
-        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE).collect();
-        let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
-        let tg: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
-        let tl = token_logprobs(&h, w, c, &tg, &vec![true; rows.len()]);
-        let (mut seq, mut lse) = (vec![0.0f32; seqs], vec![0.0f32; targets.len()]);
-        for (n, s) in seq.iter_mut().enumerate() {
-            *s = rows.iter().zip(&tl.logp).filter(|(&r, _)| r / t == n).map(|(_, &l)| l).sum();
-        }
-        for (&r, &l) in rows.iter().zip(&tl.lse) {
-            lse[r] = l;
-        }
-        Ok((seq, lse))
+        seq_logprobs_through(hidden, w, targets, seqs)
     }
 
     fn edpo_loss(
@@ -625,14 +636,64 @@ impl Losses for HostOps {
         seqs: usize,
         d_weight: Option<&mut Vec<f32>>,
     ) -> Result<Vec<f32>> {
-        let t = seq_len(targets.len(), seqs)?;
-        let c = hidden.len() / targets.len();
-        let grad_token: Vec<f32> =
-            targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
-        let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
         let dw = zeroed_head_grad(d_weight, w.len(), "log-prob backward")?;
-        Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, dw))
+        logprob_backward_through(hidden, w, targets, lse, grad_seq, seqs, dw)
     }
+}
+
+/// [`Losses::seq_logprobs`] through an LM head in f32 or in quantized blocks.
+fn seq_logprobs_through<W: HeadRows + ?Sized>(
+    hidden: &[f32],
+    w: &W,
+    targets: &[u32],
+    seqs: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let t = seq_len(targets.len(), seqs)?;
+    let c = hidden.len() / targets.len();
+    let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE).collect();
+    let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
+    let tg: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+    let tl = token_logprobs(&h, w, c, &tg, &vec![true; rows.len()]);
+    let (mut seq, mut lse) = (vec![0.0f32; seqs], vec![0.0f32; targets.len()]);
+    for (n, s) in seq.iter_mut().enumerate() {
+        *s = rows.iter().zip(&tl.logp).filter(|(&r, _)| r / t == n).map(|(_, &l)| l).sum();
+    }
+    for (&r, &l) in rows.iter().zip(&tl.lse) {
+        lse[r] = l;
+    }
+    Ok((seq, lse))
+}
+
+/// [`Losses::logprob_backward`] through an LM head in f32 or in quantized blocks (`dw`: the
+/// head's gradient, zeroed, for a head that trains).
+fn logprob_backward_through<W: HeadRows + ?Sized>(
+    hidden: &[f32],
+    w: &W,
+    targets: &[u32],
+    lse: &[f32],
+    grad_seq: &[f32],
+    seqs: usize,
+    dw: Option<&mut [f32]>,
+) -> Result<Vec<f32>> {
+    let t = seq_len(targets.len(), seqs)?;
+    let c = hidden.len() / targets.len();
+    let grad_token: Vec<f32> =
+        targets.iter().enumerate().map(|(r, &y)| if y == IGNORE { 0.0 } else { grad_seq[r / t] }).collect();
+    let tg: Vec<u32> = targets.iter().map(|&y| if y == IGNORE { 0 } else { y }).collect();
+    Ok(logprob_backward(hidden, w, c, &tg, lse, &grad_token, dw))
+}
+
+/// Refuses hidden states `[targets.len(), C]` whose `C` is not the quantized LM head's width.
+fn check_head_width(hidden: &[f32], w: &QMatrix, targets: &[u32]) -> Result<()> {
+    if targets.is_empty() || hidden.len() != targets.len() * w.cols {
+        bail!(
+            "loss through the quantized LM head: {} hidden values for {} targets, the head's rows have {}",
+            hidden.len(),
+            targets.len(),
+            w.cols
+        );
+    }
+    Ok(())
 }
 
 /// The LM head's gradient buffer a loss op was handed, checked against the head's size and

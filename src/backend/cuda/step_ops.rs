@@ -180,6 +180,28 @@ impl QuantOps for CudaOps {
     fn qembed(&self, w: &Self::QBuf, ids: &[u32]) -> Result<Self::Buf> {
         self.embed(&w.w, ids, w.cols)
     }
+
+    fn q_seq_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::QBuf,
+        targets: &[u32],
+        seqs: usize,
+    ) -> Result<(Self::Stat, Self::Stat)> {
+        dense::seq_logprobs(self, hidden, w, targets, seqs)
+    }
+
+    fn q_logprob_backward(
+        &self,
+        hidden: &Self::Buf,
+        w: &Self::QBuf,
+        targets: &[u32],
+        lse: &Self::Stat,
+        grad_seq: &Self::Stat,
+        seqs: usize,
+    ) -> Result<Self::Buf> {
+        dense::logprob_backward(self, hidden, w, targets, lse, grad_seq, seqs)
+    }
 }
 
 impl Norms for CudaOps {

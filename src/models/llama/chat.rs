@@ -51,10 +51,9 @@ impl<O: StepOps> ChatModel<O> {
                 &mut SeedRng::new(0, 0),
             )
             .with_context(|| format!("loading {}", path.display()))?;
-            let mut model = Llama::new(ops, &layout, &params, None)?;
-            // Generation reads the token table and head from their blocks.
-            model.drop_dense_tables()?;
-            model
+            // Generation reads the token table and head from their blocks (`Llama::new` frees
+            // their f32 copies).
+            Llama::new(ops, &layout, &params, None)?
         };
         Ok(ChatModel { model, tokenizer, template, max_positions })
     }

@@ -32,7 +32,7 @@ pub use weights::{BaseWeights, Block, Finetune, Linear, LinearWeight, LlamaParam
 
 use crate::ops::loss::IGNORE;
 use crate::opset::GemmSpec;
-use crate::opset::{CausalShape, GradRef, StepOps};
+use crate::opset::{CausalShape, CrossEntropyOut, GradRef, StepOps};
 use crate::train::{AdamWConfig, AdamWScalars, AdamWState, Moments, Param, ParamId, ParamSet};
 use crate::user_bail;
 use anyhow::{bail, Result};
@@ -290,6 +290,7 @@ impl<O: StepOps> Llama<O> {
         dev.token_embd = ix(model.token_embd);
         dev.output_norm = ix(model.output_norm);
         dev.output = ix(model.output);
+        dev.drop_dense_tables()?;
         Ok(dev)
     }
 
@@ -358,20 +359,20 @@ impl<O: StepOps> Llama<O> {
         }
     }
 
-    /// Frees the f32 token table and LM head of an inference model that has them as quantized
-    /// blocks (decode reads the blocks; only the losses read the f32 copies): a generation-only
-    /// model then holds no f32 copy of its largest tensors. Returns whether it did; afterwards
-    /// the losses refuse to run.
-    pub fn drop_dense_tables(&mut self) -> Result<bool> {
-        if self.adamw.is_some() || self.embd_q.is_none() || self.head_q.is_none() {
-            return Ok(false);
+    /// Frees the f32 token table and LM head when both are frozen and kept as quantized blocks
+    /// (generation, and QLoRA training): embedding reads the table's blocks, decoding and the
+    /// losses the head's ([`Llama::quantized_loss_head`]), so the model holds no f32 copy of its
+    /// largest tensors. [`Llama::new`] calls it.
+    fn drop_dense_tables(&mut self) -> Result<()> {
+        if self.embd_q.is_none() || self.head_q.is_none() || self.lm_head_trains() || self.trainable(self.token_embd) {
+            return Ok(());
         }
         for i in [self.token_embd, self.output] {
             self.params[i].w = self.ops.zeros(1)?;
             self.params[i].numel = 0;
         }
         self.dense_tables = false;
-        Ok(true)
+        Ok(())
     }
 
     /// What the weights take on the backend: f32 (or bf16) values of the dense tensors and bytes
@@ -394,9 +395,8 @@ impl<O: StepOps> Llama<O> {
     /// mean over every counted position. Queues the work and returns the gradients; nothing waits
     /// for the device.
     pub fn forward_backward(&self, inputs: &[u32], targets: &[u32], batch: usize) -> Result<StepGrads<O>> {
-        let d = self.config.hidden_size;
         let counted = targets.iter().filter(|&&x| x != IGNORE).count();
-        let x = self.ops.embed(self.w(self.token_embd), inputs, d)?;
+        let x = self.embed_tokens(inputs)?;
         let (mut g, dx) = self.forward_backward_rows(x, targets, &vec![1.0 / counted.max(1) as f32; batch])?;
         self.embed_backward(inputs, &dx, &mut g.grads)?;
         Ok(g)
@@ -430,16 +430,81 @@ impl<O: StepOps> Llama<O> {
     ) -> Result<(StepGrads<O>, O::Buf)> {
         let fwd = self.forward_rows(x, targets, seq_weights.len(), true)?;
         let mut d_head = self.lm_head_grad()?;
-        let ce = self.ops.cross_entropy(&fwd.hidden, self.lm_head()?, targets, seq_weights, d_head.as_mut())?;
+        let ce = self.cross_entropy(&fwd.hidden, targets, seq_weights, d_head.as_mut())?;
         let (grads, dx) = self.backward_rows(fwd, &ce.d_hidden, d_head)?;
         Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
     }
 
+    /// The frozen LM head's blocks when the losses read the head from them: a quantized base
+    /// whose head does not train (QLoRA). `None`: the losses read the f32 working copy.
+    fn quantized_loss_head(&self) -> Option<&O::QBuf> {
+        self.head_q.filter(|_| !self.lm_head_trains()).map(|q| &self.qweights[q])
+    }
+
+    /// [`Losses::cross_entropy`] of `hidden` through the LM head (its blocks when
+    /// [`Llama::quantized_loss_head`]: the sequence log-probabilities, then their backward with
+    /// `∂loss/∂seq_n = −seq_weights[n]`; one more pass over the head than the fused loss, and no
+    /// f32 copy of it).
+    ///
+    /// [`Losses::cross_entropy`]: crate::opset::Losses::cross_entropy
+    pub fn cross_entropy(
+        &self,
+        hidden: &O::Buf,
+        targets: &[u32],
+        seq_weights: &[f32],
+        d_head: Option<&mut O::Buf>,
+    ) -> Result<CrossEntropyOut<O>> {
+        let Some(q) = self.quantized_loss_head() else {
+            return self.ops.cross_entropy(hidden, self.lm_head()?, targets, seq_weights, d_head);
+        };
+        if d_head.is_some() {
+            bail!("the quantized LM head is frozen: it has no gradient buffer");
+        }
+        let seqs = seq_weights.len();
+        let (seq_logp, lse) = self.ops.q_seq_logprobs(hidden, q, targets, seqs)?;
+        let grad_seq: Vec<f32> = seq_weights.iter().map(|w| -w).collect();
+        let d_hidden =
+            self.ops.q_logprob_backward(hidden, q, targets, &lse, &self.ops.upload_stat(&grad_seq)?, seqs)?;
+        Ok(CrossEntropyOut { seq_logp, d_hidden })
+    }
+
+    /// [`Losses::seq_logprobs`] of `hidden` through the LM head (its blocks when
+    /// [`Llama::quantized_loss_head`]).
+    ///
+    /// [`Losses::seq_logprobs`]: crate::opset::Losses::seq_logprobs
+    pub fn seq_logprobs(&self, hidden: &O::Buf, targets: &[u32], seqs: usize) -> Result<(O::Stat, O::Stat)> {
+        match self.quantized_loss_head() {
+            Some(q) => self.ops.q_seq_logprobs(hidden, q, targets, seqs),
+            None => self.ops.seq_logprobs(hidden, self.lm_head()?, targets, seqs),
+        }
+    }
+
+    /// [`Losses::logprob_backward`] through the LM head (its blocks when
+    /// [`Llama::quantized_loss_head`], which take no `d_head`).
+    ///
+    /// [`Losses::logprob_backward`]: crate::opset::Losses::logprob_backward
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprob_backward(
+        &self,
+        hidden: &O::Buf,
+        targets: &[u32],
+        lse: &O::Stat,
+        grad_seq: &O::Stat,
+        seqs: usize,
+        d_head: Option<&mut O::Buf>,
+    ) -> Result<O::Buf> {
+        match self.quantized_loss_head() {
+            Some(_) if d_head.is_some() => bail!("the quantized LM head is frozen: it has no gradient buffer"),
+            Some(q) => self.ops.q_logprob_backward(hidden, q, targets, lse, grad_seq, seqs),
+            None => self.ops.logprob_backward(hidden, self.lm_head()?, targets, lse, grad_seq, seqs, d_head),
+        }
+    }
+
     /// The LM head's working copy (`output.weight`, or the tied token table), for the losses;
-    /// an error after [`Llama::drop_dense_tables`].
+    /// an error when the model reads a frozen head from its blocks ([`Llama::drop_dense_tables`]).
     pub fn lm_head(&self) -> Result<&O::Buf> {
         if !self.dense_tables {
-            bail!("this generation-only model freed its f32 LM head; load it for scoring or training");
+            bail!("this model reads its frozen LM head from quantized blocks and holds no f32 copy of it");
         }
         Ok(self.w(self.output))
     }

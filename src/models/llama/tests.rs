@@ -623,3 +623,59 @@ fn quantized_base_trains_lora_and_decodes_like_its_f32_twin() {
         assert!(Llama::new(HostOps, &full, &ps, None).is_ok(), "inference from a quantized base");
     }
 }
+
+/// A QLoRA model's losses read its frozen LM head from the blocks (its f32 copy is freed): the
+/// sequence log-probabilities and their backward equal, bit for bit, the same ops through the
+/// f32 copy of those blocks (the same chunks and sums), and the cross-entropy built from them
+/// equals the fused one up to summation order. A head gradient buffer and hidden states of the
+/// wrong width are refused.
+#[test]
+fn a_frozen_quantized_head_gives_the_losses_of_its_f32_copy() {
+    use crate::opset::Losses;
+    let c = block_config(Family::Llama);
+    let mut ps = ParamSet::new();
+    let mut seed = SeedRng::new(5, streams::INIT);
+    let m = LlamaParams::load_with(
+        &block_weights(&c, 21),
+        c.clone(),
+        &lora(4, &LINEAR_NAMES),
+        BaseWeights::Quantized,
+        &mut ps,
+        &mut seed,
+    )
+    .unwrap();
+    let lq = Llama::new(HostOps, &m, &ps, Some(AdamWConfig::default())).unwrap();
+    assert!(lq.quantized_loss_head().is_some() && !lq.lm_head_trains());
+    let err = lq.lm_head().err().expect("the f32 head was freed").to_string();
+    assert!(err.contains("no f32 copy"), "{err}");
+    // The f32 copy of the blocks, as the loader made it.
+    let (o, head) = (&HostOps, &ps[m.output].value);
+    let (seqs, t, d) = (3, 5, c.hidden_size);
+    let hidden = uniform(&mut rng(3), seqs * t * d, -1.0, 1.0);
+    let mut targets: Vec<u32> = (0..seqs * t).map(|i| (i * 7 % V) as u32).collect();
+    (targets[2], targets[9]) = (IGNORE, IGNORE);
+
+    let (seq_q, lse_q) = lq.seq_logprobs(&hidden, &targets, seqs).unwrap();
+    let (seq_f, lse_f) = o.seq_logprobs(&hidden, head, &targets, seqs).unwrap();
+    assert_eq!((&seq_q, &lse_q), (&seq_f, &lse_f));
+    assert!(seq_q.iter().all(|s| s.is_finite() && *s < 0.0), "{seq_q:?}");
+    let grad = vec![0.5, -1.0, 2.0];
+    let dh_q = lq.logprob_backward(&hidden, &targets, &lse_q, &grad, seqs, None).unwrap();
+    let dh_f = o.logprob_backward(&hidden, head, &targets, &lse_f, &grad, seqs, None).unwrap();
+    assert_eq!(dh_q, dh_f);
+    assert!(dh_q[2 * d..3 * d].iter().all(|&g| g == 0.0), "an ignored position gets no gradient");
+
+    let weights = [0.2, 0.3, 0.5];
+    let ce_q = lq.cross_entropy(&hidden, &targets, &weights, None).unwrap();
+    let ce_f = o.cross_entropy(&hidden, head, &targets, &weights, None).unwrap();
+    assert!(rel_l2(&ce_q.seq_logp, &ce_f.seq_logp) < 1e-6, "{:?} vs {:?}", ce_q.seq_logp, ce_f.seq_logp);
+    let e = rel_l2(&ce_q.d_hidden, &ce_f.d_hidden);
+    assert!(e < 1e-5, "cross-entropy gradient off by {e:.3e}");
+
+    let mut buf = vec![0.0; V * d];
+    let err = lq.cross_entropy(&hidden, &targets, &weights, Some(&mut buf)).err().expect("refused").to_string();
+    assert!(err.contains("frozen"), "{err}");
+    let narrow = hidden[..seqs * t * (d - 1)].to_vec();
+    let err = lq.seq_logprobs(&narrow, &targets, seqs).err().expect("refused").to_string();
+    assert!(err.contains("quantized LM head"), "{err}");
+}

@@ -43,9 +43,9 @@ pub enum BaseWeights {
     #[default]
     F32,
     /// The linear layers keep the checkpoint's quantized blocks (GGUF Q4_0 … Q6_K) and multiply
-    /// from them; the LM head also does when decoding (the losses read it in f32). Tensors stored
-    /// unquantized, and every tensor of a source without blocks, stay f32. Frozen: it trains only
-    /// through LoRA adapters (QLoRA).
+    /// from them; so do the token table and the LM head (embedding, decoding and the losses read
+    /// their blocks). Tensors stored unquantized, and every tensor of a source without blocks,
+    /// stay f32. Frozen: it trains only through LoRA adapters (QLoRA).
     Quantized,
 }
 

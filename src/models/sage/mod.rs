@@ -260,8 +260,7 @@ impl<O: StepOps> Sage<O> {
         let weights: Vec<f32> = plans.iter().map(|p| 1.0 / (plans.len() * p.counted().max(1)) as f32).collect();
         let fwd = self.forward(plans, true)?;
         let mut d_head = self.llm.lm_head_grad()?;
-        let ce =
-            self.ops().cross_entropy(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, &weights, d_head.as_mut())?;
+        let ce = self.llm.cross_entropy(&fwd.llm.hidden, &fwd.targets, &weights, d_head.as_mut())?;
         let grads = self.backward(fwd, &ce.d_hidden, d_head)?;
         Ok(StepGrads::new(ce.seq_logp, weights, grads))
     }
@@ -271,7 +270,7 @@ impl<O: StepOps> Sage<O> {
     pub fn loss(&self, plans: &[SeqPlan]) -> Result<f32> {
         let fwd = self.forward(plans, false)?;
         let o = self.ops();
-        let (seq_logp, _) = o.seq_logprobs(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, plans.len())?;
+        let (seq_logp, _) = self.llm.seq_logprobs(&fwd.llm.hidden, &fwd.targets, plans.len())?;
         let seq_logp = o.download_stat(&seq_logp)?;
         let loss: f64 =
             plans.iter().zip(&seq_logp).map(|(p, &lp)| -(lp as f64) / (plans.len() * p.counted().max(1)) as f64).sum();
@@ -307,7 +306,7 @@ impl<O: StepOps> Sage<O> {
             plans.iter().flat_map(|p| p.text.iter().flat_map(|(_, ids)| ids.iter().copied())).collect();
         let mut text_rows = Vec::with_capacity(text_ids.len());
         if !text_ids.is_empty() {
-            let emb = o.embed(self.llm.w(self.llm.token_embd()), &text_ids, d)?;
+            let emb = self.llm.embed_tokens(&text_ids)?;
             let mut from = 0;
             for (n, p) in plans.iter().enumerate() {
                 for (at, ids) in &p.text {
@@ -477,7 +476,7 @@ impl<O: StepOps> Sage<O> {
     /// a backward (E-DPO's frozen reference model).
     pub fn answer_logprobs(&self, plans: &[SeqPlan]) -> Result<O::Stat> {
         let fwd = self.forward(plans, false)?;
-        Ok(self.ops().seq_logprobs(&fwd.llm.hidden, self.llm.lm_head()?, &fwd.targets, plans.len())?.0)
+        Ok(self.llm.seq_logprobs(&fwd.llm.hidden, &fwd.targets, plans.len())?.0)
     }
 
     /// The E-DPO loss's forward and backward (ARCHITECTURE.md §1) over the answers `plans` of a
@@ -506,8 +505,7 @@ impl<O: StepOps> Sage<O> {
         }
         let fwd = self.forward(plans, true)?;
         let o = self.ops();
-        let head = self.llm.lm_head()?;
-        let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
+        let (policy, lse) = self.llm.seq_logprobs(&fwd.llm.hidden, &fwd.targets, n)?;
         // Length-normalised log-ratios: the loss op sees π_i·s_i and r_i·s_i, and its gradient
         // with respect to π_i·s_i is scaled by s_i on the way back.
         let (margins, mut grad) = match &terms.length_scale {
@@ -531,7 +529,7 @@ impl<O: StepOps> Sage<O> {
             grad = o.upload_stat(&g)?;
         }
         let mut d_head = self.llm.lm_head_grad()?;
-        let dh = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
+        let dh = self.llm.logprob_backward(&fwd.llm.hidden, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
         let grads = self.backward(fwd, &dh, d_head)?;
         Ok((margins, policy, grads))
     }
@@ -572,8 +570,7 @@ impl<O: StepOps> Sage<O> {
         let n = plans.len();
         let fwd = self.forward(plans, true)?;
         let o = self.ops();
-        let head = self.llm.lm_head()?;
-        let (policy, lse) = o.seq_logprobs(&fwd.llm.hidden, head, &fwd.targets, n)?;
+        let (policy, lse) = self.llm.seq_logprobs(&fwd.llm.hidden, &fwd.targets, n)?;
         let policy = o.download_stat(&policy)?;
         let (loss, grad) = loss_of(&policy)?;
         if grad.len() != n {
@@ -581,7 +578,7 @@ impl<O: StepOps> Sage<O> {
         }
         let grad = o.upload_stat(&grad)?;
         let mut d_head = self.llm.lm_head_grad()?;
-        let dh = o.logprob_backward(&fwd.llm.hidden, head, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
+        let dh = self.llm.logprob_backward(&fwd.llm.hidden, &fwd.targets, &lse, &grad, n, d_head.as_mut())?;
         let grads = self.backward(fwd, &dh, d_head)?;
         let applied = self.llm.apply(grads, lr)?;
         let norm = self.llm.finish(&applied)?;
@@ -610,7 +607,7 @@ impl<O: StepOps> Sage<O> {
         let o = self.ops();
         let (d, l) = (self.llm_dim, ids.len());
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let emb = o.embed(self.llm.w(self.llm.token_embd()), &flat, d)?;
+        let emb = self.llm.embed_tokens(&flat)?;
         let mut avg = vec![0.0f32; l * flat.len()];
         let mut from = 0;
         for (i, sent) in ids.iter().enumerate() {
