@@ -39,6 +39,7 @@ pub trait HeadRows: Sync {
 
 impl HeadRows for [f32] {
     fn vocab(&self, c: usize) -> usize {
+        assert!(self.len().is_multiple_of(c), "edpo: weight must be [V, C]");
         self.len() / c
     }
     fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, _: &'a mut Vec<f32>) -> &'a [f32] {

@@ -137,9 +137,11 @@ mod imp {
     /// every weight from memory once per token, and on the AVX-512 Xeon of 2026-12-05 the
     /// kernels stalled on their weight loads (`perf annotate`: the instruction after each load
     /// held half the samples) at a third of the machine's read bandwidth. Asking a page ahead
-    /// took `sage bench infer` batch-1 decode from 65 to 122–127 tokens/s (SmolLM2) and from
-    /// 17.6 to 34–35 (Qwen2.5-0.5B) on two threads; 2 KiB was a little slower, 8 KiB the same.
-    /// Past a row's end the lines are the next rows', which the same task reads next.
+    /// took `sage bench infer` batch-1 decode from 65.3 to 113.8 tokens/s (SmolLM2) and from
+    /// 17.6 to 33.0 (Qwen2.5-0.5B) on two threads (benches/results/infer-20261205T033908Z and
+    /// …075214Z); in the tuning runs 2 and 8 KiB did as well as 4 within the noise, 1 KiB less,
+    /// 256 bytes much less. Past a row's end the lines are the next rows', which the same task
+    /// reads next.
     const PREFETCH_AHEAD: usize = 4096;
 
     /// Asks for the cache lines of `w[at + PREFETCH_AHEAD..][..len]` (a hint: an address past
@@ -285,6 +287,10 @@ mod imp {
             prefetch_ahead(w, j * bb, bb);
             block32::<N, VNNI>(block(j), &a, j, ty, &mut acc0, &mut extra0);
         }
+        // This order of the sums, as before the loop replaced a closure: a model's outputs stay
+        // bit for bit what they were (adding `extra1` to `extra0` first moved the perplexity of
+        // `sage bench infer`'s 128-token text by ±1.2 %: the int8 activations make the decode
+        // sensitive to the last bit).
         let mut out = [0f32; N];
         for r in 0..N {
             out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + extra0[r] + extra1[r];

@@ -253,6 +253,22 @@ pub fn qrows(w: &QMatrix, ids: &[u32]) -> Vec<f32> {
     out
 }
 
+/// A frozen LM head kept as blocks, for the losses ([`crate::ops::edpo::token_logprobs`],
+/// [`crate::ops::edpo::logprob_backward`]): each vocabulary chunk they ask for is dequantized
+/// into their buffer (in parallel over its rows), so the f32 head never exists whole.
+impl crate::ops::edpo::HeadRows for QMatrix {
+    fn vocab(&self, c: usize) -> usize {
+        assert_eq!(c, self.cols, "the hidden states are not as wide as the LM head's rows");
+        self.rows
+    }
+    fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        assert_eq!(c, self.cols, "the hidden states are not as wide as the LM head's rows");
+        buf.resize(n * c, 0.0);
+        buf.par_chunks_mut(c).enumerate().for_each(|(i, row)| dequantize_into(self.qtype, self.row(v0 + i), row));
+        &buf[..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::blocks::testing::{random_matrix, Bytes};
@@ -350,21 +366,5 @@ mod tests {
             assert_eq!(&picked[..cols], &wf[3 * cols..4 * cols]);
             assert_eq!(&picked[2 * cols..], &wf[(out - 1) * cols..]);
         }
-    }
-}
-
-/// A frozen LM head kept as blocks, for the losses ([`crate::ops::edpo::token_logprobs`],
-/// [`crate::ops::edpo::logprob_backward`]): each vocabulary chunk they ask for is dequantized
-/// into their buffer (in parallel over its rows), so the f32 head never exists whole.
-impl crate::ops::edpo::HeadRows for QMatrix {
-    fn vocab(&self, c: usize) -> usize {
-        assert_eq!(c, self.cols, "the hidden states are not as wide as the LM head's rows");
-        self.rows
-    }
-    fn rows<'a>(&'a self, v0: usize, n: usize, c: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        assert_eq!(c, self.cols, "the hidden states are not as wide as the LM head's rows");
-        buf.resize(n * c, 0.0);
-        buf.par_chunks_mut(c).enumerate().for_each(|(i, row)| dequantize_into(self.qtype, self.row(v0 + i), row));
-        &buf[..]
     }
 }

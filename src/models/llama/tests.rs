@@ -646,7 +646,7 @@ fn a_frozen_quantized_head_gives_the_losses_of_its_f32_copy() {
     .unwrap();
     let lq = Llama::new(HostOps, &m, &ps, Some(AdamWConfig::default())).unwrap();
     assert!(lq.quantized_loss_head().is_some() && !lq.lm_head_trains());
-    let err = lq.lm_head().err().expect("the f32 head was freed").to_string();
+    let err = lq.lm_head().expect_err("the f32 head was freed").to_string();
     assert!(err.contains("no f32 copy"), "{err}");
     // The f32 copy of the blocks, as the loader made it.
     let (o, head) = (&HostOps, &ps[m.output].value);
@@ -676,6 +676,6 @@ fn a_frozen_quantized_head_gives_the_losses_of_its_f32_copy() {
     let err = lq.cross_entropy(&hidden, &targets, &weights, Some(&mut buf)).err().expect("refused").to_string();
     assert!(err.contains("frozen"), "{err}");
     let narrow = hidden[..seqs * t * (d - 1)].to_vec();
-    let err = lq.seq_logprobs(&narrow, &targets, seqs).err().expect("refused").to_string();
+    let err = lq.seq_logprobs(&narrow, &targets, seqs).expect_err("refused").to_string();
     assert!(err.contains("quantized LM head"), "{err}");
 }
