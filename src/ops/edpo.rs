@@ -103,10 +103,12 @@ pub fn token_logprobs_chunked<W: HeadRows + ?Sized>(
     for v0 in (0..v).step_by(chunk) {
         let vc = chunk.min(v - v0);
         let w = weight.rows(v0, vc, c, &mut wbuf);
-        hb.par_chunks(ROW_BLOCK * c).zip(state.par_chunks_mut(ROW_BLOCK)).zip(rows.par_chunks(ROW_BLOCK)).for_each(
-            |((h, st), blk)| {
-                let mut z = vec![0.0f32; blk.len() * vc];
-                sgemm(blk.len(), vc, c, MatRef::rows(h, c), MatRef::transposed(w, c), &mut z, false);
+        hb.par_chunks(ROW_BLOCK * c)
+            .zip(state.par_chunks_mut(ROW_BLOCK))
+            .zip(rows.par_chunks(ROW_BLOCK))
+            .for_each_init(Vec::new, |z, ((h, st), blk)| {
+                z.resize(blk.len() * vc, 0.0);
+                sgemm(blk.len(), vc, c, MatRef::rows(h, c), MatRef::transposed(w, c), z, false);
                 for ((zr, (m, s, tgt)), &row) in z.chunks_exact(vc).zip(st.iter_mut()).zip(blk) {
                     let cm = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mn = m.max(cm);
@@ -117,8 +119,7 @@ pub fn token_logprobs_chunked<W: HeadRows + ?Sized>(
                         *tgt = zr[y - v0];
                     }
                 }
-            },
-        );
+            });
     }
     let mut out = TokenLogprobs { logp: vec![0.0; r], lse: vec![0.0; r] };
     for (&row, &(m, s, t)) in rows.iter().zip(&state) {

@@ -650,18 +650,13 @@ fn seq_logprobs_through<W: HeadRows + ?Sized>(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let t = seq_len(targets.len(), seqs)?;
     let c = hidden.len() / targets.len();
-    let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE).collect();
-    let h: Vec<f32> = rows.iter().flat_map(|&r| hidden[r * c..(r + 1) * c].iter().copied()).collect();
-    let tg: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
-    let tl = token_logprobs(&h, w, c, &tg, &vec![true; rows.len()]);
-    let (mut seq, mut lse) = (vec![0.0f32; seqs], vec![0.0f32; targets.len()]);
-    for (n, s) in seq.iter_mut().enumerate() {
-        *s = rows.iter().zip(&tl.logp).filter(|(&r, _)| r / t == n).map(|(_, &l)| l).sum();
+    if hidden.len() != targets.len() * c {
+        bail!("sequence log-probabilities: {} hidden values for {} targets", hidden.len(), targets.len());
     }
-    for (&r, &l) in rows.iter().zip(&tl.lse) {
-        lse[r] = l;
-    }
-    Ok((seq, lse))
+    // Ignored positions are masked out: their log-probability and log-sum-exp stay 0.
+    let mask: Vec<bool> = targets.iter().map(|&y| y != IGNORE).collect();
+    let tl = token_logprobs(hidden, w, c, targets, &mask);
+    Ok((tl.logp.chunks(t).map(|l| l.iter().sum()).collect(), tl.lse))
 }
 
 /// [`Losses::logprob_backward`] through an LM head in f32 or in quantized blocks (`dw`: the
