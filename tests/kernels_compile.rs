@@ -301,6 +301,11 @@ fn kernel_dwconv_compiles_without_spills() {
     assert_entries("dwconv.cu", sage::backend::cuda::kernels::DWCONV.entries);
 }
 
+#[test]
+fn kernel_qgemm_compiles_without_spills() {
+    assert_entries("qgemm.cu", sage::backend::cuda::kernels::QGEMM.entries);
+}
+
 /// Any `.cu` added later is compiled and checked too, before it gets a test of its own.
 #[test]
 fn kernel_every_cu_file_compiles_without_spills() {
@@ -320,6 +325,7 @@ fn kernel_every_cu_file_compiles_without_spills() {
         "head_ops.cu",
         "llm_decode.cu",
         "dwconv.cu",
+        "qgemm.cu",
     ];
     for f in files.iter().filter(|f| !known.iter().any(|k| f.ends_with(k))) {
         check_kernel_file(f);

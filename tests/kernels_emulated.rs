@@ -78,6 +78,11 @@ fn kernel_emulated_dwconv() {
 }
 
 #[test]
+fn kernel_emulated_qgemm() {
+    run_check("qgemm");
+}
+
+#[test]
 fn kernel_every_cu_file_has_an_emulated_check() {
     for e in std::fs::read_dir(root().join("kernels")).unwrap() {
         let p = e.unwrap().path();

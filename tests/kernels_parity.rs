@@ -31,7 +31,7 @@ fn kernel_parity_on_the_emulated_device() {
     }
     let stdout = common::emu::run_tests_on_emulated_device(&["kernel_parity_"], &[("SAGE_PARITY_SMALL", "1")]);
     let ran = stdout.lines().filter(|l| l.contains(": running on sage emulated device")).count();
-    assert!(ran >= 13, "only {ran} GPU tests ran on the emulated device:\n{stdout}");
+    assert!(ran >= 15, "only {ran} GPU tests ran on the emulated device:\n{stdout}");
 }
 
 /// `sage bench kernels --quick --json` on the emulated device: the benchmark harness the GPU
@@ -52,8 +52,15 @@ fn bench_kernels_quick_runs_on_the_emulated_device() {
     let j = common::stdout_json(&out);
     assert_eq!(j["device"]["name"], "sage emulated device (CPU, tests/emu)");
     let cases = j["cases"].as_array().unwrap();
-    for op in ["mincos_topk", "fusion_attn_fwd_bwd", "gemm_bf16", "edpo_loss_fwd_bwd", "decode_attn", "dwconv_fwd_bwd"]
-    {
+    for op in [
+        "mincos_topk",
+        "fusion_attn_fwd_bwd",
+        "gemm_bf16",
+        "edpo_loss_fwd_bwd",
+        "decode_attn",
+        "dwconv_fwd_bwd",
+        "qgemm_xwt",
+    ] {
         let rows: Vec<_> = cases.iter().filter(|c| c["op"] == op).collect();
         assert!(!rows.is_empty(), "no {op} row: {j}");
         for r in rows {
@@ -616,8 +623,8 @@ fn kernel_parity_llama_train_step_ten_steps() {
     llama_train_step_ten_steps(sage::models::llama::Finetune::Full, BaseWeights::F32);
 }
 
-/// QLoRA: the base's linear layers as Q8_0 blocks (`QuantOps`: the CPU keeps the blocks, the GPU
-/// dequantizes them to bf16 at upload), adapters on every linear layer.
+/// QLoRA: the base's linear layers as Q8_0 blocks (`QuantOps`: both op sets keep the blocks; the
+/// GPU's products dequantize them as they load them), adapters on every linear layer.
 #[test]
 fn kernel_parity_llama_train_step_ten_steps_qlora() {
     let targets = sage::models::llama::LINEAR_NAMES.iter().map(|s| s.to_string()).collect();
@@ -887,6 +894,78 @@ fn kernel_parity_edpo_step_ops_through_the_op_set() {
         close("d_head", c.download(&gdw).unwrap(), &hdw, 2e-2);
     }
     println!("edpo step ops: seq_logprobs, edpo_loss, mul_stat, logprob_backward compared with HostOps");
+}
+
+/// Linear layers from quantized blocks (`kernels/qgemm.cu`) through the op set, for every block
+/// type, against `HostOps`' dense ops on the blocks dequantized by `quant::dequantize` (the CPU
+/// reference, ggml's layouts): the product with a bias and added into a residual, the input
+/// gradient added into a buffer, the embedding lookup (exact: the bf16 of each decoded value), and
+/// the sequence log-probabilities and their hidden gradient through a quantized LM head (the GPU
+/// reads the head's bf16 dequantization, which the reference is given too). Products within 1% of
+/// the largest magnitude (bf16 outputs), log-probabilities 1e-3 relative, the gradient 2e-2.
+#[test]
+fn kernel_parity_qgemm_through_the_op_set() {
+    let Some(gpu) = gpu("quantized gemm") else { return };
+    use sage::backend::cpu::HostOps;
+    use sage::backend::cuda::step_ops::CudaOps;
+    use sage::ops::loss::IGNORE;
+    use sage::opset::*;
+    let (c, h) = (CudaOps::new(gpu.clone()), HostOps);
+    for (i, &ty) in sage::quant::QType::ALL.iter().enumerate() {
+        let len = ty.block_len();
+        // Odd output counts (partial 4-warp groups), rows across 8-row tiles, and (32-value
+        // types) an input width that is not a multiple of the gradient's 256-column blocks.
+        for &(out, blocks, rows) in &[(1usize, 1usize, 1usize), (37, if len == 32 { 11 } else { 2 }, 19)] {
+            let inn = blocks * len;
+            let w = sage::quant::blocks::testing::random_matrix(ty, out, inn, 31 + i as u64);
+            let wf = w.dequantize();
+            let gw = c.upload_quant(&w).unwrap();
+            assert_eq!(c.quant_bytes(&gw), w.nbytes(), "{ty}: the device holds the blocks");
+            let what = |op: &str| format!("{ty} {op} [{rows}, {inn}]·[{out}, {inn}]ᵀ");
+            let (_, x) = rnd(rows * inn, 41);
+            let (_, bias) = rnd(out, 42);
+            let (_, resid) = rnd(rows * out, 43);
+            let gx = c.upload(&x).unwrap();
+            let spec = GemmSpec::linear(rows, out, inn);
+            let want = h.gemm_bias_new(&spec, &x, &wf, &bias).unwrap();
+            let got = c.qlinear(&gx, &gw, rows, Some(&c.upload(&bias).unwrap()), None).unwrap();
+            close(&what("x·Wᵀ + b"), c.download(&got).unwrap(), &want, 1e-2);
+            let mut want = resid.clone();
+            h.gemm(&GemmSpec { accumulate: true, ..spec }, &x, &wf, &mut want).unwrap();
+            let got = c.qlinear(&gx, &gw, rows, None, Some(c.upload(&resid).unwrap())).unwrap();
+            close(&what("y + x·Wᵀ"), c.download(&got).unwrap(), &want, 1e-2);
+            let (_, dy) = rnd(rows * out, 44);
+            let (_, dx0) = rnd(rows * inn, 45);
+            let mut want = dx0.clone();
+            h.gemm(&GemmSpec { accumulate: true, ..GemmSpec::nn(rows, inn, out) }, &dy, &wf, &mut want).unwrap();
+            let got = c.qlinear_input_grad(&c.upload(&dy).unwrap(), &gw, rows, Some(c.upload(&dx0).unwrap())).unwrap();
+            close(&what("dx + dy·W"), c.download(&got).unwrap(), &want, 1e-2);
+            let ids: Vec<u32> = [out - 1, 0, out / 2, 0].iter().map(|&v| v as u32).collect();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&r| wf[r as usize * inn..][..inn].iter().map(|&v| bf16::from_f32(v).to_f32()))
+                .collect();
+            assert_eq!(c.download(&c.qembed(&gw, &ids).unwrap()).unwrap(), want, "{ty}: embedding lookup");
+            assert!(c.qembed(&gw, &[out as u32]).is_err(), "{ty}: an id past the table is refused");
+        }
+        // A quantized LM head [V, C] in the losses: two sequences, padding ignored.
+        let (vocab, dim, seqs, t) = (203, 2 * len, 2, 6);
+        let w = sage::quant::blocks::testing::random_matrix(ty, vocab, dim, 51 + i as u64);
+        let wb: Vec<f32> = w.dequantize().iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let gw = c.upload_quant(&w).unwrap();
+        let (_, hidden) = rnd(seqs * t * dim, 52);
+        let mut targets: Vec<u32> = (0..seqs * t).map(|r| ((r * 37 + 11) % vocab) as u32).collect();
+        targets[..2].fill(IGNORE);
+        let gh = c.upload(&hidden).unwrap();
+        let (gseq, glse) = c.q_seq_logprobs(&gh, &gw, &targets, seqs).unwrap();
+        let (hseq, hlse) = h.seq_logprobs(&hidden, &wb, &targets, seqs).unwrap();
+        close(&format!("{ty} head: sequence log-probabilities"), c.download_stat(&gseq).unwrap(), &hseq, 1e-3);
+        let grad: Vec<f32> = (0..seqs).map(|s| 0.5 - s as f32).collect();
+        let gdh = c.q_logprob_backward(&gh, &gw, &targets, &glse, &c.upload_stat(&grad).unwrap(), seqs).unwrap();
+        let hdh = h.logprob_backward(&hidden, &wb, &targets, &hlse, &grad, seqs, None).unwrap();
+        close(&format!("{ty} head: d_hidden"), c.download(&gdh).unwrap(), &hdh, 2e-2);
+    }
+    println!("quantized gemm: qlinear, qlinear_input_grad, qembed and the quantized-head losses of every block type match the CPU references");
 }
 
 /// KV-cached decoding (`kernels/llm_decode.cu`): `rope_at`, `kv_append` and `decode_attention`

@@ -8,6 +8,7 @@ use crate::backend::cuda::fusion;
 use crate::backend::cuda::gemm::gemm;
 use crate::backend::cuda::llm_decode::{self, DecodeVariant};
 use crate::backend::cuda::mincos::{self, MincosShape, Variant};
+use crate::backend::cuda::qgemm;
 use crate::backend::cuda::Gpu;
 use crate::ops::conv::Padding;
 use crate::ops::edpo::Pair;
@@ -16,6 +17,8 @@ use crate::ops::similarity::Reduce;
 use crate::opset::DecodeShape;
 use crate::opset::DwShape;
 use crate::opset::GemmSpec;
+use crate::quant::blocks::testing::random_matrix;
+use crate::quant::QType;
 use anyhow::Result;
 use half::bf16;
 use serde::Serialize;
@@ -24,9 +27,10 @@ use serde::Serialize;
 #[derive(Serialize, Debug)]
 pub struct Case {
     /// `mincos_topk`, `fusion_attn_fwd_bwd`, `gemm_bf16`, `edpo_loss_fwd_bwd`, `decode_attn`,
-    /// `dwconv_fwd_bwd`.
+    /// `dwconv_fwd_bwd`, `qgemm_xwt`.
     pub op: &'static str,
-    /// Which implementation (`v2`, `v1`, `cublaslt`, `fused`).
+    /// Which implementation (`v2`, `v1`, `cublaslt`, `fused`; for `qgemm_xwt` the block type or
+    /// `cublaslt_bf16`).
     pub variant: String,
     pub shape: serde_json::Value,
     pub median_ms: f64,
@@ -60,6 +64,8 @@ pub struct Sizes {
     pub decode: DecodeShape,
     /// Depthwise convolution, forward (ReLU6) and backward.
     pub dwconv: DwShape,
+    /// A linear layer from quantized blocks `[out, in]`, at each batch (rows of activations).
+    pub qgemm: (usize, usize, Vec<usize>),
 }
 
 impl Sizes {
@@ -85,6 +91,9 @@ impl Sizes {
             // EfficientNet-Lite0's stage-3 depthwise layer (144 channels, 5×5, stride 2, 56² → 28²)
             // over a batch of 32 images.
             dwconv: DwShape { n: 32, c: 144, h: 56, w: 56, k: 5, stride: 2, pad: Padding::tf_same(56, 56, 5, 2) },
+            // Qwen2.5-0.5B's MLP down projection (896 × 4864, Q4_K in its Q4_K_M file): decode at
+            // batch 1 and 16, and a 512-token prefill.
+            qgemm: (896, 4864, vec![1, 16, 512]),
         }
     }
 
@@ -103,6 +112,7 @@ impl Sizes {
             edpo: (2, 128, 256, 4096),
             decode: DecodeShape { seqs: 2, slots: 128, heads: 4, kv_heads: 2, head_dim: 64 },
             dwconv: DwShape { n: 2, c: 16, h: 28, w: 28, k: 3, stride: 1, pad: Padding::tf_same(28, 28, 3, 1) },
+            qgemm: (64, 512, vec![1, 16]),
         }
     }
 }
@@ -294,5 +304,48 @@ pub fn run(
         tflops: None,
         allocated_bytes: allocated,
     });
+    drop((x, w, b, dy));
+
+    // A linear layer from quantized blocks (Q4_K, Q8_0) beside cuBLASLt on the same weights in
+    // bf16: decode is a read of the weight, so the blocks' 4.5 and 8.5 bits per weight against
+    // bf16's 16 bound the ratio there; at prefill sizes the bf16 GEMM's tensor cores should win.
+    let (out, inn, ref batches) = sizes.qgemm;
+    for qtype in [QType::Q4K, QType::Q8_0] {
+        let w = qgemm::upload(gpu, &random_matrix(qtype, out, inn, 17))?;
+        for &rows in batches {
+            let x = gpu.upload(&random_bf16(rows * inn, 18))?;
+            let forward = || qgemm::linear(gpu, &x, &w, rows, None, None).map(drop);
+            let before = gpu.allocated_bytes();
+            forward()?;
+            gpu.sync()?;
+            let allocated = gpu.allocated_bytes() - before;
+            let ms = gpu.time_ms(warmup, repeats, forward)?;
+            let spec = GemmSpec::linear(rows, out, inn);
+            push(Case {
+                op: "qgemm_xwt",
+                variant: qtype.name().to_lowercase(),
+                shape: serde_json::json!({ "rows": rows, "out": out, "in": inn, "weight_bytes": w.bytes() }),
+                median_ms: ms,
+                tflops: Some(spec.flops() / (ms * 1e-3) / 1e12),
+                allocated_bytes: allocated,
+            });
+        }
+    }
+    let w = gpu.upload(&random_bf16(out * inn, 19))?;
+    for &rows in batches {
+        let x = gpu.upload(&random_bf16(rows * inn, 18))?;
+        let mut y = gpu.zeros::<bf16>(rows * out)?;
+        let spec = GemmSpec::linear(rows, out, inn);
+        let ms =
+            gpu.time_ms(warmup, repeats, || gemm(blas, &spec, &x.slice(..), &w.slice(..), &mut y.slice_mut(..), None))?;
+        push(Case {
+            op: "qgemm_xwt",
+            variant: "cublaslt_bf16".into(),
+            shape: serde_json::json!({ "rows": rows, "out": out, "in": inn, "weight_bytes": out * inn * 2 }),
+            median_ms: ms,
+            tflops: Some(spec.flops() / (ms * 1e-3) / 1e12),
+            allocated_bytes: rows * out * 2,
+        });
+    }
     Ok(cases)
 }

@@ -3,9 +3,9 @@
 //! backward needs (a quantized weight never gets a gradient of its own), and the losses through a
 //! frozen LM head kept as blocks.
 
-use super::{Buffers, Gemm, GemmSpec, Losses};
+use super::Buffers;
 use crate::quant::QMatrix;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// The quantized-weight ops.
 pub trait QuantOps: Buffers {
@@ -64,83 +64,4 @@ pub trait QuantOps: Buffers {
         grad_seq: &Self::Stat,
         seqs: usize,
     ) -> Result<Self::Buf>;
-}
-
-/// A quantized weight dequantized at upload, for a backend without quantized kernels (the GPU
-/// today): the same results through its dense GEMM, without the memory saving.
-pub struct DenseQuant<B> {
-    pub w: B,
-    pub rows: usize,
-    pub cols: usize,
-    pub bytes: usize,
-}
-
-/// [`QuantOps`] on a backend's dense ops, for [`DenseQuant`] weights.
-pub mod dense {
-    use super::*;
-
-    /// Dequantizes `w` and uploads it; `bytes` counts 2 per value (the GPU's bf16 buffers).
-    pub fn upload<O: Buffers>(o: &O, w: &QMatrix) -> Result<DenseQuant<O::Buf>> {
-        let bytes = w.rows * w.cols * 2;
-        Ok(DenseQuant { w: o.upload(&w.dequantize())?, rows: w.rows, cols: w.cols, bytes })
-    }
-
-    pub fn qlinear<O: Gemm>(
-        o: &O,
-        x: &O::Buf,
-        w: &DenseQuant<O::Buf>,
-        rows: usize,
-        bias: Option<&O::Buf>,
-        acc: Option<O::Buf>,
-    ) -> Result<O::Buf> {
-        let spec = GemmSpec::linear(rows, w.rows, w.cols);
-        match (acc, bias) {
-            (Some(mut y), None) => {
-                o.gemm(&GemmSpec { accumulate: true, ..spec }, x, &w.w, &mut y)?;
-                Ok(y)
-            }
-            (None, None) => o.gemm_new(&spec, x, &w.w),
-            (None, Some(b)) => o.gemm_bias_new(&spec, x, &w.w, b),
-            (Some(_), Some(_)) => bail!("a biased linear layer never adds into the residual stream"),
-        }
-    }
-
-    pub fn seq_logprobs<O: Losses>(
-        o: &O,
-        hidden: &O::Buf,
-        w: &DenseQuant<O::Buf>,
-        targets: &[u32],
-        seqs: usize,
-    ) -> Result<(O::Stat, O::Stat)> {
-        o.seq_logprobs(hidden, &w.w, targets, seqs)
-    }
-
-    pub fn logprob_backward<O: Losses>(
-        o: &O,
-        hidden: &O::Buf,
-        w: &DenseQuant<O::Buf>,
-        targets: &[u32],
-        lse: &O::Stat,
-        grad_seq: &O::Stat,
-        seqs: usize,
-    ) -> Result<O::Buf> {
-        o.logprob_backward(hidden, &w.w, targets, lse, grad_seq, seqs, None)
-    }
-
-    pub fn input_grad<O: Gemm>(
-        o: &O,
-        dy: &O::Buf,
-        w: &DenseQuant<O::Buf>,
-        rows: usize,
-        acc: Option<O::Buf>,
-    ) -> Result<O::Buf> {
-        let spec = GemmSpec::nn(rows, w.cols, w.rows);
-        match acc {
-            Some(mut dx) => {
-                o.gemm(&GemmSpec { accumulate: true, ..spec }, dy, &w.w, &mut dx)?;
-                Ok(dx)
-            }
-            None => o.gemm_new(&spec, dy, &w.w),
-        }
-    }
 }

@@ -238,8 +238,8 @@ pub fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Test helpers: random blocks with valid scales.
-#[cfg(test)]
+/// Random blocks with valid scales, for the kernels' tests and `sage bench kernels` (whose timings
+/// do not depend on the values, but whose outputs should be finite).
 pub mod testing {
     use super::*;
 

@@ -89,13 +89,19 @@ pub static DWCONV: KernelFile = KernelFile {
     entries: &["dwconv_fwd", "relu6_bwd", "dwconv_bwd_dx", "dwconv_bwd_dw", "channel_bias_act"],
 };
 
+pub static QGEMM: KernelFile = KernelFile {
+    name: "qgemm.cu",
+    source: include_str!("../../../kernels/qgemm.cu"),
+    entries: &["qgemm_xwt", "qgemm_dyw", "qembed", "qdequant_rows"],
+};
+
 /// The headers the kernel files include, handed to NVRTC with each program (so no source tree is
 /// needed at run time) and part of every PTX cache key (so editing one recompiles the kernels).
 pub static HEADERS: [nvrtc::Header<'static>; 1] = [("common.cuh", include_str!("../../../kernels/common.cuh"))];
 
 /// Every kernel file the backend uses.
-pub static ALL: [&KernelFile; 8] =
-    [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE, &DWCONV];
+pub static ALL: [&KernelFile; 9] =
+    [&MINCOS_TOPK, &FUSION_ATTN, &EDPO_LOSS, &LLM_OPS, &LLM_ATTN, &HEAD_OPS, &LLM_DECODE, &DWCONV, &QGEMM];
 
 /// The PTX of `file` for `arch`: cached, or compiled now (and cached).
 pub fn ptx(file: &KernelFile, arch: Arch) -> Result<String> {

@@ -8,7 +8,7 @@
 //! either way the caller gets a reason and falls back to the CPU.
 //!
 //! The op families mirror the kernel files: [`mincos`] (`mincos_topk.cu`), [`fusion`]
-//! (`fusion_attn.cu`), [`edpo`] (`edpo_loss.cu`), [`gemm`] (cuBLASLt). Each takes device buffers;
+//! (`fusion_attn.cu`), [`edpo`] (`edpo_loss.cu`), [`qgemm`] (`qgemm.cu`), [`gemm`] (cuBLASLt). Each takes device buffers;
 //! the parity tests and `sage bench kernels` upload host data with [`Gpu::upload`].
 
 pub mod dwconv;
@@ -21,6 +21,7 @@ pub mod llm;
 pub mod llm_attn;
 pub mod llm_decode;
 pub mod mincos;
+pub mod qgemm;
 pub mod step_ops;
 
 use crate::backend::nvrtc::Arch;

@@ -5,10 +5,10 @@ use super::edpo::{self, SeqShape};
 use super::gemm::gemm;
 use super::llm::{self, MixedGrad};
 use super::mincos::{self, MincosShape};
+use super::qgemm::{self, QWeight};
 use super::Gpu;
 use super::{dwconv, fusion, head, llm_attn, llm_decode};
 use crate::ops::loss::IGNORE;
-use crate::opset::quant::{dense, DenseQuant};
 use crate::opset::{
     Activations, AdamWScalars, Attention, Buffers, CausalShape, Conv, CrossEntropyOut, Decode, DecodeShape, DwShape,
     EdpoConfig, FusionShape, Gemm, GemmSpec, GradRef, Losses, Norms, Optimizer, Pair, PatchScores, QuantOps,
@@ -142,18 +142,18 @@ impl Gemm for CudaOps {
     }
 }
 
-/// Quantized weights are dequantized to bf16 at upload and go through cuBLASLt: the GPU's
-/// results agree with the CPU's quantized path, without its memory saving (a GEMM that
-/// dequantizes as it loads is not written yet).
+/// Quantized weights stay in their blocks on the device (`kernels/qgemm.cu`): the products
+/// dequantize each value as they load it. The losses through a frozen quantized head dequantize it
+/// to a bf16 buffer that lives for the one call (the E-DPO kernels read a bf16 head).
 impl QuantOps for CudaOps {
-    type QBuf = DenseQuant<CudaSlice<bf16>>;
+    type QBuf = QWeight;
 
     fn upload_quant(&self, w: &QMatrix) -> Result<Self::QBuf> {
-        dense::upload(self, w)
+        qgemm::upload(&self.gpu, w)
     }
 
     fn quant_bytes(&self, w: &Self::QBuf) -> usize {
-        w.bytes
+        w.bytes()
     }
 
     fn qlinear(
@@ -164,7 +164,10 @@ impl QuantOps for CudaOps {
         bias: Option<&Self::Buf>,
         acc: Option<Self::Buf>,
     ) -> Result<Self::Buf> {
-        dense::qlinear(self, x, w, rows, bias, acc)
+        if acc.is_some() && bias.is_some() {
+            bail!("a biased linear layer never adds into the residual stream");
+        }
+        qgemm::linear(&self.gpu, x, w, rows, bias, acc)
     }
 
     fn qlinear_input_grad(
@@ -174,11 +177,11 @@ impl QuantOps for CudaOps {
         rows: usize,
         acc: Option<Self::Buf>,
     ) -> Result<Self::Buf> {
-        dense::input_grad(self, dy, w, rows, acc)
+        qgemm::input_grad(&self.gpu, dy, w, rows, acc)
     }
 
     fn qembed(&self, w: &Self::QBuf, ids: &[u32]) -> Result<Self::Buf> {
-        self.embed(&w.w, ids, w.cols)
+        qgemm::embed(&self.gpu, w, ids)
     }
 
     fn q_seq_logprobs(
@@ -188,7 +191,7 @@ impl QuantOps for CudaOps {
         targets: &[u32],
         seqs: usize,
     ) -> Result<(Self::Stat, Self::Stat)> {
-        dense::seq_logprobs(self, hidden, w, targets, seqs)
+        self.seq_logprobs(hidden, &qgemm::dequantize(&self.gpu, w)?, targets, seqs)
     }
 
     fn q_logprob_backward(
@@ -200,7 +203,7 @@ impl QuantOps for CudaOps {
         grad_seq: &Self::Stat,
         seqs: usize,
     ) -> Result<Self::Buf> {
-        dense::logprob_backward(self, hidden, w, targets, lse, grad_seq, seqs)
+        self.logprob_backward(hidden, &qgemm::dequantize(&self.gpu, w)?, targets, lse, grad_seq, seqs, None)
     }
 }
 
