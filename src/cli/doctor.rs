@@ -35,9 +35,9 @@ enum AssetStatus {
 }
 
 /// A GGUF's weights in memory, from its tensor table: with `[llm] base = "quantized"` the
-/// quantized tensors stay as their blocks (the others become f32), and every tensor in f32.
-/// A training or scoring model also keeps the token table in f32 for its losses
-/// (ARCHITECTURE.md §15), which is not counted here.
+/// quantized tensors stay as their blocks (the others become f32), and every tensor in f32. A
+/// quantized token table and LM head are read from their blocks by every stage, training
+/// included, so no f32 copy of them is held (ARCHITECTURE.md §15).
 #[derive(Clone, Copy, serde::Serialize)]
 struct WeightMemory {
     quantized_mib: f64,

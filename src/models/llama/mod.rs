@@ -279,7 +279,7 @@ impl<O: StepOps> Llama<O> {
             dev.head_q = Some(dev.qweights.len() - 1);
         }
         // A tied head is the token table: one copy serves both.
-        dev.embd_q = match (&model.embd_q, model.output == model.token_embd) {
+        dev.embd_q = match (&model.embd_q, model.tied) {
             (Some(_), true) => dev.head_q,
             (Some(q), false) => {
                 dev.qweights.push(dev.ops.upload_quant(q)?);
@@ -287,9 +287,18 @@ impl<O: StepOps> Llama<O> {
             }
             (None, _) => None,
         };
-        dev.token_embd = ix(model.token_embd);
+        // Tables held only as blocks (the loader made no f32 copy) get an empty working copy, as
+        // `drop_dense_tables` leaves them.
+        dev.token_embd = match model.token_embd {
+            Some(id) => ix(id),
+            None => dev.add_blocks_only_table("token_embd.weight")?,
+        };
         dev.output_norm = ix(model.output_norm);
-        dev.output = ix(model.output);
+        dev.output = match (model.output, model.tied) {
+            (Some(id), _) => ix(id),
+            (None, true) => dev.token_embd,
+            (None, false) => dev.add_blocks_only_table("output.weight")?,
+        };
         dev.drop_dense_tables()?;
         Ok(dev)
     }
@@ -314,6 +323,13 @@ impl<O: StepOps> Llama<O> {
             opt,
             decay: p.decay,
         });
+        Ok(self.params.len() - 1)
+    }
+
+    /// A frozen table the op set reads only from its quantized blocks: a parameter entry with no
+    /// values, so the indices and names of the f32 layout still hold.
+    fn add_blocks_only_table(&mut self, name: &str) -> Result<usize> {
+        self.params.push(OpParam { name: name.to_string(), numel: 0, w: self.ops.zeros(1)?, opt: None, decay: false });
         Ok(self.params.len() - 1)
     }
 

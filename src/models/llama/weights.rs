@@ -116,14 +116,19 @@ impl Block {
 pub struct LlamaParams {
     pub config: LlamaConfig,
     pub finetune: Finetune,
-    pub token_embd: ParamId,
+    /// The token table's f32 parameter; `None` when it is held only as blocks (`embd_q`).
+    pub token_embd: Option<ParamId>,
     pub blocks: Vec<Block>,
     pub output_norm: ParamId,
-    /// The LM head: `output.weight` when the checkpoint has one, else `token_embd` (tied, as in
-    /// SmolLM2).
-    pub output: ParamId,
-    /// With [`BaseWeights::Quantized`], the LM head's blocks (decode logits) and the token
-    /// table's (embedding lookups), when the checkpoint stores them quantized.
+    /// The LM head's f32 parameter: `output.weight` when the checkpoint has one, else
+    /// `token_embd` (tied, as in SmolLM2); `None` when it is held only as blocks (`head_q`).
+    pub output: Option<ParamId>,
+    /// Whether the LM head is the token table (the checkpoint has no `output.weight`).
+    pub tied: bool,
+    /// With [`BaseWeights::Quantized`], the LM head's blocks and the token table's, when the
+    /// checkpoint stores them quantized. When it stores both so, embedding, decoding and the
+    /// losses read only the blocks (a quantized base never trains them), and the loader
+    /// registers no f32 copy of either.
     pub head_q: Option<QMatrix>,
     pub embd_q: Option<QMatrix>,
     rope: RopeTable,
@@ -181,7 +186,17 @@ impl LlamaParams {
             params.register(name, &t, full)
         };
         let (d, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let token_embd = tensor(params, "token_embd.weight", &[c.vocab_size, d])?;
+        let tied = !weights.contains("output.weight");
+        let head_name = if tied { "token_embd.weight" } else { "output.weight" };
+        let head_q = quant_of(head_name, [c.vocab_size, d]);
+        let embd_q = quant_of("token_embd.weight", [c.vocab_size, d]);
+        // Both tables as blocks: they are frozen with the rest of a quantized base, and every
+        // reader of them reads the blocks, so no f32 copy is made (Qwen2.5-0.5B: 2 × 544 MB).
+        let tables_as_blocks = head_q.is_some() && embd_q.is_some();
+        let token_embd = match tables_as_blocks {
+            true => None,
+            false => Some(tensor(params, "token_embd.weight", &[c.vocab_size, d])?),
+        };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let mut linear = |params: &mut ParamSet, name: &str, out_f: usize, in_f: usize| -> Result<Linear> {
@@ -237,14 +252,11 @@ impl LlamaParams {
             blocks.push(Block { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down });
         }
         let output_norm = tensor(params, "output_norm.weight", &[d])?;
-        let head_name = if weights.contains("output.weight") { "output.weight" } else { "token_embd.weight" };
-        let output = if head_name == "output.weight" {
-            tensor(params, "output.weight", &[c.vocab_size, d])?
-        } else {
-            token_embd
+        let output = match (tables_as_blocks, tied) {
+            (true, _) => None,
+            (false, true) => token_embd,
+            (false, false) => Some(tensor(params, "output.weight", &[c.vocab_size, d])?),
         };
-        let head_q = quant_of(head_name, [c.vocab_size, d]);
-        let embd_q = quant_of("token_embd.weight", [c.vocab_size, d]);
         // Every position the model can take: sin/cos are computed per position, so the values do
         // not depend on the table's length (the inference model's shorter table agrees).
         let rope = RopeTable::new(c.head_dim, c.rope_theta, c.context_length);
@@ -255,6 +267,7 @@ impl LlamaParams {
             blocks,
             output_norm,
             output,
+            tied,
             head_q,
             embd_q,
             rope,
@@ -281,7 +294,7 @@ impl LlamaParams {
 
     /// Every parameter this model registered (base weights and adapters), in registration order.
     pub fn param_ids(&self) -> Vec<ParamId> {
-        let mut ids = vec![self.token_embd];
+        let mut ids: Vec<ParamId> = self.token_embd.into_iter().collect();
         for b in &self.blocks {
             ids.push(b.attn_norm);
             ids.push(b.ffn_norm);
@@ -296,10 +309,25 @@ impl LlamaParams {
             }
         }
         ids.push(self.output_norm);
-        if self.output != self.token_embd {
-            ids.push(self.output);
+        if !self.tied {
+            ids.extend(self.output);
         }
         ids
+    }
+
+    /// The token table and the LM head (when not tied) as f32 values: the parameters, or the
+    /// blocks dequantized when they are held only as blocks.
+    fn tables(&self, params: &ParamSet) -> Vec<(String, Vec<f32>)> {
+        let table = |id: Option<ParamId>, q: &Option<QMatrix>, name: &str| match (id, q) {
+            (Some(id), _) => (params[id].name.clone(), params[id].value.clone()),
+            (None, Some(q)) => (name.to_string(), q.dequantize()),
+            (None, None) => unreachable!("a table without its parameter is held as blocks"),
+        };
+        let mut out = vec![table(self.token_embd, &self.embd_q, "token_embd.weight")];
+        if !self.tied {
+            out.push(table(self.output, &self.head_q, "output.weight"));
+        }
+        out
     }
 
     /// The weights for saving under their GGUF names, with every adapter folded into its base
@@ -312,8 +340,10 @@ impl LlamaParams {
             Ok(())
         };
         let p = |id: ParamId| (&params[id].name, params[id].value.clone(), &params[id].shape);
-        let (n, v, sh) = p(self.token_embd);
-        put(n, v, sh)?;
+        let table_shape = [self.config.vocab_size, self.config.hidden_size];
+        let mut tables = self.tables(params).into_iter();
+        let (n, v) = tables.next().expect("the token table");
+        put(&n, v, &table_shape)?;
         for (i, b) in self.blocks.iter().enumerate() {
             for id in [b.attn_norm, b.ffn_norm] {
                 let (n, v, sh) = p(id);
@@ -343,9 +373,8 @@ impl LlamaParams {
         }
         let (n, v, sh) = p(self.output_norm);
         put(n, v, sh)?;
-        if self.output != self.token_embd {
-            let (n, v, sh) = p(self.output);
-            put(n, v, sh)?;
+        if let Some((n, v)) = tables.next() {
+            put(&n, v, &table_shape)?;
         }
         Ok(out)
     }
