@@ -234,8 +234,8 @@ impl<O: StepOps> Llama<O> {
         for id in model.param_ids() {
             index.insert(id, dev.add_param(&params[id])?);
         }
-        let quantized =
-            model.blocks.iter().flat_map(|b| b.linears()).any(|l| matches!(l.weight, LinearWeight::Quant(_)));
+        let quantized = model.token_embd.is_none()
+            || model.blocks.iter().flat_map(|b| b.linears()).any(|l| matches!(l.weight, LinearWeight::Quant(_)));
         if quantized && dev.adamw.is_some() && model.finetune == Finetune::Full {
             user_bail!(
                 "a quantized base is frozen: it trains through LoRA adapters (QLoRA), not full fine-tuning; \

@@ -317,17 +317,17 @@ impl LlamaParams {
 
     /// The token table and the LM head (when not tied) as f32 values: the parameters, or the
     /// blocks dequantized when they are held only as blocks.
-    fn tables(&self, params: &ParamSet) -> Vec<(String, Vec<f32>)> {
+    fn tables(&self, params: &ParamSet) -> Result<Vec<(String, Vec<f32>)>> {
         let table = |id: Option<ParamId>, q: &Option<QMatrix>, name: &str| match (id, q) {
-            (Some(id), _) => (params[id].name.clone(), params[id].value.clone()),
-            (None, Some(q)) => (name.to_string(), q.dequantize()),
-            (None, None) => unreachable!("a table without its parameter is held as blocks"),
+            (Some(id), _) => Ok((params[id].name.clone(), params[id].value.clone())),
+            (None, Some(q)) => Ok((name.to_string(), q.dequantize())),
+            (None, None) => Err(anyhow::anyhow!("`{name}` has neither an f32 parameter nor quantized blocks")),
         };
-        let mut out = vec![table(self.token_embd, &self.embd_q, "token_embd.weight")];
+        let mut out = vec![table(self.token_embd, &self.embd_q, "token_embd.weight")?];
         if !self.tied {
-            out.push(table(self.output, &self.head_q, "output.weight"));
+            out.push(table(self.output, &self.head_q, "output.weight")?);
         }
-        out
+        Ok(out)
     }
 
     /// The weights for saving under their GGUF names, with every adapter folded into its base
@@ -341,9 +341,10 @@ impl LlamaParams {
         };
         let p = |id: ParamId| (&params[id].name, params[id].value.clone(), &params[id].shape);
         let table_shape = [self.config.vocab_size, self.config.hidden_size];
-        let mut tables = self.tables(params).into_iter();
-        let (n, v) = tables.next().expect("the token table");
-        put(&n, v, &table_shape)?;
+        let mut tables = self.tables(params)?.into_iter();
+        if let Some((n, v)) = tables.next() {
+            put(&n, v, &table_shape)?;
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             for id in [b.attn_norm, b.ffn_norm] {
                 let (n, v, sh) = p(id);
