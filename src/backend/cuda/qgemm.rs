@@ -48,6 +48,16 @@ fn row_tiles(rows: usize) -> Result<u32> {
     Ok(tiles.max(1) as u32)
 }
 
+/// A product's output: `acc` to add into (flag 1), or `n` new elements, which the kernel writes
+/// every one of (flag 0).
+fn output(gpu: &Gpu, acc: Option<CudaSlice<bf16>>, n: usize) -> Result<(CudaSlice<bf16>, i32)> {
+    Ok(match acc {
+        Some(buf) => (buf, 1),
+        // SAFETY: without accumulation each kernel writes every output element.
+        None => (unsafe { gpu.uninit::<bf16>(n)? }, 0),
+    })
+}
+
 /// `y [rows, out] = x [rows, in]·Wᵀ (+ bias) (+ acc)`; the output is `acc` when given (the residual
 /// stream), else new.
 pub fn linear(
@@ -64,18 +74,13 @@ pub fn linear(
     {
         bail!("quantized linear: x has {} elements for [{rows}, {}], W is [{}, {}]", x.len(), w.cols, w.rows, w.cols);
     }
-    let accumulate = acc.is_some();
-    // SAFETY: without `acc` every element of y is written (each (row, out) by one warp).
-    let y = match acc {
-        Some(y) => y,
-        None => unsafe { gpu.uninit::<bf16>(rows * w.rows)? },
-    };
+    let (y, acc_i) = output(gpu, acc, rows * w.rows)?;
     if rows == 0 {
         return Ok(y);
     }
     let f = gpu.function(&QGEMM, "qgemm_xwt")?;
     let (qt, out, inn, ri) = (code(w.qtype), int("out", w.rows)?, int("in", w.cols)?, int("rows", rows)?);
-    let (has_bias, acc_i) = (i32::from(bias.is_some()), i32::from(accumulate));
+    let has_bias = i32::from(bias.is_some());
     // The kernel reads `bias` only when has_bias; any valid pointer stands in otherwise.
     let b = bias.unwrap_or(x);
     // SAFETY: argument order and types as in kernels/qgemm.cu; sizes checked above, the blocks
@@ -115,18 +120,12 @@ pub fn input_grad(
             w.cols
         );
     }
-    let accumulate = acc.is_some();
-    // SAFETY: without `acc` every element of dx is written (each (row, column) by one thread).
-    let dx = match acc {
-        Some(dx) => dx,
-        None => unsafe { gpu.uninit::<bf16>(rows * w.cols)? },
-    };
+    let (dx, acc_i) = output(gpu, acc, rows * w.cols)?;
     if rows == 0 {
         return Ok(dx);
     }
     let f = gpu.function(&QGEMM, "qgemm_dyw")?;
-    let (qt, out, inn, ri, acc_i) =
-        (code(w.qtype), int("out", w.rows)?, int("in", w.cols)?, int("rows", rows)?, i32::from(accumulate));
+    let (qt, out, inn, ri) = (code(w.qtype), int("out", w.rows)?, int("in", w.cols)?, int("rows", rows)?);
     // SAFETY: as in `linear`.
     unsafe {
         gpu.stream()
