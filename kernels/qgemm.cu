@@ -36,24 +36,12 @@ __device__ __forceinline__ void k_scale_min(int j, const unsigned char* q, int& 
     }
 }
 
+// Values and bytes per block of each type code.
 template <int QT>
-struct QLayout;
-template <>
-struct QLayout<0> { static constexpr int LEN = 32, BYTES = 18; };
-template <>
-struct QLayout<1> { static constexpr int LEN = 32, BYTES = 20; };
-template <>
-struct QLayout<2> { static constexpr int LEN = 32, BYTES = 22; };
-template <>
-struct QLayout<3> { static constexpr int LEN = 32, BYTES = 24; };
-template <>
-struct QLayout<4> { static constexpr int LEN = 32, BYTES = 34; };
-template <>
-struct QLayout<5> { static constexpr int LEN = 256, BYTES = 144; };
-template <>
-struct QLayout<6> { static constexpr int LEN = 256, BYTES = 176; };
-template <>
-struct QLayout<7> { static constexpr int LEN = 256, BYTES = 210; };
+struct QLayout {
+    static constexpr int LEN = QT >= 5 ? 256 : 32;
+    static constexpr int BYTES = QT == 0 ? 18 : QT == 1 ? 20 : QT == 2 ? 22 : QT == 3 ? 24 : QT == 4 ? 34 : QT == 5 ? 144 : QT == 6 ? 176 : 210;
+};
 
 // Value j (0 ≤ j < LEN) of the block at b, in the CPU dequantizer's order of operations.
 template <int QT>
