@@ -13,8 +13,8 @@ pub type DotRows<A> = fn(&[u8], [&[A]; ROWS]) -> [f32; ROWS];
 
 /// Rows of activations the batched kernels take per weight row: a block is unpacked once for
 /// all of them (SIMD only; the portable path calls the one-row kernel per row). 8 against 4 and
-/// 16: batch-16 decode +11–16 % over 4 per round on both models with the VNNI build, +2.5–37 % with the AVX2
-/// build; 16 slower than 4 on SmolLM2 (benches/results/quant-rows-20261205.txt).
+/// 16, per round: batch-16 decode +11–16 % over 4 on both models with the VNNI build, +2.5–37 %
+/// with the AVX2 build; 16 slower than 4 on SmolLM2 (benches/results/quant-rows-20261205.txt).
 pub const ROWS: usize = 8;
 
 /// A row dot product against 32-blocks of activations.
