@@ -184,12 +184,10 @@ pub struct Llama<O: StepOps> {
     output_norm: usize,
     output: usize,
     /// Frozen quantized weights (`BaseWeights::Quantized`): linear layers, and the LM head's and
-    /// token table's blocks, which decoding reads instead of the f32 copies the losses use.
+    /// token table's blocks, which every reader of those tables reads (they have no f32 copy).
     qweights: Vec<O::QBuf>,
     head_q: Option<usize>,
     embd_q: Option<usize>,
-    /// False after [`Llama::drop_dense_tables`].
-    dense_tables: bool,
     rope: (O::Stat, O::Stat),
     /// `None`: an inference model, where nothing trains and no optimizer state is held.
     adamw: Option<AdamWConfig>,
@@ -223,7 +221,6 @@ impl<O: StepOps> Llama<O> {
             qweights: Vec::new(),
             head_q: None,
             embd_q: None,
-            dense_tables: true,
             rope,
             adamw,
             max_grad_norm: None,
@@ -234,7 +231,8 @@ impl<O: StepOps> Llama<O> {
         for id in model.param_ids() {
             index.insert(id, dev.add_param(&params[id])?);
         }
-        let quantized = model.token_embd.is_none()
+        let quantized = model.embd_q.is_some()
+            || model.head_q.is_some()
             || model.blocks.iter().flat_map(|b| b.linears()).any(|l| matches!(l.weight, LinearWeight::Quant(_)));
         if quantized && dev.adamw.is_some() && model.finetune == Finetune::Full {
             user_bail!(
@@ -287,8 +285,7 @@ impl<O: StepOps> Llama<O> {
             }
             (None, _) => None,
         };
-        // Tables held only as blocks (the loader made no f32 copy) get an empty working copy, as
-        // `drop_dense_tables` leaves them.
+        // Tables held only as blocks (the loader made no f32 copy) get an entry without values.
         dev.token_embd = match model.token_embd {
             Some(id) => ix(id),
             None => dev.add_blocks_only_table("token_embd.weight")?,
@@ -299,7 +296,6 @@ impl<O: StepOps> Llama<O> {
             (None, true) => dev.token_embd,
             (None, false) => dev.add_blocks_only_table("output.weight")?,
         };
-        dev.drop_dense_tables()?;
         Ok(dev)
     }
 
@@ -375,22 +371,6 @@ impl<O: StepOps> Llama<O> {
         }
     }
 
-    /// Frees the f32 token table and LM head when both are frozen and kept as quantized blocks
-    /// (generation, and QLoRA training): embedding reads the table's blocks, decoding and the
-    /// losses the head's ([`Llama::quantized_loss_head`]), so the model holds no f32 copy of its
-    /// largest tensors. [`Llama::new`] calls it.
-    fn drop_dense_tables(&mut self) -> Result<()> {
-        if self.embd_q.is_none() || self.head_q.is_none() || self.lm_head_trains() || self.trainable(self.token_embd) {
-            return Ok(());
-        }
-        for i in [self.token_embd, self.output] {
-            self.params[i].w = self.ops.zeros(1)?;
-            self.params[i].numel = 0;
-        }
-        self.dense_tables = false;
-        Ok(())
-    }
-
     /// What the weights take on the backend: f32 (or bf16) values of the dense tensors and bytes
     /// of the quantized ones.
     pub fn weight_memory(&self) -> WeightMemory {
@@ -451,10 +431,10 @@ impl<O: StepOps> Llama<O> {
         Ok((StepGrads { seq_logp: ce.seq_logp, seq_weights: seq_weights.to_vec(), grads }, dx))
     }
 
-    /// The frozen LM head's blocks when the losses read the head from them: a quantized base
-    /// whose head does not train (QLoRA). `None`: the losses read the f32 working copy.
+    /// The frozen LM head's blocks, which the losses read when the model holds the head only as
+    /// blocks (a quantized base). `None`: the losses read the f32 working copy.
     fn quantized_loss_head(&self) -> Option<&O::QBuf> {
-        self.head_q.filter(|_| !self.lm_head_trains()).map(|q| &self.qweights[q])
+        self.head_q.map(|q| &self.qweights[q])
     }
 
     /// [`Losses::cross_entropy`] of `hidden` through the LM head (its blocks when
@@ -517,9 +497,9 @@ impl<O: StepOps> Llama<O> {
     }
 
     /// The LM head's working copy (`output.weight`, or the tied token table), for the losses;
-    /// an error when the model reads a frozen head from its blocks ([`Llama::drop_dense_tables`]).
+    /// an error when the model holds the head only as quantized blocks.
     pub fn lm_head(&self) -> Result<&O::Buf> {
-        if !self.dense_tables {
+        if self.params[self.output].numel == 0 {
             bail!("this model reads its frozen LM head from quantized blocks and holds no f32 copy of it");
         }
         Ok(self.w(self.output))

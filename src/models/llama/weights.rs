@@ -126,9 +126,8 @@ pub struct LlamaParams {
     /// Whether the LM head is the token table (the checkpoint has no `output.weight`).
     pub tied: bool,
     /// With [`BaseWeights::Quantized`], the LM head's blocks and the token table's, when the
-    /// checkpoint stores them quantized. When it stores both so, embedding, decoding and the
-    /// losses read only the blocks (a quantized base never trains them), and the loader
-    /// registers no f32 copy of either.
+    /// checkpoint stores them quantized: embedding, decoding and the losses read only the blocks
+    /// (a quantized base never trains them), and the loader registers no f32 copy of such a table.
     pub head_q: Option<QMatrix>,
     pub embd_q: Option<QMatrix>,
     rope: RopeTable,
@@ -190,12 +189,11 @@ impl LlamaParams {
         let head_name = if tied { "token_embd.weight" } else { "output.weight" };
         let head_q = quant_of(head_name, [c.vocab_size, d]);
         let embd_q = quant_of("token_embd.weight", [c.vocab_size, d]);
-        // Both tables as blocks: they are frozen with the rest of a quantized base, and every
-        // reader of them reads the blocks, so no f32 copy is made (Qwen2.5-0.5B: 2 × 544 MB).
-        let tables_as_blocks = head_q.is_some() && embd_q.is_some();
-        let token_embd = match tables_as_blocks {
-            true => None,
-            false => Some(tensor(params, "token_embd.weight", &[c.vocab_size, d])?),
+        // A table stored quantized is frozen with the rest of a quantized base, and every reader
+        // of it reads the blocks, so no f32 copy is made (Qwen2.5-0.5B: 2 × 544 MB).
+        let token_embd = match embd_q {
+            Some(_) => None,
+            None => Some(tensor(params, "token_embd.weight", &[c.vocab_size, d])?),
         };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -252,10 +250,10 @@ impl LlamaParams {
             blocks.push(Block { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down });
         }
         let output_norm = tensor(params, "output_norm.weight", &[d])?;
-        let output = match (tables_as_blocks, tied) {
-            (true, _) => None,
-            (false, true) => token_embd,
-            (false, false) => Some(tensor(params, "output.weight", &[c.vocab_size, d])?),
+        let output = match (&head_q, tied) {
+            (Some(_), _) => None,
+            (None, true) => token_embd,
+            (None, false) => Some(tensor(params, "output.weight", &[c.vocab_size, d])?),
         };
         // Every position the model can take: sin/cos are computed per position, so the values do
         // not depend on the table's length (the inference model's shorter table agrees).
