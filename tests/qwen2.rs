@@ -82,6 +82,8 @@ fn a_sage_sfe_step_runs_on_the_dino_qwen_backbone() {
         fusion_heads: 2,
         image_pool: 4,
         anomaly_channel: false,
+        map_cue: false,
+        map_cue_levels: vec![],
         ..SageConfig::default()
     };
     let lora = Finetune::Lora { rank: 4, alpha: 8.0, targets: vec!["attn_q".into(), "attn_v".into()] };

@@ -31,6 +31,8 @@ fn model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         fusion_heads: 2,
         image_pool: 5,
         anomaly_channel: false,
+        map_cue: false,
+        map_cue_levels: vec![],
     };
     SageModel::new(cfg, finetune, params, &mut SeedRng::new(3, 0)).unwrap()
 }
@@ -73,6 +75,8 @@ fn small_model(finetune: &Finetune, params: &mut ParamSet) -> SageModel {
         image_pool: 5,
         // The widest adapter input: the anomaly channel's column is checked with the rest.
         anomaly_channel: true,
+        map_cue: false,
+        map_cue_levels: vec![],
     };
     let head = sage::models::sage::SageHead::new(cfg, vision.dim(), 32, params, &mut rng).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&g).unwrap();
@@ -301,6 +305,8 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
         fusion_heads: 4,
         image_pool: 4,
         anomaly_channel: false,
+        map_cue: false,
+        map_cue_levels: vec![],
     };
     let lora = Finetune::Lora { rank: 8, alpha: 16.0, targets: vec!["attn_q".into(), "attn_v".into()] };
     let m = SageModel::new(cfg, &lora, &mut params, &mut SeedRng::new(0, 0)).unwrap();
@@ -340,4 +346,45 @@ fn sage_sfe_ten_steps_on_the_gpu_match_the_cpu_ops() {
     println!("sage sfe steps so far, (cpu loss, gpu loss, cpu norm, gpu norm): {losses:?}");
     assert!(losses[steps - 1].1 < losses[0].1, "the GPU loss should fall over the steps: {losses:?}");
     println!("sage sfe ten steps, (cpu loss, gpu loss, cpu norm, gpu norm): {losses:?}");
+}
+
+/// With `model.map_cue`, the prompt states the map's image score as the phrase of its band: a
+/// pair whose test image is its own reference scores 0 (the first band), a real pair the band its
+/// score falls in; the plan's other rows are the same, the cue is text only; uncalibrated levels
+/// are refused with the key to set.
+#[test]
+fn the_map_cue_puts_the_pairs_band_into_the_prompt() {
+    use sage::models::sage::SageHead;
+    let mut params = ParamSet::new();
+    let mut m = small_model(&Finetune::Full, &mut params);
+    let pairs = elpv_pairs(&m);
+    let (test, reference) = (&pairs[0].test, &pairs[0].reference);
+    let ex = |t, r| Example { test: t, reference: Some(r), facts: &[], question: "Is there a crack?", answer: None };
+    m.head.config.facts = FactsMode::None;
+    let plain = m.plan(&ex(test, reference)).unwrap();
+    let prompt = |m: &SageModel, plan: &SeqPlan| -> String {
+        plan.text.iter().map(|(_, ids)| m.tokenizer.decode(ids, false).unwrap()).collect::<Vec<_>>().join("|")
+    };
+    assert!(!prompt(&m, &plain).contains("Patch comparison"));
+
+    m.head.config.map_cue = true;
+    let err = m.plan(&ex(test, reference)).err().expect("empty levels are refused");
+    assert!(format!("{err:#}").contains("model.map_cue_levels"), "{err:#}");
+
+    let score = SageHead::image_score(&m.head.anomaly_scores(test, Some(reference)).unwrap());
+    assert!(score > 0.0, "two different cells differ somewhere: {score}");
+    // Levels that put this pair in the third band, then in the first.
+    m.head.config.map_cue_levels = vec![score * 0.5, score * 0.9, score * 1.5];
+    let cued = prompt(&m, &m.plan(&ex(test, reference)).unwrap());
+    assert!(
+        cued.contains("Patch comparison: the largest difference is larger than most normal images show."),
+        "{cued}"
+    );
+    let itself = prompt(&m, &m.plan(&ex(test, test)).unwrap());
+    assert!(itself.contains("as closely as a typical normal image does"), "{itself}");
+    // Only text was added: the image rows are the plain plan's.
+    let with = m.plan(&ex(test, reference)).unwrap();
+    assert_eq!(with.images.len(), plain.images.len());
+    assert!(with.images.iter().zip(&plain.images).all(|(a, b)| a.1.pooled == b.1.pooled));
+    assert!(with.t > plain.t);
 }

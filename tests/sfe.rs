@@ -403,3 +403,67 @@ fn a_run_folder_another_process_holds_is_refused_at_once_naming_its_pid() {
     assert_eq!(written, [".sage.lock"], "the refused run wrote into the folder");
     drop(held);
 }
+
+/// `model.map_cue`: the SFE run calibrates the cue's levels on its training split's normal pairs
+/// (20 here), saves them in the checkpoint's config, and `--resume` with the levels still empty in
+/// the config file passes the config check; too few normal pairs, or levels of the wrong shape,
+/// are refused naming the key.
+#[test]
+fn the_map_cue_is_calibrated_when_the_run_starts_and_a_resume_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = sage()
+        .args(["data", "build", "--source", "elpv", "--limit", "12", "--seed", "0", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let with_cue = |steps: u64, levels: &str| {
+        let text = std::fs::read_to_string(config(&data, steps)).unwrap();
+        let p = dir.path().join("cue.toml");
+        std::fs::write(&p, text.replace("[model]\n", &format!("[model]\nmap_cue = true\n{levels}"))).unwrap();
+        p
+    };
+    let run = dir.path().join("run");
+    let out = sage().args(["sfe", "--config"]).arg(with_cue(2, "")).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from 20 normal training pairs"));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    let levels: Vec<f64> = state["config"]["model"]["map_cue_levels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no levels saved: {state}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(levels.len() == 3 && levels.windows(2).all(|w| w[0] <= w[1]) && levels[0] > 0.0, "{levels:?}");
+
+    let resumed =
+        sage().args(["sfe", "--resume", "--config"]).arg(with_cue(3, "")).arg("--out").arg(&run).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(losses(&run).last().unwrap().0, 3);
+
+    let bad = sage()
+        .args(["sfe", "--config"])
+        .arg(with_cue(1, "map_cue_levels = [0.5, 0.2, 0.9]\n"))
+        .arg("--out")
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("model.map_cue_levels") && err.contains("ascending"), "{err}");
+
+    build_data(dir.path());
+    let text =
+        std::fs::read_to_string(config(dir.path(), 1)).unwrap().replace("[model]\n", "[model]\nmap_cue = true\n");
+    std::fs::write(dir.path().join("few.toml"), text).unwrap();
+    let few = sage()
+        .args(["sfe", "--config"])
+        .arg(dir.path().join("few.toml"))
+        .arg("--out")
+        .arg(dir.path().join("few"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&few.stderr);
+    assert!(!few.status.success() && err.contains("normal pairs") && err.contains("map_cue_levels"), "{err}");
+}

@@ -38,11 +38,18 @@ pub struct Args {
     /// (DINOv2 ViT-S/14 + Qwen2.5-Coder-0.5B); `sage doctor` lists them.
     #[arg(long, default_value = crate::models::backbone::DEFAULT)]
     backbone: String,
+    /// Every SFE run (and so every row) states the training-free map's image score in its prompt
+    /// as a phrase, its levels calibrated on the training split's normal pairs
+    /// (`model.map_cue`, docs/ARCHITECTURE.md §1). Off: the paper's model. The default folder
+    /// gets `-map-cue` after its name.
+    #[arg(long)]
+    map_cue: bool,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let named = if a.quick { &QUICK } else { Profile::named(&a.profile).expect("clap checked the name") };
-    let profile = &Profile { backbone: crate::models::backbone::builtin(&a.backbone)?.name, ..named.clone() };
+    let profile =
+        &Profile { backbone: crate::models::backbone::builtin(&a.backbone)?.name, map_cue: a.map_cue, ..named.clone() };
     let out = a.out.unwrap_or_else(|| profile.default_out());
     let env = StageEnv {
         exe: std::env::current_exe().context("locating the sage binary")?,

@@ -39,6 +39,8 @@ pub fn sfe_config_on(p: &Profile, split: &Path, facts_file: &Path, facts: FactsM
             fusion_heads: 4,
             image_pool: 4,
             anomaly_channel: false,
+            map_cue: p.map_cue,
+            map_cue_levels: vec![],
         },
         llm: LlmConfig {
             finetune: "lora".into(),
@@ -168,6 +170,22 @@ mod tests {
             assert!(g.train.steps >= p.grpo_steps && g.grpo.sft_steps < g.train.steps, "{}", p.name);
             round_trip(p, &g);
         }
+    }
+
+    /// `sage demo --map-cue`: every SFE config asks for the cue (levels left for the run to
+    /// calibrate) and round-trips; the folder is not the one without the cue.
+    #[test]
+    fn the_map_cue_reaches_every_sfe_config_and_its_own_folder() {
+        let p = Profile { map_cue: true, ..STANDARD };
+        let data = Path::new("runs/demo-standard-map-cue/data");
+        for (_, facts) in SFE_RUNS {
+            let c = sfe_config(&p, data, facts);
+            assert!(c.model.map_cue && c.model.map_cue_levels.is_empty());
+            assert!(!sfe_config(&STANDARD, data, facts).model.map_cue);
+            round_trip(&p, &c);
+        }
+        assert_eq!(p.default_out(), PathBuf::from("runs/demo-standard-map-cue"));
+        assert_eq!(STANDARD.default_out(), PathBuf::from("runs/demo-standard"));
     }
 
     /// The configs of the committed quick demo (written as text before the demo built typed

@@ -12,6 +12,9 @@ pub struct Profile {
     pub name: &'static str,
     /// The backbone every stage runs (`models::backbone`; `sage demo --backbone`).
     pub backbone: &'static str,
+    /// Every SFE run states the training-free map's score in its prompt (`model.map_cue`;
+    /// `sage demo --map-cue`); later stages inherit it from their SFE start.
+    pub map_cue: bool,
     /// Training items (image pairs; 5 questions each; 0 = all).
     pub train_items: usize,
     pub sfe_steps: u64,
@@ -65,6 +68,7 @@ pub const PAPER_PREF: PrefOptions =
 pub const QUICK: Profile = Profile {
     name: "quick",
     backbone: crate::models::backbone::DEFAULT,
+    map_cue: false,
     train_items: 24,
     sfe_steps: 40,
     sfe_batch: 4,
@@ -89,6 +93,7 @@ pub const QUICK: Profile = Profile {
 pub const FULL: Profile = Profile {
     name: "full",
     backbone: crate::models::backbone::DEFAULT,
+    map_cue: false,
     train_items: 0,
     sfe_steps: 2000,
     sfe_batch: 8,
@@ -154,18 +159,22 @@ impl Profile {
     }
 
     /// The working folder when none is given: `runs/demo-quick`, `runs/demo-standard` or
-    /// `runs/demo`, with `-<backbone>` after it for a backbone other than the default.
+    /// `runs/demo`, with `-<backbone>` after it for a backbone other than the default and
+    /// `-map-cue` with the map cue (a run folder without it is not resumed with it).
     pub fn default_out(&self) -> PathBuf {
         let base = match self.name {
             "quick" => "runs/demo-quick",
             "standard" => "runs/demo-standard",
             _ => "runs/demo",
         };
-        if self.backbone == crate::models::backbone::DEFAULT {
-            PathBuf::from(base)
-        } else {
-            PathBuf::from(format!("{base}-{}", self.backbone))
+        let mut out = base.to_string();
+        if self.backbone != crate::models::backbone::DEFAULT {
+            out += &format!("-{}", self.backbone);
         }
+        if self.map_cue {
+            out += "-map-cue";
+        }
+        PathBuf::from(out)
     }
 
     /// The profile called `name` (`quick`, `standard` or `full`).

@@ -90,12 +90,13 @@ fn interval_table(rows: &[TableRow]) -> String {
 pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, secs: f64, out: &Path) -> String {
     let all_or = |n: usize| if n == 0 { "all".to_string() } else { n.to_string() };
     let mut md = format!(
-        "# sage demo ({} profile)\n\nELPV, backbone `{}` ({}), LoRA r8; {} training items, \
+        "# sage demo ({} profile)\n\nELPV, backbone `{}` ({}){}, LoRA r8; {} training items, \
          {} evaluated questions ({} test items{}), rubric judge. Accuracy is the mean of the three levels' conclusion \
          accuracies.\n\n",
         p.name,
         p.backbone,
         crate::models::backbone::builtin(p.backbone).map_or("an external backbone plugin", |b| b.description),
+        if p.map_cue { ", the map's score stated in the prompt (model.map_cue)" } else { "" },
         all_or(p.train_items),
         rows.first().map_or(0, |r| r.questions),
         all_or(p.eval_items),

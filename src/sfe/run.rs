@@ -63,7 +63,12 @@ fn check_resume_config(out: &Path, state: &State, cfg: &SfeConfig) -> Result<()>
         ));
     }
     let comparable = |c: &SfeConfig| -> Result<serde_json::Value> {
-        let mut v = serde_json::to_value(c)?;
+        let mut c = c.clone();
+        // Levels left empty are calibrated when the run starts, from the same data: the saved ones.
+        if c.model.map_cue && c.model.map_cue_levels.is_empty() {
+            c.model.map_cue_levels = state.config.model.map_cue_levels.clone();
+        }
+        let mut v = serde_json::to_value(&c)?;
         if let Some(t) = v.get_mut("train").and_then(|t| t.as_object_mut()) {
             for free in ["steps", "val_every", "val_questions", "checkpoint_every"] {
                 t.remove(free);

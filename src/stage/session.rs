@@ -73,6 +73,33 @@ pub struct ValResult {
     pub right: Vec<bool>,
 }
 
+/// The map cue's levels ([`crate::models::sage::map_cue`]) from the map scores of the training
+/// split's first normal pairs (at most `CALIBRATION_PAIRS`, in file order).
+fn calibrate_map_cue(model: &SageModel, train: &Split, zero_shot: bool, tokens: &mut TokenCache) -> Result<Vec<f32>> {
+    use crate::models::sage::{map_cue, SageHead};
+    let normal: Vec<&crate::data::Sample> = train
+        .samples
+        .iter()
+        .filter(|s| s.label == Some(crate::data::Label::Normal) && (zero_shot || s.reference_image.is_some()))
+        .take(map_cue::CALIBRATION_PAIRS)
+        .collect();
+    let pb = crate::util::progress_bar(normal.len() as u64, "map cue", false);
+    let mut scores = Vec::with_capacity(normal.len());
+    for s in normal {
+        let test = tokens.get(model, &s.test_image)?.clone();
+        let reference = match (&s.reference_image, zero_shot) {
+            (Some(r), false) => Some(tokens.get(model, r)?),
+            _ => None,
+        };
+        scores.push(SageHead::image_score(&model.head.anomaly_scores(&test, reference)?));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let levels = map_cue::calibrate(&scores)?;
+    eprintln!("map cue: levels {levels:?} from {} normal training pairs", scores.len());
+    Ok(levels)
+}
+
 /// The checkpoint state of the SFE run a later stage (`stage`, e.g. "E-DPO") starts from; a run of
 /// another stage is refused (its weights are not a stage-1 model).
 pub fn sfe_start(sfe: &Path, stage: &str) -> Result<super::checkpoint::State> {
@@ -111,9 +138,21 @@ impl Session {
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
         let finetune = cfg.llm.finetune()?;
         let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, plugin_dirs)?;
-        let model = SageModel::on(backbone, cfg.model.clone(), &finetune, cfg.llm.base, &mut params, &mut rng)?;
+        let mut model = SageModel::on(backbone, cfg.model.clone(), &finetune, cfg.llm.base, &mut params, &mut rng)?;
         let backbone_record = model.backbone.record()?;
         let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
+        let mut tokens = TokenCache::default();
+        let mut cfg = cfg;
+        if cfg.model.map_cue && !cfg.model.map_cue_levels.is_empty() {
+            crate::models::sage::map_cue::check_levels(&cfg.model.map_cue_levels).map_err(|e| user_err!("{e:#}"))?;
+        } else if cfg.model.map_cue {
+            // A pure function of the training file and the frozen encoder: a resumed run
+            // calibrates the same levels and its config check passes.
+            let levels = calibrate_map_cue(&model, &train, cfg.data.zero_shot, &mut tokens)
+                .map_err(|e| user_err!("calibrating model.map_cue on {}: {e:#}", cfg.data.train.display()))?;
+            cfg.model.map_cue_levels = levels.clone();
+            model.head.config.map_cue_levels = levels;
+        }
         let val = Split::load(&cfg.data.val, 0)?;
         let facts = match (&cfg.data.facts, cfg.model.facts) {
             (Some(p), _) => FactSet::load(p)?,
@@ -131,7 +170,7 @@ impl Session {
             train,
             val,
             facts,
-            tokens: TokenCache::default(),
+            tokens,
             _writer: writer,
         })
     }

@@ -58,6 +58,12 @@ pub struct SageConfig {
     /// initialisation. The reference image's channel is 0. Off in checkpoints made before the key
     /// existed.
     pub anomaly_channel: bool,
+    /// Put the training-free map's image score into the prompt as one line of words after the
+    /// images ([`super::map_cue`]). Off in checkpoints made before the key existed.
+    pub map_cue: bool,
+    /// The map cue's three levels (ascending quantiles of the score on normal pairs). Left empty,
+    /// the SFE run calibrates them on its training split and saves them here.
+    pub map_cue_levels: Vec<f32>,
 }
 
 impl SageConfig {
@@ -79,6 +85,8 @@ impl Default for SageConfig {
             fusion_heads: 4,
             image_pool: 2,
             anomaly_channel: false,
+            map_cue: false,
+            map_cue_levels: Vec::new(),
         }
     }
 }
@@ -276,6 +284,11 @@ impl SageHead {
         Ok(mincos_topk(&test.data, reference.map(|r| r.data.as_slice()), test.dim, 1, self.config.reduce).anomaly_map())
     }
 
+    /// The map's image score: the largest of [`SageHead::anomaly_scores`] (what the map cue states).
+    pub fn image_score(map: &[f32]) -> f32 {
+        map.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
     /// The patch selection (fused min-cosine top-K) and the fusion attention's keys' and values'
     /// inputs.
     pub fn fusion_inputs(&self, test: &PatchTokens, reference: Option<&PatchTokens>) -> Result<FusionInput> {
@@ -332,6 +345,8 @@ mod tests {
             fusion_heads: 2,
             image_pool: 2,
             anomaly_channel: false,
+            map_cue: false,
+            map_cue_levels: vec![],
         };
         SageHead::new(cfg, 6, 10, params, &mut SeedRng::new(7, 1)).unwrap()
     }

@@ -18,6 +18,7 @@
 //! frozen vision encoder, which runs once per image (its patch tokens are cached).
 
 pub mod head;
+pub mod map_cue;
 pub mod plan;
 
 pub use head::{FactsMode, FusionInput, ImageInput, SageConfig, SageHead, Selection, FUSION_PREFIX, PARAM_PREFIX};

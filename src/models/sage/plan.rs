@@ -8,6 +8,7 @@
 //! ```text
 //! Test image: <test image tokens>
 //! Reference image: <reference image tokens>          (one-shot only)
+//! Patch comparison: <the map cue's phrase>.          (model.map_cue only)
 //! Facts: <fused fact tokens | fact sentences>        (facts = fused | hard)
 //! <question>
 //! ```
@@ -161,21 +162,27 @@ impl SageModel {
 
     fn plan_ids(&self, ex: &Example, answer_ids: Vec<u32>) -> Result<SeqPlan> {
         let mode = self.head.config.facts;
-        // The patch selection, when facts are fused, also gives the anomaly channel its map.
+        let cfg = &self.head.config;
+        // The patch selection, when facts are fused, also gives the anomaly channel and the map
+        // cue their map.
         let fusion = match mode {
             FactsMode::Fused => Some(self.head.fusion_inputs(ex.test, ex.reference)?),
             _ => None,
         };
-        let anomaly = match (&fusion, self.head.config.anomaly_channel) {
+        let map = match (&fusion, cfg.anomaly_channel || cfg.map_cue) {
             (_, false) => None,
             (Some(f), true) => Some(f.selection.anomaly_map.clone()),
             (None, true) => Some(self.head.anomaly_scores(ex.test, ex.reference)?),
         };
+        let channel = map.as_deref().filter(|_| cfg.anomaly_channel);
         let mut user_pieces: Vec<Piece> = vec![Piece::Text("Test image: ".into())];
-        user_pieces.push(Piece::Image(self.head.pool(ex.test, anomaly.as_deref())?));
+        user_pieces.push(Piece::Image(self.head.pool(ex.test, channel)?));
         if let Some(r) = ex.reference {
             user_pieces.push(Piece::Text("\nReference image: ".into()));
             user_pieces.push(Piece::Image(self.head.pool(r, None)?));
+        }
+        if let Some(map) = map.as_deref().filter(|_| cfg.map_cue) {
+            user_pieces.push(Piece::Text(super::map_cue::line(SageHead::image_score(map), &cfg.map_cue_levels)?));
         }
         match mode {
             FactsMode::None => {}
