@@ -15,9 +15,14 @@ pub const ANSWER_PREFIX: &str = "<think>";
 /// The question GRPO asks about a test image of `width`×`height` pixels (the image pair and any
 /// facts come before it in the user turn, as for every question). It spells the format out with
 /// an example: a small model copies a shown shape long before it learns one from rewards alone.
-pub fn prompt(width: u32, height: u32) -> String {
+/// With the map cue on, `region` is the box the training-free map points at
+/// (`models::sage::map_cue::region`), stated as a candidate the answer may take or leave.
+pub fn prompt(width: u32, height: u32, region: Option<[f32; 4]>) -> String {
+    let region = region.map_or(String::new(), |b| {
+        format!(" The patch comparison differs most at [{:.0}, {:.0}, {:.0}, {:.0}].", b[0], b[1], b[2], b[3])
+    });
     format!(
-        "Test image: {width}x{height} pixels. Reply as <think>regions as [x1, y1, x2, y2]</think>\
+        "Test image: {width}x{height} pixels.{region} Reply as <think>regions as [x1, y1, x2, y2]</think>\
          <rethink>a closer look</rethink><answer>normal, or anomalous; type: <defect>; box: [x1, y1, x2, y2]\
          </answer>. Example: <think>dark patch [40, 60, 120, 140]</think><rethink>darker than the reference\
          </rethink><answer>anomalous; type: crack; box: [40, 60, 120, 140]</answer>"
@@ -165,6 +170,19 @@ fn boxes(text: &str) -> (Vec<[f32; 4]>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prompt_states_the_maps_region_only_when_given() {
+        let plain = prompt(300, 200, None);
+        assert!(plain.starts_with("Test image: 300x200 pixels. Reply as"), "{plain}");
+        let cued = prompt(300, 200, Some([40.0, 20.5, 100.0, 60.0]));
+        assert!(
+            cued.starts_with(
+                "Test image: 300x200 pixels. The patch comparison differs most at [40, 20, 100, 60]. Reply as"
+            ),
+            "{cued}"
+        );
+    }
 
     #[test]
     fn a_complete_answer_parses_whole() {

@@ -42,15 +42,18 @@ pub struct GrpoRun {
 
 /// The labelled samples of a split as GRPO items (the first question of each sample carries the
 /// image pair; its text is replaced by the GRPO prompt).
-fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
-    let split = session.split(val);
+fn items_of(session: &mut Session, val: bool) -> Result<Vec<Item>> {
     let mut seen = std::collections::HashSet::new();
     let mut items = Vec::new();
-    for &e in &split.examples {
+    let examples = session.split(val).examples.clone();
+    let cue = &session.model.head.config;
+    // The region the map points at is drawn at its level for "larger than most normal images".
+    let region_level = cue.map_cue.then(|| cue.map_cue_levels.get(1).copied()).flatten();
+    for e in examples {
         if !seen.insert(e.item) {
             continue;
         }
-        let s = &split.samples[e.item];
+        let s = &session.split(val).samples[e.item];
         let Some(label) = s.label else { continue };
         let (w, h) = image::image_dimensions(&s.test_image)
             .map_err(|err| user_err!("cannot read the size of {}: {err}", s.test_image.display()))?;
@@ -59,7 +62,14 @@ fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
             defect_type: s.defect_type.clone().filter(|_| label == Label::Anomalous),
             boxes: s.boxes.clone(),
         };
-        items.push(Item { example: e, prompt: prompt(w, h), truth });
+        let region = match region_level {
+            Some(level) => {
+                let (map, grid) = session.anomaly_map(val, e)?;
+                Some(crate::models::sage::map_cue::region(&map, grid, level, w, h)?)
+            }
+            None => None,
+        };
+        items.push(Item { example: e, prompt: prompt(w, h, region), truth });
     }
     Ok(items)
 }
@@ -75,8 +85,8 @@ impl GrpoRun {
             sfe_cfg.data.val = v.clone();
         }
         sfe_cfg.train = cfg.train.clone();
-        let (session, reference) = Session::from_sfe(&cfg.sfe, &state, sfe_cfg, out, plugin_dirs)?;
-        let items = items_of(&session, false)?;
+        let (mut session, reference) = Session::from_sfe(&cfg.sfe, &state, sfe_cfg, out, plugin_dirs)?;
+        let items = items_of(&mut session, false)?;
         if items.is_empty() {
             return Err(user_err!(
                 "{} has no sample with a label (normal or anomalous): GRPO rewards verdicts against labels",
@@ -85,7 +95,7 @@ impl GrpoRun {
         }
         // Held-out items in a seeded order: `val_questions` takes a sample of both labels, not the
         // file's first (often one-label) run.
-        let mut val_items = items_of(&session, true)?;
+        let mut val_items = items_of(&mut session, true)?;
         SeedRng::new(cfg.train.seed, streams::SAMPLING).shuffle(&mut val_items);
         Ok(GrpoRun { cfg, session, reference, items, val_items })
     }

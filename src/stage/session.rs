@@ -141,6 +141,14 @@ impl Session {
         let mut model = SageModel::on(backbone, cfg.model.clone(), &finetune, cfg.llm.base, &mut params, &mut rng)?;
         let backbone_record = model.backbone.record()?;
         let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
+        let val = Split::load(&cfg.data.val, 0)?;
+        let facts = match (&cfg.data.facts, cfg.model.facts) {
+            (Some(p), _) => FactSet::load(p)?,
+            (None, FactsMode::None) => FactSet::default(),
+            (None, mode) => {
+                return Err(user_err!("model.facts = {mode:?} needs data.facts (a JSONL file from `sage facts`)"));
+            }
+        };
         let mut tokens = TokenCache::default();
         let mut cfg = cfg;
         if cfg.model.map_cue && !cfg.model.map_cue_levels.is_empty() {
@@ -153,14 +161,6 @@ impl Session {
             cfg.model.map_cue_levels = levels.clone();
             model.head.config.map_cue_levels = levels;
         }
-        let val = Split::load(&cfg.data.val, 0)?;
-        let facts = match (&cfg.data.facts, cfg.model.facts) {
-            (Some(p), _) => FactSet::load(p)?,
-            (None, FactsMode::None) => FactSet::default(),
-            (None, mode) => {
-                return Err(user_err!("model.facts = {mode:?} needs data.facts (a JSONL file from `sage facts`)"));
-            }
-        };
         Ok(Session {
             cfg,
             out: out.to_path_buf(),
@@ -213,6 +213,13 @@ impl Session {
             None => None,
         };
         Ok(Inputs { test, reference, facts, question })
+    }
+
+    /// The patch selection's map of one example's test image against its reference (`1 − s_i`
+    /// per patch, row-major) and the patch grid (rows, columns).
+    pub fn anomaly_map(&mut self, val: bool, e: ExampleRef) -> Result<(Vec<f32>, (usize, usize))> {
+        let i = self.inputs(val, e)?;
+        Ok((self.model.head.anomaly_scores(&i.test, i.reference.as_ref())?, (i.test.h, i.test.w)))
     }
 
     /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding, answered

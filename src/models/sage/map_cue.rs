@@ -70,6 +70,44 @@ pub fn calibrate(scores: &[f32]) -> Result<Vec<f32>> {
     Ok(LEVEL_QUANTILES.iter().map(|&q| quantile(&sorted, q)).collect())
 }
 
+/// The region the map points at, for answers that name boxes (GRPO's): the bounding box of the
+/// 4-connected patches around the highest-scoring one that score at least `min(threshold, max)`,
+/// in the pixels of a `width`×`height` image whose patch grid `grid` (rows, columns) covers it
+/// whole, rounded to whole pixels. `threshold` is a level (the 90th percentile of normal images'
+/// scores), so a normal image's region is its top patch and its neighbours alike.
+pub fn region(map: &[f32], grid: (usize, usize), threshold: f32, width: u32, height: u32) -> Result<[f32; 4]> {
+    let (gh, gw) = grid;
+    ensure!(gh * gw == map.len() && !map.is_empty(), "a map of {} values for a {gh}x{gw} patch grid", map.len());
+    let top = (0..map.len()).max_by(|&a, &b| map[a].total_cmp(&map[b])).expect("non-empty");
+    let floor = threshold.min(map[top]);
+    let (mut seen, mut stack) = (vec![false; map.len()], vec![top]);
+    seen[top] = true;
+    let (mut r0, mut r1, mut c0, mut c1) = (top / gw, top / gw, top % gw, top % gw);
+    while let Some(i) = stack.pop() {
+        let (r, c) = (i / gw, i % gw);
+        (r0, r1, c0, c1) = (r0.min(r), r1.max(r), c0.min(c), c1.max(c));
+        let neighbours = [
+            (r > 0).then(|| i - gw),
+            (r + 1 < gh).then(|| i + gw),
+            (c > 0).then(|| i - 1),
+            (c + 1 < gw).then(|| i + 1),
+        ];
+        for j in neighbours.into_iter().flatten() {
+            if !seen[j] && map[j] >= floor {
+                seen[j] = true;
+                stack.push(j);
+            }
+        }
+    }
+    let (sx, sy) = (width as f32 / gw as f32, height as f32 / gh as f32);
+    Ok([
+        (c0 as f32 * sx).round(),
+        (r0 as f32 * sy).round(),
+        ((c1 + 1) as f32 * sx).round(),
+        ((r1 + 1) as f32 * sy).round(),
+    ])
+}
+
 fn quantile(sorted: &[f32], q: f64) -> f32 {
     let pos = q * (sorted.len() - 1) as f64;
     let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
@@ -94,6 +132,26 @@ mod tests {
         assert!((calibrate(&twenty).unwrap()[1] - 18.1).abs() < 1e-5);
         assert!(calibrate(&scores[..10]).is_err(), "too few normal pairs");
         assert!(calibrate(&[f32::NAN; 20]).is_err());
+    }
+
+    #[test]
+    fn the_region_is_the_box_of_the_connected_patches_around_the_top_one() {
+        // A 4×5 grid on a 100×80 image: patches are 20×20 pixels. The top patch (row 1, column 3)
+        // and its connected neighbours at ≥ 0.5: (1,2), (2,3), (2,4); (0,0) scores high but is
+        // not connected; (3,2) touches (2,3) only diagonally.
+        #[rustfmt::skip]
+        let map = [
+            0.9, 0.1, 0.1, 0.1, 0.1,
+            0.1, 0.1, 0.6, 0.95, 0.1,
+            0.1, 0.1, 0.1, 0.7, 0.55,
+            0.1, 0.1, 0.8, 0.1, 0.1,
+        ];
+        assert_eq!(region(&map, (4, 5), 0.5, 100, 80).unwrap(), [40.0, 20.0, 100.0, 60.0]);
+        // Above every neighbour's score, the region is the top patch alone; a threshold above
+        // the top patch's score falls back to it.
+        assert_eq!(region(&map, (4, 5), 0.96, 100, 80).unwrap(), [60.0, 20.0, 80.0, 40.0]);
+        assert_eq!(region(&map, (4, 5), 0.9, 100, 80).unwrap(), [60.0, 20.0, 80.0, 40.0]);
+        assert!(region(&map[..19], (4, 5), 0.5, 100, 80).is_err());
     }
 
     #[test]
