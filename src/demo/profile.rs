@@ -122,7 +122,9 @@ pub const FULL: Profile = Profile {
 /// Yes (truth 45 %), where the length-normalised, balanced loss without the SFT term, the former
 /// default, collapsed to 0.6 % Yes and −4.8 [−7.2, −2.4]. The whole standard table rerun with
 /// this form on the quantized base (docs/results/standard/rerun-20261204) no longer collapses (33 %
-/// Yes) but falls below its start, −7.9 [−10.9, −4.8]: no form measured so far holds it there.
+/// Yes) but falls below its start, −7.9 [−10.9, −4.8]. With the map cue (`--map-cue`, a start
+/// model that uses the image pair) the same loss gains on its start: +1.1 [+0.1, +2.2] (DPO) and
+/// +1.3 [+0.3, +2.2] (E-DPO), 45 % Yes (docs/results/standard/map-cue).
 pub const STANDARD_PREF: PrefOptions =
     PrefOptions { beta: 0.1, length_normalize: false, sft_weight: 1.0, balance_conclusions: false };
 
