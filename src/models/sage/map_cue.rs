@@ -74,7 +74,7 @@ pub fn calibrate(scores: &[f32]) -> Result<Vec<f32>> {
 /// 4-connected patches around the highest-scoring one that score at least `min(threshold, max)`,
 /// in the pixels of a `width`×`height` image whose patch grid `grid` (rows, columns) covers it
 /// whole, rounded to whole pixels. `threshold` is a level (the 90th percentile of normal images'
-/// scores), so a normal image's region is its top patch and its neighbours alike.
+/// scores), so where no patch reaches it, as on most normal images, the region is the top patch.
 pub fn region(map: &[f32], grid: (usize, usize), threshold: f32, width: u32, height: u32) -> Result<[f32; 4]> {
     let (gh, gw) = grid;
     ensure!(gh * gw == map.len() && !map.is_empty(), "a map of {} values for a {gh}x{gw} patch grid", map.len());
