@@ -183,3 +183,41 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With `model.map_cue` in the SFE start, the GRPO prompts name the box the training-free map
+/// points at (`map_cue::region`, in the test image's pixels); the run says so with the first one.
+#[test]
+fn with_the_map_cue_the_grpo_prompts_name_the_maps_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let tables = r#"
+[model]
+facts = "none"
+image_pool = 7
+map_cue = true
+[llm]
+finetune = "lora"
+lora_rank = 4
+base = "quantized"
+[train]
+steps = 1
+batch = 1
+lr = 1e-3
+seed = 5
+val_questions = 1
+checkpoint_every = 1
+"#;
+    // 20 normal training pairs: enough to calibrate the cue's levels.
+    let (data, sfe) = tiny_sfe_run(dir.path(), 12, "", tables);
+    let s = Setup { dir, data, sfe };
+    let cfg = grpo_config(&s, "grpo.toml", 2);
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("steps = 6", "steps = 4")).unwrap();
+    let out = sage().args(["grpo", "--config"]).arg(&cfg).arg("--out").arg(s.path("run")).output().unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("names the map's region")).unwrap_or_else(|| panic!("{err}"));
+    // "Test image: 300x300 pixels. The patch comparison differs most at [x1, y1, x2, y2]."
+    let inside =
+        line.split("differs most at [").nth(1).and_then(|r| r.split(']').next()).unwrap_or_else(|| panic!("{line}"));
+    let b: Vec<f32> = inside.split(", ").map(|v| v.parse().unwrap()).collect();
+    assert!(b.len() == 4 && b[0] < b[2] && b[1] < b[3] && b[2] <= 300.0 && b[3] <= 300.0, "{line}");
+}

@@ -97,6 +97,10 @@ impl GrpoRun {
         // file's first (often one-label) run.
         let mut val_items = items_of(&mut session, true)?;
         SeedRng::new(cfg.train.seed, streams::SAMPLING).shuffle(&mut val_items);
+        if session.model.head.config.map_cue {
+            let first = items[0].prompt.split(" Reply as").next().unwrap_or_default();
+            eprintln!("grpo: with the map cue each prompt names the map's region; the first: \"{first}\"");
+        }
         Ok(GrpoRun { cfg, session, reference, items, val_items })
     }
 }
