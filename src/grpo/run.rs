@@ -24,11 +24,13 @@ use crate::user_err;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-/// One prompt: a sample with a label, its GRPO question and its truth.
+/// One prompt: a sample with a label, its test image's size (for the GRPO question, written when
+/// the item is used: [`item_inputs`]) and its truth.
 #[derive(Clone, Debug)]
 pub struct Item {
     pub example: ExampleRef,
-    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
     pub truth: Truth,
 }
 
@@ -42,34 +44,24 @@ pub struct GrpoRun {
 
 /// The labelled samples of a split as GRPO items (the first question of each sample carries the
 /// image pair; its text is replaced by the GRPO prompt).
-fn items_of(session: &mut Session, val: bool) -> Result<Vec<Item>> {
+fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
+    let split = session.split(val);
     let mut seen = std::collections::HashSet::new();
     let mut items = Vec::new();
-    let examples = session.split(val).examples.clone();
-    let cue = &session.model.head.config;
-    // The region the map points at is drawn at its level for "larger than most normal images".
-    let region_level = cue.map_cue.then(|| cue.map_cue_levels.get(1).copied()).flatten();
-    for e in examples {
+    for &e in &split.examples {
         if !seen.insert(e.item) {
             continue;
         }
-        let s = &session.split(val).samples[e.item];
+        let s = &split.samples[e.item];
         let Some(label) = s.label else { continue };
-        let (w, h) = image::image_dimensions(&s.test_image)
+        let (width, height) = image::image_dimensions(&s.test_image)
             .map_err(|err| user_err!("cannot read the size of {}: {err}", s.test_image.display()))?;
         let truth = Truth {
             anomalous: label == Label::Anomalous,
             defect_type: s.defect_type.clone().filter(|_| label == Label::Anomalous),
             boxes: s.boxes.clone(),
         };
-        let region = match region_level {
-            Some(level) => {
-                let (map, grid) = session.anomaly_map(val, e)?;
-                Some(crate::models::sage::map_cue::region(&map, grid, level, w, h)?)
-            }
-            None => None,
-        };
-        items.push(Item { example: e, prompt: prompt(w, h, region), truth });
+        items.push(Item { example: e, width, height, truth });
     }
     Ok(items)
 }
@@ -86,7 +78,7 @@ impl GrpoRun {
         }
         sfe_cfg.train = cfg.train.clone();
         let (mut session, reference) = Session::from_sfe(&cfg.sfe, &state, sfe_cfg, out, plugin_dirs)?;
-        let items = items_of(&mut session, false)?;
+        let items = items_of(&session, false)?;
         if items.is_empty() {
             return Err(user_err!(
                 "{} has no sample with a label (normal or anomalous): GRPO rewards verdicts against labels",
@@ -95,10 +87,11 @@ impl GrpoRun {
         }
         // Held-out items in a seeded order: `val_questions` takes a sample of both labels, not the
         // file's first (often one-label) run.
-        let mut val_items = items_of(&mut session, true)?;
+        let mut val_items = items_of(&session, true)?;
         SeedRng::new(cfg.train.seed, streams::SAMPLING).shuffle(&mut val_items);
         if session.model.head.config.map_cue {
-            let first = items[0].prompt.split(" Reply as").next().unwrap_or_default();
+            let first = item_inputs(&mut session, false, &items[0])?.question.text;
+            let first = first.split(" Reply as").next().unwrap_or_default();
             eprintln!("grpo: with the map cue each prompt names the map's region; the first: \"{first}\"");
         }
         Ok(GrpoRun { cfg, session, reference, items, val_items })
@@ -215,10 +208,21 @@ struct Grpo<'r, O: StepOps> {
 /// pull the answers back out of the format it was just taught), kept for a resume.
 pub const REFERENCE_FILE: &str = "grpo-reference.safetensors";
 
-/// The inputs of an item with the GRPO prompt as its question.
+/// The inputs of an item with the GRPO prompt as its question; with the map cue, the prompt
+/// names the region the map points at, drawn at the cue's level for "larger than most normal
+/// images".
 fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<Inputs> {
     let mut inputs = session.inputs(val, item.example)?;
-    inputs.question.text = item.prompt.clone();
+    let head = &session.model.head;
+    let region = match (head.config.map_cue, head.config.map_cue_levels.get(1)) {
+        (true, Some(&level)) => {
+            let ex = inputs.example(None);
+            let map = head.anomaly_scores(ex.test, ex.reference)?;
+            Some(crate::models::sage::map_cue::region(&map, (ex.test.h, ex.test.w), level, item.width, item.height)?)
+        }
+        _ => None,
+    };
+    inputs.question.text = prompt(item.width, item.height, region);
     Ok(inputs)
 }
 

@@ -132,7 +132,7 @@ impl Session {
 
     /// Builds the model (fresh head, seeded) on the backbone the config names (a built-in, or a
     /// backbone plugin found in `plugin_dirs`) and loads the data named by the config.
-    pub fn new(cfg: SfeConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<Session> {
+    pub fn new(mut cfg: SfeConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<Session> {
         let writer = crate::lock::WriterLock::for_dir(out)?;
         let mut params = ParamSet::new();
         let mut rng = SeedRng::new(cfg.train.seed, streams::INIT);
@@ -150,7 +150,6 @@ impl Session {
             }
         };
         let mut tokens = TokenCache::default();
-        let mut cfg = cfg;
         if cfg.model.map_cue && !cfg.model.map_cue_levels.is_empty() {
             crate::models::sage::map_cue::check_levels(&cfg.model.map_cue_levels).map_err(|e| user_err!("{e:#}"))?;
         } else if cfg.model.map_cue {
@@ -213,13 +212,6 @@ impl Session {
             None => None,
         };
         Ok(Inputs { test, reference, facts, question })
-    }
-
-    /// The patch selection's map of one example's test image against its reference (`1 − s_i`
-    /// per patch, row-major) and the patch grid (rows, columns).
-    pub fn anomaly_map(&mut self, val: bool, e: ExampleRef) -> Result<(Vec<f32>, (usize, usize))> {
-        let i = self.inputs(val, e)?;
-        Ok((self.model.head.anomaly_scores(&i.test, i.reference.as_ref())?, (i.test.h, i.test.w)))
     }
 
     /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding, answered
