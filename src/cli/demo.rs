@@ -16,7 +16,8 @@ training-free anomaly-map AUROC. --quick is sized for two CPU cores (about 20 mi
 tens of steps; its numbers are a smoke test of the pipeline, not of the method). --profile standard evaluates on the \
 whole ELPV test split (466 image pairs) with first-token conclusions, gives every number a 95% bootstrap interval \
 over image pairs, compares rows pairwise (paired bootstrap, McNemar), adds the model's image AUROC beside the map's \
-and two unseen-kind rows, and writes report.html. Without either, the full profile trains on every item and is \
+and two unseen-kind rows, and writes report.html. The standard and full profiles state the training-free map's \
+score in every prompt (the map cue; --map-cue off for the paper's prompt). Without --quick or --profile, the full profile trains on every item and is \
 meant for a GPU: with --device cuda the sfe, edpo and eval stages run on it (the other stages \
 on the CPU). Everything goes under --out, with each stage's config, log and report; rerunning resumes.";
 
@@ -38,18 +39,19 @@ pub struct Args {
     /// (DINOv2 ViT-S/14 + Qwen2.5-Coder-0.5B); `sage doctor` lists them.
     #[arg(long, default_value = crate::models::backbone::DEFAULT)]
     backbone: String,
-    /// Every SFE run (and so every row) states the training-free map's image score in its prompt
-    /// as a phrase, its levels calibrated on the training split's normal pairs
-    /// (`model.map_cue`, docs/ARCHITECTURE.md §1). Off: the paper's model. The default folder
-    /// gets `-map-cue` after its name.
-    #[arg(long)]
-    map_cue: bool,
+    /// Whether every SFE run (and so every row) states the training-free map's image score in
+    /// its prompt as a phrase, its levels calibrated on the training split's normal pairs
+    /// (`model.map_cue`, docs/ARCHITECTURE.md §1) [default: on for standard and full, off for
+    /// quick; `--map-cue` alone: on]. `off` is the paper's prompt. Against the profile's own
+    /// choice the default folder gets `-map-cue` or `-no-map-cue` after its name.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"], num_args = 0..=1, default_missing_value = "on")]
+    map_cue: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     let named = if a.quick { &QUICK } else { Profile::named(&a.profile).expect("clap checked the name") };
-    let profile =
-        &Profile { backbone: crate::models::backbone::builtin(&a.backbone)?.name, map_cue: a.map_cue, ..named.clone() };
+    let map_cue = a.map_cue.map_or(named.map_cue, |v| v == "on");
+    let profile = &Profile { backbone: crate::models::backbone::builtin(&a.backbone)?.name, map_cue, ..named.clone() };
     let out = a.out.unwrap_or_else(|| profile.default_out());
     let env = StageEnv {
         exe: std::env::current_exe().context("locating the sage binary")?,

@@ -172,20 +172,27 @@ mod tests {
         }
     }
 
-    /// `sage demo --map-cue`: every SFE config asks for the cue (levels left for the run to
-    /// calibrate) and round-trips; the folder is not the one without the cue.
+    /// The map cue: on in the standard and full profiles, off in quick; every SFE config of a
+    /// profile with it asks for the cue (levels left for the run to calibrate) and round-trips;
+    /// a choice against the profile's own gets its own folder.
     #[test]
     fn the_map_cue_reaches_every_sfe_config_and_its_own_folder() {
-        let p = Profile { map_cue: true, ..STANDARD };
-        let data = Path::new("runs/demo-standard-map-cue/data");
+        assert!(STANDARD.map_cue && FULL.map_cue && !QUICK.map_cue);
+        let data = Path::new("runs/demo-standard/data");
         for (_, facts) in SFE_RUNS {
-            let c = sfe_config(&p, data, facts);
+            let c = sfe_config(&STANDARD, data, facts);
             assert!(c.model.map_cue && c.model.map_cue_levels.is_empty());
-            assert!(!sfe_config(&STANDARD, data, facts).model.map_cue);
-            round_trip(&p, &c);
+            assert!(!sfe_config(&QUICK, data, facts).model.map_cue);
+            assert!(!sfe_config(&Profile { map_cue: false, ..STANDARD }, data, facts).model.map_cue);
+            round_trip(&STANDARD, &c);
         }
-        assert_eq!(p.default_out(), PathBuf::from("runs/demo-standard-map-cue"));
         assert_eq!(STANDARD.default_out(), PathBuf::from("runs/demo-standard"));
+        assert_eq!(
+            Profile { map_cue: false, ..STANDARD }.default_out(),
+            PathBuf::from("runs/demo-standard-no-map-cue")
+        );
+        assert_eq!(QUICK.default_out(), PathBuf::from("runs/demo-quick"));
+        assert_eq!(Profile { map_cue: true, ..QUICK }.default_out(), PathBuf::from("runs/demo-quick-map-cue"));
     }
 
     /// The configs of the committed quick demo (written as text before the demo built typed

@@ -74,6 +74,7 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         let cfg = cfgs.join(format!("{cmd}-{name}.toml"));
         let run_dir = runs.join(format!("{cmd}-{name}"));
         if run_dir.join("final.json").exists() {
+            check_finished(cmd, &cfg, &toml, &run_dir)?;
             return Ok(run_dir);
         }
         crate::util::write_atomic(&cfg, toml.as_bytes())?;
@@ -141,6 +142,72 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         out: out.to_path_buf(),
         markdown,
     })
+}
+
+/// A finished run is reused only if the demo would configure it the same way today: a folder made
+/// by another profile, backbone or map-cue choice would otherwise put its rows into this table
+/// unnoticed. `cfg` is the `cmd` stage's config the demo wrote when it started the run, `toml`
+/// today's. Both are read as the stage's typed config (so a key added since, at its default, is
+/// no change), and paths are left out (they all lie in the demo's folder, which may have moved).
+fn check_finished(cmd: &str, cfg: &Path, toml: &str, run_dir: &Path) -> Result<()> {
+    let before = std::fs::read_to_string(cfg).ok().and_then(|t| typed_table(cmd, &t)).ok_or_else(|| {
+        crate::user_err!(
+            "{} is finished but its config {} is missing or not a `sage {cmd}` config; use another --out, or delete \
+             the run to retrain it",
+            run_dir.display(),
+            cfg.display()
+        )
+    })?;
+    let today = typed_table(cmd, toml).context("reading the demo's own config")?;
+    if before == today {
+        return Ok(());
+    }
+    let changed = diff_lines(&before.to_string(), &today.to_string());
+    Err(crate::user_err!(
+        "{} was trained with another config than this demo asks for ({}):\n{}\nuse another --out (each profile, \
+         backbone and --map-cue choice has its own default folder), or delete {} to retrain it",
+        run_dir.display(),
+        cfg.display(),
+        changed.into_iter().take(6).collect::<Vec<_>>().join("\n"),
+        run_dir.display()
+    ))
+}
+
+/// `text` read as the `cmd` stage's config and written back as a TOML table (defaults filled in),
+/// without its paths; `None` when it is not one.
+fn typed_table(cmd: &str, text: &str) -> Option<toml::Table> {
+    fn via<T: serde::de::DeserializeOwned + serde::Serialize>(text: &str) -> Option<toml::Table> {
+        let typed: T = toml::from_str(text).ok()?;
+        toml::to_string(&typed).ok()?.parse().ok()
+    }
+    let table = match cmd {
+        "sfe" => via::<crate::sfe::config::SfeConfig>(text),
+        "edpo" => via::<crate::edpo::config::EdpoRunConfig>(text),
+        "grpo" => via::<crate::grpo::config::GrpoRunConfig>(text),
+        _ => text.parse().ok(),
+    }?;
+    Some(without_paths(table))
+}
+
+/// `table` with every string that names a path (has a `/` or `\\` in it) replaced by `<path>`.
+fn without_paths(table: toml::Table) -> toml::Table {
+    fn walk(v: toml::Value) -> toml::Value {
+        match v {
+            toml::Value::String(s) if s.contains(['/', '\\']) => toml::Value::String("<path>".into()),
+            toml::Value::Table(t) => toml::Value::Table(t.into_iter().map(|(k, v)| (k, walk(v))).collect()),
+            toml::Value::Array(a) => toml::Value::Array(a.into_iter().map(walk).collect()),
+            other => other,
+        }
+    }
+    table.into_iter().map(|(k, v)| (k, walk(v))).collect()
+}
+
+/// The lines of `a` and `b` that the other lacks, as `- line` and `+ line` (config keys are one to
+/// a line, so this names the keys that differ).
+fn diff_lines(a: &str, b: &str) -> Vec<String> {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let gone = la.iter().filter(|l| !lb.contains(l)).map(|l| format!("- {l}"));
+    gone.chain(lb.iter().filter(|l| !la.contains(l)).map(|l| format!("+ {l}"))).collect()
 }
 
 /// Assets, the ELPV AD-PL split, facts for every image and the judge's scores of the ranked
@@ -236,4 +303,44 @@ fn anomaly_map(r: &Runner, out: &Path) -> Result<Value> {
         crate::util::write_atomic(&map_json, text.as_bytes())?;
     }
     read_json(&map_json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished run is reused under the config that made it (moved to another folder, or
+    /// written before a key with its default existed) and refused under another, with the key
+    /// that changed and the fix in the message.
+    #[test]
+    fn a_finished_run_is_reused_only_under_the_config_that_made_it() {
+        use profile::QUICK;
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, run) = (dir.path().join("sfe-none.toml"), dir.path().join("runs/sfe-none"));
+        let written = |p: &Profile, data: &str| {
+            configs::to_toml(p, &configs::sfe_config(p, Path::new(data), FactsMode::None)).unwrap()
+        };
+        let made = written(&QUICK, "/old/demo/data");
+        assert!(made.contains("map_cue = false\n"), "{made}");
+        std::fs::write(&cfg, &made).unwrap();
+        check_finished("sfe", &cfg, &made, &run).unwrap();
+        check_finished("sfe", &cfg, &written(&QUICK, "runs/demo-quick/data"), &run).unwrap();
+        // A config written before the map cue existed reads as the cue off.
+        std::fs::write(&cfg, made.replace("map_cue = false\n", "").replace("map_cue_levels = []\n", "")).unwrap();
+        check_finished("sfe", &cfg, &made, &run).unwrap();
+
+        let err =
+            check_finished("sfe", &cfg, &written(&Profile { map_cue: true, ..QUICK }, "x/data"), &run).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(crate::error::is_user_error(&err), "{msg}");
+        assert!(msg.contains("- map_cue = false") && msg.contains("+ map_cue = true"), "{msg}");
+        assert_eq!(msg.lines().filter(|l| l.starts_with(['-', '+'])).count(), 2, "only the changed key: {msg}");
+        assert!(msg.contains("another --out") && msg.contains("sfe-none"), "{msg}");
+
+        std::fs::write(dir.path().join("torn.toml"), "[model\nmap_cue =").unwrap();
+        for bad in ["gone.toml", "torn.toml"] {
+            let err = check_finished("sfe", &dir.path().join(bad), &made, &run).unwrap_err();
+            assert!(format!("{err:#}").contains("missing or not a `sage sfe` config"), "{err:#}");
+        }
+    }
 }
