@@ -2,8 +2,14 @@
 //! comparison resamples the image pairs both rows answered (the same resample for both) and,
 //! for accuracies, runs McNemar's test on the questions ([`crate::eval::intervals::compare`]).
 
-use super::table::TableRow;
 use crate::eval::intervals::{compare, Metric, Paired};
+use crate::eval::pair_record::PairRecord;
+
+/// A row of the table as the comparisons see it: its name and the image pairs it answered.
+pub struct RowPairs<'a> {
+    pub row: &'a str,
+    pub pairs: &'a [PairRecord],
+}
 
 /// The comparisons the method's claims rest on: (row A, row B), read as "A − B".
 pub const COMPARISONS: [(&str, &str); 6] = [
@@ -16,8 +22,8 @@ pub const COMPARISONS: [(&str, &str); 6] = [
 ];
 
 /// `a − b` on metric `m`, when both rows carry their pairs and the metric.
-fn diff(a: &TableRow, b: &TableRow, m: Metric) -> Option<Paired> {
-    compare(&a.pairs, &b.pairs, m).ok().flatten()
+fn diff(a: &RowPairs, b: &RowPairs, m: Metric) -> Option<Paired> {
+    compare(a.pairs, b.pairs, m).ok().flatten()
 }
 
 /// A difference with its interval, `*` when the interval excludes 0 (`scale` 100: points).
@@ -38,7 +44,7 @@ fn cell(p: Option<&Paired>, scale: f64, digits: usize) -> String {
 }
 
 /// The markdown table of [`COMPARISONS`] between `rows` (empty when no row carries pairs).
-pub fn paired_table(rows: &[TableRow]) -> String {
+pub fn paired_table(rows: &[RowPairs]) -> String {
     let by_name = |n: &str| rows.iter().find(|r| r.row == n && !r.pairs.is_empty());
     let mut md = String::new();
     for (a, b) in COMPARISONS {

@@ -177,7 +177,7 @@ mod tests {
     /// a choice against the profile's own gets its own folder.
     #[test]
     fn the_map_cue_reaches_every_sfe_config_and_its_own_folder() {
-        assert!(STANDARD.map_cue && FULL.map_cue && !QUICK.map_cue);
+        assert_eq!([STANDARD.map_cue, FULL.map_cue, QUICK.map_cue], [true, true, false]);
         let data = Path::new("runs/demo-standard/data");
         for (_, facts) in SFE_RUNS {
             let c = sfe_config(&STANDARD, data, facts);

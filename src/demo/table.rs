@@ -1,9 +1,10 @@
 //! The ablation table (`demo.md`): one row per evaluated checkpoint, read back from its eval
 //! report.
 
+use super::compare::{paired_table, RowPairs};
 use super::profile::Profile;
-use crate::eval::adpl::PairRecord;
 use crate::eval::intervals::{AdplIntervals, Metric};
+use crate::eval::pair_record::PairRecord;
 use crate::eval::{num, pct};
 use serde::Serialize;
 use serde_json::Value;
@@ -112,7 +113,8 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
             }
         ));
         md.push_str(&interval_table(rows));
-        md.push_str(&super::compare::paired_table(rows));
+        let pairs: Vec<RowPairs> = rows.iter().map(|r| RowPairs { row: &r.row, pairs: &r.pairs }).collect();
+        md.push_str(&paired_table(&pairs));
     } else {
         md.push_str("| Row | Accuracy (%) | Acc-G (%) | SBERT | MLE |\n|---|---|---|---|---|\n");
         for t in rows {

@@ -6,7 +6,7 @@
 //! Everything is computed from the reports' [`PairRecord`]s, so `sage demo` compares rows from
 //! the JSON reports alone.
 
-use super::adpl::PairRecord;
+use super::pair_record::PairRecord;
 use super::stats::{bootstrap, mcnemar, Interval, McNemar};
 use crate::data::sample::Level;
 use crate::user_bail;

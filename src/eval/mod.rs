@@ -27,6 +27,7 @@ pub mod map_eval;
 pub mod maps;
 pub mod mmad;
 pub mod page;
+pub mod pair_record;
 pub mod pro;
 pub mod report;
 pub mod run;

@@ -11,24 +11,7 @@ use crate::threads::threads;
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
-/// A matrix operand: the data, its row stride and its column stride (in elements).
-#[derive(Clone, Copy)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub row_stride: usize,
-    pub col_stride: usize,
-}
-
-impl<'a> MatRef<'a> {
-    /// A row-major `rows × cols` matrix.
-    pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, row_stride: cols, col_stride: 1 }
-    }
-    /// The transpose of a row-major `rows × cols` matrix, seen as `cols × rows`.
-    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, row_stride: 1, col_stride: cols }
-    }
-}
+pub use super::matref::MatRef;
 
 /// `c[m×n] = a[m×k] · b[k×n] (+ c if accumulate)`, `c` row-major and contiguous. Large products
 /// run on every thread.

@@ -23,7 +23,7 @@
 //! when the CPU has AVX-512F and the shape is large enough to fill the tiles
 //! ([`worth_it`]); `SAGE_GEMM=crate` keeps every product on the `gemm` crate (for comparisons).
 
-use super::gemm::MatRef;
+use super::matref::MatRef;
 use rayon::prelude::*;
 
 /// Rows of `c` per micro-kernel tile.

@@ -18,6 +18,7 @@ pub mod gemm_avx512;
 pub(crate) mod gradcheck;
 pub mod loss;
 pub mod matmul;
+pub mod matref;
 pub mod norm;
 pub mod pool;
 pub mod rope;
