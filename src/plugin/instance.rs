@@ -3,7 +3,6 @@
 //! terms behind [`Calls`] — JSON text in and out, a status and a message on failure — so a
 //! built-in keeps exactly the contract a library has, and no caller asks which one it got.
 
-use super::{builtin, loader};
 use crate::user_err;
 use anyhow::Result;
 use sage_plugin_sdk::ffi::{SagePluginV1, SageStatus};
@@ -40,12 +39,17 @@ pub(crate) trait Calls: Send {
     fn dataset_get(&mut self, index: i64) -> PluginResult<String>;
 }
 
-/// How instances of a plugin are made.
+/// Makes an instance from its JSON config.
+pub(crate) type Create = fn(&str) -> PluginResult<Box<dyn Calls>>;
+
+/// How instances of a plugin are made: the built-in's constructor ([`super::builtin`]), or a
+/// library's table with the loader's constructor for it ([`super::loader`]); handed in by each,
+/// so this interface depends on neither.
 #[derive(Clone, Copy)]
 pub(crate) enum Factory {
-    Builtin(&'static builtin::Builtin),
-    /// The library's table; `'static` because libraries are never unloaded.
-    Library(&'static SagePluginV1),
+    Builtin(Create),
+    /// The library's table (`'static` because libraries are never unloaded) and what calls it.
+    Library(&'static SagePluginV1, fn(&'static SagePluginV1, &str) -> PluginResult<Box<dyn Calls>>),
 }
 
 /// A plugin that is ready to use: a built-in, or a library that passed every check.
@@ -82,10 +86,8 @@ impl PluginInfo {
     pub fn instantiate(&self, config: &serde_json::Value) -> Result<Instance> {
         let config = config.to_string();
         let made = match self.factory {
-            Factory::Builtin(b) => (b.create)(&config),
-            Factory::Library(table) => {
-                loader::LibraryInstance::create(table, &config).map(|i| Box::new(i) as Box<dyn Calls>)
-            }
+            Factory::Builtin(create) => create(&config),
+            Factory::Library(table, create) => create(table, &config),
         };
         match made {
             Ok(calls) => Ok(Instance { plugin: self.clone(), calls }),

@@ -4,10 +4,11 @@
 
 pub mod backbones;
 pub mod builtin;
+pub mod discovery;
 pub mod host;
 pub mod instance;
 pub mod loader;
 pub mod probe;
 
+pub use discovery::{discover, Discovery, Refusal};
 pub use instance::{CallError, Instance, Kind, PluginInfo};
-pub use loader::{discover, Discovery, Refusal};

@@ -10,7 +10,7 @@ pub mod backbone;
 pub mod datasets;
 pub mod rubric;
 
-use super::instance::{Calls, Factory, Kind, PluginInfo};
+use super::instance::{Calls, Create, Factory, Kind, PluginInfo};
 use datasets::{Adpl, DatasetPlugin, Elpv, Manta, Mmad, Mvtec};
 use sage_plugin_sdk::{F32View, F32ViewMut, Plugin, PluginError, PluginResult};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -20,11 +20,11 @@ pub struct Builtin {
     pub kind: Kind,
     pub name: &'static str,
     pub description: &'static str,
-    pub(crate) create: fn(&str) -> PluginResult<Box<dyn Calls>>,
+    pub(crate) create: Create,
 }
 
 /// Every built-in. Names are unique per kind; a library of the same kind and name is refused
-/// as shadowed (see [`super::loader`]).
+/// as shadowed (see [`super::discovery`]).
 pub static BUILTINS: [Builtin; 8] = [
     Builtin {
         kind: Kind::Backbone,
@@ -89,7 +89,7 @@ pub fn plugins() -> impl Iterator<Item = PluginInfo> {
         description: b.description.to_string(),
         builtin: true,
         file: None,
-        factory: Factory::Builtin(b),
+        factory: Factory::Builtin(b.create),
     })
 }
 
