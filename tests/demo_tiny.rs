@@ -55,6 +55,12 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     for key in ["sft_weight = 1.0", "graded = true"] {
         assert!(cfg.contains(key), "{key} missing from\n{cfg}");
     }
+    // The standard profile states the map's score in every SFE run's prompt.
+    let sfe = std::fs::read_to_string(out.join("configs/sfe-fused.toml")).unwrap();
+    assert!(sfe.contains("map_cue = true"), "{sfe}");
+    // The same folder under the paper's prompt is refused, naming the key, not mixed into a table.
+    let err = run_demo(&Profile { map_cue: false, ..p.clone() }, &out, env.clone()).unwrap_err();
+    assert!(format!("{err:#}").contains("+ map_cue = false"), "{err:#}");
     // A second run resumes: every stage is found finished and the table is the same.
     let again = run_demo(&p, &out, env).unwrap();
     assert_eq!(again.rows.len(), 9);

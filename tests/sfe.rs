@@ -404,8 +404,8 @@ fn a_run_folder_another_process_holds_is_refused_at_once_naming_its_pid() {
     drop(held);
 }
 
-/// `model.map_cue`: the SFE run calibrates the cue's levels on its training split's normal pairs
-/// (20 here), saves them in the checkpoint's config, and `--resume` with the levels still empty in
+/// `model.map_cue`: the SFE run calibrates the cue's levels on its training file's normal pairs
+/// (20 here, also when it trains on fewer items), saves them in the checkpoint's config, and `--resume` with the levels still empty in
 /// the config file passes the config check; too few normal pairs, or levels of the wrong shape,
 /// are refused naming the key.
 #[test]
@@ -437,6 +437,17 @@ fn the_map_cue_is_calibrated_when_the_run_starts_and_a_resume_accepts_it() {
         .map(|v| v.as_f64().unwrap())
         .collect();
     assert!(levels.len() == 3 && levels.windows(2).all(|w| w[0] <= w[1]) && levels[0] > 0.0, "{levels:?}");
+
+    // Trained on 4 items, calibrated on the whole file: the same levels.
+    let small = dir.path().join("small");
+    let cfg = with_cue(1, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[data]\n", "[data]\nmax_train_items = 4\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = sage().args(["sfe", "--config"]).arg(&cfg).arg("--out").arg(&small).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from 20 normal training pairs"), "{out:?}");
+    let small_state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(small.join("state.json")).unwrap()).unwrap();
+    assert_eq!(small_state["config"]["model"]["map_cue_levels"], state["config"]["model"]["map_cue_levels"]);
 
     let resumed =
         sage().args(["sfe", "--resume", "--config"]).arg(with_cue(3, "")).arg("--out").arg(&run).output().unwrap();

@@ -74,7 +74,7 @@ pub struct ValResult {
 }
 
 /// The map cue's levels ([`crate::models::sage::map_cue`]) from the map scores of the training
-/// split's first normal pairs (at most `CALIBRATION_PAIRS`, in file order).
+/// file's first normal pairs (at most `CALIBRATION_PAIRS`, in file order).
 fn calibrate_map_cue(model: &SageModel, train: &Split, zero_shot: bool, tokens: &mut TokenCache) -> Result<Vec<f32>> {
     use crate::models::sage::{map_cue, SageHead};
     let normal: Vec<&crate::data::Sample> = train
@@ -154,8 +154,17 @@ impl Session {
             crate::models::sage::map_cue::check_levels(&cfg.model.map_cue_levels).map_err(|e| user_err!("{e:#}"))?;
         } else if cfg.model.map_cue {
             // A pure function of the training file and the frozen encoder: a resumed run
-            // calibrates the same levels and its config check passes.
-            let levels = calibrate_map_cue(&model, &train, cfg.data.zero_shot, &mut tokens)
+            // calibrates the same levels and its config check passes. The whole file, not the
+            // `max_train_items` that are trained on: a small run (the quick demo's 24 items) has
+            // too few normal pairs for the 99th percentile.
+            let whole;
+            let all = if cfg.data.max_train_items == 0 {
+                &train
+            } else {
+                whole = Split::load(&cfg.data.train, 0)?;
+                &whole
+            };
+            let levels = calibrate_map_cue(&model, all, cfg.data.zero_shot, &mut tokens)
                 .map_err(|e| user_err!("calibrating model.map_cue on {}: {e:#}", cfg.data.train.display()))?;
             cfg.model.map_cue_levels = levels.clone();
             model.head.config.map_cue_levels = levels;
