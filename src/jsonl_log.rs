@@ -1,5 +1,5 @@
 //! An append-only JSONL record file that survives being killed at any point: the storage under
-//! the fact generation cache (`facts::cache`) and the judge score cache (`judge::scores`).
+//! the fact generation cache (`facts::cache`) and the judge score cache (`score`).
 //!
 //! Each record is one line, written with a single `write` of the whole line and its newline, so
 //! a killed process leaves at most one torn line, at the end. On open a last line without its

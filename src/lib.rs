@@ -25,6 +25,7 @@ pub mod ops;
 pub mod opset;
 pub mod plugin;
 pub mod quant;
+pub mod score;
 pub mod sfe;
 pub mod stage;
 pub mod tensor;

@@ -59,7 +59,9 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     let sfe = std::fs::read_to_string(out.join("configs/sfe-fused.toml")).unwrap();
     assert!(sfe.contains("map_cue = true"), "{sfe}");
     // The same folder under the paper's prompt is refused, naming the key, not mixed into a table.
-    let err = run_demo(&Profile { map_cue: false, ..p.clone() }, &out, env.clone()).unwrap_err();
+    let Err(err) = run_demo(&Profile { map_cue: false, ..p.clone() }, &out, env.clone()) else {
+        panic!("a folder made with the map cue was reused without it");
+    };
     assert!(format!("{err:#}").contains("+ map_cue = false"), "{err:#}");
     // A second run resumes: every stage is found finished and the table is the same.
     let again = run_demo(&p, &out, env).unwrap();

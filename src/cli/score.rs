@@ -1,9 +1,9 @@
 //! `sage score`: MLE judge scores for every ranked answer of an AD-PL file, cached and resumable
-//! (see `crate::judge::scores`).
+//! (see `crate::score`).
 
 use super::{print_json, Ctx};
 use crate::data::adpl;
-use crate::judge::scores::{self, PluginJudge, ScoreCache};
+use crate::score::{default_cache_path, score_dataset, PluginJudge, ScoreCache};
 use crate::user_err;
 use crate::util::progress_bar;
 use anyhow::Result;
@@ -58,14 +58,14 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     }
     // The cache first: it takes the writer lock, so a second run on it refuses before it loads
     // a judge.
-    let out = a.out.unwrap_or_else(|| scores::default_cache_path(&a.data));
+    let out = a.out.unwrap_or_else(|| default_cache_path(&a.data));
     let mut cache = ScoreCache::open(&out)?;
     let mut judge = PluginJudge::open(&ctx.plugin_dirs, &a.judge, &config)?;
     if let Some(note) = cache.loaded().note(&out, "those answers are scored again") {
         eprintln!("{note}");
     }
     let pb = progress_bar(0, "score", ctx.quiet());
-    let s = scores::score_dataset(&samples, &mut judge, &mut cache, &pb)?;
+    let s = score_dataset(&samples, &mut judge, &mut cache, &pb)?;
     if ctx.json {
         return print_json(&s);
     }

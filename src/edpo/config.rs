@@ -138,13 +138,13 @@ impl EdpoSection {
 
 impl EdpoData {
     pub fn scores_path(&self) -> PathBuf {
-        self.scores.clone().unwrap_or_else(|| crate::judge::scores::default_cache_path(&self.train))
+        self.scores.clone().unwrap_or_else(|| crate::score::default_cache_path(&self.train))
     }
 
     /// The key the judge's scores are cached under.
     pub fn judge_key(&self) -> String {
         let cfg = self.judge_config.clone().unwrap_or_else(|| serde_json::json!({}));
-        crate::judge::scores::judge_key(&self.judge, &cfg)
+        crate::score::judge_key(&self.judge, &cfg)
     }
 }
 

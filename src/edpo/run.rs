@@ -9,10 +9,10 @@
 
 use super::config::EdpoRunConfig;
 use super::pairs::instance_pairs;
-use crate::judge::scores::{answer_entropy, load_scores, ScoreCache};
 use crate::models::sage::{PrefTerms, Sage};
 use crate::opset::Pair;
 use crate::opset::StepOps;
+use crate::score::{answer_entropy, load_scores, ScoreCache};
 use crate::stage::checkpoint::{self, State};
 use crate::stage::data::{epoch_pick, ExampleRef};
 use crate::stage::{finished_step, Outcome, Session, Stage, StepOut};

@@ -1,9 +1,9 @@
 //! Judges score an answer against a sample's ground truth on SAGE's MLE criteria: defect type,
 //! location and logic, each 1–5 (ARCHITECTURE.md §1). The request and result travel as JSON through the
-//! plugin ABI; these are their shapes.
+//! plugin ABI; these are their shapes. Scoring a whole dataset through a judge plugin, with its cache,
+//! is the `sage score` stage's ([`crate::score`]), above the plugins.
 
 pub mod rubric;
-pub mod scores;
 
 use serde::{Deserialize, Serialize};
 

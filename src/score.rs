@@ -1,4 +1,4 @@
-//! MLE scoring of a preference dataset (ARCHITECTURE.md §1, E-DPO): a judge scores every ranked answer
+//! `sage score`: MLE scoring of a preference dataset (ARCHITECTURE.md §1, E-DPO): a judge scores every ranked answer
 //! of every question on defect type, location and logic (1–5), and each score goes to an
 //! append-only JSONL cache as soon as it exists.
 //!
@@ -14,9 +14,9 @@
 //!
 //! `H(a_i)` ([`answer_entropy`]) is the entropy of the softmax over an answer's three scores.
 
-use super::{JudgeRequest, JudgeScores, Truth};
 use crate::data::sample::{conclusion, yes_no, Sample};
 use crate::jsonl_log::{AppendLog, LoadReport};
+use crate::judge::{JudgeRequest, JudgeScores, Truth};
 use crate::plugin::{self, Instance, Kind};
 use crate::user_err;
 use anyhow::{Context, Result};
