@@ -134,9 +134,9 @@ pub const STANDARD_PREF: PrefOptions =
 /// docs/results/pref-sweep (SFE ≈ 6.5 s a step at batch 4, 15 s with pasted facts; a preference
 /// step ≈ 11 s at batch 2; a first-token pair ≈ 0.55 s): the whole ELPV test split (466 image pairs,
 /// 2,330 questions) with first-token conclusions, full answers for SBERT and MLE on its first 20
-/// pairs, and the unseen-kind rows on 100 pairs each. Run end to end in 107.6 min
-/// (docs/results/standard), with the preference loss that preceded [`STANDARD_PREF`] and without
-/// the map cue.
+/// pairs, and the unseen-kind rows on 100 pairs each. Run end to end in 105.9 min as it is
+/// (docs/results/standard/default-20261205); 107.6 min with the preference loss that preceded
+/// [`STANDARD_PREF`] and without the map cue (docs/results/standard).
 ///
 /// The map cue is on: without it the start model answers with a Yes rate it cannot tie to the
 /// image pair (model AUROC 0.50) and every preference row falls below its start (−7.9 points
