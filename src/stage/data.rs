@@ -24,7 +24,12 @@ pub struct Split {
 
 impl Split {
     pub fn load(path: &Path, max_items: usize) -> Result<Split> {
-        let mut samples = adpl::load(path, None)?;
+        Split::from_samples(path, adpl::load(path, None)?, max_items)
+    }
+
+    /// The split of `samples`, read from `path` (named in errors), cut to its first `max_items`
+    /// (0: all).
+    pub fn from_samples(path: &Path, mut samples: Vec<Sample>, max_items: usize) -> Result<Split> {
         if max_items > 0 {
             samples.truncate(max_items);
         }

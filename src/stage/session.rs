@@ -7,7 +7,7 @@
 use super::config::SfeConfig;
 use super::data::{ExampleRef, Split, TokenCache};
 use crate::data::sample::conclusion;
-use crate::data::Question;
+use crate::data::{Question, Sample};
 use crate::facts::FactSet;
 use crate::models::backbone::BackboneRecord;
 use crate::models::efficientnet::PatchTokens;
@@ -73,16 +73,24 @@ pub struct ValResult {
     pub right: Vec<bool>,
 }
 
-/// The map cue's levels ([`crate::models::sage::map_cue`]) from the map scores of the training
-/// file's first normal pairs (at most `CALIBRATION_PAIRS`, in file order).
-fn calibrate_map_cue(model: &SageModel, train: &Split, zero_shot: bool, tokens: &mut TokenCache) -> Result<Vec<f32>> {
+/// The pairs the map cue's levels are calibrated on: the first normal pairs of the whole training
+/// file (at most `CALIBRATION_PAIRS`, in file order), also where `data.max_train_items` trains on
+/// fewer — a small run (the quick demo's first 24 items) has too few for the 99th percentile.
+fn map_cue_pairs(samples: &[Sample], zero_shot: bool) -> Vec<Sample> {
+    let usable =
+        |s: &&Sample| s.label == Some(crate::data::Label::Normal) && (zero_shot || s.reference_image.is_some());
+    samples.iter().filter(usable).take(crate::models::sage::map_cue::CALIBRATION_PAIRS).cloned().collect()
+}
+
+/// The map cue's levels ([`crate::models::sage::map_cue`]) from the map scores of `normal`
+/// ([`map_cue_pairs`]).
+fn calibrate_map_cue(
+    model: &SageModel,
+    normal: &[Sample],
+    zero_shot: bool,
+    tokens: &mut TokenCache,
+) -> Result<Vec<f32>> {
     use crate::models::sage::{map_cue, SageHead};
-    let normal: Vec<&crate::data::Sample> = train
-        .samples
-        .iter()
-        .filter(|s| s.label == Some(crate::data::Label::Normal) && (zero_shot || s.reference_image.is_some()))
-        .take(map_cue::CALIBRATION_PAIRS)
-        .collect();
     let pb = crate::util::progress_bar(normal.len() as u64, "map cue", false);
     let mut scores = Vec::with_capacity(normal.len());
     for s in normal {
@@ -140,7 +148,10 @@ impl Session {
         let backbone = crate::plugin::backbones::resolve(&cfg.model.backbone, plugin_dirs)?;
         let mut model = SageModel::on(backbone, cfg.model.clone(), &finetune, cfg.llm.base, &mut params, &mut rng)?;
         let backbone_record = model.backbone.record()?;
-        let train = Split::load(&cfg.data.train, cfg.data.max_train_items)?;
+        let train_file = crate::data::adpl::load(&cfg.data.train, None)?;
+        let calibrate = cfg.model.map_cue && cfg.model.map_cue_levels.is_empty();
+        let cue_pairs = if calibrate { map_cue_pairs(&train_file, cfg.data.zero_shot) } else { vec![] };
+        let train = Split::from_samples(&cfg.data.train, train_file, cfg.data.max_train_items)?;
         let val = Split::load(&cfg.data.val, 0)?;
         let facts = match (&cfg.data.facts, cfg.model.facts) {
             (Some(p), _) => FactSet::load(p)?,
@@ -150,24 +161,15 @@ impl Session {
             }
         };
         let mut tokens = TokenCache::default();
-        if cfg.model.map_cue && !cfg.model.map_cue_levels.is_empty() {
-            crate::models::sage::map_cue::check_levels(&cfg.model.map_cue_levels).map_err(|e| user_err!("{e:#}"))?;
-        } else if cfg.model.map_cue {
+        if calibrate {
             // A pure function of the training file and the frozen encoder: a resumed run
-            // calibrates the same levels and its config check passes. The whole file, not the
-            // `max_train_items` that are trained on: a small run (the quick demo's 24 items) has
-            // too few normal pairs for the 99th percentile.
-            let whole;
-            let all = if cfg.data.max_train_items == 0 {
-                &train
-            } else {
-                whole = Split::load(&cfg.data.train, 0)?;
-                &whole
-            };
-            let levels = calibrate_map_cue(&model, all, cfg.data.zero_shot, &mut tokens)
+            // calibrates the same levels and its config check passes.
+            let levels = calibrate_map_cue(&model, &cue_pairs, cfg.data.zero_shot, &mut tokens)
                 .map_err(|e| user_err!("calibrating model.map_cue on {}: {e:#}", cfg.data.train.display()))?;
             cfg.model.map_cue_levels = levels.clone();
             model.head.config.map_cue_levels = levels;
+        } else if cfg.model.map_cue {
+            crate::models::sage::map_cue::check_levels(&cfg.model.map_cue_levels).map_err(|e| user_err!("{e:#}"))?;
         }
         Ok(Session {
             cfg,
