@@ -89,6 +89,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
         v.unparsed,
         v.mean_reward.unwrap_or(f64::NAN)
     );
+    if let Some(loc) = v.mean_loc {
+        let map = v.map_loc.map_or(String::new(), |m| format!(" (the map's region as the box: {m:.3})"));
+        println!("held-out localisation reward: {loc:.3} on the images with true boxes{map}");
+    }
     println!("log: {}  checkpoint: {}", out.join("log.jsonl").display(), out.display());
     Ok(())
 }

@@ -29,20 +29,43 @@ pub fn prompt(width: u32, height: u32, region: Option<[f32; 4]>) -> String {
     )
 }
 
+/// A box as the format writes it: `[x1, y1, x2, y2]` in whole pixels.
+fn written_box(b: &[f32; 4]) -> String {
+    format!("[{:.0}, {:.0}, {:.0}, {:.0}]", b[0], b[1], b[2], b[3])
+}
+
 /// The ground truth written in the format (the cold start's targets): the true boxes (the three
-/// largest, in whole pixels) as the candidate regions and in the verdict, the type when known.
-pub fn written_truth(anomalous: bool, defect_type: Option<&str>, boxes: &[[f32; 4]]) -> String {
-    if !anomalous {
-        return "<think>no region stands out</think><rethink>the test image matches the reference</rethink>\
-                <answer>normal</answer>"
-            .into();
-    }
+/// largest, in whole pixels) in the verdict, the type when known. The `<think>` stage lists the
+/// candidate regions: with the map cue, `candidate` (the map's region, which the prompt names) for
+/// both labels, so the cold start teaches the stages' roles — candidates from the comparison,
+/// then a look, then the verdict and the true box — and an answer that writes numbers from the
+/// first GRPO step; without it, the true boxes themselves.
+pub fn written_truth(
+    anomalous: bool,
+    defect_type: Option<&str>,
+    boxes: &[[f32; 4]],
+    candidate: Option<[f32; 4]>,
+) -> String {
     let mut largest: Vec<&[f32; 4]> = boxes.iter().collect();
     largest.sort_by(|a, b| ((b[2] - b[0]) * (b[3] - b[1])).total_cmp(&((a[2] - a[0]) * (a[3] - a[1]))));
     largest.truncate(3);
-    let list: Vec<String> =
-        largest.iter().map(|b| format!("[{:.0}, {:.0}, {:.0}, {:.0}]", b[0], b[1], b[2], b[3])).collect();
-    let regions = if list.is_empty() { "a region unlike the reference".to_string() } else { list.join(" ") };
+    let list: Vec<String> = largest.iter().map(|b| written_box(b)).collect();
+    if !anomalous {
+        return match candidate {
+            Some(c) => format!(
+                "<think>{}</think><rethink>it matches the reference there</rethink><answer>normal</answer>",
+                written_box(&c)
+            ),
+            None => "<think>no region stands out</think><rethink>the test image matches the reference</rethink>\
+                     <answer>normal</answer>"
+                .into(),
+        };
+    }
+    let regions = match (candidate, list.is_empty()) {
+        (Some(c), _) => written_box(&c),
+        (None, true) => "a region unlike the reference".to_string(),
+        (None, false) => list.join(" "),
+    };
     let mut answer = "anomalous".to_string();
     if let Some(t) = defect_type {
         answer += &format!("; type: {}", t.replace('_', " "));
@@ -201,12 +224,26 @@ mod tests {
     #[test]
     fn the_written_truth_parses_back_to_the_truth() {
         let boxes = [[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 50.0, 60.0]];
-        let p = parse(&written_truth(true, Some("broken_large"), &boxes));
+        let p = parse(&written_truth(true, Some("broken_large"), &boxes, None));
         assert_eq!(p.stages, STAGES.to_vec());
         assert_eq!((p.verdict, p.defect_type.as_deref()), (Some(true), Some("broken large")));
         assert_eq!(p.boxes, vec![[10.0, 10.0, 50.0, 60.0], [1.0, 2.0, 3.0, 4.0]]);
-        let p = parse(&written_truth(false, None, &[]));
+        let p = parse(&written_truth(false, None, &[], None));
         assert_eq!((p.stages.len(), p.verdict, p.problems.len()), (3, Some(false), 0));
+    }
+
+    #[test]
+    fn with_a_candidate_the_think_stage_names_it_and_the_answer_keeps_the_truth() {
+        let candidate = Some([100.4, 20.0, 160.0, 80.6]);
+        let text = written_truth(true, Some("draem"), &[[10.0, 10.0, 50.0, 60.0]], candidate);
+        assert!(text.starts_with("<think>[100, 20, 160, 81]</think>"), "{text}");
+        let p = parse(&text);
+        assert_eq!((p.stages.len(), p.verdict, p.boxes.clone()), (3, Some(true), vec![[10.0, 10.0, 50.0, 60.0]]));
+        let text = written_truth(false, None, &[], candidate);
+        assert!(text.starts_with("<think>[100, 20, 160, 81]</think>"), "{text}");
+        // The normal verdict carries no box: the candidate is only the think stage's.
+        let p = parse(&text);
+        assert_eq!((p.stages.len(), p.verdict, p.boxes.len(), p.problems.len()), (3, Some(false), 0, 0));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use super::config::{GrpoRunConfig, UniformGroups};
 use super::format::{parse, prompt, written_truth, Parsed, ANSWER_PREFIX};
-use super::reward::{overlong_penalty, reward, Length, Reward, RewardConfig, Truth};
+use super::reward::{loc_reward, overlong_penalty, reward, Length, Reward, RewardConfig, Truth};
 use crate::data::sample::Label;
 use crate::models::sage::{Sage, SeqPlan};
 use crate::models::sampling::Sampling;
@@ -90,7 +90,7 @@ impl GrpoRun {
         let mut val_items = items_of(&session, true)?;
         SeedRng::new(cfg.train.seed, streams::SAMPLING).shuffle(&mut val_items);
         if session.model.head.config.map_cue {
-            let first = item_inputs(&mut session, false, &items[0])?.question.text;
+            let first = item_inputs(&mut session, false, &items[0])?.0.question.text;
             let first = first.split(" Reply as").next().unwrap_or_default();
             eprintln!("grpo: with the map cue each prompt names the map's region; the first: \"{first}\"");
         }
@@ -211,7 +211,7 @@ pub const REFERENCE_FILE: &str = "grpo-reference.safetensors";
 /// The inputs of an item with the GRPO prompt as its question; with the map cue, the prompt
 /// names the region the map points at, drawn at the cue's level for "larger than most normal
 /// images".
-fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<Inputs> {
+fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<(Inputs, Option<[f32; 4]>)> {
     let mut inputs = session.inputs(val, item.example)?;
     let head = &session.model.head;
     let region = match (head.config.map_cue, head.config.map_cue_levels.get(1)) {
@@ -223,7 +223,7 @@ fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<Inputs> 
         _ => None,
     };
     inputs.question.text = prompt(item.width, item.height, region);
-    Ok(inputs)
+    Ok((inputs, region))
 }
 
 /// One sampled or greedy answer.
@@ -284,7 +284,7 @@ impl<O: StepOps> Grpo<'_, O> {
         let prefix = prefix_ids(session)?;
         for m in 0..batch {
             let item = &self.items[epoch_pick(self.cfg.train.seed, self.items.len(), first + m)];
-            let inputs = item_inputs(session, false, item)?;
+            let (inputs, _) = item_inputs(session, false, item)?;
             let ex = inputs.example(None);
             // One prompt plan, decoded as G rows.
             let prompt = session.model.plan_generated(&ex, &prefix, false)?;
@@ -376,9 +376,9 @@ impl<O: StepOps> Grpo<'_, O> {
         for m in 0..n {
             // Its own seeded order (GRPO's batches start again at the first item).
             let item = &self.items[epoch_pick(self.cfg.train.seed ^ 0x5f7, self.items.len(), step * n + m)];
-            let inputs = item_inputs(session, false, item)?;
+            let (inputs, region) = item_inputs(session, false, item)?;
             let t = &item.truth;
-            let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes);
+            let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes, region);
             plans.push(session.model.plan(&inputs.example(Some(&target)))?);
         }
         let (loss, grad_norm) = model.train_step(&plans, lr)?;
@@ -391,15 +391,19 @@ impl<O: StepOps> Grpo<'_, O> {
         let items: Vec<&Item> = self.val_items.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
         let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let (mut right, mut unparsed, mut anomalous, mut reward_sum) = (Vec::new(), 0usize, 0usize, 0.0f64);
+        let (mut locs, mut map_locs) = (Vec::new(), Vec::new());
+        let count_share = self.cfg.grpo.reward.count_share;
         let prefix = prefix_ids(session)?;
         for chunk in items.chunks(16) {
             let mut plans = Vec::with_capacity(chunk.len());
+            let mut regions = Vec::with_capacity(chunk.len());
             for it in chunk {
-                let inputs = item_inputs(session, true, it)?;
+                let (inputs, region) = item_inputs(session, true, it)?;
                 plans.push(session.model.plan_generated(&inputs.example(None), &prefix, false)?);
+                regions.push(region);
             }
             let answers = answer_rows(session, model, &plans, &prefix, greedy, self.cfg.grpo.max_new)?;
-            for (answer, item) in answers.iter().zip(chunk) {
+            for ((answer, item), region) in answers.iter().zip(chunk).zip(regions) {
                 // The verdict is read leniently (wherever the answer states it): the accuracy
                 // measures what the model says, the reward what it is trained toward.
                 let (p, r) = answer.score(&item.truth, &self.cfg.grpo.reward);
@@ -407,8 +411,13 @@ impl<O: StepOps> Grpo<'_, O> {
                 anomalous += item.truth.anomalous as usize;
                 right.push(p.verdict == Some(item.truth.anomalous));
                 reward_sum += r.total as f64;
+                locs.extend(r.loc.map(f64::from));
+                if let Some(region) = region {
+                    map_locs.extend(loc_reward(&[region], &item.truth.boxes, count_share).map(f64::from));
+                }
             }
         }
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let n = right.len();
         let k = right.iter().filter(|&&r| r).count();
         Ok(ValResult {
@@ -418,6 +427,8 @@ impl<O: StepOps> Grpo<'_, O> {
             majority_rate: anomalous.max(n - anomalous) as f64 / n.max(1) as f64,
             unparsed,
             mean_reward: Some(reward_sum / n.max(1) as f64),
+            mean_loc: mean(&locs),
+            map_loc: mean(&map_locs),
             right,
         })
     }

@@ -68,6 +68,14 @@ pub struct ValResult {
     /// GRPO: the mean reward of the greedy answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_reward: Option<f64>,
+    /// GRPO: the mean localisation reward of the greedy answers, over the questions with true
+    /// boxes (`None` when none has any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_loc: Option<f64>,
+    /// GRPO with the map cue: the localisation reward the map's region itself would score as the
+    /// answer's one box, over the same questions: what copying the prompt's candidate earns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_loc: Option<f64>,
     /// GRPO: whether each question (in a fixed order) was answered right, for paired comparisons.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub right: Vec<bool>,

@@ -150,7 +150,15 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
         pb.inc(1);
         if train.val_every > 0 && done.is_multiple_of(train.val_every) && done < train.steps {
             let v = stage.validate(session, &model, train.val_questions)?;
-            let val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
+            let mut val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
+            // GRPO's held-out reward figures, where the stage has them.
+            for (key, x) in
+                [("val_mean_reward", v.mean_reward), ("val_mean_loc", v.mean_loc), ("val_map_loc", v.map_loc)]
+            {
+                if let Some(x) = x {
+                    val[key] = x.into();
+                }
+            }
             writeln!(log, "{val}")?;
             log.flush()?;
         }

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Summarises a `sage grpo` run folder as Markdown: the held-out verdict accuracy at the start,
 when GRPO began and at the end (95% Wilson intervals; the exact McNemar test of before vs after on
-the same images), and the per-step log (loss, reward and its parts, uniform groups, KL, clip
-fraction), with the mean of the first and the last half of the GRPO steps.
+the same images), the held-out figures at every validation of the run (with `train.val_every`),
+and the per-step log (loss, reward and its parts, uniform groups, KL, clip fraction), with the
+mean of the first and the last half of the sampled batches and Spearman's rank correlation of
+each figure with the batch's index (a two-sided permutation p-value, seeded).
 
     python3 docs/results/grpo/summarize.py RUN_DIR > RUN_DIR.md
 """
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -22,6 +25,44 @@ def mcnemar_exact(a, b):
     k = min(n01, n10)
     p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return n01, n10, min(1.0, 2 * p)
+
+
+def ranks(xs):
+    """Ranks from 1, ties given their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(xs, ys):
+    """Spearman's rho: Pearson's correlation of the ranks (0 when either side is constant)."""
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def trend(ys, shuffles=20000, seed=0):
+    """Spearman's rho of ys against their index and its two-sided permutation p-value."""
+    xs = list(range(len(ys)))
+    rho = spearman(xs, ys)
+    rng = random.Random(seed)
+    perm = list(ys)
+    hits = 0
+    for _ in range(shuffles):
+        rng.shuffle(perm)
+        hits += abs(spearman(xs, perm)) >= abs(rho) - 1e-12
+    return rho, (hits + 1) / (shuffles + 1)
 
 
 def fmt_val(v):
@@ -48,6 +89,21 @@ def main(run):
     n01, n10, p = mcnemar_exact(before["right"], after["right"])
     out.append(f"- before → after on the same images: {n01} wrong→right, {n10} right→wrong, "
                f"exact McNemar p = {p:.3f}")
+    vals = [("0 (SFE)", start)] if start else []
+    vals += [(str(l["step"]), l) for l in lines if "val_accuracy" in l]
+    if len(vals) > (1 if start else 0):
+        vals.append((f"{final['steps']} (end)", after))
+        out.append("")
+        out.append("Every validation on the same held-out images (greedy answers; localisation over the "
+                   "images with true boxes; the map's region as the one box, for reference):")
+        out.append("")
+        out.append("| after step | accuracy | mean reward | localisation | the map's region |")
+        out.append("|---|---|---|---|---|")
+        for step, v in vals:
+            acc = v.get("accuracy", v.get("val_accuracy"))
+            cells = [v.get("mean_reward", v.get("val_mean_reward")), v.get("mean_loc", v.get("val_mean_loc")),
+                     v.get("map_loc", v.get("val_map_loc"))]
+            out.append(f"| {step} | {acc:.3f} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     out.append("")
     out.append("## Steps")
     out.append("")
@@ -74,8 +130,10 @@ def main(run):
             vals = [l[k] for l in grpo if l.get(k) is not None]
             if len(vals) >= 2:
                 a, b = vals[:h], vals[h:]
+                rho, p = trend(vals)
                 out.append(f"- {k}: first half {sum(a)/len(a):.3f}, second half {sum(b)/len(b):.3f} "
-                           f"(batches {len(a)} + {len(b)})")
+                           f"(batches {len(a)} + {len(b)}); Spearman rho with the batch index {rho:+.2f}, "
+                           f"permutation p = {p:.3f}")
         out.append("")
         out.append("Sample answers (the first answer of each sampled batch):")
         out.append("")
