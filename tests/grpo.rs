@@ -186,6 +186,8 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
 
 /// With `model.map_cue` in the SFE start, the GRPO prompts name the box the training-free map
 /// points at (`map_cue::region`, in the test image's pixels); the run says so with the first one.
+/// Held out on the MVTec-layout fixture (masks, so true boxes), every validation logs the
+/// localisation reward of the answers and of the map's region taken as the one box.
 #[test]
 fn with_the_map_cue_the_grpo_prompts_name_the_maps_region() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,10 +211,41 @@ checkpoint_every = 1
     // 20 normal training pairs: enough to calibrate the cue's levels.
     let (data, sfe) = tiny_sfe_run(dir.path(), 12, "", tables);
     let s = Setup { dir, data, sfe };
+    let masked = s.path("mvtec");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mvtec");
+    ok(&sage()
+        .args(["data", "build", "--source", "mvtec", "--seed", "0", "--root"])
+        .arg(&fixture)
+        .arg("--out")
+        .arg(&masked)
+        .output()
+        .unwrap());
     let cfg = grpo_config(&s, "grpo.toml", 2);
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("steps = 6", "steps = 4")).unwrap();
-    let out = sage().args(["grpo", "--config"]).arg(&cfg).arg("--out").arg(s.path("run")).output().unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6", "steps = 4");
+    let text = text
+        .replace(
+            &format!("val = \"{}/test.json\"", s.data.display()),
+            &format!("val = \"{}/test.json\"", masked.display()),
+        )
+        .replace("val_questions = 2", "val_questions = 0\nval_every = 2");
+    std::fs::write(&cfg, text).unwrap();
+    // The held-out tree's images are the repository's fixture, outside the tree's folder.
+    let out = sage()
+        .args(["grpo", "--json", "--allow-outside-root", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(s.path("run"))
+        .output()
+        .unwrap();
     ok(&out);
+    // After the cold start (step 2) and at the end: the answers' localisation (six-token answers
+    // write no box: 0) and the map's region's, above 0 wherever a box is drawn.
+    let val = log(&s.path("run")).into_iter().find(|l| l.get("val_accuracy").is_some()).expect("a val_every line");
+    let end = &stdout_json(&out)["val"];
+    for (loc, map) in [(&val["val_mean_loc"], &val["val_map_loc"]), (&end["mean_loc"], &end["map_loc"])] {
+        assert_eq!(loc.as_f64(), Some(0.0), "{val} {end}");
+        assert!(map.as_f64().is_some_and(|m| m > 0.0 && m <= 1.0), "{val} {end}");
+    }
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.contains("names the map's region")).unwrap_or_else(|| panic!("{err}"));
     // "Test image: 300x300 pixels. The patch comparison differs most at [x1, y1, x2, y2]."

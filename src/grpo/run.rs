@@ -210,7 +210,7 @@ pub const REFERENCE_FILE: &str = "grpo-reference.safetensors";
 
 /// The inputs of an item with the GRPO prompt as its question; with the map cue, the prompt
 /// names the region the map points at, drawn at the cue's level for "larger than most normal
-/// images".
+/// images", and the region is returned with the inputs (`None` without the cue).
 fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<(Inputs, Option<[f32; 4]>)> {
     let mut inputs = session.inputs(val, item.example)?;
     let head = &session.model.head;
