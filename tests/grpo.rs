@@ -246,6 +246,11 @@ checkpoint_every = 1
         assert_eq!(loc.as_f64(), Some(0.0), "{val} {end}");
         assert!(map.as_f64().is_some_and(|m| m > 0.0 && m <= 1.0), "{val} {end}");
     }
+    // One figure per held-out image with true boxes (the fixture's anomalous test images).
+    let held_out: Value = serde_json::from_str(&std::fs::read_to_string(masked.join("test.json")).unwrap()).unwrap();
+    let boxed =
+        held_out.as_array().unwrap().iter().filter(|s| s["boxes"].as_array().is_some_and(|b| !b.is_empty())).count();
+    assert!(boxed > 0 && end["loc_each"].as_array().map(Vec::len) == Some(boxed), "{boxed}: {end}");
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.contains("names the map's region")).unwrap_or_else(|| panic!("{err}"));
     // "Test image: 300x300 pixels. The patch comparison differs most at [x1, y1, x2, y2]."

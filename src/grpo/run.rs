@@ -429,6 +429,7 @@ impl<O: StepOps> Grpo<'_, O> {
             mean_reward: Some(reward_sum / n.max(1) as f64),
             mean_loc: mean(&locs),
             map_loc: mean(&map_locs),
+            loc_each: locs,
             right,
         })
     }

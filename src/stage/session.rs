@@ -72,6 +72,10 @@ pub struct ValResult {
     /// boxes (`None` when none has any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_loc: Option<f64>,
+    /// GRPO: each of those questions' localisation reward, in `right`'s order, for paired
+    /// comparisons of two validations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loc_each: Vec<f64>,
     /// GRPO with the map cue: the localisation reward the map's region itself would score as the
     /// answer's one box, over the same questions: what copying the prompt's candidate earns.
     #[serde(default, skip_serializing_if = "Option::is_none")]

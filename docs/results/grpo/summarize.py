@@ -65,6 +65,14 @@ def trend(ys, shuffles=20000, seed=0):
     return rho, (hits + 1) / (shuffles + 1)
 
 
+def paired_bootstrap(a, b, resamples=10000, seed=0):
+    """Mean of b − a over paired items and its 95% percentile bootstrap interval (items resampled)."""
+    d = [y - x for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
+    return sum(d) / len(d), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def fmt_val(v):
     lo, hi = v["interval"]
     return (f"{v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {v['questions']} images "
@@ -75,24 +83,34 @@ def fmt_val(v):
 def main(run):
     run = Path(run)
     lines = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
-    final = json.loads((run / "final.json").read_text())
+    # A run stopped before its end has no final.json: its figures end at its last validation.
+    final = json.loads((run / "final.json").read_text()) if (run / "final.json").exists() else None
     out = [f"# `sage grpo` run {run.name}", ""]
     start = next((l["val_start"] for l in lines if "val_start" in l), None)
     before = next(l["val_before"] for l in lines if "val_before" in l)
-    after = final["val"]
+    after = final["val"] if final else None
     out.append("## Held-out verdicts (greedy answers to the GRPO prompt)")
     out.append("")
     if start:
         out.append(f"- start (the SFE model): {fmt_val(start)}")
     out.append(f"- GRPO begins{' (after the cold start)' if start else ''}: {fmt_val(before)}")
-    out.append(f"- end: {fmt_val(after)}")
-    n01, n10, p = mcnemar_exact(before["right"], after["right"])
-    out.append(f"- before → after on the same images: {n01} wrong→right, {n10} right→wrong, "
-               f"exact McNemar p = {p:.3f}")
+    if after is None:
+        out.append("- end: none (the run was stopped before its last step; no final.json)")
+    else:
+        out.append(f"- end: {fmt_val(after)}")
+        n01, n10, p = mcnemar_exact(before["right"], after["right"])
+        out.append(f"- before → after on the same images: {n01} wrong→right, {n10} right→wrong, "
+                   f"exact McNemar p = {p:.3f}")
+    if after and before.get("loc_each") and len(before["loc_each"]) == len(after.get("loc_each", [])):
+        d, lo, hi = paired_bootstrap(before["loc_each"], after["loc_each"])
+        out.append(f"- localisation reward, before → after on the same {len(before['loc_each'])} images with "
+                   f"true boxes: {before['mean_loc']:.3f} → {after['mean_loc']:.3f}, difference {d:+.3f} "
+                   f"[{lo:+.3f}, {hi:+.3f}] (95% paired bootstrap)")
     vals = [("0 (SFE)", start)] if start else []
     vals += [(str(l["step"]), l) for l in lines if "val_accuracy" in l]
     if len(vals) > (1 if start else 0):
-        vals.append((f"{final['steps']} (end)", after))
+        if after:
+            vals.append((f"{final['steps']} (end)", after))
         out.append("")
         out.append("Every validation on the same held-out images (greedy answers; localisation over the "
                    "images with true boxes; the map's region as the one box, for reference):")
@@ -133,7 +151,7 @@ def main(run):
                 rho, p = trend(vals)
                 out.append(f"- {k}: first half {sum(a)/len(a):.3f}, second half {sum(b)/len(b):.3f} "
                            f"(batches {len(a)} + {len(b)}); Spearman rho with the batch index {rho:+.2f}, "
-                           f"permutation p = {p:.3f}")
+                           f"permutation p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}")
         out.append("")
         out.append("Sample answers (the first answer of each sampled batch):")
         out.append("")
