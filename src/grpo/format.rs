@@ -18,9 +18,8 @@ pub const ANSWER_PREFIX: &str = "<think>";
 /// With the map cue on, `region` is the box the training-free map points at
 /// (`models::sage::map_cue::region`), stated as a candidate the answer may take or leave.
 pub fn prompt(width: u32, height: u32, region: Option<[f32; 4]>) -> String {
-    let region = region.map_or(String::new(), |b| {
-        format!(" The patch comparison differs most at [{:.0}, {:.0}, {:.0}, {:.0}].", b[0], b[1], b[2], b[3])
-    });
+    let region =
+        region.map_or(String::new(), |b| format!(" The patch comparison differs most at {}.", written_box(&b)));
     format!(
         "Test image: {width}x{height} pixels.{region} Reply as <think>regions as [x1, y1, x2, y2]</think>\
          <rethink>a closer look</rethink><answer>normal, or anomalous; type: <defect>; box: [x1, y1, x2, y2]\
