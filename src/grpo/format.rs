@@ -45,10 +45,6 @@ pub fn written_truth(
     boxes: &[[f32; 4]],
     candidate: Option<[f32; 4]>,
 ) -> String {
-    let mut largest: Vec<&[f32; 4]> = boxes.iter().collect();
-    largest.sort_by(|a, b| ((b[2] - b[0]) * (b[3] - b[1])).total_cmp(&((a[2] - a[0]) * (a[3] - a[1]))));
-    largest.truncate(3);
-    let list: Vec<String> = largest.iter().map(|b| written_box(b)).collect();
     if !anomalous {
         return match candidate {
             Some(c) => format!(
@@ -60,17 +56,21 @@ pub fn written_truth(
                 .into(),
         };
     }
-    let regions = match (candidate, list.is_empty()) {
-        (Some(c), _) => written_box(&c),
-        (None, true) => "a region unlike the reference".to_string(),
-        (None, false) => list.join(" "),
+    let mut largest: Vec<&[f32; 4]> = boxes.iter().collect();
+    largest.sort_by(|a, b| ((b[2] - b[0]) * (b[3] - b[1])).total_cmp(&((a[2] - a[0]) * (a[3] - a[1]))));
+    largest.truncate(3);
+    let truth = largest.iter().map(|b| written_box(b)).collect::<Vec<_>>().join(" ");
+    let regions = match candidate {
+        Some(c) => written_box(&c),
+        None if truth.is_empty() => "a region unlike the reference".to_string(),
+        None => truth.clone(),
     };
     let mut answer = "anomalous".to_string();
     if let Some(t) = defect_type {
         answer += &format!("; type: {}", t.replace('_', " "));
     }
-    if !list.is_empty() {
-        answer += &format!("; box: {}", list.join(" "));
+    if !truth.is_empty() {
+        answer += &format!("; box: {truth}");
     }
     format!("<think>{regions}</think><rethink>it differs from the reference there</rethink><answer>{answer}</answer>")
 }
