@@ -18,9 +18,11 @@ mean GIoU plus a box-count term), their weighted mean the reward; by default the
 (minus the mean, over the std); a group whose answers all score the same is sampled again or skipped \
 (grpo.uniform), and counted. The update is the clipped policy ratio (grpo.epsilon, per answer on its mean \
 per-token log-ratio) with a k3 KL penalty (grpo.kl_beta) to the frozen SFE model, grpo.updates_per_batch \
-optimizer steps per sampled batch. The held-out verdict accuracy (with its 95% Wilson interval) is logged before \
-the first step (val_before in the first log line) and at the end (final.json). Writes log.jsonl (reward and \
-its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \
+optimizer steps per sampled batch; grpo.sft_steps cold-start steps come first, supervised on the truth written in \
+the format (with the SFE model's map cue, the prompt and the <think> stage name the map's region). The held-out \
+verdict accuracy (with its 95% Wilson interval), mean reward and localisation reward (beside what the map's region \
+scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
+train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \
 --resume continues exactly. `sage eval --checkpoint` reads the run. Config: configs/grpo-elpv-quick.toml.";
 
 #[derive(clap::Args, Debug)]
