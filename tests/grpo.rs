@@ -67,6 +67,7 @@ temperature = 1.0
 top_p = 1.0
 updates_per_batch = 2
 sft_steps = 2
+lr_scale = 0.5
 uniform = "resample"
 # Six-token answers are all cut off: with the length penalty and answer-only scoring every
 # answer would score the same, every group would be skipped and no GRPO update would be tested.
@@ -122,6 +123,11 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
     let full = log(&a);
     assert_eq!(full.len(), 6);
     assert_eq!(full[0]["phase"], "sft");
+    // Every written truth is longer than the six-token cap, and the cold start's lines say so.
+    for line in &full[..2] {
+        assert!(line["target_tokens"].as_f64().unwrap() > 6.0, "{line}");
+        assert_eq!(line["target_over_cap"], 1.0, "{line}");
+    }
     assert!(full[0]["val_start"]["questions"].as_u64().unwrap() > 0, "{}", full[0]);
     assert!(full[2]["val_before"]["interval"].is_array(), "{}", full[2]);
     for (i, line) in full.iter().enumerate().skip(2) {
@@ -131,6 +137,14 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
             assert!(line[k].is_number(), "step {}: {k} missing: {line}", i + 1);
         }
         assert!(line["sample_answer"].as_str().unwrap().starts_with("<think>"), "{line}");
+    }
+    // The cold start runs at the schedule's rate (peak 1e-3, no warm-up, cosine to 1e-4 over six
+    // steps), the GRPO updates at half of it (`grpo.lr_scale`); the log records the rate applied.
+    let schedule = |k: f64| 1e-4 + 9e-4 * 0.5 * (1.0 + (std::f64::consts::PI * k / 6.0).cos());
+    for (i, line) in full.iter().enumerate() {
+        let want = schedule(i as f64) * if i < 2 { 1.0 } else { 0.5 };
+        let lr = line["lr"].as_f64().unwrap();
+        assert!((lr - want).abs() < 1e-9, "step {}: lr {lr}, want {want}", i + 1);
     }
     // The second update of a batch trains on the first one's samples.
     assert_eq!(full[2]["sample_answer"], full[3]["sample_answer"]);

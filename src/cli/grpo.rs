@@ -17,9 +17,11 @@ with another type) and localisation (answer boxes matched to the sample's mask b
 mean GIoU plus a box-count term), their weighted mean the reward; by default the verdict and boxes count only from a complete <answer> stage (grpo.reward.answer_only) and an answer near or at grpo.max_new loses up to grpo.reward.overlong_penalty (DAPO's soft overlong punishment), so rambling to the token cap does not pay. Advantages are rewards relative to their group \
 (minus the mean, over the std); a group whose answers all score the same is sampled again or skipped \
 (grpo.uniform), and counted. The update is the clipped policy ratio (grpo.epsilon, per answer on its mean \
-per-token log-ratio) with a k3 KL penalty (grpo.kl_beta) to the frozen SFE model, grpo.updates_per_batch \
+per-token log-ratio) with a k3 KL penalty (grpo.kl_beta) to the frozen model GRPO began from (the SFE model, or the \
+end of the cold start), grpo.updates_per_batch \
 optimizer steps per sampled batch; grpo.sft_steps cold-start steps come first, supervised on the truth written in \
-the format (with the SFE model's map cue, the prompt and the <think> stage name the map's region). The held-out \
+the format (with the SFE model's map cue, the prompt and the <think> stage name the map's region) at the \
+schedule's learning rate; the GRPO updates run at grpo.lr_scale times it (default 1). The held-out \
 verdict accuracy (with its 95% Wilson interval), mean reward and localisation reward (beside what the map's region \
 scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
 train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \

@@ -383,7 +383,16 @@ impl<O: StepOps> Grpo<'_, O> {
         }
         let (loss, grad_norm) = model.train_step(&plans, lr)?;
         extra.insert("phase".into(), "sft".into());
-        Ok(StepOut { loss, grad_norm, tokens: plans.iter().map(|p| p.counted()).sum(), extra })
+        // A target longer than the sampling cap teaches answers that GRPO then cuts off (and its
+        // overlong penalty charges): the share says when `grpo.max_new` is too small. Counted as
+        // generation counts them, without the prefilled prefix the target starts with.
+        let counted: Vec<usize> = plans.iter().map(|p| p.counted()).collect();
+        let prefix = prefix_ids(session)?.len();
+        let answer: Vec<usize> = counted.iter().map(|c| c.saturating_sub(prefix)).collect();
+        let over = answer.iter().filter(|&&c| c > self.cfg.grpo.max_new).count();
+        extra.insert("target_tokens".into(), (answer.iter().sum::<usize>() as f64 / n as f64).into());
+        extra.insert("target_over_cap".into(), (over as f64 / n as f64).into());
+        Ok(StepOut { loss, grad_norm, tokens: counted.iter().sum(), extra })
     }
 
     /// Verdict accuracy (greedy answers to the GRPO prompt) and mean reward on the held-out items.
@@ -515,6 +524,14 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
         extra.insert("kl".into(), diag.0.into());
         extra.insert("clip_fraction".into(), diag.1.into());
         Ok(StepOut { loss, grad_norm, tokens: tokens.iter().sum(), extra })
+    }
+
+    fn lr_scale(&self, step: u64) -> f32 {
+        if step < self.cfg.grpo.sft_steps {
+            1.0
+        } else {
+            self.cfg.grpo.lr_scale
+        }
     }
 
     fn validate(&mut self, session: &mut Session, model: &Sage<O>, limit: usize) -> Result<ValResult> {

@@ -45,6 +45,12 @@ pub trait Stage<O: StepOps> {
     /// Optimizer step `step` (0-based) of `model` at learning rate `lr`.
     fn step(&mut self, session: &mut Session, model: &mut Sage<O>, step: u64, lr: f32) -> Result<StepOut>;
 
+    /// The share of the schedule's learning rate that optimizer step `step` (0-based) runs at
+    /// (GRPO: below 1 past its cold start); the log records the rate applied.
+    fn lr_scale(&self, _step: u64) -> f32 {
+        1.0
+    }
+
     /// The held-out check run every `train.val_every` steps and at the end (default: the
     /// session's conclusion accuracy on the AD-PL validation questions).
     fn validate(&mut self, session: &mut Session, model: &Sage<O>, limit: usize) -> Result<ValResult> {
@@ -126,7 +132,7 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
     let mark = stage.mark();
     for step in start..train.steps {
         let t0 = Instant::now();
-        let lr = tcfg.schedule.lr(model.llm.steps());
+        let lr = tcfg.schedule.lr(model.llm.steps()) * stage.lr_scale(step);
         let mut o = stage.step(session, &mut model, step, lr)?;
         let secs = t0.elapsed().as_secs_f64();
         let done = step + 1;

@@ -125,9 +125,9 @@ def main(run):
     out.append("")
     out.append("## Steps")
     out.append("")
-    cols = ["step", "phase", "loss", "reward", "reward_format", "reward_class", "reward_loc",
+    cols = ["step", "phase", "loss", "lr", "reward", "reward_format", "reward_class", "reward_loc",
             "overlong_penalty", "cut_off", "uniform_groups", "resampled_groups", "kl", "clip_fraction",
-            "answer_tokens", "seconds"]
+            "answer_tokens", "target_over_cap", "seconds"]
     out.append("| " + " | ".join(cols) + " |")
     out.append("|" + "---|" * len(cols))
     for l in lines:
@@ -136,7 +136,8 @@ def main(run):
         cells = []
         for c in cols:
             v = l.get(c)
-            cells.append("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+            fmt = ".2e" if c == "lr" else ".3f"
+            cells.append("" if v is None else (format(v, fmt) if isinstance(v, float) else str(v)))
         out.append("| " + " | ".join(cells) + " |")
     grpo = [l for l in lines if l.get("phase") == "grpo" and l.get("update") == 1]
     if grpo:
