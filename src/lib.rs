@@ -24,6 +24,7 @@ pub mod models;
 pub mod ops;
 pub mod opset;
 pub mod plugin;
+pub mod qmatrix;
 pub mod quant;
 pub mod score;
 pub mod sfe;

@@ -1,10 +1,10 @@
 //! Linear layers whose frozen weight stays in a checkpoint's quantized blocks
-//! ([`crate::quant::QMatrix`]): inference from the blocks, and the input gradient QLoRA's
+//! ([`crate::qmatrix::QMatrix`]): inference from the blocks, and the input gradient QLoRA's
 //! backward needs (a quantized weight never gets a gradient of its own), and the losses through a
 //! frozen LM head kept as blocks.
 
 use super::Buffers;
-use crate::quant::QMatrix;
+use crate::qmatrix::QMatrix;
 use anyhow::Result;
 
 /// The quantized-weight ops.

@@ -5,8 +5,9 @@
 //! weight once per token, so its speed is the bytes per weight: 4.5–6.6 bits here against 32 for
 //! f32. This module keeps the blocks and multiplies with them the way llama.cpp does:
 //!
-//! - [`blocks`]: the layouts, [`QType`], and dequantisation (the reference every kernel is tested
-//!   against, and what the GGUF reader uses to produce f32);
+//! - [`blocks`]: the layouts and dequantisation of [`QType`] and [`QMatrix`] (the reference every
+//!   kernel is tested against, and what the GGUF reader uses to produce f32; the types themselves
+//!   live in `crate::qmatrix`, a leaf that the op set's interface can import);
 //! - [`act`]: the activations quantized per block to int8 (`Q8` for the 32-blocks, `Q8K` with
 //!   16-element sums for the K-quants), so that a block's dot product is integer arithmetic;
 //! - [`dot`]: the portable block dot products (the fallback, and the reference of the SIMD ones);
