@@ -196,6 +196,27 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Balanced draws need both labels: on normal pairs only the option is refused, naming it.
+    let train: Value = serde_json::from_str(&std::fs::read_to_string(s.data.join("train.json")).unwrap()).unwrap();
+    let normal: Vec<&Value> = train.as_array().unwrap().iter().filter(|x| x["label"] == "normal").collect();
+    let normal_file = s.data.join("normal.json");
+    std::fs::write(&normal_file, serde_json::to_string(&normal).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            &format!("train = \"{}/train.json\"", s.data.display()),
+            &format!("train = \"{}\"", normal_file.display()),
+        )
+        .replace("sft_steps = 2", "sft_steps = 2\nbalance = true");
+    std::fs::write(&bad, text).unwrap();
+    let out = sage().args(["grpo", "--config"]).arg(&bad).arg("--out").arg(s.path("d")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("grpo.balance = true") && err.contains(" 0 anomalous") && err.contains("normal.json"),
+        "{err}"
+    );
 }
 
 /// With `model.map_cue` in the SFE start, the GRPO prompts name the box the training-free map
@@ -260,6 +281,14 @@ checkpoint_every = 1
         assert_eq!(loc.as_f64(), Some(0.0), "{val} {end}");
         assert!(map.as_f64().is_some_and(|m| m > 0.0 && m <= 1.0), "{val} {end}");
     }
+    // The map's own verdict beside the model's: one right/wrong per held-out image, its accuracy
+    // their mean, in the val lines too.
+    let map_right: Vec<bool> =
+        end["map_right"].as_array().unwrap_or_else(|| panic!("{end}")).iter().map(|r| r.as_bool().unwrap()).collect();
+    assert_eq!(map_right.len() as u64, end["questions"].as_u64().unwrap(), "{end}");
+    let share = map_right.iter().filter(|&&r| r).count() as f64 / map_right.len() as f64;
+    assert!((end["map_accuracy"].as_f64().unwrap() - share).abs() < 1e-12, "{end}");
+    assert!(val["val_map_accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{val}");
     // One figure per held-out image with true boxes (the fixture's anomalous test images).
     let held_out: Value = serde_json::from_str(&std::fs::read_to_string(masked.join("test.json")).unwrap()).unwrap();
     let boxed =

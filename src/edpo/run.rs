@@ -14,7 +14,7 @@ use crate::opset::Pair;
 use crate::opset::StepOps;
 use crate::score::{answer_entropy, load_scores, ScoreCache};
 use crate::stage::checkpoint::{self, State};
-use crate::stage::data::{epoch_pick, ExampleRef};
+use crate::stage::data::{alternate_pick, epoch_pick, ExampleRef};
 use crate::stage::{finished_step, Outcome, Session, Stage, StepOut};
 use crate::train::ParamSet;
 use crate::user_err;
@@ -338,10 +338,8 @@ impl<O: StepOps> Stage<O> for Edpo<'_, O> {
 fn instance_at(cfg: &EdpoRunConfig, instances: &[Instance], g: u64) -> Instance {
     if cfg.edpo.balance_conclusions {
         let side = |yes: bool| (0..instances.len()).filter(|&i| instances[i].yes == Some(yes)).collect::<Vec<_>>();
-        let (yes, no) = (side(true), side(false));
-        if !yes.is_empty() && !no.is_empty() {
-            let (pool, seed) = if g.is_multiple_of(2) { (yes, cfg.train.seed) } else { (no, cfg.train.seed ^ 0x5eed) };
-            return instances[pool[epoch_pick(seed, pool.len(), g / 2)]].clone();
+        if let Some(i) = alternate_pick(cfg.train.seed, &side(true), &side(false), g) {
+            return instances[i].clone();
         }
     }
     instances[epoch_pick(cfg.train.seed, instances.len(), g)].clone()

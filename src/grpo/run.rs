@@ -13,11 +13,11 @@ use super::config::{GrpoRunConfig, UniformGroups};
 use super::format::{parse, prompt, written_truth, Parsed, ANSWER_PREFIX};
 use super::reward::{loc_reward, overlong_penalty, reward, Length, Reward, RewardConfig, Truth};
 use crate::data::sample::Label;
-use crate::models::sage::{Sage, SeqPlan};
+use crate::models::sage::{Sage, SageHead, SeqPlan};
 use crate::models::sampling::Sampling;
 use crate::opset::StepOps;
 use crate::stage::checkpoint::{self, Mark, State};
-use crate::stage::data::{epoch_pick, ExampleRef};
+use crate::stage::data::{alternate_pick, epoch_pick, ExampleRef};
 use crate::stage::{finished_step, Inputs, Outcome, Session, Stage, StepOut, ValResult};
 use crate::train::{streams, ParamSet, SeedRng};
 use crate::user_err;
@@ -66,6 +66,19 @@ fn items_of(session: &Session, val: bool) -> Result<Vec<Item>> {
     Ok(items)
 }
 
+/// The training item of global draw `g` in the seeded stream `seed`: with `grpo.balance`, normal
+/// and anomalous items in turn (`GrpoRun::new` refuses the option when a label has none),
+/// otherwise one seeded order over all.
+fn item_at(items: &[Item], balance: bool, seed: u64, g: u64) -> &Item {
+    if balance {
+        let side = |a: bool| (0..items.len()).filter(|&i| items[i].truth.anomalous == a).collect::<Vec<_>>();
+        if let Some(i) = alternate_pick(seed, &side(false), &side(true), g) {
+            return &items[i];
+        }
+    }
+    &items[epoch_pick(seed, items.len(), g)]
+}
+
 impl GrpoRun {
     /// Loads the SFE run (policy and frozen reference) and the labelled samples.
     pub fn new(cfg: GrpoRunConfig, out: &Path, plugin_dirs: &[PathBuf]) -> Result<GrpoRun> {
@@ -83,6 +96,15 @@ impl GrpoRun {
             return Err(user_err!(
                 "{} has no sample with a label (normal or anomalous): GRPO rewards verdicts against labels",
                 cfg.data.train.display()
+            ));
+        }
+        let anomalous = items.iter().filter(|it| it.truth.anomalous).count();
+        if cfg.grpo.balance && (anomalous == 0 || anomalous == items.len()) {
+            return Err(user_err!(
+                "grpo.balance = true draws normal and anomalous pairs in turn, but {} has {} normal and {anomalous} \
+                 anomalous labelled samples: set grpo.balance = false, or train on samples of both labels",
+                cfg.data.train.display(),
+                items.len() - anomalous
             ));
         }
         // Held-out items in a seeded order: `val_questions` takes a sample of both labels, not the
@@ -208,22 +230,33 @@ struct Grpo<'r, O: StepOps> {
 /// pull the answers back out of the format it was just taught), kept for a resume.
 pub const REFERENCE_FILE: &str = "grpo-reference.safetensors";
 
+/// What the map cue tells of an item: the region the prompt names and the map's own verdict.
+#[derive(Clone, Copy, Debug)]
+struct MapCue {
+    region: [f32; 4],
+    /// The image score at or above the cue's middle level ("larger than most normal images"):
+    /// the verdict a reader of the cue alone would give, the baseline of the held-out accuracy.
+    anomalous: bool,
+}
+
 /// The inputs of an item with the GRPO prompt as its question; with the map cue, the prompt
 /// names the region the map points at, drawn at the cue's level for "larger than most normal
-/// images", and the region is returned with the inputs (`None` without the cue).
-fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<(Inputs, Option<[f32; 4]>)> {
+/// images", and the cue is returned with the inputs (`None` without the cue).
+fn item_inputs(session: &mut Session, val: bool, item: &Item) -> Result<(Inputs, Option<MapCue>)> {
     let mut inputs = session.inputs(val, item.example)?;
     let head = &session.model.head;
-    let region = match (head.config.map_cue, head.config.map_cue_levels.get(1)) {
+    let cue = match (head.config.map_cue, head.config.map_cue_levels.get(1)) {
         (true, Some(&level)) => {
             let ex = inputs.example(None);
             let map = head.anomaly_scores(ex.test, ex.reference)?;
-            Some(crate::models::sage::map_cue::region(&map, (ex.test.h, ex.test.w), level, item.width, item.height)?)
+            let region =
+                crate::models::sage::map_cue::region(&map, (ex.test.h, ex.test.w), level, item.width, item.height)?;
+            Some(MapCue { region, anomalous: SageHead::image_score(&map) >= level })
         }
         _ => None,
     };
-    inputs.question.text = prompt(item.width, item.height, region);
-    Ok((inputs, region))
+    inputs.question.text = prompt(item.width, item.height, cue.map(|c| c.region));
+    Ok((inputs, cue))
 }
 
 /// One sampled or greedy answer.
@@ -283,7 +316,7 @@ impl<O: StepOps> Grpo<'_, O> {
         let mut example_text = String::new();
         let prefix = prefix_ids(session)?;
         for m in 0..batch {
-            let item = &self.items[epoch_pick(self.cfg.train.seed, self.items.len(), first + m)];
+            let item = item_at(self.items, g.balance, self.cfg.train.seed, first + m);
             let (inputs, _) = item_inputs(session, false, item)?;
             let ex = inputs.example(None);
             // One prompt plan, decoded as G rows.
@@ -375,10 +408,10 @@ impl<O: StepOps> Grpo<'_, O> {
         let mut plans = Vec::with_capacity(n as usize);
         for m in 0..n {
             // Its own seeded order (GRPO's batches start again at the first item).
-            let item = &self.items[epoch_pick(self.cfg.train.seed ^ 0x5f7, self.items.len(), step * n + m)];
-            let (inputs, region) = item_inputs(session, false, item)?;
+            let item = item_at(self.items, self.cfg.grpo.balance, self.cfg.train.seed ^ 0x5f7, step * n + m);
+            let (inputs, cue) = item_inputs(session, false, item)?;
             let t = &item.truth;
-            let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes, region);
+            let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes, cue.map(|c| c.region));
             plans.push(session.model.plan(&inputs.example(Some(&target)))?);
         }
         let (loss, grad_norm) = model.train_step(&plans, lr)?;
@@ -400,19 +433,19 @@ impl<O: StepOps> Grpo<'_, O> {
         let items: Vec<&Item> = self.val_items.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
         let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
         let (mut right, mut unparsed, mut anomalous, mut reward_sum) = (Vec::new(), 0usize, 0usize, 0.0f64);
-        let (mut locs, mut map_locs) = (Vec::new(), Vec::new());
+        let (mut locs, mut map_locs, mut map_right) = (Vec::new(), Vec::new(), Vec::new());
         let count_share = self.cfg.grpo.reward.count_share;
         let prefix = prefix_ids(session)?;
         for chunk in items.chunks(16) {
             let mut plans = Vec::with_capacity(chunk.len());
-            let mut regions = Vec::with_capacity(chunk.len());
+            let mut cues = Vec::with_capacity(chunk.len());
             for it in chunk {
-                let (inputs, region) = item_inputs(session, true, it)?;
+                let (inputs, cue) = item_inputs(session, true, it)?;
                 plans.push(session.model.plan_generated(&inputs.example(None), &prefix, false)?);
-                regions.push(region);
+                cues.push(cue);
             }
             let answers = answer_rows(session, model, &plans, &prefix, greedy, self.cfg.grpo.max_new)?;
-            for ((answer, item), region) in answers.iter().zip(chunk).zip(regions) {
+            for ((answer, item), cue) in answers.iter().zip(chunk).zip(cues) {
                 // The verdict is read leniently (wherever the answer states it): the accuracy
                 // measures what the model says, the reward what it is trained toward.
                 let (p, r) = answer.score(&item.truth, &self.cfg.grpo.reward);
@@ -421,8 +454,9 @@ impl<O: StepOps> Grpo<'_, O> {
                 right.push(p.verdict == Some(item.truth.anomalous));
                 reward_sum += r.total as f64;
                 locs.extend(r.loc.map(f64::from));
-                if let Some(region) = region {
-                    map_locs.extend(loc_reward(&[region], &item.truth.boxes, count_share).map(f64::from));
+                if let Some(cue) = cue {
+                    map_locs.extend(loc_reward(&[cue.region], &item.truth.boxes, count_share).map(f64::from));
+                    map_right.push(cue.anomalous == item.truth.anomalous);
                 }
             }
         }
@@ -439,6 +473,9 @@ impl<O: StepOps> Grpo<'_, O> {
             mean_loc: mean(&locs),
             map_loc: mean(&map_locs),
             loc_each: locs,
+            map_accuracy: (!map_right.is_empty())
+                .then(|| map_right.iter().filter(|&&r| r).count() as f64 / map_right.len() as f64),
+            map_right,
             right,
         })
     }
@@ -576,6 +613,35 @@ mod tests {
         assert!(a.iter().zip([1.0, -1.0, -1.0, 1.0]).all(|(x, y)| (x - y).abs() < 1e-3), "{a:?}");
         assert!(advantages(&[0.5, 0.5]).iter().all(|&x| x == 0.0));
         assert!(uniform(&[0.3, 0.3, 0.3]) && !uniform(&[0.3, 0.31]));
+    }
+
+    #[test]
+    fn balanced_draws_alternate_labels_and_visit_each_item_of_a_label_every_epoch() {
+        // Items 0..10: the first seven normal, the last three anomalous.
+        let items: Vec<Item> = (0..10)
+            .map(|i| Item {
+                example: ExampleRef { item: i, question: 0 },
+                width: 8,
+                height: 8,
+                truth: Truth { anomalous: i >= 7, defect_type: None, boxes: Vec::new() },
+            })
+            .collect();
+        let drawn: Vec<usize> = (0..14).map(|g| item_at(&items, true, 3, g).example.item).collect();
+        for (g, &i) in drawn.iter().enumerate() {
+            assert_eq!(items[i].truth.anomalous, g % 2 == 1, "draw {g} took item {i}: {drawn:?}");
+        }
+        // The seven normal items once each in draws 0, 2, …, 12; the three anomalous ones once
+        // in draws 1, 3, 5.
+        let mut normal: Vec<usize> = drawn.iter().step_by(2).copied().collect();
+        normal.sort_unstable();
+        assert_eq!(normal, (0..7).collect::<Vec<_>>());
+        let mut anomalous: Vec<usize> = drawn[1..6].iter().step_by(2).copied().collect();
+        anomalous.sort_unstable();
+        assert_eq!(anomalous, vec![7, 8, 9]);
+        // Off: one seeded order over all ten, each once per epoch.
+        let mut plain: Vec<usize> = (0..10).map(|g| item_at(&items, false, 3, g).example.item).collect();
+        plain.sort_unstable();
+        assert_eq!(plain, (0..10).collect::<Vec<_>>());
     }
 
     #[test]

@@ -64,6 +64,17 @@ pub fn epoch_pick(seed: u64, n: usize, g: u64) -> usize {
     order[(g % n as u64) as usize]
 }
 
+/// The index that global draw `g` visits when draws alternate between two sides (indices into
+/// one list): even draws from `first`, odd ones from `second`, each side in its own seeded epochs
+/// (an exact-resume order like [`epoch_pick`]'s). `None` when a side is empty.
+pub fn alternate_pick(seed: u64, first: &[usize], second: &[usize], g: u64) -> Option<usize> {
+    if first.is_empty() || second.is_empty() {
+        return None;
+    }
+    let (side, seed) = if g.is_multiple_of(2) { (first, seed) } else { (second, seed ^ 0x5eed) };
+    Some(side[epoch_pick(seed, side.len(), g / 2)])
+}
+
 /// Patch tokens per image path, computed once by the frozen encoder.
 #[derive(Default)]
 pub struct TokenCache {

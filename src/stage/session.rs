@@ -80,6 +80,13 @@ pub struct ValResult {
     /// answer's one box, over the same questions: what copying the prompt's candidate earns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_loc: Option<f64>,
+    /// GRPO with the map cue: the accuracy of the map's own verdict (its score at or above the
+    /// cue's middle level) on the same questions: what reading the cue alone earns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_accuracy: Option<f64>,
+    /// Whether the map's verdict was right on each question, in `right`'s order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_right: Vec<bool>,
     /// GRPO: whether each question (in a fixed order) was answered right, for paired comparisons.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub right: Vec<bool>,

@@ -158,9 +158,12 @@ pub fn train<O: StepOps + Clone, S: Stage<O>>(
             let v = stage.validate(session, &model, train.val_questions)?;
             let mut val = serde_json::json!({"step": done, "val_accuracy": v.accuracy, "val_questions": v.questions});
             // GRPO's held-out reward figures, where the stage has them.
-            for (key, x) in
-                [("val_mean_reward", v.mean_reward), ("val_mean_loc", v.mean_loc), ("val_map_loc", v.map_loc)]
-            {
+            for (key, x) in [
+                ("val_mean_reward", v.mean_reward),
+                ("val_mean_loc", v.mean_loc),
+                ("val_map_loc", v.map_loc),
+                ("val_map_accuracy", v.map_accuracy),
+            ] {
                 if let Some(x) = x {
                     val[key] = x.into();
                 }

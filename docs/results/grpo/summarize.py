@@ -106,6 +106,11 @@ def main(run):
         out.append(f"- localisation reward, before → after on the same {len(before['loc_each'])} images with "
                    f"true boxes: {before['mean_loc']:.3f} → {after['mean_loc']:.3f}, difference {d:+.3f} "
                    f"[{lo:+.3f}, {hi:+.3f}] (95% paired bootstrap)")
+    if after and after.get("map_right") and len(after["map_right"]) == len(after["right"]):
+        n01, n10, p = mcnemar_exact(after["map_right"], after["right"])
+        out.append(f"- the map's own verdict (its score at the cue's middle level or above) on the same images: "
+                   f"accuracy {after['map_accuracy']:.3f}; the model at the end against it: {n01} pairs only the "
+                   f"model gets right, {n10} only the map, exact McNemar p = {p:.3f}")
     vals = [("0 (SFE)", start)] if start else []
     vals += [(str(l["step"]), l) for l in lines if "val_accuracy" in l]
     if len(vals) > (1 if start else 0):
@@ -115,12 +120,17 @@ def main(run):
         out.append("Every validation on the same held-out images (greedy answers; localisation over the "
                    "images with true boxes; the map's region as the one box, for reference):")
         out.append("")
-        out.append("| after step | accuracy | mean reward | localisation | the map's region |")
-        out.append("|---|---|---|---|---|")
+        # The map's verdict column only where the run's build logged it.
+        map_verdict = any(v.get("map_accuracy", v.get("val_map_accuracy")) is not None for _, v in vals)
+        head = "| after step | accuracy | mean reward | localisation | the map's region |"
+        out.append(head + (" the map's verdict |" if map_verdict else ""))
+        out.append("|---|---|---|---|---|" + ("---|" if map_verdict else ""))
         for step, v in vals:
             acc = v.get("accuracy", v.get("val_accuracy"))
             cells = [v.get("mean_reward", v.get("val_mean_reward")), v.get("mean_loc", v.get("val_mean_loc")),
                      v.get("map_loc", v.get("val_map_loc"))]
+            if map_verdict:
+                cells.append(v.get("map_accuracy", v.get("val_map_accuracy")))
             out.append(f"| {step} | {acc:.3f} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     out.append("")
     out.append("## Steps")
