@@ -71,9 +71,10 @@ pub struct GrpoSection {
     pub lr_scale: f32,
     /// Draw the training pairs by label in turn — normal, anomalous, normal, … — each label in
     /// its own seeded epochs, for the cold start and the sampled batches alike. Without it the
-    /// draws follow the file, and a majority label (two thirds of ELPV's training pairs are
-    /// normal) pulls the verdicts toward itself, as in the preference stages before their pair
-    /// sets were balanced. Left out of the checkpoint mark when off (the default).
+    /// draws follow the file, where a majority label (two thirds of ELPV's training pairs are
+    /// normal) is right more often and pulls the verdicts toward itself. On its own it did not
+    /// keep a nearly deterministic policy from settling on one verdict (docs/results/grpo,
+    /// `elpv-cue-balanced`). Left out of the checkpoint mark when off (the default).
     #[serde(skip_serializing_if = "is_false")]
     pub balance: bool,
     pub reward: RewardConfig,
