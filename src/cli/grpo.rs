@@ -22,8 +22,8 @@ end of the cold start), grpo.updates_per_batch \
 optimizer steps per sampled batch; grpo.sft_steps cold-start steps come first, supervised on the truth written in \
 the format (with the SFE model's map cue, the prompt and the <think> stage name the map's region) at the \
 schedule's learning rate; the GRPO updates run at grpo.lr_scale times it (default 1). Training pairs are drawn \
-in seeded epochs over the file, or with grpo.balance = true normal and anomalous in turn, so a majority label does \
-not pull the verdicts toward itself. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
+in seeded epochs over the file, or with grpo.balance = true normal and anomalous in turn, so that neither label \
+is drawn more often. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
 beside the map's own verdict, its score at the cue's middle level or above), mean reward and localisation reward \
 (beside what the map's region scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
 train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \
