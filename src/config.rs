@@ -27,6 +27,23 @@ pub fn load<T: DeserializeOwned + CheckRanges>(path: &Path) -> Result<T> {
     Ok(value)
 }
 
+/// `skip_serializing_if` predicates for options added after a stage's first runs: at their
+/// defaults they are left out of a config as written back (a checkpoint's record of it), so runs
+/// made before the option existed still match their config and resume.
+pub fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// See [`is_false`].
+pub fn is_zero(v: &f32) -> bool {
+    *v == 0.0
+}
+
+/// See [`is_false`].
+pub fn is_one(v: &f32) -> bool {
+    *v == 1.0
+}
+
 /// A config's numeric invariants: each key's range, and the constraints between keys.
 pub trait CheckRanges {
     fn check_ranges(&self, c: &mut RangeCheck);

@@ -75,27 +75,18 @@ pub struct EdpoSection {
     pub pairs: PairChoice,
     /// Divide each answer's log-probabilities by its token count inside the margin
     /// (length-normalised log-ratios, as SimPO does); false is the paper's summed form.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "crate::config::is_false")]
     pub length_normalize: bool,
     /// Weight α of an SFT term on the chosen answers: α times their mean per-token negative
     /// log-likelihood is added to the loss (TRL's `rpo_alpha`, which SAGE's public training
     /// script sets); 0 is the paper's loss.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::config::is_zero")]
     pub sft_weight: f32,
     /// Draw instances alternately from those whose best answer concludes Yes and those whose
     /// best answer concludes No, so every step sees both conclusions equally often; false draws
     /// from all instances in one seeded order.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "crate::config::is_false")]
     pub balance_conclusions: bool,
-}
-
-// The options added after the paper's loss are left out of a config (and of a checkpoint's
-// record of it) when off, so runs made before they existed still resume.
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-fn is_zero(v: &f32) -> bool {
-    *v == 0.0
 }
 
 fn default_loss() -> LossKind {

@@ -67,7 +67,7 @@ pub struct GrpoSection {
     /// (in the DRAEM localisation runs of docs/results/grpo a fifth of it kept the held-out
     /// figure from falling, without raising it). Left out of the checkpoint mark at 1 (the
     /// default), so runs from before the key still resume.
-    #[serde(skip_serializing_if = "is_one")]
+    #[serde(skip_serializing_if = "crate::config::is_one")]
     pub lr_scale: f32,
     /// Draw the training pairs by label in turn — normal, anomalous, normal, … — each label in
     /// its own seeded epochs, for the cold start and the sampled batches alike. Without it the
@@ -75,17 +75,9 @@ pub struct GrpoSection {
     /// normal) is right more often and pulls the verdicts toward itself. On its own it did not
     /// keep a nearly deterministic policy from settling on one verdict (docs/results/grpo,
     /// `elpv-cue-balanced`). Left out of the checkpoint mark when off (the default).
-    #[serde(skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "crate::config::is_false")]
     pub balance: bool,
     pub reward: RewardConfig,
-}
-
-fn is_one(x: &f32) -> bool {
-    *x == 1.0
-}
-
-fn is_false(x: &bool) -> bool {
-    !*x
 }
 
 impl Default for GrpoSection {
