@@ -34,9 +34,9 @@ pub fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// See [`is_false`].
-pub fn is_zero(v: &f32) -> bool {
-    *v == 0.0
+/// See [`is_false`] (a zero count or weight).
+pub fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// See [`is_false`].

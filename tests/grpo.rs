@@ -69,6 +69,8 @@ updates_per_batch = 2
 sft_steps = 2
 lr_scale = 0.5
 uniform = "resample"
+# One example of the SFE task beside each update: its draws must resume exactly too.
+sfe_anchor = 1
 # Six-token answers are all cut off: with the length penalty and answer-only scoring every
 # answer would score the same, every group would be skipped and no GRPO update would be tested.
 [grpo.reward]
@@ -137,7 +139,11 @@ fn sigkill_mid_grpo_then_resume_reproduces_the_uninterrupted_run() {
             assert!(line[k].is_number(), "step {}: {k} missing: {line}", i + 1);
         }
         assert!(line["sample_answer"].as_str().unwrap().starts_with("<think>"), "{line}");
+        if line["updated"] == true {
+            assert!(line["anchor_nll"].as_f64().unwrap() > 0.0, "step {}: the anchor's term: {line}", i + 1);
+        }
     }
+    assert!(full[2..].iter().any(|l| l["updated"] == true), "no GRPO update was tested");
     // The cold start runs at the schedule's rate (peak 1e-3, no warm-up, cosine to 1e-4 over six
     // steps), the GRPO updates at half of it (`grpo.lr_scale`); the log records the rate applied.
     let schedule = |k: f64| 1e-4 + 9e-4 * 0.5 * (1.0 + (std::f64::consts::PI * k / 6.0).cos());

@@ -23,7 +23,9 @@ optimizer steps per sampled batch; grpo.sft_steps cold-start steps come first, s
 the format (with the SFE model's map cue, the prompt and the <think> stage name the map's region) at the \
 schedule's learning rate; the GRPO updates run at grpo.lr_scale times it (default 1). Training pairs are drawn \
 in seeded epochs over the file, or with grpo.balance = true normal and anomalous in turn, so that neither label \
-is drawn more often. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
+is drawn more often. With grpo.sfe_anchor = N, N examples of the SFE run's own task (a training question and its \
+best-ranked answer) join every update, the cross-entropy of their answers added to the loss with weight \
+grpo.sfe_anchor_weight (InstructGPT's PPO-ptx), and the cold start's targets. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
 beside the map's own verdict, its score at the cue's middle level or above), mean reward and localisation reward \
 (beside what the map's region scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
 train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \

@@ -77,6 +77,20 @@ pub struct GrpoSection {
     /// `elpv-cue-balanced`). Left out of the checkpoint mark when off (the default).
     #[serde(skip_serializing_if = "crate::config::is_false")]
     pub balance: bool,
+    /// Examples of the SFE run's own task (a training question and its best-ranked answer, as
+    /// `sage sfe` trains on them) added to every update, with the cross-entropy of their answers
+    /// as a term of the loss (InstructGPT's "PPO-ptx" mix against the alignment tax): GRPO's
+    /// prompts and format are not the questions `sage eval` asks. In the standard profile's
+    /// GRPO row it held the SFE task's loss but did not keep the first-token conclusions from
+    /// tipping to one answer (docs/results/standard/grpo-row-20261206). 0 = none (the default,
+    /// left out of the checkpoint mark). In the cold start they are further targets of its
+    /// cross-entropy.
+    #[serde(skip_serializing_if = "crate::config::is_zero")]
+    pub sfe_anchor: usize,
+    /// The anchor term's weight: `w · mean over anchors of (−log p(answer) / its tokens)` is
+    /// added to the GRPO loss. Left out of the mark at 1 (the default).
+    #[serde(skip_serializing_if = "crate::config::is_one")]
+    pub sfe_anchor_weight: f32,
     pub reward: RewardConfig,
 }
 
@@ -95,6 +109,8 @@ impl Default for GrpoSection {
             sft_steps: 0,
             lr_scale: 1.0,
             balance: false,
+            sfe_anchor: 0,
+            sfe_anchor_weight: 1.0,
             reward: RewardConfig::default(),
         }
     }
@@ -112,6 +128,8 @@ impl CheckRanges for GrpoRunConfig {
         c.int("grpo.updates_per_batch", g.updates_per_batch, 1, 64);
         c.int("grpo.resample_tries", g.resample_tries as u64, 0, 16);
         c.positive_float("grpo.lr_scale", g.lr_scale as f64, 10.0);
+        c.int("grpo.sfe_anchor", g.sfe_anchor as u64, 0, 64);
+        c.positive_float("grpo.sfe_anchor_weight", g.sfe_anchor_weight as f64, 100.0);
         let r = &g.reward;
         for (key, v) in [
             ("grpo.reward.format_weight", r.format_weight),
@@ -176,19 +194,28 @@ mod tests {
         assert!(e.contains("grpo.reward.overlong_buffer (16) must be at most grpo.max_new (8)"), "{e}");
         let e = refused("lr_scale = 0.0", 4);
         assert!(e.contains("grpo.lr_scale"), "{e}");
+        let e = refused("sfe_anchor = 65", 4);
+        assert!(e.contains("grpo.sfe_anchor"), "{e}");
     }
 
     #[test]
     fn keys_at_their_defaults_are_left_out_of_the_checkpoint_mark() {
-        // Checkpoints made before `lr_scale` and `balance` existed carry no such keys; at the
-        // defaults they must still match the config (a resume, the demo's finished GRPO row).
+        // Checkpoints made before `lr_scale`, `balance` and the SFE anchor existed carry no such
+        // keys; at the defaults they must still match the config (a resume, the demo's finished
+        // GRPO row).
         let mut g = GrpoSection::default();
         let mark = serde_json::to_value(&g).unwrap();
-        assert!(mark.get("lr_scale").is_none() && mark.get("balance").is_none(), "{mark}");
+        for key in ["lr_scale", "balance", "sfe_anchor", "sfe_anchor_weight"] {
+            assert!(mark.get(key).is_none(), "{key}: {mark}");
+        }
         g.lr_scale = 0.2;
         g.balance = true;
+        g.sfe_anchor = 2;
+        g.sfe_anchor_weight = 0.5;
         let mark = serde_json::to_value(&g).unwrap();
         assert_eq!(mark["lr_scale"], 0.2f32 as f64);
         assert_eq!(mark["balance"], true);
+        assert_eq!(mark["sfe_anchor"], 2);
+        assert_eq!(mark["sfe_anchor_weight"], 0.5);
     }
 }

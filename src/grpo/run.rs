@@ -194,6 +194,16 @@ pub fn grpo_loss(
     ((loss / n) as f32, grad, (kl_sum / n) as f32, clipped as f32 / n as f32)
 }
 
+/// The anchor term (`grpo.sfe_anchor`) and its gradient: `w · mean_i(−log p_i / n_i)` over the
+/// anchors' answer log-probabilities `logp` with `n_i` answer tokens each.
+pub fn anchor_loss(logp: &[f32], tokens: &[usize], weight: f32) -> (f32, Vec<f32>) {
+    let n = logp.len().max(1) as f64;
+    let w = weight as f64;
+    let loss = logp.iter().zip(tokens).map(|(&l, &t)| -(l as f64) / t.max(1) as f64).sum::<f64>() * w / n;
+    let grad = tokens.iter().map(|&t| (-w / (n * t.max(1) as f64)) as f32).collect();
+    (loss as f32, grad)
+}
+
 /// Group-relative advantages: `(r − mean) / (std + 1e-4)` with the group's population std.
 pub fn advantages(rewards: &[f32]) -> Vec<f32> {
     let n = rewards.len().max(1) as f64;
@@ -394,6 +404,20 @@ impl<O: StepOps> Grpo<'_, O> {
         Ok(Rollout { plans, advantages: advs, reference, old: None, stats })
     }
 
+    /// The `grpo.sfe_anchor` examples of step `step` (none when 0): training questions of the SFE
+    /// task with their best-ranked answers, in their own seeded order over the training split.
+    fn anchor_plans(&self, session: &mut Session, step: u64) -> Result<Vec<SeqPlan>> {
+        let k = self.cfg.grpo.sfe_anchor as u64;
+        let mut plans = Vec::with_capacity(k as usize);
+        for m in 0..k {
+            let examples = &session.split(false).examples;
+            let e = examples[epoch_pick(self.cfg.train.seed ^ 0x616e_6368, examples.len(), step * k + m)];
+            let i = session.inputs(false, e)?;
+            plans.push(session.model.plan(&i.example(Some(&i.question.ranked_answers[0])))?);
+        }
+        Ok(plans)
+    }
+
     /// A cold-start step: the cross-entropy of the ground truth written in the format, on the
     /// `batch × group` items of the step (the same sequence count as a GRPO step).
     fn sft_step(
@@ -414,7 +438,10 @@ impl<O: StepOps> Grpo<'_, O> {
             let target = written_truth(t.anomalous, t.defect_type.as_deref(), &t.boxes, cue.map(|c| c.region));
             plans.push(session.model.plan(&inputs.example(Some(&target)))?);
         }
+        let formatted = plans.len();
+        plans.extend(self.anchor_plans(session, step)?);
         let (loss, grad_norm) = model.train_step(&plans, lr)?;
+        let plans = &plans[..formatted];
         extra.insert("phase".into(), "sft".into());
         // A target longer than the sampling cap teaches answers that GRPO then cuts off (and its
         // overlong penalty charges): the share says when `grpo.max_new` is too small. Counted as
@@ -540,26 +567,45 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
             extra.insert("updated".into(), false.into());
             return Ok(StepOut { loss: 0.0, grad_norm: 0.0, tokens: 0, extra });
         }
-        let tokens: Vec<usize> = r.plans.iter().map(|p| p.counted()).collect();
+        let anchors = self.anchor_plans(session, step + sft)?;
+        let r = self.rollout.as_mut().expect("sampled above");
+        let sampled = r.plans.len();
+        let plans: Vec<SeqPlan> = r.plans.iter().chain(&anchors).cloned().collect();
+        let tokens: Vec<usize> = plans.iter().map(|p| p.counted()).collect();
+        // An anchor's log-probability covers its answer only: its count of answer tokens.
+        let anchor_tokens: Vec<usize> = anchors.iter().map(|p| p.counted()).collect();
         let g = &self.cfg.grpo;
         let (old, reference, adv) = (&r.old, &r.reference, &r.advantages);
-        let mut diag = (0.0f32, 0.0f32);
+        let mut diag = (0.0f32, 0.0f32, None);
         let (policy, loss, grad_norm) = model.sequence_step(
-            &r.plans,
-            |policy| {
+            &plans,
+            |all| {
+                let (policy, anchored) = all.split_at(sampled);
                 let old = old.as_deref().unwrap_or(policy);
-                let (loss, grad, kl, clip) = grpo_loss(policy, old, reference, adv, &tokens, g.epsilon, g.kl_beta);
-                diag = (kl, clip);
+                let (mut loss, mut grad, kl, clip) =
+                    grpo_loss(policy, old, reference, adv, &tokens[..sampled], g.epsilon, g.kl_beta);
+                if !anchored.is_empty() {
+                    let (a_loss, a_grad) = anchor_loss(anchored, &anchor_tokens, g.sfe_anchor_weight);
+                    loss += a_loss;
+                    grad.extend(a_grad);
+                    diag.2 = Some(a_loss / g.sfe_anchor_weight);
+                }
+                diag.0 = kl;
+                diag.1 = clip;
                 Ok((loss, grad))
             },
             lr,
         )?;
         if r.old.is_none() {
-            r.old = Some(policy);
+            r.old = Some(policy[..sampled].to_vec());
         }
         extra.insert("updated".into(), true.into());
         extra.insert("kl".into(), diag.0.into());
         extra.insert("clip_fraction".into(), diag.1.into());
+        if let Some(nll) = diag.2 {
+            // The anchors' mean per-token cross-entropy, unweighted: whether the SFE task holds.
+            extra.insert("anchor_nll".into(), nll.into());
+        }
         Ok(StepOut { loss, grad_norm, tokens: tokens.iter().sum(), extra })
     }
 
@@ -613,6 +659,17 @@ mod tests {
         assert!(a.iter().zip([1.0, -1.0, -1.0, 1.0]).all(|(x, y)| (x - y).abs() < 1e-3), "{a:?}");
         assert!(advantages(&[0.5, 0.5]).iter().all(|&x| x == 0.0));
         assert!(uniform(&[0.3, 0.3, 0.3]) && !uniform(&[0.3, 0.31]));
+    }
+
+    #[test]
+    fn the_anchor_term_is_the_weighted_mean_per_token_cross_entropy() {
+        // Two anchors: log p = −6 over 3 tokens (2 nats a token), −2 over 4 (0.5 a token);
+        // weight 0.5: 0.5 · (2 + 0.5) / 2 = 0.625, and ∂/∂log p_i = −0.5 / (2 · n_i).
+        let (loss, grad) = anchor_loss(&[-6.0, -2.0], &[3, 4], 0.5);
+        assert!((loss - 0.625).abs() < 1e-6, "{loss}");
+        assert!((grad[0] + 0.5 / 6.0).abs() < 1e-7 && (grad[1] + 0.5 / 8.0).abs() < 1e-7, "{grad:?}");
+        let (loss, grad) = anchor_loss(&[], &[], 1.0);
+        assert_eq!((loss, grad.len()), (0.0, 0));
     }
 
     #[test]
