@@ -441,6 +441,7 @@ impl<O: StepOps> Grpo<'_, O> {
         let formatted = plans.len();
         plans.extend(self.anchor_plans(session, step)?);
         let (loss, grad_norm) = model.train_step(&plans, lr)?;
+        let trained = plans.iter().map(|p| p.counted()).sum();
         let plans = &plans[..formatted];
         extra.insert("phase".into(), "sft".into());
         // A target longer than the sampling cap teaches answers that GRPO then cuts off (and its
@@ -452,7 +453,7 @@ impl<O: StepOps> Grpo<'_, O> {
         let over = answer.iter().filter(|&&c| c > self.cfg.grpo.max_new).count();
         extra.insert("target_tokens".into(), (answer.iter().sum::<usize>() as f64 / n as f64).into());
         extra.insert("target_over_cap".into(), (over as f64 / n as f64).into());
-        Ok(StepOut { loss, grad_norm, tokens: counted.iter().sum(), extra })
+        Ok(StepOut { loss, grad_norm, tokens: trained, extra })
     }
 
     /// Verdict accuracy (greedy answers to the GRPO prompt) and mean reward on the held-out items.
@@ -571,9 +572,8 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
         let r = self.rollout.as_mut().expect("sampled above");
         let sampled = r.plans.len();
         let plans: Vec<SeqPlan> = r.plans.iter().chain(&anchors).cloned().collect();
+        // Each sequence's count of answer tokens (its log-probability covers those only).
         let tokens: Vec<usize> = plans.iter().map(|p| p.counted()).collect();
-        // An anchor's log-probability covers its answer only: its count of answer tokens.
-        let anchor_tokens: Vec<usize> = anchors.iter().map(|p| p.counted()).collect();
         let g = &self.cfg.grpo;
         let (old, reference, adv) = (&r.old, &r.reference, &r.advantages);
         let mut diag = (0.0f32, 0.0f32, None);
@@ -585,7 +585,7 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
                 let (mut loss, mut grad, kl, clip) =
                     grpo_loss(policy, old, reference, adv, &tokens[..sampled], g.epsilon, g.kl_beta);
                 if !anchored.is_empty() {
-                    let (a_loss, a_grad) = anchor_loss(anchored, &anchor_tokens, g.sfe_anchor_weight);
+                    let (a_loss, a_grad) = anchor_loss(anchored, &tokens[sampled..], g.sfe_anchor_weight);
                     loss += a_loss;
                     grad.extend(a_grad);
                     diag.2 = Some(a_loss / g.sfe_anchor_weight);
