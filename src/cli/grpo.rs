@@ -24,8 +24,9 @@ the format (with the SFE model's map cue, the prompt and the <think> stage name 
 schedule's learning rate; the GRPO updates run at grpo.lr_scale times it (default 1). Training pairs are drawn \
 in seeded epochs over the file, or with grpo.balance = true normal and anomalous in turn, so that neither label \
 is drawn more often. With grpo.sfe_anchor = N, N examples of the SFE run's own task (a training question and its \
-best-ranked answer) join every update, the cross-entropy of their answers added to the loss with weight \
-grpo.sfe_anchor_weight (InstructGPT's PPO-ptx), and the cold start's targets. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
+best-ranked answer) join every update (and the cold start's targets), the cross-entropy of their answers added \
+to the loss with weight grpo.sfe_anchor_weight (InstructGPT's PPO-ptx; off by default: on the standard demo's \
+GRPO row it made the first-token accuracy worse, docs/results/standard/grpo-row-20261206). The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
 beside the map's own verdict, its score at the cue's middle level or above), mean reward and localisation reward \
 (beside what the map's region scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
 train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \
