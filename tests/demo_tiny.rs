@@ -36,6 +36,9 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     };
     let o = run_demo(&p, &out, env.clone()).unwrap();
     println!("{}", o.markdown);
+    assert_eq!(o.earlier_seconds, 0.0, "a new folder has no earlier invocation");
+    let first_sum = sage::demo::stages::recorded_seconds(&out.join("logs"));
+    assert!(first_sum > 0.0 && first_sum <= o.seconds, "{first_sum} s recorded in {} s", o.seconds);
     assert_eq!(o.rows.len(), 9, "six ablation rows, the GRPO row and two unseen-kind rows");
     for r in &o.rows {
         let i = r.intervals.as_ref().unwrap_or_else(|| panic!("{} has no intervals", r.row));
@@ -64,8 +67,13 @@ fn a_tiny_standard_demo_runs_every_stage_and_writes_the_table_and_the_page() {
     };
     assert!(format!("{err:#}").contains("+ map_cue = false"), "{err:#}");
     // A second run resumes: every stage is found finished and the table is the same.
+    let before = sage::demo::stages::recorded_seconds(&out.join("logs"));
+    assert!(before >= first_sum, "the refused run's data stages are recorded too");
     let again = run_demo(&p, &out, env).unwrap();
     assert_eq!(again.rows.len(), 9);
+    // Its wall time adds the stages of the invocations before it to its own.
+    assert_eq!(again.earlier_seconds, before);
+    assert!(again.markdown.contains("which resumed the run"), "{}", again.markdown);
     assert_eq!(
         again.markdown.split("Wall time").next(),
         o.markdown.split("Wall time").next(),

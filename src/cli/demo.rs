@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 pub const LONG_ABOUT: &str = "Runs the whole pipeline on the ELPV solar-cell data (fetched from PyPI): `fetch` -> \
 `data build` -> `facts` -> `score` (rubric judge) -> `sfe` x3 (facts none / hard / fused) -> `edpo` x3 (DPO from \
-the baseline, DPO and E-DPO from the fused SFE run) -> `eval` x6 -> `map --eval-elpv`, and prints the ablation table \
-(Baseline; +Fact[Hard]; +Fact[FE]; +DPO; SFE+DPO; Full with E-DPO) with accuracy, Acc-G, SBERT and MLE, plus the \
+the baseline, DPO and E-DPO from the fused SFE run) -> `grpo` (from the fused SFE run) -> `eval` x7 -> `map --eval-elpv`, and prints the ablation table \
+(Baseline; +Fact[Hard]; +Fact[FE]; +DPO; SFE+DPO; Full with E-DPO; SFE+GRPO) with accuracy, Acc-G, SBERT and MLE, plus the \
 training-free anomaly-map AUROC. --quick is sized for two CPU cores (about 20 minutes: a small slice of the data, \
 tens of steps; its numbers are a smoke test of the pipeline, not of the method). --profile standard evaluates on the \
 whole ELPV test split (466 image pairs) with first-token conclusions, gives every number a 95% bootstrap interval \
@@ -19,7 +19,8 @@ over image pairs, compares rows pairwise (paired bootstrap, McNemar), adds the m
 and two unseen-kind rows, and writes report.html. The standard and full profiles state the training-free map's \
 score in every prompt (the map cue; --map-cue off for the paper's prompt). Without --quick or --profile, the full profile trains on every item and is \
 meant for a GPU: with --device cuda the sfe, edpo and eval stages run on it (the other stages \
-on the CPU). Everything goes under --out, with each stage's config, log and report; rerunning resumes.";
+on the CPU). Everything goes under --out, with each stage's config, log and report; rerunning resumes (the \
+table's wall time then adds the stage times of the earlier invocations, kept in logs/stage-times.jsonl).";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -64,7 +65,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<()> {
     if ctx.json {
         return print_json(&serde_json::json!({
             "profile": o.profile, "rows": o.rows, "majority": o.majority, "map_image_auroc": o.map_image_auroc,
-            "seconds": o.seconds, "out": o.out,
+            "seconds": o.seconds, "earlier_seconds": o.earlier_seconds, "out": o.out,
         }));
     }
     print!("{}", o.markdown);

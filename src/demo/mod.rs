@@ -22,7 +22,7 @@ use serde_json::Value;
 use stages::{Runner, StageEnv};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use table::TableRow;
+use table::{TableRow, WallTime};
 
 /// What a finished demo reports.
 pub struct DemoOutcome {
@@ -32,6 +32,8 @@ pub struct DemoOutcome {
     pub majority: Value,
     pub map_image_auroc: Value,
     pub seconds: f64,
+    /// When the demo resumed a folder: the recorded times of the stages that ran before it.
+    pub earlier_seconds: f64,
     pub out: PathBuf,
     /// `demo.md`'s text.
     pub markdown: String,
@@ -65,6 +67,8 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
     for d in [&data, &cfgs, &logs, &runs, &evals] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    // Read before any stage of this invocation records its own time.
+    let earlier_seconds = stages::recorded_seconds(&logs);
     let r = Runner { env, logs };
 
     prepare_data(&r, p, &data)?;
@@ -131,7 +135,8 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
 
     let map = anomaly_map(&r, out)?;
     let seconds = t0.elapsed().as_secs_f64();
-    let markdown = table::markdown(p, &rows, &majority, &map, seconds, out);
+    let wall = WallTime { this_run: seconds, earlier_stages: earlier_seconds };
+    let markdown = table::markdown(p, &rows, &majority, &map, wall, out);
     crate::util::write_atomic(&out.join("demo.md"), markdown.as_bytes())?;
     Ok(DemoOutcome {
         profile: p.clone(),
@@ -139,6 +144,7 @@ pub fn run_demo(p: &Profile, out: &Path, env: StageEnv) -> Result<DemoOutcome> {
         majority,
         map_image_auroc: map["image_auroc"].clone(),
         seconds,
+        earlier_seconds,
         out: out.to_path_buf(),
         markdown,
     })

@@ -85,10 +85,36 @@ fn interval_table(rows: &[TableRow]) -> String {
     md
 }
 
+/// How long a demo took, in seconds: this invocation, and — when it resumed a folder — the
+/// recorded times of the stages that ran in the invocations before it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WallTime {
+    pub this_run: f64,
+    pub earlier_stages: f64,
+}
+
+impl WallTime {
+    /// The sentence `demo.md` ends with (before where everything is).
+    fn sentence(&self) -> String {
+        let min = |s: f64| s / 60.0;
+        if self.earlier_stages > 0.0 {
+            format!(
+                "Wall time: {:.1} min in this invocation, which resumed the run; the stages of the invocations \
+                 before it took {:.1} min, so {:.1} min in all.",
+                min(self.this_run),
+                min(self.earlier_stages),
+                min(self.this_run + self.earlier_stages)
+            )
+        } else {
+            format!("Wall time: {:.1} min.", min(self.this_run))
+        }
+    }
+}
+
 /// `demo.md`: the table, the majority class of the evaluated questions (`majority`, from an
 /// eval report), the anomaly map's AUROC (`map`, `sage map --eval-elpv --json`), the wall time
 /// and where everything is.
-pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, secs: f64, out: &Path) -> String {
+pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, wall: WallTime, out: &Path) -> String {
     let all_or = |n: usize| if n == 0 { "all".to_string() } else { n.to_string() };
     let mut md = format!(
         "# sage demo ({} profile)\n\nELPV, backbone `{}` ({}){}, LoRA r8; {} training items, \
@@ -129,12 +155,12 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
         }
     }
     md.push_str(&format!(
-        "\nMajority class of the evaluated questions: {} {}%.\nTraining-free anomaly map (all {} ELPV cells): image AUROC {}.\n\nWall time: {:.1} min. Reports, answers, configs and logs: {}\n",
+        "\nMajority class of the evaluated questions: {} {}%.\nTraining-free anomaly map (all {} ELPV cells): image AUROC {}.\n\n{} Reports, answers, configs and logs: {}\n",
         majority["answer"].as_str().unwrap_or("—"),
         pct(majority["rate"].as_f64()),
         map["cells"].as_u64().unwrap_or(0),
         num(map["image_auroc"].as_f64(), 4),
-        secs / 60.0,
+        wall.sentence(),
         out.display()
     ));
     md
@@ -144,6 +170,21 @@ pub fn markdown(p: &Profile, rows: &[TableRow], majority: &Value, map: &Value, s
 mod tests {
     use super::super::profile::{Profile, QUICK, ROWS};
     use super::*;
+
+    fn wall(this_run: f64) -> WallTime {
+        WallTime { this_run, earlier_stages: 0.0 }
+    }
+
+    #[test]
+    fn a_resumed_demo_states_both_times_and_their_sum() {
+        let resumed = WallTime { this_run: 90.0, earlier_stages: 3600.0 };
+        assert_eq!(
+            resumed.sentence(),
+            "Wall time: 1.5 min in this invocation, which resumed the run; the stages of the invocations \
+             before it took 60.0 min, so 61.5 min in all."
+        );
+        assert_eq!(wall(90.0).sentence(), "Wall time: 1.5 min.");
+    }
 
     fn read(p: &Path) -> Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -177,7 +218,7 @@ mod tests {
             .expect("demo.md states its wall time");
         // That run evaluated the first ten test items, before the quick profile balanced them.
         let then = Profile { balanced_eval: false, ..QUICK };
-        let md = markdown(&then, &rows, &majority, &map, minutes * 60.0, Path::new("runs/demo-quick"));
+        let md = markdown(&then, &rows, &majority, &map, wall(minutes * 60.0), Path::new("runs/demo-quick"));
         // That demo.md was written before the header named the backbone by its registry entry.
         let committed = committed.replace(
             "ELPV, SmolLM2-135M-Instruct + EfficientNet-Lite0 (`lite`)",
@@ -189,7 +230,7 @@ mod tests {
     #[test]
     fn missing_numbers_print_as_dashes() {
         let rows = [TableRow::from_report("+DPO", "b".into(), &serde_json::json!({"adpl": {}}))];
-        let md = markdown(&QUICK, &rows, &Value::Null, &Value::Null, 6.0, Path::new("o"));
+        let md = markdown(&QUICK, &rows, &Value::Null, &Value::Null, wall(6.0), Path::new("o"));
         assert!(md.contains("| +DPO | — | — | — | — |\n"), "{md}");
         assert!(md.contains("0 evaluated questions (10 test items, half of them anomalous)"), "{md}");
         assert!(md.contains("questions: — —%.\nTraining-free anomaly map (all 0 ELPV cells): image AUROC —."), "{md}");
