@@ -412,8 +412,7 @@ impl<O: StepOps> Grpo<'_, O> {
         for m in 0..k {
             let examples = &session.split(false).examples;
             let e = examples[epoch_pick(self.cfg.train.seed ^ 0x616e_6368, examples.len(), step * k + m)];
-            let i = session.inputs(false, e)?;
-            plans.push(session.model.plan(&i.example(Some(&i.question.ranked_answers[0])))?);
+            plans.push(session.best_answer_plan(e)?);
         }
         Ok(plans)
     }

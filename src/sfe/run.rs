@@ -22,8 +22,7 @@ impl<O: StepOps> Stage<O> for Sfe {
         let mut plans = Vec::with_capacity(batch as usize);
         for m in 0..batch {
             let e = session.example_at(step * batch + m);
-            let i = session.inputs(false, e)?;
-            plans.push(session.model.plan(&i.example(Some(&i.question.ranked_answers[0])))?);
+            plans.push(session.best_answer_plan(e)?);
         }
         let tokens = plans.iter().map(|p| p.counted()).sum();
         let (loss, grad_norm) = model.train_step(&plans, lr)?;

@@ -11,7 +11,7 @@ use crate::data::{Question, Sample};
 use crate::facts::FactSet;
 use crate::models::backbone::BackboneRecord;
 use crate::models::efficientnet::PatchTokens;
-use crate::models::sage::{Example, FactsMode, Sage, SageModel};
+use crate::models::sage::{Example, FactsMode, Sage, SageModel, SeqPlan};
 use crate::models::sampling::Sampling;
 use crate::opset::StepOps;
 use crate::train::{streams, ParamSet, SeedRng};
@@ -242,6 +242,13 @@ impl Session {
             None => None,
         };
         Ok(Inputs { test, reference, facts, question })
+    }
+
+    /// The SFE target of one training example: its question with its best-ranked answer. SFE
+    /// trains on these, and GRPO's anchors (`grpo.sfe_anchor`) are the same examples.
+    pub fn best_answer_plan(&mut self, e: ExampleRef) -> Result<SeqPlan> {
+        let i = self.inputs(false, e)?;
+        self.model.plan(&i.example(Some(&i.question.ranked_answers[0])))
     }
 
     /// Conclusion accuracy on (at most `limit`) validation questions, greedy decoding, answered
