@@ -26,7 +26,9 @@ table's wall time then adds the stage times of the earlier invocations, kept in 
 pub struct Args {
     /// How big the run is: `quick` (a smoke test, minutes on two CPU cores), `standard` (the
     /// whole ELPV test split with 95% intervals, paired comparisons and the unseen-kind rows;
-    /// sized for two CPU cores within two hours) or `full` (every item, for a GPU).
+    /// sized for two CPU cores within two hours on the `lite` backbone; on `dino-qwen` each stage
+    /// takes about 2 to 3.5 times as long — an SFE step 8.7 to 17 s against 3.9 to 9, an
+    /// evaluation 14 min against 6 — so several hours) or `full` (every item, for a GPU).
     #[arg(long, value_parser = ["quick", "standard", "full"], default_value = "full")]
     profile: String,
     /// The same as `--profile quick`.
