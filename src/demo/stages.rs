@@ -68,7 +68,9 @@ impl Runner {
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let started = Instant::now();
         let status = cmd.stdout(out).status().with_context(|| format!("starting {}", self.env.exe.display()))?;
-        self.record_time(name, started.elapsed().as_secs_f64(), status.success())?;
+        // The stage's own failure is the error to report; a failure to record its time only when
+        // the stage succeeded.
+        let recorded = self.record_time(name, started.elapsed().as_secs_f64(), status.success());
         if !status.success() {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(user_err!(
@@ -77,7 +79,7 @@ impl Runner {
                 if tail.trim().is_empty() { String::new() } else { format!(":\n{}", tail.trim_end()) }
             ));
         }
-        Ok(())
+        recorded
     }
 
     /// Where stage `name`'s stdout goes.

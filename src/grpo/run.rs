@@ -539,8 +539,9 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
         if step < sft {
             return self.sft_step(session, model, step, lr, extra);
         }
-        let step = step - sft;
-        if step == 0 {
+        // GRPO's own update index: its sampled batches and their seeded order count from 0.
+        let update = step - sft;
+        if update == 0 {
             // The start model's held-out figures (after any cold start), logged with the first
             // GRPO step: "before" for the run's "after" in final.json, on the same items in the
             // same order.
@@ -555,19 +556,19 @@ impl<O: StepOps + Clone> Stage<O> for Grpo<'_, O> {
                 self.reference = Some(Sage::new(ops, &session.model, &params, None, None)?);
             }
         }
-        if step.is_multiple_of(mu) || self.rollout.is_none() {
-            self.rollout = Some(self.rollout(session, model, step)?);
+        if update.is_multiple_of(mu) || self.rollout.is_none() {
+            self.rollout = Some(self.rollout(session, model, update)?);
         }
         let r = self.rollout.as_mut().expect("sampled above");
         extra.extend(r.stats.clone());
         extra.insert("phase".into(), "grpo".into());
-        extra.insert("update".into(), (step % mu + 1).into());
+        extra.insert("update".into(), (update % mu + 1).into());
         if r.plans.is_empty() {
             // Every group was uniform: nothing to learn from, no optimizer step.
             extra.insert("updated".into(), false.into());
             return Ok(StepOut { loss: 0.0, grad_norm: 0.0, tokens: 0, extra });
         }
-        let anchors = self.anchor_plans(session, step + sft)?;
+        let anchors = self.anchor_plans(session, step)?;
         let r = self.rollout.as_mut().expect("sampled above");
         let sampled = r.plans.len();
         let plans: Vec<SeqPlan> = r.plans.iter().chain(&anchors).cloned().collect();
