@@ -26,7 +26,9 @@ in seeded epochs over the file, or with grpo.balance = true normal and anomalous
 is drawn more often. With grpo.sfe_anchor = N, N examples of the SFE run's own task (a training question and its \
 best-ranked answer) join every update (and the cold start's targets), the cross-entropy of their answers added \
 to the loss with weight grpo.sfe_anchor_weight (InstructGPT's PPO-ptx; off by default: on the standard demo's \
-GRPO row it made the first-token accuracy worse, docs/results/standard/grpo-row-20261206). The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
+GRPO row it made the first-token accuracy worse, docs/results/standard/grpo-row-20261206); with \
+grpo.sfe_anchor_tokens = \"conclusion\" the term counts only each anchor answer's first token, the Yes/No \
+conclusion that `sage eval --first-token` scores. The held-out verdict accuracy (with its 95% Wilson interval; with the map cue \
 beside the map's own verdict, its score at the cue's middle level or above), mean reward and localisation reward \
 (beside what the map's region scores as the box) are logged before any cold start (val_start), when GRPO begins (val_before), every \
 train.val_every steps and at the end (final.json). Writes log.jsonl (reward and its parts, the share of uniform groups, KL, clip fraction per step), atomic checkpoints and final.json into --out; \

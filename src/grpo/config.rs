@@ -30,6 +30,18 @@ pub struct GrpoData {
     pub max_train_items: usize,
 }
 
+/// Which tokens of an SFE anchor's answer its cross-entropy counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorTokens {
+    /// Every token of the best-ranked answer (the SFE task's own loss).
+    #[default]
+    Answer,
+    /// Only the answer's first token, its Yes/No conclusion, with the rest of the answer still in
+    /// the context: the token that `sage eval --first-token` scores.
+    Conclusion,
+}
+
 /// What a group with one reward for every answer gets (its advantages would all be zero).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +103,11 @@ pub struct GrpoSection {
     /// added to the GRPO loss. Left out of the mark at 1 (the default).
     #[serde(skip_serializing_if = "crate::config::is_one")]
     pub sfe_anchor_weight: f32,
+    /// Which of the anchors' answer tokens the term counts: `"answer"` (all, the default, left
+    /// out of the mark) or `"conclusion"` (the first, Yes/No, alone). A whole-answer anchor kept
+    /// the answers' wording but not the first token's calibration (above).
+    #[serde(skip_serializing_if = "crate::config::is_zero")]
+    pub sfe_anchor_tokens: AnchorTokens,
     pub reward: RewardConfig,
 }
 
@@ -111,6 +128,7 @@ impl Default for GrpoSection {
             balance: false,
             sfe_anchor: 0,
             sfe_anchor_weight: 1.0,
+            sfe_anchor_tokens: AnchorTokens::Answer,
             reward: RewardConfig::default(),
         }
     }
@@ -205,17 +223,19 @@ mod tests {
         // GRPO row).
         let mut g = GrpoSection::default();
         let mark = serde_json::to_value(&g).unwrap();
-        for key in ["lr_scale", "balance", "sfe_anchor", "sfe_anchor_weight"] {
+        for key in ["lr_scale", "balance", "sfe_anchor", "sfe_anchor_weight", "sfe_anchor_tokens"] {
             assert!(mark.get(key).is_none(), "{key}: {mark}");
         }
         g.lr_scale = 0.2;
         g.balance = true;
         g.sfe_anchor = 2;
         g.sfe_anchor_weight = 0.5;
+        g.sfe_anchor_tokens = AnchorTokens::Conclusion;
         let mark = serde_json::to_value(&g).unwrap();
         assert_eq!(mark["lr_scale"], 0.2f32 as f64);
         assert_eq!(mark["balance"], true);
         assert_eq!(mark["sfe_anchor"], 2);
         assert_eq!(mark["sfe_anchor_weight"], 0.5);
+        assert_eq!(mark["sfe_anchor_tokens"], "conclusion");
     }
 }

@@ -9,7 +9,7 @@
 //! log-ratio. A resume starts at a checkpoint, which the config places at a batch boundary, so
 //! the batch's samples are drawn again from the restored weights with the same seeds.
 
-use super::config::{GrpoRunConfig, UniformGroups};
+use super::config::{AnchorTokens, GrpoRunConfig, UniformGroups};
 use super::format::{parse, prompt, written_truth, Parsed, ANSWER_PREFIX};
 use super::reward::{loc_reward, overlong_penalty, reward, Length, Reward, RewardConfig, Truth};
 use crate::data::sample::Label;
@@ -412,7 +412,11 @@ impl<O: StepOps> Grpo<'_, O> {
         for m in 0..k {
             let examples = &session.split(false).examples;
             let e = examples[epoch_pick(self.cfg.train.seed ^ 0x616e_6368, examples.len(), step * k + m)];
-            plans.push(session.best_answer_plan(e)?);
+            let plan = session.best_answer_plan(e)?;
+            plans.push(match self.cfg.grpo.sfe_anchor_tokens {
+                AnchorTokens::Answer => plan,
+                AnchorTokens::Conclusion => plan.first_target_only(),
+            });
         }
         Ok(plans)
     }

@@ -74,6 +74,20 @@ impl SeqPlan {
     pub fn counted(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE).count()
     }
+
+    /// The same sequence with only its first counted target kept: the whole answer stays in the
+    /// context, and a loss on the plan is the loss of the answer's first token (the conclusion
+    /// `sage eval --first-token` reads).
+    pub fn first_target_only(mut self) -> SeqPlan {
+        let mut seen = false;
+        for t in self.targets.iter_mut().filter(|t| **t != IGNORE) {
+            if seen {
+                *t = IGNORE;
+            }
+            seen = true;
+        }
+        self
+    }
 }
 
 enum Piece {
@@ -244,5 +258,28 @@ impl SageModel {
         }
         text.push((prompt_len, answer_ids));
         Ok(SeqPlan { t, targets, text, images, facts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_target_only_keeps_the_answers_first_counted_token() {
+        // Prompt rows ignored, a three-token answer at positions 2..5, ignored after it.
+        let plan = SeqPlan {
+            t: 6,
+            targets: vec![IGNORE, IGNORE, 7, 8, 9, IGNORE],
+            text: vec![(0, vec![1, 2, 7, 8, 9])],
+            images: vec![],
+            facts: None,
+        };
+        let one = plan.clone().first_target_only();
+        assert_eq!(one.targets, vec![IGNORE, IGNORE, 7, IGNORE, IGNORE, IGNORE]);
+        assert_eq!(one.counted(), 1);
+        // The answer stays in the context.
+        assert_eq!(one.text, plan.text);
+        assert_eq!(plan.counted(), 3);
     }
 }
