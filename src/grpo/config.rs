@@ -106,7 +106,8 @@ pub struct GrpoSection {
     /// Which of the anchors' answer tokens the term counts: `"answer"` (all, the default, left
     /// out of the mark) or `"conclusion"` (the first, Yes/No, alone). A whole-answer anchor kept
     /// the answers' wording but not the first token's calibration (above); the conclusion alone,
-    /// two anchors an update, did not keep it either (the same results folder).
+    /// two anchors an update, did not keep it either: under the start at both seeds tried (the
+    /// same results folder).
     #[serde(skip_serializing_if = "crate::config::is_zero")]
     pub sfe_anchor_tokens: AnchorTokens,
     pub reward: RewardConfig,
